@@ -1,0 +1,338 @@
+"""Run configuration: TOML presets in `configs/` loaded into typed dataclasses, strictly.
+
+Torch-free on purpose: the analytic code (formulas, extrapolation) reads model shapes from here.
+
+A config file has up to four tables, `[model]`, `[data]`, `[train]` and `[sample]`. Every key is
+checked: an unknown key, a wrong type or an impossible shape raises `UserError` naming the key,
+the valid choices and the fix. Overrides come as `section.key=value` strings (the CLI's `--set`),
+with the value parsed as TOML (`train.lr=3e-4`, `model.bias=false`, `data.source="a dir"`), or as
+a bare string when it is not valid TOML (`data.source=/tmp/corpus`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from minigpt.errors import UserError
+
+PAD_VOCAB_MULTIPLE = 64  # matmuls with a vocabulary dimension padded to 64 run faster (nanoGPT)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only GPT. Names follow GPT-2/nanoGPT so users recognise them."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (plain multi-head attention); fewer: GQA
+    n_embd: int = 128
+    block_size: int = 128  # maximum context length in tokens
+    vocab_size: int = 2048
+    ffn_hidden: int | None = None  # None: 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    pos_emb: str = "learned"  # "learned" | "rope"
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+
+    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "mlp": ("gelu", "swiglu"),
+        "norm": ("layernorm", "rmsnorm"),
+        "pos_emb": ("learned", "rope"),
+    }
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            if self.mlp == "swiglu":
+                # SwiGLU has three matrices instead of two: 2/3 of 4h keeps the parameter count of a
+                # 4h GELU MLP (Shazeer 2020; LLaMA rounds up to a multiple, we use 64).
+                self.ffn_hidden = _round_up(int(8 * self.n_embd / 3), 64)
+            else:
+                self.ffn_hidden = 4 * self.n_embd
+
+    def validate(self) -> None:
+        _check_choices("model", self, self.CHOICES)
+        for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "ffn_hidden"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"model.{key} = {getattr(self, key)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}: "
+                f"each head gets n_embd/n_head channels; pick n_head from {_divisors(self.n_embd)}"
+            )
+        if self.n_head % self.n_kv_head:
+            raise UserError(
+                f"model.n_head = {self.n_head} is not divisible by model.n_kv_head = {self.n_kv_head}: "
+                f"grouped-query attention shares each K/V head among n_head/n_kv_head query heads; "
+                f"pick n_kv_head from {_divisors(self.n_head)}"
+            )
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise UserError(
+                f"model.pos_emb = 'rope' needs an even head dimension, got n_embd/n_head = {self.head_dim}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout = {self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding / LM head: vocab_size rounded up to a multiple of 64.
+
+        The extra rows are never targets and are masked out of sampling; the real `vocab_size`
+        governs the loss and generation.
+        """
+        return _round_up(self.vocab_size, PAD_VOCAB_MULTIPLE)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    # "stdlib": the running Python's standard-library sources (embedded default, no download);
+    # a file, directory or glob of local text; a `datasets` folder saved with save_to_disk;
+    # a local .json/.jsonl/.parquet/.csv file; or "hf:NAME" for a Hub dataset (needs network).
+    source: str = "stdlib"
+    text_column: str = "text"  # for `datasets` sources
+    hf_config: str = ""  # dataset configuration name for "hf:" sources
+    hf_split: str = "train"
+    tokenizer: str = "bpe"  # "bpe": train byte-level BPE of model.vocab_size; or a tokenizer.json path
+    val_fraction: float = 0.05  # share of documents held out for validation (by a hash of their name)
+    max_chars: int = 0  # 0: whole corpus; else stop reading documents after this many characters
+    cache_dir: str = ""  # "": $MINIGPT_CACHE or ~/.cache/minigpt
+
+    def validate(self) -> None:
+        if not self.source.strip():
+            raise UserError("data.source is empty: give 'stdlib', a path, a glob or 'hf:NAME'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction = {self.val_fraction} must be in (0, 1), e.g. 0.05")
+        if self.max_chars < 0:
+            raise UserError(f"data.max_chars = {self.max_chars} must be >= 0 (0 means the whole corpus)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpoint cadence."""
+
+    out_dir: str = "runs/default"
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
+    backend: str = "ddp"  # data parallelism under torchrun
+    seed: int = 1337
+    max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
+    micro_batch_size: int = 16  # sequences per forward pass on one process
+    batch_size_tokens: int = 0  # tokens per optimizer step over all ranks; 0: one micro-batch per rank
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # applied to matrices only (not biases, norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 50  # steps between validation losses (and at the end); 0: only at the end
+    eval_iters: int = 10  # micro-batches per validation loss
+    sample_every: int = 0  # steps between text samples; 0: only at the end
+    checkpoint_every: int = 100  # steps between checkpoints (and at the end); 0: only at the end
+    log_every: int = 1  # steps between log lines
+    activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
+    threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+
+    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "precision": ("fp32", "bf16", "fp16"),
+        "backend": ("ddp",),
+    }
+
+    def validate(self) -> None:
+        _check_choices("train", self, self.CHOICES)
+        for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer")
+        for key in ("batch_size_tokens", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} = {getattr(self, key)} must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("train.grad_clip and train.weight_decay must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError(f"train.beta1 = {self.beta1}, train.beta2 = {self.beta2} must be in [0, 1)")
+        if not self.out_dir.strip():
+            raise UserError("train.out_dir is empty: give a directory for the run, e.g. runs/tiny")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for text generation (samples during training and `minigpt generate`)."""
+
+    prompt: str = "def"
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 50  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"sample.max_new_tokens = {self.max_new_tokens} must be positive")
+        if self.temperature < 0:
+            raise UserError(f"sample.temperature = {self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise UserError(f"sample.top_k = {self.top_k} must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"sample.top_p = {self.top_p} must be in (0, 1] (1 disables it)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "train", "sample")
+
+    def validate(self) -> "Config":
+        for name in self.SECTIONS:
+            getattr(self, name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML preset (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            presets = ", ".join(sorted(p.name for p in _configs_dir().glob("*.toml"))) or "none found"
+            raise UserError(f"config file {path} does not exist; presets in configs/: {presets}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw, origin=str(path) if path else "defaults")
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> Config:
+    """Build a validated Config from nested dicts ({"model": {...}, ...}), strictly."""
+    unknown = sorted(set(raw) - set(Config.SECTIONS))
+    if unknown:
+        raise UserError(
+            f"{origin}: unknown table [{unknown[0]}]; valid tables: {', '.join(Config.SECTIONS)}"
+        )
+    sections = {}
+    for name in Config.SECTIONS:
+        cls = typing.get_type_hints(Config)[name]
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise UserError(f"{origin}: '{name}' must be a table ([{name}]), got {type(table).__name__}")
+        sections[name] = _build_section(cls, name, table, origin)
+    return Config(**sections).validate()
+
+
+def config_from_json(path: str | Path) -> Config:
+    """Load the resolved config a run saved as JSON (see Config.to_json)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read run config {path}: {e}") from None
+    return config_from_dict(raw, origin=str(path))
+
+
+def _build_section(cls: type, section: str, table: dict, origin: str):
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise UserError(
+                f"{origin}: unknown key {section}.{key}; valid keys in [{section}]: {', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, name: str, origin: str):
+    """Check a TOML value against a field's type. ints are accepted for floats, nothing else."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None`: TOML has no null
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    expected = hint
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise UserError(
+            f"{origin}: {name} = {value!r} has type {type(value).__name__}, expected {expected.__name__}"
+        )
+    return value
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=100")
+    section, name = parts
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare string such as a path
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise UserError(f"--set {item!r}: [{section}] is not a table")
+    table[name] = value
+
+
+def _check_choices(section: str, obj, choices: dict[str, tuple[str, ...]]) -> None:
+    for key, valid in choices.items():
+        if getattr(obj, key) not in valid:
+            raise UserError(
+                f"{section}.{key} = {getattr(obj, key)!r} is not one of: {', '.join(repr(v) for v in valid)}"
+            )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _configs_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"

@@ -1,0 +1,417 @@
+"""Text in, tokens out: corpus sources, a byte-level BPE tokenizer, a token file, and batches.
+
+Sources (DataConfig.source):
+  "stdlib"        the running Python's standard-library `.py` files (sorted; test packages and
+                  site-packages left out): real text on every machine, no download.
+  a path or glob  local text files or directories of them (every file that decodes as UTF-8).
+  a datasets dir  a folder written by `Dataset.save_to_disk`, read with `datasets.load_from_disk`.
+  a data file     .json/.jsonl/.parquet/.csv read with `datasets.load_dataset`.
+  "hf:NAME"       a Hub dataset through `datasets.load_dataset` (needs the network).
+
+Prepared data lives in a cache folder named by a hash of the inputs (the documents' names and
+bytes, the tokenizer and the split), so it is built once and reused until the inputs change:
+  tokenizer.json, train.bin, val.bin (flat uint16 / uint32 token ids), manifest.json.
+Documents are joined with the tokenizer's `<|endoftext|>` token. A document goes to validation
+when a hash of its name falls below `val_fraction`, so validation samples the whole corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from minigpt.config import DataConfig, ModelConfig
+from minigpt.errors import UserError
+
+EOT = "<|endoftext|>"
+BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+FORMAT_VERSION = 1  # bump when the prepared layout changes, to invalidate old caches
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+@dataclass
+class PreparedData:
+    """Token files on disk plus what a user should know about them."""
+
+    path: Path
+    manifest: dict
+    tokenizer_path: Path
+    reused: bool
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r")
+
+    def load_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.tokenizer_path))
+
+    def summary_lines(self) -> list[str]:
+        m = self.manifest
+        return [
+            f"corpus   {m['source']}: {m['num_documents']:,} documents, {m['num_chars']:,} characters"
+            + (f" ({m['skipped_undecodable']} undecodable files skipped)" if m["skipped_undecodable"] else ""),
+            f"tokens   {m['train_tokens']:,} train + {m['val_tokens']:,} validation "
+            f"({m['chars_per_token']:.2f} chars/token, vocabulary {m['tokenizer_vocab_size']:,}, {m['dtype']})",
+            f"entropy  unigram {m['unigram_entropy_nats']:.3f} nats/token ({m['unigram_entropy_bits']:.3f} bits): "
+            f"the loss of a model that ignores context",
+            f"cache    {self.path} ({'reused' if self.reused else 'built'})",
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, sorted, without test packages or installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        if SKIP_DIRS.isdisjoint(path.relative_to(root).parts[:-1]):
+            files.append(path)
+    return files
+
+
+def local_files(source: str) -> list[Path]:
+    if any(ch in source for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(source, recursive=True))]
+    else:
+        paths = [Path(source)]
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(
+                p for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def _read_text_files(files: list[Path], max_chars: int) -> tuple[list[Document], int]:
+    docs, skipped, total = [], 0, 0
+    for path in files:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        if not text.strip():
+            continue
+        docs.append(Document(str(path), text))
+        total += len(text)
+        if max_chars and total >= max_chars:
+            break
+    return docs, skipped
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _dataset_documents(cfg: DataConfig) -> tuple[list[Document], int]:
+    import datasets
+
+    source = cfg.source
+    label = source
+    try:
+        if source.startswith("hf:"):
+            name = source[3:]
+            if not _hub_reachable():
+                # offline: the local datasets cache may still hold it; never wait on retries
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                os.environ["HF_DATASETS_OFFLINE"] = "1"
+            try:
+                ds = datasets.load_dataset(name, cfg.hf_config or None, split=cfg.hf_split)
+            except Exception as e:  # datasets raises many types for a missing dataset
+                offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+                why = "the Hub is unreachable (offline) and it is not in the local cache" if offline else str(e).splitlines()[0]
+                raise UserError(
+                    f"cannot load dataset {name!r}: {why}; give a local path instead "
+                    f"(data.source=path/to/text, a .jsonl/.parquet file or a save_to_disk folder)"
+                ) from None
+        elif _is_saved_dataset(Path(source)):
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.hf_split not in ds:
+                    raise UserError(
+                        f"{source} has splits {list(ds)}, not data.hf_split = {cfg.hf_split!r}; set data.hf_split"
+                    )
+                ds = ds[cfg.hf_split]
+        else:
+            fmt = DATA_FILE_FORMATS[Path(source).suffix.lower()]
+            ds = datasets.load_dataset(fmt, data_files=source, split="train")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read dataset {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if cfg.text_column not in ds.column_names:
+        raise UserError(
+            f"{label} has no column {cfg.text_column!r}; its columns are {ds.column_names}: set data.text_column"
+        )
+    docs, total = [], 0
+    for i, text in enumerate(ds[cfg.text_column]):
+        if isinstance(text, str) and text.strip():
+            docs.append(Document(f"{label}#{i}", text))
+            total += len(text)
+            if cfg.max_chars and total >= cfg.max_chars:
+                break
+    return docs, 0
+
+
+def load_documents(cfg: DataConfig) -> tuple[list[Document], int]:
+    """Return (documents, number of files skipped as not UTF-8). Raises UserError when empty."""
+    source = cfg.source
+    if source == "stdlib":
+        docs, skipped = _read_text_files(stdlib_files(), cfg.max_chars)
+    elif source.startswith("hf:") or _is_saved_dataset(Path(source)) or (
+        Path(source).is_file() and Path(source).suffix.lower() in DATA_FILE_FORMATS
+    ):
+        docs, skipped = _dataset_documents(cfg)
+    else:
+        files = local_files(source)
+        if not files:
+            raise UserError(
+                f"data.source = {source!r} matches no file: give an existing file, directory or glob, "
+                f"or 'stdlib' for the embedded default corpus"
+            )
+        docs, skipped = _read_text_files(files, cfg.max_chars)
+    if not docs:
+        if skipped:
+            raise UserError(
+                f"data.source = {source!r} has no decodable text: {skipped} file(s), none valid UTF-8; "
+                f"give UTF-8 text files"
+            )
+        raise UserError(f"data.source = {source!r} is empty: no non-blank text; give a corpus with text in it")
+    return docs, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def train_bpe(docs: list[Document], vocab_size: int):
+    """Byte-level BPE (GPT-2's scheme) trained on the documents with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < BYTE_ALPHABET + 1:
+        raise UserError(
+            f"model.vocab_size = {vocab_size} is too small for byte-level BPE: it needs at least "
+            f"{BYTE_ALPHABET + 1} (256 byte tokens + {EOT}); set model.vocab_size >= {BYTE_ALPHABET + 1}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((d.text for d in docs), trainer, length=len(docs))
+    return tok
+
+
+def load_tokenizer_file(path: str, vocab_size: int):
+    from tokenizers import Tokenizer
+
+    if not Path(path).is_file():
+        raise UserError(f"data.tokenizer = {path!r} is not a file: give a tokenizer.json path or 'bpe'")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:
+        raise UserError(f"data.tokenizer = {path!r} is not a valid tokenizer.json: {e}") from None
+    if tok.get_vocab_size() > vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {tok.get_vocab_size():,} tokens but model.vocab_size = {vocab_size:,}; "
+            f"set model.vocab_size={tok.get_vocab_size()}"
+        )
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("MINIGPT_CACHE", "~/.cache/minigpt")).expanduser()
+
+
+def _is_val(name: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[str], None] = print) -> PreparedData:
+    """Build (or reuse) the token files for this corpus and tokenizer; return where they are."""
+    t0 = time.time()
+    docs, skipped = load_documents(data_cfg)
+    hasher = hashlib.sha256()
+    tokenizer_id = "bpe" if data_cfg.tokenizer == "bpe" else str(Path(data_cfg.tokenizer).resolve())
+    settings = dict(version=FORMAT_VERSION, tokenizer=tokenizer_id, vocab_size=model_cfg.vocab_size,
+                    val_fraction=data_cfg.val_fraction, max_chars=data_cfg.max_chars)
+    hasher.update(json.dumps(settings, sort_keys=True).encode())
+    if data_cfg.tokenizer != "bpe" and Path(data_cfg.tokenizer).is_file():
+        hasher.update(Path(data_cfg.tokenizer).read_bytes())
+    for d in docs:
+        hasher.update(d.name.encode("utf-8") + b"\0" + d.text.encode("utf-8") + b"\0")
+    digest = hasher.hexdigest()
+    root = cache_root(data_cfg)
+    final = root / digest[:16]
+    if (final / "manifest.json").is_file():
+        manifest = json.loads((final / "manifest.json").read_text())
+        return PreparedData(final, manifest, final / "tokenizer.json", reused=True)
+
+    if data_cfg.tokenizer == "bpe":
+        tok = train_bpe(docs, model_cfg.vocab_size)
+    else:
+        tok = load_tokenizer_file(data_cfg.tokenizer, model_cfg.vocab_size)
+    eot = tok.token_to_id(EOT)
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if model_cfg.vocab_size < 2**16 else np.uint32
+
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    n_val_docs = 0
+    chunk = 256
+    for i in range(0, len(docs), chunk):
+        batch = docs[i : i + chunk]
+        for d, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
+            ids = enc.ids + ([eot] if eot is not None else [])
+            is_val = _is_val(d.name, data_cfg.val_fraction)
+            n_val_docs += is_val
+            splits["val" if is_val else "train"].append(np.asarray(ids, dtype=dtype))
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=dtype)) for k, v in splits.items()}
+    split_rule = f"documents whose name hashes below {data_cfg.val_fraction}"
+    if len(arrays["train"]) == 0 or len(arrays["val"]) == 0:
+        # one document, or an unlucky hash: fall back to the last val_fraction of the token stream
+        stream = np.concatenate([arrays["train"], arrays["val"]])
+        cut = int(len(stream) * (1 - data_cfg.val_fraction))
+        arrays = {"train": stream[:cut], "val": stream[cut:]}
+        split_rule = f"the last {data_cfg.val_fraction} of the token stream"
+
+    counts = np.bincount(arrays["train"], minlength=vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    num_chars = sum(len(d.text) for d in docs)
+    num_tokens = len(arrays["train"]) + len(arrays["val"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": data_cfg.source if data_cfg.source != "stdlib" else f"stdlib ({sysconfig.get_paths()['stdlib']})",
+        "inputs_sha256": digest,
+        "num_documents": len(docs),
+        "skipped_undecodable": skipped,
+        "num_chars": num_chars,
+        "tokenizer": tokenizer_id,
+        "tokenizer_vocab_size": vocab,
+        "model_vocab_size": model_cfg.vocab_size,
+        "eot_id": eot,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": int(len(arrays["train"])),
+        "val_tokens": int(len(arrays["val"])),
+        "val_documents": n_val_docs,
+        "val_split": split_rule,
+        "chars_per_token": num_chars / max(num_tokens, 1),
+        "unigram_entropy_nats": entropy,
+        "unigram_entropy_bits": entropy / math.log(2),
+        "prepare_seconds": round(time.time() - t0, 2),
+    }
+
+    # build in a temporary folder beside the final one, then rename: never a half-written cache
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    try:
+        tok.save(str(tmp / "tokenizer.json"))
+        for split, arr in arrays.items():
+            with open(tmp / f"{split}.bin", "wb") as f:
+                f.write(arr.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same cache first; theirs is as good
+            if not (final / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData(final, manifest, final / "tokenizer.json", reused=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def check_split_length(tokens: np.ndarray, split: str, seq_len: int) -> None:
+    if len(tokens) < seq_len + 2:
+        raise UserError(
+            f"the {split} split has {len(tokens):,} tokens, too few for windows of {seq_len + 1}: "
+            f"use a larger corpus, a larger data.val_fraction, or a smaller model.block_size"
+        )
+
+
+def window_starts(num_tokens: int, batch_size: int, seq_len: int, key: tuple[int, ...]) -> np.ndarray:
+    """Random window starts, a pure function of `key` (seed, split, step, rank, micro-step)."""
+    rng = np.random.default_rng(key)
+    return rng.integers(0, num_tokens - seq_len - 1, size=batch_size)
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, key: tuple[int, ...]):
+    """Inputs and next-token targets, each (batch_size, seq_len) int64 torch tensors on CPU."""
+    starts = window_starts(len(tokens), batch_size, seq_len, key)
+    windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    w = torch.from_numpy(windows)
+    return w[:, :-1], w[:, 1:]
+
+
+def iter_train_keys(seed: int, step: int, rank: int, accum: int) -> Iterator[tuple[int, ...]]:
+    """Batch keys of one optimizer step on one rank: different on each rank and micro-step.
+
+    Keys number the micro-batches of the whole global batch (rank * accum + micro), so the
+    same global batch is drawn whatever the split between ranks and accumulation: 2 ranks x 1
+    micro-batch see exactly the data of 1 rank x 2 accumulated micro-batches.
+    """
+    for micro in range(accum):
+        yield (seed, 0, step, rank * accum + micro)
+
+
+def val_key(seed: int, i: int, rank: int) -> tuple[int, ...]:
+    return (seed, 1, i, rank)

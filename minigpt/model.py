@@ -1,0 +1,260 @@
+"""A decoder-only GPT in one file: config-driven, read top to bottom.
+
+    tokens -> token embedding (+ learned positions) -> dropout
+           -> n_layer x [ x + attn(norm(x)) ; x + mlp(norm(x)) ]      (pre-norm blocks)
+           -> final norm -> LM head (tied to the token embedding or not) -> logits
+
+Attention is causal, goes through `F.scaled_dot_product_attention`, and supports grouped-query
+attention (n_kv_head < n_head: each K/V head serves n_head/n_kv_head query heads) and rotary
+position embeddings (RoPE). The MLP is GELU (ffn_hidden wide) or SwiGLU. The vocabulary is padded
+to a multiple of 64 rows for speed; logits are cut back to the real `vocab_size`, so the padding
+never enters the loss or sampling. A `KVCache` serves incremental decoding (see generate.py).
+
+Shape letters: B batch, T query length, S key length (cache included), C = n_embd, H = n_head,
+G = n_kv_head, D = head_dim = C / H, V = vocab_size, Vp = padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minigpt.config import ModelConfig
+
+ROPE_THETA = 10000.0  # RoFormer (Su et al. 2021) base frequency
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+
+
+def rope_tables(head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_len, head_dim/2), in fp32."""
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, heads, T, D) by the angles of cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`.
+
+    Each layer's tensors are (B, G, max_len, D). `length` counts the positions filled so far; the
+    model advances it after each forward pass.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, G, T, D) after the filled positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to fill up to {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # one fused projection for queries (H heads) and keys/values (G heads each)
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, G * D, G * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = cached + T
+        S = k.size(2)
+        is_causal = False
+        if attn_mask is None and T > 1:
+            if S == T:
+                is_causal = True  # the common case: plain causal attention over the window
+            else:  # queries are the last T of S positions (a chunk appended to a cache)
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=G != H,  # each K/V head serves H/G query heads
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU (Shazeer 2020): silu(x W1) * (x W3), fused here as one matrix of 2*ffn_hidden outputs
+        fc_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, ffn_hidden or 2*ffn_hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, attn_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        Vp = config.padded_vocab_size
+        self.wte = nn.Embedding(Vp, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds (Press & Wolf 2017)
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation (Radford et al. 2019, section 2.3; nanoGPT).
+
+        Every Linear and Embedding weight ~ N(0, 0.02), biases 0, norm weights 1. The two
+        projections that write into the residual stream (attn.c_proj, mlp.c_proj) get
+        std 0.02 / sqrt(2 * n_layer), so the residual's variance does not grow with depth.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+
+    # ------------------------------------------------------------------------------------------
+    # parameter counts (analytic twins live in the torch-free formula module)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, each shared tensor once.
+
+        non_embedding=True leaves out the token embedding, the learned position embedding and an
+        untied LM head (Kaplan et al. 2020's N): what remains is the blocks and the final norm.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ):
+        """idx (B, T) token ids -> (logits, loss).
+
+        targets (B, T): next-token ids, -1 where ignored; gives the mean cross-entropy in nats.
+        cache: a KVCache to read and extend (generation); positions (B, T): per-row positions
+        (default: cache.length + arange(T)); attn_mask (B, 1, T, S) bool, True = may attend
+        (needed only for left-padded batches); last_only: logits of the last position only.
+        Logits are (B, T or 1, V), cut back from the padded vocabulary.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if self.config.pos_emb == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D/2)
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padding rows dropped
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)

@@ -1,0 +1,129 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from minigpt import data
+from minigpt.config import DataConfig, ModelConfig
+from minigpt.errors import UserError
+
+
+def prep(source, tmp_path, vocab=320, **kw):
+    return data.prepare_data(DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), val_fraction=0.2, **kw),
+                             ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=vocab), log=lambda *a: None)
+
+
+def test_stdlib_source_is_sorted_real_python_without_tests_or_site_packages():
+    files = data.stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    parts = {p for f in files for p in f.parts}
+    assert not parts & {"test", "tests", "idle_test", "site-packages"}
+    assert all(f.suffix == ".py" for f in files)
+
+
+def test_prepare_writes_tokens_manifest_and_reuses_the_cache(corpus_dir, tmp_path):
+    p = prep(corpus_dir, tmp_path)
+    m = p.manifest
+    assert not p.reused
+    assert m["num_documents"] == len(list(corpus_dir.iterdir()))
+    assert m["tokenizer_vocab_size"] <= 320 and m["dtype"] == "uint16"
+    train, val = p.tokens("train"), p.tokens("val")
+    assert len(train) == m["train_tokens"] > 0 and len(val) == m["val_tokens"] > 0
+    assert train.max() < m["tokenizer_vocab_size"]
+    # the unigram entropy is that of the train tokens
+    counts = np.bincount(np.asarray(train)).astype(float)
+    q = counts[counts > 0] / counts.sum()
+    assert m["unigram_entropy_nats"] == pytest.approx(-(q * np.log(q)).sum())
+    assert m["unigram_entropy_bits"] == pytest.approx(m["unigram_entropy_nats"] / math.log(2))
+    # tokens decode back to the corpus text
+    tok = p.load_tokenizer()
+    first = sorted(corpus_dir.iterdir())[0].read_text()
+    assert tok.decode(tok.encode(first).ids) == first
+    again = prep(corpus_dir, tmp_path)
+    assert again.reused and again.path == p.path
+    # a changed input is a new cache entry
+    (corpus_dir / "zz_extra.txt").write_text("one more document\n" * 50)
+    try:
+        changed = prep(corpus_dir, tmp_path)
+        assert not changed.reused and changed.path != p.path
+    finally:
+        (corpus_dir / "zz_extra.txt").unlink()
+
+
+def test_large_vocabularies_use_uint32(corpus_dir, tmp_path):
+    p = prep(corpus_dir, tmp_path, vocab=70_000, max_chars=20_000)
+    assert p.manifest["dtype"] == "uint32" and p.tokens("train").dtype == np.uint32
+
+
+def test_globs_and_single_files(tmp_path):
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    for i in range(6):
+        (d / "sub" / f"doc{i}.txt").write_text(f"document {i}: " + "hello world, tokens here. " * 40)
+    assert len(data.local_files(str(d / "**" / "*.txt"))) == 6
+    assert len(data.local_files(str(d))) == 6
+    p = prep(d / "sub" / "doc0.txt", tmp_path, vocab=300)
+    assert p.manifest["num_documents"] == 1
+    assert "last" in p.manifest["val_split"]  # one document: the stream is split instead
+
+
+def test_datasets_sources(tmp_path):
+    import datasets
+
+    rows = [{"body": f"sample text number {i} " * 30, "id": i} for i in range(40)]
+    jl = tmp_path / "corpus.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    p = prep(jl, tmp_path, text_column="body")
+    assert p.manifest["num_documents"] == 40
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    q = prep(saved, tmp_path, text_column="body")
+    assert q.manifest["num_documents"] == 40
+    with pytest.raises(UserError, match=r"no column 'text'.*set data.text_column"):
+        prep(saved, tmp_path)
+
+
+def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="unreachable .offline.*give a local path"):
+        prep("hf:someone/missing-dataset", tmp_path)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "matches no file"),
+    ("empty", "is empty"),
+    ("binary", "no decodable text"),
+])
+def test_bad_corpora(tmp_path, setup, message):
+    d = tmp_path / "c"
+    d.mkdir()
+    if setup == "empty":
+        (d / "a.txt").write_text("   \n")
+    elif setup == "binary":
+        (d / "a.bin").write_bytes(bytes(range(128, 256)) * 10)
+    src = d / "nothing*" if setup == "missing" else d
+    with pytest.raises(UserError, match=message):
+        prep(src, tmp_path)
+
+
+def test_vocab_too_small_for_byte_level_bpe(corpus_dir, tmp_path):
+    with pytest.raises(UserError, match="at least 257"):
+        prep(corpus_dir, tmp_path, vocab=200)
+
+
+def test_batches_are_deterministic_and_differ_by_rank_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = data.get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
+    b = data.get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
+    assert all((u == v).all() for u, v in zip(a, b))
+    other_rank = data.get_batch(tokens, 4, 16, (1, 0, 5, 1, 0))
+    other_step = data.get_batch(tokens, 4, 16, (1, 0, 6, 0, 0))
+    assert not (a[0] == other_rank[0]).all() and not (a[0] == other_step[0]).all()
+    x, y = a
+    assert x.shape == (4, 16) and (y[:, :-1] == x[:, 1:]).all()  # targets are inputs shifted by one
+
+
+def test_short_split_is_a_clear_error():
+    with pytest.raises(UserError, match="too few"):
+        data.check_split_length(np.zeros(10, dtype=np.uint16), "validation", 32)

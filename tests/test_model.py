@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from minigpt.config import ModelConfig
+from minigpt.flops import param_counts
+from minigpt.generate import generate_ids
+from minigpt.model import GPT
+
+VARIANTS = {
+    "gpt2": dict(),
+    "gqa-rope-swiglu-rms": dict(n_kv_head=1, pos_emb="rope", mlp="swiglu", norm="rmsnorm"),
+    "untied-bias": dict(tie_embeddings=False, bias=True, n_kv_head=2),
+    "odd-vocab": dict(vocab_size=300, pos_emb="rope"),
+}
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_shapes_loss_and_param_counts(name):
+    c = small(**VARIANTS[name])
+    torch.manual_seed(0)
+    model = GPT(c)
+    x = torch.randint(0, c.vocab_size, (3, 20))
+    logits, loss = model(x, x)
+    assert logits.shape == (3, 20, c.vocab_size)  # padding rows cut off
+    assert torch.isfinite(loss)
+    # an untrained model is close to uniform over the real vocabulary, not the padded one
+    assert abs(loss.item() - torch.log(torch.tensor(float(c.vocab_size))).item()) < 1.0
+    counts = param_counts(c)  # analytic, torch-free
+    assert model.num_params() == counts.total
+    assert model.num_params(non_embedding=True) == counts.non_embedding
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert counts.matmul == linear  # the LM head is a Linear whether tied or not
+    assert model.wte.weight.shape[0] == c.padded_vocab_size and c.padded_vocab_size % 64 == 0
+
+
+def test_tied_head_shares_the_embedding():
+    m = GPT(small())
+    assert m.lm_head.weight is m.wte.weight
+    u = GPT(small(tie_embeddings=False))
+    assert u.lm_head.weight is not u.wte.weight
+
+
+def test_init_scales_residual_projections():
+    c = small(n_layer=8, n_embd=128, n_head=4)
+    m = GPT(c)
+    std_proj = m.blocks[0].attn.c_proj.weight.std().item()
+    std_fc = m.blocks[0].mlp.c_fc.weight.std().item()
+    assert std_fc == pytest.approx(0.02, rel=0.05)
+    assert std_proj == pytest.approx(0.02 / (2 * c.n_layer) ** 0.5, rel=0.1)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    c = small(n_kv_head=2, pos_emb="rope")
+    torch.manual_seed(0)
+    a = GPT(c)
+    b = GPT(c)
+    b.load_state_dict(a.state_dict())
+    b.activation_checkpointing = True
+    x = torch.randint(0, c.vocab_size, (2, 16))
+    a(x, x)[1].backward()
+    b(x, x)[1].backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    m = GPT(small(pos_emb="rope", n_kv_head=2)).eval()
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    torch.testing.assert_close(m(x)[0][:, :10], m(y)[0][:, :10])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_logits_match_full_forward(name):
+    c = small(**VARIANTS[name])
+    m = GPT(c).eval()
+    x = torch.randint(0, c.vocab_size, (2, 18))
+    full, _ = m(x)
+    cache = m.make_cache(2)
+    parts = [m(x[:, :7], cache=cache)[0], m(x[:, 7:8], cache=cache)[0], m(x[:, 8:18], cache=cache)[0]]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_decoding_gives_exactly_the_uncached_tokens(name, temperature):
+    c = small(**VARIANTS[name])
+    torch.manual_seed(1)
+    m = GPT(c)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [42]]  # different lengths: left padding and masks
+    kw = dict(max_new_tokens=12, temperature=temperature, top_k=20, top_p=0.9, seed=3)
+    cached = generate_ids(m, prompts, use_cache=True, **kw)
+    uncached = generate_ids(m, prompts, use_cache=False, **kw)
+    assert cached.new_tokens == uncached.new_tokens
+    assert all(len(row) == 12 for row in cached.new_tokens)
+
+
+def test_a_batched_prompt_decodes_as_it_would_alone():
+    c = small(pos_emb="learned")
+    torch.manual_seed(2)
+    m = GPT(c)
+    prompts = [[5, 6, 7, 8, 9], [1, 2]]
+    batched = generate_ids(m, prompts, max_new_tokens=10, temperature=0.0)
+    for i, p in enumerate(prompts):
+        alone = generate_ids(m, [p], max_new_tokens=10, temperature=0.0)
+        assert alone.new_tokens[0] == batched.new_tokens[i]
+
+
+def test_generation_is_capped_at_block_size():
+    m = GPT(small(block_size=16))
+    g = generate_ids(m, [[1, 2, 3, 4]], max_new_tokens=100, temperature=0.0)
+    assert g.capped and len(g.new_tokens[0]) == 12
