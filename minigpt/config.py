@@ -153,6 +153,9 @@ class TrainConfig:
     log_every: int = 1  # steps between log lines
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+    peak_tflops: float = 0.0  # peak for MFU; 0: the datasheet peak of a known GPU, else unknown
+    peak_from: str = ""  # a `minigpt bench hardware --out FILE` result to use as the peak instead
+    report: bool = True  # write report.json/.md (FLOPs counted vs formulas, MFU, memory) at the end
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("fp32", "bf16", "fp16"),
@@ -164,7 +167,8 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer")
-        for key in ("batch_size_tokens", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads"):
+        for key in ("batch_size_tokens", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads",
+                    "peak_tflops"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

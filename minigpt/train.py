@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -33,35 +32,14 @@ from minigpt import checkpoint, data
 from minigpt.config import Config, apply_override, config_from_dict, config_from_json, load_config
 from minigpt.distributed import DistEnv, all_reduce_mean, barrier, env_rank, init_distributed, on_main_first, shutdown
 from minigpt.errors import UserError
+from minigpt.flops import train_flops_per_token
 from minigpt.generate import generate_text
+from minigpt.hardware import choose_peak
 from minigpt.model import GPT
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from minigpt.optim import autocast_context, lr_at, make_optimizer
 
 # ----------------------------------------------------------------------------------------------
 # pieces of a step
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear weights, embeddings) only, not on biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -76,12 +54,6 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
             f"set train.batch_size_tokens to a multiple of {per_micro:,}, e.g. {max(1, round(total / per_micro)) * per_micro:,}"
         )
     return total // per_micro
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def memory_note(device: torch.device) -> str:
@@ -228,6 +200,18 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         + (f" (resumed from step {start_step})" if resume else "")
     )
 
+    # model FLOPs (MFU) and hardware FLOPs (HFU, with recompute) per step; the peak they divide by
+    model_flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact") * tokens_per_step
+    hw_flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact_recompute") * tokens_per_step
+    from minigpt.bench import device_name
+
+    peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
+    say(
+        f"mfu      model FLOPs {model_flops / tokens_per_step:,.0f}/token (exact matmul count, 3x forward, full "
+        f"attention square, no recompute) per device / peak: {peak.source}"
+        + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)")
+    )
+
     def save(step: int) -> None:
         state = {
             "step": step,
@@ -295,11 +279,21 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
             if done % tc.log_every == 0 or done == end_step:
                 recent = step_times[-20:]
                 eta = (end_step - done) * sum(recent) / len(recent)
+                tflops = model_flops / dt / env.world_size / 1e12  # per device
                 record = {"step": done, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                          "ms_per_step": round(dt * 1e3, 2), "tokens_per_s": round(tokens_per_step / dt, 1)}
+                          "ms_per_step": round(dt * 1e3, 2), "tokens_per_s": round(tokens_per_step / dt, 1),
+                          "tflops_per_device": round(tflops, 5)}
+                util = "MFU n/a"
+                if peak.known:
+                    record["mfu"] = tflops / peak.tflops
+                    util = f"{tc.precision} MFU {record['mfu']:.1%}"
+                    if tc.activation_checkpointing:
+                        record["hfu"] = hw_flops / dt / env.world_size / 1e12 / peak.tflops
+                        util += f" HFU {record['hfu']:.1%}"
                 say(
                     f"step {done:>6}/{end_step} | loss {last_loss:.4f} | lr {lr:.2e} | {dt * 1e3:7.1f} ms | "
-                    f"{tokens_per_step / dt:9,.0f} tok/s | {memory_note(env.device)} | ETA {format_duration(eta)}"
+                    f"{tokens_per_step / dt:9,.0f} tok/s | {tflops:.3g} TFLOP/s | {util} | "
+                    f"{memory_note(env.device)} | ETA {format_duration(eta)}"
                 )
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -343,6 +337,20 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         "params": n_params,
         "fp16_skipped_steps": skipped_steps,
     }
+    if env.is_main and tc.report and steps_run:
+        from minigpt.report import flops_table, memory_table, run_report, write_report
+
+        timed = sorted(step_times[1:] or step_times)  # the first step pays one-off costs
+        report = run_report(cfg, timed[len(timed) // 2], tokens_per_step, env.world_size, peak, env.device.type)
+        write_report(run.root, report)
+        p = report["performance"]
+        say("== report (also report.md / report.json in the run directory)")
+        say(flops_table(report["flops"]))
+        say(f"achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step; "
+            f"{tc.precision} MFU " + (f"{p['mfu']:.2%}" if p["mfu"] is not None else "n/a") + f" (peak: {p['peak_source']})")
+        say(memory_table(report["memory"]))
+        summary["mfu"] = p["mfu"]
+        summary["achieved_tflops_per_device"] = p["achieved_tflops_per_device"]
     if env.is_main:
         checkpoint.atomic_write_text(run.root / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)

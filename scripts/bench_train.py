@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 
@@ -22,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.bench import device_name
 from minigpt.config import load_config
 from minigpt.distributed import resolve_device
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.model import GPT
-from minigpt.train import autocast_context, make_optimizer, resolve_preset
+from minigpt.optim import autocast_context, make_optimizer
+from minigpt.train import resolve_preset
 
 
 class BaselineGPT(nn.Module):
@@ -62,17 +63,6 @@ class BaselineGPT(nn.Module):
             x = x + b["out"](F.gelu(b["fc"](b["ln2"](x))))
         logits = self.head(self.ln_f(x))
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_steps(model, cfg, device, steps: int, warmup: int) -> list[float]:
@@ -119,7 +109,7 @@ def main() -> None:
         "config": args.config,
         "overrides": args.set,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -38,7 +38,7 @@ def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[st
         "train.out_dir": f'"{out_dir}"', "train.max_steps": 8, "train.micro_batch_size": 4,
         "train.batch_size_tokens": 0, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_iters": 2,
         "train.checkpoint_every": 4, "train.sample_every": 0, "train.log_every": 1, "train.lr": 3e-3,
-        "sample.max_new_tokens": 8,
+        "sample.max_new_tokens": 8, "train.report": "false",
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]

@@ -1,8 +1,7 @@
-from pathlib import Path
 
 import pytest
 
-from minigpt.config import Config, ModelConfig, config_from_json, load_config
+from minigpt.config import ModelConfig, config_from_json, load_config
 from minigpt.errors import UserError
 
 from conftest import REPO, run_cli

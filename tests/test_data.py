@@ -127,3 +127,15 @@ def test_batches_are_deterministic_and_differ_by_rank_and_step():
 def test_short_split_is_a_clear_error():
     with pytest.raises(UserError, match="too few"):
         data.check_split_length(np.zeros(10, dtype=np.uint16), "validation", 32)
+
+
+def test_a_given_tokenizer_json_is_used_and_checked(corpus_dir, tmp_path):
+    first = prep(corpus_dir, tmp_path, vocab=400)
+    tok_path = str(first.tokenizer_path)
+    again = prep(corpus_dir, tmp_path, vocab=512, tokenizer=tok_path)
+    assert again.manifest["tokenizer"] == str(first.tokenizer_path.resolve())
+    assert (again.tokens("train")[:100] == first.tokens("train")[:100]).all()  # the same encoding
+    with pytest.raises(UserError, match=r"set model.vocab_size=400"):
+        prep(corpus_dir, tmp_path, vocab=300, tokenizer=tok_path)
+    with pytest.raises(UserError, match="is not a file"):
+        prep(corpus_dir, tmp_path, tokenizer=str(tmp_path / "missing.json"))

@@ -11,14 +11,16 @@ PKG = Path(__file__).resolve().parent.parent / "minigpt"
 # a module may import only modules of a strictly lower rank
 RANK = {
     "errors": 0,
-    "config": 1,
-    "model": 2, "flops": 2,
-    "data": 3, "checkpoint": 3, "distributed": 3,
-    "generate": 4,
-    "train": 5,
-    "cli": 6,
+    "config": 1, "hardware": 1, "torch_private": 1,
+    "flops": 2,
+    "memory": 3, "model": 3,
+    "optim": 4, "data": 4, "checkpoint": 4, "distributed": 4,
+    "measure": 5, "bench": 5, "generate": 5,
+    "report": 6, "sweep": 6,
+    "train": 7,
+    "cli": 8,
 }
-TORCH_FREE = ["minigpt.errors", "minigpt.config", "minigpt.flops"]
+TORCH_FREE = ["minigpt.errors", "minigpt.config", "minigpt.flops", "minigpt.memory", "minigpt.hardware"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -8,9 +8,10 @@ import torch
 from minigpt import checkpoint
 from minigpt.errors import UserError
 from minigpt.generate import generate_text, load_run
-from minigpt.train import grad_accum_steps, lr_at, train
+from minigpt.optim import lr_at
+from minigpt.train import grad_accum_steps, train
 
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import run_cli, tiny_overrides
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

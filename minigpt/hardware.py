@@ -1,0 +1,94 @@
+"""Accelerator datasheet figures and peak selection (torch-free).
+
+Dense peaks (NVIDIA's headline Hopper/Blackwell tensor figures are 2:4-sparse, twice these), HBM
+capacity and bandwidth, NVLink bandwidth per GPU: REFERENCE.md section 3 (NVIDIA datasheets).
+A device that matches no entry has no datasheet peak: MFU is then reported as unknown unless
+the user gives a peak (`peak_tflops`) or a measured one (`minigpt bench hardware`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    match: str  # regex on the device name torch reports
+    tflops: dict = field(default_factory=dict)  # dense TFLOP/s by dtype: bf16, fp16, tf32, fp32, fp8
+    memory_gb: float = 0.0
+    bandwidth_tbs: float = 0.0  # HBM, TB/s
+    nvlink_gbs: float = 0.0  # per GPU, GB/s
+    price_usd_per_hour: float = 0.0  # assumption for extrapolation: an on-demand cloud rate, overridable
+
+
+GPUS: dict[str, GPUSpec] = {
+    g.name: g
+    for g in (
+        GPUSpec("V100", r"V100", {"fp16": 125, "fp32": 15.7}, 32, 0.90, 300, 2.0),
+        GPUSpec("A100-40GB", r"A100.*40", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 40, 1.555, 600, 1.0),
+        GPUSpec("A100-80GB", r"A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 80, 2.039, 600, 1.5),
+        GPUSpec("H100", r"H100", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 80, 3.35, 900, 2.0),
+        GPUSpec("H200", r"H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 141, 4.8, 900, 3.0),
+        GPUSpec("B200", r"B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 80, "fp8": 4500}, 192, 8.0, 1800, 5.0),
+    )
+}
+GPU_ALIASES = {"A100": "A100-80GB", "A100-40": "A100-40GB", "A100-80": "A100-80GB"}
+
+
+def gpu_by_name(name: str) -> GPUSpec:
+    """A table entry by its name (case-insensitive), e.g. 'A100', 'h100'."""
+    key = {k.lower(): k for k in GPUS}.get(name.lower()) or GPU_ALIASES.get(name.upper())
+    if key is None:
+        raise UserError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    return GPUS[key]
+
+
+def match_device(device_name: str) -> GPUSpec | None:
+    """The table entry for a device name as torch reports it ('NVIDIA H100 80GB HBM3'), or None."""
+    for spec in GPUS.values():
+        if re.search(spec.match, device_name, re.IGNORECASE):
+            return spec
+    return None
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float | None  # None: unknown, so no MFU
+    source: str  # how it was chosen, printed beside every MFU
+
+    @property
+    def known(self) -> bool:
+        return self.tflops is not None and self.tflops > 0
+
+
+def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_file: str = "") -> Peak:
+    """The peak MFU divides by: given > measured (bench file) > datasheet > unknown.
+
+    dtype is the matmul dtype: "bf16", "fp16", or "fp32" (fp32 uses the plain FP32 peak, not TF32).
+    """
+    if given_tflops and given_tflops > 0:
+        return Peak(given_tflops, f"given {given_tflops:g} TFLOP/s {dtype}")
+    if bench_file:
+        measured = load_bench_peak(bench_file, dtype)
+        return Peak(measured, f"measured {dtype} matmul peak from {bench_file}")
+    spec = match_device(device_name)
+    if spec is None or dtype not in spec.tflops:
+        return Peak(None, f"unknown peak for {device_name} {dtype}")
+    return Peak(spec.tflops[dtype], f"{spec.name} datasheet dense {dtype}")
+
+
+def load_bench_peak(path: str, dtype: str) -> float:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read hardware benchmark {path}: {e}; write one with 'minigpt bench hardware --out {path}'") from None
+    value = data.get("matmul_tflops", {}).get(dtype)
+    if not value:
+        raise UserError(f"{path} has no measured {dtype} matmul peak; it has {list(data.get('matmul_tflops', {}))}")
+    return float(value)

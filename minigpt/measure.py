@@ -1,0 +1,220 @@
+"""Counted FLOPs and measured memory of real training steps, beside the analytic formulas.
+
+FLOPs: PyTorch's FlopCounterMode over one forward and one backward pass of the real model. The
+counter counts matmuls only (not softmax, norms, element-wise ops or the embedding lookup) and
+attention over the full T x T square, causal or not. Attention runs through SDPA's math backend
+while counting, so QK^T and AV are plain matmuls the counter sees on every device (on CPU the
+fused kernel has no FLOP formula and would count as zero: REFERENCE.md section 5) and the
+backward is 2x the forward with no recompute, the model-FLOPs convention. On the meta device
+nothing is allocated, so a GPT-3 175B step is counted in seconds on a laptop.
+
+Memory: PyTorch's MemTracker (through minigpt.torch_private) over real steps, by category;
+with fake tensors, the same for models far larger than the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from minigpt import flops as F
+from minigpt import memory as M
+from minigpt.config import ModelConfig, TrainConfig
+from minigpt.errors import UserError
+from minigpt.model import GPT
+from minigpt.optim import autocast_context, make_optimizer
+from minigpt.torch_private import MemoryTracker, fake_mode, flop_counter, math_attention
+
+COUNTER_CONVENTION = (
+    "PyTorch FlopCounterMode: matmul FLOPs only (2 per multiply-add); attention QK^T and AV over "
+    "the full TxT square via SDPA's math backend; softmax, norms, element-wise ops and the "
+    "embedding lookup not counted; backward = 2x forward (no recompute)"
+)
+COMPONENTS = ("qkv_proj", "attn_scores", "attn_values", "attn_out_proj", "mlp", "lm_head")
+
+
+@dataclass
+class FlopCount:
+    batch_size: int
+    seq_len: int
+    device: str
+    forward: int
+    backward: int
+    components: dict[str, int] = field(default_factory=dict)  # forward FLOPs by component
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def per_token(self) -> float:
+        return self.total / self.tokens
+
+
+def _check_shape(c: ModelConfig, batch_size: int, seq_len: int) -> None:
+    if seq_len > c.block_size:
+        raise UserError(f"sequence length {seq_len} exceeds model.block_size = {c.block_size}; use --seq-len <= {c.block_size}")
+    if batch_size <= 0 or seq_len <= 0:
+        raise UserError(f"batch size {batch_size} and sequence length {seq_len} must be positive")
+
+
+def _classify(module_path: str) -> str | None:
+    if module_path.endswith("attn.c_attn"):
+        return "qkv_proj"
+    if module_path.endswith("attn.c_proj"):
+        return "attn_out_proj"
+    if module_path.endswith("mlp.c_fc") or module_path.endswith("mlp.c_proj"):
+        return "mlp"
+    if module_path.endswith("lm_head"):
+        return "lm_head"
+    return None
+
+
+def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str = "meta",
+                      recompute: bool = False) -> FlopCount:
+    """Count one forward + backward of the real model (weights and inputs on `device`)."""
+    _check_shape(c, batch_size, seq_len)
+    dev = torch.device(device)
+    with dev:
+        model = GPT(c)
+    model.activation_checkpointing = recompute
+    model.train()
+    x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev) if dev.type != "meta" else \
+        torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
+    with math_attention():
+        fwd_counter = flop_counter()
+        with fwd_counter:
+            _, loss = model(x, x)
+        bwd_counter = flop_counter()
+        with bwd_counter:
+            loss.backward()
+    forward = fwd_counter.get_total_flops()
+    components = dict.fromkeys(COMPONENTS, 0)
+    counts = fwd_counter.get_flop_counts()
+    for path, ops in counts.items():
+        kind = _classify(path)
+        if kind:
+            components[kind] += sum(ops.values())
+        elif path.endswith(".attn"):
+            # what the attention module does beyond its two projections: QK^T and AV, equal halves
+            inner = sum(ops.values()) - sum(
+                sum(counts.get(f"{path}.{child}", {}).values()) for child in ("c_attn", "c_proj")
+            )
+            components["attn_scores"] += inner // 2
+            components["attn_values"] += inner - inner // 2
+    return FlopCount(batch_size, seq_len, str(dev), forward, bwd_counter.get_total_flops(), components)
+
+
+def flops_report(c: ModelConfig, batch_size: int, seq_len: int, device: str = "meta") -> dict:
+    """Counted training FLOPs per token beside every analytic convention, with ratios."""
+    counted = count_train_flops(c, batch_size, seq_len, device)
+    p = F.param_counts(c)
+    formulas = F.all_train_flops_per_token(c, seq_len)
+    return {
+        "params_total": p.total,
+        "params_non_embedding": p.non_embedding,
+        "params_matmul": p.matmul,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "tokens_per_step": counted.tokens,
+        "device": counted.device,
+        "counted_train_flops_per_step": counted.total,
+        "counted_train_flops_per_token": counted.per_token,
+        "counted_forward_flops_per_token": counted.forward / counted.tokens,
+        "backward_to_forward": counted.backward / counted.forward,
+        "components_forward_flops_per_token": {k: v / counted.tokens for k, v in counted.components.items()},
+        "counter_convention": COUNTER_CONVENTION,
+        "formulas": {k: formulas[k] for k in F.CONVENTIONS},
+        "ratios_to_counted": {k: formulas[k] / counted.per_token for k in F.CONVENTIONS},
+        "exact": {k: formulas[k] for k in F.EXACT_CONVENTIONS + ("megatron_72_causal",)},
+        "exact_ratio_to_counted": formulas["exact"] / counted.per_token,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+def measure_training_memory(c: ModelConfig, batch_size: int, seq_len: int, precision: str = "fp32",
+                            device: str = "cpu", fake: bool = False, recompute: bool = False,
+                            train_cfg: TrainConfig | None = None) -> dict:
+    """Bytes by category over two real training steps (the second, with optimizer state, counts).
+
+    Snapshots: after the forward pass (activations: what backward will need), after backward
+    (gradients), after the optimizer step (optimizer state); plus the peak of the whole step.
+    With fake=True tensors have shapes and no storage: nothing is computed or allocated.
+    """
+    _check_shape(c, batch_size, seq_len)
+    dev = torch.device(device)
+    ctx = fake_mode() if fake else contextlib.nullcontext()
+    with ctx:
+        with dev:
+            model = GPT(c)
+        model.activation_checkpointing = recompute
+        optimizer = make_optimizer(model, train_cfg or TrainConfig())
+        x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev)
+        tracker = MemoryTracker(model, optimizer, x)
+        snaps = {}
+        for it in range(2):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            with tracker.track():
+                with autocast_context(dev, precision):
+                    loss = model(x, x)[1]
+                snaps["forward"] = tracker.current()
+                loss.backward()
+                del loss
+                snaps["backward"] = tracker.current()
+                optimizer.step()
+                snaps["step"] = tracker.current()
+                optimizer.zero_grad(set_to_none=True)
+            if it == 0:
+                tracker.reset()
+    measured = {
+        "parameters": snaps["step"].get("parameters", 0),
+        "gradients": snaps["backward"].get("gradients", 0),
+        "optimizer_state": snaps["step"].get("optimizer_state", 0),
+        "activations": snaps["forward"].get("activations", 0),
+        "peak_total": tracker.peak().get("total", 0),
+        "peak_temporaries": tracker.peak().get("temporaries", 0),
+    }
+    if dev.type == "cuda" and not fake:
+        measured["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(dev)
+        measured["cuda_peak_reserved"] = torch.cuda.max_memory_reserved(dev)
+    return {"measured": measured, "param_tensors": sum(1 for _ in model.parameters())}
+
+
+def memory_report(c: ModelConfig, batch_size: int, seq_len: int, precision: str = "fp32", device: str = "cpu",
+                  fake: bool = False, dp: int = 1, recompute: bool = False) -> dict:
+    """Measured memory by category beside the prediction, the ZeRO table, and the KV cache."""
+    result = measure_training_memory(c, batch_size, seq_len, precision, device, fake, recompute)
+    measured = result["measured"]
+    predicted = M.predicted_training_memory(c, batch_size, seq_len, precision, recompute)
+    # AdamW keeps a 4-byte step counter per parameter tensor beside m and v
+    predicted["optimizer_state"] += 4 * result["param_tensors"]
+    psi = F.param_counts(c).total
+    zero_precision = "fp32" if precision == "fp32" else precision
+    return {
+        "params_total": psi,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "precision": precision,
+        "device": device,
+        "fake_tensors": fake,
+        "layout": "torch autocast (fp32 params, grads, Adam m and v; 16-bit copies are activations)"
+        if precision != "fp32" else "fp32 (params, grads, Adam m and v)",
+        "predicted": predicted,
+        "measured": measured,
+        "ratios": {k: (measured[k] / predicted[k] if predicted[k] else None) for k in predicted},
+        "korthikanti_activations_16bit": M.korthikanti_activation_bytes_per_layer(c, batch_size, seq_len, flash=True) * c.n_layer,
+        "dp": dp,
+        "zero_precision": zero_precision,
+        "zero": M.zero_table(psi, zero_precision, dp),
+        "kv_cache_bytes_per_token": M.kv_cache_bytes_per_token(c, 2 if precision != "fp32" else 4),
+    }

@@ -1,0 +1,131 @@
+"""Human-readable tables of counted vs analytic FLOPs and measured vs predicted memory, and the
+report written at the end of every training run (report.json + report.md in the run directory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minigpt import flops as F
+from minigpt.config import Config
+from minigpt.hardware import Peak
+from minigpt.measure import flops_report, memory_report
+
+FORMULA_NOTES = {
+    "kaplan_6n": "6N, N non-embedding (Kaplan 2020)",
+    "six_n_all": "6N, N all parameters (GPT-3 D.1)",
+    "palm": "6N + 12LHQT (PaLM App. B)",
+    "chinchilla": "Chinchilla App. F (3x forward)",
+    "megatron_72": "72BsLh^2(1+s/6h+V/12Lh) (no recompute)",
+    "megatron_96": "96BsLh^2(1+s/6h+V/16Lh) (full recompute)",
+}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n:.4g} FLOP"
+
+
+def flops_table(r: dict) -> str:
+    lines = [
+        f"params: {r['params_total']:,} total, {r['params_non_embedding']:,} non-embedding, "
+        f"{r['params_matmul']:,} in matmuls | batch {r['batch_size']} x seq {r['seq_len']} = {r['tokens_per_step']:,} tokens, counted on {r['device']}",
+        f"counted: {fmt_flops(r['counted_train_flops_per_token'])} per token for training (forward + backward), "
+        f"{fmt_flops(r['counted_train_flops_per_step'])} per step; backward/forward = {r['backward_to_forward']:.3f}",
+        f"counter: {r['counter_convention']}",
+        "",
+        f"{'formula (train FLOPs/token)':<58} {'FLOPs/token':>14} {'formula/counted':>16}",
+    ]
+    for name, value in r["formulas"].items():
+        lines.append(f"{name + ': ' + FORMULA_NOTES[name]:<58} {value:>14.4e} {r['ratios_to_counted'][name]:>16.4f}")
+    counted = r["counted_train_flops_per_token"]
+    for name in ("exact", "exact_causal", "exact_recompute"):
+        lines.append(f"{name + ' (minigpt analytic)':<58} {r['exact'][name]:>14.4e} {r['exact'][name] / counted:>16.4f}")
+    lines += ["", "forward FLOPs per token by component (counted):"]
+    fwd = sum(r["components_forward_flops_per_token"].values())
+    for name, value in r["components_forward_flops_per_token"].items():
+        lines.append(f"  {name:<16} {value:>14.4e}  {value / fwd:6.1%}")
+    return "\n".join(lines)
+
+
+def memory_table(r: dict) -> str:
+    lines = [
+        f"memory of one training step: {r['params_total']:,} params, micro-batch {r['batch_size']} x seq {r['seq_len']}, "
+        f"{r['precision']}, {'fake tensors' if r['fake_tensors'] else r['device']}; layout: {r['layout']}",
+        f"{'category':<18} {'predicted':>12} {'measured':>12} {'measured/predicted':>20}",
+    ]
+    for k, pred in r["predicted"].items():
+        meas = r["measured"][k]
+        ratio = r["ratios"][k]
+        lines.append(f"{k:<18} {fmt_bytes(pred):>12} {fmt_bytes(meas):>12} {ratio:>20.4f}")
+    m = r["measured"]
+    lines.append(f"{'peak (all)':<18} {'':>12} {fmt_bytes(m['peak_total']):>12}   (MemTracker; temporaries at peak {fmt_bytes(m['peak_temporaries'])})")
+    if "cuda_peak_allocated" in m:
+        lines.append(f"{'cuda allocated':<18} {'':>12} {fmt_bytes(m['cuda_peak_allocated'])!s:>12}   reserved {fmt_bytes(m['cuda_peak_reserved'])}")
+    lines.append(f"Korthikanti 34sbh/layer (16-bit, flash, with dropout masks): {fmt_bytes(r['korthikanti_activations_16bit'])} for the layers")
+    lines.append(f"KV cache: {fmt_bytes(r['kv_cache_bytes_per_token'])} per token")
+    lines.append(f"ZeRO model states per GPU at dp={r['dp']} ({r['zero_precision']}, ZeRO paper layout):")
+    for stage, z in r["zero"].items():
+        lines.append(f"  stage {stage}: params {fmt_bytes(z['parameters'])}, grads {fmt_bytes(z['gradients'])}, "
+                     f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}")
+    return "\n".join(lines)
+
+
+def run_report(cfg: Config, step_seconds: float, tokens_per_step: int, world_size: int, peak: Peak,
+               device_type: str) -> dict:
+    """FLOPs counted vs formulas, achieved FLOP/s and MFU, memory predicted vs measured."""
+    c, tc = cfg.model, cfg.train
+    fl = flops_report(c, 1, c.block_size, device="meta")
+    model_flops = F.train_flops_per_token(c, c.block_size, "exact") * tokens_per_step
+    achieved = model_flops / step_seconds if step_seconds > 0 else 0.0
+    per_device = achieved / world_size
+    mfu = per_device / (peak.tflops * 1e12) if peak.known else None
+    mem = memory_report(c, tc.micro_batch_size, c.block_size, tc.precision, "cpu", fake=True,
+                        recompute=tc.activation_checkpointing)
+    perf = {
+        "median_step_s": step_seconds,
+        "tokens_per_step": tokens_per_step,
+        "model_flops_per_step": model_flops,
+        "achieved_tflops_total": achieved / 1e12,
+        "achieved_tflops_per_device": per_device / 1e12,
+        "mfu": mfu,
+        "mfu_dtype": tc.precision,
+        "peak_tflops": peak.tflops,
+        "peak_source": peak.source,
+        "model_flops_convention": "exact (every matmul, full attention square, 3x forward, no recompute)",
+    }
+    if tc.activation_checkpointing:
+        hw = F.train_flops_per_token(c, c.block_size, "exact_recompute") * tokens_per_step / step_seconds / world_size
+        perf["hfu"] = hw / (peak.tflops * 1e12) if peak.known else None
+    return {"flops": fl, "performance": perf, "memory": mem, "device_type": device_type}
+
+
+def report_markdown(r: dict) -> str:
+    p = r["performance"]
+    mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a (unknown peak)"
+    return "\n".join([
+        "# minigpt run report", "",
+        "## FLOPs per token: counted vs formulas", "", "```", flops_table(r["flops"]), "```", "",
+        "## Throughput", "",
+        f"- median step {p['median_step_s'] * 1e3:.1f} ms, {p['tokens_per_step']:,} tokens/step",
+        f"- achieved {p['achieved_tflops_per_device']:.4f} TFLOP/s per device ({p['model_flops_convention']})",
+        f"- {p['mfu_dtype']} MFU {mfu}; peak: {p['peak_source']}"
+        + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""), "",
+        "## Memory: predicted vs measured", "", "```", memory_table(r["memory"]), "```", "",
+    ])
+
+
+def write_report(run_dir: Path, r: dict) -> None:
+    from minigpt.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "report.json", json.dumps(r, indent=2))
+    atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))

@@ -1,0 +1,91 @@
+"""The one module that touches private PyTorch APIs, so a torch upgrade breaks one file.
+
+- `torch.distributed._tools.mem_tracker.MemTracker`: per-category tensor memory (parameters,
+  gradients, optimizer state, activations, temporaries). Works on CPU, CUDA and under fake tensors.
+- `torch._subclasses.fake_tensor.FakeTensorMode`: tensors with shapes and no storage, to run a
+  model far too big for the machine.
+- `torch.utils.flop_counter`'s SDPA formulas, to give the CPU flash-attention kernel (which has
+  none, so it would count as zero) the formula of the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+# MemTracker's reference types, by the names minigpt reports
+MEM_CATEGORIES = {
+    "PARAM": "parameters",
+    "GRAD": "gradients",
+    "OPT": "optimizer_state",
+    "ACT": "activations",
+    "TEMP": "temporaries",
+    "BUFFER": "buffers",
+    "OTH": "other",
+}
+
+
+def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernels (REFERENCE.md section 5)."""
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def math_attention():
+    """Route SDPA through its reference (math) implementation: plain matmuls, no recompute."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+class MemoryTracker:
+    """Per-category memory of whatever runs inside `track()`, through PyTorch's MemTracker."""
+
+    def __init__(self, *externals) -> None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        self._mt = MemTracker()
+        self._mt.track_external(*externals)
+
+    @contextlib.contextmanager
+    def track(self):
+        with self._mt:
+            yield self
+
+    def current(self) -> dict[str, int]:
+        return self._snapshot("current")
+
+    def peak(self) -> dict[str, int]:
+        return self._snapshot("peak")
+
+    def reset(self) -> None:
+        self._mt.reset_mod_stats()
+
+    def _snapshot(self, kind: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _device, snap in self._mt.get_tracker_snapshot(kind).items():
+            for key, value in snap.items():
+                name = MEM_CATEGORIES.get(getattr(key, "name", str(key)), "total")
+                out[name] = out.get(name, 0) + int(value)
+        return out

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from minigpt.errors import UserError
+from minigpt.hardware import choose_peak, gpu_by_name, match_device
+from minigpt.sweep import run_sweep
+from minigpt.train import train
+
+from conftest import run_cli
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H200", "H200"),
+    ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+    ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
+    ("Tesla V100-SXM2-32GB", "V100"),
+    ("NVIDIA B200", "B200"),
+])
+def test_device_names_match_the_datasheet_table(name, expected):
+    assert match_device(name).name == expected
+
+
+def test_unknown_devices_get_no_peak_unless_given(tmp_path):
+    assert match_device("AMD EPYC") is None
+    assert not choose_peak("AMD EPYC", "fp32").known
+    assert choose_peak("AMD EPYC", "fp32", given_tflops=0.5).tflops == 0.5
+    assert choose_peak("NVIDIA H100 80GB HBM3", "bf16").tflops == 989
+    assert "datasheet dense bf16" in choose_peak("NVIDIA H100 80GB HBM3", "bf16").source
+    bench = tmp_path / "hw.json"
+    bench.write_text(json.dumps({"matmul_tflops": {"fp32": 0.1}}))
+    p = choose_peak("AMD EPYC", "fp32", bench_file=str(bench))
+    assert p.tflops == 0.1 and "measured" in p.source
+    with pytest.raises(UserError, match="no measured bf16"):
+        choose_peak("AMD EPYC", "bf16", bench_file=str(bench))
+    with pytest.raises(UserError, match="unknown GPU 'Z100'"):
+        gpu_by_name("Z100")
+
+
+def test_bench_hardware_on_this_cpu_and_as_a_peak(tmp_path, tiny_cfg):
+    out = tmp_path / "hw.json"
+    r = run_cli("bench", "hardware", "--device", "cpu", "--size", "256", "--repeats", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    hw = json.loads(out.read_text())
+    assert hw["matmul_tflops"]["fp32"] > 0 and hw["copy_bandwidth_gbs"] > 0
+    # the measured peak makes MFU known on a CPU; the run report says which peak it divided by
+    cfg = tiny_cfg(**{"train.max_steps": 3, "train.peak_from": f'"{out}"', "train.report": "true"})
+    lines = []
+    summary = train(cfg, log=lines.append)
+    assert any("fp32 MFU" in l for l in lines if l.startswith("step"))
+    assert 0 < summary["mfu"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["performance"]["peak_source"].startswith("measured fp32 matmul peak")
+    assert report["flops"]["exact_ratio_to_counted"] == pytest.approx(1.0)
+    assert report["memory"]["ratios"]["parameters"] == 1.0
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# minigpt run report")
+
+
+def test_unknown_peak_shows_no_mfu(tiny_cfg):
+    lines = []
+    summary = train(tiny_cfg(**{"train.max_steps": 2}), log=lines.append)
+    assert any("MFU n/a" in l for l in lines if l.startswith("step"))
+    assert "mfu" not in summary  # report off in the tiny test config
+
+
+def test_flops_sweep_writes_table_and_plot(tmp_path):
+    rows = run_sweep(str(tmp_path), steps=1, include_gpt3=False, log=lambda *a: None)
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (tmp_path / "sweep.md").is_file()
+    ratios = [r["counted_over_6n_T128"] for r in rows]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > 5  # 6N is far off at small width
+    assert all(r["counted_over_palm_T2048"] < r["counted_over_6n_T2048"] for r in rows)
+    assert all(r["achieved_tflops"] > 0 for r in rows)
+
+
+@cuda
+def test_bench_hardware_on_cuda_reaches_a_fraction_of_the_datasheet():
+    from minigpt.bench import bench_hardware
+
+    r = bench_hardware("cuda", size=4096, repeats=5)
+    if r["datasheet"]:
+        assert 0.2 < r["fraction_of_datasheet"]["bf16"] < 1.05

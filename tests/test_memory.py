@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from minigpt import memory as M
+from minigpt.config import ModelConfig, load_config
+from minigpt.errors import UserError
+from minigpt.measure import memory_report
+
+from conftest import REPO, run_cli
+
+GB = 1e9
+
+
+def test_zero_paper_figure_1():
+    # Rajbhandari et al. 2019, Figure 1: 7.5B parameters, N_d = 64, mixed-precision Adam
+    t = M.zero_table(7.5e9, "bf16", 64)
+    assert t["0"]["total"] / GB == pytest.approx(120, rel=1e-3)
+    assert t["1"]["total"] / GB == pytest.approx(31.4, rel=5e-3)
+    assert t["2"]["total"] / GB == pytest.approx(16.6, rel=5e-3)
+    assert t["3"]["total"] / GB == pytest.approx(1.88, rel=5e-3)
+    fp32 = M.model_state_bytes(1e9, "fp32", 0, 1)
+    assert (fp32.parameters, fp32.gradients, fp32.optimizer_state) == (4e9, 4e9, 8e9)
+    ds = M.model_state_bytes(1e9, "bf16", 2, 4, layout="deepspeed")
+    assert ds.total == pytest.approx(2e9 + 16e9 / 4)  # DeepSpeed's 2 Psi + 16 Psi / N: fp32 grads partitioned
+
+
+def test_a_trillion_parameters_need_16_tb_of_model_states():
+    states = M.model_state_bytes(1e12, "bf16", 0, 1)
+    assert states.total == 16e12
+    assert states.total / 40e9 >= 400  # A100-40GB devices just to hold them
+
+
+def test_kv_cache_gpt3():
+    c = load_config(REPO / "configs" / "gpt3-175b.toml").model
+    assert M.kv_cache_bytes_per_token(c, 2) == 4.5 * 2**20
+    gqa = ModelConfig(n_layer=2, n_head=8, n_kv_head=2, n_embd=64)
+    assert M.kv_cache_bytes_per_token(gqa, 2) * 4 == M.kv_cache_bytes_per_token(ModelConfig(n_layer=2, n_head=8, n_embd=64), 2)
+
+
+VARIANTS = [
+    {},
+    {"mlp": "swiglu", "n_kv_head": 2, "norm": "rmsnorm"},
+    {"pos_emb": "rope", "bias": True, "vocab_size": 500},
+    {"tie_embeddings": False},
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_measured_memory_equals_prediction_on_cpu(variant, precision):
+    c = ModelConfig(**{**dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512), **variant})
+    r = memory_report(c, 3, 32, precision, device="cpu")
+    for k in ("parameters", "gradients", "optimizer_state"):
+        assert r["measured"][k] == r["predicted"][k], k
+    assert r["ratios"]["activations"] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("preset, batch, precision, fake", [
+    ("tiny", 32, "fp32", False),
+    ("gpt2-small", 2, "bf16", True),
+    ("gpt2-small", 1, "fp32", True),
+])
+def test_activations_within_15_percent_for_tiny_and_gpt2_small(preset, batch, precision, fake):
+    c = load_config(REPO / "configs" / f"{preset}.toml").model
+    r = memory_report(c, batch, c.block_size, precision, device="cpu", fake=fake)
+    assert r["ratios"]["activations"] == pytest.approx(1.0, abs=0.15)
+    for k in ("parameters", "gradients", "optimizer_state"):
+        assert r["ratios"][k] == 1.0
+
+
+def test_fake_tensors_measure_a_gpt3_width_layer():
+    c = load_config(REPO / "configs" / "gpt3-175b.toml", ["model.n_layer=1"]).model
+    r = memory_report(c, 1, 2048, "bf16", fake=True)
+    assert r["measured"]["parameters"] == 4 * r["params_total"]  # fp32 weights under autocast
+    assert r["measured"]["peak_total"] > 16 * r["params_total"]  # model states alone are 16 bytes/param
+
+
+def test_memory_cli_json_and_what_ifs():
+    r = run_cli("memory", "--config", "tiny", "--batch-size", "4", "--dp", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for part in ("predicted", "measured"):
+        assert {"parameters", "gradients", "optimizer_state", "activations"} <= set(out[part])
+    assert set(out["zero"]) == {"0", "1", "2", "3"}
+    r = run_cli("memory", "--params", "7.5e9", "--dp", "64", "--precision", "bf16", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["zero"]["3"]["total"] == pytest.approx(1.875e9)
+    for bad, msg in ((["--params", "-5"], "must be positive"), (["--params", "1e9", "--dp", "0"], "positive integer")):
+        r = run_cli("memory", *bad)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_memory_inputs():
+    with pytest.raises(UserError):
+        M.model_state_bytes(1e9, "bf16", 4, 1)
+    with pytest.raises(UserError):
+        M.model_state_bytes(1e9, "int8", 0, 1)
