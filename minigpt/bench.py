@@ -65,12 +65,12 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int, repeats: int) -> float
     return 2 * nbytes / t / 1e9
 
 
-def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0) -> dict:
+def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None) -> dict:
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     n = size or (8192 if gpu else 1024)
     reps = repeats or (20 if gpu else 5)
-    dtypes = ["fp32", "bf16", "fp16"] if gpu else ["fp32", "bf16"]
+    dtypes = dtypes or (["fp32", "bf16", "fp16"] if gpu else ["fp32", "bf16"])
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 figure is plain FP32, not TF32
     name = device_name(dev)

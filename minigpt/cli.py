@@ -67,23 +67,22 @@ def cmd_generate(args) -> None:
 
 def cmd_quickstart(args) -> None:
     """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
-    from minigpt.generate import generate_text, load_run
-    from minigpt.train import config_from_args
-
     from minigpt.bench import bench_hardware
     from minigpt.checkpoint import atomic_write_text
-    from minigpt.train import train
+    from minigpt.generate import generate_text, load_run
+    from minigpt.train import config_from_args, train
 
-    # a measured matmul peak of this device, so MFU has an honest denominator even on a CPU
-    hw = bench_hardware("auto")
-    hw_path = Path(args.out_dir).parent / f"hardware-{hw['device'].replace(':', '')}.json"
-    atomic_write_text(hw_path, json.dumps(hw) + "\n")
-    print(f"== measured {hw['device_name']}: matmul {hw['matmul_tflops']} TFLOP/s, copy "
-          f"{hw['copy_bandwidth_gbs']} GB/s -> {hw_path} (the peak for MFU below)")
-    targs = argparse.Namespace(config=args.config, set=[f"train.out_dir={args.out_dir}",
-                                                        f"train.peak_from={hw_path}", *args.set],
+    targs = argparse.Namespace(config=args.config, set=[f"train.out_dir={args.out_dir}", *args.set],
                                resume=None, stop_at=None, overwrite=True)
     cfg, _ = config_from_args(targs)
+    # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
+    hw = bench_hardware(cfg.train.device, dtypes=[cfg.train.precision])
+    hw_path = Path(args.out_dir).parent / f"hardware-{hw['device'].replace(':', '')}.json"
+    atomic_write_text(hw_path, json.dumps(hw) + "\n")
+    print(f"== measured {hw['device_name']}: {cfg.train.precision} matmul {hw['matmul_tflops'][cfg.train.precision]} "
+          f"TFLOP/s, copy {hw['copy_bandwidth_gbs']} GB/s -> {hw_path}")
+    if hw["datasheet"] is None and not cfg.train.peak_tflops and not cfg.train.peak_from:
+        cfg.train.peak_from = str(hw_path)  # no datasheet peak for this device: MFU against the measured one
     print(f"== minigpt quickstart: {cfg.model.n_layer}-layer GPT on '{cfg.data.source}' -> {cfg.train.out_dir}")
 
     summary = train(cfg, overwrite=True)
@@ -96,6 +95,7 @@ def cmd_quickstart(args) -> None:
         print(text)
         print("-" * 40)
     s = gen.stats()
+    _quickstart_extrapolation(cfg.train.out_dir)
     gap = summary["unigram_entropy_nats"] - summary["val_loss"]
     print(
         f"== validation loss {summary['val_loss']:.3f} nats/token vs unigram entropy "
@@ -161,6 +161,126 @@ def cmd_bench_hardware(args) -> None:
 
         atomic_write_text(Path(args.out), line + "\n")
     print(line)
+
+
+def _target(name: str):
+    from minigpt.config import load_config
+    from minigpt.train import resolve_preset
+
+    path = resolve_preset(name)
+    if not path.is_file():
+        from minigpt.config import _configs_dir
+
+        targets = sorted(p.stem for p in _configs_dir().glob("*.toml") if "[target]" in p.read_text())
+        raise UserError(f"unknown target {name!r}: give a TOML path or one of {', '.join(targets)}")
+    return load_config(path)
+
+
+def scenario_from_args(args, cfg):
+    from minigpt.extrapolate import Scenario, mfu_from_bench, mfu_from_run
+    from minigpt.hardware import gpu_by_name
+
+    gpu = gpu_by_name(args.gpu)
+    mfu, source, notes = args.mfu, "given (--mfu)" if args.mfu is not None else "", []
+    if args.from_run:
+        mfu, source = mfu_from_run(args.from_run, gpu)
+    elif args.from_bench:
+        mfu, source = mfu_from_bench(args.from_bench, gpu)
+    elif args.measure_layers:
+        from minigpt.bench import bench_hardware
+        from minigpt.hardware import choose_peak
+        from minigpt.measure import time_layers
+
+        precision = args.measure_precision
+        t = time_layers(cfg.model, args.measure_layers, args.measure_micro_batch, cfg.model.block_size,
+                        precision, args.measure_device)
+        hw = bench_hardware(t["device"], dtypes=[precision])
+        peak = choose_peak(hw["device_name"], precision)
+        if not peak.known:  # no datasheet for this device: its measured matmul peak
+            peak = choose_peak(hw["device_name"], precision, given_tflops=hw["matmul_tflops"][precision])
+            peak = peak.__class__(peak.tflops, f"measured {precision} matmul peak of {hw['device_name']}")
+        mfu = min(t["achieved_tflops"] / peak.tflops, 1.0)
+        source = (f"measured: {args.measure_layers} layer(s) at full width ({t['params_per_layer']:,} params each), "
+                  f"seq {t['seq_len']}, micro-batch {t['micro_batch']}, {precision} on {hw['device_name']}: "
+                  f"{t['achieved_tflops']:.4g} TFLOP/s / {peak.tflops:.4g} ({peak.source}); no communication")
+        if t["device"] == "cpu":
+            notes.append("layers timed on a CPU: its efficiency stands in for the target GPU's")
+        args._measured_layers = t
+    tokens = args.tokens if args.tokens in (None, "chinchilla") else float(args.tokens)
+    serve = None
+    if args.serve:
+        tpr = args.tokens_per_request or (args.words_per_request / 0.75 if args.words_per_request else None)
+        serve = {"users": args.users, "requests_per_hour": args.requests_per_hour, "tokens_per_request": tpr,
+                 "utilisation": args.utilisation}
+    if cfg.target.label:
+        notes.append(cfg.target.label)
+    return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
+                    price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
+                    tp=args.tp, pp=args.pp, zero_stage=args.zero_stage, micro_batch=args.micro_batch,
+                    context=args.context, batch=args.batch, serve=serve, notes=notes)
+
+
+def cmd_extrapolate(args) -> None:
+    from minigpt.extrapolate import extrapolate
+    from minigpt.report import extrapolation_lines, extrapolation_markdown
+
+    cfg = _target(args.target)
+    r = extrapolate(cfg.model, cfg.target, scenario_from_args(args, cfg))
+    if getattr(args, "_measured_layers", None):
+        r["measured_layers"] = args._measured_layers
+    if args.json:
+        print(json.dumps(r))
+    elif args.markdown:
+        print(extrapolation_markdown(r, f"minigpt extrapolation: {args.target} on {r['gpu']}"))
+    else:
+        print("\n".join(extrapolation_lines(r)))
+
+
+def cmd_extrapolate_plot(args) -> None:
+    from minigpt.extrapolate import Scenario, extrapolate, plot_costs
+    from minigpt.hardware import gpu_by_name
+
+    gpu = gpu_by_name(args.gpu)
+    points = []
+    for name in ["gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "gpt4"]:
+        cfg = _target(name)
+        r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
+        points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated"})
+    for run in args.run:
+        summary = json.loads((Path(run) / "summary.json").read_text())
+        points.append({"name": Path(run).name, "params": summary["params"],
+                       "gpu_hours": summary["wall_s"] * summary["world_size"] / 3600, "kind": "measured"})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plot_costs(points, args.out)
+    print(json.dumps({"plot": args.out, "points": points}))
+
+
+def _quickstart_extrapolation(run_dir: str) -> None:
+    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
+    from minigpt.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
+    from minigpt.hardware import gpu_by_name
+    from minigpt.report import _money
+
+    print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
+    print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
+    print("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
+    print("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
+    print(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
+    for target in ("gpt3-175b", "gpt4"):
+        cfg = _target(target)
+        for gpu_name in ("A100", "H100"):
+            gpu = gpu_by_name(gpu_name)
+            try:
+                measured = mfu_from_run(run_dir, gpu)[0]
+            except UserError:
+                measured = None
+            choices = [("measured here (CPU)", measured)] if measured else []
+            choices.append((f"reference: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
+            for label, mfu in choices:
+                r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
+                print(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
+                      f"{r['days']:>8,.1f} {_money(r['cost_usd']):>10}")
+    print("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
     q.set_defaults(func=cmd_bench_hardware)
 
+    p = sub.add_parser("extrapolate", help="training and serving cost of a target (GPT-3, GPT-4, a TOML) on a GPU")
+    xsub = p.add_subparsers(dest="extrapolate_command")
+    p.add_argument("--target", default="gpt3-175b", help="a preset with a [target] table (gpt3-*, gpt4) or a TOML path")
+    p.add_argument("--gpu", default="A100", help="V100, A100 (80GB), A100-40GB, H100, H200, B200")
+    p.add_argument("--dtype", default="bf16", help="the peak's dtype: bf16, fp16, fp8, tf32, fp32")
+    p.add_argument("--num-gpus", type=int)
+    p.add_argument("--days", type=float, help="wall-clock budget: solve for the GPU count")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1]")
+    p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
+    p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
+    p.add_argument("--measure-layers", type=int, default=0, metavar="K", help="time K full-width layers here")
+    p.add_argument("--measure-micro-batch", type=int, default=1)
+    p.add_argument("--measure-precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--measure-device", default="auto")
+    p.add_argument("--price", type=float, help="USD per GPU-hour (default: an assumption per GPU type)")
+    p.add_argument("--tokens", help="training tokens, or 'chinchilla' (20 per parameter)")
+    p.add_argument("--flops-convention", default="exact", help="exact, six_n_all, kaplan_6n, palm, chinchilla, megatron_72, ...")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree (default: suggested)")
+    p.add_argument("--pp", type=int, help="pipeline stages (default: suggested)")
+    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--context", type=int, help="inference context (default: block_size / 2)")
+    p.add_argument("--batch", type=int, default=1, help="inference batch for the decode bound")
+    p.add_argument("--serve", action="store_true", help="add a serving scenario")
+    p.add_argument("--users", type=float, default=1e6, help="concurrent users at peak")
+    p.add_argument("--requests-per-hour", type=float, default=6)
+    p.add_argument("--tokens-per-request", type=float)
+    p.add_argument("--words-per-request", type=float, default=60, help="converted at 1000 tokens = 750 words")
+    p.add_argument("--utilisation", type=float, default=0.3)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=cmd_extrapolate)
+    q = xsub.add_parser("plot", help="training cost against model size, log-log")
+    q.add_argument("--gpu", default="A100")
+    q.add_argument("--mfu", type=float, default=0.3)
+    q.add_argument("--run", action="append", default=[], help="a measured run directory to add")
+    q.add_argument("--out", default="runs/extrapolate.png")
+    q.set_defaults(func=cmd_extrapolate_plot)
+
     p = sub.add_parser("quickstart", help="the main job: prepare stdlib text, train the tiny GPT, sample")
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -242,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "flops_command", None) == "sweep":
         args.func = cmd_flops_sweep
+    if getattr(args, "extrapolate_command", None) == "plot":
+        args.func = cmd_extrapolate_plot
     try:
         args.func(args)
     except UserError as e:

@@ -47,6 +47,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = False
     dropout: float = 0.0
+    n_expert: int = 0  # 0 or 1: dense MLP; > 1: mixture of n_expert MLPs per block
+    n_expert_active: int = 0  # top-k experts per token; 0: 2 (or 1 with n_expert = 1)
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "mlp": ("gelu", "swiglu"),
@@ -64,6 +66,12 @@ class ModelConfig:
                 self.ffn_hidden = _round_up(int(8 * self.n_embd / 3), 64)
             else:
                 self.ffn_hidden = 4 * self.n_embd
+        if self.n_expert_active == 0:
+            self.n_expert_active = min(2, max(self.n_expert, 1))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 1
 
     def validate(self) -> None:
         _check_choices("model", self, self.CHOICES)
@@ -87,6 +95,12 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout = {self.dropout} must be in [0, 1)")
+        if self.n_expert < 0:
+            raise UserError(f"model.n_expert = {self.n_expert} must be >= 0 (0 or 1 is a dense MLP)")
+        if self.is_moe and not 1 <= self.n_expert_active <= self.n_expert:
+            raise UserError(
+                f"model.n_expert_active = {self.n_expert_active} must be between 1 and model.n_expert = {self.n_expert}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +170,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # peak for MFU; 0: the datasheet peak of a known GPU, else unknown
     peak_from: str = ""  # a `minigpt bench hardware --out FILE` result to use as the peak instead
     report: bool = True  # write report.json/.md (FLOPs counted vs formulas, MFU, memory) at the end
+    moe_aux_loss_coef: float = 0.01  # weight of the mixture-of-experts load-balancing loss
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("fp32", "bf16", "fp16"),
@@ -204,13 +219,27 @@ class SampleConfig:
 
 
 @dataclass
+class TargetConfig:
+    """What a model costs at full scale: its training tokens and how its figures are labelled."""
+
+    train_tokens: float = 0.0  # tokens of the full training run (0: not a target until --tokens is given)
+    global_batch_tokens: float = 0.0  # tokens per optimizer step at scale (0: 4M, an assumption)
+    label: str = ""  # printed wherever the target's figures appear, e.g. "estimate, not official"
+
+    def validate(self) -> None:
+        if self.train_tokens < 0 or self.global_batch_tokens < 0:
+            raise UserError("target.train_tokens and target.global_batch_tokens must be >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
-    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "train", "sample")
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("model", "data", "train", "sample", "target")
 
     def validate(self) -> "Config":
         for name in self.SECTIONS:

@@ -32,7 +32,7 @@ COUNTER_CONVENTION = (
     "the full TxT square via SDPA's math backend; softmax, norms, element-wise ops and the "
     "embedding lookup not counted; backward = 2x forward (no recompute)"
 )
-COMPONENTS = ("qkv_proj", "attn_scores", "attn_values", "attn_out_proj", "mlp", "lm_head")
+COMPONENTS = ("qkv_proj", "attn_scores", "attn_values", "attn_out_proj", "mlp", "router", "lm_head")
 
 
 @dataclass
@@ -69,8 +69,10 @@ def _classify(module_path: str) -> str | None:
         return "qkv_proj"
     if module_path.endswith("attn.c_proj"):
         return "attn_out_proj"
-    if module_path.endswith("mlp.c_fc") or module_path.endswith("mlp.c_proj"):
-        return "mlp"
+    if ".mlp" in module_path and (module_path.endswith(".c_fc") or module_path.endswith(".c_proj")):
+        return "mlp"  # a dense MLP or one of the experts of a mixture
+    if module_path.endswith("mlp.router"):
+        return "router"
     if module_path.endswith("lm_head"):
         return "lm_head"
     return None
@@ -217,4 +219,73 @@ def memory_report(c: ModelConfig, batch_size: int, seq_len: int, precision: str 
         "zero_precision": zero_precision,
         "zero": M.zero_table(psi, zero_precision, dp),
         "kv_cache_bytes_per_token": M.kv_cache_bytes_per_token(c, 2 if precision != "fp32" else 4),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# timed layers at full width (the efficiency input of extrapolation)
+
+
+def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int, precision: str = "bf16",
+                device: str = "auto", steps: int = 3) -> dict:
+    """Time forward + backward of `num_layers` transformer blocks at the model's real width.
+
+    No embeddings, LM head or optimizer: the blocks are where the FLOPs of a large model are.
+    FLOPs are counted (meta device, same blocks); achieved FLOP/s = counted FLOPs / median time.
+    Communication between GPUs is not in this figure.
+    """
+    import statistics
+    import time
+
+    from minigpt.distributed import resolve_device
+    from minigpt.model import Block
+
+    if num_layers < 1:
+        raise UserError(f"--measure-layers {num_layers} must be at least 1")
+    _check_shape(c, micro_batch, seq_len)
+    dev = resolve_device(device)
+
+    def build(d):
+        with torch.device(d):
+            return torch.nn.ModuleList(Block(c, i) for i in range(num_layers))
+
+    def run(blocks, x):
+        for b in blocks:
+            x = b(x)
+        x.float().pow(2).mean().backward()
+
+    meta_blocks = build("meta")
+    counter = flop_counter()
+    with math_attention(), counter:
+        run(meta_blocks, torch.zeros(micro_batch, seq_len, c.n_embd, device="meta", requires_grad=True))
+    flops_step = counter.get_total_flops()
+
+    blocks = build(dev)
+    x = torch.randn(micro_batch, seq_len, c.n_embd, device=dev, requires_grad=True)
+    times = []
+    for i in range(steps + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with autocast_context(dev, precision):
+            run(blocks, x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+    step_s = statistics.median(times)
+    return {
+        "num_layers": num_layers,
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "precision": precision,
+        "device": str(dev),
+        "params_per_layer": sum(p.numel() for p in blocks[0].parameters()),
+        "flops_per_step": flops_step,
+        "step_s": step_s,
+        "achieved_tflops": flops_step / step_s / 1e12,
+        "convention": "counted matmul FLOPs of forward + backward of the blocks (full attention square); "
+                      "median of timed steps after one warm-up; no communication",
     }

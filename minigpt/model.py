@@ -133,13 +133,65 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """Top-k mixture of expert MLPs with a learned router (Shazeer et al. 2017; Fedus et al. 2021).
+
+    Each token goes to its n_expert_active highest-probability experts; their outputs are mixed
+    with the router probabilities renormalised over the chosen k. Dispatch is capacity-free (no
+    token is dropped): a loop over experts gathers each one's tokens. The load-balancing loss of
+    Switch Transformer (eq. 4), generalised to top-k: E * sum_e f_e * P_e, with f_e the share of
+    routed slots that went to expert e and P_e its mean router probability; 1.0 when balanced.
+    On the meta device or fake tensors (no data, so no routing), each expert gets an equal share of
+    the N*k slots: the FLOPs are the same for any routing, since every token visits k experts.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_expert, self.k = config.n_expert, config.n_expert_active
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        E, k = self.n_expert, self.k
+        flat = x.reshape(-1, C)  # (N, C)
+        N = flat.size(0)
+        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        symbolic = has_no_data(flat)
+        for e, expert in enumerate(self.experts):
+            if symbolic:  # balanced shares of the N*k slots (see the class docstring)
+                count = N * k // E + (1 if e < N * k % E else 0)
+                token_idx = torch.arange(count, device=flat.device) % N
+                slot = torch.zeros_like(token_idx)
+            else:
+                token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+                if token_idx.numel() == 0:
+                    continue
+            y = expert(flat[token_idx])  # (n_e, C)
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
+        routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
+        self.aux_loss = E * (routed * probs.mean(dim=0)).sum()
+        return out.view(B, T, C)
+
+
+def has_no_data(t: torch.Tensor) -> bool:
+    """True on the meta device and for fake tensors, where data-dependent shapes are impossible."""
+    from minigpt.torch_private import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe else MLP(config)
 
     def forward(self, x, rope=None, cache=None, attn_mask=None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
@@ -165,6 +217,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
+        self.moe_aux_loss: torch.Tensor | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -187,7 +240,8 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+            for mlp in (block.mlp.experts if self.config.is_moe else [block.mlp]):
+                nn.init.normal_(mlp.c_proj.weight, mean=0.0, std=residual_std)
 
     # ------------------------------------------------------------------------------------------
     # parameter counts (analytic twins live in the torch-free formula module)
@@ -246,6 +300,8 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.length += T
+        if self.config.is_moe:  # load-balancing loss of this forward pass, summed over layers
+            self.moe_aux_loss = sum(block.mlp.aux_loss for block in self.blocks)
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]

@@ -129,3 +129,51 @@ def write_report(run_dir: Path, r: dict) -> None:
 
     atomic_write_text(Path(run_dir) / "report.json", json.dumps(r, indent=2))
     atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))
+
+
+def _money(x: float) -> str:
+    return f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}"
+
+
+def extrapolation_lines(r: dict) -> list[str]:
+    m, inf, lay = r["memory"], r["inference"], r["memory"]["layout"]
+    comm = m["communication"]
+    label = f" [{r['target_label']}]" if r["target_label"] else ""
+    lines = [
+        f"target{label}: {r['params_total']:,.0f} parameters ({r['params_active']:,.0f} active per token), "
+        f"{r['train_tokens']:.4g} training tokens ({r['sources']['tokens']})",
+        f"training FLOPs: {r['train_flops_6n']:.4g} under 6N ({r['pf_days_6n']:,.1f} PF-days); "
+        f"{r['train_flops_exact']:.4g} exact (every matmul, validated by counting); "
+        f"used: {r['flops_convention']} = {r['train_flops']:.4g} ({r['pf_days']:,.1f} PF-days)",
+        f"hardware: {r['num_gpus']:,} x {r['gpu']} ({r['sources']['num_gpus']}), peak {r['peak_tflops']:g} TFLOP/s "
+        f"({r['peak_source']})",
+        f"efficiency: MFU {r['mfu']:.1%} ({r['mfu_source']})",
+        f"time and cost: {r['gpu_hours']:,.0f} GPU-hours ({r['node_hours_8_gpus']:,.0f} 8-GPU node-hours), "
+        f"{r['days']:,.1f} days, {_money(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
+        f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
+        f"{m['min_gpus']:,} GPUs to hold them ({m['min_gpus_convention']})",
+        f"layout: tensor {lay['tp']} x pipeline {lay['pp']} x data {lay['dp']} = {lay['gpus_used']:,} GPUs, ZeRO-{lay['zero_stage']}, "
+        f"micro-batch {lay['micro_batch']}, full recompute: {fmt_bytes(lay['per_gpu_bytes']['total'])} per GPU "
+        f"(states {fmt_bytes(lay['per_gpu_bytes']['model_states'])}, activations {fmt_bytes(lay['per_gpu_bytes']['activations'])}); "
+        f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step",
+        f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
+        f"= {comm['dp_allreduce_s_per_step']:.3f} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3f} s) vs compute "
+        f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
+        f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
+        f"KV cache {fmt_bytes(inf['kv_bytes_per_token'])} per token; decode <= {inf['decode_tokens_per_s_per_gpu']:,.1f} "
+        f"tokens/s per GPU (memory bound {inf['decode_memory_bound_tokens_per_s_per_gpu']:,.1f}, compute bound "
+        f"{inf['decode_compute_bound_tokens_per_s_per_gpu']:,.0f}); prefill {inf['prefill_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU at the MFU",
+    ]
+    if "serving" in r:
+        s = r["serving"]
+        lines.append(
+            f"serving: {s['users']:,.0f} users x {s['requests_per_hour']:g} requests/h x {s['tokens_per_request']:g} tokens "
+            f"= {s['tokens_per_s']:,.0f} tokens/s at {s['utilisation']:.1%} utilisation: {s['num_gpus']:,} x {r['gpu']} "
+            f"({s['nodes_8_gpus']:,} nodes), {_money(s['cost_usd_per_month'])} per month"
+        )
+    lines += [f"note: {n}" for n in r["notes"]]
+    return lines
+
+
+def extrapolation_markdown(r: dict, title: str) -> str:
+    return "\n".join([f"# {title}", ""] + [f"- {line}" for line in extrapolation_lines(r)]) + "\n"

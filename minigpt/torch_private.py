@@ -53,6 +53,12 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

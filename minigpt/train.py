@@ -257,9 +257,11 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
                 with sync:
                     with autocast_context(env.device, tc.precision):
                         _, loss = model(x, y)
-                    loss = loss / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+                    objective = loss
+                    if cfg.model.is_moe:  # load balancing; the logged loss stays the cross-entropy
+                        objective = loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
+                    scaler.scale(objective / accum).backward()
+                loss_sum += loss.detach() / accum
             if tc.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip).item()

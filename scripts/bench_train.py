@@ -25,6 +25,7 @@ from minigpt.bench import device_name
 from minigpt.config import load_config
 from minigpt.distributed import resolve_device
 from minigpt.flops import param_counts, train_flops_per_token
+from minigpt.hardware import choose_peak
 from minigpt.model import GPT
 from minigpt.optim import autocast_context, make_optimizer
 from minigpt.train import resolve_preset
@@ -98,6 +99,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--baseline", action="store_true", help="also time the obvious implementation")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU (default: datasheet of a known GPU)")
+    p.add_argument("--peak-from", default="", help="a 'minigpt bench hardware --out' file to use as the peak")
     args = p.parse_args()
     cfg = load_config(resolve_preset(args.config), args.set)
     device = resolve_device(cfg.train.device)
@@ -123,6 +126,9 @@ def main() -> None:
     ms = statistics.median(time_steps(GPT(cfg.model).to(device), cfg, device, args.steps, args.warmup)) * 1e3
     result.update(ms_per_step=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3, 1),
                   achieved_tflops=round(flops_tok * tokens / ms * 1e3 / 1e12, 4))
+    peak = choose_peak(result["device_name"], cfg.train.precision, args.peak_tflops, args.peak_from)
+    result.update(peak_tflops=peak.tflops, peak_source=peak.source,
+                  mfu=round(result["achieved_tflops"] / peak.tflops, 4) if peak.known else None)
     if args.baseline:
         c = cfg.model
         if (c.mlp, c.norm, c.pos_emb, c.n_kv_head) != ("gelu", "layernorm", "learned", c.n_head):

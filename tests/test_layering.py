@@ -14,13 +14,14 @@ RANK = {
     "config": 1, "hardware": 1, "torch_private": 1,
     "flops": 2,
     "memory": 3, "model": 3,
+    "extrapolate": 4,
     "optim": 4, "data": 4, "checkpoint": 4, "distributed": 4,
     "measure": 5, "bench": 5, "generate": 5,
     "report": 6, "sweep": 6,
     "train": 7,
     "cli": 8,
 }
-TORCH_FREE = ["minigpt.errors", "minigpt.config", "minigpt.flops", "minigpt.memory", "minigpt.hardware"]
+TORCH_FREE = ["minigpt.errors", "minigpt.config", "minigpt.flops", "minigpt.memory", "minigpt.hardware", "minigpt.extrapolate"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -1,0 +1,375 @@
+"""From measured (or stated) efficiency to the cost of training and serving a model at scale.
+
+Torch-free: every figure is arithmetic on (1) FLOP formulas that the counter validated (flops.py),
+(2) the memory formulas of memory.py, (3) the GPU table of hardware.py, and (4) inputs that are
+either measured by minigpt (an MFU from a run, a benchmark or timed layers) or labelled
+assumptions (prices, reference MFUs, batch size, link bandwidth). `sources` in the result says
+which is which.
+
+Conventions: 1 PF-day = 1e15 FLOP/s x 86,400 s = 8.64e19 FLOPs (GPT-3 Table D.1). GPU-hours =
+training FLOPs / (peak x MFU) / 3600, with the peak the datasheet dense figure for the dtype.
+A month of serving is 30 days (720 hours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from minigpt import flops as F
+from minigpt import memory as M
+from minigpt.config import ModelConfig, TargetConfig
+from minigpt.errors import UserError
+from minigpt.hardware import GPUSpec
+
+PF_DAY = 1e15 * 86400
+HOURS_PER_MONTH = 720
+DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 2**20  # assumption when the target gives none
+DEFAULT_NUM_GPUS = 1024  # assumption when neither a count nor a budget in days is given
+MEMORY_HEADROOM = 0.9  # share of GPU memory a layout may plan to use (temporaries, fragmentation)
+WORDS_PER_TOKEN = 0.75  # 1000 tokens ~ 750 English words (OpenAI's rule of thumb)
+
+# Published MFU of large training runs, by GPU class (the default efficiency, cited)
+REFERENCE_MFU = {
+    "V100": (0.213, "GPT-3 175B on V100, 21.3% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "A100-40GB": (0.302, "MT-NLG 530B on A100, 30.2% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "A100-80GB": (0.302, "MT-NLG 530B on A100, 30.2% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "H100": (0.40, "Llama 3 405B on H100, 38-43% BF16 MFU (Llama Team 2024, Table 4)"),
+    "H200": (0.40, "assumption: Llama 3's H100 figure, 38-43% (Llama Team 2024, Table 4), for the same chip with more HBM"),
+    "B200": (0.40, "assumption: Llama 3's H100 figure (Llama Team 2024, Table 4); no published B200 run"),
+}
+
+
+@dataclass
+class Scenario:
+    gpu: GPUSpec
+    dtype: str = "bf16"
+    num_gpus: int | None = None
+    days: float | None = None  # a wall-clock budget: solve for the GPU count
+    mfu: float | None = None
+    mfu_source: str = ""
+    price_per_gpu_hour: float | None = None
+    tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
+    flops_convention: str = "exact"
+    tp: int | None = None
+    pp: int | None = None
+    zero_stage: int = 1
+    micro_batch: int = 1
+    context: int | None = None  # inference context length (default: block_size / 2)
+    batch: int = 1  # inference batch for the decode bound
+    serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
+    notes: list[str] = field(default_factory=list)
+
+
+def _check(s: Scenario) -> None:
+    if s.mfu is not None and not 0 < s.mfu <= 1:
+        raise UserError(f"MFU {s.mfu} must be in (0, 1], e.g. --mfu 0.35")
+    if s.price_per_gpu_hour is not None and s.price_per_gpu_hour < 0:
+        raise UserError(f"price {s.price_per_gpu_hour} per GPU-hour must be >= 0")
+    if s.num_gpus is not None and s.num_gpus < 1:
+        raise UserError(f"GPU count {s.num_gpus} must be a positive integer")
+    if s.days is not None and s.days <= 0:
+        raise UserError(f"--days {s.days} must be positive")
+    if s.flops_convention not in F.ALL_CONVENTIONS:
+        raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
+    if s.dtype not in s.gpu.tflops:
+        raise UserError(f"{s.gpu.name} has no datasheet {s.dtype} peak; choose from {', '.join(s.gpu.tflops)}")
+
+
+def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float, str]:
+    if tokens == "chinchilla":
+        n = F.param_counts(c).active
+        return 20 * n, "Chinchilla-optimal: 20 tokens per (active) parameter (Hoffmann et al. 2022)"
+    if tokens is not None:
+        value = float(tokens)
+        if value <= 0:
+            raise UserError(f"--tokens {tokens} must be positive, or 'chinchilla'")
+        return value, "given (--tokens)"
+    if target.train_tokens <= 0:
+        raise UserError("this target has no token count: give --tokens N (or --tokens chinchilla), or target.train_tokens")
+    return target.train_tokens, "the target's config (target.train_tokens)"
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel layout
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, seq: int, micro_batch: int) -> dict:
+    """Memory of one GPU in a tensor x pipeline x data layout (mixed-precision Adam, full recompute).
+
+    Model states 16 Psi split over tp*pp, with ZeRO over the dp replicas on top. Activations: with
+    full recompute each layer keeps its input, 2 s b h bytes (Korthikanti et al. 2022), divided by
+    tp with sequence parallelism; a 1F1B pipeline's first stage holds pp micro-batches of its
+    L/pp layers, i.e. L layers' worth.
+    """
+    psi = F.param_counts(c).total / (tp * pp)
+    states = M.model_state_bytes(psi, "bf16", zero_stage, dp)
+    act = c.n_layer * 2 * seq * micro_batch * c.n_embd / tp
+    return {"model_states": states.total, "activations": act, "total": states.total + act}
+
+
+def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_stage: int, micro_batch: int,
+                   tp: int | None = None, pp: int | None = None) -> dict:
+    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node)."""
+    if tp is not None and (tp < 1 or c.n_head % tp):
+        raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in _divisors(c.n_head) if d <= 8]}")
+    if pp is not None and (pp < 1 or c.n_layer % pp):
+        raise UserError(f"--pp {pp} does not divide n_layer = {c.n_layer}; choose from {_divisors(c.n_layer)}")
+    budget = gpu.memory_gb * 1e9 * MEMORY_HEADROOM
+    tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
+    pps = [pp] if pp else _divisors(c.n_layer)
+    candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
+    for t, p in candidates:
+        if t * p > num_gpus:
+            continue
+        dp = num_gpus // (t * p)
+        mem = per_gpu_bytes(c, t, p, dp, zero_stage, seq, micro_batch)
+        if mem["total"] <= budget:
+            return {"tp": t, "pp": p, "dp": dp, "gpus_used": t * p * dp, "per_gpu_bytes": mem,
+                    "fits": True, "budget_bytes": budget}
+    # nothing fits in num_gpus: find how many GPUs would be needed
+    for need in (2**i for i in range(0, 24)):
+        for t, p in candidates:
+            if t * p <= need and per_gpu_bytes(c, t, p, need // (t * p), zero_stage, seq, micro_batch)["total"] <= budget:
+                raise UserError(
+                    f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero_stage}, micro-batch {micro_batch}, "
+                    f"full recompute); it needs at least {need} GPUs, e.g. tp={t} pp={p} dp={need // (t * p)}: "
+                    f"raise --num-gpus to {need} or more"
+                )
+    raise UserError(f"no layout on {gpu.name} holds this model; give --tp/--pp or a GPU with more memory")
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimate
+
+
+def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
+    _check(s)
+    c.validate()
+    p = F.param_counts(c)
+    seq = c.block_size
+    tokens, tokens_source = resolve_tokens(c, target, s.tokens)
+    peak = s.gpu.tflops[s.dtype] * 1e12
+    flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
+    flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
+    flops_exact = F.train_flops_per_token(c, seq, "exact") * tokens
+    sources = {"tokens": tokens_source}
+
+    mfu, mfu_source = s.mfu, s.mfu_source
+    if mfu is None:
+        mfu, mfu_source = REFERENCE_MFU[s.gpu.name]
+        mfu_source = f"published reference: {mfu_source}"
+    sources["mfu"] = mfu_source
+    gpu_hours = flops_conv / (peak * mfu) / 3600
+
+    if s.num_gpus is not None:
+        num_gpus, gpus_source = s.num_gpus, "given (--num-gpus)"
+    elif s.days is not None:
+        num_gpus = math.ceil(gpu_hours / (s.days * 24))
+        gpus_source = f"solved for a {s.days:g}-day budget (--days)"
+    else:
+        num_gpus, gpus_source = DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
+    sources["num_gpus"] = gpus_source
+    price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
+    sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
+                        else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
+    days = gpu_hours / num_gpus / 24
+
+    # memory and layout
+    states = M.model_state_bytes(p.total, "bf16", 0, 1)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp)
+    gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
+    sources["global_batch_tokens"] = "the target's config" if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens"
+    micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
+    bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
+    grad_bytes = 2 * p.total / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
+    dp = layout["dp"]
+    ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
+    zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
+    link = s.gpu.nvlink_gbs * 1e9
+    steps = tokens / gbt
+    step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
+    comm = {
+        "dp_allreduce_bytes_per_gpu_per_step": ring,
+        "dp_allreduce_s_per_step": ring / link,
+        "zero3_gather_bytes_per_gpu_per_step": zero3,
+        "zero3_s_per_step": zero3 / link,
+        "link": f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (optimistic: inter-node InfiniBand is slower; overlap with compute not modelled)",
+        "compute_s_per_step": step_s,
+        "steps": steps,
+    }
+    memory = {
+        "model_states_bytes": states.total,
+        "model_states_convention": "mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO paper); all experts",
+        "min_gpus": math.ceil(states.total / (s.gpu.memory_gb * 1e9)),
+        "min_gpus_convention": f"model states alone, perfectly partitioned over {s.gpu.name} {s.gpu.memory_gb:g} GB",
+        "zero_per_gpu": M.zero_table(p.total, "bf16", num_gpus),
+        "activations_per_layer_bytes": {
+            "no_recompute_flash": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, flash=True),
+            "no_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq),
+            "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
+        },
+        "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
+                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
+        "communication": comm,
+    }
+
+    # inference
+    ctx = s.context if s.context is not None else seq // 2
+    flops_tok = F.decode_flops(c, ctx)
+    kv = M.kv_cache_bytes_per_token(c, 2)
+    weight_bytes = 2 * _weights_read(c, s.batch)
+    step_bytes = weight_bytes + s.batch * ctx * kv
+    bw = s.gpu.bandwidth_tbs * 1e12
+    mem_bound = s.batch * bw / step_bytes
+    compute_bound = peak / flops_tok
+    inference = {
+        "context": ctx,
+        "batch": s.batch,
+        "flops_per_token": flops_tok,
+        "flops_convention": "one decode step: 2 x active matmul params + 4 L t h attention at context t",
+        "kv_bytes_per_token": kv,
+        "weights_bytes_read_per_step": weight_bytes,
+        "decode_tokens_per_s_per_gpu": min(mem_bound, compute_bound),
+        "decode_memory_bound_tokens_per_s_per_gpu": mem_bound,
+        "decode_compute_bound_tokens_per_s_per_gpu": compute_bound,
+        "prefill_tokens_per_s_per_gpu": peak * mfu / (F.prefill_flops(c, ctx, all_logits=True) / ctx),
+        "bandwidth": f"{s.gpu.name} HBM {s.gpu.bandwidth_tbs:g} TB/s; bf16 weights and KV cache",
+    }
+
+    result = {
+        "target_label": target.label,
+        "params_total": p.total,
+        "params_active": p.active,
+        "train_tokens": tokens,
+        "train_flops_6n": flops_6n,
+        "train_flops_exact": flops_exact,
+        "train_flops": flops_conv,
+        "flops_convention": s.flops_convention,
+        "pf_days_6n": flops_6n / PF_DAY,
+        "pf_days": flops_conv / PF_DAY,
+        "gpu": s.gpu.name,
+        "dtype": s.dtype,
+        "peak_tflops": peak / 1e12,
+        "peak_source": f"{s.gpu.name} datasheet dense {s.dtype}",
+        "num_gpus": num_gpus,
+        "mfu": mfu,
+        "mfu_source": mfu_source,
+        "gpu_hours": gpu_hours,
+        "node_hours_8_gpus": gpu_hours / 8,
+        "days": days,
+        "price_per_gpu_hour": price,
+        "cost_usd": gpu_hours * price,
+        "memory": memory,
+        "inference": inference,
+        "sources": sources,
+        "notes": s.notes,
+    }
+    if s.serve:
+        result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
+    return result
+
+
+def _weights_read(c: ModelConfig, batch: int) -> float:
+    """Parameters read from HBM per decode step: all of a dense model; for a mixture, the shared
+    weights plus the experts the batch's tokens can touch (at most batch x k of E)."""
+    p = F.param_counts(c)
+    if not c.is_moe:
+        return p.total
+    per_expert = (p.total - p.active) / (c.n_expert - c.n_expert_active)
+    shared = p.total - c.n_expert * per_expert
+    return shared + min(c.n_expert, batch * c.n_expert_active) * per_expert
+
+
+def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context: int) -> dict:
+    """GPUs to serve a steady load at a compute utilisation, and their monthly rent."""
+    sv = s.serve
+    for key in ("users", "requests_per_hour", "tokens_per_request", "utilisation"):
+        if sv.get(key) is None or sv[key] <= 0:
+            raise UserError(f"--serve needs a positive --{key.replace('_', '-')}")
+    if sv["utilisation"] > 1:
+        raise UserError(f"--utilisation {sv['utilisation']} must be in (0, 1]")
+    tokens_per_s = sv["users"] * sv["requests_per_hour"] * sv["tokens_per_request"] / 3600
+    flops_tok = F.decode_flops(c, context)
+    gpus = math.ceil(tokens_per_s * flops_tok / (mfu_peak * sv["utilisation"]))
+    return {
+        **sv,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_tok,
+        "num_gpus": gpus,
+        "nodes_8_gpus": math.ceil(gpus / 8),
+        "cost_usd_per_month": gpus * price * HOURS_PER_MONTH,
+        "convention": f"compute-bound: demand tokens/s x FLOPs per token / (peak x utilisation); {HOURS_PER_MONTH} h a month",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# efficiency measured by minigpt
+
+
+def mfu_from_run(run_dir: str, gpu: GPUSpec) -> tuple[float, str]:
+    """The MFU a training run measured (report.json), labelled with where it was measured."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "report.json"
+    try:
+        perf = json.loads(path.read_text())["performance"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{path} is missing or unreadable: train with train.report = true, or give --mfu") from None
+    if perf.get("mfu") is None:
+        raise UserError(f"the run in {run_dir} has no MFU (unknown peak): retrain with train.peak_from, or give --mfu")
+    source = f"measured in run {run_dir}: {perf['mfu_dtype']} MFU against {perf['peak_source']}"
+    if gpu.name.lower() not in perf["peak_source"].lower():
+        source += f" (WARNING: measured on another device than the target {gpu.name})"
+    return float(perf["mfu"]), source
+
+
+def mfu_from_bench(path: str, gpu: GPUSpec) -> tuple[float, str]:
+    """The MFU in a benchmark JSON line: an 'mfu' key, or achieved_tflops / peak_tflops."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        raise UserError(f"cannot read a benchmark JSON line from {path}") from None
+    if data.get("mfu"):
+        mfu = float(data["mfu"])
+    elif data.get("achieved_tflops") and data.get("peak_tflops"):
+        mfu = float(data["achieved_tflops"]) / float(data["peak_tflops"])
+    else:
+        raise UserError(f"{path} has no 'mfu' (nor achieved_tflops and peak_tflops); give --mfu instead")
+    source = f"measured by benchmark {path} on {data.get('device_name', data.get('device', '?'))}"
+    if gpu.name.lower() not in str(data.get("device_name", "")).lower():
+        source += f" (WARNING: measured on another device than the target {gpu.name})"
+    return mfu, source
+
+
+def plot_costs(points: list[dict], path: str) -> None:
+    """Training cost (GPU-hours) against parameters, log-log; measured and extrapolated points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for kind, marker in (("measured", "o"), ("extrapolated", "s")):
+        pts = [p for p in points if p["kind"] == kind]
+        if pts:
+            ax.scatter([p["params"] for p in pts], [p["gpu_hours"] for p in pts], marker=marker, label=kind)
+            for p in pts:
+                ax.annotate(p["name"], (p["params"], p["gpu_hours"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (total)")
+    ax.set_ylabel("training cost, device-hours")
+    ax.set_title("Training cost vs model size (extrapolated on the stated GPU and MFU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
