@@ -9,6 +9,7 @@ A run directory holds:
   checkpoints/step_NNNNNNN/
       model.safetensors   weights (safetensors: loading never unpickles code)
       state.pt            optimizer, grad-scaler, RNG and data-position state (weights_only load)
+      deepspeed/          (DeepSpeed backend) the engine's own per-rank partitions
 
 Every file is written to a temporary name, flushed, fsync'ed and renamed. A checkpoint folder is
 complete before `latest.json` points at it, and the previous one is deleted only after that.
@@ -75,29 +76,35 @@ def file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, keep: int = 1) -> Path:
-    """Write weights + training state for `step`, point latest.json at them, prune old ones."""
+def new_checkpoint_folder(run_dir: Path, step: int) -> Path:
+    """A fresh temporary folder for the files of step's checkpoint (same path on every rank)."""
+    tmp = Path(run_dir) / "checkpoints" / f".step_{step:07d}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int = 1) -> Path:
+    """Fsync every file in `tmp`, rename it to checkpoints/step_N, point latest.json at it, prune.
+
+    latest.json records each file's size and SHA-256, so a truncated or altered file is refused.
+    """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-        torch.save(state, tmp / STATE)
-        files = {}
-        for fname in (WEIGHTS, STATE):
-            with open(tmp / fname, "rb+") as f:
-                os.fsync(f.fileno())
-            files[fname] = file_digest(tmp / fname)
-        fsync_dir(tmp)
-        final = ckpt_root / name
-        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(ckpt_root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(tmp))] = file_digest(path)
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        fsync_dir(d)
+    final = ckpt_root / name
+    if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(ckpt_root)
     pointer = {"step": step, "dir": f"checkpoints/{name}", "files": files}
     atomic_write_text(run_dir / LATEST, json.dumps(pointer, indent=2))
     # prune: everything but the newest `keep` complete checkpoints, and stray temporaries
@@ -108,6 +115,17 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     for stray in ckpt_root.glob(".step_*"):
         shutil.rmtree(stray, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, keep: int = 1) -> Path:
+    """Write weights + training state for `step`, point latest.json at them, prune old ones."""
+    tmp = new_checkpoint_folder(run_dir, step)
+    try:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        torch.save(state, tmp / STATE)
+        return commit_checkpoint(run_dir, step, tmp, keep)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:

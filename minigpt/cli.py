@@ -133,6 +133,15 @@ def cmd_memory(args) -> None:
     from minigpt.measure import memory_report
     from minigpt.report import fmt_bytes, memory_table
 
+    if args.run:  # what a DeepSpeed run measured on every rank
+        from minigpt.report import zero_memory_table
+
+        path = Path(args.run) / "zero_memory.json"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: only runs with train.backend = 'deepspeed' record per-rank memory")
+        table = json.loads(path.read_text())
+        print(json.dumps(table) if args.json else zero_memory_table(table))
+        return
     if args.params is not None:  # quick what-if from a bare parameter count
         table = M.zero_table(args.params, args.precision, args.dp)
         if args.json:
@@ -338,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake", action="store_true", help="fake tensors: any size, nothing allocated")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
     p.add_argument("--params", type=float, help="skip the model: ZeRO table for this many parameters")
+    p.add_argument("--run", help="a DeepSpeed run directory: its per-rank memory beside the ZeRO formulas")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
 

@@ -148,7 +148,11 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
-    backend: str = "ddp"  # data parallelism under torchrun
+    backend: str = "ddp"  # "ddp" (torch DistributedDataParallel) | "deepspeed" (ZeRO)
+    zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
+    offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
+    offload_params: bool = False  # deepspeed, stage 3: parameters in CPU memory
+    deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the generated config
     seed: int = 1337
     max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
     micro_batch_size: int = 16  # sequences per forward pass on one process
@@ -174,7 +178,7 @@ class TrainConfig:
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("fp32", "bf16", "fp16"),
-        "backend": ("ddp",),
+        "backend": ("ddp", "deepspeed"),
     }
 
     def validate(self) -> None:

@@ -45,16 +45,19 @@ def state_bytes_per_param(precision: str, layout: str = "zero") -> tuple[int, in
 
     layout "zero": the ZeRO paper's mixed precision for bf16/fp16 (2, 2, 12); fp32 is (4, 4, 8).
     layout "amp": torch autocast as minigpt trains without DeepSpeed: (4, 4, 8) whatever the dtype.
-    layout "deepspeed": DeepSpeed's own estimators, which keep fp32 gradients too: (2, 4, 12).
+    layout "deepspeed": what DeepSpeed holds. Mixed precision: 16-bit params, 16-bit grads plus
+    fp32 gradient partitions, fp32 master + m + v: (2, 6, 12), so stage 2 is 2 + 18/N as in
+    DeepSpeed's own estimator. fp32: DeepSpeed's ZeRO optimizer keeps an fp32 master partition
+    even when the model is fp32: (4, 4, 12) (stage 0: plain AdamW, (4, 4, 8)).
     """
     if precision not in PRECISION_BYTES:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
+    if layout == "deepspeed":
+        return (4, 4, 12) if precision == "fp32" else (2, 6, 12)
     if precision == "fp32" or layout == "amp":
         return 4, 4, 8
     if layout == "zero":
         return 2, 2, 12
-    if layout == "deepspeed":
-        return 2, 4, 12
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -68,6 +71,8 @@ def model_state_bytes(num_params: float, precision: str = "bf16", zero_stage: in
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"ZeRO stage {zero_stage} must be 0, 1, 2 or 3")
     p, g, o = (b * num_params for b in state_bytes_per_param(precision, layout))
+    if layout == "deepspeed" and precision == "fp32" and zero_stage == 0:
+        o = 8 * num_params  # no ZeRO optimizer: torch AdamW's m and v only
     if zero_stage >= 1:
         o /= dp  # stage 1 partitions the optimizer state
     if zero_stage >= 2:

@@ -177,3 +177,21 @@ def extrapolation_lines(r: dict) -> list[str]:
 
 def extrapolation_markdown(r: dict, title: str) -> str:
     return "\n".join([f"# {title}", ""] + [f"- {line}" for line in extrapolation_lines(r)]) + "\n"
+
+
+def zero_memory_table(t: dict) -> str:
+    """Per-rank bytes DeepSpeed held beside the ZeRO paper's formula and DeepSpeed's accounting."""
+    paper, ds = t["predicted_paper"], t["predicted_deepspeed"]
+    lines = [
+        f"ZeRO-{t['zero_stage']} memory per rank ({t['world_size']} ranks, {t['precision']}, {t['params']:,} params), "
+        f"read from DeepSpeed's buffers and partitions",
+        f"{'rank':<5} {'category':<16} {'measured':>12} {'ZeRO paper':>12} {'ratio':>7} {'DeepSpeed':>12} {'ratio':>7}",
+    ]
+    for rank, row in enumerate(t["per_rank"]):
+        for k in ("parameters", "gradients", "optimizer_state"):
+            m = row.get(k, 0)
+            lines.append(f"{rank:<5} {k:<16} {fmt_bytes(m):>12} {fmt_bytes(paper[k]):>12} {m / paper[k]:>7.3f} "
+                         f"{fmt_bytes(ds[k]):>12} {m / ds[k]:>7.3f}")
+    lines.append("ZeRO paper: 4+4+8 bytes/param in fp32, 2+2+12 mixed; DeepSpeed also keeps an fp32 master partition "
+                 "(fp32: 4+4+12) and fp32 gradient partitions (mixed: 2+6+12). Gradients are read after the last backward.")
+    return "\n".join(lines)

@@ -32,7 +32,7 @@ from minigpt import checkpoint, data
 from minigpt.config import Config, apply_override, config_from_dict, config_from_json, load_config
 from minigpt.distributed import DistEnv, all_reduce_mean, barrier, env_rank, init_distributed, on_main_first, shutdown
 from minigpt.errors import UserError
-from minigpt.flops import train_flops_per_token
+from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
 from minigpt.hardware import choose_peak
 from minigpt.model import GPT
@@ -127,6 +127,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     run = RunPaths(Path(tc.out_dir))
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    use_ds = tc.backend == "deepspeed"
+    if use_ds:
+        from minigpt import zero
+
+        zero.validate(tc, env.device)
+    elif tc.zero_stage or tc.offload_optimizer or tc.offload_params or tc.deepspeed_config:
+        raise UserError("train.zero_stage / offload / deepspeed_config need train.backend = 'deepspeed'")
     if tc.precision == "fp16" and env.device.type == "cpu":
         raise UserError("train.precision = 'fp16' needs CUDA (its grad scaler); on CPU use 'bf16' or 'fp32'")
     accum = grad_accum_steps(cfg, env.world_size)
@@ -137,6 +144,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     if resume:
         folder, start_step = checkpoint.latest_checkpoint(run.root)
         state = checkpoint.load_state(folder)
+        _check_resume_layout(state, tc, env.world_size, run.root)
     elif (run.root / checkpoint.LATEST).exists() and not overwrite:
         raise UserError(
             f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
@@ -160,15 +168,16 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model)
     model.activation_checkpointing = tc.activation_checkpointing
-    if state is not None:
+    if state is not None and not use_ds:
         checkpoint.load_weights(model, folder)
     model.to(env.device)
     optimizer = make_optimizer(model, tc)
     scaler = torch.amp.GradScaler(env.device.type, enabled=tc.precision == "fp16")
     skipped_steps = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if not use_ds:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
         skipped_steps = state["skipped_steps"]
         torch.set_rng_state(state["rng_cpu"][env.rank % len(state["rng_cpu"])])
         if env.device.type == "cuda" and state.get("rng_cuda"):
@@ -176,7 +185,14 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     else:
         torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank; weights are already equal
     raw_model = model
-    if env.distributed:
+    engine = ds_optimizer = ds_config = None
+    if use_ds:
+        ds_config = zero.build_config(cfg, accum, env.world_size)
+        engine, ds_optimizer = zero.initialize(model, optimizer, ds_config)
+        model = engine
+        if state is not None:
+            zero.load(engine, folder / "deepspeed")
+    elif env.distributed:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     tokens_per_step = tc.micro_batch_size * cfg.model.block_size * accum * env.world_size
@@ -185,16 +201,24 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         run.root.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run.config, cfg.to_json())
         shutil.copyfile(prepared.tokenizer_path, run.root / "tokenizer.json")
+        if ds_config is not None:  # the generated DeepSpeed config: one source of truth, recorded
+            checkpoint.atomic_write_text(run.root / "deepspeed_config.json", json.dumps(ds_config, indent=2))
         if resume:  # drop records past the checkpoint: those steps are about to be redone
             kept = [l for l in _read_jsonl(run.metrics) if l.get("step", 0) <= start_step]
             checkpoint.atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
-    n_params = raw_model.num_params()
+    counts = param_counts(cfg.model)  # analytic (equal to the module's; ZeRO-3 leaves it empty)
+    n_params = counts.total
     say(
-        f"model    {n_params:,} parameters ({raw_model.num_params(non_embedding=True):,} non-embedding), "
+        f"model    {n_params:,} parameters ({counts.non_embedding:,} non-embedding), "
         f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, block {cfg.model.block_size}"
     )
+    if use_ds:
+        layout = f"DeepSpeed ZeRO-{tc.zero_stage}" + (" +offload optimizer" if tc.offload_optimizer else "") + (
+            " +offload params" if tc.offload_params else "")
+    else:
+        layout = "DDP" if env.distributed else "single process"
     say(
-        f"train    {env.world_size} process(es) on {env.device}, {tc.precision}, "
+        f"train    {env.world_size} process(es) on {env.device}, {tc.precision}, {layout}, "
         f"{tc.micro_batch_size} seq x {cfg.model.block_size} tok x {accum} accum x {env.world_size} ranks "
         f"= {tokens_per_step:,} tokens/step, steps {start_step}->{end_step} of {tc.max_steps}"
         + (f" (resumed from step {start_step})" if resume else "")
@@ -215,22 +239,56 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     def save(step: int) -> None:
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
+            # under DeepSpeed the optimizer (and loss scaler) live in the engine's own checkpoint
+            "optimizer": None if use_ds else optimizer.state_dict(),
+            "scaler": None if use_ds else scaler.state_dict(),
             "skipped_steps": skipped_steps,
             "rng_cpu": _gather_rng(torch.get_rng_state(), env),
             "rng_cuda": _gather_rng(torch.cuda.get_rng_state(env.device), env) if env.device.type == "cuda" else [],
-            "data_position": {"next_step": step, "rule": "windows drawn from (seed, step, rank, micro-step)"},
+            "data_position": {"next_step": step, "rule": "windows drawn from (seed, step, global micro-batch)"},
+            "backend": tc.backend,
+            "zero_stage": tc.zero_stage if use_ds else None,
+            "world_size": env.world_size,
         }
+        if not use_ds:
+            if env.is_main:
+                checkpoint.save_checkpoint(run.root, step, raw_model, state)
+            barrier(env)
+            return
+        # DeepSpeed: every rank writes its partitions into one temporary folder; rank 0 adds the
+        # gathered weights (safetensors, for generate/flops) and our state, then commits it
+        tmp = run.root / "checkpoints" / f".step_{step:07d}.partial"
         if env.is_main:
-            checkpoint.save_checkpoint(run.root, step, raw_model, state)
+            checkpoint.new_checkpoint_folder(run.root, step)
+        barrier(env)
+        try:
+            zero.save(engine, tmp / "deepspeed", {"minigpt_step": step})
+            weights = zero.full_state_dict(engine, raw_model)
+            if env.is_main:
+                from safetensors.torch import save_file
+
+                save_file(weights, str(tmp / checkpoint.WEIGHTS), metadata={"format": "pt", "step": str(step)})
+                torch.save(state, tmp / checkpoint.STATE)
+            barrier(env)
+            if env.is_main:
+                checkpoint.commit_checkpoint(run.root, step, tmp)
+        finally:
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
         barrier(env)
 
     def sample(step: int) -> None:
+        net = raw_model
+        if use_ds:  # ZeRO-3 partitions the weights: gather them (collective) into a plain model
+            weights = zero.full_state_dict(engine, raw_model)
+            if env.is_main:
+                net = GPT(cfg.model)
+                net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
+                net.to(env.device)
         if not env.is_main:
             return
         sc = cfg.sample
-        texts, _ = generate_text(raw_model, tokenizer, [sc.prompt], eot_id=eot_id,
+        texts, _ = generate_text(net, tokenizer, [sc.prompt], eot_id=eot_id,
                                  max_new_tokens=min(sc.max_new_tokens, 120), temperature=sc.temperature,
                                  top_k=sc.top_k, top_p=sc.top_p, seed=sc.seed)
         say(f"sample @ step {step}:\n{texts[0]}\n" + "-" * 40)
@@ -241,11 +299,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     step_times: list[float] = []
     last_loss = float("nan")
     val_loss = train_loss = None
+    held: dict = {}
     step = start_step
     try:
         for step in range(start_step, end_step):
             lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
+            for group in (ds_optimizer or optimizer).param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=env.device)
@@ -253,6 +312,17 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
                 x, y = data.get_batch(train_tokens, tc.micro_batch_size, cfg.model.block_size, key)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 last_micro = micro == accum - 1
+                if use_ds:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary itself
+                    _, loss = engine(x, y)  # DeepSpeed casts the model itself for bf16/fp16
+                    objective = loss
+                    if cfg.model.is_moe:
+                        objective = loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
+                    engine.backward(objective)
+                    if last_micro and step == end_step - 1:
+                        held = zero.held_bytes(engine, ds_optimizer, raw_model)  # grads still whole here
+                    engine.step()
+                    loss_sum += loss.detach().float() / accum
+                    continue
                 sync = contextlib.nullcontext() if (last_micro or not env.distributed) else model.no_sync()
                 with sync:
                     with autocast_context(env.device, tc.precision):
@@ -262,18 +332,25 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
                         objective = loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
                     scaler.scale(objective / accum).backward()
                 loss_sum += loss.detach() / accum
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip).item()
+            if use_ds:
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else float("nan")
+                if engine.skipped_steps > skipped_steps:
+                    skipped_steps = engine.skipped_steps
+                    say(f"step {step + 1}: fp16 gradients overflowed, DeepSpeed skipped the update")
             else:
-                grad_norm = float("nan")
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(optimizer)
-            scaler.update()
-            if scale_before is not None and scaler.get_scale() < scale_before:
-                skipped_steps += 1  # inf/NaN gradients: the scaler skipped this update and backed off
-                say(f"step {step + 1}: fp16 gradients overflowed, update skipped (loss scale -> {scaler.get_scale():g})")
-            optimizer.zero_grad(set_to_none=True)
+                if tc.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip).item()
+                else:
+                    grad_norm = float("nan")
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.step(optimizer)
+                scaler.update()
+                if scale_before is not None and scaler.get_scale() < scale_before:
+                    skipped_steps += 1  # inf/NaN gradients: the scaler skipped this update and backed off
+                    say(f"step {step + 1}: fp16 gradients overflowed, update skipped (loss scale -> {scaler.get_scale():g})")
+                optimizer.zero_grad(set_to_none=True)
             last_loss = all_reduce_mean(loss_sum, env).item()  # .item() waits for the step to finish
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -339,6 +416,13 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         "params": n_params,
         "fp16_skipped_steps": skipped_steps,
     }
+    if use_ds and steps_run:
+        from minigpt.report import zero_memory_table
+
+        table = _zero_memory(cfg, env, held, n_params)
+        if env.is_main:
+            checkpoint.atomic_write_text(run.root / "zero_memory.json", json.dumps(table, indent=2))
+            say(zero_memory_table(table))
     if env.is_main and tc.report and steps_run:
         from minigpt.report import flops_table, memory_table, run_report, write_report
 
@@ -357,6 +441,37 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         checkpoint.atomic_write_text(run.root / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)
     return summary
+
+
+def _check_resume_layout(state: dict, tc, world_size: int, run_dir: Path) -> None:
+    """A checkpoint's backend, ZeRO stage and world size must match the resumed run's."""
+    backend = state.get("backend", "ddp")
+    if backend != tc.backend:
+        raise UserError(f"{run_dir} was written by the {backend} backend; resume with --set train.backend={backend}")
+    if backend == "deepspeed":
+        if state.get("zero_stage") != tc.zero_stage:
+            raise UserError(f"{run_dir} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
+                            f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
+        if state.get("world_size") != world_size:
+            raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, not {world_size}: "
+                            f"resume with the same number of processes")
+
+
+def _zero_memory(cfg: Config, env: DistEnv, held: dict, num_params: int) -> dict:
+    """Bytes each rank held (read from DeepSpeed's buffers) beside the ZeRO formulas."""
+    from minigpt import memory as M
+
+    tc = cfg.train
+    rows = [held]
+    if env.distributed:
+        import torch.distributed as dist
+
+        rows = [None] * env.world_size
+        dist.all_gather_object(rows, held)
+    paper = M.model_state_bytes(num_params, tc.precision, tc.zero_stage, env.world_size).as_dict()
+    ds = M.model_state_bytes(num_params, tc.precision, tc.zero_stage, env.world_size, layout="deepspeed").as_dict()
+    return {"zero_stage": tc.zero_stage, "world_size": env.world_size, "precision": tc.precision,
+            "params": num_params, "per_rank": rows, "predicted_paper": paper, "predicted_deepspeed": ds}
 
 
 def _gather_rng(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
@@ -393,6 +508,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop and checkpoint after STEP (schedule unchanged)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
 
 
 def resolve_preset(name: str | None) -> Path:

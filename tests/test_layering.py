@@ -15,7 +15,7 @@ RANK = {
     "flops": 2,
     "memory": 3, "model": 3,
     "extrapolate": 4,
-    "optim": 4, "data": 4, "checkpoint": 4, "distributed": 4,
+    "optim": 4, "data": 4, "checkpoint": 4, "distributed": 4, "zero": 4,
     "measure": 5, "bench": 5, "generate": 5,
     "report": 6, "sweep": 6,
     "train": 7,
@@ -56,3 +56,11 @@ def test_bottom_layer_does_not_import_torch():
     code = "import sys; " + "; ".join(f"import {m}" for m in TORCH_FREE) + "; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_deepspeed_is_imported_in_one_module_only():
+    importers = {p.stem for p in PKG.glob("*.py") if any(n.split(".")[0] == "deepspeed" for n in imports_of(p))}
+    assert importers == {"zero"}
+    code = "import sys, minigpt.train, minigpt.cli; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # imported lazily, only when the deepspeed backend is used

@@ -1,0 +1,215 @@
+"""The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision. The one module that
+imports deepspeed, lazily, so the rest of minigpt works without it.
+
+The DeepSpeed config is generated from minigpt's TOML (one source of truth) and written into the
+run directory as deepspeed_config.json. An expert may pass a DeepSpeed JSON file
+(train.deepspeed_config) whose keys override the generated ones, except those minigpt owns
+(batch sizes, accumulation, clipping, precision, ZeRO stage and offload), where a different value
+is an error naming the minigpt key to set instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from minigpt.errors import UserError
+
+# DeepSpeed keys minigpt sets, and the minigpt setting a user changes instead
+OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size_tokens",
+    "train_batch_size": "train.batch_size_tokens",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+}
+
+
+def require_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("train.backend = 'deepspeed' needs the deepspeed package: pip install deepspeed") from None
+    return deepspeed
+
+
+def validate(tc, device: torch.device) -> None:
+    if tc.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"train.zero_stage = {tc.zero_stage} must be 0, 1, 2 or 3")
+    if tc.offload_params and tc.zero_stage != 3:
+        raise UserError("train.offload_params needs train.zero_stage = 3 (only stage 3 partitions parameters)")
+    if tc.offload_optimizer and tc.zero_stage == 0:
+        raise UserError("train.offload_optimizer needs train.zero_stage >= 1 (stage 0 keeps the optimizer whole)")
+    if tc.precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(cfg, accum: int, world_size: int) -> dict:
+    """DeepSpeed's JSON config from minigpt's, merged with the user's override file if any."""
+    tc = cfg.train
+    zero: dict = {"stage": tc.zero_stage}
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": tc.micro_batch_size * accum * world_size,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": tc.precision == "bf16"},
+        # dynamic loss scaling (loss_scale 0), DeepSpeed's default window and floor
+        "fp16": {"enabled": tc.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if tc.offload_optimizer or tc.offload_params:
+        # minigpt hands DeepSpeed a torch AdamW; DeepSpeedCPUAdam would need a compiled extension
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if not tc.deepspeed_config:
+        return ds
+    path = Path(tc.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"train.deepspeed_config = {str(path)!r} cannot be read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"train.deepspeed_config = {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed_config = {str(path)!r} must hold a JSON object")
+    ours, theirs = _flatten(ds), _flatten(user)
+    for key, setting in OWNED.items():
+        if key in theirs and key in ours and theirs[key] != ours[key]:
+            raise UserError(
+                f"{path}: {key} = {theirs[key]!r} fights minigpt's {ours[key]!r}; set {setting} in the TOML instead"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise UserError(f"{path}: '{key}' is minigpt's (AdamW with warmup + cosine); remove it from the override file")
+    return _merge(ds, user)
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    deepspeed = require_deepspeed()
+    try:
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"DeepSpeed rejected the config: {str(e).splitlines()[0]}") from None
+    return engine, ds_optimizer
+
+
+def set_lr(ds_optimizer, lr: float) -> None:
+    for group in ds_optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save(engine, folder: Path, client_state: dict) -> None:
+    """DeepSpeed's own checkpoint of every rank's partitions, into `folder` (collective)."""
+    engine.save_checkpoint(str(folder), tag="deepspeed", client_state=client_state)
+
+
+def load(engine, folder: Path) -> dict:
+    """Restore partitions (model, optimizer) from a folder written by `save` (collective)."""
+    path, client = engine.load_checkpoint(str(folder), tag="deepspeed")
+    if path is None:
+        raise UserError(f"DeepSpeed found no checkpoint in {folder}; it is incomplete")
+    return client or {}
+
+
+def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
+    """Every parameter whole (ZeRO-3 partitions gathered), as fp32 CPU tensors; collective.
+
+    Returns the dict on global rank 0 and None elsewhere. Tied weights appear once.
+    """
+    deepspeed = require_deepspeed()
+    params = list(model.parameters())
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+              if any(hasattr(p, "ds_id") for p in params) else _Null())
+    out = None
+    with gather:
+        if engine.global_rank == 0:
+            seen, out = set(), {}
+            for name, p in model.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out[name] = p.detach().float().cpu().clone()
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# memory actually held by this rank
+
+
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views into one flat buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def held_bytes(engine, ds_optimizer, model: torch.nn.Module) -> dict:
+    """Bytes this rank holds for parameters, gradients and optimizer state, read from the engine's
+    own buffers and partitions (not the process RSS)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    param_bytes = _bytes(getattr(p, "ds_tensor", p) for p in params)
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    moments = _bytes(v for st in inner.state.values() for v in st.values())
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(ds_optimizer, name):
+            master = _bytes(getattr(ds_optimizer, name))
+    grads = _bytes(p.grad for p in params if p.grad is not None)
+    # gradient partitions: stages 1-2 keep them per group in averaged_gradients, stage 3 in one
+    # flat buffer
+    averaged = getattr(ds_optimizer, "averaged_gradients", None) or {}
+    grads += _bytes(t for group in averaged.values() for t in (group or []))
+    flat = getattr(ds_optimizer, "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(flat):
+        grads += _bytes([flat])
+    return {"parameters": param_bytes, "gradients": grads, "optimizer_state": moments + master,
+            "optimizer_moments": moments, "optimizer_master_weights": master}
