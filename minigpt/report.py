@@ -63,6 +63,8 @@ def memory_table(r: dict) -> str:
         f"{r['precision']}, {'fake tensors' if r['fake_tensors'] else r['device']}; layout: {r['layout']}",
         f"{'category':<18} {'predicted':>12} {'measured':>12} {'measured/predicted':>20}",
     ]
+    if r.get("scaled_from"):
+        lines.insert(1, f"({r['scaled_from']})")
     for k, pred in r["predicted"].items():
         meas = r["measured"][k]
         ratio = r["ratios"][k]

@@ -95,3 +95,11 @@ def test_bad_memory_inputs():
         M.model_state_bytes(1e9, "bf16", 4, 1)
     with pytest.raises(UserError):
         M.model_state_bytes(1e9, "int8", 0, 1)
+
+
+def test_gpt3_175b_memory_under_fake_tensors_is_extended_from_two_depths():
+    c = load_config(REPO / "configs" / "gpt3-175b.toml").model
+    r = memory_report(c, 1, 2048, "bf16", fake=True)
+    assert "extended linearly" in r["scaled_from"]
+    for k in ("parameters", "gradients", "optimizer_state", "activations"):
+        assert r["ratios"][k] == pytest.approx(1.0, abs=0.01), k
