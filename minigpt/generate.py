@@ -9,7 +9,7 @@ test checks that both give the same tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,6 @@ class Generation:
     decode_s: float  # time of all later steps
     steps: int  # decode steps after prefill (tokens generated per row, before any cut)
     capped: bool  # max_new_tokens was reduced to fit block_size
-    timings: dict = field(default_factory=dict)
 
     def stats(self) -> dict:
         rows = len(self.prompts)

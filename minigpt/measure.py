@@ -216,7 +216,6 @@ def memory_report(c: ModelConfig, batch_size: int, seq_len: int, precision: str 
     # AdamW keeps a 4-byte step counter per parameter tensor beside m and v
     predicted["optimizer_state"] += 4 * result["param_tensors"]
     psi = F.param_counts(c).total
-    zero_precision = "fp32" if precision == "fp32" else precision
     return {
         "params_total": psi,
         "batch_size": batch_size,
@@ -232,8 +231,8 @@ def memory_report(c: ModelConfig, batch_size: int, seq_len: int, precision: str 
         "ratios": {k: (measured[k] / predicted[k] if predicted[k] else None) for k in predicted},
         "korthikanti_activations_16bit": M.korthikanti_activation_bytes_per_layer(c, batch_size, seq_len, flash=True) * c.n_layer,
         "dp": dp,
-        "zero_precision": zero_precision,
-        "zero": M.zero_table(psi, zero_precision, dp),
+        "zero_precision": precision,
+        "zero": M.zero_table(psi, precision, dp),
         "kv_cache_bytes_per_token": M.kv_cache_bytes_per_token(c, 2 if precision != "fp32" else 4),
     }
 
