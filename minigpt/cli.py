@@ -178,9 +178,9 @@ def _target(name: str):
 
     path = resolve_preset(name)
     if not path.is_file():
-        from minigpt.config import _configs_dir
+        from minigpt.config import configs_dir
 
-        targets = sorted(p.stem for p in _configs_dir().glob("*.toml") if "[target]" in p.read_text())
+        targets = sorted(p.stem for p in configs_dir().glob("*.toml") if "[target]" in p.read_text())
         raise UserError(f"unknown target {name!r}: give a TOML path or one of {', '.join(targets)}")
     return load_config(path)
 

@@ -267,7 +267,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            presets = ", ".join(sorted(p.name for p in _configs_dir().glob("*.toml"))) or "none found"
+            presets = ", ".join(sorted(p.name for p in configs_dir().glob("*.toml"))) or "none found"
             raise UserError(f"config file {path} does not exist; presets in configs/: {presets}")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -371,5 +371,5 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _configs_dir() -> Path:
+def configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"

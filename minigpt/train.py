@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minigpt import checkpoint, data
+from minigpt.bench import device_name
 from minigpt.config import Config, apply_override, config_from_dict, config_from_json, load_config
 from minigpt.distributed import DistEnv, all_reduce_mean, barrier, env_rank, init_distributed, on_main_first, shutdown
 from minigpt.errors import UserError
@@ -227,14 +228,18 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     # model FLOPs (MFU) and hardware FLOPs (HFU, with recompute) per step; the peak they divide by
     model_flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact") * tokens_per_step
     hw_flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact_recompute") * tokens_per_step
-    from minigpt.bench import device_name
-
     peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
     say(
         f"mfu      model FLOPs {model_flops / tokens_per_step:,.0f}/token (exact matmul count, 3x forward, full "
         f"attention square, no recompute) per device / peak: {peak.source}"
         + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)")
     )
+
+    def objective(loss: torch.Tensor) -> torch.Tensor:
+        """What backward sees: the cross-entropy, plus MoE load balancing (the log shows CE only)."""
+        if cfg.model.is_moe:
+            return loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
+        return loss
 
     def save(step: int) -> None:
         state = {
@@ -314,10 +319,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
                 last_micro = micro == accum - 1
                 if use_ds:  # DeepSpeed scales by 1/accum, reduces and steps at the boundary itself
                     _, loss = engine(x, y)  # DeepSpeed casts the model itself for bf16/fp16
-                    objective = loss
-                    if cfg.model.is_moe:
-                        objective = loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
-                    engine.backward(objective)
+                    engine.backward(objective(loss))
                     if last_micro and step == end_step - 1:
                         held = zero.held_bytes(engine, ds_optimizer, raw_model)  # grads still whole here
                     engine.step()
@@ -327,10 +329,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
                 with sync:
                     with autocast_context(env.device, tc.precision):
                         _, loss = model(x, y)
-                    objective = loss
-                    if cfg.model.is_moe:  # load balancing; the logged loss stays the cross-entropy
-                        objective = loss + tc.moe_aux_loss_coef * raw_model.moe_aux_loss
-                    scaler.scale(objective / accum).backward()
+                    scaler.scale(objective(loss) / accum).backward()
                 loss_sum += loss.detach() / accum
             if use_ds:
                 norm = engine.get_global_grad_norm()

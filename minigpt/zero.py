@@ -125,11 +125,6 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     return engine, ds_optimizer
 
 
-def set_lr(ds_optimizer, lr: float) -> None:
-    for group in ds_optimizer.param_groups:
-        group["lr"] = lr
-
-
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
