@@ -439,6 +439,12 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
     if env.is_main:
         checkpoint.atomic_write_text(run.root / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)
+    if use_ds:
+        # Release the engine's threads and buffers, then leave together: a rank that tore down
+        # DeepSpeed while its peer was still writing could abort at exit ("terminate called
+        # without an active exception", SIGABRT) after the run had completed.
+        engine.destroy()
+        barrier(env)
     return summary
 
 

@@ -16,12 +16,7 @@ def torchrun(sets: list[str], *extra: str, nproc: int = 2, timeout: int = 300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "minigpt.train", *[a for s in sets for a in ("--set", s)], *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    if r.returncode != 0 and "SIGABRT" in r.stderr:
-        # Seen once in about 30 launches here: a rank of DeepSpeed's CPU backend aborted (gloo,
-        # SIGABRT) with nothing in minigpt's output; one retry, and a second abort fails the test.
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    return r
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
 def losses(run_dir):
