@@ -7,6 +7,7 @@ the group uses NCCL on CUDA and gloo on CPU. Nothing happens at import time.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -98,6 +99,17 @@ def on_main_first(env: DistEnv, fn):
     return result if env.is_main else fn()
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, together: bool = True) -> None:
+    """Leave the process group: free what still holds it, meet the other ranks, then destroy it.
+
+    A DistributedDataParallel wrapper sits in a reference cycle, so it (and the gloo group it holds)
+    would otherwise be freed during interpreter shutdown, where gloo aborts now and then
+    ("terminate called without an active exception", SIGABRT) after a run that completed. Collecting
+    it here, while the interpreter is whole, avoids that. `together=False` skips the barrier, for a
+    rank leaving on an error its peers may not share.
+    """
     if env.distributed and dist.is_initialized():
+        gc.collect()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +118,13 @@ def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwri
     """
     env = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, env, resume, stop_at, overwrite, log)
-    finally:
-        shutdown(env)
+        summary = _train(cfg, env, resume, stop_at, overwrite, log)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # the failed frames hold the model and its process group
+        shutdown(env, together=False)
+        raise
+    shutdown(env)
+    return summary
 
 
 def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrite: bool, log) -> dict:
@@ -440,11 +445,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
         checkpoint.atomic_write_text(run.root / "summary.json", json.dumps(summary, indent=2))
         print(json.dumps(summary), flush=True)
     if use_ds:
-        # Release the engine's threads and buffers, then leave together: a rank that tore down
-        # DeepSpeed while its peer was still writing could abort at exit ("terminate called
-        # without an active exception", SIGABRT) after the run had completed.
-        engine.destroy()
-        barrier(env)
+        engine.destroy()  # release the engine's hooks and buffers; shutdown() then leaves the group together
     return summary
 
 
