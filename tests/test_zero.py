@@ -97,6 +97,23 @@ def test_offload_trains(corpus_dir, tmp_path, extra):
     assert "+offload optimizer" in r.stdout
 
 
+@pytest.mark.slow
+def test_deepspeeds_own_launcher_trains(corpus_dir, tmp_path):
+    """`deepspeed --num_gpus 2 --module minigpt.train` (it passes --local_rank) gives DDP's losses."""
+    sets = tiny_overrides(corpus_dir, tmp_path / "cache", tmp_path / "ds",
+                          **{**COMMON, "train.max_steps": 3, "train.backend": '"deepspeed"', "train.zero_stage": 1})
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29531",
+           "--module", "minigpt.train", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    ddp = tiny_overrides(corpus_dir, tmp_path / "cache", tmp_path / "ddp", **{**COMMON, "train.max_steps": 3})
+    assert torchrun(ddp).returncode == 0
+    assert losses(tmp_path / "ds") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
+
+
 @pytest.mark.parametrize("sets, message", [
     (["train.backend=\"deepspeed\"", "train.zero_stage=4"], "train.zero_stage = 4 must be 0, 1, 2 or 3"),
     (["train.backend=\"deepspeed\"", "train.zero_stage=2", "train.offload_params=true"], "needs train.zero_stage = 3"),
