@@ -44,6 +44,7 @@ class FlopCount:
     forward: int
     backward: int
     components: dict[str, int] = field(default_factory=dict)  # forward FLOPs by component
+    components_train: dict[str, int] = field(default_factory=dict)  # forward + backward by component
 
     @property
     def total(self) -> int:
@@ -79,27 +80,16 @@ def _classify(module_path: str) -> str | None:
     return None
 
 
-def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str = "meta",
-                      recompute: bool = False) -> FlopCount:
-    """Count one forward + backward of the real model (weights and inputs on `device`)."""
-    _check_shape(c, batch_size, seq_len)
-    dev = torch.device(device)
-    with dev:
-        model = GPT(c)
-    model.activation_checkpointing = recompute
-    model.train()
-    x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev) if dev.type != "meta" else \
-        torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
-    with math_attention():
-        fwd_counter = flop_counter()
-        with fwd_counter:
-            _, loss = model(x, x)
-        bwd_counter = flop_counter()
-        with bwd_counter:
-            loss.backward()
-    forward = fwd_counter.get_total_flops()
+def _components(counts: dict[str, dict]) -> dict[str, int]:
+    """FLOPs by component from FlopCounterMode's per-module counts.
+
+    Only the modules named in _classify and the attention modules are read: in backward the
+    counter also books FLOPs under the dropout modules (a quirk of its module tracker, whose
+    backward scopes open there), but the counts of the matmul-owning modules and their parents are
+    exact, forward and backward (without activation checkpointing); a test checks they add up to
+    the total.
+    """
     components = dict.fromkeys(COMPONENTS, 0)
-    counts = fwd_counter.get_flop_counts()
     for path, ops in counts.items():
         kind = _classify(path)
         if kind:
@@ -111,7 +101,38 @@ def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str
             )
             components["attn_scores"] += inner // 2
             components["attn_values"] += inner - inner // 2
-    return FlopCount(batch_size, seq_len, str(dev), forward, bwd_counter.get_total_flops(), components)
+    return components
+
+
+def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str = "meta",
+                      recompute: bool = False) -> FlopCount:
+    """Count one forward + backward of the real model (weights and inputs on `device`).
+
+    One counter spans both passes (its module tracker needs the forward to attribute the backward);
+    the forward figures are read before backward starts.
+    """
+    _check_shape(c, batch_size, seq_len)
+    dev = torch.device(device)
+    with dev:
+        model = GPT(c)
+    model.activation_checkpointing = recompute
+    model.train()
+    x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev) if dev.type != "meta" else \
+        torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
+    with math_attention():
+        counter = flop_counter()
+        with counter:
+            _, loss = model(x, x)
+            forward = counter.get_total_flops()
+            components = _components(counter.get_flop_counts())
+            loss.backward()
+    total = counter.get_total_flops()
+    train = _components(counter.get_flop_counts())
+    if sum(train.values()) != total:
+        # with activation checkpointing the tracker books part of the recomputed forward twice;
+        # a breakdown that does not add up is not reported
+        train = {}
+    return FlopCount(batch_size, seq_len, str(dev), forward, total - forward, components, train)
 
 
 def flops_report(c: ModelConfig, batch_size: int, seq_len: int, device: str = "meta") -> dict:
@@ -132,6 +153,7 @@ def flops_report(c: ModelConfig, batch_size: int, seq_len: int, device: str = "m
         "counted_forward_flops_per_token": counted.forward / counted.tokens,
         "backward_to_forward": counted.backward / counted.forward,
         "components_forward_flops_per_token": {k: v / counted.tokens for k, v in counted.components.items()},
+        "components_train_flops_per_token": {k: v / counted.tokens for k, v in counted.components_train.items()},
         "counter_convention": COUNTER_CONVENTION,
         "formulas": {k: formulas[k] for k in F.CONVENTIONS},
         "ratios_to_counted": {k: formulas[k] / counted.per_token for k in F.CONVENTIONS},

@@ -50,10 +50,15 @@ def flops_table(r: dict) -> str:
     counted = r["counted_train_flops_per_token"]
     for name in ("exact", "exact_causal", "exact_recompute"):
         lines.append(f"{name + ' (minigpt analytic)':<58} {r['exact'][name]:>14.4e} {r['exact'][name] / counted:>16.4f}")
-    lines += ["", "forward FLOPs per token by component (counted):"]
-    fwd = sum(r["components_forward_flops_per_token"].values())
-    for name, value in r["components_forward_flops_per_token"].items():
-        lines.append(f"  {name:<16} {value:>14.4e}  {value / fwd:6.1%}")
+    fwd = r["components_forward_flops_per_token"]
+    train = r.get("components_train_flops_per_token") or {}
+    lines += ["", f"FLOPs per token by component (counted): {'forward':>14} {'share':>7}"
+              + (f" {'fwd + bwd':>14} {'share':>7}" if train else "")]
+    for name, value in fwd.items():
+        row = f"  {name:<39} {value:>14.4e} {value / sum(fwd.values()):>7.1%}"
+        if train:
+            row += f" {train[name]:>14.4e} {train[name] / sum(train.values()):>7.1%}"
+        lines.append(row)
     return "\n".join(lines)
 
 

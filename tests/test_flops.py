@@ -34,6 +34,9 @@ def test_counted_matmul_flops_equal_the_exact_analytic_count(shape, device):
         assert counted.per_token == pytest.approx(exact, rel=1e-3)
         assert counted.backward == 2 * counted.forward
         assert sum(counted.components.values()) == counted.forward
+        # the forward + backward breakdown adds up too, each component 3x its forward
+        assert sum(counted.components_train.values()) == counted.total
+        assert all(counted.components_train[k] == 3 * v for k, v in counted.components.items())
 
 
 def test_attention_is_counted_on_cpu():
