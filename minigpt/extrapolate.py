@@ -20,7 +20,7 @@ from minigpt import flops as F
 from minigpt import memory as M
 from minigpt.config import ModelConfig, TargetConfig
 from minigpt.errors import UserError
-from minigpt.hardware import GPUSpec
+from minigpt.hardware import GPUS_PER_NODE, GPUSpec
 
 PF_DAY = 1e15 * 86400
 HOURS_PER_MONTH = 720
@@ -190,7 +190,16 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     dp = layout["dp"]
     ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
     zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
-    link = s.gpu.nvlink_gbs * 1e9
+    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group
+    # stays inside one node only when tp x dp GPUs do; otherwise its ring crosses the inter-node
+    # links, the slowest hop, which bounds the ring's bandwidth.
+    intra = layout["tp"] * dp <= GPUS_PER_NODE
+    if intra:
+        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (the group fits in one node)"
+    else:
+        link = s.gpu.internode_gbs * 1e9
+        link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "
+                     f"InfiniBand, one NIC per GPU; the data-parallel group spans nodes)")
     steps = tokens / gbt
     step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
     comm = {
@@ -198,7 +207,9 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "dp_allreduce_s_per_step": ring / link,
         "zero3_gather_bytes_per_gpu_per_step": zero3,
         "zero3_s_per_step": zero3 / link,
-        "link": f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (optimistic: inter-node InfiniBand is slower; overlap with compute not modelled)",
+        "link_bytes_per_s": link,
+        "dp_group_within_node": intra,
+        "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
         "compute_s_per_step": step_s,
         "steps": steps,
     }

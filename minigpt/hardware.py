@@ -2,6 +2,9 @@
 
 Dense peaks (NVIDIA's headline Hopper/Blackwell tensor figures are 2:4-sparse, twice these), HBM
 capacity and bandwidth, NVLink bandwidth per GPU: REFERENCE.md section 3 (NVIDIA datasheets).
+Inter-node bandwidth per GPU is an assumption taken from each GPU's 8-GPU DGX system datasheet
+(one NIC per GPU): DGX-1 V100 4 x 100 Gb/s EDR for 8 GPUs = 6.25 GB/s; DGX A100 200 Gb/s HDR = 25 GB/s;
+DGX H100/H200/B200 400 Gb/s NDR = 50 GB/s.
 A device that matches no entry has no datasheet peak: MFU is then reported as unknown unless
 the user gives a peak (`peak_tflops`) or a measured one (`minigpt bench hardware`).
 """
@@ -16,6 +19,9 @@ from pathlib import Path
 from minigpt.errors import UserError
 
 
+GPUS_PER_NODE = 8  # the DGX/HGX building block the layout and the links assume
+
+
 @dataclass(frozen=True)
 class GPUSpec:
     name: str
@@ -24,18 +30,19 @@ class GPUSpec:
     memory_gb: float = 0.0
     bandwidth_tbs: float = 0.0  # HBM, TB/s
     nvlink_gbs: float = 0.0  # per GPU, GB/s
+    internode_gbs: float = 0.0  # per GPU, GB/s, between nodes: the NICs of the vendor's 8-GPU system
     price_usd_per_hour: float = 0.0  # assumption for extrapolation: an on-demand cloud rate, overridable
 
 
 GPUS: dict[str, GPUSpec] = {
     g.name: g
     for g in (
-        GPUSpec("V100", r"V100", {"fp16": 125, "fp32": 15.7}, 32, 0.90, 300, 2.0),
-        GPUSpec("A100-40GB", r"A100.*40", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 40, 1.555, 600, 1.0),
-        GPUSpec("A100-80GB", r"A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 80, 2.039, 600, 1.5),
-        GPUSpec("H100", r"H100", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 80, 3.35, 900, 2.0),
-        GPUSpec("H200", r"H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 141, 4.8, 900, 3.0),
-        GPUSpec("B200", r"B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 80, "fp8": 4500}, 192, 8.0, 1800, 5.0),
+        GPUSpec("V100", r"V100", {"fp16": 125, "fp32": 15.7}, 32, 0.90, 300, 6.25, 2.0),
+        GPUSpec("A100-40GB", r"A100.*40", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 40, 1.555, 600, 25, 1.0),
+        GPUSpec("A100-80GB", r"A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 80, 2.039, 600, 25, 1.5),
+        GPUSpec("H100", r"H100", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 80, 3.35, 900, 50, 2.0),
+        GPUSpec("H200", r"H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 141, 4.8, 900, 50, 3.0),
+        GPUSpec("B200", r"B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 80, "fp8": 4500}, 192, 8.0, 1800, 50, 5.0),
     )
 }
 GPU_ALIASES = {"A100": "A100-80GB", "A100-40": "A100-40GB", "A100-80": "A100-80GB"}

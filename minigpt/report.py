@@ -164,7 +164,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"(states {fmt_bytes(lay['per_gpu_bytes']['model_states'])}, activations {fmt_bytes(lay['per_gpu_bytes']['activations'])}); "
         f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step",
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
-        f"= {comm['dp_allreduce_s_per_step']:.3f} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3f} s) vs compute "
+        f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
         f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
         f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
         f"KV cache {fmt_bytes(inf['kv_bytes_per_token'])} per token; decode <= {inf['decode_tokens_per_s_per_gpu']:,.1f} "

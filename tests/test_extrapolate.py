@@ -69,6 +69,18 @@ def test_gpt4_estimate():
     assert (lay["tp"], lay["pp"]) == (8, 15)  # the reported 8-way tensor x 15-way pipeline
 
 
+def test_gradient_all_reduce_crosses_nodes_only_when_the_group_does():
+    big = estimate("gpt3-175b", mfu=0.213, num_gpus=1024)["memory"]
+    lay, comm = big["layout"], big["communication"]
+    assert lay["tp"] * lay["dp"] > 8 and not comm["dp_group_within_node"]
+    assert comm["link_bytes_per_s"] == gpu_by_name("A100").internode_gbs * 1e9 < gpu_by_name("A100").nvlink_gbs * 1e9
+    ring = 2 * (lay["dp"] - 1) / lay["dp"] * 2 * param_counts(preset("gpt3-175b").model).total / (lay["tp"] * lay["pp"])
+    assert comm["dp_allreduce_bytes_per_gpu_per_step"] == pytest.approx(ring)
+    assert comm["dp_allreduce_s_per_step"] == pytest.approx(ring / comm["link_bytes_per_s"])
+    small = estimate("gpt3-small", gpu="H100", mfu=0.4, num_gpus=8)["memory"]["communication"]
+    assert small["dp_group_within_node"] and small["link_bytes_per_s"] == 900e9
+
+
 def test_a_trillion_parameters_need_400_a100_40gb():
     states = model_state_bytes(1e12, "bf16")
     assert states.total == pytest.approx(16e12)
