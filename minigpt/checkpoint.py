@@ -76,9 +76,14 @@ def file_digest(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def partial_folder(run_dir: Path, step: int) -> Path:
+    """Where step's checkpoint is assembled before commit_checkpoint (the same path on every rank)."""
+    return Path(run_dir) / "checkpoints" / f".step_{step:07d}.partial"
+
+
 def new_checkpoint_folder(run_dir: Path, step: int) -> Path:
-    """A fresh temporary folder for the files of step's checkpoint (same path on every rank)."""
-    tmp = Path(run_dir) / "checkpoints" / f".step_{step:07d}.partial"
+    """A fresh, empty partial_folder for step's checkpoint."""
+    tmp = partial_folder(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

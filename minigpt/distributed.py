@@ -79,6 +79,15 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a world of one: [obj])."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def on_main_first(env: DistEnv, fn):
     """Run fn on rank 0, then on the other ranks (which then find its work done, e.g. a cache).
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minigpt import checkpoint, data
 from minigpt.bench import device_name
 from minigpt.config import Config, apply_override, config_from_dict, config_from_json, load_config
-from minigpt.distributed import DistEnv, all_reduce_mean, barrier, env_rank, init_distributed, on_main_first, shutdown
+from minigpt.distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, env_rank, init_distributed, on_main_first, shutdown
 from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
@@ -253,8 +253,8 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
             "optimizer": None if use_ds else optimizer.state_dict(),
             "scaler": None if use_ds else scaler.state_dict(),
             "skipped_steps": skipped_steps,
-            "rng_cpu": _gather_rng(torch.get_rng_state(), env),
-            "rng_cuda": _gather_rng(torch.cuda.get_rng_state(env.device), env) if env.device.type == "cuda" else [],
+            "rng_cpu": all_gather_objects(torch.get_rng_state(), env),  # each rank resumes its own stream
+            "rng_cuda": all_gather_objects(torch.cuda.get_rng_state(env.device), env) if env.device.type == "cuda" else [],
             "data_position": {"next_step": step, "rule": "windows drawn from (seed, step, global micro-batch)"},
             "backend": tc.backend,
             "zero_stage": tc.zero_stage if use_ds else None,
@@ -267,7 +267,7 @@ def _train(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwri
             return
         # DeepSpeed: every rank writes its partitions into one temporary folder; rank 0 adds the
         # gathered weights (safetensors, for generate/flops) and our state, then commits it
-        tmp = run.root / "checkpoints" / f".step_{step:07d}.partial"
+        tmp = checkpoint.partial_folder(run.root, step)
         if env.is_main:
             checkpoint.new_checkpoint_folder(run.root, step)
         barrier(env)
@@ -468,27 +468,11 @@ def _zero_memory(cfg: Config, env: DistEnv, held: dict, num_params: int) -> dict
     from minigpt import memory as M
 
     tc = cfg.train
-    rows = [held]
-    if env.distributed:
-        import torch.distributed as dist
-
-        rows = [None] * env.world_size
-        dist.all_gather_object(rows, held)
+    rows = all_gather_objects(held, env)
     paper = M.model_state_bytes(num_params, tc.precision, tc.zero_stage, env.world_size).as_dict()
     ds = M.model_state_bytes(num_params, tc.precision, tc.zero_stage, env.world_size, layout="deepspeed").as_dict()
     return {"zero_stage": tc.zero_stage, "world_size": env.world_size, "precision": tc.precision,
             "params": num_params, "per_rank": rows, "predicted_paper": paper, "predicted_deepspeed": ds}
-
-
-def _gather_rng(t: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
-    """RNG states of all ranks (rank 0 saves them all, so each rank resumes its own stream)."""
-    if not env.distributed:
-        return [t]
-    import torch.distributed as dist
-
-    out = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather_object(out, t)
-    return out
 
 
 def _read_jsonl(path: Path) -> list[dict]:

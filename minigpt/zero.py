@@ -10,6 +10,7 @@ is an error naming the minigpt key to set instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -150,7 +151,7 @@ def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
     deepspeed = require_deepspeed()
     params = list(model.parameters())
     gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if any(hasattr(p, "ds_id") for p in params) else _Null())
+              if any(hasattr(p, "ds_id") for p in params) else contextlib.nullcontext())
     out = None
     with gather:
         if engine.global_rank == 0:
@@ -160,14 +161,6 @@ def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
                     seen.add(id(p))
                     out[name] = p.detach().float().cpu().clone()
     return out
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
