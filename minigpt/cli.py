@@ -131,7 +131,7 @@ def cmd_flops_sweep(args) -> None:
 def cmd_memory(args) -> None:
     from minigpt import memory as M
     from minigpt.measure import memory_report
-    from minigpt.report import fmt_bytes, memory_table
+    from minigpt.report import memory_table, zero_stage_lines
 
     if args.run:  # what a DeepSpeed run measured on every rank
         from minigpt.report import zero_memory_table
@@ -148,9 +148,7 @@ def cmd_memory(args) -> None:
             print(json.dumps({"params_total": args.params, "dp": args.dp, "precision": args.precision, "zero": table}))
             return
         print(f"model states per GPU for {args.params:.4g} parameters, {args.precision}, dp={args.dp} (ZeRO paper layout):")
-        for stage, z in table.items():
-            print(f"  stage {stage}: params {fmt_bytes(z['parameters'])}, grads {fmt_bytes(z['gradients'])}, "
-                  f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}")
+        print("\n".join(zero_stage_lines(table)))
         return
     cfg = _model_from_args(args)
     seq = args.seq_len or cfg.model.block_size
@@ -186,7 +184,7 @@ def _target(name: str):
 
 
 def scenario_from_args(args, cfg):
-    from minigpt.extrapolate import Scenario, mfu_from_bench, mfu_from_run
+    from minigpt.extrapolate import WORDS_PER_TOKEN, Scenario, mfu_from_bench, mfu_from_run
     from minigpt.hardware import gpu_by_name
 
     gpu = gpu_by_name(args.gpu)
@@ -197,7 +195,7 @@ def scenario_from_args(args, cfg):
         mfu, source = mfu_from_bench(args.from_bench, gpu)
     elif args.measure_layers:
         from minigpt.bench import bench_hardware
-        from minigpt.hardware import choose_peak
+        from minigpt.hardware import Peak, choose_peak
         from minigpt.measure import time_layers
 
         precision = args.measure_precision
@@ -206,8 +204,7 @@ def scenario_from_args(args, cfg):
         hw = bench_hardware(t["device"], dtypes=[precision])
         peak = choose_peak(hw["device_name"], precision)
         if not peak.known:  # no datasheet for this device: its measured matmul peak
-            peak = choose_peak(hw["device_name"], precision, given_tflops=hw["matmul_tflops"][precision])
-            peak = peak.__class__(peak.tflops, f"measured {precision} matmul peak of {hw['device_name']}")
+            peak = Peak(hw["matmul_tflops"][precision], f"measured {precision} matmul peak of {hw['device_name']}")
         mfu = min(t["achieved_tflops"] / peak.tflops, 1.0)
         source = (f"measured: {args.measure_layers} layer(s) at full width ({t['params_per_layer']:,} params each), "
                   f"seq {t['seq_len']}, micro-batch {t['micro_batch']}, {precision} on {hw['device_name']}: "
@@ -218,7 +215,7 @@ def scenario_from_args(args, cfg):
     tokens = args.tokens if args.tokens in (None, "chinchilla") else float(args.tokens)
     serve = None
     if args.serve:
-        tpr = args.tokens_per_request or (args.words_per_request / 0.75 if args.words_per_request else None)
+        tpr = args.tokens_per_request or (args.words_per_request / WORDS_PER_TOKEN if args.words_per_request else None)
         serve = {"users": args.users, "requests_per_hour": args.requests_per_hour, "tokens_per_request": tpr,
                  "utilisation": args.utilisation}
     if cfg.target.label:
@@ -268,7 +265,7 @@ def _quickstart_extrapolation(run_dir: str) -> None:
     """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
     from minigpt.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
     from minigpt.hardware import gpu_by_name
-    from minigpt.report import _money
+    from minigpt.report import fmt_usd
 
     print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
     print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
@@ -288,7 +285,7 @@ def _quickstart_extrapolation(run_dir: str) -> None:
             for label, mfu in choices:
                 r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
                 print(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
-                      f"{r['days']:>8,.1f} {_money(r['cost_usd']):>10}")
+                      f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
     print("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
 
 

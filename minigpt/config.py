@@ -81,13 +81,13 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}: "
-                f"each head gets n_embd/n_head channels; pick n_head from {_divisors(self.n_embd)}"
+                f"each head gets n_embd/n_head channels; pick n_head from {divisors(self.n_embd)}"
             )
         if self.n_head % self.n_kv_head:
             raise UserError(
                 f"model.n_head = {self.n_head} is not divisible by model.n_kv_head = {self.n_kv_head}: "
                 f"grouped-query attention shares each K/V head among n_head/n_kv_head query heads; "
-                f"pick n_kv_head from {_divisors(self.n_head)}"
+                f"pick n_kv_head from {divisors(self.n_head)}"
             )
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise UserError(
@@ -367,7 +367,7 @@ def _round_up(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 

@@ -13,12 +13,14 @@ A month of serving is 30 days (720 hours).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minigpt import flops as F
 from minigpt import memory as M
-from minigpt.config import ModelConfig, TargetConfig
+from minigpt.config import ModelConfig, TargetConfig, divisors
 from minigpt.errors import UserError
 from minigpt.hardware import GPUS_PER_NODE, GPUSpec
 
@@ -94,10 +96,6 @@ def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float,
 # parallel layout
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, seq: int, micro_batch: int) -> dict:
     """Memory of one GPU in a tensor x pipeline x data layout (mixed-precision Adam, full recompute).
 
@@ -108,7 +106,7 @@ def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, se
     """
     psi = F.param_counts(c).total / (tp * pp)
     states = M.model_state_bytes(psi, "bf16", zero_stage, dp)
-    act = c.n_layer * 2 * seq * micro_batch * c.n_embd / tp
+    act = c.n_layer * M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq, recompute=True) / tp
     return {"model_states": states.total, "activations": act, "total": states.total + act}
 
 
@@ -116,12 +114,12 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_s
                    tp: int | None = None, pp: int | None = None) -> dict:
     """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node)."""
     if tp is not None and (tp < 1 or c.n_head % tp):
-        raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in _divisors(c.n_head) if d <= 8]}")
+        raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
     if pp is not None and (pp < 1 or c.n_layer % pp):
-        raise UserError(f"--pp {pp} does not divide n_layer = {c.n_layer}; choose from {_divisors(c.n_layer)}")
+        raise UserError(f"--pp {pp} does not divide n_layer = {c.n_layer}; choose from {divisors(c.n_layer)}")
     budget = gpu.memory_gb * 1e9 * MEMORY_HEADROOM
     tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
-    pps = [pp] if pp else _divisors(c.n_layer)
+    pps = [pp] if pp else divisors(c.n_layer)
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
     for t, p in candidates:
         if t * p > num_gpus:
@@ -271,7 +269,7 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "mfu": mfu,
         "mfu_source": mfu_source,
         "gpu_hours": gpu_hours,
-        "node_hours_8_gpus": gpu_hours / 8,
+        "node_hours_8_gpus": gpu_hours / GPUS_PER_NODE,
         "days": days,
         "price_per_gpu_hour": price,
         "cost_usd": gpu_hours * price,
@@ -312,7 +310,7 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_tok,
         "num_gpus": gpus,
-        "nodes_8_gpus": math.ceil(gpus / 8),
+        "nodes_8_gpus": math.ceil(gpus / GPUS_PER_NODE),
         "cost_usd_per_month": gpus * price * HOURS_PER_MONTH,
         "convention": f"compute-bound: demand tokens/s x FLOPs per token / (peak x utilisation); {HOURS_PER_MONTH} h a month",
     }
@@ -324,9 +322,6 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
 
 def mfu_from_run(run_dir: str, gpu: GPUSpec) -> tuple[float, str]:
     """The MFU a training run measured (report.json), labelled with where it was measured."""
-    import json
-    from pathlib import Path
-
     path = Path(run_dir) / "report.json"
     try:
         perf = json.loads(path.read_text())["performance"]
@@ -342,9 +337,6 @@ def mfu_from_run(run_dir: str, gpu: GPUSpec) -> tuple[float, str]:
 
 def mfu_from_bench(path: str, gpu: GPUSpec) -> tuple[float, str]:
     """The MFU in a benchmark JSON line: an 'mfu' key, or achieved_tflops / peak_tflops."""
-    import json
-    from pathlib import Path
-
     try:
         data = json.loads(Path(path).read_text().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError):

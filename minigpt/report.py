@@ -81,10 +81,14 @@ def memory_table(r: dict) -> str:
     lines.append(f"Korthikanti 34sbh/layer (16-bit, flash, with dropout masks): {fmt_bytes(r['korthikanti_activations_16bit'])} for the layers")
     lines.append(f"KV cache: {fmt_bytes(r['kv_cache_bytes_per_token'])} per token")
     lines.append(f"ZeRO model states per GPU at dp={r['dp']} ({r['zero_precision']}, ZeRO paper layout):")
-    for stage, z in r["zero"].items():
-        lines.append(f"  stage {stage}: params {fmt_bytes(z['parameters'])}, grads {fmt_bytes(z['gradients'])}, "
-                     f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}")
+    lines += zero_stage_lines(r["zero"])
     return "\n".join(lines)
+
+
+def zero_stage_lines(table: dict) -> list[str]:
+    """One line per ZeRO stage of a memory.zero_table."""
+    return [f"  stage {stage}: params {fmt_bytes(z['parameters'])}, grads {fmt_bytes(z['gradients'])}, "
+            f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}" for stage, z in table.items()]
 
 
 def run_report(cfg: Config, step_seconds: float, tokens_per_step: int, world_size: int, peak: Peak,
@@ -138,7 +142,7 @@ def write_report(run_dir: Path, r: dict) -> None:
     atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))
 
 
-def _money(x: float) -> str:
+def fmt_usd(x: float) -> str:
     return f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}"
 
 
@@ -156,7 +160,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"({r['peak_source']})",
         f"efficiency: MFU {r['mfu']:.1%} ({r['mfu_source']})",
         f"time and cost: {r['gpu_hours']:,.0f} GPU-hours ({r['node_hours_8_gpus']:,.0f} 8-GPU node-hours), "
-        f"{r['days']:,.1f} days, {_money(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
+        f"{r['days']:,.1f} days, {fmt_usd(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
         f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
         f"{m['min_gpus']:,} GPUs to hold them ({m['min_gpus_convention']})",
         f"layout: tensor {lay['tp']} x pipeline {lay['pp']} x data {lay['dp']} = {lay['gpus_used']:,} GPUs, ZeRO-{lay['zero_stage']}, "
@@ -176,7 +180,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         lines.append(
             f"serving: {s['users']:,.0f} users x {s['requests_per_hour']:g} requests/h x {s['tokens_per_request']:g} tokens "
             f"= {s['tokens_per_s']:,.0f} tokens/s at {s['utilisation']:.1%} utilisation: {s['num_gpus']:,} x {r['gpu']} "
-            f"({s['nodes_8_gpus']:,} nodes), {_money(s['cost_usd_per_month'])} per month"
+            f"({s['nodes_8_gpus']:,} nodes), {fmt_usd(s['cost_usd_per_month'])} per month"
         )
     lines += [f"note: {n}" for n in r["notes"]]
     return lines
