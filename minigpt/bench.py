@@ -14,8 +14,7 @@ import torch
 
 from minigpt.distributed import resolve_device
 from minigpt.hardware import match_device
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from minigpt.optim import DTYPES
 
 
 def device_name(device: torch.device) -> str:

@@ -243,12 +243,13 @@ def cmd_extrapolate(args) -> None:
 
 
 def cmd_extrapolate_plot(args) -> None:
+    from minigpt.config import GPT3_PRESETS
     from minigpt.extrapolate import Scenario, extrapolate, plot_costs
     from minigpt.hardware import gpu_by_name
 
     gpu = gpu_by_name(args.gpu)
     points = []
-    for name in ["gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "gpt4"]:
+    for name in [*GPT3_PRESETS, "gpt4"]:
         cfg = _target(name)
         r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
         points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated"})

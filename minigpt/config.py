@@ -373,3 +373,7 @@ def divisors(n: int) -> list[int]:
 
 def configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
+
+
+# the GPT-3 family's presets in configs/ (Brown et al. 2020, Table 2.1), smallest first
+GPT3_PRESETS = ("gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minigpt import flops as F
-from minigpt.config import ModelConfig, TrainConfig
+from minigpt.config import GPT3_PRESETS, ModelConfig, TrainConfig, configs_dir, load_config
 from minigpt.measure import count_train_flops
 from minigpt.model import GPT
 from minigpt.optim import make_optimizer
@@ -33,9 +33,6 @@ LADDER = [
     ("w256", 4, 256, 4, True),
     ("w384", 6, 384, 6, True),
 ]
-GPT3 = [("gpt3-small", 12, 768, 12), ("gpt3-medium", 24, 1024, 16), ("gpt3-large", 24, 1536, 16),
-        ("gpt3-xl", 24, 2048, 16), ("gpt3-2.7b", 32, 2560, 32), ("gpt3-6.7b", 32, 4096, 32),
-        ("gpt3-13b", 40, 5120, 40), ("gpt3-175b", 96, 12288, 96)]
 
 
 def time_train_step(c: ModelConfig, batch: int, seq_len: int, device: torch.device, steps: int) -> float:
@@ -63,8 +60,10 @@ def run_sweep(out_dir: str, device: str = "cpu", steps: int = 3, batch: int = 4,
               long: int = 2048, include_gpt3: bool = True, log=print) -> list[dict]:
     dev = torch.device(device)
     rungs = [(n, L, h, a, timed) for n, L, h, a, timed in LADDER]
-    if include_gpt3:
-        rungs += [(n, L, h, a, False) for n, L, h, a in GPT3]
+    if include_gpt3:  # the shapes of the presets in configs/
+        for name in GPT3_PRESETS:
+            m = load_config(configs_dir() / f"{name}.toml").model
+            rungs.append((name, m.n_layer, m.n_embd, m.n_head, False))
     rows = []
     for name, L, h, a, timed in rungs:
         c = ModelConfig(n_layer=L, n_embd=h, n_head=a, block_size=long, vocab_size=VOCAB, bias=True)
