@@ -1,33 +1,23 @@
-"""Measure this device: achievable matmul FLOP/s per dtype and memory bandwidth.
+"""Measure this device: achievable matmul FLOP/s per dtype and memory bandwidth; and decoding.
 
-The result (JSON) can be given as the peak for MFU (`train.peak_from` / `--peak-from`), which is
-the only honest peak on a CPU, and an informative second one on a GPU beside its datasheet.
+The hardware result (JSON) can be given as the peak for MFU (`train.peak_from`), which is the only
+honest peak on a CPU, and an informative second one on a GPU beside its datasheet. The decode
+benchmark sets measured tokens/s beside the memory-bandwidth bound of each decode step.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import torch
 
-from minigpt.distributed import resolve_device
+from minigpt.distributed import device_name, resolve_device
+from minigpt.flops import param_counts
+from minigpt.generate import generate_ids
 from minigpt.hardware import match_device
+from minigpt.memory import kv_cache_bytes_per_token
 from minigpt.optim import DTYPES
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -95,3 +85,38 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
             d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops
         }
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el: int) -> dict:
+    """The memory-bandwidth bound of one decode step: every weight and the batch's KV cache up to
+    `context` are read once per step; tokens/s <= batch x bandwidth / those bytes."""
+    weights = param_counts(c).total * bytes_per_el
+    kv = batch * context * kv_cache_bytes_per_token(c, bytes_per_el)
+    step_s = (weights + kv) / (bandwidth_gbs * 1e9)
+    return {"weight_bytes": weights, "kv_bytes": kv, "bound_step_ms": step_s * 1e3, "bound_tokens_per_s": batch / step_s}
+
+
+def bench_decode(model, batches: list[int], prompt_len: int, new_tokens: int, compiled: list[bool],
+                 bandwidth_gbs: float, repeats: int = 3) -> list[dict]:
+    """Decode tokens/s of `model` (random prompts) per batch size, eager and compiled, beside the
+    bandwidth bound at the mean context of the generation. Best of `repeats` (after a warm-up run
+    that also compiles)."""
+    c = model.config
+    dtype_bytes = model.wte.weight.element_size()
+    rows = []
+    for compile in compiled:
+        for b in batches:
+            prompts = torch.randint(0, c.vocab_size, (b, prompt_len)).tolist()
+            runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
+            best = min(runs[1:], key=lambda g: g.decode_s)
+            s = best.stats()
+            bound = decode_bound(c, b, prompt_len + new_tokens // 2, bandwidth_gbs, dtype_bytes)
+            rows.append({"batch": b, "compiled": compile, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+                         "decode_tokens_per_s": s["tokens_per_s"], "ms_per_step": s["ms_per_token_step"],
+                         "prefill_ms": s["prefill_ms"], **bound,
+                         "fraction_of_bound": round(s["tokens_per_s"] / bound["bound_tokens_per_s"], 4)})
+    return rows

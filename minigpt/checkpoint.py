@@ -1,4 +1,4 @@
-"""Run directories and atomic, verified checkpoints.
+"""Run directories, atomic verified checkpoints, and the one Checkpointer every backend saves through.
 
 A run directory holds:
   config.json        the resolved config (written when the run starts)
@@ -14,6 +14,10 @@ A run directory holds:
 Every file is written to a temporary name, flushed, fsync'ed and renamed. A checkpoint folder is
 complete before `latest.json` points at it, and the previous one is deleted only after that.
 So a kill at any instant leaves `latest.json` naming a complete, verifiable checkpoint.
+
+`Checkpointer` is the one save/load path for every backend: the backend writes its shards (if
+any) into the folder being assembled and returns its small state; the checkpointer adds the whole
+weights (safetensors), every rank's RNG state and the training state, then commits the folder.
 """
 
 from __future__ import annotations
@@ -22,50 +26,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
+from minigpt.atomic import atomic_write_text, fsync_dir
+from minigpt.distributed import DistEnv, all_gather_objects, barrier
 from minigpt.errors import UserError
 
 LATEST = "latest.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync the file, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def file_digest(path: Path) -> dict:
@@ -122,15 +94,16 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int = 1) -> Pat
     return final
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, keep: int = 1) -> Path:
-    """Write weights + training state for `step`, point latest.json at them, prune old ones."""
-    tmp = new_checkpoint_folder(run_dir, step)
-    try:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-        torch.save(state, tmp / STATE)
-        return commit_checkpoint(run_dir, step, tmp, keep)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (a tied matrix once, under its first name) and persistent buffer, on CPU."""
+    out = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    persistent = model.state_dict().keys()
+    out.update({name: b.detach().cpu() for name, b in model.named_buffers() if name in persistent})
+    return out
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path, step: int) -> None:
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt", "step": str(step)})
 
 
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
@@ -174,3 +147,76 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(Path(folder) / STATE, map_location=device, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run directory and its checkpointer
+
+
+class RunDir:
+    """Every path of a run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.summary = self.root / "summary.json"
+        self.latest = self.root / LATEST
+        self.tokenizer = self.root / "tokenizer.json"
+
+    def has_checkpoint(self) -> bool:
+        return self.latest.is_file()
+
+
+class Checkpointer:
+    """Saves and restores a run: weights, the backend's state and shards, RNG, training state.
+
+    save() and load() are collective under torchrun; rank 0 alone writes the shared files.
+    """
+
+    def __init__(self, run: RunDir, env: DistEnv, every: int, keep: int = 1) -> None:
+        self.run, self.env, self.every, self.keep = run, env, every, keep
+
+    def due(self, step: int, end_step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == end_step
+
+    def save(self, step: int, backend, train_state: dict) -> None:
+        env = self.env
+        tmp = partial_folder(self.run.root, step)
+        if env.is_main:
+            new_checkpoint_folder(self.run.root, step)
+        barrier(env)
+        try:
+            state = {**train_state, **backend.save_state(tmp), **self._rng_states(), "world_size": env.world_size}
+            weights = backend.full_state_dict()
+            if env.is_main:
+                save_weights(weights, tmp / WEIGHTS, step)
+                torch.save(state, tmp / STATE)
+            barrier(env)
+            if env.is_main:
+                commit_checkpoint(self.run.root, step, tmp, self.keep)
+        finally:
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier(env)
+
+    def load(self, backend, backend_name: str) -> dict:
+        """Restore the latest checkpoint into `backend` and this rank's RNG; return the training state."""
+        folder, _ = latest_checkpoint(self.run.root)
+        state = load_state(folder)
+        written_by = state.get("backend", "ddp")
+        if written_by != backend_name:
+            raise UserError(f"{self.run.root} was written by the {written_by} backend; resume with "
+                            f"--set train.backend={written_by}")
+        backend.load_state(folder, state)
+        rank = self.env.rank
+        torch.set_rng_state(state["rng_cpu"][rank % len(state["rng_cpu"])])
+        if self.env.device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state(state["rng_cuda"][rank % len(state["rng_cuda"])].cpu())
+        return state
+
+    def _rng_states(self) -> dict:
+        env = self.env
+        cuda = env.device.type == "cuda"
+        return {"rng_cpu": all_gather_objects(torch.get_rng_state(), env),  # each rank resumes its own stream
+                "rng_cuda": all_gather_objects(torch.cuda.get_rng_state(env.device), env) if cuda else []}

@@ -1,22 +1,27 @@
-"""The `minigpt` command: prepare, train, generate, quickstart.
+"""The `minigpt` command: every flag of every subcommand, and a dispatch to the library.
 
 User mistakes (UserError) print one line, `error: ...`, and exit 2; bugs keep their traceback.
+torch is imported by the commands that run a model, never at import time: `minigpt extrapolate`,
+`minigpt memory --params` and every `--help` stay torch-free (a test checks it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from minigpt.errors import UserError
 
+# ----------------------------------------------------------------------------------------------
+# commands
+
 
 def cmd_prepare(args) -> None:
     from minigpt import data
-    from minigpt.config import load_config
-    from minigpt.train import resolve_preset
+    from minigpt.config import load_config, resolve_preset
 
     cfg = load_config(resolve_preset(args.config), args.set)
     prepared = data.prepare_data(cfg.data, cfg.model)
@@ -26,9 +31,11 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from minigpt.train import run_from_args
+    from minigpt.config import run_config
+    from minigpt.train import train
 
-    run_from_args(args)
+    cfg = run_config(args.config, args.set, args.resume)
+    train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
 
 
 def cmd_generate(args) -> None:
@@ -40,16 +47,15 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device)
     sc = cfg.sample
-    prompts = args.prompt if args.prompt else [sc.prompt]
     texts, gen = generate_text(
-        model, tokenizer, prompts,
+        model, tokenizer, args.prompt or [sc.prompt],
         eot_id=tokenizer.token_to_id("<|endoftext|>"),
         max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
         temperature=sc.temperature if args.temperature is None else args.temperature,
         top_k=sc.top_k if args.top_k is None else args.top_k,
         top_p=sc.top_p if args.top_p is None else args.top_p,
         seed=sc.seed if args.seed is None else args.seed,
-        use_cache=not args.no_cache,
+        use_cache=not args.no_cache, compile=args.compile,
     )
     for i, text in enumerate(texts):
         print(f"=== sample {i + 1}/{len(texts)} (run {args.run}, step {step}) ===")
@@ -58,28 +64,31 @@ def cmd_generate(args) -> None:
     print(
         f"prefill {stats['prefill_ms']:.1f} ms for {stats['prompt_tokens']} prompt tokens | "
         f"{stats['ms_per_token_step']:.2f} ms per decode step (batch {stats['batch']}) | "
-        f"{stats['tokens_per_s']} generated tokens/s | KV cache {'off' if args.no_cache else 'on'} | {device}"
+        f"{stats['tokens_per_s']} generated tokens/s | KV cache {'off' if args.no_cache else 'on'}"
+        f"{', compiled' if args.compile else ''} | {device}"
         + (" | capped at block_size" if stats["capped_at_block_size"] else "")
     )
     print(json.dumps({"event": "generated", "run": str(args.run), "step": step, "device": str(device),
-                      "threads": torch.get_num_threads(), **stats}))
+                      "threads": torch.get_num_threads(), "compile": args.compile, **stats}))
 
 
 def cmd_quickstart(args) -> None:
     """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
+    from minigpt.atomic import atomic_write_text
     from minigpt.bench import bench_hardware
-    from minigpt.checkpoint import atomic_write_text
+    from minigpt.config import run_config
+    from minigpt.distributed import resolve_device
     from minigpt.generate import generate_text, load_run
-    from minigpt.train import config_from_args, train
+    from minigpt.parallel import resolve_precision
+    from minigpt.train import train
 
-    targs = argparse.Namespace(config=args.config, set=[f"train.out_dir={args.out_dir}", *args.set],
-                               resume=None, stop_at=None, overwrite=True)
-    cfg, _ = config_from_args(targs)
+    cfg = run_config(args.config, [f"train.out_dir={args.out_dir}", *args.set])
     # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
-    hw = bench_hardware(cfg.train.device, dtypes=[cfg.train.precision])
+    precision = cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    hw = bench_hardware(cfg.train.device, dtypes=[precision])
     hw_path = Path(args.out_dir).parent / f"hardware-{hw['device'].replace(':', '')}.json"
     atomic_write_text(hw_path, json.dumps(hw) + "\n")
-    print(f"== measured {hw['device_name']}: {cfg.train.precision} matmul {hw['matmul_tflops'][cfg.train.precision]} "
+    print(f"== measured {hw['device_name']}: {precision} matmul {hw['matmul_tflops'][precision]} "
           f"TFLOP/s, copy {hw['copy_bandwidth_gbs']} GB/s -> {hw_path}")
     if hw["datasheet"] is None and not cfg.train.peak_tflops and not cfg.train.peak_from:
         cfg.train.peak_from = str(hw_path)  # no datasheet peak for this device: MFU against the measured one
@@ -87,9 +96,9 @@ def cmd_quickstart(args) -> None:
 
     summary = train(cfg, overwrite=True)
     model, tokenizer, cfg, step = load_run(cfg.train.out_dir)
-    prompts = ["import", "def __init__(self", "class"]
-    texts, gen = generate_text(model, tokenizer, prompts, eot_id=tokenizer.token_to_id("<|endoftext|>"),
-                               max_new_tokens=80, temperature=0.8, top_k=50, seed=0)
+    texts, gen = generate_text(model, tokenizer, ["import", "def __init__(self", "class"],
+                               eot_id=tokenizer.token_to_id("<|endoftext|>"), max_new_tokens=80, temperature=0.8,
+                               top_k=50, seed=0)
     print("== samples from the trained model (KV cache, temperature 0.8, top-k 50)")
     for text in texts:
         print(text)
@@ -104,9 +113,36 @@ def cmd_quickstart(args) -> None:
     )
 
 
-def _model_from_args(args):
-    from minigpt.config import load_config
-    from minigpt.train import resolve_preset
+def _quickstart_extrapolation(run_dir: str) -> None:
+    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
+    from minigpt.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
+    from minigpt.hardware import gpu_by_name
+    from minigpt.report import fmt_usd
+
+    print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
+    print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
+    print("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
+    print("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
+    print(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
+    for target in ("gpt3-175b", "gpt4"):
+        cfg = _target(target)
+        for gpu_name in ("A100", "H100"):
+            gpu = gpu_by_name(gpu_name)
+            try:
+                measured = mfu_from_run(run_dir, gpu)[0]
+            except UserError:
+                measured = None
+            choices = [("measured here (CPU)", measured)] if measured else []
+            choices.append((f"reference: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
+            for label, mfu in choices:
+                r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
+                print(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
+                      f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
+    print("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
+
+
+def _config(args):
+    from minigpt.config import load_config, resolve_preset
 
     return load_config(resolve_preset(args.config), args.set)
 
@@ -115,9 +151,8 @@ def cmd_flops(args) -> None:
     from minigpt.measure import flops_report
     from minigpt.report import flops_table
 
-    cfg = _model_from_args(args)
-    seq = args.seq_len or cfg.model.block_size
-    r = flops_report(cfg.model, args.batch_size, seq, device=args.device)
+    cfg = _config(args)
+    r = flops_report(cfg.model, args.batch_size, args.seq_len or cfg.model.block_size, device=args.device)
     print(json.dumps(r) if args.json else flops_table(r))
 
 
@@ -130,54 +165,53 @@ def cmd_flops_sweep(args) -> None:
 
 def cmd_memory(args) -> None:
     from minigpt import memory as M
-    from minigpt.measure import memory_report
-    from minigpt.report import memory_table, zero_stage_lines
+    from minigpt.report import memory_table, per_rank_memory_table, zero_stage_lines
 
-    if args.run:  # what a DeepSpeed run measured on every rank
-        from minigpt.report import zero_memory_table
-
-        path = Path(args.run) / "zero_memory.json"
+    if args.run:  # what a run measured on every rank
+        path = Path(args.run) / "memory_per_rank.json"
         if not path.is_file():
             raise UserError(f"{path} does not exist: only runs with train.backend = 'deepspeed' record per-rank memory")
         table = json.loads(path.read_text())
-        print(json.dumps(table) if args.json else zero_memory_table(table))
+        print(json.dumps(table) if args.json else per_rank_memory_table(table))
         return
     if args.params is not None:  # quick what-if from a bare parameter count
-        table = M.zero_table(args.params, args.precision, args.dp)
+        precision = args.precision or "bf16"
+        table = M.zero_table(args.params, precision, args.dp)
         if args.json:
-            print(json.dumps({"params_total": args.params, "dp": args.dp, "precision": args.precision, "zero": table}))
+            print(json.dumps({"params_total": args.params, "dp": args.dp, "precision": precision, "zero": table}))
             return
-        print(f"model states per GPU for {args.params:.4g} parameters, {args.precision}, dp={args.dp} (ZeRO paper layout):")
+        print(f"model states per GPU for {args.params:.4g} parameters, {precision}, dp={args.dp} (ZeRO paper layout):")
         print("\n".join(zero_stage_lines(table)))
         return
-    cfg = _model_from_args(args)
-    seq = args.seq_len or cfg.model.block_size
-    precision = args.precision or cfg.train.precision
-    r = memory_report(cfg.model, args.batch_size or cfg.train.micro_batch_size, seq, precision,
-                      device=args.device, fake=args.fake, dp=args.dp, recompute=args.recompute)
+    import torch
+
+    from minigpt.measure import memory_report
+    from minigpt.parallel import resolve_precision
+
+    cfg = _config(args)
+    precision = args.precision or resolve_precision(cfg.train.precision, torch.device(args.device))
+    r = memory_report(cfg.model, args.batch_size or cfg.train.micro_batch_size, args.seq_len or cfg.model.block_size,
+                      precision, device=args.device, fake=args.fake, dp=args.dp, recompute=args.recompute)
     print(json.dumps(r) if args.json else memory_table(r))
 
 
 def cmd_bench_hardware(args) -> None:
+    from minigpt.atomic import atomic_write_text
     from minigpt.bench import bench_hardware
 
-    r = bench_hardware(args.device, args.size, args.repeats)
-    line = json.dumps(r)
+    line = json.dumps(bench_hardware(args.device, args.size, args.repeats))
     if args.out:
-        from minigpt.checkpoint import atomic_write_text
-
         atomic_write_text(Path(args.out), line + "\n")
     print(line)
 
 
 def _target(name: str):
-    from minigpt.config import load_config
-    from minigpt.train import resolve_preset
+    from minigpt.config import configs_dir, load_config
 
-    path = resolve_preset(name)
+    path = Path(name)
     if not path.is_file():
-        from minigpt.config import configs_dir
-
+        path = configs_dir() / f"{name}.toml"
+    if not path.is_file():
         targets = sorted(p.stem for p in configs_dir().glob("*.toml") if "[target]" in p.read_text())
         raise UserError(f"unknown target {name!r}: give a TOML path or one of {', '.join(targets)}")
     return load_config(path)
@@ -194,24 +228,12 @@ def scenario_from_args(args, cfg):
     elif args.from_bench:
         mfu, source = mfu_from_bench(args.from_bench, gpu)
     elif args.measure_layers:
-        from minigpt.bench import bench_hardware
-        from minigpt.hardware import Peak, choose_peak
-        from minigpt.measure import time_layers
+        from minigpt.measure import measured_mfu
 
-        precision = args.measure_precision
-        t = time_layers(cfg.model, args.measure_layers, args.measure_micro_batch, cfg.model.block_size,
-                        precision, args.measure_device)
-        hw = bench_hardware(t["device"], dtypes=[precision])
-        peak = choose_peak(hw["device_name"], precision)
-        if not peak.known:  # no datasheet for this device: its measured matmul peak
-            peak = Peak(hw["matmul_tflops"][precision], f"measured {precision} matmul peak of {hw['device_name']}")
-        mfu = min(t["achieved_tflops"] / peak.tflops, 1.0)
-        source = (f"measured: {args.measure_layers} layer(s) at full width ({t['params_per_layer']:,} params each), "
-                  f"seq {t['seq_len']}, micro-batch {t['micro_batch']}, {precision} on {hw['device_name']}: "
-                  f"{t['achieved_tflops']:.4g} TFLOP/s / {peak.tflops:.4g} ({peak.source}); no communication")
-        if t["device"] == "cpu":
+        mfu, source, args._measured_layers = measured_mfu(cfg.model, args.measure_layers, args.measure_micro_batch,
+                                                          args.measure_precision, args.measure_device)
+        if args._measured_layers["device"] == "cpu":
             notes.append("layers timed on a CPU: its efficiency stands in for the target GPU's")
-        args._measured_layers = t
     tokens = args.tokens if args.tokens in (None, "chinchilla") else float(args.tokens)
     serve = None
     if args.serve:
@@ -262,47 +284,31 @@ def cmd_extrapolate_plot(args) -> None:
     print(json.dumps({"plot": args.out, "points": points}))
 
 
-def _quickstart_extrapolation(run_dir: str) -> None:
-    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
-    from minigpt.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
-    from minigpt.hardware import gpu_by_name
-    from minigpt.report import fmt_usd
-
-    print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
-    print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
-    print("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
-    print("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
-    print(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
-    for target in ("gpt3-175b", "gpt4"):
-        cfg = _target(target)
-        for gpu_name in ("A100", "H100"):
-            gpu = gpu_by_name(gpu_name)
-            try:
-                measured = mfu_from_run(run_dir, gpu)[0]
-            except UserError:
-                measured = None
-            choices = [("measured here (CPU)", measured)] if measured else []
-            choices.append((f"reference: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
-            for label, mfu in choices:
-                r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
-                print(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
-                      f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
-    print("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
+# ----------------------------------------------------------------------------------------------
+# flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from minigpt.train import add_arguments
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML preset: a path, or a preset name shipped with minigpt (default: tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set train.max_steps=100)")
 
-    parser = argparse.ArgumentParser(prog="minigpt", description="Train, run and measure small GPTs.")
-    sub = parser.add_subparsers(dest="command", required=True)
 
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    _config_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop and checkpoint after STEP (schedule unchanged)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
+
+
+def _add_run_commands(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus (cached) and report its size and unigram entropy")
-    p.add_argument("--config", help="TOML preset, a path or a name in configs/ (default: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _config_flags(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (single process, or under torchrun)")
-    add_arguments(p)
+    add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
@@ -314,18 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="1.0 disables")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("quickstart", help="the main job: prepare stdlib text, train the tiny GPT, sample")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out-dir", default="runs/quickstart")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def _add_measure_commands(sub) -> None:
     p = sub.add_parser("flops", help="count training FLOPs of a config and set them beside the formulas")
     fsub = p.add_subparsers(dest="flops_command")
-    for q in (p,):
-        q.add_argument("--config", help="TOML preset, a path or a name in configs/ (default: tiny)")
-        q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-        q.add_argument("--batch-size", type=int, default=1)
-        q.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
-        q.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu or cuda")
-        q.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    _config_flags(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
+    p.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu or cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_flops)
     q = fsub.add_parser("sweep", help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
     q.add_argument("--out", default="runs/flops-sweep")
@@ -335,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_flops_sweep)
 
     p = sub.add_parser("memory", help="training memory by category: predicted vs measured, ZeRO table")
-    p.add_argument("--config", help="TOML preset, a path or a name in configs/ (default: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _config_flags(p)
     p.add_argument("--batch-size", type=int, default=0, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: train.precision (bf16 with --params)")
@@ -353,11 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
     q.add_argument("--device", default="auto")
-    q.add_argument("--size", type=int, default=0, help="matmul size (default 1024 on CPU, 8192 on GPU)")
+    q.add_argument("--size", type=int, default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
     q.add_argument("--repeats", type=int, default=0)
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
     q.set_defaults(func=cmd_bench_hardware)
 
+
+def _add_extrapolate_command(sub) -> None:
     p = sub.add_parser("extrapolate", help="training and serving cost of a target (GPT-3, GPT-4, a TOML) on a GPU")
     xsub = p.add_subparsers(dest="extrapolate_command")
     p.add_argument("--target", default="gpt3-175b", help="a preset with a [target] table (gpt3-*, gpt4) or a TOML path")
@@ -398,11 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/extrapolate.png")
     q.set_defaults(func=cmd_extrapolate_plot)
 
-    p = sub.add_parser("quickstart", help="the main job: prepare stdlib text, train the tiny GPT, sample")
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out-dir", default="runs/quickstart")
-    p.set_defaults(func=cmd_quickstart)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description="Train, run and measure small GPTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_measure_commands(sub)
+    _add_extrapolate_command(sub)
     return parser
 
 
@@ -415,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        from minigpt.distributed import env_rank
-
-        if env_rank() == 0:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Run configuration: TOML presets in `configs/` loaded into typed dataclasses, strictly.
+"""Run configuration: TOML presets (shipped inside the package, `minigpt/configs/`) loaded into typed
+dataclasses, strictly; preset lookup, the batch layout and what a resumed run continues with.
 
 Torch-free on purpose: the analytic code (formulas, extrapolation) reads model shapes from here.
 
@@ -147,7 +148,10 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
+    # "auto": bf16 on a CUDA device that supports it, else fp32 | "fp32" | "bf16" (autocast) |
+    # "fp16" (autocast + gradient scaler, CUDA only)
+    precision: str = "auto"
+    compile: bool | None = None  # torch.compile the model; unset: on for CUDA and CPU (faster: README)
     backend: str = "ddp"  # "ddp" (torch DistributedDataParallel) | "deepspeed" (ZeRO)
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
@@ -177,7 +181,7 @@ class TrainConfig:
     moe_aux_loss_coef: float = 0.01  # weight of the mixture-of-experts load-balancing loss
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "precision": ("fp32", "bf16", "fp16"),
+        "precision": ("auto", "fp32", "bf16", "fp16"),
         "backend": ("ddp", "deepspeed"),
     }
 
@@ -267,8 +271,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            presets = ", ".join(sorted(p.name for p in configs_dir().glob("*.toml"))) or "none found"
-            raise UserError(f"config file {path} does not exist; presets in configs/: {presets}")
+            raise UserError(f"config file {path} does not exist; presets: {', '.join(preset_names())}")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
@@ -320,6 +323,8 @@ def _build_section(cls: type, section: str, table: dict, origin: str):
 def _coerce(value, hint, name: str, origin: str):
     """Check a TOML value against a field's type. ints are accepted for floats, nothing else."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None`: TOML has no null
+        if value is None:  # JSON has: an optional field left unset
+            return None
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
     expected = hint
     if expected is bool:
@@ -372,8 +377,107 @@ def divisors(n: int) -> list[int]:
 
 
 def configs_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The presets shipped inside the package (package data: present in a wheel and a source tree)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
-# the GPT-3 family's presets in configs/ (Brown et al. 2020, Table 2.1), smallest first
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in configs_dir().glob("*.toml"))
+
+
+def resolve_preset(name: str | None) -> Path:
+    """A config path, or a preset name (`tiny`, `gpt3-175b`, ...) shipped with minigpt.
+
+    A name that is neither an existing file nor a preset is an error listing the presets.
+    """
+    name = name or "tiny"
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = configs_dir() / f"{name}.toml"
+    if path.suffix != ".toml" and preset.is_file():
+        return preset
+    raise UserError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
+
+
+# the GPT-3 family's presets (Brown et al. 2020, Table 2.1), smallest first
 GPT3_PRESETS = ("gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b")
+
+
+# ----------------------------------------------------------------------------------------------
+# the batch of one optimizer step
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How train.batch_size_tokens splits into ranks x accumulation x micro-batches of sequences."""
+
+    micro_batch_size: int  # sequences per forward pass on one rank
+    accum: int  # micro-batches per optimizer step on one rank
+    world_size: int
+    block_size: int
+    note: str = ""  # why the micro-batch differs from the configured one, when it does
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.block_size * self.accum * self.world_size
+
+
+def batch_layout(tc: TrainConfig, block_size: int, world_size: int) -> BatchLayout:
+    """Gradient accumulation derived from the global batch in tokens (nanochat's rule).
+
+    batch_size_tokens = 0 means one micro-batch per rank. When the configured micro-batch does not
+    divide a rank's share of the global batch (e.g. the tiny preset's 4,096 tokens on 2 ranks), the
+    largest micro-batch below it that does is used and `note` says so; the global batch, and so the
+    training, stays the same.
+    """
+    micro, total = tc.micro_batch_size, tc.batch_size_tokens
+    if total == 0:
+        return BatchLayout(micro, 1, world_size, block_size)
+    per_rank, rest = divmod(total, block_size * world_size)
+    if rest or per_rank == 0:
+        unit = block_size * world_size
+        raise UserError(
+            f"train.batch_size_tokens = {total:,} is not a multiple of block_size x world_size = {block_size} x "
+            f"{world_size} = {unit:,}; set train.batch_size_tokens to a multiple of {unit:,}, e.g. "
+            f"{max(1, round(total / unit)) * unit:,}"
+        )
+    if per_rank % micro == 0:
+        return BatchLayout(micro, per_rank // micro, world_size, block_size)
+    fitted = max(d for d in divisors(per_rank) if d <= micro)
+    note = (f"micro-batch {micro} -> {fitted} sequences: {total:,} tokens per step on {world_size} rank(s) is "
+            f"{per_rank} sequences of {block_size} per rank, which {micro} does not divide")
+    return BatchLayout(fitted, per_rank // fitted, world_size, block_size, note)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a train command line runs
+
+
+def run_config(config: str | None, overrides: list[str], resume: str | None = None) -> Config:
+    """The config of `minigpt train`: a preset or file with --set overrides, or, with `resume`, the
+    run's own saved config (plus overrides) pinned to its [model]."""
+    if not resume:
+        return load_config(resolve_preset(config), overrides)
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; give a directory written by 'minigpt train'")
+    if not (run_dir / "latest.json").is_file():
+        raise UserError(f"{run_dir} has no checkpoint (latest.json missing); train first or give another run directory")
+    saved = config_from_json(run_dir / "config.json")
+    if config:
+        requested = load_config(resolve_preset(config), overrides)
+    else:
+        raw = saved.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        requested = config_from_dict(raw, origin=f"{run_dir}/config.json + --set")
+    before, after = saved.to_dict()["model"], requested.to_dict()["model"]
+    for key, value in before.items():
+        if after[key] != value:
+            raise UserError(
+                f"the checkpoint in {run_dir} was trained with model.{key} = {value!r}, the requested config has "
+                f"{after[key]!r}; resume with the run's own config (drop --config/--set model.*) or start a new run"
+            )
+    requested.train.out_dir = str(run_dir)
+    return requested

@@ -22,10 +22,12 @@ import hashlib
 import json
 import math
 import os
+import queue
 import shutil
 import socket
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,54 +287,22 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
     """Build (or reuse) the token files for this corpus and tokenizer; return where they are."""
     t0 = time.time()
     docs, skipped = load_documents(data_cfg)
-    hasher = hashlib.sha256()
-    tokenizer_id = "bpe" if data_cfg.tokenizer == "bpe" else str(Path(data_cfg.tokenizer).resolve())
-    settings = dict(version=FORMAT_VERSION, tokenizer=tokenizer_id, vocab_size=model_cfg.vocab_size,
-                    val_fraction=data_cfg.val_fraction, max_chars=data_cfg.max_chars)
-    hasher.update(json.dumps(settings, sort_keys=True).encode())
-    if data_cfg.tokenizer != "bpe" and Path(data_cfg.tokenizer).is_file():
-        hasher.update(Path(data_cfg.tokenizer).read_bytes())
-    for d in docs:
-        hasher.update(d.name.encode("utf-8") + b"\0" + d.text.encode("utf-8") + b"\0")
-    digest = hasher.hexdigest()
+    digest = _inputs_digest(docs, data_cfg, model_cfg)
     root = cache_root(data_cfg)
     final = root / digest[:16]
     if (final / "manifest.json").is_file():
         manifest = json.loads((final / "manifest.json").read_text())
         return PreparedData(final, manifest, final / "tokenizer.json", reused=True)
-
     if data_cfg.tokenizer == "bpe":
         tok = train_bpe(docs, model_cfg.vocab_size)
     else:
         tok = load_tokenizer_file(data_cfg.tokenizer, model_cfg.vocab_size)
-    eot = tok.token_to_id(EOT)
-    vocab = tok.get_vocab_size()
     dtype = np.uint16 if model_cfg.vocab_size < 2**16 else np.uint32
-
-    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    n_val_docs = 0
-    chunk = 256
-    for i in range(0, len(docs), chunk):
-        batch = docs[i : i + chunk]
-        for d, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
-            ids = enc.ids + ([eot] if eot is not None else [])
-            is_val = _is_val(d.name, data_cfg.val_fraction)
-            n_val_docs += is_val
-            splits["val" if is_val else "train"].append(np.asarray(ids, dtype=dtype))
-    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=dtype)) for k, v in splits.items()}
-    split_rule = f"documents whose name hashes below {data_cfg.val_fraction}"
-    if len(arrays["train"]) == 0 or len(arrays["val"]) == 0:
-        # one document, or an unlucky hash: fall back to the last val_fraction of the token stream
-        stream = np.concatenate([arrays["train"], arrays["val"]])
-        cut = int(len(stream) * (1 - data_cfg.val_fraction))
-        arrays = {"train": stream[:cut], "val": stream[cut:]}
-        split_rule = f"the last {data_cfg.val_fraction} of the token stream"
-
-    counts = np.bincount(arrays["train"], minlength=vocab).astype(np.float64)
+    arrays, n_val_docs, split_rule = _tokenize_splits(docs, tok, data_cfg.val_fraction, dtype)
+    counts = np.bincount(arrays["train"], minlength=tok.get_vocab_size()).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
     num_chars = sum(len(d.text) for d in docs)
-    num_tokens = len(arrays["train"]) + len(arrays["val"])
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": data_cfg.source if data_cfg.source != "stdlib" else f"stdlib ({sysconfig.get_paths()['stdlib']})",
@@ -340,24 +310,69 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
         "num_documents": len(docs),
         "skipped_undecodable": skipped,
         "num_chars": num_chars,
-        "tokenizer": tokenizer_id,
-        "tokenizer_vocab_size": vocab,
+        "tokenizer": _tokenizer_id(data_cfg),
+        "tokenizer_vocab_size": tok.get_vocab_size(),
         "model_vocab_size": model_cfg.vocab_size,
-        "eot_id": eot,
+        "eot_id": tok.token_to_id(EOT),
         "dtype": np.dtype(dtype).name,
         "train_tokens": int(len(arrays["train"])),
         "val_tokens": int(len(arrays["val"])),
         "val_documents": n_val_docs,
         "val_split": split_rule,
-        "chars_per_token": num_chars / max(num_tokens, 1),
+        "chars_per_token": num_chars / max(len(arrays["train"]) + len(arrays["val"]), 1),
         "unigram_entropy_nats": entropy,
         "unigram_entropy_bits": entropy / math.log(2),
         "prepare_seconds": round(time.time() - t0, 2),
     }
+    _write_cache(root, final, tok, arrays, manifest)
+    return PreparedData(final, manifest, final / "tokenizer.json", reused=False)
 
-    # build in a temporary folder beside the final one, then rename: never a half-written cache
+
+def _tokenizer_id(data_cfg: DataConfig) -> str:
+    return "bpe" if data_cfg.tokenizer == "bpe" else str(Path(data_cfg.tokenizer).resolve())
+
+
+def _inputs_digest(docs: list[Document], data_cfg: DataConfig, model_cfg: ModelConfig) -> str:
+    """SHA-256 of everything the token files depend on: settings, tokenizer file, documents."""
+    hasher = hashlib.sha256()
+    settings = dict(version=FORMAT_VERSION, tokenizer=_tokenizer_id(data_cfg), vocab_size=model_cfg.vocab_size,
+                    val_fraction=data_cfg.val_fraction, max_chars=data_cfg.max_chars)
+    hasher.update(json.dumps(settings, sort_keys=True).encode())
+    if data_cfg.tokenizer != "bpe" and Path(data_cfg.tokenizer).is_file():
+        hasher.update(Path(data_cfg.tokenizer).read_bytes())
+    for d in docs:
+        hasher.update(d.name.encode("utf-8") + b"\0" + d.text.encode("utf-8") + b"\0")
+    return hasher.hexdigest()
+
+
+def _tokenize_splits(docs: list[Document], tok, val_fraction: float, dtype) -> tuple[dict, int, str]:
+    """Token arrays of the train and validation documents (each ends with <|endoftext|>)."""
+    eot = tok.token_to_id(EOT)
+    splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    n_val_docs = 0
+    chunk = 256
+    for i in range(0, len(docs), chunk):
+        batch = docs[i : i + chunk]
+        for d, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
+            ids = enc.ids + ([eot] if eot is not None else [])
+            is_val = _is_val(d.name, val_fraction)
+            n_val_docs += is_val
+            splits["val" if is_val else "train"].append(np.asarray(ids, dtype=dtype))
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=dtype)) for k, v in splits.items()}
+    split_rule = f"documents whose name hashes below {val_fraction}"
+    if len(arrays["train"]) == 0 or len(arrays["val"]) == 0:
+        # one document, or an unlucky hash: fall back to the last val_fraction of the token stream
+        stream = np.concatenate([arrays["train"], arrays["val"]])
+        cut = int(len(stream) * (1 - val_fraction))
+        arrays = {"train": stream[:cut], "val": stream[cut:]}
+        split_rule = f"the last {val_fraction} of the token stream"
+    return arrays, n_val_docs, split_rule
+
+
+def _write_cache(root: Path, final: Path, tok, arrays: dict, manifest: dict) -> None:
+    """Build in a temporary folder beside the final one, then rename: never a half-written cache."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
         tok.save(str(tmp / "tokenizer.json"))
         for split, arr in arrays.items():
@@ -373,7 +388,6 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PreparedData(final, manifest, final / "tokenizer.json", reused=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,3 +429,57 @@ def iter_train_keys(seed: int, step: int, rank: int, accum: int) -> Iterator[tup
 
 def val_key(seed: int, i: int, rank: int) -> tuple[int, ...]:
     return (seed, 1, i, rank)
+
+
+class BatchLoader:
+    """The micro-batches of every step, built one step ahead in a background thread.
+
+    While step s runs, the thread draws step s+1's windows (a pure function of seed, step, rank
+    and micro-step, so prefetching changes nothing) and, on CUDA, pins them; the loop copies them
+    with non_blocking=True. Iterate to get each step's list of (x, y) on `device`, in step order.
+    """
+
+    def __init__(self, tokens: np.ndarray, micro_batch: int, seq_len: int, seed: int, rank: int, accum: int,
+                 steps: range, device: torch.device, depth: int = 2) -> None:
+        self.tokens, self.micro_batch, self.seq_len = tokens, micro_batch, seq_len
+        self.seed, self.rank, self.accum, self.steps, self.device = seed, rank, accum, steps, device
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="minigpt-batches", daemon=True)
+        self.thread.start()
+
+    def _produce(self) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            for step in self.steps:
+                batch = [get_batch(self.tokens, self.micro_batch, self.seq_len, key)
+                         for key in iter_train_keys(self.seed, step, self.rank, self.accum)]
+                if pin:
+                    batch = [(x.pin_memory(), y.pin_memory()) for x, y in batch]
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # handed to the loop, which raises it
+            self.queue.put(e)
+
+    def __iter__(self):
+        for _ in self.steps:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in item]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

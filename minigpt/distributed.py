@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """The device's name as its datasheet would give it: the GPU's, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def env_rank() -> int:

@@ -146,6 +146,7 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_s
 
 
 def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
+    """Training cost, memory and layout, communication, inference and (optionally) serving."""
     _check(s)
     c.validate()
     p = F.param_counts(c)
@@ -154,109 +155,28 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     peak = s.gpu.tflops[s.dtype] * 1e12
     flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
     flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
-    flops_exact = F.train_flops_per_token(c, seq, "exact") * tokens
     sources = {"tokens": tokens_source}
-
     mfu, mfu_source = s.mfu, s.mfu_source
     if mfu is None:
         mfu, mfu_source = REFERENCE_MFU[s.gpu.name]
         mfu_source = f"published reference: {mfu_source}"
     sources["mfu"] = mfu_source
     gpu_hours = flops_conv / (peak * mfu) / 3600
-
-    if s.num_gpus is not None:
-        num_gpus, gpus_source = s.num_gpus, "given (--num-gpus)"
-    elif s.days is not None:
-        num_gpus = math.ceil(gpu_hours / (s.days * 24))
-        gpus_source = f"solved for a {s.days:g}-day budget (--days)"
-    else:
-        num_gpus, gpus_source = DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
-    sources["num_gpus"] = gpus_source
+    num_gpus, sources["num_gpus"] = _gpu_count(s, gpu_hours)
     price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
     sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
                         else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
-    days = gpu_hours / num_gpus / 24
-
-    # memory and layout
-    states = M.model_state_bytes(p.total, "bf16", 0, 1)
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp)
     gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
     sources["global_batch_tokens"] = "the target's config" if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens"
-    micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
-    bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
-    grad_bytes = 2 * p.total / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
-    dp = layout["dp"]
-    ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
-    zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
-    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group
-    # stays inside one node only when tp x dp GPUs do; otherwise its ring crosses the inter-node
-    # links, the slowest hop, which bounds the ring's bandwidth.
-    intra = layout["tp"] * dp <= GPUS_PER_NODE
-    if intra:
-        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (the group fits in one node)"
-    else:
-        link = s.gpu.internode_gbs * 1e9
-        link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "
-                     f"InfiniBand, one NIC per GPU; the data-parallel group spans nodes)")
-    steps = tokens / gbt
     step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
-    comm = {
-        "dp_allreduce_bytes_per_gpu_per_step": ring,
-        "dp_allreduce_s_per_step": ring / link,
-        "zero3_gather_bytes_per_gpu_per_step": zero3,
-        "zero3_s_per_step": zero3 / link,
-        "link_bytes_per_s": link,
-        "dp_group_within_node": intra,
-        "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
-        "compute_s_per_step": step_s,
-        "steps": steps,
-    }
-    memory = {
-        "model_states_bytes": states.total,
-        "model_states_convention": "mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO paper); all experts",
-        "min_gpus": math.ceil(states.total / (s.gpu.memory_gb * 1e9)),
-        "min_gpus_convention": f"model states alone, perfectly partitioned over {s.gpu.name} {s.gpu.memory_gb:g} GB",
-        "zero_per_gpu": M.zero_table(p.total, "bf16", num_gpus),
-        "activations_per_layer_bytes": {
-            "no_recompute_flash": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, flash=True),
-            "no_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq),
-            "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
-        },
-        "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
-                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
-        "communication": comm,
-    }
-
-    # inference
     ctx = s.context if s.context is not None else seq // 2
-    flops_tok = F.decode_flops(c, ctx)
-    kv = M.kv_cache_bytes_per_token(c, 2)
-    weight_bytes = 2 * _weights_read(c, s.batch)
-    step_bytes = weight_bytes + s.batch * ctx * kv
-    bw = s.gpu.bandwidth_tbs * 1e12
-    mem_bound = s.batch * bw / step_bytes
-    compute_bound = peak / flops_tok
-    inference = {
-        "context": ctx,
-        "batch": s.batch,
-        "flops_per_token": flops_tok,
-        "flops_convention": "one decode step: 2 x active matmul params + 4 L t h attention at context t",
-        "kv_bytes_per_token": kv,
-        "weights_bytes_read_per_step": weight_bytes,
-        "decode_tokens_per_s_per_gpu": min(mem_bound, compute_bound),
-        "decode_memory_bound_tokens_per_s_per_gpu": mem_bound,
-        "decode_compute_bound_tokens_per_s_per_gpu": compute_bound,
-        "prefill_tokens_per_s_per_gpu": peak * mfu / (F.prefill_flops(c, ctx, all_logits=True) / ctx),
-        "bandwidth": f"{s.gpu.name} HBM {s.gpu.bandwidth_tbs:g} TB/s; bf16 weights and KV cache",
-    }
-
     result = {
         "target_label": target.label,
         "params_total": p.total,
         "params_active": p.active,
         "train_tokens": tokens,
         "train_flops_6n": flops_6n,
-        "train_flops_exact": flops_exact,
+        "train_flops_exact": F.train_flops_per_token(c, seq, "exact") * tokens,
         "train_flops": flops_conv,
         "flops_convention": s.flops_convention,
         "pf_days_6n": flops_6n / PF_DAY,
@@ -270,17 +190,102 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "mfu_source": mfu_source,
         "gpu_hours": gpu_hours,
         "node_hours_8_gpus": gpu_hours / GPUS_PER_NODE,
-        "days": days,
+        "days": gpu_hours / num_gpus / 24,
         "price_per_gpu_hour": price,
         "cost_usd": gpu_hours * price,
-        "memory": memory,
-        "inference": inference,
+        "memory": _memory(c, s, num_gpus, gbt, tokens, step_s),
+        "inference": _inference(c, s, ctx, peak, mfu),
         "sources": sources,
         "notes": s.notes,
     }
     if s.serve:
         result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
     return result
+
+
+def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
+    if s.num_gpus is not None:
+        return s.num_gpus, "given (--num-gpus)"
+    if s.days is not None:
+        return math.ceil(gpu_hours / (s.days * 24)), f"solved for a {s.days:g}-day budget (--days)"
+    return DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
+
+
+def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: float, step_s: float) -> dict:
+    """Model states, the suggested layout with its pipeline bubble, and the per-step communication."""
+    p = F.param_counts(c)
+    seq = c.block_size
+    states = M.model_state_bytes(p.total, "bf16", 0, 1)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp)
+    micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
+    bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
+    return {
+        "model_states_bytes": states.total,
+        "model_states_convention": "mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO paper); all experts",
+        "min_gpus": math.ceil(states.total / (s.gpu.memory_gb * 1e9)),
+        "min_gpus_convention": f"model states alone, perfectly partitioned over {s.gpu.name} {s.gpu.memory_gb:g} GB",
+        "zero_per_gpu": M.zero_table(p.total, "bf16", num_gpus),
+        "activations_per_layer_bytes": {
+            "no_recompute_flash": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, flash=True),
+            "no_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq),
+            "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
+        },
+        "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
+                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
+        "communication": _communication(p.total, layout, s, step_s, tokens / gbt),
+    }
+
+
+def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps: float) -> dict:
+    """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses."""
+    grad_bytes = 2 * params / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
+    dp = layout["dp"]
+    ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
+    zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
+    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group
+    # stays inside one node only when tp x dp GPUs do; otherwise its ring crosses the inter-node
+    # links, the slowest hop, which bounds the ring's bandwidth.
+    intra = layout["tp"] * dp <= GPUS_PER_NODE
+    if intra:
+        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (the group fits in one node)"
+    else:
+        link = s.gpu.internode_gbs * 1e9
+        link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "
+                     f"InfiniBand, one NIC per GPU; the data-parallel group spans nodes)")
+    return {
+        "dp_allreduce_bytes_per_gpu_per_step": ring,
+        "dp_allreduce_s_per_step": ring / link,
+        "zero3_gather_bytes_per_gpu_per_step": zero3,
+        "zero3_s_per_step": zero3 / link,
+        "link_bytes_per_s": link,
+        "dp_group_within_node": intra,
+        "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
+        "compute_s_per_step": step_s,
+        "steps": steps,
+    }
+
+
+def _inference(c: ModelConfig, s: Scenario, ctx: int, peak: float, mfu: float) -> dict:
+    """One decode step's FLOPs and bytes at context `ctx`: the bandwidth and compute bounds, prefill."""
+    flops_tok = F.decode_flops(c, ctx)
+    kv = M.kv_cache_bytes_per_token(c, 2)
+    weight_bytes = 2 * _weights_read(c, s.batch)
+    step_bytes = weight_bytes + s.batch * ctx * kv
+    mem_bound = s.batch * s.gpu.bandwidth_tbs * 1e12 / step_bytes
+    compute_bound = peak / flops_tok
+    return {
+        "context": ctx,
+        "batch": s.batch,
+        "flops_per_token": flops_tok,
+        "flops_convention": "one decode step: 2 x active matmul params + 4 L t h attention at context t",
+        "kv_bytes_per_token": kv,
+        "weights_bytes_read_per_step": weight_bytes,
+        "decode_tokens_per_s_per_gpu": min(mem_bound, compute_bound),
+        "decode_memory_bound_tokens_per_s_per_gpu": mem_bound,
+        "decode_compute_bound_tokens_per_s_per_gpu": compute_bound,
+        "prefill_tokens_per_s_per_gpu": peak * mfu / (F.prefill_flops(c, ctx, all_logits=True) / ctx),
+        "bandwidth": f"{s.gpu.name} HBM {s.gpu.bandwidth_tbs:g} TB/s; bf16 weights and KV cache",
+    }
 
 
 def _weights_read(c: ModelConfig, batch: int) -> float:

@@ -1,13 +1,18 @@
-"""Text generation with a KV cache: temperature, top-k, top-p, several prompts in one batch.
+"""Text generation with a static KV cache: temperature, top-k, top-p, several prompts in one batch.
 
 Prompts of different lengths are left-padded into one batch. Each row gets its own positions
 (0 at its first real token) and an attention mask that hides its padding, so a row decodes
-exactly as it would alone. With `use_cache=False` every step recomputes the whole sequence; a
-test checks that both give the same tokens.
+exactly as it would alone. The cache is preallocated to the generation's length and written at
+the slots of the new tokens (`input_pos`), so every decode step has the same shapes: with
+`compile=True` the step is compiled once (with CUDA graphs on a GPU) and replayed. Sampling needs
+no host round trip per token (exponential race instead of multinomial; end-of-text is cut after).
+With `use_cache=False` every step recomputes the whole sequence; a test checks that both give
+the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +22,14 @@ import torch
 from minigpt import checkpoint
 from minigpt.config import Config, config_from_json
 from minigpt.errors import UserError
-from minigpt.model import GPT
+from minigpt.model import GPT, KVCache
+from minigpt.torch_private import mark_static_address
 
 
 @dataclass
 class Generation:
     prompts: list[list[int]]
-    new_tokens: list[list[int]]  # per prompt, cut at <|endoftext|> when stop_at_eot
+    new_tokens: list[list[int]]  # per prompt, cut at <|endoftext|> when eot_id is given
     prefill_s: float  # time of the first forward pass over the (padded) prompts
     decode_s: float  # time of all later steps
     steps: int  # decode steps after prefill (tokens generated per row, before any cut)
@@ -44,7 +50,11 @@ class Generation:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    Draws with the exponential race, argmax(p / E) with E ~ Exp(1), which picks each token with
+    probability p and, unlike torch.multinomial, never waits for the host.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -54,91 +64,107 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_p < 1.0:
         # nucleus sampling (Holtzman et al. 2020): keep the smallest set whose mass reaches top_p
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already enough
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
-@torch.no_grad()
-def generate_ids(
-    model: GPT,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    use_cache: bool = True,
-    eot_id: int | None = None,
-) -> Generation:
-    block = model.config.block_size
+def decode_logits(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor:
+    """One decode step, static shapes: token (B, 1) at slot input_pos (1,) -> logits (B, V).
+
+    Row b's tokens start at slot pad[b]: its position is the slot minus pad[b], and it attends to
+    the slots from pad[b] up to input_pos.
+    """
+    positions = (input_pos.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, 1)
+    slots = torch.arange(cache.max_len, device=token.device)
+    visible = (slots.unsqueeze(0) <= input_pos) & (slots.unsqueeze(0) >= pad.unsqueeze(1))  # (B, S)
+    out = model(token, input_pos=input_pos, positions=positions, cache=cache, attn_mask=visible[:, None, None, :])
+    return out.logits[:, -1]
+
+
+def _prefill_mask(pad: torch.Tensor, length: int, cache: KVCache | None = None):
+    """(B, 1, T, S) bool for left-padded prompts: causal, no padding keys; a padding query sees
+    itself (no all-masked rows). S = T, or every cache slot (those after the prompt hidden).
+    None when nothing is padded: the model's own causal mask is right."""
+    if not bool(pad.any()):
+        return None
+    slots = cache.max_len if cache is not None else length
+    q = torch.arange(length, device=pad.device).unsqueeze(1)  # (T, 1)
+    k = torch.arange(slots, device=pad.device).unsqueeze(0)  # (1, S)
+    mask = (k <= q).unsqueeze(0) & (k >= pad.view(-1, 1, 1))  # (B, T, S)
+    return (mask | (k == q).unsqueeze(0)).unsqueeze(1)
+
+
+def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int) -> tuple[int, int, bool]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("a prompt is empty: give at least one character of text to continue")
     longest = max(len(p) for p in prompts)
     if longest > block:
-        raise UserError(
-            f"a prompt is {longest} tokens long, more than block_size = {block}: shorten the prompt"
-        )
-    capped = longest + max_new_tokens > block
-    max_new_tokens = min(max_new_tokens, block - longest)
-    if max_new_tokens <= 0:
+        raise UserError(f"a prompt is {longest} tokens long, more than block_size = {block}: shorten the prompt")
+    if longest >= block:
         raise UserError(f"a prompt of {longest} tokens fills the whole block_size = {block}: shorten it")
+    return longest, min(max_new_tokens, block - longest), longest + max_new_tokens > block
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                 eot_id: int | None = None, compile: bool = False) -> Generation:
+    longest, max_new_tokens, capped = _check_prompts(prompts, model.config.block_size, max_new_tokens)
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
-    B = len(prompts)
+    B, total = len(prompts), longest + max_new_tokens
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,) left padding
-    idx = torch.zeros(B, longest, dtype=torch.long, device=device)
+    idx = torch.zeros(B, total, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-    total = longest + max_new_tokens
-    arange = torch.arange(total, device=device)
-    positions = (arange.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, total)
-    key_valid = arange.unsqueeze(0) >= pad.unsqueeze(1)  # (B, total)
-    padded = bool(pad.any())
-
-    def mask(q_start: int, q_end: int):
-        """(B, 1, Tq, S) bool: causal, no padding keys; a padding query sees itself (no NaN rows)."""
-        if not padded:
-            return None
-        q = arange[q_start:q_end].unsqueeze(1)  # (Tq, 1)
-        k = arange[:q_end].unsqueeze(0)  # (1, S)
-        causal = (k <= q).unsqueeze(0)  # (1, Tq, S)
-        m = causal & key_valid[:, None, :q_end]  # (B, Tq, S)
-        m = m | (k == q).unsqueeze(0)
-        return m.unsqueeze(1)
-
+        idx[i, longest - len(p):longest] = torch.tensor(p, dtype=torch.long)
+    positions = (torch.arange(total, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, total)
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = model.make_cache(B, total) if use_cache else None
-    seq = idx
-    new = []
-    t0 = time.perf_counter()
-    logits, _ = model(idx, cache=cache, positions=positions[:, :longest], attn_mask=mask(0, longest), last_only=True)
-    nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-    new.append(nxt)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for step in range(1, max_new_tokens):
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-        L = seq.size(1)
-        if use_cache:
-            logits, _ = model(nxt.unsqueeze(1), cache=cache, positions=positions[:, L - 1 : L],
-                              attn_mask=mask(L - 1, L), last_only=True)
-        else:
-            logits, _ = model(seq, positions=positions[:, :L], attn_mask=mask(0, L), last_only=True)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        new.append(nxt)
-    _sync(device)
-    decode_s = time.perf_counter() - t1
+    step = _compiled_decode(device) if compile else decode_logits
+    with contextlib.nullcontext() if compile else torch.compiler.set_stance("force_eager"):
+        t0 = time.perf_counter()
+        cache = model.make_cache(B, total) if use_cache else None
+        if cache is not None and compile:
+            for t in cache.k + cache.v:
+                mark_static_address(t)
+        logits = model(idx[:, :longest], input_pos=torch.arange(longest, device=device), positions=positions[:, :longest],
+                       cache=cache, attn_mask=_prefill_mask(pad, longest, cache), last_only=True).logits[:, -1]
+        idx[:, longest] = sample_next(logits, temperature, top_k, top_p, generator)
+        _sync(device)
+        prefill_s, t1 = time.perf_counter() - t0, time.perf_counter()
+        input_pos = torch.tensor([longest], device=device)  # the slot being written, advanced on the device
+        for L in range(longest + 1, total):  # L tokens known; write token L-1, predict token L
+            if cache is not None:
+                logits = step(model, idx[:, L - 1:L], input_pos, pad, cache)
+                input_pos += 1
+            else:
+                logits = model(idx[:, :L], positions=positions[:, :L], attn_mask=_prefill_mask(pad, L),
+                               last_only=True).logits[:, -1]
+            idx[:, L] = sample_next(logits, temperature, top_k, top_p, generator)
+        _sync(device)
+        decode_s = time.perf_counter() - t1
     model.train(was_training)
-    out = torch.stack(new, dim=1).tolist()  # (B, max_new_tokens)
+    out = idx[:, longest:].tolist()  # (B, max_new_tokens): the one host read of the tokens
     if eot_id is not None:
         out = [row[: row.index(eot_id)] if eot_id in row else row for row in out]
     return Generation(prompts, out, prefill_s, decode_s, max_new_tokens - 1, capped)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_decode(device: torch.device):
+    """decode_logits compiled once per device type: CUDA graphs on a GPU (mode reduce-overhead)."""
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(decode_logits, mode=mode, fullgraph=True)
+    return _COMPILED[device.type]
 
 
 def _sync(device: torch.device) -> None:

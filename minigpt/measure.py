@@ -22,10 +22,13 @@ import torch
 
 from minigpt import flops as F
 from minigpt import memory as M
+from minigpt.bench import bench_hardware
 from minigpt.config import ModelConfig, TrainConfig
 from minigpt.errors import UserError
+from minigpt.hardware import Peak, choose_peak
 from minigpt.model import GPT
 from minigpt.optim import autocast_context, make_optimizer
+from minigpt.parallel import apply_activation_checkpointing
 from minigpt.torch_private import MemoryTracker, fake_mode, flop_counter, math_attention
 
 COUNTER_CONVENTION = (
@@ -108,21 +111,28 @@ def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str
                       recompute: bool = False) -> FlopCount:
     """Count one forward + backward of the real model (weights and inputs on `device`).
 
-    One counter spans both passes (its module tracker needs the forward to attribute the backward);
+    The loss is computed from the full logits outside the model (the textbook path), so the
+    forward/backward split and the LM head's share are those of the formulas; training's fused
+    LM-head cross-entropy executes the same three matmuls, the head's backward ones during its
+    forward. One counter spans both passes (its module tracker needs the forward to attribute the backward);
     the forward figures are read before backward starts.
     """
     _check_shape(c, batch_size, seq_len)
     dev = torch.device(device)
     with dev:
         model = GPT(c)
-    model.activation_checkpointing = recompute
+    if recompute:
+        apply_activation_checkpointing(model)
     model.train()
     x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev) if dev.type != "meta" else \
         torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
     with math_attention():
         counter = flop_counter()
         with counter:
-            _, loss = model(x, x)
+            # the textbook loss path (full logits, then cross-entropy), so that the LM head's
+            # backward is counted in the backward pass; training's fused head runs the same matmuls
+            logits = model(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), x.reshape(-1))
             forward = counter.get_total_flops()
             components = _components(counter.get_flop_counts())
             loss.backward()
@@ -181,7 +191,8 @@ def measure_training_memory(c: ModelConfig, batch_size: int, seq_len: int, preci
     with ctx:
         with dev:
             model = GPT(c)
-        model.activation_checkpointing = recompute
+        if recompute:
+            apply_activation_checkpointing(model)
         optimizer = make_optimizer(model, train_cfg or TrainConfig())
         x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev)
         tracker = MemoryTracker(model, optimizer, x)
@@ -191,7 +202,7 @@ def measure_training_memory(c: ModelConfig, batch_size: int, seq_len: int, preci
                 torch.cuda.reset_peak_memory_stats(dev)
             with tracker.track():
                 with autocast_context(dev, precision):
-                    loss = model(x, x)[1]
+                    loss = model(x, x).loss
                 snaps["forward"] = tracker.current()
                 loss.backward()
                 del loss
@@ -288,7 +299,7 @@ def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int,
 
     def run(blocks, x):
         for b in blocks:
-            x = b(x)
+            x, _ = b(x)
         x.float().pow(2).mean().backward()
 
     meta_blocks = build("meta")
@@ -326,3 +337,17 @@ def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int,
         "convention": "counted matmul FLOPs of forward + backward of the blocks (full attention square); "
                       "median of timed steps after one warm-up; no communication",
     }
+
+
+def measured_mfu(c: ModelConfig, num_layers: int, micro_batch: int, precision: str, device: str) -> tuple[float, str, dict]:
+    """The MFU of `num_layers` full-width blocks timed here (time_layers) against this device's
+    datasheet peak, or its measured matmul peak when it has no datasheet: (mfu, source, timing)."""
+    t = time_layers(c, num_layers, micro_batch, c.block_size, precision, device)
+    hw = bench_hardware(t["device"], dtypes=[precision])
+    peak = choose_peak(hw["device_name"], precision)
+    if not peak.known:  # no datasheet for this device: its measured matmul peak
+        peak = Peak(hw["matmul_tflops"][precision], f"measured {precision} matmul peak of {hw['device_name']}")
+    source = (f"measured: {num_layers} layer(s) at full width ({t['params_per_layer']:,} params each), "
+              f"seq {t['seq_len']}, micro-batch {t['micro_batch']}, {precision} on {hw['device_name']}: "
+              f"{t['achieved_tflops']:.4g} TFLOP/s / {peak.tflops:.4g} ({peak.source}); no communication")
+    return min(t["achieved_tflops"] / peak.tflops, 1.0), source, t

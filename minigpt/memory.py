@@ -116,7 +116,8 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
       under autocast, the 16-bit copy of every weight matrix (Linear saves it for backward).
     Dropout > 0 sends CPU attention to the math path, which keeps the T x T probabilities
     (2 B H T^2 e with its dropout output) and residual dropout masks (2 n h e): approximate.
-    Head: final norm, LM head input (+ its 16-bit weight copy), fp32 log-softmax n V x 4.
+    Head: final norm; the fused LM-head cross-entropy computes its gradients in forward and keeps
+    them, d_h (n h x 4) and d_W (Vp h x 4), instead of the logits (it never holds n x V).
     Once: learned position ids (8 T) or the RoPE cos/sin rows (T D x 4), the loss scalar.
     recompute=True (activation checkpointing): each block keeps only its input, n h x 4.
     """
@@ -153,7 +154,7 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
         layer += 2 * batch * H * seq_len * seq_len * e + 2 * n * h * e
     if recompute:
         layer = n * h * f
-    head = norm_bytes() + n * h * e + n * c.vocab_size * 4 + (c.padded_vocab_size * h * e if autocast else 0)
+    head = norm_bytes() + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
     once = (8 * seq_len if c.pos_emb == "learned" else seq_len * D * 4) + 4
     return {
         "per_layer": layer,

@@ -1,4 +1,4 @@
-"""A decoder-only GPT in one file: config-driven, read top to bottom.
+"""A decoder-only GPT in one file: config in, logits (or loss) out, read top to bottom.
 
     tokens -> token embedding (+ learned positions) -> dropout
            -> n_layer x [ x + attn(norm(x)) ; x + mlp(norm(x)) ]      (pre-norm blocks)
@@ -6,26 +6,38 @@
 
 Attention is causal, goes through `F.scaled_dot_product_attention`, and supports grouped-query
 attention (n_kv_head < n_head: each K/V head serves n_head/n_kv_head query heads) and rotary
-position embeddings (RoPE). The MLP is GELU (ffn_hidden wide) or SwiGLU. The vocabulary is padded
-to a multiple of 64 rows for speed; logits are cut back to the real `vocab_size`, so the padding
-never enters the loss or sampling. A `KVCache` serves incremental decoding (see generate.py).
+position embeddings (RoPE). The MLP is GELU (ffn_hidden wide) or SwiGLU, or a mixture of experts.
+The vocabulary is padded to a multiple of 64 rows for speed; the padding never enters the loss
+or sampling.
 
-Shape letters: B batch, T query length, S key length (cache included), C = n_embd, H = n_head,
+The model is stateless: incremental decoding passes a static `KVCache` and the cache slots of
+the new tokens (`input_pos`), as gpt-fast does, so a decode step has fixed shapes. Training
+techniques (activation checkpointing, torch.compile, data/tensor parallelism) are applied from
+outside (minigpt/parallel.py); nothing here knows about them.
+
+Shape letters: B batch, T query length, S key length (cache slots), C = n_embd, H = n_head,
 G = n_kv_head, D = head_dim = C / H, V = vocab_size, Vp = padded vocab.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from minigpt.config import ModelConfig
 
 ROPE_THETA = 10000.0  # RoFormer (Su et al. 2021) base frequency
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor | None  # (B, T or 1, V) when no targets are given
+    loss: torch.Tensor | None  # mean cross-entropy in nats over the targets, when given
+    aux_loss: torch.Tensor | None  # mixture of experts: load-balancing loss summed over layers
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -49,10 +61,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to `max_len`.
+    """Keys and values of every layer for incremental decoding: static and preallocated.
 
-    Each layer's tensors are (B, G, max_len, D). `length` counts the positions filled so far; the
-    model advances it after each forward pass.
+    Each layer's tensors are (B, G, max_len, D). `update` writes the new keys and values at the
+    slots `input_pos` (T,) with index_copy_ and returns the whole buffers, so shapes never change
+    and a decode step compiles to one graph (gpt-fast). Which slots a query may see is up to the
+    attention mask: by default every slot up to the query's own.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
@@ -60,16 +74,12 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
-        self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, G, T, D) after the filled positions; return all keys/values so far."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to fill up to {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, G, T, D) at slots input_pos (T,); return all keys/values (B, G, max_len, D)."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+    def forward(self, x, rope=None, cache: KVCache | None = None, input_pos=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, G * D, G * D], dim=-1)
@@ -94,23 +104,31 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, G, S, D), S = cached + T
-        S = k.size(2)
-        is_causal = False
-        if attn_mask is None and T > 1:
-            if S == T:
-                is_causal = True  # the common case: plain causal attention over the window
-            else:  # queries are the last T of S positions (a chunk appended to a cache)
-                attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, S, D), S = cache slots
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q, k.to(q.dtype), v.to(q.dtype),
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=attn_mask is None,  # without a mask: plain causal attention over the window
             enable_gqa=G != H,  # each K/V head serves H/G query heads
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
+
+
+GELU_K = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016; GPT-2): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))).
+
+    Under torch.compile it is written in its identical sigmoid form, x * sigmoid(2 sqrt(2/pi)(...)),
+    since 0.5 (1 + tanh z) = sigmoid(2z): inductor's CPU tanh is 3x slower than its exp. Eager
+    keeps ATen's fused kernel. The two agree to float rounding (a test checks it).
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_K * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -129,7 +147,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+            h = gelu_tanh(h)  # GPT-2's GELU
         return self.dropout(self.c_proj(h))
 
 
@@ -138,11 +156,11 @@ class MoE(nn.Module):
 
     Each token goes to its n_expert_active highest-probability experts; their outputs are mixed
     with the router probabilities renormalised over the chosen k. Dispatch is capacity-free (no
-    token is dropped): a loop over experts gathers each one's tokens. The load-balancing loss of
-    Switch Transformer (eq. 4), generalised to top-k: E * sum_e f_e * P_e, with f_e the share of
-    routed slots that went to expert e and P_e its mean router probability; 1.0 when balanced.
-    On the meta device or fake tensors (no data, so no routing), each expert gets an equal share of
-    the N*k slots: the FLOPs are the same for any routing, since every token visits k experts.
+    token is dropped): a loop over experts gathers each one's tokens. Returns the output and the
+    load-balancing loss of Switch Transformer (eq. 4), generalised to top-k: E * sum_e f_e * P_e,
+    with f_e the share of routed slots that went to expert e and P_e its mean router probability;
+    1.0 when balanced. On the meta device or fake tensors (no data, so no routing), each expert
+    gets an equal share of the N*k slots: the FLOPs are the same for any routing.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -150,9 +168,8 @@ class MoE(nn.Module):
         self.n_expert, self.k = config.n_expert, config.n_expert_active
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         E, k = self.n_expert, self.k
         flat = x.reshape(-1, C)  # (N, C)
@@ -160,7 +177,7 @@ class MoE(nn.Module):
         probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
         weights, chosen = probs.topk(k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
+        out = torch.zeros(N, C, device=flat.device, dtype=activation_dtype(flat))
         symbolic = has_no_data(flat)
         for e, expert in enumerate(self.experts):
             if symbolic:  # balanced shares of the N*k slots (see the class docstring)
@@ -169,13 +186,19 @@ class MoE(nn.Module):
                 slot = torch.zeros_like(token_idx)
             else:
                 token_idx, slot = (chosen == e).nonzero(as_tuple=True)
-                if token_idx.numel() == 0:
-                    continue
-            y = expert(flat[token_idx])  # (n_e, C)
+            y = expert(flat[token_idx])  # (n_e, C), in the autocast dtype under mixed precision
             out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
         routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
-        self.aux_loss = E * (routed * probs.mean(dim=0)).sum()
-        return out.view(B, T, C)
+        aux = E * (routed * probs.mean(dim=0)).sum()
+        return out.view(B, T, C), aux
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls produce from x: the autocast dtype under mixed precision, else x's own."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def has_no_data(t: torch.Tensor) -> bool:
@@ -193,9 +216,29 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.is_moe else MLP(config)
 
-    def forward(self, x, rope=None, cache=None, attn_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, rope=None, cache=None, input_pos=None, attn_mask=None):
+        """x (B, T, C) -> (x, aux): aux is the MoE load-balancing loss, or None for a dense MLP."""
+        x = x + self.attn(self.ln_1(x), rope, cache, input_pos, attn_mask)
+        y = self.mlp(self.ln_2(x))
+        y, aux = y if isinstance(y, tuple) else (y, None)
+        return x + y, aux
+
+
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the cross-entropy instead of the logits.
+
+    With targets the loss is computed chunk by chunk (`linear_cross_entropy`), never holding the
+    (tokens x vocabulary) logits: the same matmuls, a fraction of the memory traffic.
+    """
+
+    def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)[..., : self.vocab_size]  # padding rows dropped
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1), self.vocab_size)
 
 
 class GPT(nn.Module):
@@ -209,15 +252,13 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
+        self.lm_head = LMHead(config.n_embd, Vp, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds (Press & Wolf 2017)
         if config.pos_emb == "rope":
             cos, sin = rope_tables(config.head_dim, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False
-        self.moe_aux_loss: torch.Tensor | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -243,11 +284,8 @@ class GPT(nn.Module):
             for mlp in (block.mlp.experts if self.config.is_moe else [block.mlp]):
                 nn.init.normal_(mlp.c_proj.weight, mean=0.0, std=residual_std)
 
-    # ------------------------------------------------------------------------------------------
-    # parameter counts (analytic twins live in the torch-free formula module)
-
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, each shared tensor once.
+        """Parameters, each shared tensor once (the analytic twin is flops.param_counts).
 
         non_embedding=True leaves out the token embedding, the learned position embedding and an
         untied LM head (Kaplan et al. 2020's N): what remains is the blocks and the final norm.
@@ -261,31 +299,27 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    # ------------------------------------------------------------------------------------------
+    def forward(self, idx, targets=None, *, input_pos=None, positions=None, cache: KVCache | None = None,
+                attn_mask=None, last_only: bool = False) -> ModelOutput:
+        """idx (B, T) token ids -> ModelOutput(logits, loss, aux_loss).
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        last_only: bool = False,
-    ):
-        """idx (B, T) token ids -> (logits, loss).
-
-        targets (B, T): next-token ids, -1 where ignored; gives the mean cross-entropy in nats.
-        cache: a KVCache to read and extend (generation); positions (B, T): per-row positions
-        (default: cache.length + arange(T)); attn_mask (B, 1, T, S) bool, True = may attend
-        (needed only for left-padded batches); last_only: logits of the last position only.
-        Logits are (B, T or 1, V), cut back from the padded vocabulary.
+        targets (B, T): next-token ids, -1 where ignored: returns the mean cross-entropy (nats)
+        and no logits. input_pos (T,): the cache slots of these tokens, also their positions
+        (default 0..T-1); positions (B, T): per-row positions when they differ from input_pos
+        (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
+        (B|1, 1, T, S) bool, True = may attend (default: causal, or every cache slot up to the
+        query's own); last_only: logits of the last position only.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            input_pos = torch.arange(T, device=idx.device)
         if positions is None:
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+            positions = input_pos.unsqueeze(0)  # (1, T)
+        if cache is not None and attn_mask is None:
+            slots = torch.arange(cache.max_len, device=idx.device)
+            attn_mask = (slots.unsqueeze(0) <= input_pos.unsqueeze(1))[None, None]  # (1, 1, T, S)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -293,24 +327,101 @@ class GPT(nn.Module):
         if self.config.pos_emb == "rope":
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D/2)
         x = self.drop(x)
+        aux_loss = None
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, attn_mask)
-        if cache is not None:
-            cache.length += T
-        if self.config.is_moe:  # load-balancing loss of this forward pass, summed over layers
-            self.moe_aux_loss = sum(block.mlp.aux_loss for block in self.blocks)
+            x, aux = block(x, rope, cache, input_pos, attn_mask)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
         x = self.ln_f(x)
+        if targets is not None:
+            return ModelOutput(None, self.lm_head(x, targets), aux_loss)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padding rows dropped
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return ModelOutput(self.lm_head(x), None, aux_loss)
 
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.wte.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, w.dtype)
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, dtype or w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the LM head's cross-entropy, chunked
+
+
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: about 4 MiB of fp32 logits on a CPU (cache-resident), 1 GiB on a GPU."""
+    budget = (1 << 30) if device.type == "cuda" else (4 << 20)
+    return max(64, budget // (4 * vocab) // 64 * 64)
+
+
+def _log_sum_exp(logits: torch.Tensor, target: torch.Tensor, softmax: bool):
+    """(log-sum-exp (c,), the targets' logits (c,), softmax in place of `logits` or None).
+
+    Eager computes each exp once (max, exp in place, sum); under torch.compile, torch.logsumexp
+    and a second exp fuse into fewer, faster kernels than that form does.
+    """
+    target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    if torch.compiler.is_compiling():
+        lse = torch.logsumexp(logits, dim=-1)
+        return lse, target_logit, logits.sub_(lse.unsqueeze(1)).exp_() if softmax else None
+    top = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(top).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return (top + total.log()).squeeze(1), target_logit, e.div_(total) if softmax else None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h @ W^T, y) computed chunk by chunk of rows, with its gradients computed in forward.
+
+    Per chunk: logits (fp32), log-sum-exp, the loss, then softmax - onehot -> d_h = g W and
+    d_W += g^T h. Backward only scales the stored d_h and d_W by the incoming gradient. This is
+    the fused linear cross-entropy of Liger Kernel (Hsu et al. 2024): the full logits tensor is
+    never held, the matmuls are the usual three. Padded vocabulary columns are masked out of the
+    softmax; targets < 0 are ignored. Under autocast the matmuls run in the autocast dtype, the
+    softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, y, vocab: int):
+        device = h.device.type
+        dtype = activation_dtype(W)  # the autocast dtype under mixed precision, else the weights' own
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = (y >= 0).to(torch.float32)
+        target = y.clamp(min=0)
+        chunk = _chunk_rows(W.size(0), h.device)
+        dh = torch.empty_like(h) if grads else None
+        dW = torch.zeros(W.shape, device=W.device, dtype=torch.float32) if grads else None
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            Wc = W.to(dtype)
+            for s in range(0, h.size(0), chunk):
+                hc, yc, vc = h[s:s + chunk].to(dtype), target[s:s + chunk], valid[s:s + chunk]
+                logits = (hc @ Wc.t()).float()  # (c, Vp)
+                if vocab < logits.size(1):
+                    logits[:, vocab:] = float("-inf")
+                lse, target_logit, probs = _log_sum_exp(logits, yc, grads)
+                loss += ((lse - target_logit) * vc).sum()
+                if grads:
+                    probs[torch.arange(probs.size(0), device=probs.device), yc] -= 1.0
+                    g = probs.mul_(vc.unsqueeze(1)).to(dtype)
+                    dh[s:s + chunk] = g @ Wc
+                    if dtype == torch.float32:
+                        dW.addmm_(g.t(), hc)
+                    else:
+                        dW += (g.t() @ hc).float()
+        count = valid.sum().clamp(min=1.0)
+        if grads:
+            ctx.save_for_backward(dh, dW, count)
+            ctx.w_dtype = W.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dW, count = ctx.saved_tensors
+        scale = grad_out / count
+        return dh * scale.to(dh.dtype), (dW * scale).to(ctx.w_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ W^T (first `vocab` columns) against targets (-1 ignored)."""
+    return _LinearCrossEntropy.apply(h, W, targets, vocab)

@@ -1,9 +1,11 @@
-"""Optimizer, learning-rate schedule and mixed-precision context shared by training and measurement."""
+"""Optimizer, learning-rate schedule, mixed precision and the training objective, shared by every
+backend and by measurement."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +21,13 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear weights, embeddings) only, not on biases or norms."""
+def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (linear weights, embeddings) only, not on biases or norms.
+
+    fused=True (CUDA) runs the whole update as one kernel per parameter group and lets an fp16
+    grad scaler skip an overflowed step without a host round trip; otherwise torch's default
+    (multi-tensor foreach) implementation.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -28,10 +35,25 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class StepResult(NamedTuple):
+    """What an optimizer step reports, as device tensors (read on the host only when logged)."""
+
+    grad_norm: torch.Tensor  # global L2 norm of the gradients before clipping (0-dim)
+    skipped: torch.Tensor  # 1 when the update was skipped (fp16 overflow), else 0 (0-dim int)
+
+
+def objective(out, cfg) -> torch.Tensor:
+    """What backward sees: the cross-entropy, plus the MoE load-balancing loss weighted by
+    train.moe_aux_loss_coef (the logged loss is the cross-entropy alone)."""
+    if out.aux_loss is None:
+        return out.loss
+    return out.loss + cfg.moe_aux_loss_coef * out.aux_loss

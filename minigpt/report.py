@@ -1,5 +1,7 @@
-"""Human-readable tables of counted vs analytic FLOPs and measured vs predicted memory, and the
-report written at the end of every training run (report.json + report.md in the run directory)."""
+"""Presentation of figures already measured or computed: tables of counted vs analytic FLOPs and
+measured vs predicted memory, the extrapolation's lines, and the report written at the end of every
+training run (report.json + report.md in the run directory). Torch-free, and it measures nothing:
+its callers hand it the figures."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import json
 from pathlib import Path
 
 from minigpt import flops as F
+from minigpt.atomic import atomic_write_text
 from minigpt.config import Config
 from minigpt.hardware import Peak
-from minigpt.measure import flops_report, memory_report
 
 FORMULA_NOTES = {
     "kaplan_6n": "6N, N non-embedding (Kaplan 2020)",
@@ -91,17 +93,15 @@ def zero_stage_lines(table: dict) -> list[str]:
             f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}" for stage, z in table.items()]
 
 
-def run_report(cfg: Config, step_seconds: float, tokens_per_step: int, world_size: int, peak: Peak,
-               device_type: str) -> dict:
-    """FLOPs counted vs formulas, achieved FLOP/s and MFU, memory predicted vs measured."""
+def run_report(cfg: Config, fl: dict, mem: dict, step_seconds: float, tokens_per_step: int, world_size: int,
+               peak: Peak, device_type: str) -> dict:
+    """FLOPs counted vs formulas (`fl`, measure.flops_report), achieved FLOP/s and MFU at the median
+    step, memory predicted vs measured (`mem`, measure.memory_report)."""
     c, tc = cfg.model, cfg.train
-    fl = flops_report(c, 1, c.block_size, device="meta")
     model_flops = F.train_flops_per_token(c, c.block_size, "exact") * tokens_per_step
     achieved = model_flops / step_seconds if step_seconds > 0 else 0.0
     per_device = achieved / world_size
     mfu = per_device / (peak.tflops * 1e12) if peak.known else None
-    mem = memory_report(c, tc.micro_batch_size, c.block_size, tc.precision, "cpu", fake=True,
-                        recompute=tc.activation_checkpointing)
     perf = {
         "median_step_s": step_seconds,
         "tokens_per_step": tokens_per_step,
@@ -136,8 +136,6 @@ def report_markdown(r: dict) -> str:
 
 
 def write_report(run_dir: Path, r: dict) -> None:
-    from minigpt.checkpoint import atomic_write_text
-
     atomic_write_text(Path(run_dir) / "report.json", json.dumps(r, indent=2))
     atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))
 
@@ -190,8 +188,9 @@ def extrapolation_markdown(r: dict, title: str) -> str:
     return "\n".join([f"# {title}", ""] + [f"- {line}" for line in extrapolation_lines(r)]) + "\n"
 
 
-def zero_memory_table(t: dict) -> str:
-    """Per-rank bytes DeepSpeed held beside the ZeRO paper's formula and DeepSpeed's accounting."""
+def per_rank_memory_table(t: dict) -> str:
+    """Per-rank bytes a backend held (memory_per_rank.json): DeepSpeed's, read from its buffers and
+    partitions, beside the ZeRO paper's formula and DeepSpeed's own accounting."""
     paper, ds = t["predicted_paper"], t["predicted_deepspeed"]
     lines = [
         f"ZeRO-{t['zero_stage']} memory per rank ({t['world_size']} ranks, {t['precision']}, {t['params']:,} params), "

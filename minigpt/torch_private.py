@@ -6,6 +6,8 @@
   model far too big for the machine.
 - `torch.utils.flop_counter`'s SDPA formulas, to give the CPU flash-attention kernel (which has
   none, so it would count as zero) the formula of the CUDA kernels.
+- `torch._dynamo.mark_static_address`: a KV cache that CUDA graphs may replay over in place.
+- `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
 """
 
 from __future__ import annotations
@@ -57,6 +59,23 @@ def is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell torch.compile a tensor keeps its address (a KV cache written in place), so CUDA graphs
+    can replay over it instead of copying it in (gpt-fast keeps its caches as buffers for this)."""
+    import torch._dynamo
+
+    torch._dynamo.mark_static_address(t)
+
+
+def capture_data_dependent_shapes() -> None:
+    """Let torch.compile trace operators whose output shape depends on data (`nonzero` in the MoE
+    dispatch) into the graph, with unbacked symbolic sizes, instead of breaking the graph there.
+    Process-wide (torch._dynamo.config.capture_dynamic_output_shape_ops)."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
 
 def fake_mode():

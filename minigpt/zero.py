@@ -1,5 +1,6 @@
-"""The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision. The one module that
-imports deepspeed, lazily, so the rest of minigpt works without it.
+"""The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision, behind the same Backend
+interface as the torch backend (minigpt/parallel.py). The one module that imports deepspeed,
+lazily, so the rest of minigpt works without it.
 
 The DeepSpeed config is generated from minigpt's TOML (one source of truth) and written into the
 run directory as deepspeed_config.json. An expert may pass a DeepSpeed JSON file
@@ -17,7 +18,13 @@ from pathlib import Path
 
 import torch
 
+from minigpt import memory as M
+from minigpt.config import BatchLayout, Config
+from minigpt.distributed import DistEnv, all_gather_objects
 from minigpt.errors import UserError
+from minigpt.flops import param_counts
+from minigpt.model import GPT
+from minigpt.optim import StepResult, make_optimizer, objective
 
 # DeepSpeed keys minigpt sets, and the minigpt setting a user changes instead
 OWNED = {
@@ -71,18 +78,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_config(cfg, accum: int, world_size: int) -> dict:
+def build_config(cfg: Config, layout: BatchLayout) -> dict:
     """DeepSpeed's JSON config from minigpt's, merged with the user's override file if any."""
     tc = cfg.train
+    micro, accum = layout.micro_batch_size, layout.accum
     zero: dict = {"stage": tc.zero_stage}
     if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if tc.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     ds = {
-        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": tc.micro_batch_size * accum * world_size,
+        "train_batch_size": micro * accum * layout.world_size,
         "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": tc.precision == "bf16"},
@@ -126,21 +134,94 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     return engine, ds_optimizer
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoints
+class DeepSpeedBackend:
+    """A DeepSpeed engine behind minigpt's Backend interface (see parallel.py).
 
+    DeepSpeed casts the model for bf16/fp16, scales the loss by 1/accumulation, reduces (and, from
+    stage 2, partitions) gradients and steps at the accumulation boundary itself. Its optimizer is
+    minigpt's AdamW; the gradient norm is DeepSpeed's (stages 1-3) or computed here (stage 0,
+    where DeepSpeed keeps none), before clipping, whether clipping is on or not.
+    """
 
-def save(engine, folder: Path, client_state: dict) -> None:
-    """DeepSpeed's own checkpoint of every rank's partitions, into `folder` (collective)."""
-    engine.save_checkpoint(str(folder), tag="deepspeed", client_state=client_state)
+    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
+        self.tc, self.env, self.cfg = cfg.train, env, cfg
+        validate(self.tc, env.device)
+        self.ds_config = build_config(cfg, layout)
+        self.model = model.to(env.device)
+        self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config)
+        self.held: dict = {}
+        self._skipped = 0
 
+    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
+        out = self.engine(x, y)
+        self.engine.backward(objective(out, self.tc))
+        if not last:  # DeepSpeed counts micro-steps: step() between them only advances the count
+            self.engine.step()
+        return out.loss.detach()
 
-def load(engine, folder: Path) -> dict:
-    """Restore partitions (model, optimizer) from a folder written by `save` (collective)."""
-    path, client = engine.load_checkpoint(str(folder), tag="deepspeed")
-    if path is None:
-        raise UserError(f"DeepSpeed found no checkpoint in {folder}; it is incomplete")
-    return client or {}
+    def step(self) -> StepResult:
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        own = None
+        if self.tc.zero_stage == 0:  # gradients are whole and reduced here; DeepSpeed keeps no norm
+            own = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        self.held = held_bytes(self.engine, self.optimizer, self.model)  # before the step frees gradients
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = own if norm is None else torch.as_tensor(float(norm), device=self.env.device)
+        skipped = int(self.engine.skipped_steps > self._skipped)
+        self._skipped = self.engine.skipped_steps
+        return StepResult(norm if norm is not None else torch.tensor(float("nan")), torch.tensor(skipped))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save_state(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
+        return {"zero_stage": self.tc.zero_stage}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        if state.get("zero_stage") != self.tc.zero_stage:
+            raise UserError(f"{folder.parent.parent} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
+                            f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
+        if state.get("world_size") != self.env.world_size:
+            raise UserError(f"{folder.parent.parent} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
+                            f"not {self.env.world_size}: resume with the same number of processes")
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
+        if path is None:
+            raise UserError(f"DeepSpeed found no checkpoint in {folder}; it is incomplete")
+
+    def full_state_dict(self) -> dict | None:
+        return full_state_dict(self.engine, self.model)
+
+    def inference_model(self) -> torch.nn.Module | None:
+        """ZeRO-3 partitions the weights: gather them (collective) into a plain model on rank 0."""
+        weights = self.full_state_dict()
+        if not self.env.is_main:
+            return None
+        net = GPT(self.cfg.model)
+        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
+        return net.to(self.env.device)
+
+    def memory_report(self) -> dict:
+        """Bytes each rank held (read from DeepSpeed's buffers) beside the ZeRO formulas (collective)."""
+        tc, n = self.tc, param_counts(self.cfg.model).total
+        rows = all_gather_objects(self.held, self.env)
+        paper = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size).as_dict()
+        ds = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size, layout="deepspeed").as_dict()
+        return {"kind": "zero", "zero_stage": tc.zero_stage, "world_size": self.env.world_size, "precision": tc.precision,
+                "params": n, "per_rank": rows, "predicted_paper": paper, "predicted_deepspeed": ds}
+
+    def run_files(self) -> dict[str, str]:
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=2)}  # the generated config, recorded
+
+    def describe(self) -> str:
+        tc = self.tc
+        return (f"DeepSpeed ZeRO-{tc.zero_stage}" + (" +offload optimizer" if tc.offload_optimizer else "")
+                + (" +offload params" if tc.offload_params else ""))
+
+    def close(self) -> None:
+        self.engine.destroy()  # release the engine's hooks and buffers before the process group goes
 
 
 def full_state_dict(engine, model: torch.nn.Module) -> dict | None:

@@ -1,19 +1,28 @@
-"""Time training steps of a config on this machine; print one JSON line.
+"""Time minigpt's training step against the obvious modern PyTorch GPT, side by side; one JSON line.
 
-    python scripts/bench_train.py --config tiny [--steps 20] [--warmup 5] [--baseline]
+    python scripts/bench_train.py [--config tiny] [--steps 15] [--warmup 3] [--set k=v ...]
 
-Times full optimizer steps (forward, backward, clip, AdamW) of minigpt's GPT on random tokens
-(data loading excluded) and reports the median. With --baseline it also times the obvious
-PyTorch GPT of the same shape (nanoGPT-style: fused QKV, hand-written masked softmax attention,
-GELU MLP, tied head), the bar not to fall below.
+Four steps are timed in one process, interleaved round by round in a shuffled order (so machine
+noise and cache state hit all alike):
+  minigpt_compiled   the step exactly as `minigpt train` runs it: the model after
+                     apply_training_techniques with train.compile = true, the backend's
+                     forward/backward and step (clipping, AdamW), one micro-batch per step
+  minigpt_eager      the same with train.compile = false
+  (`minigpt_default` says which of the two `minigpt train` picks for the config's max_steps, and why)
+  baseline         a plain GPT of the same shape, written the obvious modern way: fused QKV,
+                   F.scaled_dot_product_attention(is_causal=True), GELU MLP, tied head,
+                   F.cross_entropy on the full logits, torch.optim.AdamW, clip_grad_norm_
+  baseline_compiled  the baseline under torch.compile
+Each timed step ends with loss.item() (the step is finished). Reported: the median ms per step of
+each, and speed-ups over the baseline. Data loading is excluded for all: the same random tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import random
 import statistics
 import time
 
@@ -21,34 +30,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.bench import device_name
-from minigpt.config import load_config
-from minigpt.distributed import resolve_device
+from minigpt.config import batch_layout, load_config, resolve_preset
+from minigpt.distributed import device_name, init_distributed
 from minigpt.flops import param_counts, train_flops_per_token
-from minigpt.hardware import choose_peak
 from minigpt.model import GPT
-from minigpt.optim import autocast_context, make_optimizer
-from minigpt.train import resolve_preset
+from minigpt.optim import lr_at
+from minigpt.parallel import apply_training_techniques, make_backend, resolve_compile, resolve_precision
+from minigpt.train import train_step
 
 
 class BaselineGPT(nn.Module):
-    """The straightforward implementation: explicit attention matrix, no SDPA."""
+    """The straightforward modern implementation (nanoGPT with SDPA), same shapes as minigpt's."""
 
     def __init__(self, c):
         super().__init__()
         self.c = c
-        self.wte = nn.Embedding(c.padded_vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(dict(
-                ln1=nn.LayerNorm(c.n_embd), qkv=nn.Linear(c.n_embd, 3 * c.n_embd), proj=nn.Linear(c.n_embd, c.n_embd),
-                ln2=nn.LayerNorm(c.n_embd), fc=nn.Linear(c.n_embd, 4 * c.n_embd), out=nn.Linear(4 * c.n_embd, c.n_embd),
-            )) for _ in range(c.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(c.n_embd)
-        self.head = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False)
+        h, b = c.n_embd, c.bias
+        self.wte = nn.Embedding(c.padded_vocab_size, h)
+        self.wpe = nn.Embedding(c.block_size, h)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(h, bias=b), qkv=nn.Linear(h, 3 * h, bias=b), proj=nn.Linear(h, h, bias=b),
+            ln2=nn.LayerNorm(h, bias=b), fc=nn.Linear(h, 4 * h, bias=b), out=nn.Linear(4 * h, h, bias=b),
+        )) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(h, bias=b)
+        self.head = nn.Linear(h, c.padded_vocab_size, bias=False)
         self.head.weight = self.wte.weight
-        self.register_buffer("mask", torch.tril(torch.ones(c.block_size, c.block_size, dtype=torch.bool)))
 
     def forward(self, idx, targets):
         B, T = idx.shape
@@ -57,86 +63,93 @@ class BaselineGPT(nn.Module):
         for b in self.blocks:
             q, k, v = b["qkv"](b["ln1"](x)).split(self.c.n_embd, dim=2)
             q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            att = att.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(dim=-1)
-            y = (att @ v).transpose(1, 2).contiguous().view(B, T, -1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, -1)
             x = x + b["proj"](y)
-            x = x + b["out"](F.gelu(b["fc"](b["ln2"](x))))
-        logits = self.head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            x = x + b["out"](F.gelu(b["fc"](b["ln2"](x)), approximate="tanh"))
+        logits = self.head(self.ln_f(x))[..., : self.c.vocab_size]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def time_steps(model, cfg, device, steps: int, warmup: int) -> list[float]:
+def baseline_step(cfg, device, compiled: bool):
+    torch.manual_seed(0)
+    model = BaselineGPT(cfg.model).to(device)
+    net = torch.compile(model) if compiled else model
     tc = cfg.train
-    opt = make_optimizer(model, tc)
-    g = torch.Generator().manual_seed(0)
-    shape = (tc.micro_batch_size, cfg.model.block_size)
-    x = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
-    y = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast_context(device, tc.precision):
-            _, loss = model(x, y)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+
+    def step(x, y):
+        loss = net(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        return loss
+    return step
+
+
+def minigpt_step(path, overrides: list[str], env, layout, compiled: bool):
+    """minigpt's step as `minigpt train` builds it, with train.compile set to `compiled`."""
+    cfg = load_config(path, overrides + [f"train.compile={str(compiled).lower()}"])
+    cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
+    torch.manual_seed(0)
+    backend = make_backend(apply_training_techniques(GPT(cfg.model), cfg.train), cfg, env, layout)
+    state = {"step": 0}
+
+    def step(x, y):
+        backend.set_lr(lr_at(state["step"], cfg.train))
+        state["step"] += 1
+        loss, _ = train_step(backend, [(x, y)])
+        return loss
+    return step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--baseline", action="store_true", help="also time the obvious implementation")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU (default: datasheet of a known GPU)")
-    p.add_argument("--peak-from", default="", help="a 'minigpt bench hardware --out' file to use as the peak")
+    p.add_argument("--steps", type=int, default=15, help="timed rounds (each times every variant once)")
+    p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
-    cfg = load_config(resolve_preset(args.config), args.set)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(0)
-    tokens = cfg.train.micro_batch_size * cfg.model.block_size
-    flops_tok = train_flops_per_token(cfg.model, cfg.model.block_size, "exact")
-    result = {
-        "bench": "train_step",
-        "config": args.config,
-        "overrides": args.set,
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu_cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "precision": cfg.train.precision,
-        "params": param_counts(cfg.model).total,
-        "tokens_per_step": tokens,
-        "model_flops_per_token": flops_tok,
+    path = resolve_preset(args.config)
+    cfg = load_config(path, args.set)
+    env = init_distributed(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    layout = batch_layout(cfg.train, cfg.model.block_size, 1)
+    x = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch_size, cfg.model.block_size), device=env.device)
+    y = torch.randint(0, cfg.model.vocab_size, x.shape, device=env.device)
+    default, why = resolve_compile(cfg.train, env.device, cfg.train.max_steps)
+    variants = {"minigpt_compiled": minigpt_step(path, args.set, env, layout, True),
+                "minigpt_eager": minigpt_step(path, args.set, env, layout, False),
+                "baseline": baseline_step(cfg, env.device, False), "baseline_compiled": baseline_step(cfg, env.device, True)}
+    times = {k: [] for k in variants}
+    order = random.Random(0)
+    for i in range(args.warmup + args.steps):
+        names = list(variants)
+        order.shuffle(names)  # no variant always runs right after the same one
+        for name in names:
+            step = variants[name]
+            t0 = time.perf_counter()
+            step(x, y).item()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    tokens = x.numel()
+    flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact") * tokens
+    print(json.dumps({
+        "bench": "train_step", "config": args.config, "overrides": args.set, "device": str(env.device),
+        "device_name": device_name(env.device), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "precision": precision, "params": param_counts(cfg.model).total,
+        "tokens_per_step": tokens, "timed_rounds": args.steps,
+        "minigpt_default": "minigpt_compiled" if default else "minigpt_eager", "minigpt_default_why": why,
+        "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
+        "spread_ms": {k: [round(min(v) * 1e3, 2), round(max(v) * 1e3, 2)] for k, v in times.items()},
+        "speedup_vs_baseline": {k: round(ms["baseline"] / v, 3) for k, v in ms.items()},
+        "speedup_vs_baseline_compiled": {k: round(ms["baseline_compiled"] / v, 3) for k, v in ms.items()},
+        "achieved_tflops": {k: round(flops / v * 1e3 / 1e12, 4) for k, v in ms.items()},
         "flops_convention": "exact matmul count, full attention square, 3x forward (minigpt.flops 'exact')",
-        "timed_steps": args.steps,
-    }
-    ms = statistics.median(time_steps(GPT(cfg.model).to(device), cfg, device, args.steps, args.warmup)) * 1e3
-    result.update(ms_per_step=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3, 1),
-                  achieved_tflops=round(flops_tok * tokens / ms * 1e3 / 1e12, 4))
-    peak = choose_peak(result["device_name"], cfg.train.precision, args.peak_tflops, args.peak_from)
-    result.update(peak_tflops=peak.tflops, peak_source=peak.source,
-                  mfu=round(result["achieved_tflops"] / peak.tflops, 4) if peak.known else None)
-    if args.baseline:
-        c = cfg.model
-        if (c.mlp, c.norm, c.pos_emb, c.n_kv_head) != ("gelu", "layernorm", "learned", c.n_head):
-            raise SystemExit("--baseline needs a GPT-2-shaped config (gelu, layernorm, learned positions, no GQA)")
-        torch.manual_seed(0)
-        base = statistics.median(time_steps(BaselineGPT(c).to(device), cfg, device, args.steps, args.warmup)) * 1e3
-        result.update(baseline_ms_per_step=round(base, 2), speedup_vs_baseline=round(base / ms, 3))
-    print(json.dumps(result))
+        "method": "median of interleaved rounds (shuffled order) after warm-up; each step ends with loss.item(); "
+                  "same random tokens; default glibc allocator for all",
+    }))
 
 
 if __name__ == "__main__":

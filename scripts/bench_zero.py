@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.bench import device_name
+from minigpt.distributed import device_name
 
 SETTINGS = [
     ("ddp", []),
@@ -54,7 +54,7 @@ def main() -> None:
                       "train.checkpoint_every=0", "train.report=false", "train.sample_every=0", "train.log_every=1",
                       "train.eval_iters=1", "train.batch_size_tokens=0"]  # one micro-batch per rank
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "minigpt.train", "--config", args.config,
+                   "-m", "minigpt", "train", "--config", args.config,
                    *[a for s in common + args.set + sets for a in ("--set", s)]]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:

@@ -1,8 +1,8 @@
-"""Thin launcher for torchrun: `torchrun --nproc_per_node 2 scripts/train.py --config configs/tiny.toml`."""
+"""Thin launcher for torchrun: `torchrun --nproc_per_node 2 scripts/train.py --config tiny`."""
 
 import sys
 
-from minigpt.train import main
+from minigpt.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

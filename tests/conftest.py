@@ -1,9 +1,14 @@
-"""Shared fixtures: a small real-text corpus and a tiny config that trains in seconds."""
+"""Shared fixtures: a small real-text corpus, one token cache for the session, a tiny config that
+trains in a second, and the CLI called in-process (a subprocess only where the process is the point)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,12 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One token cache for the whole session: the tiny corpus is tokenized once."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
 def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
     sets = {
         "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
@@ -38,25 +49,78 @@ def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[st
         "train.out_dir": f'"{out_dir}"', "train.max_steps": 8, "train.micro_batch_size": 4,
         "train.batch_size_tokens": 0, "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_iters": 2,
         "train.checkpoint_every": 4, "train.sample_every": 0, "train.log_every": 1, "train.lr": 3e-3,
-        "sample.max_new_tokens": 8, "train.report": "false",
+        "train.compile": "false", "sample.max_new_tokens": 8, "train.report": "false",
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+def set_args(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
 @pytest.fixture
-def tiny_cfg(corpus_dir, tmp_path):
-    """A factory: tiny_cfg(**overrides) -> Config writing into this test's tmp_path."""
+def tiny_cfg(corpus_dir, data_cache, tmp_path):
+    """A factory: tiny_cfg(**overrides) -> Config writing into this test's tmp_path/run."""
 
     def make(**extra):
-        return load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, tmp_path / "cache", tmp_path / "run", **extra))
+        return load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **extra))
 
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    import subprocess
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
+
+def run_cli(*args: str) -> Result:
+    """`minigpt ARGS` in this process: exit code, stdout and stderr as a subprocess would give them."""
+    from minigpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 2
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """`python -m minigpt ARGS` in a fresh process: for what only a process shows (exit, imports)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "minigpt.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "minigpt", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=full_env, timeout=timeout)
+
+
+def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 300, module: str = "minigpt"):
+    """`torchrun --standalone --nproc_per_node N -m minigpt train ARGS` on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
+           *(["train"] if module == "minigpt" else []), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout)
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "minigpt",
+            "train", *args]
+
+
+def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int = 300) -> dict:
+    """Run commands (name -> argv) a few at a time; name -> CompletedProcess. Launch-bound jobs
+    (imports, process groups) overlap well on two cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    pending, running, done = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, cmd = pending.pop(0)
+            running[name] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                   cwd=REPO, env=env))
+        name = next(iter(running))
+        cmd, proc = running.pop(name)
+        out, err = proc.communicate(timeout=timeout)
+        done[name] = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return done

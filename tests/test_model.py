@@ -5,6 +5,7 @@ from minigpt.config import ModelConfig
 from minigpt.flops import param_counts
 from minigpt.generate import generate_ids
 from minigpt.model import GPT
+from minigpt.parallel import apply_activation_checkpointing
 
 VARIANTS = {
     "gpt2": dict(),
@@ -26,7 +27,7 @@ def test_forward_shapes_loss_and_param_counts(name):
     torch.manual_seed(0)
     model = GPT(c)
     x = torch.randint(0, c.vocab_size, (3, 20))
-    logits, loss = model(x, x)
+    logits, loss = model(x).logits, model(x, x).loss
     assert logits.shape == (3, 20, c.vocab_size)  # padding rows cut off
     assert torch.isfinite(loss)
     # an untrained model is close to uniform over the real vocabulary, not the padded one
@@ -55,18 +56,43 @@ def test_init_scales_residual_projections():
     assert std_proj == pytest.approx(0.02 / (2 * c.n_layer) ** 0.5, rel=0.1)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    c = small(n_kv_head=2, pos_emb="rope")
+def test_activation_checkpointing_applied_from_outside_gives_the_same_gradients():
+    c = small(n_kv_head=2, pos_emb="rope", dropout=0.1)
     torch.manual_seed(0)
     a = GPT(c)
-    b = GPT(c)
+    b = apply_activation_checkpointing(GPT(c))
     b.load_state_dict(a.state_dict())
-    b.activation_checkpointing = True
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]  # names unchanged
     x = torch.randint(0, c.vocab_size, (2, 16))
-    a(x, x)[1].backward()
-    b(x, x)[1].backward()
+    torch.manual_seed(1)
+    a(x, x).loss.backward()
+    torch.manual_seed(1)  # the recomputed forward replays the same dropout masks
+    b(x, x).loss.backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_fused_loss_equals_the_textbook_cross_entropy(name):
+    """The LM head's chunked cross-entropy (gradients computed in its forward) = F.cross_entropy of
+    the full logits: loss and every gradient, with ignored targets and a padded vocabulary."""
+    c = small(**VARIANTS[name])
+    torch.manual_seed(0)
+    m = GPT(c)
+    x, y = torch.randint(0, c.vocab_size, (3, 20)), torch.randint(0, c.vocab_size, (3, 20))
+    y[0, :5] = -1
+    logits = m(x).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, c.vocab_size), y.reshape(-1), ignore_index=-1)
+    ref.backward()
+    expected = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    fused = m(x, y).loss
+    fused.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    for (n, p), g in zip(m.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7, msg=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x, y).loss.item() == pytest.approx(ref.item(), rel=2e-2)  # bf16 matmuls, fp32 softmax
 
 
 def test_causality_future_tokens_do_not_change_the_past():
@@ -82,9 +108,9 @@ def test_kv_cache_logits_match_full_forward(name):
     c = small(**VARIANTS[name])
     m = GPT(c).eval()
     x = torch.randint(0, c.vocab_size, (2, 18))
-    full, _ = m(x)
-    cache = m.make_cache(2)
-    parts = [m(x[:, :7], cache=cache)[0], m(x[:, 7:8], cache=cache)[0], m(x[:, 8:18], cache=cache)[0]]
+    full = m(x).logits
+    cache = m.make_cache(2, 20)  # static: written at the slots given by input_pos
+    parts = [m(x[:, a:b], input_pos=torch.arange(a, b), cache=cache).logits for a, b in ((0, 7), (7, 8), (8, 18))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -111,6 +137,17 @@ def test_a_batched_prompt_decodes_as_it_would_alone():
     for i, p in enumerate(prompts):
         alone = generate_ids(m, [p], max_new_tokens=10, temperature=0.0)
         assert alone.new_tokens[0] == batched.new_tokens[i]
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    c = small(pos_emb="rope", n_kv_head=2, block_size=32)
+    torch.manual_seed(3)
+    m = GPT(c)
+    prompts = [[5, 6, 7, 8, 9], [1, 2]]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=4)):
+        eager = generate_ids(m, prompts, max_new_tokens=10, **kw)
+        compiled = generate_ids(m, prompts, max_new_tokens=10, compile=True, **kw)
+        assert compiled.new_tokens == eager.new_tokens
 
 
 def test_generation_is_capped_at_block_size():
