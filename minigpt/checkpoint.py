@@ -22,10 +22,14 @@ weights (safetensors), every rank's RNG state and the training state, then commi
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -102,8 +106,10 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(weights: dict[str, torch.Tensor], path: Path, step: int) -> None:
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt", "step": str(step)})
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors with one metadata key: it serialises its metadata map in no fixed order, so two
+    keys would make identical weights give different file bytes (and SHA-256) run to run."""
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
 
 
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
@@ -146,7 +152,32 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
-    return torch.load(Path(folder) / STATE, map_location=device, weights_only=True)
+    """state.pt, unpickled with weights_only=True: tensors and plain containers, never code."""
+    try:
+        return torch.load(Path(folder) / STATE, map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain data
+        raise UserError(f"{Path(folder) / STATE} is not a minigpt training state ({str(e).splitlines()[0][:160]}); "
+                        f"it was not loaded") from None
+
+
+def load_latest(run_dir: Path, load, attempts: int = 5):
+    """(load(folder), step) of the newest checkpoint, for readers of a run that may be training.
+
+    A save commits a new checkpoint and then deletes the old one, so a reader can be pointed at a
+    folder that disappears under it: when loading fails and latest.json has moved meanwhile, read
+    it again. A failure with latest.json unchanged is a damaged run, reported at once.
+    """
+    pointer = Path(run_dir) / LATEST
+    for attempt in range(attempts):
+        before = pointer.read_bytes() if pointer.is_file() else None
+        try:
+            folder, step = latest_checkpoint(run_dir)
+            return load(folder), step
+        except (UserError, OSError):
+            moved = (pointer.read_bytes() if pointer.is_file() else None) != before
+            if not moved or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +221,7 @@ class Checkpointer:
             state = {**train_state, **backend.save_state(tmp), **self._rng_states(), "world_size": env.world_size}
             weights = backend.full_state_dict()
             if env.is_main:
-                save_weights(weights, tmp / WEIGHTS, step)
+                save_weights(weights, tmp / WEIGHTS)
                 torch.save(state, tmp / STATE)
             barrier(env)
             if env.is_main:
@@ -220,3 +251,67 @@ class Checkpointer:
         cuda = env.device.type == "cuda"
         return {"rng_cpu": all_gather_objects(torch.get_rng_state(), env),  # each rank resumes its own stream
                 "rng_cuda": all_gather_objects(torch.cuda.get_rng_state(env.device), env) if cuda else []}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory: one writer, only minigpt's files
+
+
+LOCK = ".lock"
+RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "summary.json", LATEST, "checkpoints", "report.json",
+             "report.md", "memory_per_rank.json", "deepspeed_config.json", "data.json", LOCK}
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive lock (fcntl.flock) on RUN/.lock, which names its
+    holder. The OS releases it when the process ends, however it ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.path, self.fd = Path(root) / LOCK, None
+
+    def acquire(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = self.path.read_text().strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{self.path.parent} is being trained by {holder}; wait for it, stop it (SIGTERM saves a "
+                            f"checkpoint), or set train.out_dir to another directory") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Entries of a directory that a minigpt run does not write (temporaries aside)."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(p.name for p in Path(root).iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+
+
+def clear_run_dir(root: Path) -> None:
+    """Delete a run's files (for --overwrite, or a start over a run that died before its first
+    checkpoint), keeping the lock that this process holds."""
+    for p in Path(root).iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Files and folders that a killed write left behind: *.tmp, checkpoints/.step_*.partial."""
+    root = Path(root)
+    stale = list(root.glob(".*.tmp")) + list((root / "checkpoints").glob(".step_*"))
+    stale += list((root / "checkpoints").glob("step_*/.*.tmp"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale

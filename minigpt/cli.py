@@ -13,10 +13,45 @@ import os
 import sys
 from pathlib import Path
 
-from minigpt.errors import UserError
+from minigpt.errors import UserError, os_error
+
+STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}  # a run stopped by a signal exits like the signal would
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (`error: ...`, exit 2), like every other input."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+        sys.exit(2)
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False):
+    """An argparse type: a finite number within [lo, hi] (lo excluded with lo_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if value != value or value in (float("inf"), float("-inf")) or low_bad or (hi is not None and value > hi):
+            span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number in {span}")
+        return value
+    return parse
+
+
+def tokens_arg(text: str):
+    return text if text == "chinchilla" else number(float, 0, lo_open=True)(text)
 
 # ----------------------------------------------------------------------------------------------
 # commands
+
+
+def to_json(obj) -> str:
+    from minigpt.report import to_json as dumps
+
+    return dumps(obj)
 
 
 def cmd_prepare(args) -> None:
@@ -27,15 +62,16 @@ def cmd_prepare(args) -> None:
     prepared = data.prepare_data(cfg.data, cfg.model)
     for line in prepared.summary_lines():
         print(line)
-    print(json.dumps({"event": "prepared", "path": str(prepared.path), **prepared.manifest}))
+    print(to_json({"event": "prepared", "path": str(prepared.path), **prepared.manifest}))
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from minigpt.config import run_config
     from minigpt.train import train
 
     cfg = run_config(args.config, args.set, args.resume)
-    train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
+    summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
+    return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
 def cmd_generate(args) -> None:
@@ -68,7 +104,7 @@ def cmd_generate(args) -> None:
         f"{', compiled' if args.compile else ''} | {device}"
         + (" | capped at block_size" if stats["capped_at_block_size"] else "")
     )
-    print(json.dumps({"event": "generated", "run": str(args.run), "step": step, "device": str(device),
+    print(to_json({"event": "generated", "run": str(args.run), "step": step, "device": str(device),
                       "threads": torch.get_num_threads(), "compile": args.compile, **stats}))
 
 
@@ -153,7 +189,7 @@ def cmd_flops(args) -> None:
 
     cfg = _config(args)
     r = flops_report(cfg.model, args.batch_size, args.seq_len or cfg.model.block_size, device=args.device)
-    print(json.dumps(r) if args.json else flops_table(r))
+    print(to_json(r) if args.json else flops_table(r))
 
 
 def cmd_flops_sweep(args) -> None:
@@ -172,13 +208,13 @@ def cmd_memory(args) -> None:
         if not path.is_file():
             raise UserError(f"{path} does not exist: only runs with train.backend = 'deepspeed' record per-rank memory")
         table = json.loads(path.read_text())
-        print(json.dumps(table) if args.json else per_rank_memory_table(table))
+        print(to_json(table) if args.json else per_rank_memory_table(table))
         return
     if args.params is not None:  # quick what-if from a bare parameter count
         precision = args.precision or "bf16"
         table = M.zero_table(args.params, precision, args.dp)
         if args.json:
-            print(json.dumps({"params_total": args.params, "dp": args.dp, "precision": precision, "zero": table}))
+            print(to_json({"params_total": args.params, "dp": args.dp, "precision": precision, "zero": table}))
             return
         print(f"model states per GPU for {args.params:.4g} parameters, {precision}, dp={args.dp} (ZeRO paper layout):")
         print("\n".join(zero_stage_lines(table)))
@@ -192,7 +228,7 @@ def cmd_memory(args) -> None:
     precision = args.precision or resolve_precision(cfg.train.precision, torch.device(args.device))
     r = memory_report(cfg.model, args.batch_size or cfg.train.micro_batch_size, args.seq_len or cfg.model.block_size,
                       precision, device=args.device, fake=args.fake, dp=args.dp, recompute=args.recompute)
-    print(json.dumps(r) if args.json else memory_table(r))
+    print(to_json(r) if args.json else memory_table(r))
 
 
 def cmd_bench_hardware(args) -> None:
@@ -234,7 +270,7 @@ def scenario_from_args(args, cfg):
                                                           args.measure_precision, args.measure_device)
         if args._measured_layers["device"] == "cpu":
             notes.append("layers timed on a CPU: its efficiency stands in for the target GPU's")
-    tokens = args.tokens if args.tokens in (None, "chinchilla") else float(args.tokens)
+    tokens = args.tokens
     serve = None
     if args.serve:
         tpr = args.tokens_per_request or (args.words_per_request / WORDS_PER_TOKEN if args.words_per_request else None)
@@ -257,7 +293,7 @@ def cmd_extrapolate(args) -> None:
     if getattr(args, "_measured_layers", None):
         r["measured_layers"] = args._measured_layers
     if args.json:
-        print(json.dumps(r))
+        print(to_json(r))
     elif args.markdown:
         print(extrapolation_markdown(r, f"minigpt extrapolation: {args.target} on {r['gpu']}"))
     else:
@@ -281,7 +317,7 @@ def cmd_extrapolate_plot(args) -> None:
                        "gpu_hours": summary["wall_s"] * summary["world_size"] / 3600, "kind": "measured"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_costs(points, args.out)
-    print(json.dumps({"plot": args.out, "points": points}))
+    print(to_json({"plot": args.out, "points": points}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +333,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     _config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop and checkpoint after STEP (schedule unchanged)")
+    p.add_argument("--stop-at", type=number(int, 1), metavar="STEP", help="stop and checkpoint after STEP (schedule unchanged)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.out_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
 
@@ -314,11 +350,11 @@ def _add_run_commands(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="default: the run's sample.max_new_tokens")
-    p.add_argument("--temperature", type=float, help="0 is greedy")
-    p.add_argument("--top-k", type=int, help="0 disables")
-    p.add_argument("--top-p", type=float, help="1.0 disables")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=number(int, 0), default=0, help="default: the run's sample.max_new_tokens")
+    p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
+    p.add_argument("--top-k", type=number(int, 0), help="0 disables")
+    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="1.0 disables")
+    p.add_argument("--seed", type=number(int, 0))
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
@@ -335,28 +371,28 @@ def _add_measure_commands(sub) -> None:
     p = sub.add_parser("flops", help="count training FLOPs of a config and set them beside the formulas")
     fsub = p.add_subparsers(dest="flops_command")
     _config_flags(p)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
+    p.add_argument("--batch-size", type=number(int, 1), default=1)
+    p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
     p.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu or cuda")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_flops)
     q = fsub.add_parser("sweep", help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
     q.add_argument("--out", default="runs/flops-sweep")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--steps", type=int, default=3, help="timed training steps per small model")
+    q.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per small model")
     q.add_argument("--no-gpt3", action="store_true", help="leave out the GPT-3 family (counted on meta)")
     q.set_defaults(func=cmd_flops_sweep)
 
     p = sub.add_parser("memory", help="training memory by category: predicted vs measured, ZeRO table")
     _config_flags(p)
-    p.add_argument("--batch-size", type=int, default=0, help="default: train.micro_batch_size")
+    p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: train.precision (bf16 with --params)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel degree for the ZeRO table")
+    p.add_argument("--dp", type=number(int, 1), default=1, help="data-parallel degree for the ZeRO table")
     p.add_argument("--device", default="cpu")
     p.add_argument("--fake", action="store_true", help="fake tensors: any size, nothing allocated")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
-    p.add_argument("--params", type=float, help="skip the model: ZeRO table for this many parameters")
+    p.add_argument("--params", type=number(float, 0, lo_open=True), help="skip the model: ZeRO table for this many parameters")
     p.add_argument("--run", help="a DeepSpeed run directory: its per-rank memory beside the ZeRO formulas")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
@@ -365,8 +401,8 @@ def _add_measure_commands(sub) -> None:
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
     q.add_argument("--device", default="auto")
-    q.add_argument("--size", type=int, default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
-    q.add_argument("--repeats", type=int, default=0)
+    q.add_argument("--size", type=number(int, 0, 32768), default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
+    q.add_argument("--repeats", type=number(int, 0, 1000), default=0)
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
     q.set_defaults(func=cmd_bench_hardware)
 
@@ -377,44 +413,44 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--target", default="gpt3-175b", help="a preset with a [target] table (gpt3-*, gpt4) or a TOML path")
     p.add_argument("--gpu", default="A100", help="V100, A100 (80GB), A100-40GB, H100, H200, B200")
     p.add_argument("--dtype", default="bf16", help="the peak's dtype: bf16, fp16, fp8, tf32, fp32")
-    p.add_argument("--num-gpus", type=int)
-    p.add_argument("--days", type=float, help="wall-clock budget: solve for the GPU count")
-    p.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1]")
+    p.add_argument("--num-gpus", type=number(int, 1))
+    p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
+    p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
     p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
     p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
-    p.add_argument("--measure-layers", type=int, default=0, metavar="K", help="time K full-width layers here")
-    p.add_argument("--measure-micro-batch", type=int, default=1)
+    p.add_argument("--measure-layers", type=number(int, 0, 1000), default=0, metavar="K", help="time K full-width layers here")
+    p.add_argument("--measure-micro-batch", type=number(int, 1), default=1)
     p.add_argument("--measure-precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--measure-device", default="auto")
-    p.add_argument("--price", type=float, help="USD per GPU-hour (default: an assumption per GPU type)")
-    p.add_argument("--tokens", help="training tokens, or 'chinchilla' (20 per parameter)")
+    p.add_argument("--price", type=number(float, 0), help="USD per GPU-hour (default: an assumption per GPU type)")
+    p.add_argument("--tokens", type=tokens_arg, help="training tokens, or 'chinchilla' (20 per parameter)")
     p.add_argument("--flops-convention", default="exact", help="exact, six_n_all, kaplan_6n, palm, chinchilla, megatron_72, ...")
-    p.add_argument("--tp", type=int, help="tensor-parallel degree (default: suggested)")
-    p.add_argument("--pp", type=int, help="pipeline stages (default: suggested)")
+    p.add_argument("--tp", type=number(int, 1), help="tensor-parallel degree (default: suggested)")
+    p.add_argument("--pp", type=number(int, 1), help="pipeline stages (default: suggested)")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--context", type=int, help="inference context (default: block_size / 2)")
-    p.add_argument("--batch", type=int, default=1, help="inference batch for the decode bound")
+    p.add_argument("--micro-batch", type=number(int, 1), default=1)
+    p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")
+    p.add_argument("--batch", type=number(int, 1), default=1, help="inference batch for the decode bound")
     p.add_argument("--serve", action="store_true", help="add a serving scenario")
-    p.add_argument("--users", type=float, default=1e6, help="concurrent users at peak")
-    p.add_argument("--requests-per-hour", type=float, default=6)
-    p.add_argument("--tokens-per-request", type=float)
-    p.add_argument("--words-per-request", type=float, default=60, help="converted at 1000 tokens = 750 words")
-    p.add_argument("--utilisation", type=float, default=0.3)
+    p.add_argument("--users", type=number(float, 0, lo_open=True), default=1e6, help="concurrent users at peak")
+    p.add_argument("--requests-per-hour", type=number(float, 0, lo_open=True), default=6)
+    p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True))
+    p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
+    p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--markdown", action="store_true")
     p.set_defaults(func=cmd_extrapolate)
     q = xsub.add_parser("plot", help="training cost against model size, log-log")
     q.add_argument("--gpu", default="A100")
-    q.add_argument("--mfu", type=float, default=0.3)
+    q.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), default=0.3)
     q.add_argument("--run", action="append", default=[], help="a measured run directory to add")
     q.add_argument("--out", default="runs/extrapolate.png")
     q.set_defaults(func=cmd_extrapolate_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minigpt", description="Train, run and measure small GPTs.")
+    parser = Parser(prog="minigpt", description="Train, run and measure small GPTs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_measure_commands(sub)
@@ -429,15 +465,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "extrapolate_command", None) == "plot":
         args.func = cmd_extrapolate_plot
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: rank 0 says it
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return _user_error(e)
+    except OSError as e:  # disk full, read-only, permissions...: the user's to fix, in one line
+        if os_error(e) is None:
+            raise
+        return _user_error(os_error(e))
+    except KeyboardInterrupt:  # outside a training loop (which stops gracefully itself)
         print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
         return 130
-    return 0
+
+
+def _user_error(e: UserError) -> int:
+    # under torchrun every rank sees the same error and rank 0 says it; a RankError is each rank's own
+    if os.environ.get("RANK", "0") == "0" or type(e).__name__ == "RankError":
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

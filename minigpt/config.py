@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -79,6 +80,9 @@ class ModelConfig:
         for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "ffn_hidden"):
             if getattr(self, key) <= 0:
                 raise UserError(f"model.{key} = {getattr(self, key)} must be a positive integer")
+        if self.vocab_size >= 2**32:
+            raise UserError(f"model.vocab_size = {self.vocab_size:,} does not fit the uint32 token files; "
+                            f"use fewer than {2**32:,} tokens")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}: "
@@ -179,6 +183,11 @@ class TrainConfig:
     peak_from: str = ""  # a `minigpt bench hardware --out FILE` result to use as the peak instead
     report: bool = True  # write report.json/.md (FLOPs counted vs formulas, MFU, memory) at the end
     moe_aux_loss_coef: float = 0.01  # weight of the mixture-of-experts load-balancing loss
+    keep_checkpoints: int = 1  # complete checkpoints kept (the newest K)
+    max_minutes: float = 0.0  # wall-clock budget: stop and checkpoint after this many minutes; 0: none
+    auto_resume: bool = False  # resume from train.out_dir's checkpoint when there is one (elastic restarts)
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this is an error naming the silent rank
+    allow_new_data: bool = False  # resume on a corpus that changed since the run started (its tokenizer kept)
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -187,17 +196,26 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)
-        for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every"):
+        for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer")
         for key in ("batch_size_tokens", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads",
-                    "peak_tflops"):
+                    "peak_tflops", "seed", "max_minutes", "moe_aux_loss_coef"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be >= 0")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise UserError("train.grad_clip and train.weight_decay must be >= 0")
+        cores = os.cpu_count() or 1
+        if self.threads > 4 * cores:
+            raise UserError(f"train.threads = {self.threads} is more than 4 x the {cores} CPU cores here; use at most "
+                            f"{4 * cores} (0: torch's default)")
+        if not 0 < self.lr <= 10 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"train.lr = {self.lr}, train.min_lr = {self.min_lr}: need 0 < lr <= 10 and 0 <= min_lr <= lr")
+        if self.grad_clip < 0 or not 0 <= self.weight_decay <= 10:
+            raise UserError(f"train.grad_clip = {self.grad_clip} must be >= 0 and train.weight_decay = "
+                            f"{self.weight_decay} in [0, 10]")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.dist_timeout_s <= 0:
+            raise UserError(f"train.dist_timeout_s = {self.dist_timeout_s} must be positive, e.g. 600")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError(f"train.beta1 = {self.beta1}, train.beta2 = {self.beta2} must be in [0, 1)")
         if not self.out_dir.strip():
@@ -335,6 +353,8 @@ def _coerce(value, hint, name: str, origin: str):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
             value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{origin}: {name} = {value} is not a finite number; give a number such as 0.1")
     else:
         ok = isinstance(value, expected)
     if not ok:
@@ -472,6 +492,13 @@ def run_config(config: str | None, overrides: list[str], resume: str | None = No
         for item in overrides:
             apply_override(raw, item)
         requested = config_from_dict(raw, origin=f"{run_dir}/config.json + --set")
+    check_same_model(saved, requested, run_dir)
+    requested.train.out_dir = str(run_dir)
+    return requested
+
+
+def check_same_model(saved: Config, requested: Config, run_dir) -> None:
+    """A checkpoint resumes only into the [model] it was trained with."""
     before, after = saved.to_dict()["model"], requested.to_dict()["model"]
     for key, value in before.items():
         if after[key] != value:
@@ -479,5 +506,3 @@ def run_config(config: str | None, overrides: list[str], resume: str | None = No
                 f"the checkpoint in {run_dir} was trained with model.{key} = {value!r}, the requested config has "
                 f"{after[key]!r}; resume with the run's own config (drop --config/--set model.*) or start a new run"
             )
-    requested.train.out_dir = str(run_dir)
-    return requested

@@ -43,7 +43,9 @@ EOT = "<|endoftext|>"
 BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-FORMAT_VERSION = 1  # bump when the prepared layout changes, to invalidate old caches
+FORMAT_VERSION = 2  # bump when the prepared layout changes, to invalidate old caches (2: relative names)
+PINNED = ("source", "inputs_sha256", "num_documents", "num_chars", "tokenizer")  # what a resumed run must find again
+VERIFY_HASH_BYTES = 256 << 20  # token files up to this size are re-hashed before reuse
 
 
 @dataclass
@@ -117,7 +119,23 @@ def local_files(source: str) -> list[Path]:
     return files
 
 
-def _read_text_files(files: list[Path], max_chars: int) -> tuple[list[Document], int]:
+def source_root(source: str) -> Path:
+    """What document names are relative to: the directory, the file's folder, or a glob's fixed prefix."""
+    fixed = Path(source.split("*")[0].split("?")[0].split("[")[0]) if any(c in source for c in "*?[") else Path(source)
+    return fixed if fixed.is_dir() else fixed.parent
+
+
+def _relative_name(path: Path, root: Path | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _read_text_files(files: list[Path], max_chars: int, root: Path | None = None) -> tuple[list[Document], int]:
+    """Documents named by their path relative to `root`, so the same corpus elsewhere splits the same."""
     docs, skipped, total = [], 0, 0
     for path in files:
         try:
@@ -127,7 +145,7 @@ def _read_text_files(files: list[Path], max_chars: int) -> tuple[list[Document],
             continue
         if not text.strip():
             continue
-        docs.append(Document(str(path), text))
+        docs.append(Document(_relative_name(path, root), text))
         total += len(text)
         if max_chars and total >= max_chars:
             break
@@ -191,7 +209,7 @@ def _dataset_documents(cfg: DataConfig) -> tuple[list[Document], int]:
     docs, total = [], 0
     for i, text in enumerate(ds[cfg.text_column]):
         if isinstance(text, str) and text.strip():
-            docs.append(Document(f"{label}#{i}", text))
+            docs.append(Document(f"#{i}", text))
             total += len(text)
             if cfg.max_chars and total >= cfg.max_chars:
                 break
@@ -202,7 +220,7 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], int]:
     """Return (documents, number of files skipped as not UTF-8). Raises UserError when empty."""
     source = cfg.source
     if source == "stdlib":
-        docs, skipped = _read_text_files(stdlib_files(), cfg.max_chars)
+        docs, skipped = _read_text_files(stdlib_files(), cfg.max_chars, Path(sysconfig.get_paths()["stdlib"]))
     elif source.startswith("hf:") or _is_saved_dataset(Path(source)) or (
         Path(source).is_file() and Path(source).suffix.lower() in DATA_FILE_FORMATS
     ):
@@ -214,7 +232,7 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], int]:
                 f"data.source = {source!r} matches no file: give an existing file, directory or glob, "
                 f"or 'stdlib' for the embedded default corpus"
             )
-        docs, skipped = _read_text_files(files, cfg.max_chars)
+        docs, skipped = _read_text_files(files, cfg.max_chars, source_root(source))
     if not docs:
         if skipped:
             raise UserError(
@@ -292,7 +310,11 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
     final = root / digest[:16]
     if (final / "manifest.json").is_file():
         manifest = json.loads((final / "manifest.json").read_text())
-        return PreparedData(final, manifest, final / "tokenizer.json", reused=True)
+        problem = cache_problem(final, manifest)
+        if problem is None:
+            return PreparedData(final, manifest, final / "tokenizer.json", reused=True)
+        log(f"cache    {final} is damaged ({problem}): rebuilding it")
+        shutil.rmtree(final, ignore_errors=True)
     if data_cfg.tokenizer == "bpe":
         tok = train_bpe(docs, model_cfg.vocab_size)
     else:
@@ -323,9 +345,38 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
         "unigram_entropy_nats": entropy,
         "unigram_entropy_bits": entropy / math.log(2),
         "prepare_seconds": round(time.time() - t0, 2),
+        "files_sha256": {f"{k}.bin": hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items()},
     }
     _write_cache(root, final, tok, arrays, manifest)
     return PreparedData(final, manifest, final / "tokenizer.json", reused=False)
+
+
+def cache_problem(folder: Path, manifest: dict) -> str | None:
+    """What is wrong with a token cache, checked against its manifest: missing files, sizes, and
+    (up to VERIFY_HASH_BYTES) SHA-256. None when it can be reused."""
+    if manifest.get("format_version") != FORMAT_VERSION or not (folder / "tokenizer.json").is_file():
+        return "an older format, or tokenizer.json missing"
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in ("train", "val"):
+        path, expected = folder / f"{split}.bin", manifest[f"{split}_tokens"] * itemsize
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected:
+            return f"{path.name} has {max(size, 0):,} bytes, the manifest says {expected:,}"
+        digest = manifest.get("files_sha256", {}).get(path.name)
+        if digest and size <= VERIFY_HASH_BYTES and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            return f"{path.name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def describe_change(before: dict, after: dict) -> str:
+    """How a corpus differs from the one a run was pinned to (data.json), in words."""
+    if before["source"] != after["source"]:
+        return f"data.source was {before['source']!r}, now {after['source']!r}"
+    if before.get("tokenizer") != after.get("tokenizer"):
+        return f"data.tokenizer was {before.get('tokenizer')!r}, now {after.get('tokenizer')!r}"
+    then, now = (f"{m['num_documents']:,} documents, {m['num_chars']:,} characters" for m in (before, after))
+    return f"{after['source']}: {then} when the run started, {now} now" if then != now else \
+        f"{after['source']}: as many documents and characters as when the run started, with different content"
 
 
 def _tokenizer_id(data_cfg: DataConfig) -> str:

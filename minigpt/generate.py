@@ -182,14 +182,24 @@ def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None 
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, object, Config, int]:
-    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint."""
+    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint.
+
+    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
+    """
     from tokenizers import Tokenizer
 
     run_dir = Path(run_dir)
-    folder, step = checkpoint.latest_checkpoint(run_dir)
+    checkpoint.latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
     cfg = config_from_json(run_dir / "config.json")
+    tokenizer_path = run_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise UserError(f"{run_dir} has no tokenizer.json: the run directory is damaged; copy the tokenizer the "
+                        f"run was trained with there")
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:
+        raise UserError(f"{tokenizer_path} is not a valid tokenizer: {str(e).splitlines()[0][:160]}") from None
     model = GPT(cfg.model)
-    checkpoint.load_weights(model, folder)
+    _, step = checkpoint.load_latest(run_dir, lambda folder: checkpoint.load_weights(model, folder))
     model.to(device).eval()
-    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     return model, tokenizer, cfg, step

@@ -184,3 +184,12 @@ def predicted_training_memory(c: ModelConfig, batch: int, seq_len: int, precisio
         "optimizer_state": states.optimizer_state,
         "activations": act["total"],
     }
+
+
+def training_bytes_estimate(c: ModelConfig, batch: int, seq_len: int, precision: str) -> float:
+    """Bytes one process needs to train `c` as minigpt's own trainer does: fp32 weights, gradients
+    and AdamW moments (16 bytes per parameter, all experts), the activations of one micro-batch
+    and the RoPE tables. A floor: temporaries and the allocator's slack come on top."""
+    states = model_state_bytes(param_counts(c).total, precision, 0, 1, layout="amp").total
+    rope = 2 * c.block_size * c.head_dim // 2 * 4 if c.pos_emb == "rope" else 0
+    return states + activation_bytes(c, batch, seq_len, precision)["total"] + rope

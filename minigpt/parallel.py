@@ -26,8 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from minigpt import checkpoint as ckpt
 from minigpt.config import BatchLayout, Config, TrainConfig
-from minigpt.distributed import DistEnv
+from minigpt.distributed import DistEnv, available_memory_bytes
+from minigpt.flops import param_counts
+from minigpt.memory import model_state_bytes, training_bytes_estimate
 from minigpt.errors import UserError
+from minigpt.report import fmt_bytes
 from minigpt.optim import StepResult, autocast_context, make_optimizer, objective
 from minigpt.torch_private import capture_data_dependent_shapes
 
@@ -216,6 +219,26 @@ class TorchBackend:
 
     def close(self) -> None:
         self.net = None
+
+
+def check_memory(cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
+    """Refuse, before allocating anything, a model that cannot fit this device's free memory.
+
+    The estimate is minigpt's own trainer's floor (memory.training_bytes_estimate: 16 bytes per
+    parameter and one micro-batch's activations); under DeepSpeed the ZeRO stage divides the model
+    states by the ranks. A process that would be killed for memory gets one line instead.
+    """
+    c, tc = cfg.model, cfg.train
+    have = available_memory_bytes(env.device)
+    need = training_bytes_estimate(c, layout.micro_batch_size, c.block_size, tc.precision)
+    if tc.backend == "deepspeed" and tc.zero_stage:
+        n = param_counts(c).total
+        need -= model_state_bytes(n, tc.precision, 0, 1, "amp").total
+        need += model_state_bytes(n, tc.precision, tc.zero_stage, env.world_size, "deepspeed").total
+    if have is not None and need > have:
+        raise UserError(f"training this model needs at least {fmt_bytes(need)} per process ({param_counts(c).total:,} "
+                        f"parameters; weights, gradients, AdamW state and one micro-batch of activations), {env.device} "
+                        f"has {fmt_bytes(have)} free: make the model or train.micro_batch_size smaller")
 
 
 def make_backend(model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> Backend:

@@ -6,6 +6,7 @@ its callers hand it the figures."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from minigpt import flops as F
@@ -21,6 +22,22 @@ FORMULA_NOTES = {
     "megatron_72": "72BsLh^2(1+s/6h+V/12Lh) (no recompute)",
     "megatron_96": "96BsLh^2(1+s/6h+V/16Lh) (full recompute)",
 }
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None, so that json.dumps writes valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    """Valid JSON always: non-finite numbers become null (json.dumps would write NaN/Infinity)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def fmt_bytes(n: float) -> str:
@@ -136,7 +153,7 @@ def report_markdown(r: dict) -> str:
 
 
 def write_report(run_dir: Path, r: dict) -> None:
-    atomic_write_text(Path(run_dir) / "report.json", json.dumps(r, indent=2))
+    atomic_write_text(Path(run_dir) / "report.json", to_json(r, indent=2))
     atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))
 
 

@@ -8,11 +8,14 @@
   none, so it would count as zero) the formula of the CUDA kernels.
 - `torch._dynamo.mark_static_address`: a KV cache that CUDA graphs may replay over in place.
 - `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
+- `distributed_c10d._get_default_store`: torchrun's store, for heartbeats and naming a silent rank.
+- `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -76,6 +79,27 @@ def capture_data_dependent_shapes() -> None:
     import torch._dynamo
 
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+
+def default_store():
+    """The key-value store of the default process group (torchrun's rendezvous TCPStore)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def attempt_store(rank: int, world_size: int, timeout) -> object | None:
+    """Under a torchrun restart (--max-restarts), the rendezvous store torchrun shares with its
+    workers keeps the keys of the failed attempt, so a restarted rank can read a dead peer's
+    address and fail to connect (pytorch/pytorch#135712). This is torch's own env:// store,
+    scoped to the attempt with a PrefixStore. None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, timeout)
+    return dist.PrefixStore(f"minigpt/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
 def fake_mode():

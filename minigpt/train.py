@@ -16,6 +16,8 @@ optimizer, grad scaler, RNG of every rank) is checkpointed, so a resumed run con
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -27,9 +29,11 @@ import torch
 
 from minigpt import data
 from minigpt.atomic import atomic_write_text
-from minigpt.checkpoint import Checkpointer, RunDir
-from minigpt.config import BatchLayout, Config, batch_layout
-from minigpt.distributed import DistEnv, all_reduce_mean, device_name, init_distributed, on_main_first, shutdown
+from minigpt.checkpoint import (Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, latest_checkpoint,
+                                remove_temporaries)
+from minigpt.config import BatchLayout, Config, batch_layout, check_same_model, config_from_json
+from minigpt.distributed import (DistEnv, StopControl, StopSignal, all_reduce_mean, barrier, device_name, heartbeat, init_distributed,
+                                 on_main, on_main_first, shutdown, silent_ranks_error)
 from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
@@ -37,8 +41,9 @@ from minigpt.hardware import choose_peak
 from minigpt.metrics import MetricsLogger
 from minigpt.model import GPT
 from minigpt.optim import StepResult, autocast_context, lr_at
-from minigpt.parallel import (Backend, apply_training_techniques, configure_device, eager, make_backend,
+from minigpt.parallel import (Backend, apply_training_techniques, check_memory, configure_device, eager, make_backend,
                               resolve_compile, resolve_precision)
+from minigpt.report import per_rank_memory_table, to_json
 
 
 @dataclass
@@ -94,9 +99,15 @@ class Run:
     state: TrainState
     start_step: int
     end_step: int
+    lock: RunLock | None = None
     train_loss: float | None = None
     val_loss: float | None = None
+    stopped: str | None = None  # "SIGTERM", "SIGINT" or "max_minutes" when the run stopped early
     t_start: float = 0.0
+
+
+class AlreadyDone(Exception):
+    """Resuming a run that is at its last step: nothing to do, nothing written."""
 
 
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,
@@ -104,27 +115,46 @@ def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwri
     """Train per `cfg`; with resume=True continue from the latest checkpoint in train.out_dir.
 
     stop_at: stop (and checkpoint) after this step, keeping the schedule of max_steps; used to
-    split a run in two. Returns the final summary (also printed as one JSON line).
+    split a run in two. Returns the final summary (also printed as one JSON line); its `stopped`
+    says when a signal or train.max_minutes ended the run early (after a checkpoint).
     """
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     run = None
     try:
-        run = start(cfg, env, resume, stop_at, overwrite, log)
-        loop(run)
+        with StopControl(env, cfg.train.max_minutes) as stop:
+            run = start(cfg, env, resume, stop_at, overwrite, log)
+            loop(run, stop)
         summary = finish(run)
+    except AlreadyDone as done:
+        shutdown(env)
+        return json.loads(str(done))
+    except StopSignal as e:  # before the first step: the start cleaned up, nothing was written
+        shutdown(env, together=False)
+        if env.is_main:
+            log(f"stopped by {e.name} before training began; nothing was written")
+        return {"event": "final", "stopped": e.name, "step": None}
     except BaseException as e:
+        silent = silent_ranks_error(env, e) if isinstance(e, RuntimeError) else None
         traceback.clear_frames(e.__traceback__)  # the failed frames hold the model and its process group
         if run is not None:
             run.metrics.close()
         shutdown(env, together=False)
+        if silent is not None:
+            raise silent from None
         raise
     run.backend.close()
+    if run.lock is not None:
+        run.lock.release()
     shutdown(env)
     return summary
 
 
 def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrite: bool, log) -> Run:
-    """Resolve the config for this device, prepare data, model, backend; restore a checkpoint."""
+    """Check everything, claim the run directory, prepare data, model, backend; restore a checkpoint.
+
+    Nothing is written into the run directory until every check has passed (a directory this
+    start created is removed again if it fails).
+    """
     tc = cfg.train
     say = log if env.is_main else (lambda *a, **k: None)
     if stop_at is not None and not 0 < stop_at <= tc.max_steps:
@@ -133,37 +163,46 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     tc.compile, compile_why = resolve_compile(tc, env.device, (stop_at or tc.max_steps))
     layout = batch_layout(tc, cfg.model.block_size, env.world_size)
     paths = RunDir(tc.out_dir)
-    _check_run_dir(paths, resume, overwrite, env)
-    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say))
-    for split in ("train", "val"):
-        data.check_split_length(prepared.tokens(split), split, cfg.model.block_size)
-    device_notes = configure_device(tc, env.device)
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    backend = make_backend(apply_training_techniques(GPT(cfg.model), tc), cfg, env, layout)
-    checkpointer = Checkpointer(paths, env, tc.checkpoint_every)
-    state = TrainState(backend=tc.backend)
-    if resume:
-        saved = checkpointer.load(backend, tc.backend)
-        state = TrainState(saved["step"], saved.get("skipped_steps", 0), tc.backend)
-    else:
-        torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank; the weights are already equal
-    end_step = stop_at if stop_at is not None else tc.max_steps
-    if state.step > end_step:
-        raise UserError(f"{paths.root} is at step {state.step}, past the requested end at step {end_step}; "
-                        f"raise train.max_steps (--set train.max_steps=N) to train further")
-    _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
-    metrics = _metrics(cfg, env, say, paths, layout, state.step, end_step)
-    run = Run(cfg, env, say, paths, prepared, layout, backend, checkpointer, metrics, state, state.step, end_step)
+    lock, created = on_main(env, lambda: _claim(paths)) or (None, False)
+    try:
+        resume = _resume_or_fresh(cfg, paths, resume, overwrite, say)
+        end_step = stop_at if stop_at is not None else tc.max_steps
+        _check_not_done(paths, resume, end_step, say)
+        check_memory(cfg, env, layout)
+        peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
+        prepared = _prepare_data(cfg, env, paths, resume, say)
+        device_notes = configure_device(tc, env.device)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        backend = make_backend(apply_training_techniques(GPT(cfg.model), tc), cfg, env, layout)
+        checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
+        state = TrainState(backend=tc.backend)
+        if resume:
+            saved = checkpointer.load(backend, tc.backend)
+            state = TrainState(saved["step"], saved.get("skipped_steps", 0), tc.backend)
+        else:
+            torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank; the weights are already equal
+        _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
+    except BaseException:
+        if env.is_main and lock is not None:
+            lock.release()
+            if created:
+                shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    metrics = _metrics(cfg, env, say, paths, layout, peak, state.step, end_step)
+    run = Run(cfg, env, say, paths, prepared, layout, backend, checkpointer, metrics, state, state.step, end_step, lock)
     for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
     return run
 
 
-def loop(run: Run) -> None:
+def loop(run: Run, stop: StopControl) -> None:
+    """The steps, each followed by its evaluation, sample and checkpoint cadences; a stop request
+    (agreed by every rank) saves the step just finished and ends the loop."""
     tc, env, state = run.cfg.train, run.env, run.state
     steps = range(state.step, run.end_step)
     tokens = run.prepared.tokens("train")
     run.t_start = time.perf_counter()
+    stop.graceful = True  # from here a signal finishes the step and saves
     with data.BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed, env.rank,
                           run.layout.accum, steps, env.device) as batches:
         for step, micro_batches in zip(steps, batches):
@@ -172,22 +211,31 @@ def loop(run: Run) -> None:
             loss, result = train_step(run.backend, micro_batches)
             state.step = step + 1
             run.metrics.log_step(state.step, loss, result, lr)
-            _after_step(run)
+            heartbeat(env, state.step)
+            run.stopped = stop.requested()
+            _after_step(run, loss)
+            if run.stopped:
+                break
 
 
-def _after_step(run: Run) -> None:
-    """Evaluation, samples and checkpoints at their cadences (and evaluation at the end)."""
+def _after_step(run: Run, loss: torch.Tensor) -> None:
+    """Evaluation, samples and checkpoints at their cadences (evaluation at the end, a checkpoint at
+    the end or when the run stops early)."""
     tc, step = run.cfg.train, run.state.step
     synced = False
-    if (tc.eval_every and step % tc.eval_every == 0) or step == run.end_step:
+    if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
         run.val_loss = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, split_id=1)
         run.train_loss = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env, split_id=2)
         run.metrics.log_eval(step, run.train_loss, run.val_loss, run.prepared.manifest["unigram_entropy_nats"])
         synced = True
-    if tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:
+    if not run.stopped and tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:
         sample(run, step)
         synced = True
-    if run.checkpointer.due(step, run.end_step):
+    if run.checkpointer.due(step, run.end_step) or run.stopped:
+        value = all_reduce_mean(loss, run.env).item()
+        if not math.isfinite(value):  # never checkpoint diverged weights over good ones
+            raise UserError(f"training diverged: the loss is {value} at step {step}; the last checkpoint keeps finite "
+                            f"weights: lower train.lr (or raise train.warmup_steps), then --resume {run.paths.root}")
         run.state.skipped_steps = run.metrics.skipped_total
         run.checkpointer.save(step, run.backend, asdict(run.state))
         synced = True
@@ -209,18 +257,18 @@ def sample(run: Run, step: int) -> None:
 def finish(run: Run) -> dict:
     """Final sample, per-rank memory, the run report and summary.json; returns the summary."""
     cfg, env, paths = run.cfg, run.env, run.paths
-    steps_run = run.end_step - run.start_step
+    steps_run = run.state.step - run.start_step
     wall = time.perf_counter() - run.t_start
     run.metrics.close()
-    if steps_run == 0:
-        run.say("nothing to do: the run is already at its last step")
+    if run.stopped:
+        run.say(f"stopped by {run.stopped} at step {run.state.step}; resume with: minigpt train --resume {paths.root}")
     else:
         sample(run, run.end_step)
     summary = {
-        "event": "final", "run_dir": str(paths.root), "step": run.end_step, "max_steps": cfg.train.max_steps,
-        "train_loss": run.train_loss, "val_loss": run.val_loss,
+        "event": "final", "run_dir": str(paths.root), "step": run.state.step, "max_steps": cfg.train.max_steps,
+        "stopped": run.stopped, "train_loss": run.train_loss, "val_loss": run.val_loss,
         "unigram_entropy_nats": run.prepared.manifest["unigram_entropy_nats"],
-        "tokens_seen": run.end_step * run.layout.tokens_per_step,
+        "tokens_seen": run.state.step * run.layout.tokens_per_step,
         "tokens_per_s": round(steps_run * run.layout.tokens_per_step / wall, 1) if steps_run else None,
         "wall_s": round(wall, 2), "world_size": env.world_size, "device": str(env.device),
         "precision": cfg.train.precision, "compile": cfg.train.compile, "backend": run.backend.describe(),
@@ -228,15 +276,13 @@ def finish(run: Run) -> dict:
     }
     per_rank = run.backend.memory_report() if steps_run else None  # collective
     if env.is_main and per_rank is not None:
-        from minigpt.report import per_rank_memory_table
-
-        atomic_write_text(paths.root / "memory_per_rank.json", json.dumps(per_rank, indent=2))
+        atomic_write_text(paths.root / "memory_per_rank.json", to_json(per_rank, indent=2))
         run.say(per_rank_memory_table(per_rank))
-    if env.is_main and cfg.train.report and steps_run:
+    if env.is_main and cfg.train.report and steps_run and not run.stopped:
         summary.update(_report(run))
     if env.is_main:
-        atomic_write_text(paths.summary, json.dumps(summary, indent=2))
-        print(json.dumps(summary), flush=True)
+        atomic_write_text(paths.summary, to_json(summary, indent=2))
+        print(to_json(summary), flush=True)
     return summary
 
 
@@ -267,38 +313,105 @@ def _report(run: Run) -> dict:
 # run directory and opening lines
 
 
-def _check_run_dir(paths: RunDir, resume: bool, overwrite: bool, env: DistEnv) -> None:
+def _claim(paths: RunDir) -> tuple[RunLock, bool]:
+    """Create the run directory if needed and take its lock (rank 0): one trainer per run."""
+    created = not paths.root.exists()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(paths.root)
+    try:
+        lock.acquire()
+    except UserError:
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    return lock, created
+
+
+def _resume_or_fresh(cfg: Config, paths: RunDir, resume: bool, overwrite: bool, say) -> bool:
+    """Whether this start resumes (asked, or train.auto_resume over a checkpoint); checks a fresh
+    start may use the directory."""
+    if not resume and cfg.train.auto_resume and paths.has_checkpoint():
+        check_same_model(config_from_json(paths.config), cfg, paths.root)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        say(f"resume   train.auto_resume: continuing the run in {paths.root} (torchrun restart {restart})")
+        return True
     if resume:
-        return
+        return True
     if paths.has_checkpoint() and not overwrite:
         raise UserError(f"{paths.root} already holds a run; continue it with --resume {paths.root}, replace it with "
                         f"--overwrite, or set train.out_dir to a new directory")
-    if overwrite and env.is_main and paths.root.exists():
-        shutil.rmtree(paths.root)
+    foreign = foreign_entries(paths.root)
+    if foreign:
+        raise UserError(f"{paths.root} is not a minigpt run directory (it holds {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); give an empty or new train.out_dir")
+    return False
+
+
+def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
+    """Resuming a run already at its end changes nothing (no file is rewritten)."""
+    if not resume:
+        return
+    _, at = latest_checkpoint(paths.root)  # verified: a damaged run is reported, even when it is done
+    if at > end_step:
+        raise UserError(f"{paths.root} is at step {at}, past the requested end at step {end_step}; "
+                        f"raise train.max_steps (--set train.max_steps=N) to train further")
+    if at == end_step:
+        say(f"nothing to do: {paths.root} is already at step {at} of {end_step}; raise train.max_steps "
+            f"(--set train.max_steps=N) to train further")
+        summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else {"step": at}
+        raise AlreadyDone(json.dumps(summary))
+
+
+def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -> data.PreparedData:
+    """Tokens of the corpus; a resumed run is pinned to the corpus (and tokenizer) it started with."""
+    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say))
+    pinned_path = paths.root / "data.json"
+    if resume and pinned_path.is_file():
+        pinned = json.loads(pinned_path.read_text())
+        if prepared.manifest["inputs_sha256"] != pinned["inputs_sha256"]:
+            change = data.describe_change(pinned, prepared.manifest)
+            if not cfg.train.allow_new_data:
+                raise UserError(f"the corpus of {paths.root} changed since the run started ({change}); restore it, or "
+                                f"resume with --set train.allow_new_data=true to continue on the new data with the "
+                                f"run's tokenizer")
+            cfg.data.tokenizer = str(paths.tokenizer.resolve())  # the run's tokenizer, not one retrained
+            prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say))
+            say(f"data     continuing on a changed corpus (train.allow_new_data): {change}; tokenized with the "
+                f"run's tokenizer")
+    for split in ("train", "val"):
+        data.check_split_length(prepared.tokens(split), split, cfg.model.block_size)
+    return prepared
 
 
 def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
                      env: DistEnv) -> None:
-    """config.json (resolved), tokenizer.json, the backend's own config; a resumed run's
-    metrics.jsonl loses the records past its checkpoint (those steps are about to be redone)."""
+    """A fresh run clears what an earlier attempt left (no checkpoint, or --overwrite) and writes
+    config.json (resolved), tokenizer.json, data.json (the corpus it is pinned to) and the
+    backend's own config. A resumed run removes temporaries a kill left, keeps its tokenizer,
+    and drops the metrics records past its checkpoint (those steps are about to be redone)."""
     if not env.is_main:
+        barrier(env)
         return
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, cfg.to_json())
-    shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
-    for name, text in backend.run_files().items():
-        atomic_write_text(paths.root / name, text)
-    if resumed_at is not None:
+    if resumed_at is None:
+        clear_run_dir(paths.root)
+        shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
+    else:
+        remove_temporaries(paths.root)
         kept = [r for r in _read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(paths.config, cfg.to_json())
+    m = prepared.manifest
+    atomic_write_text(paths.root / "data.json", json.dumps({k: m[k] for k in data.PINNED}, indent=2))
+    for name, text in backend.run_files().items():
+        atomic_write_text(paths.root / name, text)
+    barrier(env)
 
 
-def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, start_step: int,
+def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, peak, start_step: int,
              end_step: int) -> MetricsLogger:
     c, tc = cfg.model, cfg.train
     tokens = layout.tokens_per_step
     hw = train_flops_per_token(c, c.block_size, "exact_recompute") * tokens if tc.activation_checkpointing else None
-    peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
     return MetricsLogger(paths.metrics, env, say, tokens_per_step=tokens,
                          flops_per_step=train_flops_per_token(c, c.block_size, "exact") * tokens, hw_flops_per_step=hw,
                          peak=peak, precision=tc.precision, log_every=tc.log_every, start_step=start_step,

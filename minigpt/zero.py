@@ -50,8 +50,6 @@ def require_deepspeed():
 
 
 def validate(tc, device: torch.device) -> None:
-    if tc.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"train.zero_stage = {tc.zero_stage} must be 0, 1, 2 or 3")
     if tc.offload_params and tc.zero_stage != 3:
         raise UserError("train.offload_params needs train.zero_stage = 3 (only stage 3 partitions parameters)")
     if tc.offload_optimizer and tc.zero_stage == 0:

@@ -129,7 +129,7 @@ def test_extrapolate_cli_json_markdown_and_errors(tmp_path):
     r = run_cli("extrapolate", "--target", "gpt3-13b", "--markdown", "--mfu", "0.3")
     assert r.returncode == 0 and r.stdout.startswith("# minigpt extrapolation")
     for args, msg in ((["--target", "gpt5"], "unknown target 'gpt5'"), (["--gpu", "Z100"], "unknown GPU"),
-                      (["--mfu", "0"], "must be in (0, 1]"), (["--tokens", "-3"], "must be positive")):
+                      (["--mfu", "0"], "in (0, 1]"), (["--tokens", "-3"], "in (0, inf]")):
         r = run_cli("extrapolate", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
