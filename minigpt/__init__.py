@@ -8,4 +8,4 @@ Layers (imports point down only; tests/test_layering.py keeps it so):
   cli                                 the `minigpt` command
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -6,6 +6,7 @@ over the target (rename is atomic on POSIX), and the directory entry is fsync'ed
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,18 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file written by appends; a last line cut short by a kill is
+    skipped. A missing file has no records."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out

@@ -18,6 +18,7 @@ from minigpt.generate import generate_ids
 from minigpt.hardware import match_device
 from minigpt.memory import kv_cache_bytes_per_token
 from minigpt.optim import DTYPES
+from minigpt.progress import Progress
 
 
 def _sync(device: torch.device) -> None:
@@ -74,12 +75,17 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
         "torch": torch.__version__,
         # CPUs without 16-bit matmul units run bf16 ~100x slower: a smaller size keeps it short
         "matmul_size": {d: (n if gpu or d == "fp32" else min(n, 512)) for d in dtypes},
-        "matmul_tflops": {d: round(matmul_tflops(dev, DTYPES[d], n if gpu or d == "fp32" else min(n, 512), reps), 4)
-                          for d in dtypes},
-        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(dev, (1 << 30) if gpu else (256 << 20), reps), 1),
+        "matmul_tflops": {},
+        "copy_bandwidth_gbs": None,
         "datasheet": {"name": spec.name, "tflops": spec.tflops, "bandwidth_tbs": spec.bandwidth_tbs} if spec else None,
         "convention": f"best of {reps} n x n x n matmuls (n: matmul_size), 2 n^3 FLOPs each; copy bandwidth (best of {reps}) counts read + write bytes",
     }
+    with Progress(len(dtypes) + 1, "hardware benchmark", "measurements") as progress:
+        for d in dtypes:
+            result["matmul_tflops"][d] = round(matmul_tflops(dev, DTYPES[d], result["matmul_size"][d], reps), 4)
+            progress.update()
+        result["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(dev, (1 << 30) if gpu else (256 << 20), reps), 1)
+        progress.update()
     if spec:
         result["fraction_of_datasheet"] = {
             d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops

@@ -258,8 +258,9 @@ class Checkpointer:
 
 
 LOCK = ".lock"
-RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "summary.json", LATEST, "checkpoints", "report.json",
-             "report.md", "memory_per_rank.json", "deepspeed_config.json", "data.json", LOCK}
+RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
+             LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
+             "deepspeed_config.json", "data.json", LOCK}
 
 
 class RunLock:

@@ -140,6 +140,10 @@ def cmd_quickstart(args) -> None:
         print(text)
         print("-" * 40)
     s = gen.stats()
+    from minigpt.plots import plot_runs
+
+    plot_runs([cfg.train.out_dir], str(Path(cfg.train.out_dir) / "loss.png"))
+    print(f"== loss curves: {Path(cfg.train.out_dir) / 'loss.png'} (minigpt plot RUN [RUN ...] draws any runs)")
     _quickstart_extrapolation(cfg.train.out_dir)
     gap = summary["unigram_entropy_nats"] - summary["val_loss"]
     print(
@@ -181,6 +185,13 @@ def _config(args):
     from minigpt.config import load_config, resolve_preset
 
     return load_config(resolve_preset(args.config), args.set)
+
+
+def cmd_plot(args) -> None:
+    from minigpt.plots import plot_runs
+
+    runs = plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}")
 
 
 def cmd_flops(args) -> None:
@@ -302,21 +313,26 @@ def cmd_extrapolate(args) -> None:
 
 def cmd_extrapolate_plot(args) -> None:
     from minigpt.config import GPT3_PRESETS
-    from minigpt.extrapolate import Scenario, extrapolate, plot_costs
+    from minigpt.extrapolate import Scenario, extrapolate
     from minigpt.hardware import gpu_by_name
+    from minigpt.plots import plot_costs
 
     gpu = gpu_by_name(args.gpu)
     points = []
     for name in [*GPT3_PRESETS, "gpt4"]:
         cfg = _target(name)
         r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
-        points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated"})
+        points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated",
+                       "tokens": r["train_tokens"]})
     for run in args.run:
-        summary = json.loads((Path(run) / "summary.json").read_text())
-        points.append({"name": Path(run).name, "params": summary["params"],
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: give a finished run directory with --run")
+        summary = json.loads(path.read_text())
+        points.append({"name": Path(run).name, "params": summary["params"], "tokens": summary["tokens_seen"],
                        "gpu_hours": summary["wall_s"] * summary["world_size"] / 3600, "kind": "measured"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    plot_costs(points, args.out)
+    plot_costs(points, args.out, gpu.name, args.mfu, 1024)
     print(to_json({"plot": args.out, "points": points}))
 
 
@@ -360,6 +376,11 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("plot", help="training and validation loss of runs against tokens seen and wall time (PNG)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, overlaid")
+    p.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
+    p.set_defaults(func=cmd_plot)
+
     p = sub.add_parser("quickstart", help="the main job: prepare stdlib text, train the tiny GPT, sample")
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -379,7 +400,7 @@ def _add_measure_commands(sub) -> None:
     q = fsub.add_parser("sweep", help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
     q.add_argument("--out", default="runs/flops-sweep")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--steps", type=number(int, 1), default=3, help="timed training steps per small model")
+    q.add_argument("--steps", type=number(int, 1), default=7, help="timed training steps per small model")
     q.add_argument("--no-gpt3", action="store_true", help="leave out the GPT-3 family (counted on meta)")
     q.set_defaults(func=cmd_flops_sweep)
 
@@ -459,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # every line reaches a pipe or a file as it is printed
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     if getattr(args, "flops_command", None) == "sweep":
         args.func = cmd_flops_sweep

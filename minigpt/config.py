@@ -146,6 +146,9 @@ class DataConfig:
             raise UserError(f"data.max_chars = {self.max_chars} must be >= 0 (0 means the whole corpus)")
 
 
+LOG_SINKS = ("jsonl", "tensorboard", "csv", "wandb")  # metrics.jsonl is always written
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, precision, logging and checkpoint cadence."""
@@ -188,6 +191,7 @@ class TrainConfig:
     auto_resume: bool = False  # resume from train.out_dir's checkpoint when there is one (elastic restarts)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this is an error naming the silent rank
     allow_new_data: bool = False  # resume on a corpus that changed since the run started (its tokenizer kept)
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + "tensorboard", "csv", "wandb"
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -212,6 +216,9 @@ class TrainConfig:
         if self.grad_clip < 0 or not 0 <= self.weight_decay <= 10:
             raise UserError(f"train.grad_clip = {self.grad_clip} must be >= 0 and train.weight_decay = "
                             f"{self.weight_decay} in [0, 10]")
+        unknown = sorted(set(self.log_to) - set(LOG_SINKS))
+        if unknown:
+            raise UserError(f"train.log_to has {unknown[0]!r}; choose from {', '.join(LOG_SINKS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3")
         if self.dist_timeout_s <= 0:
@@ -345,6 +352,11 @@ def _coerce(value, hint, name: str, origin: str):
             return None
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
     expected = hint
+    if typing.get_origin(hint) is list:  # list[str]: a TOML array of strings
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise UserError(f"{origin}: {name} = {value!r} must be a list of {item.__name__}, e.g. [\"jsonl\", \"csv\"]")
+        return list(value)
     if expected is bool:
         ok = isinstance(value, bool)
     elif expected is int:

@@ -38,6 +38,7 @@ import torch
 
 from minigpt.config import DataConfig, ModelConfig
 from minigpt.errors import UserError
+from minigpt.progress import Progress
 
 EOT = "<|endoftext|>"
 BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
@@ -134,21 +135,24 @@ def _relative_name(path: Path, root: Path | None) -> str:
         return path.name
 
 
-def _read_text_files(files: list[Path], max_chars: int, root: Path | None = None) -> tuple[list[Document], int]:
+def _read_text_files(files: list[Path], max_chars: int, root: Path | None = None,
+                     show: bool = True) -> tuple[list[Document], int]:
     """Documents named by their path relative to `root`, so the same corpus elsewhere splits the same."""
     docs, skipped, total = [], 0, 0
-    for path in files:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            skipped += 1
-            continue
-        if not text.strip():
-            continue
-        docs.append(Document(_relative_name(path, root), text))
-        total += len(text)
-        if max_chars and total >= max_chars:
-            break
+    with Progress(len(files), "read corpus", "files", show) as progress:
+        for path in files:
+            progress.update()
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                skipped += 1
+                continue
+            if not text.strip():
+                continue
+            docs.append(Document(_relative_name(path, root), text))
+            total += len(text)
+            if max_chars and total >= max_chars:
+                break
     return docs, skipped
 
 
@@ -216,11 +220,11 @@ def _dataset_documents(cfg: DataConfig) -> tuple[list[Document], int]:
     return docs, 0
 
 
-def load_documents(cfg: DataConfig) -> tuple[list[Document], int]:
+def load_documents(cfg: DataConfig, show: bool = True) -> tuple[list[Document], int]:
     """Return (documents, number of files skipped as not UTF-8). Raises UserError when empty."""
     source = cfg.source
     if source == "stdlib":
-        docs, skipped = _read_text_files(stdlib_files(), cfg.max_chars, Path(sysconfig.get_paths()["stdlib"]))
+        docs, skipped = _read_text_files(stdlib_files(), cfg.max_chars, Path(sysconfig.get_paths()["stdlib"]), show)
     elif source.startswith("hf:") or _is_saved_dataset(Path(source)) or (
         Path(source).is_file() and Path(source).suffix.lower() in DATA_FILE_FORMATS
     ):
@@ -232,7 +236,7 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], int]:
                 f"data.source = {source!r} matches no file: give an existing file, directory or glob, "
                 f"or 'stdlib' for the embedded default corpus"
             )
-        docs, skipped = _read_text_files(files, cfg.max_chars, source_root(source))
+        docs, skipped = _read_text_files(files, cfg.max_chars, source_root(source), show)
     if not docs:
         if skipped:
             raise UserError(
@@ -301,10 +305,13 @@ def _is_val(name: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[str], None] = print) -> PreparedData:
-    """Build (or reuse) the token files for this corpus and tokenizer; return where they are."""
+def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[str], None] = print,
+                 show_progress: bool = True) -> PreparedData:
+    """Build (or reuse) the token files for this corpus and tokenizer; return where they are.
+
+    Long phases report progress on stderr (a bar on a terminal, periodic lines otherwise)."""
     t0 = time.time()
-    docs, skipped = load_documents(data_cfg)
+    docs, skipped = load_documents(data_cfg, show_progress)
     digest = _inputs_digest(docs, data_cfg, model_cfg)
     root = cache_root(data_cfg)
     final = root / digest[:16]
@@ -316,11 +323,14 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
         log(f"cache    {final} is damaged ({problem}): rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
     if data_cfg.tokenizer == "bpe":
+        if show_progress:
+            log(f"tokenizer training byte-level BPE of {model_cfg.vocab_size:,} tokens on "
+                f"{sum(len(d.text) for d in docs):,} characters")
         tok = train_bpe(docs, model_cfg.vocab_size)
     else:
         tok = load_tokenizer_file(data_cfg.tokenizer, model_cfg.vocab_size)
     dtype = np.uint16 if model_cfg.vocab_size < 2**16 else np.uint32
-    arrays, n_val_docs, split_rule = _tokenize_splits(docs, tok, data_cfg.val_fraction, dtype)
+    arrays, n_val_docs, split_rule = _tokenize_splits(docs, tok, data_cfg.val_fraction, dtype, show_progress)
     counts = np.bincount(arrays["train"], minlength=tok.get_vocab_size()).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
@@ -396,19 +406,21 @@ def _inputs_digest(docs: list[Document], data_cfg: DataConfig, model_cfg: ModelC
     return hasher.hexdigest()
 
 
-def _tokenize_splits(docs: list[Document], tok, val_fraction: float, dtype) -> tuple[dict, int, str]:
+def _tokenize_splits(docs: list[Document], tok, val_fraction: float, dtype, show: bool = True) -> tuple[dict, int, str]:
     """Token arrays of the train and validation documents (each ends with <|endoftext|>)."""
     eot = tok.token_to_id(EOT)
     splits: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     n_val_docs = 0
     chunk = 256
-    for i in range(0, len(docs), chunk):
-        batch = docs[i : i + chunk]
-        for d, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
-            ids = enc.ids + ([eot] if eot is not None else [])
-            is_val = _is_val(d.name, val_fraction)
-            n_val_docs += is_val
-            splits["val" if is_val else "train"].append(np.asarray(ids, dtype=dtype))
+    with Progress(len(docs), "tokenize", "documents", show) as progress:
+        for i in range(0, len(docs), chunk):
+            batch = docs[i : i + chunk]
+            for d, enc in zip(batch, tok.encode_batch([d.text for d in batch])):
+                ids = enc.ids + ([eot] if eot is not None else [])
+                is_val = _is_val(d.name, val_fraction)
+                n_val_docs += is_val
+                splits["val" if is_val else "train"].append(np.asarray(ids, dtype=dtype))
+            progress.update(len(batch))
     arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=dtype)) for k, v in splits.items()}
     split_rule = f"documents whose name hashes below {val_fraction}"
     if len(arrays["train"]) == 0 or len(arrays["val"]) == 0:

@@ -356,28 +356,3 @@ def mfu_from_bench(path: str, gpu: GPUSpec) -> tuple[float, str]:
     if gpu.name.lower() not in str(data.get("device_name", "")).lower():
         source += f" (WARNING: measured on another device than the target {gpu.name})"
     return mfu, source
-
-
-def plot_costs(points: list[dict], path: str) -> None:
-    """Training cost (GPU-hours) against parameters, log-log; measured and extrapolated points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for kind, marker in (("measured", "o"), ("extrapolated", "s")):
-        pts = [p for p in points if p["kind"] == kind]
-        if pts:
-            ax.scatter([p["params"] for p in pts], [p["gpu_hours"] for p in pts], marker=marker, label=kind)
-            for p in pts:
-                ax.annotate(p["name"], (p["params"], p["gpu_hours"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (total)")
-    ax.set_ylabel("training cost, device-hours")
-    ax.set_title("Training cost vs model size (extrapolated on the stated GPU and MFU)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

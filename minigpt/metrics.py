@@ -5,12 +5,15 @@ the steps that log: in between, the loss, the gradient norm and the count of ski
 on the device, so a GPU step never waits for the host. Times are averaged over the steps since
 the last log (the `.item()` there waits for them), so they are right without a per-step sync.
 
-Every record in metrics.jsonl has its kind ("step" or "eval") and a wall-clock timestamp
-(`time`, seconds since the epoch).
+Every record has its kind ("step" or "eval"), a wall-clock timestamp (`time`, seconds since the
+epoch), the step and the tokens seen. It always goes to metrics.jsonl, and to the trackers named in
+train.log_to: a CSV with a fixed header, TensorBoard event files (against steps and against tokens
+seen), Weights & Biases (offline unless WANDB_MODE or WANDB_API_KEY say otherwise).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
@@ -20,19 +23,139 @@ from pathlib import Path
 import torch
 
 from minigpt.distributed import DistEnv, all_reduce_mean
+from minigpt.errors import UserError
 from minigpt.hardware import Peak
 from minigpt.optim import StepResult
 
 
-def memory_note(device: torch.device) -> str:
+def memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what they are): peak CUDA memory allocated on a GPU; the resident set size of this
+    process on CPU (Linux), the honest figure available there."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak alloc"
-    try:  # resident set size of this process (Linux), the honest figure available on CPU
+        return torch.cuda.max_memory_allocated(device), "peak alloc"
+    try:
         with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return f"{rss / 2**30:.2f} GiB rss"
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "rss"
     except (OSError, ValueError, IndexError):
-        return "mem n/a"
+        return None, "n/a"
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """This process's peak so far: CUDA memory allocated, or the peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "peak CUDA memory allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident set size of the process"
+
+
+def memory_note(device: torch.device) -> str:
+    n, what = memory_bytes(device)
+    return f"{n / 2**30:.2f} GiB {what}" if n is not None else "mem n/a"
+
+
+# ----------------------------------------------------------------------------------------------
+# where records go
+
+
+CSV_FIELDS = ("kind", "time", "step", "tokens", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s",
+              "tflops_per_device", "mfu", "hfu", "memory_gib", "train_loss", "val_loss")
+SCALARS = ("loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "tflops_per_device", "mfu", "hfu", "memory_gib",
+           "train_loss", "val_loss")
+
+
+class JsonlSink:
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class CsvSink:
+    """metrics.csv, one row per record, columns CSV_FIELDS (empty where a record has no value)."""
+
+    def __init__(self, path: Path) -> None:
+        new = not path.is_file() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, CSV_FIELDS, extrasaction="ignore", restval="")
+        if new:
+            self.writer.writeheader()
+
+    def write(self, record: dict) -> None:
+        self.writer.writerow(record)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    """Event files in RUN/tensorboard: `{kind}/{name}` against steps, `{kind}_by_tokens/{name}`
+    against tokens seen. A resumed run purges the events past its checkpoint."""
+
+    def __init__(self, log_dir: Path, resumed_at: int | None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("train.log_to has 'tensorboard' but the tensorboard package is not installed: "
+                            "pip install tensorboard (or minigpt[tb])") from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at)
+
+    def write(self, record: dict) -> None:
+        for name in SCALARS:
+            value = record.get(name)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{record['kind']}/{name}", value, record["step"], walltime=record["time"])
+                self.writer.add_scalar(f"{record['kind']}_by_tokens/{name}", value, record["tokens"],
+                                       walltime=record["time"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, run_dir: Path, config: dict) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("train.log_to has 'wandb' but the wandb package is not installed: pip install wandb") from None
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project="minigpt", dir=str(run_dir), config=config, mode=mode, name=run_dir.name)
+
+    def write(self, record: dict) -> None:
+        self.run.log({f"{record['kind']}/{k}": v for k, v in record.items() if k in SCALARS}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def check_sinks(log_to: list[str]) -> None:
+    """Fail before a run writes anything when a tracker it asks for is not installed."""
+    needs = {"tensorboard": ("tensorboard", "pip install tensorboard (or minigpt[tb])"), "wandb": ("wandb", "pip install wandb")}
+    for sink, (module, fix) in needs.items():
+        if sink in log_to:
+            try:
+                __import__(module)
+            except ImportError:
+                raise UserError(f"train.log_to has {sink!r} but the {module} package is not installed: {fix}") from None
+
+
+def make_sinks(log_to: list[str], run_dir: Path, resumed_at: int | None, config: dict) -> list:
+    """The record sinks of train.log_to (metrics.jsonl always)."""
+    sinks = [JsonlSink(run_dir / "metrics.jsonl")]
+    if "csv" in log_to:
+        sinks.append(CsvSink(run_dir / "metrics.csv"))
+    if "tensorboard" in log_to:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", resumed_at))
+    if "wandb" in log_to:
+        sinks.append(WandbSink(run_dir, config))
+    return sinks
 
 
 def format_duration(seconds: float) -> str:
@@ -45,13 +168,13 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Step and evaluation lines with throughput, MFU/HFU against a stated peak, memory and ETA."""
 
-    def __init__(self, path: Path | None, env: DistEnv, say, *, tokens_per_step: int, flops_per_step: float,
+    def __init__(self, sinks: list, env: DistEnv, say, *, tokens_per_step: int, flops_per_step: float,
                  hw_flops_per_step: float | None, peak: Peak, precision: str, log_every: int, start_step: int,
                  end_step: int) -> None:
         self.env, self.say, self.peak, self.precision = env, say, peak, precision
         self.tokens_per_step, self.flops, self.hw_flops = tokens_per_step, flops_per_step, hw_flops_per_step
         self.log_every, self.end_step = log_every, end_step
-        self.file = open(path, "a") if (path is not None and env.is_main) else None
+        self.sinks = sinks if env.is_main else []
         self.window_ms: list[float] = []  # ms per step of every logged window after the first step
         self.first_ms: float | None = None
         self.skipped = torch.zeros((), dtype=torch.int32, device=env.device)
@@ -81,9 +204,11 @@ class MetricsLogger:
         else:
             self.window_ms.append(dt * 1e3)
         tflops = self.flops / dt / self.env.world_size / 1e12  # per device
-        record = {"kind": "step", "time": round(time.time(), 3), "step": step, "loss": round(value, 6), "lr": lr,
-                  "grad_norm": round(norm, 6), "ms_per_step": round(dt * 1e3, 2),
-                  "tokens_per_s": round(self.tokens_per_step / dt, 1), "tflops_per_device": round(tflops, 5)}
+        mem, _ = memory_bytes(self.env.device)
+        record = {"kind": "step", "time": round(time.time(), 3), "step": step, "tokens": step * self.tokens_per_step,
+                  "loss": round(value, 6), "lr": lr, "grad_norm": round(norm, 6), "ms_per_step": round(dt * 1e3, 2),
+                  "tokens_per_s": round(self.tokens_per_step / dt, 1), "tflops_per_device": round(tflops, 5),
+                  "memory_gib": round(mem / 2**30, 4) if mem is not None else None}
         util = "MFU n/a"
         if self.peak.known:
             record["mfu"] = tflops / self.peak.tflops
@@ -105,8 +230,8 @@ class MetricsLogger:
     def log_eval(self, step: int, train_loss: float, val_loss: float, entropy: float) -> None:
         self.say(f"eval   step {step} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
                  f"unigram entropy {entropy:.4f} nats")
-        self._write({"kind": "eval", "time": round(time.time(), 3), "step": step, "train_loss": train_loss,
-                     "val_loss": val_loss})
+        self._write({"kind": "eval", "time": round(time.time(), 3), "step": step, "tokens": step * self.tokens_per_step,
+                     "train_loss": train_loss, "val_loss": val_loss})
 
     @property
     def skipped_total(self) -> int:
@@ -120,9 +245,9 @@ class MetricsLogger:
         return self.first_ms / 1e3 if self.first_ms is not None else None
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def _skipped_line(self, step: int) -> None:
         total = self.skipped_total
@@ -132,6 +257,5 @@ class MetricsLogger:
             self.skipped_logged = total
 
     def _write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        for sink in self.sinks:
+            sink.write(record)

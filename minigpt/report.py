@@ -111,9 +111,10 @@ def zero_stage_lines(table: dict) -> list[str]:
 
 
 def run_report(cfg: Config, fl: dict, mem: dict, step_seconds: float, tokens_per_step: int, world_size: int,
-               peak: Peak, device_type: str) -> dict:
-    """FLOPs counted vs formulas (`fl`, measure.flops_report), achieved FLOP/s and MFU at the median
-    step, memory predicted vs measured (`mem`, measure.memory_report)."""
+               peak: Peak, device_type: str, run: dict | None = None) -> dict:
+    """What the run did (`run`: its summary and peak memory), then FLOPs counted vs formulas (`fl`,
+    measure.flops_report), achieved FLOP/s and MFU at the median step, and memory predicted vs
+    measured in a fake-tensor replay of one step (`mem`, measure.memory_report)."""
     c, tc = cfg.model, cfg.train
     model_flops = F.train_flops_per_token(c, c.block_size, "exact") * tokens_per_step
     achieved = model_flops / step_seconds if step_seconds > 0 else 0.0
@@ -134,21 +135,47 @@ def run_report(cfg: Config, fl: dict, mem: dict, step_seconds: float, tokens_per
     if tc.activation_checkpointing:
         hw = F.train_flops_per_token(c, c.block_size, "exact_recompute") * tokens_per_step / step_seconds / world_size
         perf["hfu"] = hw / (peak.tflops * 1e12) if peak.known else None
-    return {"flops": fl, "performance": perf, "memory": mem, "device_type": device_type}
+    return {"run": run or {}, "flops": fl, "performance": perf, "memory": mem, "device_type": device_type}
+
+
+def run_lines(run: dict, p: dict) -> list[str]:
+    """The report's opening: the run's own figures."""
+    if not run:
+        return []
+    mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a (unknown peak)"
+    loss = lambda x: f"{x:.4f}" if x is not None else "n/a"  # noqa: E731
+    gap = (run["unigram_entropy_nats"] - run["val_loss"]) if run.get("val_loss") is not None else None
+    return [
+        f"- run `{run['run_dir']}`: {run['config']}",
+        f"- {run['step']:,} steps of {run['max_steps']:,}, {run['tokens_seen']:,} tokens seen "
+        f"({p['tokens_per_step']:,} per step), {run['world_size']} process(es) on {run['device']}, {run['precision']}, "
+        f"{run['backend']}, compile {'on' if run['compile'] else 'off'}",
+        f"- final loss: train {loss(run['train_loss'])}, validation {loss(run['val_loss'])} nats/token; unigram entropy "
+        f"{run['unigram_entropy_nats']:.4f}" + ("" if gap is None else f" (the model learned {gap:.3f} nats/token of context)"
+                                                if gap > 0 else " (not yet below it: no better than ignoring context)"),
+        f"- wall time {run['wall_s']:.1f} s, {run['tokens_per_s']:,} tokens/s; median step {p['median_step_s'] * 1e3:.1f} ms",
+        f"- {p['mfu_dtype']} MFU {mfu} against {p['peak_source']}"
+        + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""),
+        f"- this run's peak memory: {fmt_bytes(run['peak_memory_bytes'])} ({run['peak_memory_kind']})"
+        if run.get("peak_memory_bytes") else "- this run's peak memory: n/a",
+    ]
 
 
 def report_markdown(r: dict) -> str:
     p = r["performance"]
     mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a (unknown peak)"
     return "\n".join([
-        "# minigpt run report", "",
+        "# minigpt run report", "", *run_lines(r.get("run", {}), p), "",
         "## FLOPs per token: counted vs formulas", "", "```", flops_table(r["flops"]), "```", "",
         "## Throughput", "",
         f"- median step {p['median_step_s'] * 1e3:.1f} ms, {p['tokens_per_step']:,} tokens/step",
         f"- achieved {p['achieved_tflops_per_device']:.4f} TFLOP/s per device ({p['model_flops_convention']})",
         f"- {p['mfu_dtype']} MFU {mfu}; peak: {p['peak_source']}"
         + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""), "",
-        "## Memory: predicted vs measured", "", "```", memory_table(r["memory"]), "```", "",
+        "## Memory: predicted vs measured in a fake-tensor replay of one step", "",
+        "Not this run's allocator: PyTorch's MemTracker over one training step of the same model on fake tensors "
+        "(what autograd and the optimizer hold, by category); the run's own peak is above.", "",
+        "```", memory_table(r["memory"]), "```", "",
     ])
 
 

@@ -24,6 +24,8 @@ from minigpt.config import GPT3_PRESETS, ModelConfig, TrainConfig, configs_dir, 
 from minigpt.measure import count_train_flops
 from minigpt.model import GPT
 from minigpt.optim import make_optimizer
+from minigpt.plots import plot_sweep
+from minigpt.progress import Progress
 
 VOCAB = 50257  # GPT-2/3 vocabulary for every rung, so the LM head's share is realistic
 # (name, n_layer, n_embd, n_head, timed?)
@@ -35,8 +37,8 @@ LADDER = [
 ]
 
 
-def time_train_step(c: ModelConfig, batch: int, seq_len: int, device: torch.device, steps: int) -> float:
-    """Median seconds of full training steps (forward, backward, AdamW) on random tokens."""
+def time_train_step(c: ModelConfig, batch: int, seq_len: int, device: torch.device, steps: int) -> list[float]:
+    """Seconds of full training steps (forward, backward, AdamW) on random tokens, after one warm-up."""
     torch.manual_seed(0)
     model = GPT(c).to(device)
     opt = make_optimizer(model, TrainConfig())
@@ -44,7 +46,7 @@ def time_train_step(c: ModelConfig, batch: int, seq_len: int, device: torch.devi
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        loss = model(x, x)[1]
+        loss = model(x, x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -53,10 +55,10 @@ def time_train_step(c: ModelConfig, batch: int, seq_len: int, device: torch.devi
             torch.cuda.synchronize(device)
         if i:  # the first step warms up
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def run_sweep(out_dir: str, device: str = "cpu", steps: int = 3, batch: int = 4, short: int = 128,
+def run_sweep(out_dir: str, device: str = "cpu", steps: int = 7, batch: int = 4, short: int = 128,
               long: int = 2048, include_gpt3: bool = True, log=print) -> list[dict]:
     dev = torch.device(device)
     rungs = [(n, L, h, a, timed) for n, L, h, a, timed in LADDER]
@@ -65,33 +67,43 @@ def run_sweep(out_dir: str, device: str = "cpu", steps: int = 3, batch: int = 4,
             m = load_config(configs_dir() / f"{name}.toml").model
             rungs.append((name, m.n_layer, m.n_embd, m.n_head, False))
     rows = []
-    for name, L, h, a, timed in rungs:
-        c = ModelConfig(n_layer=L, n_embd=h, n_head=a, block_size=long, vocab_size=VOCAB, bias=True)
-        p = F.param_counts(c)
-        row = {"name": name, "params": p.total, "params_non_embedding": p.non_embedding, "n_layer": L, "n_embd": h}
-        for T in (short, long):
-            counted = count_train_flops(c, 1, T, "meta").per_token
-            row[f"counted_T{T}"] = counted
-            row[f"counted_over_6n_T{T}"] = counted / F.train_flops_per_token(c, T, "kaplan_6n")
-            row[f"counted_over_palm_T{T}"] = counted / F.train_flops_per_token(c, T, "palm")
-            row[f"lm_head_share_T{T}"] = 6 * c.padded_vocab_size * h / counted
-            row[f"attention_share_T{T}"] = 12 * L * T * h / counted
-        if timed:
-            s = time_train_step(c, batch, short, dev, steps)
-            row["timed_device"] = str(dev)
-            row["step_s"] = s
-            row["achieved_tflops"] = row[f"counted_T{short}"] * batch * short / s / 1e12
-        rows.append(row)
-        log(f"{name:<12} {p.total:>16,} params | counted/6N {row[f'counted_over_6n_T{short}']:.3f} (T={short}) "
-            f"{row[f'counted_over_6n_T{long}']:.3f} (T={long}) | counted/PaLM {row[f'counted_over_palm_T{short}']:.3f} "
-            f"{row[f'counted_over_palm_T{long}']:.3f}"
-            + (f" | {row['achieved_tflops']:.4f} TFLOP/s on {dev}" if timed else ""))
+    with Progress(len(rungs), "flop sweep", "models") as progress:
+        for rung in rungs:
+            rows.append(_sweep_row(*rung, dev, steps, batch, short, long, log))
+            progress.update()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     (out / "sweep.md").write_text(_markdown(rows, short, long))
-    _plot(rows, short, long, out / "sweep.png")
+    plot_sweep(rows, short, long, out / "sweep.png", str(dev))
     return rows
+
+
+def _sweep_row(name: str, L: int, h: int, a: int, timed: bool, dev: torch.device, steps: int, batch: int,
+               short: int, long: int, log) -> dict:
+    """One rung: counted FLOPs per token at both lengths, their ratios to 6N and PaLM, and (timed
+    rungs) the achieved TFLOP/s."""
+    c = ModelConfig(n_layer=L, n_embd=h, n_head=a, block_size=long, vocab_size=VOCAB, bias=True)
+    p = F.param_counts(c)
+    row = {"name": name, "params": p.total, "params_non_embedding": p.non_embedding, "n_layer": L, "n_embd": h}
+    for T in (short, long):
+        counted = count_train_flops(c, 1, T, "meta").per_token
+        row[f"counted_T{T}"] = counted
+        row[f"counted_over_6n_T{T}"] = counted / F.train_flops_per_token(c, T, "kaplan_6n")
+        row[f"counted_over_palm_T{T}"] = counted / F.train_flops_per_token(c, T, "palm")
+        row[f"lm_head_share_T{T}"] = 6 * c.padded_vocab_size * h / counted
+        row[f"attention_share_T{T}"] = 12 * L * T * h / counted
+    if timed:
+        times = time_train_step(c, batch, short, dev, steps)
+        flops = row[f"counted_T{short}"] * batch * short / 1e12
+        row.update(timed_device=str(dev), timed_steps=steps, step_s=statistics.median(times),
+                   achieved_tflops=flops / statistics.median(times), achieved_tflops_min=flops / max(times),
+                   achieved_tflops_max=flops / min(times))
+    log(f"{name:<12} {p.total:>16,} params | counted/6N {row[f'counted_over_6n_T{short}']:.3f} (T={short}) "
+        f"{row[f'counted_over_6n_T{long}']:.3f} (T={long}) | counted/PaLM {row[f'counted_over_palm_T{short}']:.3f} "
+        f"{row[f'counted_over_palm_T{long}']:.3f}"
+        + (f" | {row['achieved_tflops']:.4f} TFLOP/s on {dev}" if timed else ""))
+    return row
 
 
 def _markdown(rows: list[dict], short: int, long: int) -> str:
@@ -111,32 +123,3 @@ def _markdown(rows: list[dict], short: int, long: int) -> str:
             f"| {r[f'lm_head_share_T{short}']:.1%} | {r[f'attention_share_T{long}']:.1%} | {ach} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _plot(rows: list[dict], short: int, long: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    x = [r["params"] for r in rows]
-    for T, style in ((short, "-"), (long, "--")):
-        ax1.plot(x, [r[f"counted_over_6n_T{T}"] for r in rows], "o" + style, label=f"counted / 6N, T={T}")
-        ax1.plot(x, [r[f"counted_over_palm_T{T}"] for r in rows], "s" + style, label=f"counted / PaLM, T={T}")
-    ax1.axhline(1.0, color="gray", lw=0.8)
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("parameters (total)")
-    ax1.set_ylabel("counted training FLOPs / formula")
-    ax1.set_title("Where 6N stops being a good approximation")
-    ax1.legend(fontsize=8)
-    timed = [r for r in rows if "achieved_tflops" in r]
-    ax2.plot([r["params"] for r in timed], [r["achieved_tflops"] for r in timed], "o-")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("parameters (total)")
-    ax2.set_ylabel("achieved TFLOP/s (counted FLOPs / step time)")
-    ax2.set_title(f"Achieved FLOP/s on {timed[0]['timed_device'] if timed else '-'}, T={short}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from minigpt import data
-from minigpt.atomic import atomic_write_text
+from minigpt.atomic import atomic_write_text, read_jsonl
 from minigpt.checkpoint import (Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, latest_checkpoint,
                                 remove_temporaries)
 from minigpt.config import BatchLayout, Config, batch_layout, check_same_model, config_from_json
@@ -38,7 +38,7 @@ from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
 from minigpt.hardware import choose_peak
-from minigpt.metrics import MetricsLogger
+from minigpt.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks, peak_memory_bytes
 from minigpt.model import GPT
 from minigpt.optim import StepResult, autocast_context, lr_at
 from minigpt.parallel import (Backend, apply_training_techniques, check_memory, configure_device, eager, make_backend,
@@ -169,6 +169,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         end_step = stop_at if stop_at is not None else tc.max_steps
         _check_not_done(paths, resume, end_step, say)
         check_memory(cfg, env, layout)
+        check_sinks(tc.log_to)
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
         prepared = _prepare_data(cfg, env, paths, resume, say)
         device_notes = configure_device(tc, env.device)
@@ -188,7 +189,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
             if created:
                 shutil.rmtree(paths.root, ignore_errors=True)
         raise
-    metrics = _metrics(cfg, env, say, paths, layout, peak, state.step, end_step)
+    metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = Run(cfg, env, say, paths, prepared, layout, backend, checkpointer, metrics, state, state.step, end_step, lock)
     for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
@@ -279,26 +280,32 @@ def finish(run: Run) -> dict:
         atomic_write_text(paths.root / "memory_per_rank.json", to_json(per_rank, indent=2))
         run.say(per_rank_memory_table(per_rank))
     if env.is_main and cfg.train.report and steps_run and not run.stopped:
-        summary.update(_report(run))
+        summary.update(_report(run, summary))
     if env.is_main:
         atomic_write_text(paths.summary, to_json(summary, indent=2))
         print(to_json(summary), flush=True)
     return summary
 
 
-def _report(run: Run) -> dict:
-    """The run report (report.md/.json): FLOPs counted vs formulas, MFU at the median step, memory."""
+def _report(run: Run, summary: dict) -> dict:
+    """The run report (report.md/.json): the run's own figures, then FLOPs counted vs formulas, MFU
+    at the median step, and memory in a labelled fake-tensor replay of one step."""
     from minigpt.measure import flops_report, memory_report
     from minigpt.report import flops_table, memory_table, run_report, write_report
 
     cfg = run.cfg
     c, tc = cfg.model, cfg.train
     step_s = run.metrics.median_step_s
-    flops = flops_report(c, 1, c.block_size, device="meta")
+    flops = flops_report(c, run.layout.micro_batch_size, c.block_size, device="meta")  # one micro-batch
     memory = memory_report(c, run.layout.micro_batch_size, c.block_size, tc.precision, "cpu", fake=True,
                            recompute=tc.activation_checkpointing)
+    peak_bytes, peak_kind = peak_memory_bytes(run.env.device)
+    c_ = cfg.model
+    figures = {**summary, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
+               "config": f"{c_.n_layer} layers x {c_.n_embd} wide, {c_.n_head} heads, block {c_.block_size}, vocabulary "
+                         f"{c_.vocab_size:,}, {summary['params']:,} parameters; lr {tc.lr:g}, corpus {cfg.data.source}"}
     report = run_report(cfg, flops, memory, step_s, run.layout.tokens_per_step, run.env.world_size,
-                        run.metrics.peak, run.env.device.type)
+                        run.metrics.peak, run.env.device.type, figures)
     write_report(run.paths.root, report)
     p = report["performance"]
     run.say("== report (also report.md / report.json in the run directory)")
@@ -364,7 +371,7 @@ def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
 
 def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -> data.PreparedData:
     """Tokens of the corpus; a resumed run is pinned to the corpus (and tokenizer) it started with."""
-    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say))
+    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
     pinned_path = paths.root / "data.json"
     if resume and pinned_path.is_file():
         pinned = json.loads(pinned_path.read_text())
@@ -375,7 +382,7 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
                                 f"resume with --set train.allow_new_data=true to continue on the new data with the "
                                 f"run's tokenizer")
             cfg.data.tokenizer = str(paths.tokenizer.resolve())  # the run's tokenizer, not one retrained
-            prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say))
+            prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
             say(f"data     continuing on a changed corpus (train.allow_new_data): {change}; tokenized with the "
                 f"run's tokenizer")
     for split in ("train", "val"):
@@ -397,22 +404,31 @@ def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, res
         shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
     else:
         remove_temporaries(paths.root)
-        kept = [r for r in _read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
+        kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        if (paths.root / "metrics.csv").is_file():  # the CSV follows the records kept
+            (paths.root / "metrics.csv").unlink()
+            csv_sink = CsvSink(paths.root / "metrics.csv")
+            for r in kept:
+                csv_sink.write(r)
+            csv_sink.close()
     atomic_write_text(paths.config, cfg.to_json())
     m = prepared.manifest
-    atomic_write_text(paths.root / "data.json", json.dumps({k: m[k] for k in data.PINNED}, indent=2))
+    pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
+    atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
     for name, text in backend.run_files().items():
         atomic_write_text(paths.root / name, text)
     barrier(env)
 
 
-def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, peak, start_step: int,
+def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, peak, resumed_at: int | None,
              end_step: int) -> MetricsLogger:
     c, tc = cfg.model, cfg.train
+    sinks = make_sinks(tc.log_to, paths.root, resumed_at, cfg.to_dict()) if env.is_main else []
+    start_step = resumed_at or 0
     tokens = layout.tokens_per_step
     hw = train_flops_per_token(c, c.block_size, "exact_recompute") * tokens if tc.activation_checkpointing else None
-    return MetricsLogger(paths.metrics, env, say, tokens_per_step=tokens,
+    return MetricsLogger(sinks, env, say, tokens_per_step=tokens,
                          flops_per_step=train_flops_per_token(c, c.block_size, "exact") * tokens, hw_flops_per_step=hw,
                          peak=peak, precision=tc.precision, log_every=tc.log_every, start_step=start_step,
                          end_step=end_step)
@@ -439,18 +455,6 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
                  f"full attention square, no recompute) per device / peak: {peak.source}"
                  + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)"))
     return lines
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line cut short by a kill
-    return out
 
 
 if __name__ == "__main__":  # `python -m minigpt.train ...` and `torchrun -m minigpt.train ...`, as before

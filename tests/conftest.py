@@ -8,6 +8,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,3 +126,40 @@ def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int
         out, err = proc.communicate(timeout=timeout)
         done[name] = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     return done
+
+
+class Proc:
+    """A process whose stdout and stderr lines are collected as they come (to act on them);
+    `arrivals` keeps (wall-clock time, line) of stdout lines as they arrived."""
+
+    def __init__(self, argv, env=None):
+        full = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=full)
+        self.out, self.err, self.arrivals = [], [], []
+        self.threads = [threading.Thread(target=self._read, args=(s, buf, log), daemon=True)
+                        for s, buf, log in ((self.p.stdout, self.out, self.arrivals), (self.p.stderr, self.err, []))]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream, buf, arrivals):
+        for line in stream:
+            buf.append(line)
+            arrivals.append((time.time(), line))
+
+    def wait_for(self, predicate, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.p.poll() is not None:
+                said = [l for l in self.err if l.startswith("error") or "Error" in l][:5]
+                raise AssertionError(f"exited {self.p.returncode} first: {said} {''.join(self.err)[-800:]}")
+            time.sleep(0.02)
+        raise AssertionError("timed out")
+
+    def finish(self, timeout=120):
+        self.p.wait(timeout=timeout)
+        for t in self.threads:
+            t.join()
+        return self.p.returncode, "".join(self.out), "".join(self.err)

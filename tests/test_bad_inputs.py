@@ -79,6 +79,8 @@ CONFIG_ROWS = [  # (--set overrides of `minigpt train`, what the error names)
     (["data.val_fraction=1.5"], "data.val_fraction = 1.5 must be in (0, 1)"),
     (["train.peak_from=/nonexistent/hw.json"], "cannot read hardware benchmark"),
     (["nosuch.key=1"], "unknown table [nosuch]"),
+    (['train.log_to=["jsonl", "wandb"]'], "train.log_to has 'wandb' but the wandb package is not installed"),
+    (['train.log_to=["mlflow"]'], "train.log_to has 'mlflow'; choose from jsonl, tensorboard, csv, wandb"),
 ]
 FLAG_ROWS = [  # (argv, what the error names)
     (["generate", "--run", "RUN", "--top-k", "-3"], "--top-k: -3 must be a finite number in [0, inf]"),

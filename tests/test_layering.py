@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parent.parent / "minigpt"
 
 # a module may import only modules of a strictly lower rank
 RANK = {
-    "errors": 0, "atomic": 0,
+    "errors": 0, "atomic": 0, "progress": 0,
+    "plots": 1,
     "config": 1, "hardware": 1, "torch_private": 1,
     "flops": 2,
     "memory": 3, "model": 3,
@@ -28,7 +29,8 @@ RANK = {
     "__main__": 11,
 }
 TORCH_FREE = ["minigpt.errors", "minigpt.atomic", "minigpt.config", "minigpt.flops", "minigpt.memory",
-              "minigpt.hardware", "minigpt.extrapolate", "minigpt.report"]
+              "minigpt.hardware", "minigpt.extrapolate", "minigpt.report", "minigpt.progress",
+              "minigpt.plots"]
 
 
 def _is_main_guard(node: ast.AST) -> bool:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,46 +19,11 @@ from minigpt.config import DataConfig, ModelConfig
 from minigpt.generate import load_run
 from minigpt.train import train
 
-from conftest import REPO, run_cli, set_args, tiny_overrides
+from conftest import REPO, Proc, run_cli, set_args, tiny_overrides
 
 
 def quiet(*a, **k):
     pass
-
-
-class Proc:
-    """A process whose stdout and stderr lines are collected as they come (to act on them)."""
-
-    def __init__(self, argv, env=None):
-        full = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=full)
-        self.out, self.err = [], []
-        self.threads = [threading.Thread(target=self._read, args=(s, buf), daemon=True)
-                        for s, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _read(stream, buf):
-        for line in stream:
-            buf.append(line)
-
-    def wait_for(self, predicate, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.p.poll() is not None:
-                said = [l for l in self.err if l.startswith("error") or "Error" in l][:5]
-                raise AssertionError(f"exited {self.p.returncode} first: {said} {''.join(self.err)[-800:]}")
-            time.sleep(0.02)
-        raise AssertionError("timed out")
-
-    def finish(self, timeout=120):
-        self.p.wait(timeout=timeout)
-        for t in self.threads:
-            t.join()
-        return self.p.returncode, "".join(self.out), "".join(self.err)
 
 
 def logged_step(run_dir: Path) -> int:
@@ -315,15 +279,15 @@ def test_torchrun_ranks_stop_together_restart_after_a_death_and_name_a_hung_rank
     jobs["hung"].wait_for(lambda: logged_step(tmp_path / "hung") >= 3)
     hung = worker(jobs["hung"], 1)
     hung.send_signal(signal.SIGSTOP)
-    jobs["killed"].wait_for(lambda: logged_step(tmp_path / "killed") >= 12)
-    worker(jobs["killed"], 1).kill()
     jobs["term"].wait_for(lambda: logged_step(tmp_path / "term") >= 8)
     jobs["term"].p.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun; it passes it on
+    jobs["killed"].wait_for(lambda: logged_step(tmp_path / "killed") >= 12)
+    worker(jobs["killed"], 1).kill()
     term = jobs.pop("term").finish()
     resumed = Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "minigpt", "train", "--resume", str(tmp_path / "term")])
     stop = [l for l in term[1].splitlines() if l.startswith("stopped by SIGTERM at step ")]
-    assert len(stop) == 1, term[2][-2000:]  # rank 0 says it; both ranks stopped after the same step
+    assert len(stop) == 1, (term[0], term[1][-3000:], term[2][-6000:])  # rank 0 says it; both ranks stopped after the same step
     step = int(stop[0].split()[5].rstrip(";"))
     assert checkpoint.latest_checkpoint(tmp_path / "term")[1] == step == logged_step(tmp_path / "term")
     jobs["hung"].wait_for(lambda: any(l.startswith("error: rank 0: rank 1") for l in jobs["hung"].err))
