@@ -260,7 +260,7 @@ class Checkpointer:
 LOCK = ".lock"
 RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
              LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
-             "deepspeed_config.json", "data.json", LOCK}
+             "deepspeed_config.json", "data.json", "imported.json", LOCK}
 
 
 class RunLock:

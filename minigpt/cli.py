@@ -66,10 +66,15 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from minigpt.config import run_config
+    from minigpt.config import load_raw, resolve_preset, run_config
     from minigpt.train import train
 
     cfg = run_config(args.config, args.set, args.resume)
+    if cfg.train.init_from and not args.resume:  # [model] from the weights; the default preset's does not count
+        from minigpt.hf_config import with_init_from
+
+        explicit = load_raw(resolve_preset(args.config) if args.config else None, args.set).get("model", {})
+        cfg = with_init_from(cfg, explicit)
     summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
@@ -85,7 +90,7 @@ def cmd_generate(args) -> None:
     sc = cfg.sample
     texts, gen = generate_text(
         model, tokenizer, args.prompt or [sc.prompt],
-        eot_id=tokenizer.token_to_id("<|endoftext|>"),
+        eot_id=tokenizer.token_to_id(sc.stop_token),
         max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
         temperature=sc.temperature if args.temperature is None else args.temperature,
         top_k=sc.top_k if args.top_k is None else args.top_k,
@@ -182,9 +187,22 @@ def _quickstart_extrapolation(run_dir: str) -> None:
 
 
 def _config(args):
-    from minigpt.config import load_config, resolve_preset
+    from minigpt.hf_config import load_any_config
 
-    return load_config(resolve_preset(args.config), args.set)
+    return load_any_config(args.config, args.set)
+
+
+def cmd_convert(args) -> None:
+    from minigpt.hf import export_hf, import_hf
+
+    if args.from_hf:
+        info = import_hf(args.from_hf, args.out)
+        print(f"wrote run directory {args.out}: {info['model_type']} ({info['params']:,} parameters) from {args.from_hf}; "
+              f"try: minigpt generate --run {args.out} --prompt \"...\"")
+    else:
+        info = export_hf(args.to_hf, args.out)
+        print(f"wrote {args.out}: {info['architectures'][0]} from {args.to_hf} (step {info['step']}); it loads with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
 
 
 def cmd_plot(args) -> None:
@@ -256,6 +274,10 @@ def _target(name: str):
     from minigpt.config import configs_dir, load_config
 
     path = Path(name)
+    if path.suffix == ".json" or path.is_dir():  # an HF config.json (or its folder), a run's config
+        from minigpt.hf_config import load_any_config
+
+        return load_any_config(name)
     if not path.is_file():
         path = configs_dir() / f"{name}.toml"
     if not path.is_file():
@@ -340,8 +362,9 @@ def cmd_extrapolate_plot(args) -> None:
 # flags
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML preset: a path, or a preset name shipped with minigpt (default: tiny)")
+def _config_flags(p: argparse.ArgumentParser, any_model: bool = False) -> None:
+    more = "; or a run directory, or a Hugging Face config.json (or its folder)" if any_model else ""
+    p.add_argument("--config", help=f"TOML preset: a path, or a preset name shipped with minigpt (default: tiny){more}")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable (e.g. --set train.max_steps=100)")
 
@@ -376,6 +399,13 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR", help="an HF folder: config.json, *.safetensors, tokenizer.json")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="a minigpt run directory (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("plot", help="training and validation loss of runs against tokens seen and wall time (PNG)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, overlaid")
     p.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
@@ -391,7 +421,7 @@ def _add_run_commands(sub) -> None:
 def _add_measure_commands(sub) -> None:
     p = sub.add_parser("flops", help="count training FLOPs of a config and set them beside the formulas")
     fsub = p.add_subparsers(dest="flops_command")
-    _config_flags(p)
+    _config_flags(p, any_model=True)
     p.add_argument("--batch-size", type=number(int, 1), default=1)
     p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
     p.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu or cuda")
@@ -405,7 +435,7 @@ def _add_measure_commands(sub) -> None:
     q.set_defaults(func=cmd_flops_sweep)
 
     p = sub.add_parser("memory", help="training memory by category: predicted vs measured, ZeRO table")
-    _config_flags(p)
+    _config_flags(p, any_model=True)
     p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: train.precision (bf16 with --params)")
@@ -431,7 +461,8 @@ def _add_measure_commands(sub) -> None:
 def _add_extrapolate_command(sub) -> None:
     p = sub.add_parser("extrapolate", help="training and serving cost of a target (GPT-3, GPT-4, a TOML) on a GPU")
     xsub = p.add_subparsers(dest="extrapolate_command")
-    p.add_argument("--target", default="gpt3-175b", help="a preset with a [target] table (gpt3-*, gpt4) or a TOML path")
+    p.add_argument("--target", default="gpt3-175b", help="a preset with a [target] table (gpt3-*, gpt4), a TOML path, or a Hugging "
+                                                         "Face config.json (with --tokens)")
     p.add_argument("--gpu", default="A100", help="V100, A100 (80GB), A100-40GB, H100, H200, B200")
     p.add_argument("--dtype", default="bf16", help="the peak's dtype: bf16, fp16, fp8, tf32, fp32")
     p.add_argument("--num-gpus", type=number(int, 1))

@@ -29,7 +29,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from minigpt.errors import UserError
 
-PAD_VOCAB_MULTIPLE = 64  # matmuls with a vocabulary dimension padded to 64 run faster (nanoGPT)
 
 
 @dataclass
@@ -47,10 +46,17 @@ class ModelConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     pos_emb: str = "learned"  # "learned" | "rope"
     tie_embeddings: bool = True
-    bias: bool = False
+    bias: bool = False  # every linear and LayerNorm bias, unless one of the three below says otherwise
     dropout: float = 0.0
     n_expert: int = 0  # 0 or 1: dense MLP; > 1: mixture of n_expert MLPs per block
     n_expert_active: int = 0  # top-k experts per token; 0: 2 (or 1 with n_expert = 1)
+    head_dim: int | None = None  # None: n_embd / n_head; set it for PaLM/Gemma-style shapes
+    rope_theta: float = 10000.0  # RoPE base frequency (RoFormer 10,000; Llama 3 500,000)
+    norm_eps: float = 1e-5
+    attention_bias: bool | None = None  # biases of the Q/K/V and output projections (None: model.bias)
+    qkv_bias: bool | None = None  # biases of Q/K/V alone (None: attention_bias); Qwen2 has them, no output bias
+    mlp_bias: bool | None = None  # biases of the MLP linears (None: model.bias)
+    pad_vocab_multiple: int = 64  # embedding/LM-head rows rounded up to this (faster matmuls); 1: exact
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "mlp": ("gelu", "swiglu"),
@@ -70,6 +76,14 @@ class ModelConfig:
                 self.ffn_hidden = 4 * self.n_embd
         if self.n_expert_active == 0:
             self.n_expert_active = min(2, max(self.n_expert, 1))
+        if self.head_dim is None and self.n_head > 0 and self.n_embd % self.n_head == 0:
+            self.head_dim = self.n_embd // self.n_head
+        if self.attention_bias is None:
+            self.attention_bias = self.bias
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
+        if self.mlp_bias is None:
+            self.mlp_bias = self.bias
 
     @property
     def is_moe(self) -> bool:
@@ -83,11 +97,20 @@ class ModelConfig:
         if self.vocab_size >= 2**32:
             raise UserError(f"model.vocab_size = {self.vocab_size:,} does not fit the uint32 token files; "
                             f"use fewer than {2**32:,} tokens")
-        if self.n_embd % self.n_head:
+        if self.head_dim is None:
             raise UserError(
                 f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}: "
-                f"each head gets n_embd/n_head channels; pick n_head from {divisors(self.n_embd)}"
+                f"each head gets n_embd/n_head channels; pick n_head from {divisors(self.n_embd)} (or set "
+                f"model.head_dim)"
             )
+        if self.head_dim <= 0:
+            raise UserError(f"model.head_dim = {self.head_dim} must be a positive integer")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise UserError(f"model.rope_theta = {self.rope_theta} must be a positive number (10000 in RoFormer)")
+        if not 0 < self.norm_eps < 1:
+            raise UserError(f"model.norm_eps = {self.norm_eps} must be in (0, 1), e.g. 1e-5")
+        if not 1 <= self.pad_vocab_multiple <= 4096:
+            raise UserError(f"model.pad_vocab_multiple = {self.pad_vocab_multiple} must be in [1, 4096] (1: no padding)")
         if self.n_head % self.n_kv_head:
             raise UserError(
                 f"model.n_head = {self.n_head} is not divisible by model.n_kv_head = {self.n_kv_head}: "
@@ -96,7 +119,7 @@ class ModelConfig:
             )
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise UserError(
-                f"model.pos_emb = 'rope' needs an even head dimension, got n_embd/n_head = {self.head_dim}"
+                f"model.pos_emb = 'rope' needs an even model.head_dim, got {self.head_dim}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout = {self.dropout} must be in [0, 1)")
@@ -108,17 +131,13 @@ class ModelConfig:
             )
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding / LM head: vocab_size rounded up to a multiple of 64.
+        """Rows of the embedding / LM head: vocab_size rounded up to a multiple of pad_vocab_multiple (64).
 
         The extra rows are never targets and are masked out of sampling; the real `vocab_size`
         governs the loss and generation.
         """
-        return _round_up(self.vocab_size, PAD_VOCAB_MULTIPLE)
+        return _round_up(self.vocab_size, self.pad_vocab_multiple)
 
 
 @dataclass
@@ -163,6 +182,9 @@ class TrainConfig:
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed, stage 3: parameters in CPU memory
+    # start a new run from these weights (and their tokenizer), with a fresh optimizer: a minigpt run
+    # directory or a Hugging Face folder; [model] comes from the weights
+    init_from: str = ""
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the generated config
     seed: int = 1337
     max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
@@ -239,6 +261,7 @@ class SampleConfig:
     top_k: int = 50  # 0: off
     top_p: float = 1.0  # 1.0: off
     seed: int = 0
+    stop_token: str = "<|endoftext|>"  # generation of a sequence ends at this token (an imported model's EOS)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -292,6 +315,11 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML preset (or the defaults when `path` is None), apply overrides, validate."""
+    return config_from_dict(load_raw(path, overrides), origin=str(path) if path else "defaults")
+
+
+def load_raw(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The nested tables of a TOML file (or none) with overrides applied, before any checking."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -303,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw, origin=str(path) if path else "defaults")
+    return raw
 
 
 def config_from_dict(raw: dict, origin: str = "config") -> Config:

@@ -273,6 +273,18 @@ def train_bpe(docs: list[Document], vocab_size: int):
     return tok
 
 
+def read_tokenizer(path: Path, missing: str):
+    """A tokenizer.json; UserError with `missing` (the fix) when absent, one line when invalid."""
+    from tokenizers import Tokenizer
+
+    if not Path(path).is_file():
+        raise UserError(missing)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise UserError(f"{path} is not a valid tokenizer.json: {str(e).splitlines()[0][:160]}") from None
+
+
 def load_tokenizer_file(path: str, vocab_size: int):
     from tokenizers import Tokenizer
 

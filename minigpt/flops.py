@@ -31,14 +31,13 @@ def param_counts(c: ModelConfig) -> ParamCounts:
     (the non-expert weights, n_expert_active experts and the router: REFERENCE.md section 1).
     """
     h, D, Vp = c.n_embd, c.head_dim, c.padded_vocab_size
-    b = 1 if c.bias else 0
     norm = h * (2 if (c.norm == "layernorm" and c.bias) else 1)  # weight (+ bias)
     qkv_out = (c.n_head + 2 * c.n_kv_head) * D
     fc_out = 2 * c.ffn_hidden if c.mlp == "swiglu" else c.ffn_hidden
     attn_matmul = h * qkv_out + c.n_head * D * h
-    attn_bias = b * (qkv_out + h)
+    attn_bias = (qkv_out if c.qkv_bias else 0) + (h if c.attention_bias else 0)
     mlp_matmul = h * fc_out + c.ffn_hidden * h
-    mlp_bias = b * (fc_out + h)
+    mlp_bias = (fc_out + h) if c.mlp_bias else 0
     n_mlp, k_mlp, router = (c.n_expert, c.n_expert_active, h * c.n_expert) if c.is_moe else (1, 1, 0)
     block = attn_matmul + attn_bias + n_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm
     block_active = attn_matmul + attn_bias + k_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm

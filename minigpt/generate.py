@@ -21,6 +21,7 @@ import torch
 
 from minigpt import checkpoint
 from minigpt.config import Config, config_from_json
+from minigpt.data import read_tokenizer
 from minigpt.errors import UserError
 from minigpt.model import GPT, KVCache
 from minigpt.torch_private import mark_static_address
@@ -186,19 +187,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
 
     Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
     """
-    from tokenizers import Tokenizer
-
     run_dir = Path(run_dir)
     checkpoint.latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
     cfg = config_from_json(run_dir / "config.json")
-    tokenizer_path = run_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise UserError(f"{run_dir} has no tokenizer.json: the run directory is damaged; copy the tokenizer the "
-                        f"run was trained with there")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    except Exception as e:
-        raise UserError(f"{tokenizer_path} is not a valid tokenizer: {str(e).splitlines()[0][:160]}") from None
+    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
+                                                            f"damaged; copy the tokenizer the run was trained with there")
     model = GPT(cfg.model)
     _, step = checkpoint.load_latest(run_dir, lambda folder: checkpoint.load_weights(model, folder))
     model.to(device).eval()

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from minigpt.config import ModelConfig
 
-ROPE_THETA = 10000.0  # RoFormer (Su et al. 2021) base frequency
 
 
 class ModelOutput(NamedTuple):
@@ -42,13 +41,14 @@ class ModelOutput(NamedTuple):
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (max_len, head_dim/2), in fp32."""
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_len, head_dim/2), in fp32 (RoFormer, Su et al.
+    2021: frequency_i = theta^(-2i/head_dim))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -89,8 +89,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # one fused projection for queries (H heads) and keys/values (G heads each)
         qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attention_bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -137,8 +137,8 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         # SwiGLU (Shazeer 2020): silu(x W1) * (x W3), fused here as one matrix of 2*ffn_hidden outputs
         fc_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
-        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
-        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,7 +256,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds (Press & Wolf 2017)
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.head_dim, config.block_size)
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()

@@ -38,6 +38,7 @@ from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
 from minigpt.hardware import choose_peak
+from minigpt.hf import load_init_weights
 from minigpt.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks, peak_memory_bytes
 from minigpt.model import GPT
 from minigpt.optim import StepResult, autocast_context, lr_at
@@ -174,7 +175,10 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         prepared = _prepare_data(cfg, env, paths, resume, say)
         device_notes = configure_device(tc, env.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        backend = make_backend(apply_training_techniques(GPT(cfg.model), tc), cfg, env, layout)
+        model = GPT(cfg.model)
+        if tc.init_from and not resume:
+            say(f"init     {load_init_weights(model, tc.init_from)}; fresh optimizer and schedule")
+        backend = make_backend(apply_training_techniques(model, tc), cfg, env, layout)
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
         state = TrainState(backend=tc.backend)
         if resume:

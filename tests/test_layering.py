@@ -17,11 +17,11 @@ RANK = {
     "errors": 0, "atomic": 0, "progress": 0,
     "plots": 1,
     "config": 1, "hardware": 1, "torch_private": 1,
-    "flops": 2,
+    "flops": 2, "hf_config": 2,
     "memory": 3, "model": 3,
     "extrapolate": 4, "report": 4, "optim": 4, "data": 4, "distributed": 4,
     "checkpoint": 5, "metrics": 5,
-    "zero": 6, "generate": 6,
+    "zero": 6, "generate": 6, "hf": 6,
     "parallel": 7, "bench": 7,
     "measure": 8,
     "sweep": 9, "train": 9,
@@ -29,7 +29,7 @@ RANK = {
     "__main__": 11,
 }
 TORCH_FREE = ["minigpt.errors", "minigpt.atomic", "minigpt.config", "minigpt.flops", "minigpt.memory",
-              "minigpt.hardware", "minigpt.extrapolate", "minigpt.report", "minigpt.progress",
+              "minigpt.hardware", "minigpt.extrapolate", "minigpt.report", "minigpt.progress", "minigpt.hf_config",
               "minigpt.plots"]
 
 
