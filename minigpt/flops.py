@@ -107,8 +107,10 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, convention: str = "exact
     kaplan_6n        6 N, N = non-embedding parameters (Kaplan et al. 2020, Table 1, Eq. 2.2);
                      ignores attention over the context and the LM head.
     six_n_all        6 N over all parameters, embeddings included (GPT-3 Table D.1).
-    palm             6 N + 12 L H Q T with N non-embedding (Chowdhery et al. 2022, App. B);
-                     excludes recompute. Counts the attention square in full.
+    palm             6 N + 12 L H Q T with N ALL parameters, a tied embedding once (Chowdhery
+                     et al. 2022, App. B: PaLM 8B's and 62B's per-token figures reproduce with the
+                     total, not the non-embedding N); excludes recompute. Counts the attention
+                     square in full.
     chinchilla       3 x the forward of Hoffmann et al. 2022, App. F (see chinchilla_forward_flops):
                      also counts the embedding lookup and softmax.
     megatron_72      72 B s L h^2 (1 + s/(6h) + V/(12 L h)) per step (Narayanan et al. 2021, App.):
@@ -132,7 +134,7 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, convention: str = "exact
     if convention == "six_n_all":
         return 6 * p.active
     if convention == "palm":
-        return 6 * p.active_non_embedding + 12 * L * c.n_head * c.head_dim * s
+        return 6 * p.active + 12 * L * c.n_head * c.head_dim * s
     if convention == "chinchilla":
         return 3 * chinchilla_forward_flops(c, seq_len) / seq_len
     if convention == "megatron_72":

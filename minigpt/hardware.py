@@ -99,3 +99,12 @@ def load_bench_peak(path: str, dtype: str) -> float:
     if not value:
         raise UserError(f"{path} has no measured {dtype} matmul peak; it has {list(data.get('matmul_tflops', {}))}")
     return float(value)
+
+
+def mfu_warning(mfu: float | None, peak_source: str) -> str | None:
+    """A line to print when an MFU is over 100%: the peak cannot be this device's real one."""
+    if mfu is None or mfu <= 1.0:
+        return None
+    return (f"warning: MFU {mfu:.1%} is over 100%: the peak ({peak_source}) is below what this run achieved, so it "
+            f"is not this device's peak (a CPU benchmark taken under load, or another machine's); measure it again "
+            f"on an idle machine with 'minigpt bench hardware --out hw.json' and set train.peak_from=hw.json")

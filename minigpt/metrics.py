@@ -24,7 +24,7 @@ import torch
 
 from minigpt.distributed import DistEnv, all_reduce_mean
 from minigpt.errors import UserError
-from minigpt.hardware import Peak
+from minigpt.hardware import Peak, mfu_warning
 from minigpt.optim import StepResult
 
 
@@ -180,6 +180,7 @@ class MetricsLogger:
         self.skipped = torch.zeros((), dtype=torch.int32, device=env.device)
         self.skipped_logged = 0
         self.first = start_step
+        self.warned_mfu = False  # an MFU over 100% is said once
         self.restart_clock(start_step)
 
     def due(self, step: int) -> bool:
@@ -213,6 +214,10 @@ class MetricsLogger:
         if self.peak.known:
             record["mfu"] = tflops / self.peak.tflops
             util = f"{self.precision} MFU {record['mfu']:.1%}"
+            warning = None if first or self.warned_mfu else mfu_warning(record["mfu"], self.peak.source)
+            if warning:
+                self.warned_mfu = True
+                self.say(warning)
             if self.hw_flops:
                 record["hfu"] = self.hw_flops / dt / self.env.world_size / 1e12 / self.peak.tflops
                 util += f" HFU {record['hfu']:.1%}"

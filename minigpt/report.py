@@ -17,7 +17,7 @@ from minigpt.hardware import Peak
 FORMULA_NOTES = {
     "kaplan_6n": "6N, N non-embedding (Kaplan 2020)",
     "six_n_all": "6N, N all parameters (GPT-3 D.1)",
-    "palm": "6N + 12LHQT (PaLM App. B)",
+    "palm": "6N + 12LHQT, N all parameters (PaLM App. B)",
     "chinchilla": "Chinchilla App. F (3x forward)",
     "megatron_72": "72BsLh^2(1+s/6h+V/12Lh) (no recompute)",
     "megatron_96": "96BsLh^2(1+s/6h+V/16Lh) (full recompute)",

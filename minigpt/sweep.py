@@ -2,12 +2,14 @@
 
 For a ladder of GPT shapes (small ones timed on this device, the GPT-3 family counted on meta),
 count training FLOPs per token with PyTorch's counter at two context lengths and divide by 6N
-(Kaplan, non-embedding) and by PaLM's 6N + 12LHQT. Writes sweep.json, sweep.md and sweep.png.
+(Kaplan, non-embedding) and by PaLM's 6N + 12LHQT (N all parameters, App. B). Writes sweep.json,
+sweep.md and sweep.png.
 
 Reading it: counted/6N rises far above 1 at small width because the LM head (2 h V per token
 forward) and attention (4 L T h) are large next to 12 L h^2; it falls towards 1 as width grows.
-PaLM's formula adds the attention term and tracks the count closely except for the LM head at
-small width. Long context (T = 2048+) keeps counted/6N above 1 even for wide models.
+PaLM's formula counts the embedding (so the LM head's matmul, when tied) and the attention term,
+and tracks the count at every width. Long context (T = 2048+) keeps counted/6N above 1 even for
+wide models.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def _markdown(rows: list[dict], short: int, long: int) -> str:
     lines = [
         "# FLOPs sweep: counted training FLOPs per token vs 6N and PaLM", "",
         "Counted: PyTorch FlopCounterMode on meta (matmuls, full attention square, backward = 2x forward).",
-        "6N: Kaplan, N non-embedding. PaLM: 6N + 12LHQT. Vocabulary 50257 throughout.", "",
+        "6N: Kaplan, N non-embedding. PaLM: 6N + 12LHQT, N all parameters (App. B). Vocabulary 50257 throughout.", "",
         f"| model | params | counted/6N T={short} | counted/6N T={long} | counted/PaLM T={short} | counted/PaLM T={long} "
         f"| LM head share T={short} | attention share T={long} | achieved TFLOP/s |",
         "|---|---|---|---|---|---|---|---|---|",

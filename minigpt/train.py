@@ -37,7 +37,7 @@ from minigpt.distributed import (DistEnv, StopControl, StopSignal, all_reduce_me
 from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.generate import generate_text
-from minigpt.hardware import choose_peak
+from minigpt.hardware import choose_peak, mfu_warning
 from minigpt.hf import load_init_weights
 from minigpt.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks, peak_memory_bytes
 from minigpt.model import GPT
@@ -316,6 +316,9 @@ def _report(run: Run, summary: dict) -> dict:
     run.say(flops_table(flops))
     run.say(f"achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step; "
             f"{tc.precision} MFU " + (f"{p['mfu']:.2%}" if p["mfu"] is not None else "n/a") + f" (peak: {p['peak_source']})")
+    warning = mfu_warning(p["mfu"], p["peak_source"])
+    if warning:
+        run.say(warning)
     run.say(memory_table(memory))
     return {"mfu": p["mfu"], "achieved_tflops_per_device": p["achieved_tflops_per_device"]}
 

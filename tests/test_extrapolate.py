@@ -51,22 +51,36 @@ def test_gpt3_inference_and_serving():
     assert r["inference"]["kv_bytes_per_token"] == 4.5 * 2**20
 
 
-def test_gpt4_estimate():
-    kw = dict(num_gpus=25_000, price_per_gpu_hour=1.0, flops_convention="six_n_all")
-    slow = estimate("gpt4", mfu=0.32, **kw)
-    fast = estimate("gpt4", mfu=0.36, **kw)
-    assert slow["train_flops_6n"] == pytest.approx(2.15e25, rel=0.03)
-    assert slow["params_total"] == pytest.approx(1.8e12, rel=0.03)
-    assert slow["params_active"] == pytest.approx(280e9, rel=0.03)
-    assert 88 <= fast["days"] <= slow["days"] <= 103  # "90-100 days"
+GPT4_KW = dict(num_gpus=25_000, price_per_gpu_hour=1.0, flops_convention="six_n_all")
+
+
+def test_characterisation_gpt4_shape_reproduces_the_reported_totals():
+    """A characterisation, not a validation: configs/gpt4.toml's width was solved from the reported
+    1.8T total / 280B active parameters and 2.15e25 FLOPs, so this checks the shape stays fitted."""
+    r = estimate("gpt4", mfu=0.32, **GPT4_KW)
+    assert r["train_flops_6n"] == pytest.approx(2.15e25, rel=0.03)
+    assert r["params_total"] == pytest.approx(1.8e12, rel=0.03)
+    assert r["params_active"] == pytest.approx(280e9, rel=0.03)
+
+
+def test_gpt4_days_and_cost_from_the_reported_mfu_and_fleet():
+    """From the fitted shape, the reported fleet (25,000 A100s) and MFU (32-36%): the reported
+    90-100 days and about $63M come out (days and cost are outputs here, not inputs)."""
+    slow, fast = estimate("gpt4", mfu=0.32, **GPT4_KW), estimate("gpt4", mfu=0.36, **GPT4_KW)
+    assert 88 <= fast["days"] <= slow["days"] <= 103
     assert slow["cost_usd"] == pytest.approx(63e6, rel=0.1)
-    # the H100 figure (55 days, $21.5M) follows from 10.75M H100-hours: FP8 peak at 28% MFU
+
+
+def test_characterisation_gpt4_on_h100_fp8_at_28_percent():
+    """A characterisation: 28% MFU of the FP8 peak is the value at which the reported H100 figure
+    (10.75M H100-hours: 55 days, $21.5M on 8,192 GPUs) comes out, so only the arithmetic and the
+    layout (8-way tensor x 15-way pipeline, as reported) are checked."""
     h100 = estimate("gpt4", gpu="H100", dtype="fp8", mfu=0.28, num_gpus=8192, price_per_gpu_hour=2.0,
                     flops_convention="six_n_all")
     assert h100["days"] == pytest.approx(55, rel=0.05)
     assert h100["cost_usd"] == pytest.approx(21.5e6, rel=0.05)
     lay = h100["memory"]["layout"]
-    assert (lay["tp"], lay["pp"]) == (8, 15)  # the reported 8-way tensor x 15-way pipeline
+    assert (lay["tp"], lay["pp"]) == (8, 15)
 
 
 def test_gradient_all_reduce_crosses_nodes_only_when_the_group_does():

@@ -71,9 +71,19 @@ def test_megatron_72_is_exact_for_a_gpt2_shaped_model():
 
 def test_palm_and_kaplan_by_hand():
     c = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128)
-    n = F.param_counts(c).non_embedding
-    assert F.train_flops_per_token(c, 32, "kaplan_6n") == 6 * n
-    assert F.train_flops_per_token(c, 32, "palm") == 6 * n + 12 * 2 * 2 * 32 * 32
+    p = F.param_counts(c)
+    assert F.train_flops_per_token(c, 32, "kaplan_6n") == 6 * p.non_embedding
+    assert F.train_flops_per_token(c, 32, "palm") == 6 * p.total + 12 * 2 * 2 * 32 * 32  # all N (App. B)
+
+
+def test_palm_8b_flops_per_token_from_its_shape():
+    """PaLM App. B / Table 1: the 8B model (32 layers, d_model 4096, 16 heads of 256, multi-query,
+    SwiGLU d_ff = 4 d_model, 256k tied vocabulary, T = 2048) has 8.63B parameters and 5.50e10
+    training FLOPs per token under 6N + 12LHQT. Predicted from the shape alone."""
+    c = ModelConfig(n_layer=32, n_head=16, n_kv_head=1, n_embd=4096, head_dim=256, ffn_hidden=16384, mlp="swiglu",
+                    norm="rmsnorm", pos_emb="rope", vocab_size=256_000, block_size=2048, pad_vocab_multiple=1)
+    assert F.param_counts(c).total == pytest.approx(8.63e9, rel=2e-3)
+    assert F.train_flops_per_token(c, 2048, "palm") == pytest.approx(5.50e10, rel=5e-3)
 
 
 def test_chinchilla_by_hand_for_one_layer():

@@ -87,3 +87,15 @@ def test_progress_lines_for_prepare_on_a_large_corpus(tmp_path, monkeypatch):
     assert "read corpus: " in r.stderr and "/400 files (" in r.stderr and "files/s, ETA" in r.stderr
     assert "tokenize: " in r.stderr and "documents/s" in r.stderr
     assert "\r" not in r.stderr  # no bar redraws in a log
+
+
+def test_an_mfu_over_100_percent_is_said_with_the_fix(tiny_cfg):
+    """A peak below what the run achieves (here 1e-9 TFLOP/s) cannot be the device's: the run
+    says so once, naming the peak and how to measure it again."""
+    from minigpt.train import train
+
+    lines = []
+    train(tiny_cfg(**{"train.peak_tflops": 1e-9, "train.max_steps": 4, "train.report": "true"}), log=lines.append)
+    warnings = [l for l in lines if l.startswith("warning: MFU")]
+    assert len(warnings) == 2  # once in the steps, once in the report
+    assert "over 100%" in warnings[0] and "given 1e-09 TFLOP/s fp32" in warnings[0] and "train.peak_from" in warnings[0]
