@@ -273,8 +273,9 @@ def train_bpe(docs: list[Document], vocab_size: int):
     return tok
 
 
-def read_tokenizer(path: Path, missing: str):
-    """A tokenizer.json; UserError with `missing` (the fix) when absent, one line when invalid."""
+def read_tokenizer(path: Path, missing: str, name: str = ""):
+    """A tokenizer.json; UserError with `missing` (the fix) when absent, one line when invalid
+    (naming it `name`, default the path)."""
     from tokenizers import Tokenizer
 
     if not Path(path).is_file():
@@ -282,18 +283,12 @@ def read_tokenizer(path: Path, missing: str):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:
-        raise UserError(f"{path} is not a valid tokenizer.json: {str(e).splitlines()[0][:160]}") from None
+        raise UserError(f"{name or path} is not a valid tokenizer.json: {str(e).splitlines()[0][:160]}") from None
 
 
 def load_tokenizer_file(path: str, vocab_size: int):
-    from tokenizers import Tokenizer
-
-    if not Path(path).is_file():
-        raise UserError(f"data.tokenizer = {path!r} is not a file: give a tokenizer.json path or 'bpe'")
-    try:
-        tok = Tokenizer.from_file(path)
-    except Exception as e:
-        raise UserError(f"data.tokenizer = {path!r} is not a valid tokenizer.json: {e}") from None
+    tok = read_tokenizer(path, f"data.tokenizer = {path!r} is not a file: give a tokenizer.json path or 'bpe'",
+                         name=f"data.tokenizer = {path!r}")
     if tok.get_vocab_size() > vocab_size:
         raise UserError(
             f"tokenizer {path} has {tok.get_vocab_size():,} tokens but model.vocab_size = {vocab_size:,}; "

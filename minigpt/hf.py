@@ -114,13 +114,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
                         f"convert it to safetensors with a tool you trust") from None
 
 
-def hf_to_minigpt(raw: dict, tensors: dict[str, torch.Tensor], origin: str) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and the minigpt state dict of an HF model's config and tensors."""
-    c = model_from_hf(raw, origin, for_weights=True)
+def hf_to_minigpt(raw: dict, c: ModelConfig, tensors: dict[str, torch.Tensor], origin: str) -> dict:
+    """The minigpt state dict of an HF model's tensors; `c` is model_from_hf(raw, for_weights=True)."""
     family = "gpt2" if raw["model_type"] == "gpt2" else "llama"
-    if raw["model_type"] == "mixtral":
-        raise UserError(f"{origin}: converting Mixtral weights is not supported (its config works as a target "
-                        f"for flops, memory and extrapolate)")
     if family == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
         tensors = {f"transformer.{k}": v for k, v in tensors.items()}  # saved from GPT2Model
     used, state = set(), {}
@@ -139,7 +135,7 @@ def hf_to_minigpt(raw: dict, tensors: dict[str, torch.Tensor], origin: str) -> t
     if extra:
         raise UserError(f"{origin}: tensor {extra[0]} (and {len(extra) - 1} more) has no place in a "
                         f"{raw['model_type']} model of this config; the architecture differs")
-    return c, {k: v.contiguous() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def _ignorable(name: str, c: ModelConfig) -> bool:
@@ -205,9 +201,9 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
     raw = read_json(src / "config.json", "config")
     if not is_hf_config(raw):
         raise UserError(f"{src / 'config.json'} has no model_type: it is not a Hugging Face model config")
-    c = model_from_hf(raw, str(src / "config.json"), for_weights=True)  # refuse early, before reading weights
+    c = model_from_hf(raw, str(src / "config.json"), for_weights=True)  # refused before any weight is read
     _hf_tokenizer(src, c.vocab_size)
-    c, state = hf_to_minigpt(raw, read_hf_tensors(src), str(src))
+    state = hf_to_minigpt(raw, c, read_hf_tensors(src), str(src))
     _check_fits(c, state)
     stop, eos = hf_stop_token(src)
     cfg = Config(model=c, data=DataConfig(tokenizer=str((out / "tokenizer.json").resolve())),
@@ -283,7 +279,7 @@ def load_init_weights(model, source: str) -> str:
     if not is_hf_config(raw):
         _, step = load_latest(src, lambda folder: load_weights(model, folder))
         return f"weights of run {src} (step {step})"
-    _, state = hf_to_minigpt(raw, read_hf_tensors(src), str(src))
+    state = hf_to_minigpt(raw, model_from_hf(raw, str(src), for_weights=True), read_hf_tensors(src), str(src))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied head
     return f"weights of Hugging Face {raw.get('architectures', [raw['model_type']])[0]} in {src}"

@@ -47,6 +47,9 @@ def model_from_hf(raw: dict, origin: str = "config.json", for_weights: bool = Fa
     if family not in FAMILIES:
         raise UserError(f"{origin}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)} "
                         f"({', '.join(ARCHITECTURES.values())})")
+    if for_weights and family == "mixtral":
+        raise UserError(f"{origin}: converting Mixtral weights is not supported (its config works as a target "
+                        f"for flops, memory and extrapolate)")
     c = _gpt2(raw, origin, for_weights) if family == "gpt2" else _llama_like(raw, family, origin, for_weights)
     c.validate()
     return c
