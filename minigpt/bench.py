@@ -73,6 +73,7 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "measured_at": round(time.time(), 1),
         # CPUs without 16-bit matmul units run bf16 ~100x slower: a smaller size keeps it short
         "matmul_size": {d: (n if gpu or d == "fp32" else min(n, 512)) for d in dtypes},
         "matmul_tflops": {},

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_file, load_model, save_file
 
 from minigpt.atomic import atomic_write_text, fsync_dir
 from minigpt.distributed import DistEnv, all_gather_objects, barrier
@@ -137,6 +137,14 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
                     f"{expected['bytes']:,} with a different SHA-256); it was not loaded"
                 )
     return folder, step
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as a name -> CPU tensor dict (a tied matrix once)."""
+    try:
+        return load_file(str(Path(folder) / WEIGHTS))
+    except Exception as e:
+        raise UserError(f"cannot load weights from {folder}: {str(e).splitlines()[0]}") from None
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -260,6 +260,18 @@ def cmd_memory(args) -> None:
     print(to_json(r) if args.json else memory_table(r))
 
 
+def cmd_simulate(args) -> None:
+    from minigpt.hardware import gpu_by_name
+    from minigpt.report import simulate_table
+    from minigpt.simulate import SimSpec, simulate
+
+    cfg = _config(args)
+    spec = SimSpec(args.world, args.tp, args.backend, args.precision, args.reduce_precision or "", args.micro_batch,
+                   args.seq_len, args.recompute)
+    r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
+    print(to_json(r) if args.json else simulate_table(r))
+
+
 def cmd_bench_hardware(args) -> None:
     from minigpt.atomic import atomic_write_text
     from minigpt.bench import bench_hardware
@@ -322,7 +334,12 @@ def cmd_extrapolate(args) -> None:
     from minigpt.report import extrapolation_lines, extrapolation_markdown
 
     cfg = _target(args.target)
-    r = extrapolate(cfg.model, cfg.target, scenario_from_args(args, cfg))
+    s = scenario_from_args(args, cfg)
+    if args.comm == "counted":
+        from minigpt.simulate import layout_simulator
+
+        s.simulator = layout_simulator(s.gpu, s.zero_stage, s.micro_batch, s.notes)
+    r = extrapolate(cfg.model, cfg.target, s)
     if getattr(args, "_measured_layers", None):
         r["measured_layers"] = args._measured_layers
     if args.json:
@@ -448,6 +465,24 @@ def _add_measure_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
 
+    p = sub.add_parser("simulate", help="one training step on N simulated ranks (FSDP2/tensor parallel on a fake "
+                                        "process group): memory and communication per rank beside the formulas")
+    _config_flags(p, any_model=True)
+    p.add_argument("--world", type=number(int, 1), required=True, help="ranks (GPUs) to simulate")
+    p.add_argument("--tp", type=number(int, 1), default=1, help="tensor-parallel degree (innermost)")
+    p.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp"], default="zero3",
+                   help="data parallelism over the other world/tp ranks (fsdp = zero3)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="compute and gather dtype")
+    p.add_argument("--reduce-precision", choices=["fp32", "bf16", "fp16"],
+                   help="gradient reduction dtype (default: --precision, the ZeRO paper's 16-bit gradients)")
+    p.add_argument("--micro-batch", type=number(int, 1), default=1, help="sequences per rank")
+    p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
+    p.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--gpu", default="H100", help="GPU whose links and peak time the step (default H100)")
+    p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="compute MFU (default: the GPU's published reference)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser("bench", help="benchmarks of this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
@@ -480,6 +515,9 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--tp", type=number(int, 1), help="tensor-parallel degree (default: suggested)")
     p.add_argument("--pp", type=number(int, 1), help="pipeline stages (default: suggested)")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--comm", choices=["formula", "counted"], default="formula",
+                   help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
+                        "and per-GPU memory; layouts whose simulated memory does not fit are rejected")
     p.add_argument("--micro-batch", type=number(int, 1), default=1)
     p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="inference batch for the decode bound")

@@ -178,10 +178,12 @@ class TrainConfig:
     # "fp16" (autocast + gradient scaler, CUDA only)
     precision: str = "auto"
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA and CPU (faster: README)
-    backend: str = "ddp"  # "ddp" (torch DistributedDataParallel) | "deepspeed" (ZeRO)
+    # "ddp" (torch DistributedDataParallel) | "fsdp" (FSDP2 fully_shard: ZeRO-3 in PyTorch) | "deepspeed" (ZeRO)
+    backend: str = "ddp"
+    tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor; heads and ffn_hidden divide by it)
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
-    offload_params: bool = False  # deepspeed, stage 3: parameters in CPU memory
+    offload_params: bool = False  # deepspeed stage 3, or fsdp on CUDA: parameters in CPU memory
     # start a new run from these weights (and their tokenizer), with a fresh optimizer: a minigpt run
     # directory or a Hugging Face folder; [model] comes from the weights
     init_from: str = ""
@@ -217,7 +219,7 @@ class TrainConfig:
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("auto", "fp32", "bf16", "fp16"),
-        "backend": ("ddp", "deepspeed"),
+        "backend": ("ddp", "fsdp", "deepspeed"),
     }
 
     def validate(self) -> None:
@@ -243,6 +245,10 @@ class TrainConfig:
             raise UserError(f"train.log_to has {unknown[0]!r}; choose from {', '.join(LOG_SINKS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.tensor_parallel < 1:
+            raise UserError(f"train.tensor_parallel = {self.tensor_parallel} must be a positive integer (1: none)")
+        if self.tensor_parallel > 1 and self.backend == "deepspeed":
+            raise UserError("train.tensor_parallel > 1 is not supported with train.backend = 'deepspeed'; use 'fsdp'")
         if self.dist_timeout_s <= 0:
             raise UserError(f"train.dist_timeout_s = {self.dist_timeout_s} must be positive, e.g. 600")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -466,6 +472,20 @@ GPT3_PRESETS = ("gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b
 
 # ----------------------------------------------------------------------------------------------
 # the batch of one optimizer step
+
+
+def check_tensor_parallel(c: ModelConfig, tp: int, world: int) -> None:
+    """Every sharded dimension must divide by tp; one clear line when one does not."""
+    if tp == 1:
+        return
+    if c.is_moe:
+        raise UserError("train.tensor_parallel > 1 does not shard a mixture of experts; use train.tensor_parallel = 1")
+    for name, n in (("model.n_head", c.n_head), ("model.n_kv_head", c.n_kv_head), ("model.ffn_hidden", c.ffn_hidden)):
+        if n % tp:
+            raise UserError(f"{name} = {n} does not divide by train.tensor_parallel = {tp}; choose a tensor-parallel "
+                            f"degree that divides n_head, n_kv_head and ffn_hidden")
+    if world % tp:
+        raise UserError(f"train.tensor_parallel = {tp} must divide the {world} processes; e.g. --nproc_per_node {tp}")
 
 
 @dataclass(frozen=True)

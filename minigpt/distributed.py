@@ -34,10 +34,20 @@ class DistEnv:
     device: torch.device
     control: object = field(default=None, repr=False)  # host-side (gloo) group for stop agreement
     timeout_s: float = 600.0
+    tp: int = 1  # ranks per tensor-parallel group; they see the same data
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which shard of the batch it reads (rank // tp)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
 
     @property
     def distributed(self) -> bool:

@@ -61,6 +61,9 @@ class Scenario:
     batch: int = 1  # inference batch for the decode bound
     serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
     notes: list[str] = field(default_factory=list)
+    # --comm counted: (model, tp, pp, dp) -> a simulated step of that layout (minigpt.simulate), or
+    # None when it cannot be simulated; torch-free here, supplied by the CLI
+    simulator: object = field(default=None, repr=False)
 
 
 def _check(s: Scenario) -> None:
@@ -111,8 +114,11 @@ def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, se
 
 
 def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_stage: int, micro_batch: int,
-                   tp: int | None = None, pp: int | None = None) -> dict:
-    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node)."""
+                   tp: int | None = None, pp: int | None = None, simulator=None) -> dict:
+    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node).
+
+    With a simulator (--comm counted) a layout must also fit by the memory its simulated step
+    measured; the layouts it rejects are listed."""
     if tp is not None and (tp < 1 or c.n_head % tp):
         raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
     if pp is not None and (pp < 1 or c.n_layer % pp):
@@ -121,14 +127,22 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_s
     tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
     pps = [pp] if pp else divisors(c.n_layer)
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
+    rejected: list[dict] = []
     for t, p in candidates:
         if t * p > num_gpus:
             continue
         dp = num_gpus // (t * p)
         mem = per_gpu_bytes(c, t, p, dp, zero_stage, seq, micro_batch)
-        if mem["total"] <= budget:
-            return {"tp": t, "pp": p, "dp": dp, "gpus_used": t * p * dp, "per_gpu_bytes": mem,
-                    "fits": True, "budget_bytes": budget}
+        if mem["total"] > budget:
+            continue
+        layout = {"tp": t, "pp": p, "dp": dp, "gpus_used": t * p * dp, "per_gpu_bytes": mem, "fits": True,
+                  "budget_bytes": budget}
+        if simulator is None:
+            return layout
+        sim = simulator(c, t, p, dp)
+        if sim is None or sim["memory_per_gpu_bytes"] <= budget:
+            return {**layout, "simulated": sim, "rejected_by_simulation": rejected}
+        rejected.append({"tp": t, "pp": p, "dp": dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
     # nothing fits in num_gpus: find how many GPUs would be needed
     for need in (2**i for i in range(0, 24)):
         for t, p in candidates:
@@ -216,7 +230,7 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
     p = F.param_counts(c)
     seq = c.block_size
     states = M.model_state_bytes(p.total, "bf16", 0, 1)
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp, s.simulator)
     micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
     bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
     return {
@@ -232,12 +246,13 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
         },
         "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
                    "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
-        "communication": _communication(p.total, layout, s, step_s, tokens / gbt),
+        "communication": _communication(p.total, layout, s, step_s, tokens / gbt, micro_batches),
     }
 
 
-def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps: float) -> dict:
-    """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses."""
+def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps: float, micro_batches: int) -> dict:
+    """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses;
+    with --comm counted, also what the simulated step of the layout sent, and which is used."""
     grad_bytes = 2 * params / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
     dp = layout["dp"]
     ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
@@ -262,6 +277,29 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
         "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
         "compute_s_per_step": step_s,
         "steps": steps,
+        "source": "formula: ring all-reduce of 2 Psi bytes / (tp pp) (ZeRO-3: 1.5x); tensor-parallel traffic not counted",
+        **_counted(layout.get("simulated"), s, link, micro_batches, zero3 if s.zero_stage == 3 else ring),
+    }
+
+
+def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, formula: float) -> dict:
+    """The simulated step's bytes per GPU per optimizer step: the data-parallel traffic once (a
+    ZeRO-3 run re-gathers per micro-batch; the count is of one), tensor-parallel all-reduces per
+    micro-batch; each on its link."""
+    if s.simulator is None:
+        return {}
+    if sim is None:
+        return {"source": "formula (--comm counted: this layout could not be simulated, see notes)"}
+    tp_bytes = sim["tp_bytes"] * micro_batches
+    nvlink = s.gpu.nvlink_gbs * 1e9
+    return {
+        "source": f"counted: {sim['method']}",
+        "counted_dp_bytes_per_gpu_per_step": sim["dp_bytes"],
+        "counted_tp_bytes_per_gpu_per_step": tp_bytes,
+        "counted_dp_s_per_step": sim["dp_bytes"] / link,
+        "counted_tp_s_per_step": tp_bytes / nvlink,
+        "counted_over_formula_dp": sim["dp_bytes"] / formula if formula else None,
+        "simulated_memory_per_gpu_bytes": sim["memory_per_gpu_bytes"],
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,16 +75,19 @@ class Peak:
         return self.tflops is not None and self.tflops > 0
 
 
-def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_file: str = "") -> Peak:
+def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_file: str = "",
+                threads: int | None = None) -> Peak:
     """The peak MFU divides by: given > measured (bench file) > datasheet > unknown.
 
     dtype is the matmul dtype: "bf16", "fp16", or "fp32" (fp32 uses the plain FP32 peak, not TF32).
+    A bench file must describe this machine as it is now (see check_bench_fresh).
     """
     if given_tflops and given_tflops > 0:
         return Peak(given_tflops, f"given {given_tflops:g} TFLOP/s {dtype}")
     if bench_file:
         measured = load_bench_peak(bench_file, dtype)
-        return Peak(measured, f"measured {dtype} matmul peak from {bench_file}")
+        age_h = check_bench_fresh(bench_file, device_name, threads)
+        return Peak(measured, f"measured {dtype} matmul peak from {bench_file} ({age_h:.1f} h old)")
     spec = match_device(device_name)
     if spec is None or dtype not in spec.tflops:
         return Peak(None, f"unknown peak for {device_name} {dtype}")
@@ -99,6 +103,26 @@ def load_bench_peak(path: str, dtype: str) -> float:
     if not value:
         raise UserError(f"{path} has no measured {dtype} matmul peak; it has {list(data.get('matmul_tflops', {}))}")
     return float(value)
+
+
+MAX_BENCH_AGE_H = 24.0  # a CPU's achievable peak moves with load, clocks and threads: re-measure daily
+
+
+def check_bench_fresh(path: str, device_name: str, threads: int | None = None, now: float | None = None) -> float:
+    """Refuse a stored peak measured on another device, with another thread count, or more than
+    MAX_BENCH_AGE_H hours ago (its `measured_at`, else the file's time); returns its age in hours.
+    A stale CPU peak once made a run print "fp32 MFU 259.4%"."""
+    data = json.loads(Path(path).read_text())
+    fix = f"re-measure with 'minigpt bench hardware --out {path}' (or unset train.peak_from)"
+    if data.get("device_name") and data["device_name"] != device_name:
+        raise UserError(f"{path} measured {data['device_name']}, this run is on {device_name}: {fix}")
+    if threads and data.get("threads") and data["threads"] != threads and data.get("device") == "cpu":
+        raise UserError(f"{path} measured the CPU with {data['threads']} threads, this run uses {threads}: {fix}")
+    measured_at = data.get("measured_at") or Path(path).stat().st_mtime
+    age_h = ((now if now is not None else time.time()) - measured_at) / 3600
+    if age_h > MAX_BENCH_AGE_H:
+        raise UserError(f"{path} is {age_h:.0f} h old (more than {MAX_BENCH_AGE_H:g} h): {fix}")
+    return age_h
 
 
 def mfu_warning(mfu: float | None, peak_source: str) -> str | None:

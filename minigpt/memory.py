@@ -112,10 +112,10 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
       q and k n (H + G) D e; attention output n H D e (also the output projection's input) and
       log-sum-exp n H x 4 (fused SDPA kernel: no T x T matrix is kept);
       MLP input n h e; GELU: its input and output, 2 n d_ff e; SwiGLU: the fused gate/up buffer,
-      silu(gate) and the product, 4 n d_ff e;
+      silu(gate) and the product, 4 n d_ff e; a mixture of experts: see _mlp_bytes;
       under autocast, the 16-bit copy of every weight matrix (Linear saves it for backward).
-    Dropout > 0 sends CPU attention to the math path, which keeps the T x T probabilities
-    (2 B H T^2 e with its dropout output) and residual dropout masks (2 n h e): approximate.
+    Dropout > 0 sends CPU attention to the math path (see _attention_core_bytes) and keeps the
+    residual dropout masks (2 n h e) and the embedding dropout's (n h x 4).
     Head: final norm; the fused LM-head cross-entropy computes its gradients in forward and keeps
     them, d_h (n h x 4) and d_W (Vp h x 4), instead of the logits (it never holds n x V).
     Once: learned position ids (8 T) or the RoPE cos/sin rows (T D x 4), the loss scalar.
@@ -135,33 +135,62 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
         return n * h * f + 2 * n * 4  # input, mean, rstd
 
     fc_out = 2 * ff if c.mlp == "swiglu" else ff
-    block_matmul = h * (H + 2 * G) * D + H * D * h + h * fc_out + ff * h
+    mlp_weights = h * fc_out + ff * h
+    act = (4 * ff if c.mlp == "swiglu" else 2 * ff) * e  # per token through one MLP
     layer = (
         2 * norm_bytes()
         + n * h * e  # QKV projection input
-        + n * (H + 2 * G) * D * e  # q, k, v
-        + n * H * D * e + n * H * 4  # attention output, log-sum-exp
-        + n * h * e  # MLP input
-        + (4 * n * ff if c.mlp == "swiglu" else 2 * n * ff) * e
+        + _attention_core_bytes(c, batch, seq_len, e, autocast)
+        + n * H * D * e  # attention output (the output projection's input)
+        + _mlp_bytes(c, n, e, act)
     )
     if c.pos_emb == "rope":
         # rotated q and k are new (B, H, T, D)-contiguous tensors; SDPA then returns its output in
         # that layout, so the transpose before the output projection makes one more copy
         layer += n * (H + G) * D * e + n * H * D * e
-    if autocast:
-        layer += block_matmul * e
+    if autocast:  # the 16-bit copy of every weight matrix, every expert's and the router's
+        experts = c.n_expert if c.is_moe else 1
+        layer += (h * (H + 2 * G) * D + H * D * h + experts * mlp_weights + (h * c.n_expert if c.is_moe else 0)) * e
     if c.dropout > 0:
-        layer += 2 * batch * H * seq_len * seq_len * e + 2 * n * h * e
+        layer += 2 * n * h * e  # the residual dropout masks of attention and MLP
     if recompute:
         layer = n * h * f
     head = norm_bytes() + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
     once = (8 * seq_len if c.pos_emb == "learned" else seq_len * D * 4) + 4
+    if c.dropout > 0:
+        once += n * h * f  # the embedding dropout's mask, on the fp32 residual stream
     return {
         "per_layer": layer,
         "layers": layer * c.n_layer,
         "head_and_loss": head + once,
         "total": layer * c.n_layer + head + once,
     }
+
+
+def _attention_core_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, autocast: bool) -> float:
+    """What attention saves between its projections. Fused SDPA (no dropout): q, k, v (one buffer)
+    and the log-sum-exp. Dropout > 0 on CPU takes the math path, which works in fp32 under
+    autocast: q, k, v upcast (k, v expanded to n_head heads), and three B H T^2 fp32 tensors (the
+    softmax, the dropout mask, the dropped probabilities)."""
+    n, H, G, D = batch * seq_len, c.n_head, c.n_kv_head, c.head_dim
+    if c.dropout == 0:
+        return n * (H + 2 * G) * D * e + n * H * 4
+    qkv = 3 * n * H * D * 4 if autocast else n * (H + 2 * G) * D * e
+    return qkv + 3 * batch * H * seq_len * seq_len * 4
+
+
+def _mlp_bytes(c: ModelConfig, n: int, e: int, act: int) -> float:
+    """What the MLP saves. Dense: its input and the activation's tensors. A mixture of experts (each
+    token to k of E experts): the router's input, probabilities (n E fp32), top-k indices and
+    renormalised weights; per routed token copy (n k of them) the expert's input, its activation
+    tensors, its output (kept for the weighting) and the weighted output index_add_ keeps, and the
+    token and slot indices (int64)."""
+    h = c.n_embd
+    if not c.is_moe:
+        return n * h * e + n * act
+    k = c.n_expert_active
+    router = n * h * e + n * c.n_expert * 4 + n * k * (8 + 4) + n * 4
+    return router + n * k * (3 * h * e + act + 16)
 
 
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_el: int = 2) -> int:

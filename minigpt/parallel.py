@@ -7,6 +7,8 @@ one-line description. Implementations:
 
   TorchBackend       one process, or DistributedDataParallel under torchrun: autocast, an fp16
                      grad scaler, gradient clipping, AdamW (fused on CUDA)
+  ShardedBackend     FSDP2 fully_shard and/or DTensor tensor parallelism on a (dp, tp) mesh, in
+                     sharding.py
   DeepSpeedBackend   ZeRO stages 0-3 and offload, in zero.py (the only module naming DeepSpeed)
 
 Training techniques are applied to the model from outside, torchtitan-style, before a backend
@@ -231,10 +233,13 @@ def check_memory(cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
     c, tc = cfg.model, cfg.train
     have = available_memory_bytes(env.device)
     need = training_bytes_estimate(c, layout.micro_batch_size, c.block_size, tc.precision)
+    n = param_counts(c).total
     if tc.backend == "deepspeed" and tc.zero_stage:
-        n = param_counts(c).total
         need -= model_state_bytes(n, tc.precision, 0, 1, "amp").total
         need += model_state_bytes(n, tc.precision, tc.zero_stage, env.world_size, "deepspeed").total
+    elif tc.backend == "fsdp" or tc.tensor_parallel > 1:  # model states sharded over all ranks (or the tp group)
+        states = model_state_bytes(n, tc.precision, 0, 1, "amp").total
+        need -= states - states / (env.world_size if tc.backend == "fsdp" else tc.tensor_parallel)
     if have is not None and need > have:
         raise UserError(f"training this model needs at least {fmt_bytes(need)} per process ({param_counts(c).total:,} "
                         f"parameters; weights, gradients, AdamW state and one micro-batch of activations), {env.device} "
@@ -247,6 +252,12 @@ def make_backend(model: torch.nn.Module, cfg: Config, env: DistEnv, layout: Batc
 
         return DeepSpeedBackend(model, cfg, env, layout)
     tc = cfg.train
-    if tc.zero_stage or tc.offload_optimizer or tc.offload_params or tc.deepspeed_config:
-        raise UserError("train.zero_stage / offload / deepspeed_config need train.backend = 'deepspeed'")
+    if tc.zero_stage or tc.offload_optimizer or tc.deepspeed_config:
+        raise UserError("train.zero_stage / offload_optimizer / deepspeed_config need train.backend = 'deepspeed'")
+    if tc.backend == "fsdp" or tc.tensor_parallel > 1:
+        from minigpt.sharding import ShardedBackend
+
+        return ShardedBackend(model, cfg, env, layout)
+    if tc.offload_params:
+        raise UserError("train.offload_params needs train.backend = 'fsdp' or 'deepspeed'")
     return TorchBackend(model, cfg, env, layout)

@@ -188,6 +188,26 @@ def fmt_usd(x: float) -> str:
     return f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}"
 
 
+def _counted_lines(comm: dict, lay: dict) -> list[str]:
+    """--comm counted: the simulated layout's traffic and memory beside the formulas, or why not."""
+    if "counted_dp_bytes_per_gpu_per_step" not in comm:
+        return [f"communication source: {comm['source']}"] if comm["source"].startswith("formula (") else []
+    ratio = comm["counted_over_formula_dp"]
+    lines = [
+        f"communication counted (used): data-parallel {fmt_bytes(comm['counted_dp_bytes_per_gpu_per_step'])} per GPU "
+        f"= {comm['counted_dp_s_per_step']:.3g} s (counted/formula above {ratio:.4f}; the formula divides every "
+        f"parameter by tp, the embeddings are replicated)" if ratio else
+        "communication counted (used): data-parallel none (dp = 1)",
+        f"  tensor-parallel {fmt_bytes(comm['counted_tp_bytes_per_gpu_per_step'])} per GPU = "
+        f"{comm['counted_tp_s_per_step']:.3g} s on NVLink (the formula leaves it out); simulated memory "
+        f"{fmt_bytes(comm['simulated_memory_per_gpu_bytes'])} per GPU; {comm['source']}",
+    ]
+    for rej in lay.get("rejected_by_simulation") or []:
+        lines.append(f"  rejected: tp={rej['tp']} pp={rej['pp']} dp={rej['dp']} simulates to "
+                     f"{fmt_bytes(rej['simulated_bytes'])} per GPU, over the budget")
+    return lines
+
+
 def extrapolation_lines(r: dict) -> list[str]:
     m, inf, lay = r["memory"], r["inference"], r["memory"]["layout"]
     comm = m["communication"]
@@ -212,6 +232,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
         f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
         f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
+        *_counted_lines(comm, lay),
         f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
         f"KV cache {fmt_bytes(inf['kv_bytes_per_token'])} per token; decode <= {inf['decode_tokens_per_s_per_gpu']:,.1f} "
         f"tokens/s per GPU (memory bound {inf['decode_memory_bound_tokens_per_s_per_gpu']:,.1f}, compute bound "
@@ -248,4 +269,42 @@ def per_rank_memory_table(t: dict) -> str:
                          f"{fmt_bytes(ds[k]):>12} {m / ds[k]:>7.3f}")
     lines.append("ZeRO paper: 4+4+8 bytes/param in fp32, 2+2+12 mixed; DeepSpeed also keeps an fp32 master partition "
                  "(fp32: 4+4+12) and fp32 gradient partitions (mixed: 2+6+12). Gradients are read after the last backward.")
+    return "\n".join(lines)
+
+
+def simulate_table(r: dict) -> str:
+    """`minigpt simulate`'s report: memory and communication per rank, measured beside predicted."""
+    t = r["time_per_step"]
+    lines = [
+        f"one training step on {r['world']:,} simulated ranks = dp {r['dp']} x tp {r['tp']}, {r['backend']}, "
+        f"{r['precision']} (gradients reduced in {r['reduce_precision']}), micro-batch {r['micro_batch']} x "
+        f"{r['seq_len']} tokens{', recompute' if r['recompute'] else ''}; {r['params_total']:,} parameters",
+        f"method: {r['method']}",
+        "",
+        f"{'memory per rank':<28}{'measured':>13}{'predicted':>13}{'measured/predicted':>20}",
+    ]
+    names = {"params": "params (fp32, at rest)", "grads": "grads (fp32)", "optimizer": "optimizer (Adam m, v)",
+             "gathered_params": "gathered 16-bit params", "activations_peak": "activations (peak)",
+             "total": "total (peak, + temporaries)"}
+    for key, label in names.items():
+        m, p, q = r["memory_per_rank"][key], r["predicted_memory_per_rank"][key], r["memory_ratio"][key]
+        lines.append(f"{label:<28}{fmt_bytes(m):>13}{fmt_bytes(p):>13}{(f'{q:.3f}' if q is not None else '-'):>20}")
+    lines += ["predicted: ZeRO's partitioning of fp32 params, grads and Adam m, v (4 + 4 + 8 bytes/param); "
+              "Korthikanti s*b*h*(10 + 24/t) bytes per layer + minigpt's LM-head term", "",
+              f"{'collectives per rank per step':<32}{'group':>10}{'count':>8}{'bytes sent per rank (ring)':>30}"]
+    for c in r["collectives"]:
+        lines.append(f"{c['op']:<32}{c['group'] + ' of ' + str(c['group_size']):>10}{c['count']:>8,}"
+                     f"{fmt_bytes(c['bytes_per_rank']):>30}")
+    counted, formula = r["comm_bytes_per_rank_by_group"], r["predicted_comm_bytes_per_rank_by_group"]
+    for g, what in (("dp", "data parallel (DDP 2*Psi ring; ZeRO-3/FSDP 1.5x)"), ("tp", "tensor parallel (4 all-reduces of b*s*h per layer)")):
+        if counted[g] or formula[g]:
+            ratio = f"{counted[g] / formula[g]:.4f}" if formula[g] else "-"
+            lines.append(f"  {what}: counted {fmt_bytes(counted[g])}, formula {fmt_bytes(formula[g])}, counted/formula {ratio}")
+    total_ratio = f"{r['comm_ratio']:.4f}" if r["comm_ratio"] is not None else "-"
+    lines += [f"  all: counted {fmt_bytes(r['comm_bytes_per_rank'])}, formula {fmt_bytes(r['predicted_comm_bytes_per_rank'])}, "
+              f"counted/formula {total_ratio}", "",
+              f"time per step on {t['gpu']}: compute {t['compute_s']:.3f} s, tensor-parallel traffic {t['tp_comm_s']:.3f} s "
+              f"({t['tp_link']}), data-parallel {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
+              f"{t['comm_share']:.0%} of the step",
+              f"  ({t['convention']})", f"simulated in {r['elapsed_s']:.1f} s"]
     return "\n".join(lines)

@@ -8,6 +8,9 @@
   none, so it would count as zero) the formula of the CUDA kernels.
 - `torch._dynamo.mark_static_address`: a KV cache that CUDA graphs may replay over in place.
 - `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
+- `torch.testing._internal.distributed.fake_pg.FakeStore`: a fake process group of N ranks, with
+  `FSDPMemTracker` (torch.distributed._tools) and a `TorchDispatchMode` that sees every collective:
+  `minigpt simulate`.
 - `distributed_c10d._get_default_store`: torchrun's store, for heartbeats and naming a silent rank.
 - `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
 """
@@ -138,3 +141,85 @@ class MemoryTracker:
                 name = MEM_CATEGORIES.get(getattr(key, "name", str(key)), "total")
                 out[name] = out.get(name, 0) + int(value)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# simulated ranks: a fake process group, and the collectives a step issues
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """A process group of `world_size` ranks that moves no data (torch's testing FakeStore and
+    backend "fake"): the real FSDP2/DTensor code runs on this one process as rank 0 of N."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; simulate in a process of its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_memory_tracker(model, optimizer):
+    """torch's FSDPMemTracker: memory by category (sharded/unsharded params and grads, all-gather
+    and reduce-scatter buffers, activations, optimizer state) of an FSDP2 model."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    return FSDPMemTracker(model, optimizer)
+
+
+COLLECTIVE_KINDS = (("all_gather", "all_gather"), ("allgather", "all_gather"), ("reduce_scatter", "reduce_scatter"),
+                    ("all_reduce", "all_reduce"), ("allreduce", "all_reduce"), ("broadcast", "broadcast"),
+                    ("all_to_all", "all_to_all"), ("alltoall", "all_to_all"))
+
+
+def _group_of(args, kwargs):
+    """The process group a c10d op runs on (a boxed ProcessGroup, or a functional op's group name)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, torch.ScriptObject):
+            return dist.ProcessGroup.unbox(a)
+        if isinstance(a, str) and a not in ("sum", "avg", "max", "min", "product", "premul_sum"):
+            return _resolve_process_group(a)  # a functional collective's group name (after its reduce op)
+    return None
+
+
+def _tensors(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def collective_counter():
+    """A dispatch mode that records every collective op: (kind, group size, group name, bytes of
+    the whole tensor moved: an all-gather's output, a reduce-scatter's input, an all-reduce's buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CollectiveCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[tuple[str, int, str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace in ("c10d", "_c10d_functional"):
+                self._record(func.__name__, args, kwargs)
+            return func(*args, **(kwargs or {}))
+
+        def _record(self, name, args, kwargs):
+            kind = next((k for key, k in COLLECTIVE_KINDS if key in name), None)
+            group = _group_of(args, kwargs)
+            if kind is None or group is None:
+                return  # wait_tensor, barriers
+            sizes = [t.numel() * t.element_size() for t in _tensors(args)]
+            # a gather's whole output (the input is one of its pieces), or all of an all-reduce's buffers
+            whole = max(max(sizes), sum(sizes) - min(sizes)) if kind in ("all_gather", "reduce_scatter") else sum(sizes)
+            self.records.append((kind, group.size(), getattr(group, "group_desc", ""), whole))
+
+    return CollectiveCounter()

@@ -31,7 +31,8 @@ from minigpt import data
 from minigpt.atomic import atomic_write_text, read_jsonl
 from minigpt.checkpoint import (Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, latest_checkpoint,
                                 remove_temporaries)
-from minigpt.config import BatchLayout, Config, batch_layout, check_same_model, config_from_json
+from minigpt.config import (BatchLayout, Config, batch_layout, check_same_model, check_tensor_parallel,
+                            config_from_json)
 from minigpt.distributed import (DistEnv, StopControl, StopSignal, all_reduce_mean, barrier, device_name, heartbeat, init_distributed,
                                  on_main, on_main_first, shutdown, silent_ranks_error)
 from minigpt.errors import UserError
@@ -73,7 +74,7 @@ def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, split_id
     with eager():
         for i in range(cfg.train.eval_iters):
             x, y = data.get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
-                                  (cfg.train.seed, split_id, i, env.rank))
+                                  (cfg.train.seed, split_id, i, env.dp_rank))
             with autocast_context(env.device, cfg.train.precision):
                 losses.append(model(x.to(env.device), y.to(env.device)).loss.float())
     model.train(was_training)
@@ -162,7 +163,9 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
     tc.precision = resolve_precision(tc.precision, env.device)  # config.json records what ran
     tc.compile, compile_why = resolve_compile(tc, env.device, (stop_at or tc.max_steps))
-    layout = batch_layout(tc, cfg.model.block_size, env.world_size)
+    check_tensor_parallel(cfg.model, tc.tensor_parallel, env.world_size)
+    env.tp = tc.tensor_parallel  # the ranks of a tensor-parallel group read the same data
+    layout = batch_layout(tc, cfg.model.block_size, env.dp_size)
     paths = RunDir(tc.out_dir)
     lock, created = on_main(env, lambda: _claim(paths)) or (None, False)
     try:
@@ -171,7 +174,8 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         _check_not_done(paths, resume, end_step, say)
         check_memory(cfg, env, layout)
         check_sinks(tc.log_to)
-        peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from)
+        peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
+                           threads=tc.threads or torch.get_num_threads())
         prepared = _prepare_data(cfg, env, paths, resume, say)
         device_notes = configure_device(tc, env.device)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -185,7 +189,8 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
             saved = checkpointer.load(backend, tc.backend)
             state = TrainState(saved["step"], saved.get("skipped_steps", 0), tc.backend)
         else:
-            torch.manual_seed(tc.seed + env.rank)  # dropout differs per rank; the weights are already equal
+            # dropout differs per data-parallel rank (a tensor-parallel group shares its masks); the weights are equal
+            torch.manual_seed(tc.seed + env.dp_rank)
         _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
     except BaseException:
         if env.is_main and lock is not None:
@@ -208,7 +213,7 @@ def loop(run: Run, stop: StopControl) -> None:
     tokens = run.prepared.tokens("train")
     run.t_start = time.perf_counter()
     stop.graceful = True  # from here a signal finishes the step and saves
-    with data.BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed, env.rank,
+    with data.BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed, env.dp_rank,
                           run.layout.accum, steps, env.device) as batches:
         for step, micro_batches in zip(steps, batches):
             lr = lr_at(step, tc)
@@ -451,7 +456,7 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
         f"train    {env.world_size} process(es) on {env.device} ({', '.join(device_notes) or 'defaults'}), "
         f"{tc.precision}, {run.backend.describe()}" + (", activation checkpointing" if tc.activation_checkpointing else ""),
         f"compile  {compile_note}",
-        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {env.world_size} ranks "
+        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {env.dp_size} data-parallel ranks "
         f"= {layout.tokens_per_step:,} tokens/step, steps {run.start_step}->{run.end_step} of {tc.max_steps}"
         + (f" (resumed from step {run.start_step})" if resume else ""),
     ]

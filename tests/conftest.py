@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -104,6 +105,29 @@ def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int 
            *(["train"] if module == "minigpt" else []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout)
+
+
+def step_records(run_dir) -> list[dict]:
+    """The step records of a run's metrics.jsonl."""
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in l]
+
+
+def final_weights(run_dir) -> dict:
+    """The weights of a run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from minigpt import checkpoint
+
+    folder, _ = checkpoint.latest_checkpoint(run_dir)
+    return load_file(str(folder / checkpoint.WEIGHTS))
+
+
+def readme_torchrun_lines(sharded: bool = False) -> list[str]:
+    """The torchrun commands of the README's code blocks: DDP/DeepSpeed ones, or (sharded=True)
+    the FSDP / tensor-parallel ones, which tests/test_sharding.py runs."""
+    blocks = (REPO / "README.md").read_text().split("```")[1::2]
+    lines = [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
+    return [l for l in lines if ("fsdp" in l or "tensor_parallel" in l) == sharded]
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from minigpt import checkpoint
 
-from conftest import REPO, run_cli, run_concurrently, set_args, tiny_overrides, torchrun_cmd
+from conftest import REPO, final_weights as weights, readme_torchrun_lines, run_cli, run_concurrently, set_args
+from conftest import step_records as records, tiny_overrides, torchrun_cmd
 
 pytest.importorskip("deepspeed")
 
@@ -24,22 +23,6 @@ pytest.importorskip("deepspeed")
 COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_every": 6, "train.checkpoint_every": 3,
           "train.grad_clip": 0.5}
 DS = {"train.backend": '"deepspeed"'}
-
-
-def records(run_dir):
-    """The step records of a run's metrics.jsonl."""
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in l]
-
-
-def weights(run_dir):
-    folder, _ = checkpoint.latest_checkpoint(run_dir)
-    return load_file(str(folder / checkpoint.WEIGHTS))
-
-
-def readme_torchrun_lines() -> list[str]:
-    """The torchrun commands of the README's code blocks."""
-    blocks = (REPO / "README.md").read_text().split("```")[1::2]
-    return [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,25 @@ def test_bench_hardware_on_cuda_reaches_a_fraction_of_the_datasheet():
     r = bench_hardware("cuda", size=4096, repeats=5)
     if r["datasheet"]:
         assert 0.2 < r["fraction_of_datasheet"]["bf16"] < 1.05
+
+
+def test_a_stored_peak_must_be_this_machine_now(tmp_path):
+    """A CPU peak measured elsewhere, with other threads, or days ago is refused with the fix."""
+    import time
+
+    from minigpt.hardware import choose_peak
+
+    hw = tmp_path / "hw.json"
+
+    def peak_with(**fields):
+        hw.write_text(json.dumps({"device": "cpu", "device_name": "Some CPU", "threads": 2,
+                                  "measured_at": time.time(), "matmul_tflops": {"fp32": 0.1}, **fields}))
+        return choose_peak("Some CPU", "fp32", bench_file=str(hw), threads=2)
+
+    assert peak_with().tflops == 0.1 and "h old" in peak_with().source
+    for fields, message in (({"device_name": "Other CPU"}, "measured Other CPU, this run is on Some CPU"),
+                            ({"threads": 8}, "with 8 threads, this run uses 2"),
+                            ({"measured_at": time.time() - 48 * 3600}, "48 h old")):
+        with pytest.raises(UserError, match=message) as e:
+            peak_with(**fields)
+        assert "minigpt bench hardware --out" in str(e.value)

@@ -21,9 +21,9 @@ RANK = {
     "memory": 3, "model": 3,
     "extrapolate": 4, "report": 4, "optim": 4, "data": 4, "distributed": 4,
     "checkpoint": 5, "metrics": 5,
-    "zero": 6, "generate": 6, "hf": 6,
+    "zero": 6, "generate": 6, "hf": 6, "sharding": 6,
     "parallel": 7, "bench": 7,
-    "measure": 8,
+    "measure": 8, "simulate": 8,
     "sweep": 9, "train": 9,
     "cli": 10,
     "__main__": 11,
@@ -108,6 +108,14 @@ def test_deepspeed_is_named_in_its_backend_only():
     code = "import sys, minigpt.train, minigpt.cli; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # imported lazily, only when the deepspeed backend is used
+
+
+def test_fsdp_and_tensor_parallel_are_applied_in_sharding_only():
+    """FSDP2 and DTensor's parallel styles are applied to the model from outside, in one module."""
+    names = ("torch.distributed.fsdp", "torch.distributed.tensor.parallel")
+    users = {p.stem for p in PKG.glob("*.py") if any(n.startswith(names) for n in imports_of(p))}
+    assert users == {"sharding"}
+    assert "fsdp" not in (PKG / "model.py").read_text().lower()
 
 
 def test_the_training_loop_has_no_backend_branch():

@@ -1,0 +1,135 @@
+"""FSDP2 and tensor parallelism under torchrun on CPU (gloo), against DDP and one process.
+
+The same global batch on every layout, so losses, gradient norms and the final weights agree to
+float32 rounding: FSDP over 2 ranks = DDP; tensor parallel 2 = 1 process; a (dp 2, tp 2) mesh of 4
+ranks on a Llama-shaped model (RoPE, GQA, SwiGLU, RMSNorm, biases, untied head) = 1 process.
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from minigpt.config import ModelConfig
+
+from conftest import REPO, final_weights as weights, readme_torchrun_lines, run_cli, run_concurrently, set_args
+from conftest import step_records as records, tiny_overrides, torchrun_cmd
+
+COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_every": 6, "train.checkpoint_every": 3,
+          "train.grad_clip": 0.5}
+LLAMA = {"model.mlp": '"swiglu"', "model.norm": '"rmsnorm"', "model.pos_emb": '"rope"', "model.n_head": 4,
+         "model.n_kv_head": 2, "model.tie_embeddings": "false", "model.bias": "true"}
+
+
+def readme_cmd(line: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", *line.split()[1:], *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_dir, data_cache, tmp_path_factory):
+    from minigpt.config import load_config
+    from minigpt.train import train
+
+    root = tmp_path_factory.mktemp("sharded")
+
+    def sets(name, **extra):
+        return set_args(tiny_overrides(corpus_dir, data_cache, root / name, **{**COMMON, **extra}))
+
+    fsdp_line, tp_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
+    assert fsdp_line.endswith("--set train.backend=fsdp") and tp_line.endswith("--set train.tensor_parallel=2")
+    jobs = {
+        "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
+        "tp": readme_cmd(tp_line, sets("tp")),
+        "llama_2d": torchrun_cmd(4, sets("llama_2d", **LLAMA, **{"train.backend": '"fsdp"', "train.tensor_parallel": 2})),
+    }
+    out = run_concurrently(jobs)
+    shutil.copytree(root / "fsdp", root / "fsdp_stopped")  # for the refused-backend check
+    out["fsdp_resumed"] = run_concurrently({"resume": torchrun_cmd(2, ["--resume", str(root / "fsdp")])})["resume"]
+    for name, r in out.items():
+        assert r.returncode == 0, f"{name}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
+    for name, extra in (("one", {}), ("llama_one", LLAMA)):
+        cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, root / name, **COMMON, **extra))
+        train(cfg, log=lambda *a: None)
+    out["root"] = root
+    return out
+
+
+def assert_same_training(a, b, rel=1e-5):
+    ra, rb = records(a), records(b)
+    assert len(ra) == len(rb) == 6
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=rel)
+    assert [r["grad_norm"] for r in ra] == pytest.approx([r["grad_norm"] for r in rb], rel=rel)
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)  # the ordinary layout: no TP row order, a tied head once
+    for k in wb:  # Adam turns reduction-order rounding in near-zero gradients into updates of ~1e-6 (lr 3e-3)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_as_ddp_does(runs):
+    """2 FSDP ranks = 1 process accumulating 2 micro-batches (test_distributed: the same for DDP),
+    across a stop at step 3 and a resume."""
+    root = runs["root"]
+    assert "FSDP2 over 2 rank(s)" in runs["fsdp"].stdout
+    assert_same_training(root / "fsdp", root / "one", rel=1e-4)
+    assert records(root / "fsdp")[0]["grad_norm"] > 0.5  # clipping at 0.5 acts, on sharded gradients
+
+
+@pytest.mark.slow
+def test_tensor_parallel_matches_one_process(runs):
+    root = runs["root"]
+    assert "tensor parallel 2" in runs["tp"].stdout and "x 1 data-parallel ranks" in runs["tp"].stdout
+    assert_same_training(root / "tp", root / "one")
+
+
+@pytest.mark.slow
+def test_fsdp_with_tensor_parallel_on_a_llama_shape(runs):
+    root = runs["root"]
+    assert "FSDP2 over 2 rank(s), tensor parallel 2" in runs["llama_2d"].stdout
+    assert_same_training(root / "llama_2d", root / "llama_one")
+    r = run_cli("generate", "--run", str(root / "llama_2d"), "--prompt", "def", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_fsdp_run_resumes_on_its_backend_only(runs):
+    """The FSDP run above stopped at step 3 and resumed to 6, and still equals one process (its
+    optimizer state is saved whole and restored); another backend is refused with the setting."""
+    assert json.loads(runs["fsdp"].stdout.splitlines()[-1])["step"] == 3
+    assert "steps 3->6 of 6 (resumed from step 3)" in runs["fsdp_resumed"].stdout
+    r = run_cli("train", "--resume", str(runs["root"] / "fsdp_stopped"), "--set", 'train.backend="ddp"')
+    assert r.returncode == 2 and "written by the fsdp backend" in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"train.tensor_parallel": 2, "model.n_head": 3, "model.n_embd": 48}, "model.n_head = 3 does not divide by train.tensor_parallel = 2"),
+    ({"train.tensor_parallel": 2, "model.n_expert": 4}, "does not shard a mixture of experts"),
+    ({"train.tensor_parallel": 0}, "train.tensor_parallel = 0 must be a positive integer"),
+    ({"train.tensor_parallel": 2}, "must divide the 1 processes"),
+    ({"train.backend": '"fsdp"', "train.offload_params": "true"}, "on a CPU run set train.offload_params = false"),
+    ({"train.offload_params": "true"}, "needs train.backend = 'fsdp' or 'deepspeed'"),
+])
+def test_bad_sharding_settings(corpus_dir, data_cache, tmp_path, extra, message):
+    r = run_cli("train", *set_args(tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **extra)))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_tp_row_order_round_trips_and_keeps_each_ranks_heads_together():
+    from minigpt.sharding import _row_order, from_tp_layout, to_tp_layout
+
+    c = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=16, block_size=8, vocab_size=64, mlp="swiglu")
+    D, f = c.head_dim, c.ffn_hidden
+    qkv = torch.arange((4 + 2 * 2) * D).float().unsqueeze(1)
+    fc = torch.arange(2 * f).float()
+    sd = {"blocks.0.attn.c_attn.weight": qkv, "blocks.0.mlp.c_fc.bias": fc, "wte.weight": torch.randn(64, 16)}
+    tp = to_tp_layout(sd, c, 2)
+    rank0 = tp["blocks.0.attn.c_attn.weight"][: len(qkv) // 2, 0].long().tolist()
+    # rank 0: query heads 0-1, key head 0, value head 0
+    assert rank0 == list(range(0, 2 * D)) + list(range(4 * D, 5 * D)) + list(range(6 * D, 7 * D))
+    assert tp["blocks.0.mlp.c_fc.bias"][: f].long().tolist() == list(range(f // 2)) + list(range(f, f + f // 2))
+    back = from_tp_layout(tp, c, 2)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert _row_order(c, "blocks.0.mlp.c_proj.weight", 2) is None
