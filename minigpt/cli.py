@@ -88,6 +88,8 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device)
     sc = cfg.sample
+    if args.draft:
+        return _generate_speculative(args, model, tokenizer, cfg, step, device)
     texts, gen = generate_text(
         model, tokenizer, args.prompt or [sc.prompt],
         eot_id=tokenizer.token_to_id(sc.stop_token),
@@ -111,6 +113,43 @@ def cmd_generate(args) -> None:
     )
     print(to_json({"event": "generated", "run": str(args.run), "step": step, "device": str(device),
                       "threads": torch.get_num_threads(), "compile": args.compile, **stats}))
+
+
+def _sampling(args, sc) -> dict:
+    return dict(temperature=sc.temperature if args.temperature is None else args.temperature,
+                top_k=sc.top_k if args.top_k is None else args.top_k, top_p=sc.top_p if args.top_p is None else args.top_p,
+                seed=sc.seed if args.seed is None else args.seed)
+
+
+def _generate_speculative(args, target, tokenizer, cfg, step, device) -> None:
+    """--draft RUN --speculate K: each prompt decoded speculatively and, side by side, plainly by the
+    target alone (same settings), for the speed-up; the text is the speculative output."""
+    from minigpt.generate import generate_ids, load_run
+    from minigpt.speculative import check_pair, speculative_generate
+
+    draft, draft_tok, _, draft_step = load_run(args.draft, device)
+    check_pair(target, draft, tokenizer.get_vocab(), draft_tok.get_vocab())
+    sc, kw = cfg.sample, _sampling(args, cfg.sample)
+    eot = tokenizer.token_to_id(sc.stop_token)
+    new = args.max_new_tokens or sc.max_new_tokens
+    warm = tokenizer.encode(sc.prompt).ids or [0]
+    generate_ids(target, [warm], 4, **kw), speculative_generate(target, draft, warm, 4, k=args.speculate, **kw)  # warm-up
+    for i, prompt in enumerate(args.prompt or [sc.prompt]):
+        ids = tokenizer.encode(prompt).ids
+        plain = generate_ids(target, [ids], new, eot_id=None, **kw)
+        spec = speculative_generate(target, draft, ids, new, k=args.speculate, eot_id=None, **kw)
+        tokens = spec.new_tokens[: spec.new_tokens.index(eot)] if eot in spec.new_tokens else spec.new_tokens
+        print(f"=== sample {i + 1} (target {args.run} step {step}, draft {args.draft} step {draft_step}, K={args.speculate}) ===")
+        print(prompt + tokenizer.decode(tokens))
+        plain_s = plain.prefill_s + plain.decode_s
+        s = spec.stats()
+        speedup = plain_s / spec.seconds if spec.seconds > 0 else None
+        print(f"acceptance {s['acceptance_rate']:.1%} of {s['drafted']} drafted tokens | {s['tokens_per_target_forward']:.2f} "
+              f"tokens per target forward | {s['tokens_per_s']} tokens/s vs {len(plain.new_tokens[0]) / plain_s:.1f} plain "
+              f"(target alone, same settings, measured just before): speed-up {speedup:.2f}x | {device}", file=sys.stderr)
+        print(to_json({"event": "speculative", "target": str(args.run), "draft": str(args.draft), "k": args.speculate,
+                       **s, "plain_tokens_per_s": round(len(plain.new_tokens[0]) / plain_s, 1),
+                       "speedup": round(speedup, 3) if speedup else None}))
 
 
 def cmd_quickstart(args) -> None:
@@ -414,6 +453,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--draft", metavar="RUN_DIR", help="speculative decoding: a smaller run with the same tokenizer drafts")
+    p.add_argument("--speculate", type=number(int, 1, 64), default=4, metavar="K", help="draft tokens per round (default 4)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")

@@ -22,6 +22,7 @@ RANK = {
     "extrapolate": 4, "report": 4, "optim": 4, "data": 4, "distributed": 4,
     "checkpoint": 5, "metrics": 5,
     "zero": 6, "generate": 6, "hf": 6, "sharding": 6,
+    "speculative": 7,
     "parallel": 7, "bench": 7,
     "measure": 8, "simulate": 8,
     "sweep": 9, "train": 9,
