@@ -127,3 +127,34 @@ def bench_decode(model, batches: list[int], prompt_len: int, new_tokens: int, co
                          "prefill_ms": s["prefill_ms"], **bound,
                          "fraction_of_bound": round(s["tokens_per_s"] / bound["bound_tokens_per_s"], 4)})
     return rows
+
+
+def decode_curve(model, batches: list[int], contexts: list[int], new_tokens: int, bandwidth_gbs: float,
+                 peak_tflops: float | None, compile: bool = False, repeats: int = 2) -> list[dict]:
+    """Prefill and decode speed at each (context, batch), beside the rooflines: the bandwidth bound
+    (weights + KV cache read once per decode step / measured copy bandwidth) and the compute bound
+    (decode FLOPs / measured matmul peak). Best of `repeats` after a warm-up run."""
+    from minigpt.flops import decode_flops
+
+    c, rows = model.config, []
+    dtype_bytes = model.wte.weight.element_size()
+    for context in contexts:
+        for b in batches:
+            prompts = torch.randint(0, c.vocab_size, (b, context)).tolist()
+            runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
+            best = min(runs[1:], key=lambda g: g.decode_s)
+            step_s = best.decode_s / best.steps
+            mean_ctx = context + new_tokens // 2
+            bound = decode_bound(c, b, mean_ctx, bandwidth_gbs, dtype_bytes)
+            flops_step = b * decode_flops(c, mean_ctx)
+            compute_tps = b / (flops_step / (peak_tflops * 1e12)) if peak_tflops else None
+            roof = min(bound["bound_tokens_per_s"], compute_tps) if compute_tps else bound["bound_tokens_per_s"]
+            rows.append({"context": context, "batch": b, "new_tokens": new_tokens, "compiled": compile,
+                         "prefill_tokens_per_s": round(b * context / best.prefill_s, 1),
+                         "decode_tokens_per_s_total": round(b / step_s, 1),
+                         "decode_tokens_per_s_per_sequence": round(1 / step_s, 2), "ms_per_token": round(step_s * 1e3, 3),
+                         "bandwidth_bound_tokens_per_s": round(bound["bound_tokens_per_s"], 1),
+                         "compute_bound_tokens_per_s": round(compute_tps, 1) if compute_tps else None,
+                         "fraction_of_bandwidth_bound": round(b / step_s / bound["bound_tokens_per_s"], 4),
+                         "fraction_of_roofline": round(b / step_s / roof, 4)})
+    return rows

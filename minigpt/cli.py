@@ -80,39 +80,81 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> None:
+    """Text on stdout (a header between several samples), or with --json one JSON object alone;
+    statistics on stderr; --stream prints a single sample's tokens as they come."""
     import torch
 
     from minigpt.distributed import resolve_device
-    from minigpt.generate import generate_text, load_run
+    from minigpt.generate import generate_ids, load_run
 
     device = resolve_device(args.device)
-    model, tokenizer, cfg, step = load_run(args.run, device)
+    model, tokenizer, cfg, step = load_run(args.run, device, args.step)
     sc = cfg.sample
+    prompts = _prompts(args, sc.prompt)
     if args.draft:
-        return _generate_speculative(args, model, tokenizer, cfg, step, device)
-    texts, gen = generate_text(
-        model, tokenizer, args.prompt or [sc.prompt],
-        eot_id=tokenizer.token_to_id(sc.stop_token),
-        max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
-        temperature=sc.temperature if args.temperature is None else args.temperature,
-        top_k=sc.top_k if args.top_k is None else args.top_k,
-        top_p=sc.top_p if args.top_p is None else args.top_p,
-        seed=sc.seed if args.seed is None else args.seed,
-        use_cache=not args.no_cache, compile=args.compile,
-    )
-    for i, text in enumerate(texts):
-        print(f"=== sample {i + 1}/{len(texts)} (run {args.run}, step {step}) ===")
-        print(text)
+        return _generate_speculative(args, model, tokenizer, cfg, step, device, prompts)
+    rows = [p for p in prompts for _ in range(args.num_samples)]
+    ids = [tokenizer.encode(p).ids for p in rows]
+    if any(not i for i in ids):
+        raise UserError("a prompt is empty: give at least one character of text to continue")
+    eot = tokenizer.token_to_id(sc.stop_token)
+    stream = args.stream and len(rows) == 1 and not args.json
+    on_token = _streamer(tokenizer, rows[0], eot) if stream else None
+    gen = generate_ids(model, ids, args.max_new_tokens or sc.max_new_tokens, eot_id=eot, use_cache=not args.no_cache,
+                       compile=args.compile, on_token=on_token, **_sampling(args, sc))
+    texts = [p + tokenizer.decode(n) for p, n in zip(rows, gen.new_tokens)]
     stats = gen.stats()
-    print(
-        f"prefill {stats['prefill_ms']:.1f} ms for {stats['prompt_tokens']} prompt tokens | "
-        f"{stats['ms_per_token_step']:.2f} ms per decode step (batch {stats['batch']}) | "
-        f"{stats['tokens_per_s']} generated tokens/s | KV cache {'off' if args.no_cache else 'on'}"
-        f"{', compiled' if args.compile else ''} | {device}"
-        + (" | capped at block_size" if stats["capped_at_block_size"] else "")
-    )
-    print(to_json({"event": "generated", "run": str(args.run), "step": step, "device": str(device),
-                      "threads": torch.get_num_threads(), "compile": args.compile, **stats}))
+    record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device),
+              "threads": torch.get_num_threads(), "compile": args.compile, **stats}
+    if args.json:
+        print(to_json({**record, "samples": [{"prompt": p, "text": t} for p, t in zip(rows, texts)]}))
+        return
+    if stream:
+        print()
+    for i, text in enumerate([] if stream else texts):
+        if len(texts) > 1:
+            print(f"=== sample {i + 1}/{len(texts)} (run {args.run}, step {step}) ===")
+        print(text)
+    print(f"prefill {stats['prefill_ms']:.1f} ms for {stats['prompt_tokens']} prompt tokens | "
+          f"{stats['ms_per_token_step']:.2f} ms per decode step (batch {stats['batch']}) | "
+          f"{stats['tokens_per_s']} generated tokens/s | KV cache {'off' if args.no_cache else 'on'}"
+          f"{', compiled' if args.compile else ''} | {device} | run {args.run} step {step}"
+          + (" | capped at block_size (learned positions stop there)" if stats["capped_at_block_size"] else "")
+          + (" | past block_size with a sliding window" if stats["sliding_window_past_block_size"] else ""),
+          file=sys.stderr)
+
+
+def _prompts(args, default: str) -> list[str]:
+    """--prompt texts, then --prompt-file contents ('-': stdin), in order; the run's prompt if none."""
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        if path == "-":
+            prompts.append(sys.stdin.read())
+            continue
+        try:
+            prompts.append(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {path}: {e}; give a UTF-8 text file (or - for stdin)") from None
+    return prompts or [default]
+
+
+def _streamer(tokenizer, prompt: str, eot: int | None):
+    """An on_token callback printing one sample's text as it grows (decoded whole each time, so
+    multi-byte characters split over tokens print once complete); it stops printing at end-of-text."""
+    tokens, shown = [], [0]
+    print(prompt, end="", flush=True)
+
+    def on_token(column: list[int]) -> None:
+        if eot is not None and (column[0] == eot or eot in tokens):
+            tokens.append(column[0])
+            return
+        tokens.append(column[0])
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+    return on_token
 
 
 def _sampling(args, sc) -> dict:
@@ -121,7 +163,7 @@ def _sampling(args, sc) -> dict:
                 seed=sc.seed if args.seed is None else args.seed)
 
 
-def _generate_speculative(args, target, tokenizer, cfg, step, device) -> None:
+def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: list[str]) -> None:
     """--draft RUN --speculate K: each prompt decoded speculatively and, side by side, plainly by the
     target alone (same settings), for the speed-up; the text is the speculative output."""
     from minigpt.generate import generate_ids, load_run
@@ -134,7 +176,7 @@ def _generate_speculative(args, target, tokenizer, cfg, step, device) -> None:
     new = args.max_new_tokens or sc.max_new_tokens
     warm = tokenizer.encode(sc.prompt).ids or [0]
     generate_ids(target, [warm], 4, **kw), speculative_generate(target, draft, warm, 4, k=args.speculate, **kw)  # warm-up
-    for i, prompt in enumerate(args.prompt or [sc.prompt]):
+    for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt).ids
         plain = generate_ids(target, [ids], new, eot_id=None, **kw)
         spec = speculative_generate(target, draft, ids, new, k=args.speculate, eot_id=None, **kw)
@@ -299,6 +341,52 @@ def cmd_memory(args) -> None:
     print(to_json(r) if args.json else memory_table(r))
 
 
+def cmd_bench_decode(args) -> None:
+    import torch
+
+    from minigpt.atomic import atomic_write_text
+    from minigpt.bench import bench_hardware, decode_curve
+    from minigpt.distributed import device_name, resolve_device
+    from minigpt.generate import load_run
+    from minigpt.model import GPT
+    from minigpt.optim import DTYPES
+    from minigpt.plots import plot_decode_curve
+
+    device = resolve_device(args.device)
+    if args.run:
+        model = load_run(args.run, device)[0]
+    else:
+        torch.manual_seed(0)
+        model = GPT(_config(args).model).to(device).eval()
+    model.to(DTYPES[args.dtype])
+    c = model.config
+    contexts = args.context or sorted({16, c.block_size // 2})
+    if max(contexts) + args.new_tokens > c.block_size and c.pos_emb != "rope":
+        raise UserError(f"context {max(contexts)} + --new-tokens {args.new_tokens} exceeds block_size {c.block_size}: "
+                        f"lower them")
+    hw = bench_hardware(str(device), dtypes=[args.dtype])
+    rows = decode_curve(model, args.batch or [1, 2, 4, 8, 16, 32], contexts, args.new_tokens, hw["copy_bandwidth_gbs"],
+                        hw["matmul_tflops"][args.dtype], args.compile)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"bench": "decode_curve", "model": args.run or args.config, "params": sum(p.numel() for p in model.parameters()),
+              "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "dtype": args.dtype, "copy_bandwidth_gbs": hw["copy_bandwidth_gbs"],
+              "matmul_tflops": hw["matmul_tflops"][args.dtype], "rows": rows,
+              "convention": "bandwidth bound: weights + the batch's KV cache at the mean context read once per decode "
+                            "step / measured copy bandwidth; compute bound: decode FLOPs (2 N_mm + attention) / measured "
+                            "matmul peak; measured: best of 2 runs after a warm-up, greedy, static KV cache"}
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot_decode_curve(rows, str(png), f"decode speed of {result['model']} ({result['params']:,} parameters, {args.dtype}) on "
+                                      f"{result['device_name']}, {torch.get_num_threads()} threads")
+    for r in rows:
+        print(f"context {r['context']:>5} batch {r['batch']:>4}: {r['decode_tokens_per_s_total']:>10,.1f} tokens/s total, "
+              f"{r['decode_tokens_per_s_per_sequence']:>8,.1f} per sequence, {r['ms_per_token']:.2f} ms/token; "
+              f"{r['fraction_of_bandwidth_bound']:.1%} of the bandwidth bound; prefill {r['prefill_tokens_per_s']:,.0f} tokens/s")
+    print(f"wrote {out} and {png}")
+
+
 def cmd_simulate(args) -> None:
     from minigpt.hardware import gpu_by_name
     from minigpt.report import simulate_table
@@ -337,8 +425,26 @@ def _target(name: str):
     return load_config(path)
 
 
+def _speculate(value: str) -> tuple[float, str]:
+    """--speculate: a speed-up factor, or a scripts/bench_speculative.py JSON file (its best K)."""
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = None
+    if factor is not None:
+        if not 0 < factor < 100:
+            raise UserError(f"--speculate {value} must be a speed-up factor in (0, 100), e.g. 1.8, or a benchmark file")
+        return factor, f"given (--speculate {factor:g})"
+    try:
+        data = json.loads(Path(value).read_text().strip().splitlines()[-1])
+        best = max((r for r in data["rows"] if r.get("speedup")), key=lambda r: r["speedup"])
+    except (OSError, ValueError, KeyError, IndexError):
+        raise UserError(f"--speculate {value}: neither a number nor a scripts/bench_speculative.py result") from None
+    return best["speedup"], f"measured: {value} (K={best['k']}, on {data.get('device', '?')})"
+
+
 def scenario_from_args(args, cfg):
-    from minigpt.extrapolate import WORDS_PER_TOKEN, Scenario, mfu_from_bench, mfu_from_run
+    from minigpt.extrapolate import WORDS_PER_TOKEN, Scenario, decode_efficiency, mfu_from_bench, mfu_from_run
     from minigpt.hardware import gpu_by_name
 
     gpu = gpu_by_name(args.gpu)
@@ -359,7 +465,10 @@ def scenario_from_args(args, cfg):
     if args.serve:
         tpr = args.tokens_per_request or (args.words_per_request / WORDS_PER_TOKEN if args.words_per_request else None)
         serve = {"users": args.users, "requests_per_hour": args.requests_per_hour, "tokens_per_request": tpr,
-                 "utilisation": args.utilisation}
+                 "utilisation": args.utilisation, "tokens_per_s_per_user": args.tokens_per_s_per_user,
+                 "user_speed_source": "given (--tokens-per-s-per-user)" if args.tokens_per_s_per_user else None,
+                 "efficiency": decode_efficiency(args.from_decode_bench) if args.from_decode_bench else None,
+                 "speculate": _speculate(args.speculate) if args.speculate else None}
     if cfg.target.label:
         notes.append(cfg.target.label)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
@@ -445,6 +554,13 @@ def _add_run_commands(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
+                   help="a file whose whole text is one prompt ('-': stdin); repeatable, after the --prompt ones")
+    p.add_argument("--num-samples", type=number(int, 1, 1024), default=1, help="samples per prompt (one batch)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty(),
+                   help="print a single sample's tokens as they come (default: on a terminal)")
+    p.add_argument("--step", type=number(int, 0), help="a kept checkpoint's step (default: the latest)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (samples and statistics), nothing else")
     p.add_argument("--max-new-tokens", type=number(int, 0), default=0, help="default: the run's sample.max_new_tokens")
     p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
     p.add_argument("--top-k", type=number(int, 0), help="0 disables")
@@ -532,6 +648,18 @@ def _add_measure_commands(sub) -> None:
     q.add_argument("--repeats", type=number(int, 0, 1000), default=0)
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
     q.set_defaults(func=cmd_bench_hardware)
+    q = bsub.add_parser("decode", help="decode tokens/s (total and per sequence) against batch and context, beside the "
+                                       "rooflines; JSON and PNG")
+    q.add_argument("--run", help="a run directory (its weights)")
+    _config_flags(q, any_model=True)
+    q.add_argument("--batch", type=number(int, 1, 4096), action="append", help="batch sizes (default 1, 2, 4, 8, 16, 32)")
+    q.add_argument("--context", type=number(int, 1), action="append", help="prompt lengths (default 16 and block_size/2)")
+    q.add_argument("--new-tokens", type=number(int, 2, 100000), default=32)
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    q.add_argument("--compile", action="store_true", help="compiled decode step")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--out", default="runs/decode_curve.json", help="the JSON; the PNG is written beside it")
+    q.set_defaults(func=cmd_bench_decode)
 
 
 def _add_extrapolate_command(sub) -> None:
@@ -568,6 +696,11 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True))
     p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
     p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3)
+    p.add_argument("--tokens-per-s-per-user", type=number(float, 0, lo_open=True),
+                   help="decode speed each user must get (default 30: what a reader needs, seed report)")
+    p.add_argument("--from-decode-bench", metavar="FILE",
+                   help="a 'minigpt bench decode' curve: its measured fraction of the bandwidth bound per batch replaces --utilisation")
+    p.add_argument("--speculate", metavar="X|FILE", help="speculative decoding's speed-up: a factor or a bench_speculative.py result")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--markdown", action="store_true")

@@ -214,6 +214,7 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     }
     if s.serve:
         result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
+        result["serving_at_user_speed"] = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)
     return result
 
 
@@ -357,6 +358,79 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
         "cost_usd_per_month": gpus * price * HOURS_PER_MONTH,
         "convention": f"compute-bound: demand tokens/s x FLOPs per token / (peak x utilisation); {HOURS_PER_MONTH} h a month",
     }
+
+
+USER_TOKENS_PER_S = (30.0, "a reader needs about 30 tokens/s for a generated answer to feel acceptable (seed report; "
+                          "REFERENCE.md)")
+
+
+def decode_efficiency(path: str) -> tuple[dict[int, float], str]:
+    """Fraction of the bandwidth bound a decode curve (`minigpt bench decode` JSON) reached at each
+    batch (its longest context): measured efficiency instead of an assumed utilisation."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        ctx = max(r["context"] for r in rows)
+        eff = {int(r["batch"]): float(r["fraction_of_bandwidth_bound"]) for r in rows if r["context"] == ctx}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a decode curve: write one with 'minigpt bench decode --out {path}'") from None
+    return eff, f"measured: {path} ({data.get('device_name', '?')}, context {ctx}, batches {sorted(eff)})"
+
+
+def _efficiency_at(eff: dict[int, float], batch: int) -> float:
+    """The measured fraction at the largest measured batch <= batch (the smallest one below it)."""
+    below = [b for b in eff if b <= batch]
+    return eff[max(below)] if below else eff[min(eff)]
+
+
+def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float, context: int) -> dict:
+    """GPUs to serve the load with every user decoding at >= tokens_per_s_per_user.
+
+    A replica holds the weights (in --dtype) and its batch's KV cache on the fewest GPUs that fit
+    (MEMORY_HEADROOM) or on more (up to 64, tensor parallel), their bandwidth and peak pooled;
+    the replica size and batch with the most tokens/s per GPU are chosen. A decode step reads the weights and the
+    batch's KV cache once: bound time = bytes / bandwidth, divided by the efficiency reached (a
+    decode curve's measured fraction of that bound at this batch, or the assumed utilisation),
+    and no faster than the compute bound at the MFU. The largest batch (a power of two) whose
+    per-user speed, times the speculative speed-up, meets the target sets each replica's output.
+    """
+    sv = s.serve
+    target, target_source = sv.get("tokens_per_s_per_user") or USER_TOKENS_PER_S[0], sv.get("user_speed_source") or USER_TOKENS_PER_S[1]
+    eff_table, eff_source = sv.get("efficiency") or (None, f"assumption: --utilisation {sv['utilisation']:g} of the bandwidth bound")
+    speedup, speedup_source = sv.get("speculate") or (1.0, "no speculative decoding")
+    el = 2 if s.dtype in ("bf16", "fp16") else (1 if s.dtype == "fp8" else 4)
+    weights = F.param_counts(c).total * el  # held; read per step: weights_read(batch)
+    kv_tok = M.kv_cache_bytes_per_token(c, el) * context
+    mem, bw = s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, s.gpu.bandwidth_tbs * 1e12
+    best = None
+    for g in range(max(1, math.ceil(weights / mem)), 65):  # more GPUs per replica pool more bandwidth
+        for batch in (2**i for i in range(13)):
+            if weights + batch * kv_tok > g * mem:
+                break
+            eff = _efficiency_at(eff_table, batch) if eff_table else sv["utilisation"]
+            step = max((_weights_read(c, batch) * el + batch * kv_tok) / (g * bw) / eff,
+                       batch * F.decode_flops(c, context) / (g * s.gpu.tflops[s.dtype] * 1e12 * mfu))
+            per_user = speedup / step
+            if per_user < target:
+                break
+            row = {"batch_per_replica": batch, "gpus_per_replica": g, "per_user_tokens_per_s": per_user,
+                   "replica_tokens_per_s": batch * per_user, "efficiency": eff}
+            if best is None or row["replica_tokens_per_s"] / g > best["replica_tokens_per_s"] / best["gpus_per_replica"]:
+                best = row
+    if best is None:
+        return {"met": False, "tokens_per_s_per_user": target, "tokens_per_s_per_user_source": target_source,
+                "efficiency_source": eff_source, "note": f"no replica of up to 64 x {s.gpu.name} decodes this model at "
+                f"{target:g} tokens/s per user: lower --tokens-per-s-per-user, measure the efficiency, or use a faster GPU"}
+    demand = sv["users"] * sv["requests_per_hour"] * sv["tokens_per_request"] / 3600
+    replicas = math.ceil(demand / best["replica_tokens_per_s"])
+    gpus = replicas * best["gpus_per_replica"]
+    return {**best, "met": True, "tokens_per_s_per_user": target, "tokens_per_s_per_user_source": target_source,
+            "efficiency_source": eff_source, "speculative_speedup": speedup, "speculative_source": speedup_source,
+            "demand_tokens_per_s": demand, "replicas": replicas, "num_gpus": gpus,
+            "cost_usd_per_month": gpus * price * HOURS_PER_MONTH, "context": context,
+            "convention": "decode step = max(weights + batch KV cache / (GPUs x HBM bandwidth) / efficiency, batch decode "
+                          f"FLOPs / (GPUs x {s.dtype} peak x MFU)); largest power-of-two batch meeting the per-user speed; tensor-parallel "
+                          "communication inside a replica not modelled"}
 
 
 # ----------------------------------------------------------------------------------------------

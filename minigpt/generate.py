@@ -34,7 +34,8 @@ class Generation:
     prefill_s: float  # time of the first forward pass over the (padded) prompts
     decode_s: float  # time of all later steps
     steps: int  # decode steps after prefill (tokens generated per row, before any cut)
-    capped: bool  # max_new_tokens was reduced to fit block_size
+    capped: bool  # max_new_tokens was reduced to fit block_size (learned positions)
+    windowed: bool = False  # went past block_size with a sliding window (RoPE)
 
     def stats(self) -> dict:
         rows = len(self.prompts)
@@ -47,6 +48,7 @@ class Generation:
             "ms_per_token_step": round(per_token * 1e3, 3),  # one step yields `batch` tokens
             "tokens_per_s": round(rows * self.steps / self.decode_s, 1) if self.decode_s > 0 else None,
             "capped_at_block_size": self.capped,
+            "sliding_window_past_block_size": self.windowed,
         }
 
 
@@ -109,7 +111,9 @@ def _prefill_mask(pad: torch.Tensor, length: int, cache: KVCache | None = None):
     return (mask | (k == q).unsqueeze(0)).unsqueeze(1)
 
 
-def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int) -> tuple[int, int, bool]:
+def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int, window: bool) -> tuple[int, int, bool]:
+    """(longest prompt, tokens to generate, capped). With a sliding window (RoPE) generation goes
+    on past block_size; with learned positions it stops there (capped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("a prompt is empty: give at least one character of text to continue")
     longest = max(len(p) for p in prompts)
@@ -117,14 +121,31 @@ def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int) ->
         raise UserError(f"a prompt is {longest} tokens long, more than block_size = {block}: shorten the prompt")
     if longest >= block:
         raise UserError(f"a prompt of {longest} tokens fills the whole block_size = {block}: shorten it")
+    if window:
+        return longest, max_new_tokens, False
     return longest, min(max_new_tokens, block - longest), longest + max_new_tokens > block
+
+
+def _window_logits(model: GPT, idx: torch.Tensor, L: int, pad: torch.Tensor) -> torch.Tensor:
+    """Logits for token L from the last block_size tokens (a sliding window, RoPE models past
+    block_size; also the uncached path): positions restart at the window's first real token."""
+    start = max(0, L - model.config.block_size)
+    pad_w = (pad - start).clamp(min=0)
+    positions = (torch.arange(L - start, device=idx.device).unsqueeze(0) - pad_w.unsqueeze(1)).clamp(min=0)
+    return model(idx[:, start:L], positions=positions, attn_mask=_prefill_mask(pad_w, L - start),
+                 last_only=True).logits[:, -1]
 
 
 @torch.no_grad()
 def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                 eot_id: int | None = None, compile: bool = False) -> Generation:
-    longest, max_new_tokens, capped = _check_prompts(prompts, model.config.block_size, max_new_tokens)
+                 eot_id: int | None = None, compile: bool = False, on_token=None) -> Generation:
+    """Tokens after each prompt. The static cache holds block_size slots; a RoPE model goes on past
+    them with a sliding window of the last block_size tokens (recomputed per token). on_token:
+    called with each new column of tokens (a list, one per row): a host sync per token, for
+    streaming."""
+    block = model.config.block_size
+    longest, max_new_tokens, capped = _check_prompts(prompts, block, max_new_tokens, model.config.pos_emb == "rope")
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -133,36 +154,39 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temp
     idx = torch.zeros(B, total, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         idx[i, longest - len(p):longest] = torch.tensor(p, dtype=torch.long)
-    positions = (torch.arange(total, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, total)
+    positions = (torch.arange(min(total, block), device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
     generator = torch.Generator(device=device).manual_seed(seed)
     step = _compiled_decode(device) if compile else decode_logits
     with contextlib.nullcontext() if compile else torch.compiler.set_stance("force_eager"):
         t0 = time.perf_counter()
-        cache = model.make_cache(B, total) if use_cache else None
+        cache = model.make_cache(B, min(total, block)) if use_cache else None
         if cache is not None and compile:
             for t in cache.k + cache.v:
                 mark_static_address(t)
         logits = model(idx[:, :longest], input_pos=torch.arange(longest, device=device), positions=positions[:, :longest],
                        cache=cache, attn_mask=_prefill_mask(pad, longest, cache), last_only=True).logits[:, -1]
         idx[:, longest] = sample_next(logits, temperature, top_k, top_p, generator)
+        if on_token:
+            on_token(idx[:, longest].tolist())
         _sync(device)
         prefill_s, t1 = time.perf_counter() - t0, time.perf_counter()
         input_pos = torch.tensor([longest], device=device)  # the slot being written, advanced on the device
         for L in range(longest + 1, total):  # L tokens known; write token L-1, predict token L
-            if cache is not None:
+            if cache is not None and L <= block:
                 logits = step(model, idx[:, L - 1:L], input_pos, pad, cache)
                 input_pos += 1
             else:
-                logits = model(idx[:, :L], positions=positions[:, :L], attn_mask=_prefill_mask(pad, L),
-                               last_only=True).logits[:, -1]
+                logits = _window_logits(model, idx, L, pad)
             idx[:, L] = sample_next(logits, temperature, top_k, top_p, generator)
+            if on_token:
+                on_token(idx[:, L].tolist())
         _sync(device)
         decode_s = time.perf_counter() - t1
     model.train(was_training)
     out = idx[:, longest:].tolist()  # (B, max_new_tokens): the one host read of the tokens
     if eot_id is not None:
         out = [row[: row.index(eot_id)] if eot_id in row else row for row in out]
-    return Generation(prompts, out, prefill_s, decode_s, max_new_tokens - 1, capped)
+    return Generation(prompts, out, prefill_s, decode_s, max_new_tokens - 1, capped, total > block)
 
 
 _COMPILED: dict = {}
@@ -190,8 +214,9 @@ def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None 
     return texts, gen
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, object, Config, int]:
-    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint.
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
+    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
+    the kept checkpoint of `step` (train.keep_checkpoints keeps several).
 
     Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
     """
@@ -201,6 +226,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[G
     tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
                                                             f"damaged; copy the tokenizer the run was trained with there")
     model = GPT(cfg.model)
-    _, step = checkpoint.load_latest(run_dir, lambda folder: checkpoint.load_weights(model, folder))
+    if step is None:
+        _, step = checkpoint.load_latest(run_dir, lambda folder: checkpoint.load_weights(model, folder))
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+        if not folder.is_dir():
+            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
+            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
+                            f"sets how many are kept)")
+        checkpoint.load_weights(model, folder)
     model.to(device).eval()
     return model, tokenizer, cfg, step

@@ -167,3 +167,29 @@ def plot_costs(points: list[dict], path: str, gpu: str, mfu: float, num_gpus: in
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_decode_curve(rows: list[dict], path: str, title: str, user_target: float = 30.0) -> None:
+    """Total decode tokens/s and tokens/s per sequence against batch, one line per context, with
+    the bandwidth bound dashed and the per-user target (30 tokens/s) marked."""
+    plt = _pyplot()
+    fig, (total, user) = plt.subplots(1, 2, figsize=(12, 5))
+    for ctx in sorted({r["context"] for r in rows}):
+        pts = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
+        b = [r["batch"] for r in pts]
+        line = total.plot(b, [r["decode_tokens_per_s_total"] for r in pts], "o-", label=f"measured, context {ctx}")[0]
+        total.plot(b, [r["bandwidth_bound_tokens_per_s"] for r in pts], "--", color=line.get_color(),
+                   label=f"bandwidth bound, context {ctx}")
+        user.plot(b, [r["decode_tokens_per_s_per_sequence"] for r in pts], "o-", color=line.get_color(), label=f"context {ctx}")
+    user.axhline(user_target, color="grey", linestyle=":", label=f"{user_target:g} tokens/s a reader needs")
+    for ax, ylabel in ((total, "decode tokens/s, all sequences"), (user, "decode tokens/s per sequence (per user)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (concurrent sequences)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

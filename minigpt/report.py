@@ -245,6 +245,18 @@ def extrapolation_lines(r: dict) -> list[str]:
             f"= {s['tokens_per_s']:,.0f} tokens/s at {s['utilisation']:.1%} utilisation: {s['num_gpus']:,} x {r['gpu']} "
             f"({s['nodes_8_gpus']:,} nodes), {fmt_usd(s['cost_usd_per_month'])} per month"
         )
+    if "serving_at_user_speed" in r and not r["serving_at_user_speed"]["met"]:
+        lines.append(f"serving at a per-user speed: {r['serving_at_user_speed']['note']}")
+    elif "serving_at_user_speed" in r:
+        u = r["serving_at_user_speed"]
+        lines += [
+            f"serving at {u['tokens_per_s_per_user']:g} tokens/s per user ({u['tokens_per_s_per_user_source']}): batch "
+            f"{u['batch_per_replica']:,} per replica of {u['gpus_per_replica']} x {r['gpu']} ({u['per_user_tokens_per_s']:,.1f} "
+            f"tokens/s each, {u['replica_tokens_per_s']:,.0f} per replica) -> {u['replicas']:,} replicas = {u['num_gpus']:,} GPUs, "
+            f"{fmt_usd(u['cost_usd_per_month'])} per month",
+            f"  efficiency {u['efficiency']:.1%} of the bandwidth bound ({u['efficiency_source']}); speculative speed-up "
+            f"{u['speculative_speedup']:g} ({u['speculative_source']}); {u['convention']}",
+        ]
     lines += [f"note: {n}" for n in r["notes"]]
     return lines
 

@@ -89,8 +89,8 @@ def test_generate_with_a_draft_run(tiny_cfg, tmp_path):
     plain = run_cli("generate", "--run", target["run_dir"], *common)
     spec = run_cli("generate", "--run", target["run_dir"], "--draft", draft["run_dir"], "--speculate", "3", *common)
     assert spec.returncode == 0, spec.stderr
-    text = lambda out: out.split("===\n", 1)[1].split("\n")[0]  # noqa: E731
-    assert text(spec.stdout) == text(plain.stdout)  # greedy: the target's own text
+    spec_text = spec.stdout.split("===\n", 1)[1].rsplit("\n", 2)[0]  # between the header and the JSON line
+    assert spec_text + "\n" == plain.stdout  # greedy: the target's own text
     stats = json.loads(spec.stdout.strip().splitlines()[-1])
     assert stats["event"] == "speculative" and stats["k"] == 3 and stats["speedup"] > 0
     assert "acceptance" in spec.stderr and "speed-up" in spec.stderr

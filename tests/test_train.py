@@ -212,8 +212,9 @@ def test_generate_cli_and_bad_prompts(tiny_cfg, tmp_path):
     r = run_cli("generate", "--run", run, "--prompt", "def ", "--prompt", "import os", "--max-new-tokens", "5",
                 "--top-p", "0.9")
     assert r.returncode == 0, r.stderr
-    stats = json.loads(r.stdout.strip().splitlines()[-1])
-    assert stats["batch"] == 2 and stats["prefill_ms"] > 0 and "sample 2/2" in r.stdout
+    assert "sample 2/2" in r.stdout and "generated tokens/s" in r.stderr and "tokens/s" not in r.stdout
+    stats = json.loads(run_cli("generate", "--run", run, "--prompt", "def ", "--prompt", "import os", "--json").stdout)
+    assert stats["batch"] == 2 and stats["prefill_ms"] > 0 and len(stats["samples"]) == 2
     r = run_cli("generate", "--run", run, "--prompt", "")
     assert r.returncode == 2 and "prompt is empty" in r.stderr
     r = run_cli("generate", "--run", run, "--prompt", "word " * 200)
