@@ -387,6 +387,14 @@ def cmd_bench_decode(args) -> None:
     print(f"wrote {out} and {png}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        from minigpt.serve import serve
+    except ImportError as e:
+        raise UserError(f"minigpt serve needs FastAPI and uvicorn ({e}): pip install 'minigpt[serve]'") from None
+    serve(args.run, args.host, args.port, args.max_batch, args.device)
+
+
 def cmd_simulate(args) -> None:
     from minigpt.hardware import gpu_by_name
     from minigpt.report import simulate_table
@@ -572,6 +580,14 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--draft", metavar="RUN_DIR", help="speculative decoding: a smaller run with the same tokenizer drafts")
     p.add_argument("--speculate", type=number(int, 1, 64), default=4, metavar="K", help="draft tokens per round (default 4)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=number(int, 1, 65535), default=8000)
+    p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
     way = p.add_mutually_exclusive_group(required=True)

@@ -24,7 +24,7 @@ RANK = {
     "zero": 6, "generate": 6, "hf": 6, "sharding": 6,
     "speculative": 7,
     "parallel": 7, "bench": 7,
-    "measure": 8, "simulate": 8,
+    "measure": 8, "simulate": 8, "serve": 8,
     "sweep": 9, "train": 9,
     "cli": 10,
     "__main__": 11,

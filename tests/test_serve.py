@@ -1,0 +1,116 @@
+"""`minigpt serve` against the official openai client on localhost: completions, chat, streaming,
+8 concurrent requests batched together, bad requests answered with a 4xx JSON error."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+
+def post(url: str, data: bytes) -> tuple[int, dict]:
+    """A raw POST (the openai client would validate the body before sending it)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, corpus_dir, data_cache):
+    from minigpt.config import load_config
+    from minigpt.generate import load_run
+    from minigpt.serve import create_app
+    from minigpt.train import train
+
+    from conftest import REPO, tiny_overrides
+
+    out = tmp_path_factory.mktemp("serve") / "run"
+    train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, out, **{
+        "train.max_steps": 2, "model.block_size": 64})), log=lambda *a: None)
+    model, tok, cfg, _ = load_run(out)
+    app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}/v1", "app": app}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"], api_key="none")
+
+
+def test_models_completion_and_chat(client):
+    assert [m.id for m in client.models.list().data] == ["minigpt-test"]
+    r = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 8
+    again = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=8, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    c = client.chat.completions.create(model="minigpt-test", messages=[{"role": "user", "content": "hello"}],
+                                       max_tokens=6, temperature=0.8)
+    assert c.choices[0].message.role == "assistant" and isinstance(c.choices[0].message.content, str)
+
+
+def test_streaming_gives_the_same_text(client):
+    whole = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
+    parts = [ch.choices[0].text for ch in client.completions.create(model="minigpt-test", prompt="import ",
+                                                                      max_tokens=10, temperature=0, stream=True)]
+    assert "".join(parts) == whole.choices[0].text and len(parts) >= 2
+    chat = list(client.chat.completions.create(model="minigpt-test", messages=[{"role": "user", "content": "x"}],
+                                               max_tokens=5, temperature=0, stream=True))
+    assert chat[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_concurrent_requests_are_batched_and_the_rest_queue(client, server):
+    engine = server["app"].state.engine
+    before = len(engine.batches)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:  # 12 requests, batches of at most 8
+        results = list(pool.map(lambda i: client.completions.create(
+            model="minigpt-test", prompt=f"x = {i}", max_tokens=12, temperature=0), range(12)))
+    assert all(r.choices[0].text is not None for r in results)
+    sizes = engine.batches[before:]
+    assert max(sizes) > 1 and max(sizes) <= 8 and sum(sizes) == 12  # shared forward passes; the rest queued
+
+
+def test_a_client_that_disconnects_frees_its_slot(client, server):
+    engine = server["app"].state.engine
+    stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7, stream=True)
+    next(iter(stream))
+    stream.close()  # gone after the first token
+    r = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=3, temperature=0.7)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert engine.cancelled >= 1
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "minigpt-test", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "minigpt-test", "prompt": "word " * 200}, 400, "context"),
+    ({"model": "minigpt-test"}, 400, "prompt"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, client, body, status, words):
+    code, answer = post(server["url"] + "/completions", json.dumps(body).encode())
+    assert code == status and words in answer["error"]["message"], answer
+    code, answer = post(server["url"] + "/completions", b"{not json")
+    assert code == 400 and "error" in answer
+    assert client.completions.create(model="minigpt-test", prompt="ok", max_tokens=2).choices  # still serving
