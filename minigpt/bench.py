@@ -107,21 +107,26 @@ def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el
     return {"weight_bytes": weights, "kv_bytes": kv, "bound_step_ms": step_s * 1e3, "bound_tokens_per_s": batch / step_s}
 
 
+def _decode_point(model, batch: int, context: int, new_tokens: int, compile: bool, repeats: int, bandwidth_gbs: float):
+    """The fastest of `repeats` greedy generations from random prompts (after a warm-up run that
+    also compiles), and the bandwidth bound at the generation's mean context."""
+    c = model.config
+    prompts = torch.randint(0, c.vocab_size, (batch, context)).tolist()
+    runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
+    best = min(runs[1:], key=lambda g: g.decode_s)
+    return best, decode_bound(c, batch, context + new_tokens // 2, bandwidth_gbs, model.wte.weight.element_size())
+
+
 def bench_decode(model, batches: list[int], prompt_len: int, new_tokens: int, compiled: list[bool],
                  bandwidth_gbs: float, repeats: int = 3) -> list[dict]:
     """Decode tokens/s of `model` (random prompts) per batch size, eager and compiled, beside the
     bandwidth bound at the mean context of the generation. Best of `repeats` (after a warm-up run
     that also compiles)."""
-    c = model.config
-    dtype_bytes = model.wte.weight.element_size()
     rows = []
     for compile in compiled:
         for b in batches:
-            prompts = torch.randint(0, c.vocab_size, (b, prompt_len)).tolist()
-            runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
-            best = min(runs[1:], key=lambda g: g.decode_s)
+            best, bound = _decode_point(model, b, prompt_len, new_tokens, compile, repeats, bandwidth_gbs)
             s = best.stats()
-            bound = decode_bound(c, b, prompt_len + new_tokens // 2, bandwidth_gbs, dtype_bytes)
             rows.append({"batch": b, "compiled": compile, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                          "decode_tokens_per_s": s["tokens_per_s"], "ms_per_step": s["ms_per_token_step"],
                          "prefill_ms": s["prefill_ms"], **bound,
@@ -137,15 +142,11 @@ def decode_curve(model, batches: list[int], contexts: list[int], new_tokens: int
     from minigpt.flops import decode_flops
 
     c, rows = model.config, []
-    dtype_bytes = model.wte.weight.element_size()
     for context in contexts:
         for b in batches:
-            prompts = torch.randint(0, c.vocab_size, (b, context)).tolist()
-            runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
-            best = min(runs[1:], key=lambda g: g.decode_s)
+            best, bound = _decode_point(model, b, context, new_tokens, compile, repeats, bandwidth_gbs)
             step_s = best.decode_s / best.steps
             mean_ctx = context + new_tokens // 2
-            bound = decode_bound(c, b, mean_ctx, bandwidth_gbs, dtype_bytes)
             flops_step = b * decode_flops(c, mean_ctx)
             compute_tps = b / (flops_step / (peak_tflops * 1e12)) if peak_tflops else None
             roof = min(bound["bound_tokens_per_s"], compute_tps) if compute_tps else bound["bound_tokens_per_s"]

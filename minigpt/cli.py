@@ -85,7 +85,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from minigpt.distributed import resolve_device
-    from minigpt.generate import generate_ids, load_run
+    from minigpt.generate import generate_text, load_run
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device, args.step)
@@ -94,15 +94,11 @@ def cmd_generate(args) -> None:
     if args.draft:
         return _generate_speculative(args, model, tokenizer, cfg, step, device, prompts)
     rows = [p for p in prompts for _ in range(args.num_samples)]
-    ids = [tokenizer.encode(p).ids for p in rows]
-    if any(not i for i in ids):
-        raise UserError("a prompt is empty: give at least one character of text to continue")
     eot = tokenizer.token_to_id(sc.stop_token)
-    stream = args.stream and len(rows) == 1 and not args.json
+    stream = args.stream and len(rows) == 1 and not args.json and rows[0] != ""
     on_token = _streamer(tokenizer, rows[0], eot) if stream else None
-    gen = generate_ids(model, ids, args.max_new_tokens or sc.max_new_tokens, eot_id=eot, use_cache=not args.no_cache,
-                       compile=args.compile, on_token=on_token, **_sampling(args, sc))
-    texts = [p + tokenizer.decode(n) for p, n in zip(rows, gen.new_tokens)]
+    texts, gen = generate_text(model, tokenizer, rows, eot_id=eot, max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
+                               use_cache=not args.no_cache, compile=args.compile, on_token=on_token, **_sampling(args, sc))
     stats = gen.stats()
     record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device),
               "threads": torch.get_num_threads(), "compile": args.compile, **stats}
@@ -139,20 +135,16 @@ def _prompts(args, default: str) -> list[str]:
 
 
 def _streamer(tokenizer, prompt: str, eot: int | None):
-    """An on_token callback printing one sample's text as it grows (decoded whole each time, so
-    multi-byte characters split over tokens print once complete); it stops printing at end-of-text."""
-    tokens, shown = [], [0]
+    """An on_token callback printing one sample's text as it grows, up to end-of-text."""
+    from minigpt.generate import IncrementalText
+
+    text, ended = IncrementalText(tokenizer), [False]
     print(prompt, end="", flush=True)
 
     def on_token(column: list[int]) -> None:
-        if eot is not None and (column[0] == eot or eot in tokens):
-            tokens.append(column[0])
-            return
-        tokens.append(column[0])
-        text = tokenizer.decode(tokens)
-        if not text.endswith("\ufffd"):
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
+        ended[0] = ended[0] or column[0] == eot
+        if not ended[0]:
+            print(text.push(column[0]), end="", flush=True)
 
     return on_token
 

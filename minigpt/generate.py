@@ -205,6 +205,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class IncrementalText:
+    """The text of a growing list of tokens, handed out piece by piece (streaming): decoded whole
+    each time, so a multi-byte character split over tokens is held back until it is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text since the last piece ("" while a character is partial)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+
 def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None = None, **kw) -> tuple[list[str], Generation]:
     if not prompts or any(p == "" for p in prompts):
         raise UserError("a prompt is empty: give at least one character of text to continue")

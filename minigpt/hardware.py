@@ -85,8 +85,9 @@ def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_f
     if given_tflops and given_tflops > 0:
         return Peak(given_tflops, f"given {given_tflops:g} TFLOP/s {dtype}")
     if bench_file:
-        measured = load_bench_peak(bench_file, dtype)
-        age_h = check_bench_fresh(bench_file, device_name, threads)
+        data = read_bench(bench_file)
+        measured = bench_peak(data, bench_file, dtype)
+        age_h = check_bench_fresh(data, bench_file, device_name, threads)
         return Peak(measured, f"measured {dtype} matmul peak from {bench_file} ({age_h:.1f} h old)")
     spec = match_device(device_name)
     if spec is None or dtype not in spec.tflops:
@@ -94,11 +95,15 @@ def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_f
     return Peak(spec.tflops[dtype], f"{spec.name} datasheet dense {dtype}")
 
 
-def load_bench_peak(path: str, dtype: str) -> float:
+def read_bench(path: str) -> dict:
+    """A `minigpt bench hardware --out` result."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read hardware benchmark {path}: {e}; write one with 'minigpt bench hardware --out {path}'") from None
+
+
+def bench_peak(data: dict, path: str, dtype: str) -> float:
     value = data.get("matmul_tflops", {}).get(dtype)
     if not value:
         raise UserError(f"{path} has no measured {dtype} matmul peak; it has {list(data.get('matmul_tflops', {}))}")
@@ -108,11 +113,10 @@ def load_bench_peak(path: str, dtype: str) -> float:
 MAX_BENCH_AGE_H = 24.0  # a CPU's achievable peak moves with load, clocks and threads: re-measure daily
 
 
-def check_bench_fresh(path: str, device_name: str, threads: int | None = None, now: float | None = None) -> float:
-    """Refuse a stored peak measured on another device, with another thread count, or more than
-    MAX_BENCH_AGE_H hours ago (its `measured_at`, else the file's time); returns its age in hours.
-    A stale CPU peak once made a run print "fp32 MFU 259.4%"."""
-    data = json.loads(Path(path).read_text())
+def check_bench_fresh(data: dict, path: str, device_name: str, threads: int | None = None, now: float | None = None) -> float:
+    """Refuse a stored peak (`data`, read from `path`) measured on another device, with another
+    thread count, or more than MAX_BENCH_AGE_H hours ago (its `measured_at`, else the file's time);
+    returns its age in hours. A stale CPU peak once made a run print "fp32 MFU 259.4%"."""
     fix = f"re-measure with 'minigpt bench hardware --out {path}' (or unset train.peak_from)"
     if data.get("device_name") and data["device_name"] != device_name:
         raise UserError(f"{path} measured {data['device_name']}, this run is on {device_name}: {fix}")

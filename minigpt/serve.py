@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from minigpt.generate import generate_ids
+from minigpt.generate import IncrementalText, generate_ids
 
 
 class _Request(BaseModel):
@@ -69,8 +69,7 @@ class Job:
     sampling: tuple  # (temperature, top_p, seed): jobs batch together only when equal
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text deltas, then None
-    tokens: list[int] = field(default_factory=list)
-    shown: int = 0
+    text: IncrementalText | None = None  # the tokens generated, as text
     done: bool = False
     cancelled: bool = False
     finish_reason: str = "length"
@@ -83,8 +82,8 @@ class _AllStopped(Exception):
 class Engine:
     """The queue and the one worker thread that batches and decodes."""
 
-    def __init__(self, model, tokenizer, eot: int | None, max_batch: int) -> None:
-        self.model, self.tokenizer, self.eot, self.max_batch = model, tokenizer, eot, max_batch
+    def __init__(self, model, eot: int | None, max_batch: int) -> None:
+        self.model, self.eot, self.max_batch = model, eot, max_batch
         self.pending: queue.Queue[Job] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
@@ -136,12 +135,10 @@ class Engine:
             if self.eot is not None and token == self.eot:
                 self._finish(j, "stop")
                 continue
-            j.tokens.append(token)
-            text = self.tokenizer.decode(j.tokens)
-            if not text.endswith("\ufffd"):
-                j.loop.call_soon_threadsafe(j.out.put_nowait, text[j.shown:])
-                j.shown = len(text)
-            if len(j.tokens) >= j.max_tokens:
+            piece = j.text.push(token)
+            if piece:
+                j.loop.call_soon_threadsafe(j.out.put_nowait, piece)
+            if len(j.text.tokens) >= j.max_tokens:
                 self._finish(j, "length")
         if all(j.done for j in batch):
             raise _AllStopped
@@ -154,7 +151,7 @@ class Engine:
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8) -> FastAPI:
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
-    engine = Engine(model, tokenizer, eot, max_batch)
+    engine = Engine(model, eot, max_batch)
     app.state.engine = engine
     block = model.config.block_size
     rope = model.config.pos_emb == "rope"
@@ -190,8 +187,8 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
 
     async def run(request: Request, prompts: list[str], body, chat: bool):
         loop = asyncio.get_running_loop()
-        jobs = [Job(prepare(body.model, p, body.max_tokens), body.max_tokens, (body.temperature, body.top_p, body.seed), loop)
-                for p in prompts]
+        jobs = [Job(prepare(body.model, p, body.max_tokens), body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
+                    text=IncrementalText(tokenizer)) for p in prompts]
         for j in jobs:
             engine.submit(j)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -220,7 +217,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
 
 
 def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:
-    usage = {"prompt_tokens": sum(len(j.ids) for j in jobs), "completion_tokens": sum(len(j.tokens) for j in jobs)}
+    usage = {"prompt_tokens": sum(len(j.ids) for j in jobs), "completion_tokens": sum(len(j.text.tokens) for j in jobs)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": j.finish_reason}

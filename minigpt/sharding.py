@@ -29,10 +29,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from minigpt import checkpoint as ckpt
-from minigpt.config import BatchLayout, Config, ModelConfig, check_tensor_parallel
+from minigpt.config import BatchLayout, Config, ModelConfig
 from minigpt.distributed import DistEnv
 from minigpt.errors import UserError
 from minigpt.model import GPT
@@ -89,7 +90,7 @@ def _map_optimizer_state(osd: dict, fn) -> dict:
     state = {}
     for name, s in osd["state"].items():
         tensors = {k: v for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
-        state[name] = {**s, **{k: v[name] for k, v in ((k, fn({name: t})) for k, t in tensors.items())}}
+        state[name] = {**s, **{k: fn({name: t})[name] for k, t in tensors.items()}}
     return {**osd, "state": state}
 
 
@@ -150,8 +151,7 @@ class ShardedBackend:
 
     def __init__(self, model: GPT, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
         self.cfg, self.tc, self.env, self.accum = cfg, cfg.train, env, layout.accum
-        self.tp = self.tc.tensor_parallel
-        check_tensor_parallel(cfg.model, self.tp, env.world_size)
+        self.tp = self.tc.tensor_parallel  # checked against the model and the world by train.start
         if self.tc.precision == "fp16":
             raise UserError("train.precision = 'fp16' is not supported with FSDP/tensor parallel (no sharded grad "
                             "scaler here); use 'bf16'")
@@ -184,11 +184,9 @@ class ShardedBackend:
 
     def step(self) -> StepResult:
         norm = grad_norm(self.params)
-        if self.tc.grad_clip > 0:
-            scale = (self.tc.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype) if not isinstance(p.grad, DTensor) else scale.item())
+        if self.tc.grad_clip > 0:  # the plain norm tensor scales DTensor gradients as a replicated scalar
+            with implicit_replication():
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=False)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, torch.zeros((), dtype=torch.int32))

@@ -212,13 +212,14 @@ def params_per_rank(c: ModelConfig, tp: int) -> tuple[float, float, float]:
     return c.n_layer * split + root, split, root
 
 
-def predicted_memory(c: ModelConfig, spec: SimSpec) -> dict:
+def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: tuple[float, float, float]) -> dict:
     """Per-rank bytes by category: ZeRO's partitioning of torch's fp32 master params, grads and
     Adam m, v (4 + 4 + 8 bytes per parameter); gathered 16-bit copies (zero2: all, kept until
     backward; zero3: the root unit and one block); Korthikanti et al. 2022's activations with
     tensor parallelism, s b h (10 + 24/t) per layer (fused attention: no 5 a s^2 b / t term;
-    recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes)."""
-    psi, block, root = params_per_rank(c, spec.tp)
+    recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes). per_rank:
+    params_per_rank(c, spec.tp)."""
+    psi, block, root = per_rank
     n = 1 if spec.backend == "ddp" else spec.dp
     half = PRECISION_BYTES[spec.precision]
     gathered = {"ddp": 0.0, "zero2": half * psi}.get(spec.backend, half * (root + block))
@@ -231,12 +232,12 @@ def predicted_memory(c: ModelConfig, spec: SimSpec) -> dict:
     return out
 
 
-def predicted_comm(c: ModelConfig, spec: SimSpec) -> dict:
+def predicted_comm(c: ModelConfig, spec: SimSpec, psi: float) -> dict:
     """Ring bytes per rank per step: the extrapolation's data-parallel volumes (DDP all-reduce
     2 Psi bytes x (n-1)/n; ZeRO-2 the same as a reduce-scatter + all-gather; ZeRO-3 / FSDP 1.5x:
     two all-gathers and a reduce-scatter) and Megatron's tensor-parallel all-reduces of b s h
-    (2 forward, 2 backward per layer; recompute repeats the forward's 2), each 2 (t-1)/t."""
-    psi, _, _ = params_per_rank(c, spec.tp)
+    (2 forward, 2 backward per layer; recompute repeats the forward's 2), each 2 (t-1)/t. psi: the
+    parameters of one tensor-parallel rank (params_per_rank)."""
     p_b = PRECISION_BYTES[spec.precision]
     g_b = PRECISION_BYTES[spec.reduce_precision or spec.precision]
     dp, t = spec.dp, spec.tp
@@ -271,16 +272,17 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
     spec.validate(c)
     start = time.perf_counter()
     memory, collectives, how = measure(c, spec)
-    predicted = predicted_memory(c, spec)
+    per_rank = params_per_rank(c, spec.tp)
+    predicted = predicted_memory(c, spec, per_rank)
     counted = {g: sum(r["bytes_per_rank"] for r in collectives if r["group"] == g) for g in ("dp", "tp")}
-    formula = predicted_comm(c, spec)
+    formula = predicted_comm(c, spec, per_rank[0])
     mfu = mfu if mfu is not None else REFERENCE_MFU[gpu.name][0]
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {
         "world": spec.world, "tp": spec.tp, "dp": spec.dp, "backend": spec.backend, "precision": spec.precision,
         "reduce_precision": spec.reduce_precision or spec.precision, "micro_batch": spec.micro_batch,
         "seq_len": spec.seq_len or c.block_size, "recompute": spec.recompute,
-        "params_total": F.param_counts(c).total, "params_per_tp_rank": params_per_rank(c, spec.tp)[0],
+        "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank[0],
         "memory_per_rank": memory, "predicted_memory_per_rank": predicted,
         "memory_ratio": {k: ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},
         "collectives": collectives,
