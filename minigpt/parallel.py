@@ -6,7 +6,7 @@ the learning rate, its state in and out of a checkpoint, the whole weights, a me
 one-line description. Implementations:
 
   TorchBackend       one process, or DistributedDataParallel under torchrun: autocast, an fp16
-                     grad scaler, gradient clipping, AdamW (fused on CUDA)
+                     grad scaler, gradient clipping, AdamW (fused)
   ShardedBackend     FSDP2 fully_shard and/or DTensor tensor parallelism on a (dp, tp) mesh, in
                      sharding.py
   DeepSpeedBackend   ZeRO stages 0-3 and offload, in zero.py (the only module naming DeepSpeed)
@@ -86,8 +86,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # torch.compile on a CPU: measured on the 2-core reference machine (benchmarks/bench_train_tiny_cpu.jsonl,
-# README "Speed"), the tiny model's compiled step is ~10% faster but the first compilation takes ~30 s
-# (~5 s from inductor's on-disk cache), which a run shorter than about 1,000 steps does not win back.
+# README "Speed"), the tiny model's compiled step is 5-10% faster (~20 ms) but the first compilation takes
+# ~25-30 s (~3-5 s from inductor's on-disk cache), which a run shorter than ~1,000 steps does not win back.
 CPU_COMPILE_MIN_STEPS = 1000
 
 
@@ -166,7 +166,7 @@ class TorchBackend:
         self.tc, self.env, self.accum = cfg.train, env, layout.accum
         self.model = model.to(env.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type == "cuda")
+        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.tc.precision == "fp16")
         self.net = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
             if env.distributed else model

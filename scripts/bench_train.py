@@ -14,7 +14,9 @@ noise and cache state hit all alike):
                    F.cross_entropy on the full logits, torch.optim.AdamW, clip_grad_norm_
   baseline_compiled  the baseline under torch.compile
 Each timed step ends with loss.item() (the step is finished). Reported: the median ms per step of
-each, and speed-ups over the baseline. Data loading is excluded for all: the same random tokens.
+each, speed-ups over the baseline (ratios of those medians), and the paired speed-up: the median over
+rounds of baseline time / variant time within the same round (robust to the machine slowing down
+or speeding up between rounds). Data loading is excluded for all: the same random tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -32,10 +35,12 @@ import torch.nn.functional as F
 
 from minigpt.config import batch_layout, load_config, resolve_preset
 from minigpt.distributed import device_name, init_distributed
+from minigpt.errors import UserError
 from minigpt.flops import param_counts, train_flops_per_token
 from minigpt.model import GPT
-from minigpt.optim import lr_at
-from minigpt.parallel import apply_training_techniques, make_backend, resolve_compile, resolve_precision
+from minigpt.hardware import choose_peak
+from minigpt.optim import autocast_context, lr_at
+from minigpt.parallel import apply_training_techniques, configure_device, make_backend, resolve_compile, resolve_precision
 from minigpt.train import train_step
 
 
@@ -71,6 +76,7 @@ class BaselineGPT(nn.Module):
 
 
 def baseline_step(cfg, device, compiled: bool):
+    """The baseline's step: under the same autocast as minigpt's (bf16 on a GPU), plain AdamW."""
     torch.manual_seed(0)
     model = BaselineGPT(cfg.model).to(device)
     net = torch.compile(model) if compiled else model
@@ -78,7 +84,8 @@ def baseline_step(cfg, device, compiled: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
 
     def step(x, y):
-        loss = net(x, y)
+        with autocast_context(device, tc.precision):
+            loss = net(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
@@ -103,17 +110,30 @@ def minigpt_step(path, overrides: list[str], env, layout, compiled: bool):
     return step
 
 
+def mfu_fields(flops: float, ms: dict, peaks: list) -> dict:
+    """Each variant's MFU: its counted FLOPs per second over each peak (None where it is unknown)."""
+    return {p.source: ({k: round(flops / v * 1e3 / (p.tflops * 1e12), 4) for k, v in ms.items()} if p.known else None)
+            for p in peaks}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--steps", type=int, default=15, help="timed rounds (each times every variant once)")
+    p.add_argument("--steps", type=int, default=30, help="timed rounds (each times every variant once)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-from", default="", help="a 'minigpt bench hardware --out' file: MFU against its measured peak too")
     args = p.parse_args()
     path = resolve_preset(args.config)
     cfg = load_config(path, args.set)
     env = init_distributed(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, env.device)
+    precision = cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
+    if precision == "fp16":
+        raise SystemExit("error: bench_train compares fp32 or bf16 steps (the baseline has no grad scaler); "
+                         "use --set train.precision=bf16")
+    configure_device(cfg.train, env.device)  # as minigpt train does: TF32 for fp32 on Ampere+, threads
+    name = device_name(env.device)  # MFU against the datasheet's dense peak, and the measured one if given
+    peaks = [choose_peak(name, precision)] + ([choose_peak(name, precision, bench_file=args.peak_from)] if args.peak_from else [])
     layout = batch_layout(cfg.train, cfg.model.block_size, 1)
     x = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch_size, cfg.model.block_size), device=env.device)
     y = torch.randint(0, cfg.model.vocab_size, x.shape, device=env.device)
@@ -137,7 +157,7 @@ def main() -> None:
     flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact") * tokens
     print(json.dumps({
         "bench": "train_step", "config": args.config, "overrides": args.set, "device": str(env.device),
-        "device_name": device_name(env.device), "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "device_name": name, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "params": param_counts(cfg.model).total,
         "tokens_per_step": tokens, "timed_rounds": args.steps,
         "minigpt_default": "minigpt_compiled" if default else "minigpt_eager", "minigpt_default_why": why,
@@ -145,12 +165,19 @@ def main() -> None:
         "spread_ms": {k: [round(min(v) * 1e3, 2), round(max(v) * 1e3, 2)] for k, v in times.items()},
         "speedup_vs_baseline": {k: round(ms["baseline"] / v, 3) for k, v in ms.items()},
         "speedup_vs_baseline_compiled": {k: round(ms["baseline_compiled"] / v, 3) for k, v in ms.items()},
+        "paired_speedup_vs_baseline": {k: round(statistics.median(b / t for b, t in zip(times["baseline"], v)), 3)
+                                       for k, v in times.items()},
         "achieved_tflops": {k: round(flops / v * 1e3 / 1e12, 4) for k, v in ms.items()},
         "flops_convention": "exact matmul count, full attention square, 3x forward (minigpt.flops 'exact')",
+        "mfu": mfu_fields(flops, ms, peaks),
         "method": "median of interleaved rounds (shuffled order) after warm-up; each step ends with loss.item(); "
                   "same random tokens; default glibc allocator for all",
     }))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --config, --set or --peak-from: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -105,3 +105,17 @@ def test_a_stored_peak_must_be_this_machine_now(tmp_path):
         with pytest.raises(UserError, match=message) as e:
             peak_with(**fields)
         assert "minigpt bench hardware --out" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
+    """scripts/gpu_checks.sh (the README's one command for the GPU checks): without CUDA it stops at
+    once with one error line and exit 2, and writes nothing."""
+    import subprocess
+
+    from conftest import REPO
+
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh"), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no CUDA device") and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ import torch
 from minigpt.config import ModelConfig
 from minigpt.flops import param_counts
 from minigpt.generate import generate_ids
+import minigpt.model as model_module
 from minigpt.model import GPT
 from minigpt.parallel import apply_activation_checkpointing
 
@@ -73,9 +74,14 @@ def test_activation_checkpointing_applied_from_outside_gives_the_same_gradients(
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_the_fused_loss_equals_the_textbook_cross_entropy(name):
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_the_fused_loss_equals_the_textbook_cross_entropy(name, chunk, monkeypatch):
     """The LM head's chunked cross-entropy (gradients computed in its forward) = F.cross_entropy of
-    the full logits: loss and every gradient, with ignored targets and a padded vocabulary."""
+    the full logits: loss and every gradient, with ignored targets and a padded vocabulary; in one
+    chunk, and in chunks of 16 rows (60 rows: three full chunks and a short one, through the one
+    reused logits buffer)."""
+    if chunk:
+        monkeypatch.setattr(model_module, "_chunk_rows", lambda vocab, device: chunk)
     c = small(**VARIANTS[name])
     torch.manual_seed(0)
     m = GPT(c)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks the README lists as not yet run, in one command, for a machine with a CUDA GPU:
+#
+#     bash scripts/gpu_checks.sh [OUT_DIR]      (default: benchmarks)
+#
+# 1. `minigpt bench hardware`: this GPU's measured bf16/fp32 matmul peaks and copy bandwidth;
+# 2. scripts/bench_train.py on GPT-2 small (124M, bf16, T = 1024, micro-batch 16): minigpt compiled
+#    and eager beside the SDPA baseline, tokens/s and MFU against the datasheet's dense bf16 peak
+#    and the measured one (the target: >= 45% MFU compiled);
+# 3. scripts/bench_generate.py on GPT-2 small, bf16, batch 1 and 8: decode tokens/s eager and
+#    compiled (CUDA graphs), and the fraction of the HBM-bandwidth bound;
+# 4. `minigpt bench decode --compile`: the decode curve (JSON + PNG) over batch sizes.
+# Every result names the device; files are named after it (e.g. *_h100.jsonl).
+set -euo pipefail
+out=${1:-benchmarks}
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA device: these are the GPU checks; run them on a machine with a GPU" >&2
+    exit 2
+fi
+mkdir -p "$out"
+dev=$(python -c "import re, torch; n = torch.cuda.get_device_name(); m = re.search(r'[A-Z]\d{2,4}', n); print((m.group(0) if m else 'gpu').lower())")
+echo "device: $(python -c 'import torch; print(torch.cuda.get_device_name())') -> *_$dev.*" >&2
+minigpt bench hardware --out "$out/bench_hardware_$dev.json"
+python scripts/bench_train.py --config gpt2-small --steps 20 --warmup 3 --set train.micro_batch_size=16 \
+    --peak-from "$out/bench_hardware_$dev.json" | tee -a "$out/bench_train_gpt2_small_$dev.jsonl"
+python scripts/bench_generate.py --config gpt2-small --dtype bf16 --batch 1 --batch 8 \
+    | tee -a "$out/bench_generate_gpt2_small_$dev.jsonl"
+minigpt bench decode --config gpt2-small --dtype bf16 --compile --out "$out/decode_curve_gpt2_small_$dev.json"
