@@ -74,6 +74,10 @@ class SimSpec:
     def dp(self) -> int:
         return self.world // self.tp
 
+    def seq(self, c: ModelConfig) -> int:
+        """The sequence length simulated: seq_len, or the model's block_size when it is 0."""
+        return self.seq_len or c.block_size
+
 
 # ----------------------------------------------------------------------------------------------
 # one measured step
@@ -96,7 +100,7 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
                    reduce_precision=spec.reduce_precision or spec.precision)
         with fake:
             optimizer = make_optimizer(model, TrainConfig())
-            seq = spec.seq_len or c.block_size
+            seq = spec.seq(c)
             x = torch.zeros(spec.micro_batch, seq, dtype=torch.long)
             tracker, counter = fsdp_memory_tracker(model, optimizer), collective_counter()
             tracker.track_inputs((x,))
@@ -223,7 +227,7 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: tuple[float, float
     n = 1 if spec.backend == "ddp" else spec.dp
     half = PRECISION_BYTES[spec.precision]
     gathered = {"ddp": 0.0, "zero2": half * psi}.get(spec.backend, half * (root + block))
-    s, b, h = spec.seq_len or c.block_size, spec.micro_batch, c.n_embd
+    s, b, h = spec.seq(c), spec.micro_batch, c.n_embd
     per_layer = 2 * s * b * h if spec.recompute else s * b * h * (10 + 24 / spec.tp)
     head = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"]
     out = {"params": 4 * psi / n, "grads": 4 * psi / n, "optimizer": 8 * psi / n, "gathered_params": gathered,
@@ -243,7 +247,7 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, psi: float) -> dict:
     dp, t = spec.dp, spec.tp
     ring = (dp - 1) / dp * psi
     dp_bytes = {"ddp": 2 * ring * g_b, "zero2": ring * (p_b + g_b)}.get(spec.backend, ring * (2 * p_b + g_b))
-    s, b = spec.seq_len or c.block_size, spec.micro_batch
+    s, b = spec.seq(c), spec.micro_batch
     per_layer = (6 if spec.recompute else 4) * 2 * (t - 1) / t * b * s * c.n_embd * p_b
     return {"dp": dp_bytes, "tp": c.n_layer * per_layer if t > 1 else 0.0}
 
@@ -252,7 +256,7 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     """Seconds the counted bytes take on the GPU's links, beside the step's compute at `mfu`."""
     nvlink, inter = gpu.nvlink_gbs * 1e9, gpu.internode_gbs * 1e9
     dp_link = nvlink if spec.world <= GPUS_PER_NODE else inter  # tp innermost: dp groups span nodes beyond 8
-    seq = spec.seq_len or c.block_size
+    seq = spec.seq(c)
     convention = "exact_recompute" if spec.recompute else "exact"
     flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.tp
     dtype = spec.precision if spec.precision in gpu.tflops else "bf16"
@@ -281,7 +285,7 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
     return {
         "world": spec.world, "tp": spec.tp, "dp": spec.dp, "backend": spec.backend, "precision": spec.precision,
         "reduce_precision": spec.reduce_precision or spec.precision, "micro_batch": spec.micro_batch,
-        "seq_len": spec.seq_len or c.block_size, "recompute": spec.recompute,
+        "seq_len": spec.seq(c), "recompute": spec.recompute,
         "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank[0],
         "memory_per_rank": memory, "predicted_memory_per_rank": predicted,
         "memory_ratio": {k: ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},

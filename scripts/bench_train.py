@@ -129,8 +129,8 @@ def main() -> None:
     env = init_distributed(cfg.train.device)
     precision = cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
     if precision == "fp16":
-        raise SystemExit("error: bench_train compares fp32 or bf16 steps (the baseline has no grad scaler); "
-                         "use --set train.precision=bf16")
+        raise UserError("bench_train compares fp32 or bf16 steps (the baseline has no grad scaler); "
+                        "use --set train.precision=bf16")
     configure_device(cfg.train, env.device)  # as minigpt train does: TF32 for fp32 on Ampere+, threads
     name = device_name(env.device)  # MFU against the datasheet's dense peak, and the measured one if given
     peaks = [choose_peak(name, precision)] + ([choose_peak(name, precision, bench_file=args.peak_from)] if args.peak_from else [])
@@ -171,7 +171,9 @@ def main() -> None:
         "flops_convention": "exact matmul count, full attention square, 3x forward (minigpt.flops 'exact')",
         "mfu": mfu_fields(flops, ms, peaks),
         "method": "median of interleaved rounds (shuffled order) after warm-up; each step ends with loss.item(); "
-                  "same random tokens; default glibc allocator for all",
+                  "same random tokens; the same allocator for all (see allocator)",
+        "allocator": f"GLIBC_TUNABLES={tunables} (both sides)" if (tunables := os.environ.get("GLIBC_TUNABLES"))
+                     else "default glibc allocator",
     }))
 
 

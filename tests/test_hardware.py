@@ -8,7 +8,7 @@ from minigpt.hardware import choose_peak, gpu_by_name, match_device
 from minigpt.sweep import run_sweep
 from minigpt.train import train
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
 
@@ -112,8 +112,6 @@ def test_the_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
     """scripts/gpu_checks.sh (the README's one command for the GPU checks): without CUDA it stops at
     once with one error line and exit 2, and writes nothing."""
     import subprocess
-
-    from conftest import REPO
 
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh"), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
