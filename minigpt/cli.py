@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from minigpt.errors import UserError, os_error
+from minigpt.core.errors import UserError, os_error
 
 STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}  # a run stopped by a signal exits like the signal would
 
@@ -49,14 +49,14 @@ def tokens_arg(text: str):
 
 
 def to_json(obj) -> str:
-    from minigpt.report import to_json as dumps
+    from minigpt.core.fmt import to_json as dumps
 
     return dumps(obj)
 
 
 def cmd_prepare(args) -> None:
-    from minigpt import data
-    from minigpt.config import load_config, resolve_preset
+    from minigpt.core.config import load_config, resolve_preset
+    from minigpt.data import cache as data
 
     cfg = load_config(resolve_preset(args.config), args.set)
     prepared = data.prepare_data(cfg.data, cfg.model)
@@ -66,12 +66,12 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from minigpt.config import load_raw, resolve_preset, run_config
-    from minigpt.train import train
+    from minigpt.core.config import load_raw, resolve_preset, run_config
+    from minigpt.train.loop import train
 
     cfg = run_config(args.config, args.set, args.resume)
     if cfg.train.init_from and not args.resume:  # [model] from the weights; the default preset's does not count
-        from minigpt.hf_config import with_init_from
+        from minigpt.core.hf_config import with_init_from
 
         explicit = load_raw(resolve_preset(args.config) if args.config else None, args.set).get("model", {})
         cfg = with_init_from(cfg, explicit)
@@ -84,8 +84,8 @@ def cmd_generate(args) -> None:
     statistics on stderr; --stream prints a single sample's tokens as they come."""
     import torch
 
-    from minigpt.distributed import resolve_device
-    from minigpt.generate import generate_text, load_run
+    from minigpt.core.device import resolve_device
+    from minigpt.infer.generate import generate_text, load_run
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device, args.step)
@@ -136,7 +136,7 @@ def _prompts(args, default: str) -> list[str]:
 
 def _streamer(tokenizer, prompt: str, eot: int | None):
     """An on_token callback printing one sample's text as it grows, up to end-of-text."""
-    from minigpt.generate import IncrementalText
+    from minigpt.infer.generate import IncrementalText
 
     text, ended = IncrementalText(tokenizer), [False]
     print(prompt, end="", flush=True)
@@ -158,8 +158,8 @@ def _sampling(args, sc) -> dict:
 def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: list[str]) -> None:
     """--draft RUN --speculate K: each prompt decoded speculatively and, side by side, plainly by the
     target alone (same settings), for the speed-up; the text is the speculative output."""
-    from minigpt.generate import generate_ids, load_run
-    from minigpt.speculative import check_pair, speculative_generate
+    from minigpt.infer.generate import generate_ids, load_run
+    from minigpt.infer.speculative import check_pair, speculative_generate
 
     draft, draft_tok, _, draft_step = load_run(args.draft, device)
     check_pair(target, draft, tokenizer.get_vocab(), draft_tok.get_vocab())
@@ -188,13 +188,12 @@ def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: l
 
 def cmd_quickstart(args) -> None:
     """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
-    from minigpt.atomic import atomic_write_text
-    from minigpt.bench import bench_hardware
-    from minigpt.config import run_config
-    from minigpt.distributed import resolve_device
-    from minigpt.generate import generate_text, load_run
-    from minigpt.parallel import resolve_precision
-    from minigpt.train import train
+    from minigpt.core.atomic import atomic_write_text
+    from minigpt.core.config import run_config
+    from minigpt.core.device import resolve_device, resolve_precision
+    from minigpt.infer.generate import generate_text, load_run
+    from minigpt.measure.bench import bench_hardware
+    from minigpt.train.loop import train
 
     cfg = run_config(args.config, [f"train.out_dir={args.out_dir}", *args.set])
     # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
@@ -218,7 +217,7 @@ def cmd_quickstart(args) -> None:
         print(text)
         print("-" * 40)
     s = gen.stats()
-    from minigpt.plots import plot_runs
+    from minigpt.core.plots import plot_runs
 
     plot_runs([cfg.train.out_dir], str(Path(cfg.train.out_dir) / "loss.png"))
     print(f"== loss curves: {Path(cfg.train.out_dir) / 'loss.png'} (minigpt plot RUN [RUN ...] draws any runs)")
@@ -233,9 +232,14 @@ def cmd_quickstart(args) -> None:
 
 def _quickstart_extrapolation(run_dir: str) -> None:
     """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
-    from minigpt.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
-    from minigpt.hardware import gpu_by_name
-    from minigpt.report import fmt_usd
+    from minigpt.analytic.extrapolate import (
+        REFERENCE_MFU,
+        Scenario,
+        extrapolate,
+        mfu_from_run,
+    )
+    from minigpt.core.fmt import fmt_usd
+    from minigpt.core.hardware import gpu_by_name
 
     print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
     print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
@@ -260,13 +264,13 @@ def _quickstart_extrapolation(run_dir: str) -> None:
 
 
 def _config(args):
-    from minigpt.hf_config import load_any_config
+    from minigpt.core.hf_config import load_any_config
 
     return load_any_config(args.config, args.set)
 
 
 def cmd_convert(args) -> None:
-    from minigpt.hf import export_hf, import_hf
+    from minigpt.interop.hf import export_hf, import_hf
 
     if args.from_hf:
         info = import_hf(args.from_hf, args.out)
@@ -279,15 +283,15 @@ def cmd_convert(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from minigpt.plots import plot_runs
+    from minigpt.core.plots import plot_runs
 
     runs = plot_runs(args.runs, args.out)
     print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}")
 
 
 def cmd_flops(args) -> None:
-    from minigpt.measure import flops_report
-    from minigpt.report import flops_table
+    from minigpt.analytic.report import flops_table
+    from minigpt.measure.counted import flops_report
 
     cfg = _config(args)
     r = flops_report(cfg.model, args.batch_size, args.seq_len or cfg.model.block_size, device=args.device)
@@ -295,15 +299,19 @@ def cmd_flops(args) -> None:
 
 
 def cmd_flops_sweep(args) -> None:
-    from minigpt.sweep import run_sweep
+    from minigpt.measure.sweep import run_sweep
 
     run_sweep(args.out, device=args.device, steps=args.steps, include_gpt3=not args.no_gpt3)
     print(f"wrote {args.out}/sweep.json, sweep.md, sweep.png")
 
 
 def cmd_memory(args) -> None:
-    from minigpt import memory as M
-    from minigpt.report import memory_table, per_rank_memory_table, zero_stage_lines
+    from minigpt.analytic import memory as M
+    from minigpt.analytic.report import (
+        memory_table,
+        per_rank_memory_table,
+        zero_stage_lines,
+    )
 
     if args.run:  # what a run measured on every rank
         path = Path(args.run) / "memory_per_rank.json"
@@ -323,8 +331,8 @@ def cmd_memory(args) -> None:
         return
     import torch
 
-    from minigpt.measure import memory_report
-    from minigpt.parallel import resolve_precision
+    from minigpt.core.device import resolve_precision
+    from minigpt.measure.counted import memory_report
 
     cfg = _config(args)
     precision = args.precision or resolve_precision(cfg.train.precision, torch.device(args.device))
@@ -336,13 +344,13 @@ def cmd_memory(args) -> None:
 def cmd_bench_decode(args) -> None:
     import torch
 
-    from minigpt.atomic import atomic_write_text
-    from minigpt.bench import bench_hardware, decode_curve
-    from minigpt.distributed import device_name, resolve_device
-    from minigpt.generate import load_run
-    from minigpt.model import GPT
-    from minigpt.optim import DTYPES
-    from minigpt.plots import plot_decode_curve
+    from minigpt.core.atomic import atomic_write_text
+    from minigpt.core.device import device_name, resolve_device
+    from minigpt.core.plots import plot_decode_curve
+    from minigpt.infer.generate import load_run
+    from minigpt.measure.bench import bench_hardware, decode_curve
+    from minigpt.nn.model import GPT
+    from minigpt.nn.optim import DTYPES
 
     device = resolve_device(args.device)
     if args.run:
@@ -381,16 +389,16 @@ def cmd_bench_decode(args) -> None:
 
 def cmd_serve(args) -> None:
     try:
-        from minigpt.serve import serve
+        from minigpt.infer.serve import serve
     except ImportError as e:
         raise UserError(f"minigpt serve needs FastAPI and uvicorn ({e}): pip install 'minigpt[serve]'") from None
     serve(args.run, args.host, args.port, args.max_batch, args.device)
 
 
 def cmd_simulate(args) -> None:
-    from minigpt.hardware import gpu_by_name
-    from minigpt.report import simulate_table
-    from minigpt.simulate import SimSpec, simulate
+    from minigpt.analytic.report import simulate_table
+    from minigpt.core.hardware import gpu_by_name
+    from minigpt.measure.simulate import SimSpec, simulate
 
     cfg = _config(args)
     spec = SimSpec(args.world, args.tp, args.backend, args.precision, args.reduce_precision or "", args.micro_batch,
@@ -400,8 +408,8 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_bench_hardware(args) -> None:
-    from minigpt.atomic import atomic_write_text
-    from minigpt.bench import bench_hardware
+    from minigpt.core.atomic import atomic_write_text
+    from minigpt.measure.bench import bench_hardware
 
     line = json.dumps(bench_hardware(args.device, args.size, args.repeats))
     if args.out:
@@ -410,11 +418,11 @@ def cmd_bench_hardware(args) -> None:
 
 
 def _target(name: str):
-    from minigpt.config import configs_dir, load_config
+    from minigpt.core.config import configs_dir, load_config
 
     path = Path(name)
     if path.suffix == ".json" or path.is_dir():  # an HF config.json (or its folder), a run's config
-        from minigpt.hf_config import load_any_config
+        from minigpt.core.hf_config import load_any_config
 
         return load_any_config(name)
     if not path.is_file():
@@ -444,8 +452,14 @@ def _speculate(value: str) -> tuple[float, str]:
 
 
 def scenario_from_args(args, cfg):
-    from minigpt.extrapolate import WORDS_PER_TOKEN, Scenario, decode_efficiency, mfu_from_bench, mfu_from_run
-    from minigpt.hardware import gpu_by_name
+    from minigpt.analytic.extrapolate import (
+        WORDS_PER_TOKEN,
+        Scenario,
+        decode_efficiency,
+        mfu_from_bench,
+        mfu_from_run,
+    )
+    from minigpt.core.hardware import gpu_by_name
 
     gpu = gpu_by_name(args.gpu)
     mfu, source, notes = args.mfu, "given (--mfu)" if args.mfu is not None else "", []
@@ -454,7 +468,7 @@ def scenario_from_args(args, cfg):
     elif args.from_bench:
         mfu, source = mfu_from_bench(args.from_bench, gpu)
     elif args.measure_layers:
-        from minigpt.measure import measured_mfu
+        from minigpt.measure.counted import measured_mfu
 
         mfu, source, args._measured_layers = measured_mfu(cfg.model, args.measure_layers, args.measure_micro_batch,
                                                           args.measure_precision, args.measure_device)
@@ -478,13 +492,13 @@ def scenario_from_args(args, cfg):
 
 
 def cmd_extrapolate(args) -> None:
-    from minigpt.extrapolate import extrapolate
-    from minigpt.report import extrapolation_lines, extrapolation_markdown
+    from minigpt.analytic.extrapolate import extrapolate
+    from minigpt.analytic.report import extrapolation_lines, extrapolation_markdown
 
     cfg = _target(args.target)
     s = scenario_from_args(args, cfg)
     if args.comm == "counted":
-        from minigpt.simulate import layout_simulator
+        from minigpt.measure.simulate import layout_simulator
 
         s.simulator = layout_simulator(s.gpu, s.zero_stage, s.micro_batch, s.notes)
     r = extrapolate(cfg.model, cfg.target, s)
@@ -499,10 +513,10 @@ def cmd_extrapolate(args) -> None:
 
 
 def cmd_extrapolate_plot(args) -> None:
-    from minigpt.config import GPT3_PRESETS
-    from minigpt.extrapolate import Scenario, extrapolate
-    from minigpt.hardware import gpu_by_name
-    from minigpt.plots import plot_costs
+    from minigpt.analytic.extrapolate import Scenario, extrapolate
+    from minigpt.core.config import GPT3_PRESETS
+    from minigpt.core.hardware import gpu_by_name
+    from minigpt.core.plots import plot_costs
 
     gpu = gpu_by_name(args.gpu)
     points = []

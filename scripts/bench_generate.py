@@ -16,12 +16,12 @@ import os
 
 import torch
 
-from minigpt.bench import bench_decode, bench_hardware
-from minigpt.config import load_config, resolve_preset
-from minigpt.distributed import device_name, resolve_device
-from minigpt.generate import load_run
-from minigpt.model import GPT
-from minigpt.optim import DTYPES
+from minigpt.core.config import load_config, resolve_preset
+from minigpt.core.device import device_name, resolve_device
+from minigpt.infer.generate import load_run
+from minigpt.measure.bench import bench_decode, bench_hardware
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import DTYPES
 
 
 def main() -> None:

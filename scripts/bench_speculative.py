@@ -16,10 +16,10 @@ import os
 
 import torch
 
-from minigpt.distributed import device_name
-from minigpt.flops import param_counts
-from minigpt.generate import load_run
-from minigpt.speculative import bench_speculative, check_pair
+from minigpt.analytic.flops import param_counts
+from minigpt.core.device import device_name
+from minigpt.infer.generate import load_run
+from minigpt.infer.speculative import bench_speculative, check_pair
 
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "if __name__", "# ", "self."]
 

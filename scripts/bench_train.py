@@ -33,15 +33,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.config import batch_layout, load_config, resolve_preset
-from minigpt.distributed import device_name, init_distributed
-from minigpt.errors import UserError
-from minigpt.flops import param_counts, train_flops_per_token
-from minigpt.model import GPT
-from minigpt.hardware import choose_peak
-from minigpt.optim import autocast_context, lr_at
-from minigpt.parallel import apply_training_techniques, configure_device, make_backend, resolve_compile, resolve_precision
-from minigpt.train import train_step
+from minigpt.analytic.flops import param_counts, train_flops_per_token
+from minigpt.core.config import load_config, resolve_preset
+from minigpt.core.device import configure_device, device_name, resolve_precision
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import choose_peak
+from minigpt.core.plan import batch_layout
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import autocast_context, lr_at
+from minigpt.parallel.backend import make_backend
+from minigpt.parallel.distributed import init_distributed
+from minigpt.parallel.parallelize import apply_training_techniques, resolve_compile
+from minigpt.train.loop import train_step
 
 
 class BaselineGPT(nn.Module):

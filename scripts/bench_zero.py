@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.distributed import device_name
+from minigpt.core.device import device_name
 
 SETTINGS = [
     ("ddp", []),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.config import load_config
-from minigpt.data import stdlib_files
+from minigpt.core.config import load_config
+from minigpt.data.sources import stdlib_files
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
@@ -116,10 +116,11 @@ def final_weights(run_dir) -> dict:
     """The weights of a run's latest checkpoint."""
     from safetensors.torch import load_file
 
-    from minigpt import checkpoint
+    from minigpt.nn.weights import WEIGHTS
+    from minigpt.train import checkpoint
 
     folder, _ = checkpoint.latest_checkpoint(run_dir)
-    return load_file(str(folder / checkpoint.WEIGHTS))
+    return load_file(str(folder / WEIGHTS))
 
 
 def readme_torchrun_lines(sharded: bool = False) -> list[str]:

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
-
-from minigpt import checkpoint
-from minigpt.config import load_config
-from minigpt.train import train
-
 from conftest import REPO, run_cli, set_args, tiny_overrides
+
+from minigpt.core.config import load_config
+from minigpt.nn.weights import WEIGHTS
+from minigpt.train import checkpoint
+from minigpt.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def damaged(good_run, tmp_path, how):
     elif how == "no latest":
         (run / "latest.json").unlink()
     elif how == "missing weights":
-        (folder / checkpoint.WEIGHTS).unlink()
+        (folder / WEIGHTS).unlink()
     return run
 
 
@@ -183,7 +183,7 @@ def test_filesystem_failures_are_one_line(corpus_dir, data_cache, tmp_path, monk
 
 
 def test_a_diverged_run_is_not_checkpointed(tiny_cfg, tmp_path, monkeypatch):
-    import minigpt.train as T_
+    import minigpt.train.loop as T_
 
     real = T_.train_step
 
@@ -204,7 +204,7 @@ def test_a_diverged_run_is_not_checkpointed(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_json_output_is_always_valid_json():
-    from minigpt.report import to_json
+    from minigpt.core.fmt import to_json
 
     text = to_json({"loss": float("nan"), "x": [float("inf"), 1.0], "ok": 2})
     assert json.loads(text) == {"loss": None, "x": [None, 1.0], "ok": 2}

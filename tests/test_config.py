@@ -1,10 +1,9 @@
 
 import pytest
-
-from minigpt.config import ModelConfig, config_from_json, load_config
-from minigpt.errors import UserError
-
 from conftest import REPO, run_cli
+
+from minigpt.core.config import ModelConfig, config_from_json, load_config
+from minigpt.core.errors import UserError
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)

@@ -4,9 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from minigpt import data
-from minigpt.config import DataConfig, ModelConfig
-from minigpt.errors import UserError
+from minigpt.core.config import DataConfig, ModelConfig
+from minigpt.core.errors import UserError
+from minigpt.data import cache as data
+from minigpt.data.loader import check_split_length, get_batch
+from minigpt.data.sources import local_files, stdlib_files
 
 
 def prep(source, tmp_path, vocab=320, **kw):
@@ -15,7 +17,7 @@ def prep(source, tmp_path, vocab=320, **kw):
 
 
 def test_stdlib_source_is_sorted_real_python_without_tests_or_site_packages():
-    files = data.stdlib_files()
+    files = stdlib_files()
     assert len(files) > 100 and files == sorted(files)
     parts = {p for f in files for p in f.parts}
     assert not parts & {"test", "tests", "idle_test", "site-packages"}
@@ -61,8 +63,8 @@ def test_globs_and_single_files(tmp_path):
     (d / "sub").mkdir(parents=True)
     for i in range(6):
         (d / "sub" / f"doc{i}.txt").write_text(f"document {i}: " + "hello world, tokens here. " * 40)
-    assert len(data.local_files(str(d / "**" / "*.txt"))) == 6
-    assert len(data.local_files(str(d))) == 6
+    assert len(local_files(str(d / "**" / "*.txt"))) == 6
+    assert len(local_files(str(d))) == 6
     p = prep(d / "sub" / "doc0.txt", tmp_path, vocab=300)
     assert p.manifest["num_documents"] == 1
     assert "last" in p.manifest["val_split"]  # one document: the stream is split instead
@@ -114,11 +116,11 @@ def test_vocab_too_small_for_byte_level_bpe(corpus_dir, tmp_path):
 
 def test_batches_are_deterministic_and_differ_by_rank_and_step():
     tokens = np.arange(10_000, dtype=np.uint16)
-    a = data.get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
-    b = data.get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
+    a = get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
+    b = get_batch(tokens, 4, 16, (1, 0, 5, 0, 0))
     assert all((u == v).all() for u, v in zip(a, b))
-    other_rank = data.get_batch(tokens, 4, 16, (1, 0, 5, 1, 0))
-    other_step = data.get_batch(tokens, 4, 16, (1, 0, 6, 0, 0))
+    other_rank = get_batch(tokens, 4, 16, (1, 0, 5, 1, 0))
+    other_step = get_batch(tokens, 4, 16, (1, 0, 6, 0, 0))
     assert not (a[0] == other_rank[0]).all() and not (a[0] == other_step[0]).all()
     x, y = a
     assert x.shape == (4, 16) and (y[:, :-1] == x[:, 1:]).all()  # targets are inputs shifted by one
@@ -126,7 +128,7 @@ def test_batches_are_deterministic_and_differ_by_rank_and_step():
 
 def test_short_split_is_a_clear_error():
     with pytest.raises(UserError, match="too few"):
-        data.check_split_length(np.zeros(10, dtype=np.uint16), "validation", 32)
+        check_split_length(np.zeros(10, dtype=np.uint16), "validation", 32)
 
 
 def test_a_given_tokenizer_json_is_used_and_checked(corpus_dir, tmp_path):

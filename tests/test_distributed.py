@@ -11,10 +11,17 @@ import sys
 
 import pytest
 import torch
-
-
-from conftest import REPO, final_weights as weights, readme_torchrun_lines, run_cli, run_concurrently, set_args
-from conftest import step_records as records, tiny_overrides, torchrun_cmd
+from conftest import (
+    REPO,
+    final_weights as weights,
+    readme_torchrun_lines,
+    run_cli,
+    run_concurrently,
+    set_args,
+    step_records as records,
+    tiny_overrides,
+    torchrun_cmd,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -28,8 +35,8 @@ DS = {"train.backend": '"deepspeed"'}
 @pytest.fixture(scope="module")
 def runs(corpus_dir, data_cache, tmp_path_factory):
     """Every launch of this module, a few at a time; the one-process references run in-process."""
-    from minigpt.config import load_config
-    from minigpt.train import train
+    from minigpt.core.config import load_config
+    from minigpt.train.loop import train
 
     root = tmp_path_factory.mktemp("dist")
 
@@ -173,9 +180,10 @@ def test_bad_deepspeed_settings(corpus_dir, data_cache, tmp_path, sets, message)
 
 
 def test_override_files_are_checked(tmp_path):
-    from minigpt import zero
-    from minigpt.config import batch_layout, load_config
-    from minigpt.errors import UserError
+    from minigpt.core.config import load_config
+    from minigpt.core.errors import UserError
+    from minigpt.core.plan import batch_layout
+    from minigpt.parallel import zero
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -5,17 +5,16 @@ import json
 
 import pytest
 import torch
-
-from minigpt.config import ModelConfig, load_config
-from minigpt.errors import UserError
-from minigpt.extrapolate import Scenario, extrapolate
-from minigpt.flops import param_counts, train_flops_per_token
-from minigpt.hardware import gpu_by_name
-from minigpt.measure import count_train_flops
-from minigpt.memory import model_state_bytes
-from minigpt.train import train
-
 from conftest import REPO, run_cli
+
+from minigpt.analytic.extrapolate import Scenario, extrapolate
+from minigpt.analytic.flops import param_counts, train_flops_per_token
+from minigpt.analytic.memory import model_state_bytes
+from minigpt.core.config import ModelConfig, load_config
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import gpu_by_name
+from minigpt.measure.counted import count_train_flops
+from minigpt.train.loop import train
 
 
 def preset(name):
@@ -201,8 +200,8 @@ def test_moe_counted_flops_match_the_active_parameter_formula(device, extra):
 
 
 def test_moe_params_match_the_module_and_memory_uses_the_total():
-    from minigpt.measure import memory_report
-    from minigpt.model import GPT
+    from minigpt.measure.counted import memory_report
+    from minigpt.nn.model import GPT
 
     c = ModelConfig(**MOE)
     m = GPT(c)
@@ -212,7 +211,7 @@ def test_moe_params_match_the_module_and_memory_uses_the_total():
 
 
 def test_moe_routes_top_k_with_renormalised_weights():
-    from minigpt.model import MoE
+    from minigpt.nn.model import MoE
 
     torch.manual_seed(0)
     moe = MoE(ModelConfig(**MOE))

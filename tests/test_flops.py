@@ -3,15 +3,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as Fn
+from conftest import REPO, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
-from minigpt import flops as F
-from minigpt.config import ModelConfig, load_config
-from minigpt.errors import UserError
-from minigpt.measure import count_train_flops, flops_report
-from minigpt.torch_private import flop_counter
-
-from conftest import REPO, run_cli
+from minigpt.analytic import flops as F
+from minigpt.core.config import ModelConfig, load_config
+from minigpt.core.errors import UserError
+from minigpt.measure.counted import count_train_flops, flops_report
+from minigpt.nn.torch_private import flop_counter
 
 SHAPES = [
     dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64),

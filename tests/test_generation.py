@@ -7,20 +7,19 @@ import sys
 
 import pytest
 import torch
-
-from minigpt.config import ModelConfig
-from minigpt.generate import generate_ids
-from minigpt.model import GPT
-
 from conftest import run_cli
+
+from minigpt.core.config import ModelConfig
+from minigpt.infer.generate import generate_ids
+from minigpt.nn.model import GPT
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus_dir, data_cache):
-    from minigpt.config import load_config
-    from minigpt.train import train
-
     from conftest import REPO, tiny_overrides
+
+    from minigpt.core.config import load_config
+    from minigpt.train.loop import train
 
     out = tmp_path_factory.mktemp("gen") / "run"
     cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, out, **{

@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
-
-from minigpt.errors import UserError
-from minigpt.hardware import choose_peak, gpu_by_name, match_device
-from minigpt.sweep import run_sweep
-from minigpt.train import train
-
 from conftest import REPO, run_cli
+
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import choose_peak, gpu_by_name, match_device
+from minigpt.measure.sweep import run_sweep
+from minigpt.train.loop import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
 
@@ -78,7 +77,7 @@ def test_flops_sweep_writes_table_and_plot(tmp_path):
 
 @cuda
 def test_bench_hardware_on_cuda_reaches_a_fraction_of_the_datasheet():
-    from minigpt.bench import bench_hardware
+    from minigpt.measure.bench import bench_hardware
 
     r = bench_hardware("cuda", size=4096, repeats=5)
     if r["datasheet"]:
@@ -89,7 +88,7 @@ def test_a_stored_peak_must_be_this_machine_now(tmp_path):
     """A CPU peak measured elsewhere, with other threads, or days ago is refused with the fix."""
     import time
 
-    from minigpt.hardware import choose_peak
+    from minigpt.core.hardware import choose_peak
 
     hw = tmp_path / "hw.json"
 

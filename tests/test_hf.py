@@ -8,13 +8,12 @@ import shutil
 
 import pytest
 import torch
-
-from minigpt.flops import param_counts
-from minigpt.generate import generate_ids, load_run
-from minigpt.hf_config import model_from_hf
-from minigpt.model import GPT
-
 from conftest import run_cli, set_args, stdlib_files, tiny_overrides
+
+from minigpt.analytic.flops import param_counts
+from minigpt.core.hf_config import model_from_hf
+from minigpt.infer.generate import generate_ids, load_run
+from minigpt.nn.model import GPT
 
 transformers = pytest.importorskip("transformers", reason="transformers (the [hf]/dev extra) verifies the conversion")
 
@@ -109,7 +108,7 @@ def test_export_loads_in_transformers_and_reimports_bit_identical(hf_dirs, impor
 def test_a_trained_minigpt_run_exports_with_its_padding_rows_dropped(tiny_cfg, tmp_path):
     """A native run (vocabulary padded to 64, no biases: GPT-2 gets zero biases) gives an HF model
     whose logits are minigpt's."""
-    from minigpt.train import train
+    from minigpt.train.loop import train
 
     cfg = tiny_cfg(**{"train.max_steps": 2, "train.eval_every": 0, "model.pad_vocab_multiple": 128})
     train(cfg, log=lambda *a, **k: None)
@@ -226,7 +225,7 @@ def test_bad_folders_get_one_line_and_no_output(hf_dirs, tmp_path, capsys):
 
 
 def test_export_refuses_a_model_with_no_hf_equivalent(tiny_cfg, hf_dirs, imported, tmp_path):
-    from minigpt.train import train
+    from minigpt.train.loop import train
 
     cfg = tiny_cfg(**{"train.max_steps": 1, "train.eval_every": 0, "model.norm": '"rmsnorm"'})
     train(cfg, log=lambda *a, **k: None)

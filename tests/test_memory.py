@@ -1,13 +1,12 @@
 import json
 
 import pytest
-
-from minigpt import memory as M
-from minigpt.config import ModelConfig, load_config
-from minigpt.errors import UserError
-from minigpt.measure import memory_report
-
 from conftest import REPO, run_cli
+
+from minigpt.analytic import memory as M
+from minigpt.core.config import ModelConfig, load_config
+from minigpt.core.errors import UserError
+from minigpt.measure.counted import memory_report
 
 GB = 1e9
 
@@ -75,7 +74,7 @@ def test_mixture_of_experts_and_dropout_activations_over_precisions(variant, pre
 
 
 def test_moe_layers_are_timed_in_bf16():
-    from minigpt.measure import time_layers
+    from minigpt.measure.counted import time_layers
 
     c = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=512, n_expert=4)
     t = time_layers(c, 1, 2, 32, "bf16", "cpu")

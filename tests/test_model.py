@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from minigpt.config import ModelConfig
-from minigpt.flops import param_counts
-from minigpt.generate import generate_ids
-import minigpt.model as model_module
-from minigpt.model import GPT
-from minigpt.parallel import apply_activation_checkpointing
+import minigpt.nn.ops as ops_module
+from minigpt.analytic.flops import param_counts
+from minigpt.core.config import ModelConfig
+from minigpt.infer.generate import generate_ids
+from minigpt.nn.model import GPT
+from minigpt.parallel.parallelize import apply_activation_checkpointing
 
 VARIANTS = {
     "gpt2": dict(),
@@ -81,7 +81,7 @@ def test_the_fused_loss_equals_the_textbook_cross_entropy(name, chunk, monkeypat
     chunk, and in chunks of 16 rows (60 rows: three full chunks and a short one, through the one
     reused logits buffer)."""
     if chunk:
-        monkeypatch.setattr(model_module, "_chunk_rows", lambda vocab, device: chunk)
+        monkeypatch.setattr(ops_module, "_chunk_rows", lambda vocab, device: chunk)
     c = small(**VARIANTS[name])
     torch.manual_seed(0)
     m = GPT(c)

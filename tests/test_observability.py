@@ -6,9 +6,9 @@ import csv
 import json
 import sys
 
-from minigpt.train import train
-
 from conftest import Proc, run_cli, set_args, tiny_overrides
+
+from minigpt.train.loop import train
 
 
 def quiet(*a, **k):
@@ -92,7 +92,7 @@ def test_progress_lines_for_prepare_on_a_large_corpus(tmp_path, monkeypatch):
 def test_an_mfu_over_100_percent_is_said_with_the_fix(tiny_cfg):
     """A peak below what the run achieves (here 1e-9 TFLOP/s) cannot be the device's: the run
     says so once, naming the peak and how to measure it again."""
-    from minigpt.train import train
+    from minigpt.train.loop import train
 
     lines = []
     train(tiny_cfg(**{"train.peak_tflops": 1e-9, "train.max_steps": 4, "train.report": "true"}), log=lines.append)

@@ -11,15 +11,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-
-from minigpt import checkpoint, data
-from minigpt.checkpoint import RunLock
-from minigpt.config import DataConfig, ModelConfig
-from minigpt.generate import load_run
-from minigpt.train import train
-
 from conftest import REPO, Proc, run_cli, set_args, tiny_overrides
+
+from minigpt.core.config import DataConfig, ModelConfig
+from minigpt.data import cache as data
+from minigpt.infer.generate import load_run
+from minigpt.nn.weights import WEIGHTS, load_weights
+from minigpt.train import checkpoint
+from minigpt.train.checkpoint import RunLock
+from minigpt.train.loop import train
 
 
 def quiet(*a, **k):
@@ -115,19 +115,19 @@ def test_two_trainers_cannot_share_a_run_and_overwrite_refuses_foreign_directori
 def test_readers_never_fail_while_the_run_saves(tiny_cfg, tmp_path):
     """A reader (generate, load_run) racing a training run's saves: every save commits a new
     checkpoint and deletes the old one under the reader; the reader must never fail."""
-    from minigpt.model import GPT
+    from minigpt.nn.model import GPT
 
     train(tiny_cfg(**{"train.max_steps": 2}), log=quiet)
     run = tmp_path / "run"
     folder, _ = checkpoint.latest_checkpoint(run)
-    weights, state = (folder / checkpoint.WEIGHTS).read_bytes(), (folder / checkpoint.STATE).read_bytes()
+    weights, state = (folder / WEIGHTS).read_bytes(), (folder / checkpoint.STATE).read_bytes()
     model = GPT(tiny_cfg().model)
     done, errors, reads = threading.Event(), [], [0]
 
     def reader():
         while not done.is_set():
             try:
-                checkpoint.load_latest(run, lambda f: checkpoint.load_weights(model, f))
+                checkpoint.load_latest(run, lambda f: load_weights(model, f))
                 reads[0] += 1
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 errors.append(repr(e))
@@ -137,7 +137,7 @@ def test_readers_never_fail_while_the_run_saves(tiny_cfg, tmp_path):
     try:
         for step in range(3, 300):  # what a training run does at every checkpoint
             tmp = checkpoint.new_checkpoint_folder(run, step)
-            (tmp / checkpoint.WEIGHTS).write_bytes(weights)
+            (tmp / WEIGHTS).write_bytes(weights)
             (tmp / checkpoint.STATE).write_bytes(state)
             checkpoint.commit_checkpoint(run, step, tmp)
     finally:
@@ -235,7 +235,7 @@ def test_fp32_cpu_training_is_bit_reproducible_across_processes(corpus_dir, data
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run(train_cmd(sets), capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    from minigpt.config import load_config
+    from minigpt.core.config import load_config
 
     train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "b",
                                                                        **{"train.max_steps": 6, "model.dropout": 0.1})),
@@ -244,7 +244,7 @@ def test_fp32_cpu_training_is_bit_reproducible_across_processes(corpus_dir, data
                                                                          **{"train.max_steps": 6, "model.dropout": 0.1}))
     train(split, stop_at=3, log=quiet)
     train(split, resume=True, log=quiet)
-    files = [checkpoint.latest_checkpoint(tmp_path / n)[0] / checkpoint.WEIGHTS for n in "abc"]
+    files = [checkpoint.latest_checkpoint(tmp_path / n)[0] / WEIGHTS for n in "abc"]
     assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
 
 

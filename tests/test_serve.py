@@ -30,12 +30,12 @@ def post(url: str, data: bytes) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, corpus_dir, data_cache):
-    from minigpt.config import load_config
-    from minigpt.generate import load_run
-    from minigpt.serve import create_app
-    from minigpt.train import train
-
     from conftest import REPO, tiny_overrides
+
+    from minigpt.core.config import load_config
+    from minigpt.infer.generate import load_run
+    from minigpt.infer.serve import create_app
+    from minigpt.train.loop import train
 
     out = tmp_path_factory.mktemp("serve") / "run"
     train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, out, **{

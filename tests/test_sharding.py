@@ -11,11 +11,19 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    final_weights as weights,
+    readme_torchrun_lines,
+    run_cli,
+    run_concurrently,
+    set_args,
+    step_records as records,
+    tiny_overrides,
+    torchrun_cmd,
+)
 
-from minigpt.config import ModelConfig
-
-from conftest import REPO, final_weights as weights, readme_torchrun_lines, run_cli, run_concurrently, set_args
-from conftest import step_records as records, tiny_overrides, torchrun_cmd
+from minigpt.core.config import ModelConfig
 
 COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_every": 6, "train.checkpoint_every": 3,
           "train.grad_clip": 0.5}
@@ -29,8 +37,8 @@ def readme_cmd(line: str, extra: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(corpus_dir, data_cache, tmp_path_factory):
-    from minigpt.config import load_config
-    from minigpt.train import train
+    from minigpt.core.config import load_config
+    from minigpt.train.loop import train
 
     root = tmp_path_factory.mktemp("sharded")
 
@@ -118,7 +126,7 @@ def test_bad_sharding_settings(corpus_dir, data_cache, tmp_path, extra, message)
 
 
 def test_tp_row_order_round_trips_and_keeps_each_ranks_heads_together():
-    from minigpt.sharding import _row_order, from_tp_layout, to_tp_layout
+    from minigpt.parallel.sharding import _row_order, from_tp_layout, to_tp_layout
 
     c = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=16, block_size=8, vocab_size=64, mlp="swiglu")
     D, f = c.head_dim, c.ffn_hidden

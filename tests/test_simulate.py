@@ -8,13 +8,12 @@ counting what the real sharding code allocates and sends; Megatron's 4 all-reduc
 import json
 
 import pytest
-
-from minigpt import memory as M
-from minigpt.config import ModelConfig
-from minigpt.hardware import gpu_by_name
-from minigpt.simulate import SimSpec, simulate
-
 from conftest import run_cli
+
+from minigpt.analytic import memory as M
+from minigpt.core.config import ModelConfig
+from minigpt.core.hardware import gpu_by_name
+from minigpt.measure.simulate import SimSpec, simulate
 
 # ZeRO Fig. 1's model: 7.5B parameters (here 36 layers x 4096 wide + a 50,257-token vocabulary);
 # a short sequence keeps the step quick (activations are not what Fig. 1 shows)
@@ -110,7 +109,7 @@ def test_extrapolate_takes_counted_communication_and_memory():
 def test_layouts_whose_simulated_memory_does_not_fit_are_rejected():
     """The layout search asks the simulator; a layout it measures over the budget is skipped and
     listed (a stand-in simulator here: the real one is exercised above)."""
-    from minigpt.extrapolate import suggest_layout
+    from minigpt.analytic.extrapolate import suggest_layout
 
     c = ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257)
     asked = []

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-
-from minigpt.config import ModelConfig
-from minigpt.errors import UserError
-from minigpt.generate import filtered_probs, generate_ids
-from minigpt.model import GPT
-from minigpt.speculative import check_pair, speculative_generate
-
 from conftest import run_cli
+
+from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
+from minigpt.infer.generate import filtered_probs, generate_ids
+from minigpt.infer.speculative import check_pair, speculative_generate
+from minigpt.nn.model import GPT
 
 
 def sharp_model(seed: int, n_layer: int, vocab: int = 8, block: int = 24) -> GPT:
@@ -80,7 +79,7 @@ def test_models_with_other_tokenizers_are_refused():
 
 
 def test_generate_with_a_draft_run(tiny_cfg, tmp_path):
-    from minigpt.train import train
+    from minigpt.train.loop import train
 
     target = train(tiny_cfg(**{"train.max_steps": 3, "train.out_dir": f'"{tmp_path / "target"}"'}), log=lambda *a: None)
     draft = train(tiny_cfg(**{"train.max_steps": 3, "model.n_layer": 1, "train.out_dir": f'"{tmp_path / "draft"}"'}),

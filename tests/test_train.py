@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from minigpt import checkpoint
-from minigpt.config import batch_layout
-from minigpt.errors import UserError
-from minigpt.generate import generate_text, load_run
-from minigpt.optim import lr_at
-from minigpt.train import train, train_step
-
 from conftest import run_cli, set_args, tiny_overrides
+
+from minigpt.core.errors import UserError
+from minigpt.core.plan import batch_layout
+from minigpt.infer.generate import generate_text, load_run
+from minigpt.nn.optim import lr_at
+from minigpt.nn.weights import WEIGHTS
+from minigpt.train import checkpoint
+from minigpt.train.loop import train, train_step
 
 
 def records(run_dir: Path, kind: str = "step") -> list[dict]:
@@ -81,7 +81,7 @@ def test_resume_through_the_cli_and_its_errors(corpus_dir, data_cache, tmp_path)
 def test_truncated_weights_are_detected_not_loaded(tiny_cfg, tmp_path):
     train(tiny_cfg(**{"train.max_steps": 2}), log=quiet)
     folder, _ = checkpoint.latest_checkpoint(tmp_path / "run")
-    w = folder / checkpoint.WEIGHTS
+    w = folder / WEIGHTS
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(UserError, match="corrupt"):
         checkpoint.latest_checkpoint(tmp_path / "run")
@@ -131,14 +131,14 @@ def test_gradient_accumulation_is_derived_from_tokens(tiny_cfg):
 
 def test_accumulated_step_equals_one_big_batch(tiny_cfg):
     """Two micro-batches of 4 accumulate to the gradient of the same 8 sequences at once."""
-    from minigpt import data
-    from minigpt.model import GPT
+    from minigpt.data.loader import get_batch, iter_train_keys
+    from minigpt.nn.model import GPT
 
     cfg = tiny_cfg()
     torch.manual_seed(0)
     m = GPT(cfg.model)
     tokens = torch.randint(0, 300, (5000,)).numpy()
-    xs, ys = zip(*(data.get_batch(tokens, 4, 32, k) for k in data.iter_train_keys(1, 0, 0, 2)))
+    xs, ys = zip(*(get_batch(tokens, 4, 32, k) for k in iter_train_keys(1, 0, 0, 2)))
     for x, y in zip(xs, ys):
         (m(x, y).loss / 2).backward()
     acc = [p.grad.clone() for p in m.parameters()]
@@ -155,10 +155,10 @@ def test_a_training_step_never_reads_the_device(tiny_cfg, monkeypatch):
     import sys
 
     import minigpt
-    from minigpt.config import batch_layout
-    from minigpt.distributed import init_distributed
-    from minigpt.model import GPT
-    from minigpt.parallel import make_backend
+    from minigpt.core.plan import batch_layout
+    from minigpt.nn.model import GPT
+    from minigpt.parallel.backend import make_backend
+    from minigpt.parallel.distributed import init_distributed
 
     cfg = tiny_cfg(**{"train.batch_size_tokens": 256, "train.precision": '"fp32"'})
     env = init_distributed("cpu")

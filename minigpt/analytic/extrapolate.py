@@ -1,0 +1,471 @@
+"""From measured (or stated) efficiency to the cost of training and serving a model at scale.
+
+Torch-free: every figure is arithmetic on (1) FLOP formulas that the counter validated (flops.py),
+(2) the memory formulas of memory.py, (3) the GPU table of hardware.py, and (4) inputs that are
+either measured by minigpt (an MFU from a run, a benchmark or timed layers) or labelled
+assumptions (prices, reference MFUs, batch size, link bandwidth). `sources` in the result says
+which is which.
+
+Conventions: 1 PF-day = 1e15 FLOP/s x 86,400 s = 8.64e19 FLOPs (GPT-3 Table D.1). GPU-hours =
+training FLOPs / (peak x MFU) / 3600, with the peak the datasheet dense figure for the dtype.
+A month of serving is 30 days (720 hours).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt.analytic import flops as F, memory as M
+from minigpt.core.config import ModelConfig, TargetConfig, divisors
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+
+PF_DAY = 1e15 * 86400
+HOURS_PER_MONTH = 720
+DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 2**20  # assumption when the target gives none
+DEFAULT_NUM_GPUS = 1024  # assumption when neither a count nor a budget in days is given
+MEMORY_HEADROOM = 0.9  # share of GPU memory a layout may plan to use (temporaries, fragmentation)
+WORDS_PER_TOKEN = 0.75  # 1000 tokens ~ 750 English words (OpenAI's rule of thumb)
+
+# Published MFU of large training runs, by GPU class (the default efficiency, cited)
+REFERENCE_MFU = {
+    "V100": (0.213, "GPT-3 175B on V100, 21.3% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "A100-40GB": (0.302, "MT-NLG 530B on A100, 30.2% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "A100-80GB": (0.302, "MT-NLG 530B on A100, 30.2% MFU (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "H100": (0.40, "Llama 3 405B on H100, 38-43% BF16 MFU (Llama Team 2024, Table 4)"),
+    "H200": (0.40, "assumption: Llama 3's H100 figure, 38-43% (Llama Team 2024, Table 4), for the same chip with more HBM"),
+    "B200": (0.40, "assumption: Llama 3's H100 figure (Llama Team 2024, Table 4); no published B200 run"),
+}
+
+
+@dataclass
+
+
+class Scenario:
+    gpu: GPUSpec
+    dtype: str = "bf16"
+    num_gpus: int | None = None
+    days: float | None = None  # a wall-clock budget: solve for the GPU count
+    mfu: float | None = None
+    mfu_source: str = ""
+    price_per_gpu_hour: float | None = None
+    tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
+    flops_convention: str = "exact"
+    tp: int | None = None
+    pp: int | None = None
+    zero_stage: int = 1
+    micro_batch: int = 1
+    context: int | None = None  # inference context length (default: block_size / 2)
+    batch: int = 1  # inference batch for the decode bound
+    serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
+    notes: list[str] = field(default_factory=list)
+    # --comm counted: (model, tp, pp, dp) -> a simulated step of that layout (minigpt.simulate), or
+    # None when it cannot be simulated; torch-free here, supplied by the CLI
+    simulator: object = field(default=None, repr=False)
+
+
+def _check(s: Scenario) -> None:
+    if s.mfu is not None and not 0 < s.mfu <= 1:
+        raise UserError(f"MFU {s.mfu} must be in (0, 1], e.g. --mfu 0.35")
+    if s.price_per_gpu_hour is not None and s.price_per_gpu_hour < 0:
+        raise UserError(f"price {s.price_per_gpu_hour} per GPU-hour must be >= 0")
+    if s.num_gpus is not None and s.num_gpus < 1:
+        raise UserError(f"GPU count {s.num_gpus} must be a positive integer")
+    if s.days is not None and s.days <= 0:
+        raise UserError(f"--days {s.days} must be positive")
+    if s.flops_convention not in F.ALL_CONVENTIONS:
+        raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
+    if s.dtype not in s.gpu.tflops:
+        raise UserError(f"{s.gpu.name} has no datasheet {s.dtype} peak; choose from {', '.join(s.gpu.tflops)}")
+
+
+def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float, str]:
+    if tokens == "chinchilla":
+        n = F.param_counts(c).active
+        return 20 * n, "Chinchilla-optimal: 20 tokens per (active) parameter (Hoffmann et al. 2022)"
+    if tokens is not None:
+        value = float(tokens)
+        if value <= 0:
+            raise UserError(f"--tokens {tokens} must be positive, or 'chinchilla'")
+        return value, "given (--tokens)"
+    if target.train_tokens <= 0:
+        raise UserError("this target has no token count: give --tokens N (or --tokens chinchilla), or target.train_tokens")
+    return target.train_tokens, "the target's config (target.train_tokens)"
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel layout
+
+
+def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, seq: int, micro_batch: int) -> dict:
+    """Memory of one GPU in a tensor x pipeline x data layout (mixed-precision Adam, full recompute).
+
+    Model states 16 Psi split over tp*pp, with ZeRO over the dp replicas on top. Activations: with
+    full recompute each layer keeps its input, 2 s b h bytes (Korthikanti et al. 2022), divided by
+    tp with sequence parallelism; a 1F1B pipeline's first stage holds pp micro-batches of its
+    L/pp layers, i.e. L layers' worth.
+    """
+    psi = F.param_counts(c).total / (tp * pp)
+    states = M.model_state_bytes(psi, "bf16", zero_stage, dp)
+    act = c.n_layer * M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq, recompute=True) / tp
+    return {"model_states": states.total, "activations": act, "total": states.total + act}
+
+
+def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_stage: int, micro_batch: int,
+                   tp: int | None = None, pp: int | None = None, simulator=None) -> dict:
+    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node).
+
+    With a simulator (--comm counted) a layout must also fit by the memory its simulated step
+    measured; the layouts it rejects are listed."""
+    if tp is not None and (tp < 1 or c.n_head % tp):
+        raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
+    if pp is not None and (pp < 1 or c.n_layer % pp):
+        raise UserError(f"--pp {pp} does not divide n_layer = {c.n_layer}; choose from {divisors(c.n_layer)}")
+    budget = gpu.memory_gb * 1e9 * MEMORY_HEADROOM
+    tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
+    pps = [pp] if pp else divisors(c.n_layer)
+    candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
+    rejected: list[dict] = []
+    for t, p in candidates:
+        if t * p > num_gpus:
+            continue
+        dp = num_gpus // (t * p)
+        mem = per_gpu_bytes(c, t, p, dp, zero_stage, seq, micro_batch)
+        if mem["total"] > budget:
+            continue
+        layout = {"tp": t, "pp": p, "dp": dp, "gpus_used": t * p * dp, "per_gpu_bytes": mem, "fits": True,
+                  "budget_bytes": budget}
+        if simulator is None:
+            return layout
+        sim = simulator(c, t, p, dp)
+        if sim is None or sim["memory_per_gpu_bytes"] <= budget:
+            return {**layout, "simulated": sim, "rejected_by_simulation": rejected}
+        rejected.append({"tp": t, "pp": p, "dp": dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
+    # nothing fits in num_gpus: find how many GPUs would be needed
+    for need in (2**i for i in range(0, 24)):
+        for t, p in candidates:
+            if t * p <= need and per_gpu_bytes(c, t, p, need // (t * p), zero_stage, seq, micro_batch)["total"] <= budget:
+                raise UserError(
+                    f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero_stage}, micro-batch {micro_batch}, "
+                    f"full recompute); it needs at least {need} GPUs, e.g. tp={t} pp={p} dp={need // (t * p)}: "
+                    f"raise --num-gpus to {need} or more"
+                )
+    raise UserError(f"no layout on {gpu.name} holds this model; give --tp/--pp or a GPU with more memory")
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimate
+
+
+def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
+    """Training cost, memory and layout, communication, inference and (optionally) serving."""
+    _check(s)
+    c.validate()
+    p = F.param_counts(c)
+    seq = c.block_size
+    tokens, tokens_source = resolve_tokens(c, target, s.tokens)
+    peak = s.gpu.tflops[s.dtype] * 1e12
+    flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
+    flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
+    sources = {"tokens": tokens_source}
+    mfu, mfu_source = s.mfu, s.mfu_source
+    if mfu is None:
+        mfu, mfu_source = REFERENCE_MFU[s.gpu.name]
+        mfu_source = f"published reference: {mfu_source}"
+    sources["mfu"] = mfu_source
+    gpu_hours = flops_conv / (peak * mfu) / 3600
+    num_gpus, sources["num_gpus"] = _gpu_count(s, gpu_hours)
+    price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
+    sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
+                        else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
+    gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
+    sources["global_batch_tokens"] = "the target's config" if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens"
+    step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
+    ctx = s.context if s.context is not None else seq // 2
+    result = {
+        "target_label": target.label,
+        "params_total": p.total,
+        "params_active": p.active,
+        "train_tokens": tokens,
+        "train_flops_6n": flops_6n,
+        "train_flops_exact": F.train_flops_per_token(c, seq, "exact") * tokens,
+        "train_flops": flops_conv,
+        "flops_convention": s.flops_convention,
+        "pf_days_6n": flops_6n / PF_DAY,
+        "pf_days": flops_conv / PF_DAY,
+        "gpu": s.gpu.name,
+        "dtype": s.dtype,
+        "peak_tflops": peak / 1e12,
+        "peak_source": f"{s.gpu.name} datasheet dense {s.dtype}",
+        "num_gpus": num_gpus,
+        "mfu": mfu,
+        "mfu_source": mfu_source,
+        "gpu_hours": gpu_hours,
+        "node_hours_8_gpus": gpu_hours / GPUS_PER_NODE,
+        "days": gpu_hours / num_gpus / 24,
+        "price_per_gpu_hour": price,
+        "cost_usd": gpu_hours * price,
+        "memory": _memory(c, s, num_gpus, gbt, tokens, step_s),
+        "inference": _inference(c, s, ctx, peak, mfu),
+        "sources": sources,
+        "notes": s.notes,
+    }
+    if s.serve:
+        result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
+        result["serving_at_user_speed"] = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)
+    return result
+
+
+def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
+    if s.num_gpus is not None:
+        return s.num_gpus, "given (--num-gpus)"
+    if s.days is not None:
+        return math.ceil(gpu_hours / (s.days * 24)), f"solved for a {s.days:g}-day budget (--days)"
+    return DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
+
+
+def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: float, step_s: float) -> dict:
+    """Model states, the suggested layout with its pipeline bubble, and the per-step communication."""
+    p = F.param_counts(c)
+    seq = c.block_size
+    states = M.model_state_bytes(p.total, "bf16", 0, 1)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp, s.simulator)
+    micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
+    bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
+    return {
+        "model_states_bytes": states.total,
+        "model_states_convention": "mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO paper); all experts",
+        "min_gpus": math.ceil(states.total / (s.gpu.memory_gb * 1e9)),
+        "min_gpus_convention": f"model states alone, perfectly partitioned over {s.gpu.name} {s.gpu.memory_gb:g} GB",
+        "zero_per_gpu": M.zero_table(p.total, "bf16", num_gpus),
+        "activations_per_layer_bytes": {
+            "no_recompute_flash": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, flash=True),
+            "no_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq),
+            "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
+        },
+        "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
+                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
+        "communication": _communication(p.total, layout, s, step_s, tokens / gbt, micro_batches),
+    }
+
+
+def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps: float, micro_batches: int) -> dict:
+    """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses;
+    with --comm counted, also what the simulated step of the layout sent, and which is used."""
+    grad_bytes = 2 * params / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
+    dp = layout["dp"]
+    ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
+    zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
+    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group
+    # stays inside one node only when tp x dp GPUs do; otherwise its ring crosses the inter-node
+    # links, the slowest hop, which bounds the ring's bandwidth.
+    intra = layout["tp"] * dp <= GPUS_PER_NODE
+    if intra:
+        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (the group fits in one node)"
+    else:
+        link = s.gpu.internode_gbs * 1e9
+        link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "
+                     f"InfiniBand, one NIC per GPU; the data-parallel group spans nodes)")
+    return {
+        "dp_allreduce_bytes_per_gpu_per_step": ring,
+        "dp_allreduce_s_per_step": ring / link,
+        "zero3_gather_bytes_per_gpu_per_step": zero3,
+        "zero3_s_per_step": zero3 / link,
+        "link_bytes_per_s": link,
+        "dp_group_within_node": intra,
+        "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
+        "compute_s_per_step": step_s,
+        "steps": steps,
+        "source": "formula: ring all-reduce of 2 Psi bytes / (tp pp) (ZeRO-3: 1.5x); tensor-parallel traffic not counted",
+        **_counted(layout.get("simulated"), s, link, micro_batches, zero3 if s.zero_stage == 3 else ring),
+    }
+
+
+def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, formula: float) -> dict:
+    """The simulated step's bytes per GPU per optimizer step: the data-parallel traffic once (a
+    ZeRO-3 run re-gathers per micro-batch; the count is of one), tensor-parallel all-reduces per
+    micro-batch; each on its link."""
+    if s.simulator is None:
+        return {}
+    if sim is None:
+        return {"source": "formula (--comm counted: this layout could not be simulated, see notes)"}
+    tp_bytes = sim["tp_bytes"] * micro_batches
+    nvlink = s.gpu.nvlink_gbs * 1e9
+    return {
+        "source": f"counted: {sim['method']}",
+        "counted_dp_bytes_per_gpu_per_step": sim["dp_bytes"],
+        "counted_tp_bytes_per_gpu_per_step": tp_bytes,
+        "counted_dp_s_per_step": sim["dp_bytes"] / link,
+        "counted_tp_s_per_step": tp_bytes / nvlink,
+        "counted_over_formula_dp": sim["dp_bytes"] / formula if formula else None,
+        "simulated_memory_per_gpu_bytes": sim["memory_per_gpu_bytes"],
+    }
+
+
+def _inference(c: ModelConfig, s: Scenario, ctx: int, peak: float, mfu: float) -> dict:
+    """One decode step's FLOPs and bytes at context `ctx`: the bandwidth and compute bounds, prefill."""
+    flops_tok = F.decode_flops(c, ctx)
+    kv = M.kv_cache_bytes_per_token(c, 2)
+    weight_bytes = 2 * _weights_read(c, s.batch)
+    step_bytes = weight_bytes + s.batch * ctx * kv
+    mem_bound = s.batch * s.gpu.bandwidth_tbs * 1e12 / step_bytes
+    compute_bound = peak / flops_tok
+    return {
+        "context": ctx,
+        "batch": s.batch,
+        "flops_per_token": flops_tok,
+        "flops_convention": "one decode step: 2 x active matmul params + 4 L t h attention at context t",
+        "kv_bytes_per_token": kv,
+        "weights_bytes_read_per_step": weight_bytes,
+        "decode_tokens_per_s_per_gpu": min(mem_bound, compute_bound),
+        "decode_memory_bound_tokens_per_s_per_gpu": mem_bound,
+        "decode_compute_bound_tokens_per_s_per_gpu": compute_bound,
+        "prefill_tokens_per_s_per_gpu": peak * mfu / (F.prefill_flops(c, ctx, all_logits=True) / ctx),
+        "bandwidth": f"{s.gpu.name} HBM {s.gpu.bandwidth_tbs:g} TB/s; bf16 weights and KV cache",
+    }
+
+
+def _weights_read(c: ModelConfig, batch: int) -> float:
+    """Parameters read from HBM per decode step: all of a dense model; for a mixture, the shared
+    weights plus the experts the batch's tokens can touch (at most batch x k of E)."""
+    p = F.param_counts(c)
+    if not c.is_moe:
+        return p.total
+    per_expert = (p.total - p.active) / (c.n_expert - c.n_expert_active)
+    shared = p.total - c.n_expert * per_expert
+    return shared + min(c.n_expert, batch * c.n_expert_active) * per_expert
+
+
+def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context: int) -> dict:
+    """GPUs to serve a steady load at a compute utilisation, and their monthly rent."""
+    sv = s.serve
+    for key in ("users", "requests_per_hour", "tokens_per_request", "utilisation"):
+        if sv.get(key) is None or sv[key] <= 0:
+            raise UserError(f"--serve needs a positive --{key.replace('_', '-')}")
+    if sv["utilisation"] > 1:
+        raise UserError(f"--utilisation {sv['utilisation']} must be in (0, 1]")
+    tokens_per_s = sv["users"] * sv["requests_per_hour"] * sv["tokens_per_request"] / 3600
+    flops_tok = F.decode_flops(c, context)
+    gpus = math.ceil(tokens_per_s * flops_tok / (mfu_peak * sv["utilisation"]))
+    return {
+        **sv,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_tok,
+        "num_gpus": gpus,
+        "nodes_8_gpus": math.ceil(gpus / GPUS_PER_NODE),
+        "cost_usd_per_month": gpus * price * HOURS_PER_MONTH,
+        "convention": f"compute-bound: demand tokens/s x FLOPs per token / (peak x utilisation); {HOURS_PER_MONTH} h a month",
+    }
+
+
+USER_TOKENS_PER_S = (30.0, "a reader needs about 30 tokens/s for a generated answer to feel acceptable (seed report; "
+                          "REFERENCE.md)")
+
+
+def decode_efficiency(path: str) -> tuple[dict[int, float], str]:
+    """Fraction of the bandwidth bound a decode curve (`minigpt bench decode` JSON) reached at each
+    batch (its longest context): measured efficiency instead of an assumed utilisation."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        ctx = max(r["context"] for r in rows)
+        eff = {int(r["batch"]): float(r["fraction_of_bandwidth_bound"]) for r in rows if r["context"] == ctx}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a decode curve: write one with 'minigpt bench decode --out {path}'") from None
+    return eff, f"measured: {path} ({data.get('device_name', '?')}, context {ctx}, batches {sorted(eff)})"
+
+
+def _efficiency_at(eff: dict[int, float], batch: int) -> float:
+    """The measured fraction at the largest measured batch <= batch (the smallest one below it)."""
+    below = [b for b in eff if b <= batch]
+    return eff[max(below)] if below else eff[min(eff)]
+
+
+def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float, context: int) -> dict:
+    """GPUs to serve the load with every user decoding at >= tokens_per_s_per_user.
+
+    A replica holds the weights (in --dtype) and its batch's KV cache on the fewest GPUs that fit
+    (MEMORY_HEADROOM) or on more (up to 64, tensor parallel), their bandwidth and peak pooled;
+    the replica size and batch with the most tokens/s per GPU are chosen. A decode step reads the weights and the
+    batch's KV cache once: bound time = bytes / bandwidth, divided by the efficiency reached (a
+    decode curve's measured fraction of that bound at this batch, or the assumed utilisation),
+    and no faster than the compute bound at the MFU. The largest batch (a power of two) whose
+    per-user speed, times the speculative speed-up, meets the target sets each replica's output.
+    """
+    sv = s.serve
+    target, target_source = sv.get("tokens_per_s_per_user") or USER_TOKENS_PER_S[0], sv.get("user_speed_source") or USER_TOKENS_PER_S[1]
+    eff_table, eff_source = sv.get("efficiency") or (None, f"assumption: --utilisation {sv['utilisation']:g} of the bandwidth bound")
+    speedup, speedup_source = sv.get("speculate") or (1.0, "no speculative decoding")
+    el = 2 if s.dtype in ("bf16", "fp16") else (1 if s.dtype == "fp8" else 4)
+    weights = F.param_counts(c).total * el  # held; read per step: weights_read(batch)
+    kv_tok = M.kv_cache_bytes_per_token(c, el) * context
+    mem, bw = s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, s.gpu.bandwidth_tbs * 1e12
+    best = None
+    for g in range(max(1, math.ceil(weights / mem)), 65):  # more GPUs per replica pool more bandwidth
+        for batch in (2**i for i in range(13)):
+            if weights + batch * kv_tok > g * mem:
+                break
+            eff = _efficiency_at(eff_table, batch) if eff_table else sv["utilisation"]
+            step = max((_weights_read(c, batch) * el + batch * kv_tok) / (g * bw) / eff,
+                       batch * F.decode_flops(c, context) / (g * s.gpu.tflops[s.dtype] * 1e12 * mfu))
+            per_user = speedup / step
+            if per_user < target:
+                break
+            row = {"batch_per_replica": batch, "gpus_per_replica": g, "per_user_tokens_per_s": per_user,
+                   "replica_tokens_per_s": batch * per_user, "efficiency": eff}
+            if best is None or row["replica_tokens_per_s"] / g > best["replica_tokens_per_s"] / best["gpus_per_replica"]:
+                best = row
+    if best is None:
+        return {"met": False, "tokens_per_s_per_user": target, "tokens_per_s_per_user_source": target_source,
+                "efficiency_source": eff_source, "note": f"no replica of up to 64 x {s.gpu.name} decodes this model at "
+                f"{target:g} tokens/s per user: lower --tokens-per-s-per-user, measure the efficiency, or use a faster GPU"}
+    demand = sv["users"] * sv["requests_per_hour"] * sv["tokens_per_request"] / 3600
+    replicas = math.ceil(demand / best["replica_tokens_per_s"])
+    gpus = replicas * best["gpus_per_replica"]
+    return {**best, "met": True, "tokens_per_s_per_user": target, "tokens_per_s_per_user_source": target_source,
+            "efficiency_source": eff_source, "speculative_speedup": speedup, "speculative_source": speedup_source,
+            "demand_tokens_per_s": demand, "replicas": replicas, "num_gpus": gpus,
+            "cost_usd_per_month": gpus * price * HOURS_PER_MONTH, "context": context,
+            "convention": "decode step = max(weights + batch KV cache / (GPUs x HBM bandwidth) / efficiency, batch decode "
+                          f"FLOPs / (GPUs x {s.dtype} peak x MFU)); largest power-of-two batch meeting the per-user speed; tensor-parallel "
+                          "communication inside a replica not modelled"}
+
+
+# ----------------------------------------------------------------------------------------------
+# efficiency measured by minigpt
+
+
+def mfu_from_run(run_dir: str, gpu: GPUSpec) -> tuple[float, str]:
+    """The MFU a training run measured (report.json), labelled with where it was measured."""
+    path = Path(run_dir) / "report.json"
+    try:
+        perf = json.loads(path.read_text())["performance"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{path} is missing or unreadable: train with train.report = true, or give --mfu") from None
+    if perf.get("mfu") is None:
+        raise UserError(f"the run in {run_dir} has no MFU (unknown peak): retrain with train.peak_from, or give --mfu")
+    source = f"measured in run {run_dir}: {perf['mfu_dtype']} MFU against {perf['peak_source']}"
+    if gpu.name.lower() not in perf["peak_source"].lower():
+        source += f" (WARNING: measured on another device than the target {gpu.name})"
+    return float(perf["mfu"]), source
+
+
+def mfu_from_bench(path: str, gpu: GPUSpec) -> tuple[float, str]:
+    """The MFU in a benchmark JSON line: an 'mfu' key, or achieved_tflops / peak_tflops."""
+    try:
+        data = json.loads(Path(path).read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        raise UserError(f"cannot read a benchmark JSON line from {path}") from None
+    if data.get("mfu"):
+        mfu = float(data["mfu"])
+    elif data.get("achieved_tflops") and data.get("peak_tflops"):
+        mfu = float(data["achieved_tflops"]) / float(data["peak_tflops"])
+    else:
+        raise UserError(f"{path} has no 'mfu' (nor achieved_tflops and peak_tflops); give --mfu instead")
+    source = f"measured by benchmark {path} on {data.get('device_name', data.get('device', '?'))}"
+    if gpu.name.lower() not in str(data.get("device_name", "")).lower():
+        source += f" (WARNING: measured on another device than the target {gpu.name})"
+    return mfu, source

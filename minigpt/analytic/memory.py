@@ -1,0 +1,226 @@
+"""Analytic training and inference memory: pure functions of the config (torch-free).
+
+Bytes, never GiB, inside; callers format. Psi is the parameter count.
+
+Model states (Rajbhandari et al. 2019, ZeRO, section 3.1), per GPU with N_d data-parallel ranks:
+  mixed precision (bf16/fp16 params and grads, fp32 master + Adam m, v): 2 + 2 + 12 = 16 bytes/param
+      stage 0: 16 Psi   stage 1: 4 Psi + 12 Psi/N_d   stage 2: 2 Psi + 14 Psi/N_d   stage 3: 16 Psi/N_d
+  fp32 (params, grads, Adam m, v): 4 + 4 + 8 = 16 bytes/param, partitioned the same way.
+  torch autocast ("amp"): what minigpt's own bf16/fp16 training holds: fp32 params and grads, fp32
+      m and v (autocast casts on the fly and keeps no 16-bit copy): 4 + 4 + 8.
+
+Activations per layer (Korthikanti et al. 2022, Table 2): s b h (34 + 5 a s / h) bytes in 16-bit
+with dropout; flash attention drops the 5 a s / h term, full recompute keeps only the layer input
+(2 s b h). `activation_bytes` instead counts exactly what minigpt's model saves for backward, for
+any precision, GQA, SwiGLU and dropout, and is what measured memory is compared with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from minigpt.analytic.flops import param_counts
+from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
+
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+
+
+class ModelStates:
+    parameters: float
+    gradients: float
+    optimizer_state: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer_state
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def state_bytes_per_param(precision: str, layout: str = "zero") -> tuple[int, int, int]:
+    """(param, grad, optimizer) bytes per parameter.
+
+    layout "zero": the ZeRO paper's mixed precision for bf16/fp16 (2, 2, 12); fp32 is (4, 4, 8).
+    layout "amp": torch autocast as minigpt trains without DeepSpeed: (4, 4, 8) whatever the dtype.
+    layout "deepspeed": what DeepSpeed holds. Mixed precision: 16-bit params, 16-bit grads plus
+    fp32 gradient partitions, fp32 master + m + v: (2, 6, 12), so stage 2 is 2 + 18/N as in
+    DeepSpeed's own estimator. fp32: DeepSpeed's ZeRO optimizer keeps an fp32 master partition
+    even when the model is fp32: (4, 4, 12) (stage 0: plain AdamW, (4, 4, 8)).
+    """
+    if precision not in PRECISION_BYTES:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
+    if layout == "deepspeed":
+        return (4, 4, 12) if precision == "fp32" else (2, 6, 12)
+    if precision == "fp32" or layout == "amp":
+        return 4, 4, 8
+    if layout == "zero":
+        return 2, 2, 12
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def model_state_bytes(num_params: float, precision: str = "bf16", zero_stage: int = 0, dp: int = 1,
+                      layout: str = "zero") -> ModelStates:
+    """Per-GPU bytes of parameters, gradients and optimizer state under a ZeRO stage."""
+    if num_params <= 0:
+        raise UserError(f"parameter count {num_params:g} must be positive, e.g. --params 7.5e9")
+    if dp < 1 or int(dp) != dp:
+        raise UserError(f"data-parallel degree {dp} must be a positive integer, e.g. --dp 64")
+    if zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"ZeRO stage {zero_stage} must be 0, 1, 2 or 3")
+    p, g, o = (b * num_params for b in state_bytes_per_param(precision, layout))
+    if layout == "deepspeed" and precision == "fp32" and zero_stage == 0:
+        o = 8 * num_params  # no ZeRO optimizer: torch AdamW's m and v only
+    if zero_stage >= 1:
+        o /= dp  # stage 1 partitions the optimizer state
+    if zero_stage >= 2:
+        g /= dp  # stage 2 also the gradients
+    if zero_stage >= 3:
+        p /= dp  # stage 3 also the parameters
+    return ModelStates(p, g, o)
+
+
+def zero_table(num_params: float, precision: str, dp: int) -> dict[str, dict]:
+    """Model-state bytes per GPU for ZeRO stages 0-3 (the ZeRO paper's layout)."""
+    return {str(s): model_state_bytes(num_params, precision, s, dp).as_dict() for s in range(4)}
+
+
+def korthikanti_activation_bytes_per_layer(c: ModelConfig, batch: int, seq_len: int, flash: bool = False,
+                                           recompute: bool = False) -> float:
+    """s b h (34 + 5 a s / h) bytes: 16-bit activations with dropout masks (Korthikanti et al. 2022).
+
+    flash: attention that stores no s x s matrices (drops the 5 a s / h term); recompute: full
+    activation checkpointing, only the layer input (2 s b h) is kept.
+    """
+    s, b, h, a = seq_len, batch, c.n_embd, c.n_head
+    if recompute:
+        return 2 * s * b * h
+    return s * b * h * (34 + (0 if flash else 5 * a * s / h))
+
+
+def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",
+                     recompute: bool = False) -> dict[str, float]:
+    """Bytes minigpt's GPT keeps for the backward pass of one micro-batch, tensor by tensor.
+
+    Worked out from what autograd saves in model.py (checked against PyTorch's MemTracker by the
+    tests). n = batch x seq_len tokens; e = bytes of a matmul input (4 in fp32, 2 under
+    bf16/fp16 autocast); the residual stream, norms and the loss stay fp32. Per layer:
+      two norms: input (+ normalised output for RMSNorm) and statistics;
+      QKV projection input n h e; q, k, v (one fused buffer) n (H + 2G) D e; RoPE's rotated
+      q and k n (H + G) D e; attention output n H D e (also the output projection's input) and
+      log-sum-exp n H x 4 (fused SDPA kernel: no T x T matrix is kept);
+      MLP input n h e; GELU: its input and output, 2 n d_ff e; SwiGLU: the fused gate/up buffer,
+      silu(gate) and the product, 4 n d_ff e; a mixture of experts: see _mlp_bytes;
+      under autocast, the 16-bit copy of every weight matrix (Linear saves it for backward).
+    Dropout > 0 sends CPU attention to the math path (see _attention_core_bytes) and keeps the
+    residual dropout masks (2 n h e) and the embedding dropout's (n h x 4).
+    Head: final norm; the fused LM-head cross-entropy computes its gradients in forward and keeps
+    them, d_h (n h x 4) and d_W (Vp h x 4), instead of the logits (it never holds n x V).
+    Once: learned position ids (8 T) or the RoPE cos/sin rows (T D x 4), the loss scalar.
+    recompute=True (activation checkpointing): each block keeps only its input, n h x 4.
+    """
+    if batch <= 0 or seq_len <= 0:
+        raise UserError(f"batch {batch} and sequence length {seq_len} must be positive")
+    n = batch * seq_len
+    h, H, G, D, ff = c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden
+    e = PRECISION_BYTES[precision]
+    autocast = precision != "fp32"
+    f = 4  # fp32: residual stream, norms, softmax statistics, loss
+
+    def norm_bytes() -> int:
+        if c.norm == "rmsnorm":
+            return 2 * n * h * f + n * 4  # input, normalised input, rstd
+        return n * h * f + 2 * n * 4  # input, mean, rstd
+
+    fc_out = 2 * ff if c.mlp == "swiglu" else ff
+    mlp_weights = h * fc_out + ff * h
+    act = (4 * ff if c.mlp == "swiglu" else 2 * ff) * e  # per token through one MLP
+    layer = (
+        2 * norm_bytes()
+        + n * h * e  # QKV projection input
+        + _attention_core_bytes(c, batch, seq_len, e, autocast)
+        + n * H * D * e  # attention output (the output projection's input)
+        + _mlp_bytes(c, n, e, act)
+    )
+    if c.pos_emb == "rope":
+        # rotated q and k are new (B, H, T, D)-contiguous tensors; SDPA then returns its output in
+        # that layout, so the transpose before the output projection makes one more copy
+        layer += n * (H + G) * D * e + n * H * D * e
+    if autocast:  # the 16-bit copy of every weight matrix, every expert's and the router's
+        experts = c.n_expert if c.is_moe else 1
+        layer += (h * (H + 2 * G) * D + H * D * h + experts * mlp_weights + (h * c.n_expert if c.is_moe else 0)) * e
+    if c.dropout > 0:
+        layer += 2 * n * h * e  # the residual dropout masks of attention and MLP
+    if recompute:
+        layer = n * h * f
+    head = norm_bytes() + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
+    once = (8 * seq_len if c.pos_emb == "learned" else seq_len * D * 4) + 4
+    if c.dropout > 0:
+        once += n * h * f  # the embedding dropout's mask, on the fp32 residual stream
+    return {
+        "per_layer": layer,
+        "layers": layer * c.n_layer,
+        "head_and_loss": head + once,
+        "total": layer * c.n_layer + head + once,
+    }
+
+
+def _attention_core_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, autocast: bool) -> float:
+    """What attention saves between its projections. Fused SDPA (no dropout): q, k, v (one buffer)
+    and the log-sum-exp. Dropout > 0 on CPU takes the math path, which works in fp32 under
+    autocast: q, k, v upcast (k, v expanded to n_head heads), and three B H T^2 fp32 tensors (the
+    softmax, the dropout mask, the dropped probabilities)."""
+    n, H, G, D = batch * seq_len, c.n_head, c.n_kv_head, c.head_dim
+    if c.dropout == 0:
+        return n * (H + 2 * G) * D * e + n * H * 4
+    qkv = 3 * n * H * D * 4 if autocast else n * (H + 2 * G) * D * e
+    return qkv + 3 * batch * H * seq_len * seq_len * 4
+
+
+def _mlp_bytes(c: ModelConfig, n: int, e: int, act: int) -> float:
+    """What the MLP saves. Dense: its input and the activation's tensors. A mixture of experts (each
+    token to k of E experts): the router's input, probabilities (n E fp32), top-k indices and
+    renormalised weights; per routed token copy (n k of them) the expert's input, its activation
+    tensors, its output (kept for the weighting) and the weighted output index_add_ keeps, and the
+    token and slot indices (int64)."""
+    h = c.n_embd
+    if not c.is_moe:
+        return n * h * e + n * act
+    k = c.n_expert_active
+    router = n * h * e + n * c.n_expert * 4 + n * k * (8 + 4) + n * 4
+    return router + n * k * (3 * h * e + act + 16)
+
+
+def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_el: int = 2) -> int:
+    """K and V for every layer: 2 L n_kv_head head_dim bytes_per_el (GQA shrinks it by H/G).
+
+    GPT-3 175B in fp16: 2 x 96 x 96 x 128 x 2 = 4.5 MiB per token (REFERENCE.md section 2).
+    """
+    return 2 * c.n_layer * c.n_kv_head * c.head_dim * bytes_per_el
+
+
+def predicted_training_memory(c: ModelConfig, batch: int, seq_len: int, precision: str,
+                              recompute: bool = False) -> dict[str, float]:
+    """Per-category bytes minigpt's own (non-ZeRO) trainer should hold: the 'amp' layout."""
+    psi = param_counts(c).total
+    states = model_state_bytes(psi, precision, 0, 1, layout="amp")
+    act = activation_bytes(c, batch, seq_len, precision, recompute)
+    return {
+        "parameters": states.parameters,
+        "gradients": states.gradients,
+        "optimizer_state": states.optimizer_state,
+        "activations": act["total"],
+    }
+
+
+def training_bytes_estimate(c: ModelConfig, batch: int, seq_len: int, precision: str) -> float:
+    """Bytes one process needs to train `c` as minigpt's own trainer does: fp32 weights, gradients
+    and AdamW moments (16 bytes per parameter, all experts), the activations of one micro-batch
+    and the RoPE tables. A floor: temporaries and the allocator's slack come on top."""
+    states = model_state_bytes(param_counts(c).total, precision, 0, 1, layout="amp").total
+    rope = 2 * c.block_size * c.head_dim // 2 * 4 if c.pos_emb == "rope" else 0
+    return states + activation_bytes(c, batch, seq_len, precision)["total"] + rope

@@ -1,0 +1,287 @@
+"""Presentation of figures already measured or computed: tables of counted vs analytic FLOPs and
+measured vs predicted memory, the extrapolation's lines, and the report written at the end of every
+training run (report.json + report.md in the run directory). Torch-free, and it measures nothing:
+its callers hand it the figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minigpt.analytic import flops as F
+from minigpt.core.atomic import atomic_write_text
+from minigpt.core.config import Config
+from minigpt.core.fmt import fmt_bytes, fmt_flops, fmt_usd, to_json
+from minigpt.core.hardware import Peak
+
+FORMULA_NOTES = {
+    "kaplan_6n": "6N, N non-embedding (Kaplan 2020)",
+    "six_n_all": "6N, N all parameters (GPT-3 D.1)",
+    "palm": "6N + 12LHQT, N all parameters (PaLM App. B)",
+    "chinchilla": "Chinchilla App. F (3x forward)",
+    "megatron_72": "72BsLh^2(1+s/6h+V/12Lh) (no recompute)",
+    "megatron_96": "96BsLh^2(1+s/6h+V/16Lh) (full recompute)",
+}
+
+
+def flops_table(r: dict) -> str:
+    lines = [
+        f"params: {r['params_total']:,} total, {r['params_non_embedding']:,} non-embedding, "
+        f"{r['params_matmul']:,} in matmuls | batch {r['batch_size']} x seq {r['seq_len']} = {r['tokens_per_step']:,} tokens, counted on {r['device']}",
+        f"counted: {fmt_flops(r['counted_train_flops_per_token'])} per token for training (forward + backward), "
+        f"{fmt_flops(r['counted_train_flops_per_step'])} per step; backward/forward = {r['backward_to_forward']:.3f}",
+        f"counter: {r['counter_convention']}",
+        "",
+        f"{'formula (train FLOPs/token)':<58} {'FLOPs/token':>14} {'formula/counted':>16}",
+    ]
+    for name, value in r["formulas"].items():
+        lines.append(f"{name + ': ' + FORMULA_NOTES[name]:<58} {value:>14.4e} {r['ratios_to_counted'][name]:>16.4f}")
+    counted = r["counted_train_flops_per_token"]
+    for name in ("exact", "exact_causal", "exact_recompute"):
+        lines.append(f"{name + ' (minigpt analytic)':<58} {r['exact'][name]:>14.4e} {r['exact'][name] / counted:>16.4f}")
+    fwd = r["components_forward_flops_per_token"]
+    train = r.get("components_train_flops_per_token") or {}
+    lines += ["", f"FLOPs per token by component (counted): {'forward':>14} {'share':>7}"
+              + (f" {'fwd + bwd':>14} {'share':>7}" if train else "")]
+    for name, value in fwd.items():
+        row = f"  {name:<39} {value:>14.4e} {value / sum(fwd.values()):>7.1%}"
+        if train:
+            row += f" {train[name]:>14.4e} {train[name] / sum(train.values()):>7.1%}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def memory_table(r: dict) -> str:
+    lines = [
+        f"memory of one training step: {r['params_total']:,} params, micro-batch {r['batch_size']} x seq {r['seq_len']}, "
+        f"{r['precision']}, {'fake tensors' if r['fake_tensors'] else r['device']}; layout: {r['layout']}",
+        f"{'category':<18} {'predicted':>12} {'measured':>12} {'measured/predicted':>20}",
+    ]
+    if r.get("scaled_from"):
+        lines.insert(1, f"({r['scaled_from']})")
+    for k, pred in r["predicted"].items():
+        meas = r["measured"][k]
+        ratio = r["ratios"][k]
+        lines.append(f"{k:<18} {fmt_bytes(pred):>12} {fmt_bytes(meas):>12} {ratio:>20.4f}")
+    m = r["measured"]
+    lines.append(f"{'peak (all)':<18} {'':>12} {fmt_bytes(m['peak_total']):>12}   (MemTracker; temporaries at peak {fmt_bytes(m['peak_temporaries'])})")
+    if "cuda_peak_allocated" in m:
+        lines.append(f"{'cuda allocated':<18} {'':>12} {fmt_bytes(m['cuda_peak_allocated'])!s:>12}   reserved {fmt_bytes(m['cuda_peak_reserved'])}")
+    lines.append(f"Korthikanti 34sbh/layer (16-bit, flash, with dropout masks): {fmt_bytes(r['korthikanti_activations_16bit'])} for the layers")
+    lines.append(f"KV cache: {fmt_bytes(r['kv_cache_bytes_per_token'])} per token")
+    lines.append(f"ZeRO model states per GPU at dp={r['dp']} ({r['zero_precision']}, ZeRO paper layout):")
+    lines += zero_stage_lines(r["zero"])
+    return "\n".join(lines)
+
+
+def zero_stage_lines(table: dict) -> list[str]:
+    """One line per ZeRO stage of a memory.zero_table."""
+    return [f"  stage {stage}: params {fmt_bytes(z['parameters'])}, grads {fmt_bytes(z['gradients'])}, "
+            f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}" for stage, z in table.items()]
+
+
+def run_report(cfg: Config, fl: dict, mem: dict, step_seconds: float, tokens_per_step: int, world_size: int,
+               peak: Peak, device_type: str, run: dict | None = None) -> dict:
+    """What the run did (`run`: its summary and peak memory), then FLOPs counted vs formulas (`fl`,
+    measure.flops_report), achieved FLOP/s and MFU at the median step, and memory predicted vs
+    measured in a fake-tensor replay of one step (`mem`, measure.memory_report)."""
+    c, tc = cfg.model, cfg.train
+    model_flops = F.train_flops_per_token(c, c.block_size, "exact") * tokens_per_step
+    achieved = model_flops / step_seconds if step_seconds > 0 else 0.0
+    per_device = achieved / world_size
+    mfu = per_device / (peak.tflops * 1e12) if peak.known else None
+    perf = {
+        "median_step_s": step_seconds,
+        "tokens_per_step": tokens_per_step,
+        "model_flops_per_step": model_flops,
+        "achieved_tflops_total": achieved / 1e12,
+        "achieved_tflops_per_device": per_device / 1e12,
+        "mfu": mfu,
+        "mfu_dtype": tc.precision,
+        "peak_tflops": peak.tflops,
+        "peak_source": peak.source,
+        "model_flops_convention": "exact (every matmul, full attention square, 3x forward, no recompute)",
+    }
+    if tc.activation_checkpointing:
+        hw = F.train_flops_per_token(c, c.block_size, "exact_recompute") * tokens_per_step / step_seconds / world_size
+        perf["hfu"] = hw / (peak.tflops * 1e12) if peak.known else None
+    return {"run": run or {}, "flops": fl, "performance": perf, "memory": mem, "device_type": device_type}
+
+
+def run_lines(run: dict, p: dict) -> list[str]:
+    """The report's opening: the run's own figures."""
+    if not run:
+        return []
+    mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a (unknown peak)"
+    loss = lambda x: f"{x:.4f}" if x is not None else "n/a"  # noqa: E731
+    gap = (run["unigram_entropy_nats"] - run["val_loss"]) if run.get("val_loss") is not None else None
+    return [
+        f"- run `{run['run_dir']}`: {run['config']}",
+        f"- {run['step']:,} steps of {run['max_steps']:,}, {run['tokens_seen']:,} tokens seen "
+        f"({p['tokens_per_step']:,} per step), {run['world_size']} process(es) on {run['device']}, {run['precision']}, "
+        f"{run['backend']}, compile {'on' if run['compile'] else 'off'}",
+        f"- final loss: train {loss(run['train_loss'])}, validation {loss(run['val_loss'])} nats/token; unigram entropy "
+        f"{run['unigram_entropy_nats']:.4f}" + ("" if gap is None else f" (the model learned {gap:.3f} nats/token of context)"
+                                                if gap > 0 else " (not yet below it: no better than ignoring context)"),
+        f"- wall time {run['wall_s']:.1f} s, {run['tokens_per_s']:,} tokens/s; median step {p['median_step_s'] * 1e3:.1f} ms",
+        f"- {p['mfu_dtype']} MFU {mfu} against {p['peak_source']}"
+        + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""),
+        f"- this run's peak memory: {fmt_bytes(run['peak_memory_bytes'])} ({run['peak_memory_kind']})"
+        if run.get("peak_memory_bytes") else "- this run's peak memory: n/a",
+    ]
+
+
+def report_markdown(r: dict) -> str:
+    p = r["performance"]
+    mfu = f"{p['mfu']:.1%}" if p["mfu"] is not None else "n/a (unknown peak)"
+    return "\n".join([
+        "# minigpt run report", "", *run_lines(r.get("run", {}), p), "",
+        "## FLOPs per token: counted vs formulas", "", "```", flops_table(r["flops"]), "```", "",
+        "## Throughput", "",
+        f"- median step {p['median_step_s'] * 1e3:.1f} ms, {p['tokens_per_step']:,} tokens/step",
+        f"- achieved {p['achieved_tflops_per_device']:.4f} TFLOP/s per device ({p['model_flops_convention']})",
+        f"- {p['mfu_dtype']} MFU {mfu}; peak: {p['peak_source']}"
+        + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""), "",
+        "## Memory: predicted vs measured in a fake-tensor replay of one step", "",
+        "Not this run's allocator: PyTorch's MemTracker over one training step of the same model on fake tensors "
+        "(what autograd and the optimizer hold, by category); the run's own peak is above.", "",
+        "```", memory_table(r["memory"]), "```", "",
+    ])
+
+
+def write_report(run_dir: Path, r: dict) -> None:
+    atomic_write_text(Path(run_dir) / "report.json", to_json(r, indent=2))
+    atomic_write_text(Path(run_dir) / "report.md", report_markdown(r))
+
+
+def _counted_lines(comm: dict, lay: dict) -> list[str]:
+    """--comm counted: the simulated layout's traffic and memory beside the formulas, or why not."""
+    if "counted_dp_bytes_per_gpu_per_step" not in comm:
+        return [f"communication source: {comm['source']}"] if comm["source"].startswith("formula (") else []
+    ratio = comm["counted_over_formula_dp"]
+    lines = [
+        f"communication counted (used): data-parallel {fmt_bytes(comm['counted_dp_bytes_per_gpu_per_step'])} per GPU "
+        f"= {comm['counted_dp_s_per_step']:.3g} s (counted/formula above {ratio:.4f}; the formula divides every "
+        f"parameter by tp, the embeddings are replicated)" if ratio else
+        "communication counted (used): data-parallel none (dp = 1)",
+        f"  tensor-parallel {fmt_bytes(comm['counted_tp_bytes_per_gpu_per_step'])} per GPU = "
+        f"{comm['counted_tp_s_per_step']:.3g} s on NVLink (the formula leaves it out); simulated memory "
+        f"{fmt_bytes(comm['simulated_memory_per_gpu_bytes'])} per GPU; {comm['source']}",
+    ]
+    for rej in lay.get("rejected_by_simulation") or []:
+        lines.append(f"  rejected: tp={rej['tp']} pp={rej['pp']} dp={rej['dp']} simulates to "
+                     f"{fmt_bytes(rej['simulated_bytes'])} per GPU, over the budget")
+    return lines
+
+
+def extrapolation_lines(r: dict) -> list[str]:
+    m, inf, lay = r["memory"], r["inference"], r["memory"]["layout"]
+    comm = m["communication"]
+    label = f" [{r['target_label']}]" if r["target_label"] else ""
+    lines = [
+        f"target{label}: {r['params_total']:,.0f} parameters ({r['params_active']:,.0f} active per token), "
+        f"{r['train_tokens']:.4g} training tokens ({r['sources']['tokens']})",
+        f"training FLOPs: {r['train_flops_6n']:.4g} under 6N ({r['pf_days_6n']:,.1f} PF-days); "
+        f"{r['train_flops_exact']:.4g} exact (every matmul, validated by counting); "
+        f"used: {r['flops_convention']} = {r['train_flops']:.4g} ({r['pf_days']:,.1f} PF-days)",
+        f"hardware: {r['num_gpus']:,} x {r['gpu']} ({r['sources']['num_gpus']}), peak {r['peak_tflops']:g} TFLOP/s "
+        f"({r['peak_source']})",
+        f"efficiency: MFU {r['mfu']:.1%} ({r['mfu_source']})",
+        f"time and cost: {r['gpu_hours']:,.0f} GPU-hours ({r['node_hours_8_gpus']:,.0f} 8-GPU node-hours), "
+        f"{r['days']:,.1f} days, {fmt_usd(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
+        f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
+        f"{m['min_gpus']:,} GPUs to hold them ({m['min_gpus_convention']})",
+        f"layout: tensor {lay['tp']} x pipeline {lay['pp']} x data {lay['dp']} = {lay['gpus_used']:,} GPUs, ZeRO-{lay['zero_stage']}, "
+        f"micro-batch {lay['micro_batch']}, full recompute: {fmt_bytes(lay['per_gpu_bytes']['total'])} per GPU "
+        f"(states {fmt_bytes(lay['per_gpu_bytes']['model_states'])}, activations {fmt_bytes(lay['per_gpu_bytes']['activations'])}); "
+        f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step",
+        f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
+        f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
+        f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
+        *_counted_lines(comm, lay),
+        f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
+        f"KV cache {fmt_bytes(inf['kv_bytes_per_token'])} per token; decode <= {inf['decode_tokens_per_s_per_gpu']:,.1f} "
+        f"tokens/s per GPU (memory bound {inf['decode_memory_bound_tokens_per_s_per_gpu']:,.1f}, compute bound "
+        f"{inf['decode_compute_bound_tokens_per_s_per_gpu']:,.0f}); prefill {inf['prefill_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU at the MFU",
+    ]
+    if "serving" in r:
+        s = r["serving"]
+        lines.append(
+            f"serving: {s['users']:,.0f} users x {s['requests_per_hour']:g} requests/h x {s['tokens_per_request']:g} tokens "
+            f"= {s['tokens_per_s']:,.0f} tokens/s at {s['utilisation']:.1%} utilisation: {s['num_gpus']:,} x {r['gpu']} "
+            f"({s['nodes_8_gpus']:,} nodes), {fmt_usd(s['cost_usd_per_month'])} per month"
+        )
+    if "serving_at_user_speed" in r and not r["serving_at_user_speed"]["met"]:
+        lines.append(f"serving at a per-user speed: {r['serving_at_user_speed']['note']}")
+    elif "serving_at_user_speed" in r:
+        u = r["serving_at_user_speed"]
+        lines += [
+            f"serving at {u['tokens_per_s_per_user']:g} tokens/s per user ({u['tokens_per_s_per_user_source']}): batch "
+            f"{u['batch_per_replica']:,} per replica of {u['gpus_per_replica']} x {r['gpu']} ({u['per_user_tokens_per_s']:,.1f} "
+            f"tokens/s each, {u['replica_tokens_per_s']:,.0f} per replica) -> {u['replicas']:,} replicas = {u['num_gpus']:,} GPUs, "
+            f"{fmt_usd(u['cost_usd_per_month'])} per month",
+            f"  efficiency {u['efficiency']:.1%} of the bandwidth bound ({u['efficiency_source']}); speculative speed-up "
+            f"{u['speculative_speedup']:g} ({u['speculative_source']}); {u['convention']}",
+        ]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return lines
+
+
+def extrapolation_markdown(r: dict, title: str) -> str:
+    return "\n".join([f"# {title}", ""] + [f"- {line}" for line in extrapolation_lines(r)]) + "\n"
+
+
+def per_rank_memory_table(t: dict) -> str:
+    """Per-rank bytes a backend held (memory_per_rank.json): DeepSpeed's, read from its buffers and
+    partitions, beside the ZeRO paper's formula and DeepSpeed's own accounting."""
+    paper, ds = t["predicted_paper"], t["predicted_deepspeed"]
+    lines = [
+        f"ZeRO-{t['zero_stage']} memory per rank ({t['world_size']} ranks, {t['precision']}, {t['params']:,} params), "
+        f"read from DeepSpeed's buffers and partitions",
+        f"{'rank':<5} {'category':<16} {'measured':>12} {'ZeRO paper':>12} {'ratio':>7} {'DeepSpeed':>12} {'ratio':>7}",
+    ]
+    for rank, row in enumerate(t["per_rank"]):
+        for k in ("parameters", "gradients", "optimizer_state"):
+            m = row.get(k, 0)
+            lines.append(f"{rank:<5} {k:<16} {fmt_bytes(m):>12} {fmt_bytes(paper[k]):>12} {m / paper[k]:>7.3f} "
+                         f"{fmt_bytes(ds[k]):>12} {m / ds[k]:>7.3f}")
+    lines.append("ZeRO paper: 4+4+8 bytes/param in fp32, 2+2+12 mixed; DeepSpeed also keeps an fp32 master partition "
+                 "(fp32: 4+4+12) and fp32 gradient partitions (mixed: 2+6+12). Gradients are read after the last backward.")
+    return "\n".join(lines)
+
+
+def simulate_table(r: dict) -> str:
+    """`minigpt simulate`'s report: memory and communication per rank, measured beside predicted."""
+    t = r["time_per_step"]
+    lines = [
+        f"one training step on {r['world']:,} simulated ranks = dp {r['dp']} x tp {r['tp']}, {r['backend']}, "
+        f"{r['precision']} (gradients reduced in {r['reduce_precision']}), micro-batch {r['micro_batch']} x "
+        f"{r['seq_len']} tokens{', recompute' if r['recompute'] else ''}; {r['params_total']:,} parameters",
+        f"method: {r['method']}",
+        "",
+        f"{'memory per rank':<28}{'measured':>13}{'predicted':>13}{'measured/predicted':>20}",
+    ]
+    names = {"params": "params (fp32, at rest)", "grads": "grads (fp32)", "optimizer": "optimizer (Adam m, v)",
+             "gathered_params": "gathered 16-bit params", "activations_peak": "activations (peak)",
+             "total": "total (peak, + temporaries)"}
+    for key, label in names.items():
+        m, p, q = r["memory_per_rank"][key], r["predicted_memory_per_rank"][key], r["memory_ratio"][key]
+        lines.append(f"{label:<28}{fmt_bytes(m):>13}{fmt_bytes(p):>13}{(f'{q:.3f}' if q is not None else '-'):>20}")
+    lines += ["predicted: ZeRO's partitioning of fp32 params, grads and Adam m, v (4 + 4 + 8 bytes/param); "
+              "Korthikanti s*b*h*(10 + 24/t) bytes per layer + minigpt's LM-head term", "",
+              f"{'collectives per rank per step':<32}{'group':>10}{'count':>8}{'bytes sent per rank (ring)':>30}"]
+    for c in r["collectives"]:
+        lines.append(f"{c['op']:<32}{c['group'] + ' of ' + str(c['group_size']):>10}{c['count']:>8,}"
+                     f"{fmt_bytes(c['bytes_per_rank']):>30}")
+    counted, formula = r["comm_bytes_per_rank_by_group"], r["predicted_comm_bytes_per_rank_by_group"]
+    for g, what in (("dp", "data parallel (DDP 2*Psi ring; ZeRO-3/FSDP 1.5x)"), ("tp", "tensor parallel (4 all-reduces of b*s*h per layer)")):
+        if counted[g] or formula[g]:
+            ratio = f"{counted[g] / formula[g]:.4f}" if formula[g] else "-"
+            lines.append(f"  {what}: counted {fmt_bytes(counted[g])}, formula {fmt_bytes(formula[g])}, counted/formula {ratio}")
+    total_ratio = f"{r['comm_ratio']:.4f}" if r["comm_ratio"] is not None else "-"
+    lines += [f"  all: counted {fmt_bytes(r['comm_bytes_per_rank'])}, formula {fmt_bytes(r['predicted_comm_bytes_per_rank'])}, "
+              f"counted/formula {total_ratio}", "",
+              f"time per step on {t['gpu']}: compute {t['compute_s']:.3f} s, tensor-parallel traffic {t['tp_comm_s']:.3f} s "
+              f"({t['tp_link']}), data-parallel {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
+              f"{t['comm_share']:.0%} of the step",
+              f"  ({t['convention']})", f"simulated in {r['elapsed_s']:.1f} s"]
+    return "\n".join(lines)

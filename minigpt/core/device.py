@@ -1,0 +1,120 @@
+"""Device probing in one place: which device a name means, what it is called on its datasheet, how much
+memory it has free and has held, the precision "auto" picks, and the process-wide settings for training
+on it. torch is imported inside the functions that need it, so this module imports without torch."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import TYPE_CHECKING
+
+from minigpt.core.config import TrainConfig
+from minigpt.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what they are): peak CUDA memory allocated on a GPU; the resident set size of this
+    process on CPU (Linux), the honest figure available there."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "peak alloc"
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "rss"
+    except (OSError, ValueError, IndexError):
+        return None, "n/a"
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """This process's peak so far: CUDA memory allocated, or the peak resident set size on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "peak CUDA memory allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident set size of the process"
+
+
+def memory_note(device: torch.device) -> str:
+    n, what = memory_bytes(device)
+    return f"{n / 2**30:.2f} GiB {what}" if n is not None else "mem n/a"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on a CUDA device that supports it (Ampere and later), else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise UserError("train.precision = 'fp16' needs CUDA (its grad scaler); on CPU use 'bf16' or 'fp32'")
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def configure_device(tc: TrainConfig, device: torch.device) -> list[str]:
+    """Process-wide settings for training on `device`; returns what was chosen, for the log."""
+    import torch
+
+    notes = []
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if device.type == "cuda" and tc.precision == "fp32" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls on tensor cores (Ampere+)
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        notes.append("TF32 matmuls")
+    if device.type == "cpu":
+        notes.append(f"{torch.get_num_threads()} threads")
+    return notes
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": this rank's CUDA device when CUDA is present, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device = {name!r} is not a device name; use 'auto', 'cpu' or 'cuda'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """The device's name as its datasheet would give it: the GPU's, or the CPU's model name."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can get: free GPU memory, or the kernel's MemAvailable on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

@@ -1,0 +1,221 @@
+"""Hugging Face `config.json` <-> minigpt `[model]`, torch-free (the analytic commands read them).
+
+Families whose layout the model in model.py computes exactly:
+
+    gpt2                      learned positions, LayerNorm, GELU (tanh), biases everywhere, tied head
+    llama, mistral            RoPE, RMSNorm, SwiGLU, GQA, optional biases, tied or untied head
+    qwen2                     as llama, with Q/K/V biases and no output-projection bias
+    mixtral                   as mistral, with a top-k mixture of SwiGLU experts (n_expert)
+
+The vocabulary is kept exact (pad_vocab_multiple = 1), so parameter counts equal the HF model's
+`num_parameters()`. `for_weights=True` (converting weights, not only counting) also refuses what
+would change the logits: RoPE scaling, a sliding window shorter than the context, other
+activations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minigpt.core.config import (
+    Config,
+    ModelConfig,
+    SampleConfig,
+    config_from_json,
+    load_config,
+    resolve_preset,
+)
+from minigpt.core.errors import UserError
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def is_hf_config(raw: dict) -> bool:
+    return isinstance(raw, dict) and "model_type" in raw
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} is not a JSON object")
+    return raw
+
+
+def model_from_hf(raw: dict, origin: str = "config.json", for_weights: bool = False) -> ModelConfig:
+    """The minigpt ModelConfig of an HF config.json (a dict), validated."""
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{origin}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)} "
+                        f"({', '.join(ARCHITECTURES.values())})")
+    if for_weights and family == "mixtral":
+        raise UserError(f"{origin}: converting Mixtral weights is not supported (its config works as a target "
+                        f"for flops, memory and extrapolate)")
+    c = _gpt2(raw, origin, for_weights) if family == "gpt2" else _llama_like(raw, family, origin, for_weights)
+    c.validate()
+    return c
+
+
+def _gpt2(raw: dict, origin: str, for_weights: bool) -> ModelConfig:
+    act = raw.get("activation_function", "gelu_new")
+    if for_weights:
+        if act not in TANH_GELUS:
+            raise UserError(f"{origin}: activation_function {act!r} is not the tanh GELU minigpt computes "
+                            f"({', '.join(TANH_GELUS)}); the logits would differ")
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if raw.get(key):
+                raise UserError(f"{origin}: {key} = true has no minigpt equivalent; the logits would differ")
+    return ModelConfig(
+        n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"], block_size=raw["n_positions"],
+        vocab_size=raw["vocab_size"], ffn_hidden=raw.get("n_inner") or 4 * raw["n_embd"], mlp="gelu",
+        norm="layernorm", pos_emb="learned", tie_embeddings=raw.get("tie_word_embeddings", True), bias=True,
+        norm_eps=raw.get("layer_norm_epsilon", 1e-5), pad_vocab_multiple=1)
+
+
+def _rope_theta(raw: dict, origin: str, for_weights: bool) -> float:
+    params = raw.get("rope_parameters") or {}  # transformers >= 5 nests them
+    scaling = raw.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if for_weights and kind not in ("default", None):
+        raise UserError(f"{origin}: RoPE scaling {kind!r} is not implemented in minigpt; the logits would differ")
+    return float(raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _llama_like(raw: dict, family: str, origin: str, for_weights: bool) -> ModelConfig:
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{origin}: hidden_act {raw['hidden_act']!r}: minigpt's SwiGLU uses silu")
+    h, heads, ctx = raw["hidden_size"], raw["num_attention_heads"], raw["max_position_embeddings"]
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", family != "qwen2") else None
+    if for_weights and window and window < ctx:
+        raise UserError(f"{origin}: sliding_window = {window} < max_position_embeddings = {ctx}: minigpt attends "
+                        f"to the whole context; the logits would differ past {window} tokens")
+    bias = bool(raw.get("attention_bias", False))
+    moe = family == "mixtral"
+    return ModelConfig(
+        n_layer=raw["num_hidden_layers"], n_head=heads, n_kv_head=raw.get("num_key_value_heads") or heads,
+        n_embd=h, head_dim=raw.get("head_dim") or h // heads, block_size=ctx, vocab_size=raw["vocab_size"],
+        ffn_hidden=raw["intermediate_size"], mlp="swiglu", norm="rmsnorm", pos_emb="rope",
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)), bias=False,
+        attention_bias=bias, qkv_bias=True if family == "qwen2" else bias, mlp_bias=bool(raw.get("mlp_bias", False)),
+        rope_theta=_rope_theta(raw, origin, for_weights), norm_eps=raw.get("rms_norm_eps", 1e-6),
+        n_expert=raw.get("num_local_experts", 0) if moe else 0,
+        n_expert_active=raw.get("num_experts_per_tok", 2) if moe else 0, pad_vocab_multiple=1)
+
+
+def hf_family(c: ModelConfig) -> str:
+    """Which HF family a minigpt model exports to; a one-line refusal naming the option otherwise."""
+    if c.is_moe:
+        raise UserError(f"model.n_expert = {c.n_expert}: exporting a mixture of experts is not supported "
+                        f"(dense GPT-2 and Llama layouts only)")
+    layouts = "GPT-2 is learned + layernorm + gelu, Llama is rope + rmsnorm + swiglu"
+    if (c.pos_emb, c.norm, c.mlp) == ("learned", "layernorm", "gelu"):
+        if c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.n_embd:
+            raise UserError(f"model.n_kv_head = {c.n_kv_head} / model.head_dim = {c.head_dim}: GPT-2 has neither "
+                            f"grouped-query attention nor a free head_dim")
+        return "gpt2"
+    if (c.pos_emb, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu"):
+        if c.qkv_bias and not c.attention_bias and not c.mlp_bias:
+            return "qwen2"
+        if c.qkv_bias != c.attention_bias:
+            raise UserError(f"model.qkv_bias = {c.qkv_bias} with model.attention_bias = {c.attention_bias} has "
+                            f"no Hugging Face layout (Llama: both or neither; Qwen2: Q/K/V biases alone)")
+        return "llama"
+    raise UserError(f"model.pos_emb = {c.pos_emb!r}, model.norm = {c.norm!r}, model.mlp = {c.mlp!r}: no Hugging "
+                    f"Face equivalent ({layouts})")
+
+
+def hf_from_model(c: ModelConfig, bos_id: int | None, eos_id: int | None) -> dict:
+    """config.json for the HF family of `c` (see hf_family); the vocabulary without padding rows."""
+    family = hf_family(c)
+    common = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": c.vocab_size,
+              "tie_word_embeddings": c.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "torch_dtype": "float32"}
+    if family == "gpt2":
+        return {**common, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
+                "n_inner": c.ffn_hidden, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    out = {**common, "hidden_size": c.n_embd, "intermediate_size": c.ffn_hidden, "num_hidden_layers": c.n_layer,
+           "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+           "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+           "hidden_act": "silu", "attention_dropout": 0.0}
+    if family == "llama":
+        out.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    else:
+        out.update(use_sliding_window=False)
+    return out
+
+
+def load_any_config(name: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name, a TOML file, a run directory or its config.json, or an HF config.json (or the
+    folder holding it): the Config whose [model] the analytic commands measure."""
+    path = Path(name) if name else None
+    if path is not None and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: give a preset, a TOML file, a run directory or an HF folder")
+        path = path / "config.json"
+    if path is None or path.suffix != ".json":
+        return load_config(resolve_preset(name), overrides)
+    raw = read_json(path, "config")
+    if not is_hf_config(raw):
+        if overrides:
+            raise UserError(f"--set does not apply to a run's saved config {path}; use a TOML preset to change it")
+        return config_from_json(path)
+    if overrides:
+        raise UserError(f"--set does not apply to a Hugging Face config.json ({path}); edit a copy of the file")
+    return Config(model=model_from_hf(raw, str(path)))
+
+
+def init_source(path: str) -> tuple[str, ModelConfig, Path, str | None]:
+    """What train.init_from names: ("run" | "hf", its [model], its tokenizer.json, its stop token)."""
+    src = Path(path)
+    if not (src / "config.json").is_file():
+        raise UserError(f"train.init_from = {path!r} is neither a minigpt run directory nor a Hugging Face folder "
+                        f"(no config.json there)")
+    raw = read_json(src / "config.json", "config")
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"train.init_from = {path!r} has no tokenizer.json; the weights need their tokenizer")
+    if is_hf_config(raw):
+        return "hf", model_from_hf(raw, str(src / "config.json"), for_weights=True), src / "tokenizer.json", None
+    if not (src / "latest.json").is_file():
+        raise UserError(f"train.init_from = {path!r} has no checkpoint (latest.json); train it first")
+    saved = config_from_json(src / "config.json")
+    return "run", saved.model, src / "tokenizer.json", saved.sample.stop_token
+
+
+def with_init_from(cfg: Config, explicit_model: dict) -> Config:
+    """cfg with [model] and the tokenizer of train.init_from. A [model] key the config sets (its
+    file's table or --set) must agree with the weights, except dropout, which a fine-tune may set."""
+    kind, model, tokenizer, stop = init_source(cfg.train.init_from)
+    for key in explicit_model:
+        if key != "dropout" and getattr(cfg.model, key) != getattr(model, key):
+            raise UserError(f"model.{key} = {getattr(cfg.model, key)!r} disagrees with the weights in "
+                            f"train.init_from = {cfg.train.init_from!r} ({getattr(model, key)!r}); drop model.{key} "
+                            f"from the config: the weights set the model's shape")
+    if "dropout" in explicit_model:
+        model.dropout = cfg.model.dropout
+    if cfg.data.tokenizer not in ("bpe", str(tokenizer)):
+        raise UserError(f"data.tokenizer = {cfg.data.tokenizer!r}, but train.init_from = {cfg.train.init_from!r} "
+                        f"comes with its own tokenizer.json; drop data.tokenizer")
+    cfg.model, cfg.data.tokenizer = model, str(tokenizer)
+    if stop is not None or kind == "hf":
+        cfg.sample.stop_token = stop or hf_stop_token(Path(cfg.train.init_from))[0]
+    cfg.validate()
+    return cfg
+
+
+def hf_stop_token(src: Path) -> tuple[str, int | None]:
+    """The EOS token of an HF folder (generation_config.json, then config.json): (text, id)."""
+    from tokenizers import Tokenizer
+
+    gen = src / "generation_config.json"
+    eos = (read_json(gen, "generation config") if gen.is_file() else {}).get("eos_token_id")
+    eos = read_json(src / "config.json", "config").get("eos_token_id") if eos is None else eos
+    eos = eos[0] if isinstance(eos, list) else eos
+    text = Tokenizer.from_file(str(src / "tokenizer.json")).id_to_token(eos) if eos is not None else None
+    return text or SampleConfig.stop_token, eos

@@ -1,0 +1,195 @@
+"""Every figure minigpt draws (matplotlib, Agg; torch-free): training curves of runs, the FLOP
+sweep, training cost against model size. Each is titled, with units on labelled axes, a legend,
+and ticks that show the values a reader needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minigpt.core.atomic import read_jsonl
+from minigpt.core.errors import UserError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_run_curves(run_dir: Path) -> dict:
+    """Step and eval records of a run (metrics.jsonl), with tokens seen and minutes since start."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl: give a run directory written by 'minigpt train'")
+    records = read_jsonl(path)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    t0 = min((r["time"] for r in records if "time" in r), default=None)
+    for r in records:
+        r.setdefault("kind", "step" if "loss" in r else "eval")
+        r["minutes"] = (r["time"] - t0) / 60 if t0 is not None and "time" in r else None
+    return {"name": run_dir.name, "steps": [r for r in records if r["kind"] == "step" and "tokens" in r],
+            "evals": [r for r in records if r["kind"] == "eval" and "tokens" in r],
+            "entropy": summary.get("unigram_entropy_nats") or data.get("unigram_entropy_nats")}
+
+
+def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
+    """Train and validation loss against tokens seen and against wall time, runs overlaid."""
+    from matplotlib.ticker import EngFormatter
+
+    plt = _pyplot()
+    runs = [read_run_curves(Path(d)) for d in run_dirs]
+    if not any(r["steps"] for r in runs):
+        raise UserError("no step records with token counts in these runs (metrics.jsonl from minigpt >= 0.2)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    entropies = {round(r["entropy"], 6) for r in runs if r["entropy"]}
+    shared = len(entropies) == 1 and all(r["entropy"] for r in runs)  # one corpus: one reference line
+    if shared:
+        for ax in axes:
+            ax.axhline(runs[0]["entropy"], color="gray", ls="--", lw=1,
+                       label=f"unigram entropy {runs[0]['entropy']:.2f} of the corpus (a model ignoring context)")
+    for i, run in enumerate(runs):
+        c = colors[i % len(colors)]
+        for ax, x in zip(axes, ("tokens", "minutes")):
+            steps = [r for r in run["steps"] if r.get(x) is not None]
+            evals = [r for r in run["evals"] if r.get(x) is not None]
+            ax.plot([r[x] for r in steps], [r["loss"] for r in steps], color=c, lw=1, alpha=0.6,
+                    label=f"{run['name']}: train (step batches)")
+            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=c, ms=4,
+                    label=f"{run['name']}: validation")
+            if run["entropy"] and not shared:
+                ax.axhline(run["entropy"], color=c, ls="--", lw=0.9,
+                           label=f"{run['name']}: unigram entropy {run['entropy']:.2f} (a model ignoring context)")
+    axes[0].set_xlabel("tokens seen")
+    axes[0].xaxis.set_major_formatter(EngFormatter(sep=""))
+    axes[1].set_xlabel("wall-clock time since the run's first record (minutes)")
+    axes[0].set_ylabel("cross-entropy (nats per token)")
+    axes[0].set_title("Loss against tokens seen")
+    axes[1].set_title("Loss against wall-clock time")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"minigpt training curves: {', '.join(r['name'] for r in runs)}")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return runs
+
+
+def plot_sweep(rows: list[dict], short: int, long: int, path: Path, device: str) -> None:
+    """counted FLOPs / formula against size (readable ratio ticks), and achieved FLOP/s of the
+    timed rungs as medians with their spread, on a zero-based axis."""
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    x = [r["params"] for r in rows]
+    for T, style in ((short, "-"), (long, "--")):
+        ax1.plot(x, [r[f"counted_over_6n_T{T}"] for r in rows], "o" + style, label=f"counted / 6N (Kaplan), T = {T}")
+        ax1.plot(x, [r[f"counted_over_palm_T{T}"] for r in rows], "s" + style, label=f"counted / PaLM 6N + 12LHQT, T = {T}")
+    last = rows[-1]  # the largest model's ratios, written out: 1.03 cannot be read off a log axis
+    ax1.text(0.42, 0.42, f"{last['name']} ({last['params']:.3g} parameters):\n"
+             f"counted / 6N: {last[f'counted_over_6n_T{short}']:.3f} (T = {short}), "
+             f"{last[f'counted_over_6n_T{long}']:.3f} (T = {long})\n"
+             f"counted / PaLM: {last[f'counted_over_palm_T{short}']:.3f} (T = {short}), "
+             f"{last[f'counted_over_palm_T{long}']:.3f} (T = {long})",
+             transform=ax1.transAxes, fontsize=8, bbox=dict(boxstyle="round", fc="white", ec="0.7"))
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ticks = [1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50]
+    ax1.yaxis.set_major_locator(FixedLocator(ticks))
+    ax1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax1.yaxis.set_minor_locator(NullLocator())
+    ax1.set_xlabel("parameters (total)")
+    ax1.set_ylabel("counted training FLOPs / formula (1 = the formula is exact)")
+    ax1.set_title("Where 6N stops being a good approximation")
+    ax1.grid(alpha=0.3, which="major")
+    ax1.legend(fontsize=8)
+    timed = [r for r in rows if "achieved_tflops" in r]
+    if timed:
+        mid = [r["achieved_tflops"] for r in timed]
+        lo = [r["achieved_tflops"] - r.get("achieved_tflops_min", r["achieved_tflops"]) for r in timed]
+        hi = [r.get("achieved_tflops_max", r["achieved_tflops"]) - r["achieved_tflops"] for r in timed]
+        ax2.errorbar([r["params"] for r in timed], mid, yerr=[lo, hi], fmt="o-", capsize=4,
+                     label=f"median of {timed[0].get('timed_steps', '?')} steps, bars: min to max")
+        ax2.set_xscale("log")
+        ax2.set_ylim(bottom=0, top=max(r.get("achieved_tflops_max", r["achieved_tflops"]) for r in timed) * 1.15)
+        ax2.legend(fontsize=8, loc="lower right")
+    ax2.set_xlabel("parameters (total)")
+    ax2.set_ylabel("achieved TFLOP/s (counted FLOPs / step time)")
+    ax2.set_title(f"Achieved FLOP/s of a training step on {device}, T = {short}")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def count(n: float) -> str:
+    """1.64M, 300B, 13T: a count as a reader says it."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def plot_costs(points: list[dict], path: str, gpu: str, mfu: float, num_gpus: int) -> None:
+    """Training cost against parameters, log-log: extrapolated targets (at their own token counts,
+    on the stated GPUs and MFU) and runs measured here (wall-clock x processes, their tokens)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    styles = {"extrapolated": ("s", f"extrapolated: {num_gpus:,} x {gpu}, MFU {mfu:.0%} of the bf16 datasheet peak"),
+              "measured": ("o", "measured here: wall-clock x processes of a minigpt run")}
+    for kind, (marker, label) in styles.items():
+        pts = [p for p in points if p["kind"] == kind]
+        if pts:
+            ax.scatter([p["params"] for p in pts], [p["gpu_hours"] for p in pts], marker=marker, s=45, label=label)
+            for p in pts:
+                ax.annotate(f"{p['name']} ({count(p['tokens'])} tokens)", (p["params"], p["gpu_hours"]), fontsize=7,
+                            xytext=(5, -3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(right=max(p["params"] for p in points) * 30)  # room for the largest point's label
+    ax.set_xlabel("parameters (total)")
+    ax.set_ylabel("training cost (device-hours; each point at its own token count)")
+    ax.set_title(f"Training cost against model size: GPT-3 family at 300B tokens, GPT-4 estimate at 13T\n"
+                 f"extrapolated on {gpu} at MFU {mfu:.0%}; measured runs are tiny CPU runs, on the same axis")
+    ax.grid(alpha=0.3, which="major")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_decode_curve(rows: list[dict], path: str, title: str, user_target: float = 30.0) -> None:
+    """Total decode tokens/s and tokens/s per sequence against batch, one line per context, with
+    the bandwidth bound dashed and the per-user target (30 tokens/s) marked."""
+    plt = _pyplot()
+    fig, (total, user) = plt.subplots(1, 2, figsize=(12, 5))
+    for ctx in sorted({r["context"] for r in rows}):
+        pts = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
+        b = [r["batch"] for r in pts]
+        line = total.plot(b, [r["decode_tokens_per_s_total"] for r in pts], "o-", label=f"measured, context {ctx}")[0]
+        total.plot(b, [r["bandwidth_bound_tokens_per_s"] for r in pts], "--", color=line.get_color(),
+                   label=f"bandwidth bound, context {ctx}")
+        user.plot(b, [r["decode_tokens_per_s_per_sequence"] for r in pts], "o-", color=line.get_color(), label=f"context {ctx}")
+    user.axhline(user_target, color="grey", linestyle=":", label=f"{user_target:g} tokens/s a reader needs")
+    for ax, ylabel in ((total, "decode tokens/s, all sequences"), (user, "decode tokens/s per sequence (per user)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (concurrent sequences)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""Text generation with a static KV cache: temperature, top-k, top-p, several prompts in one batch.
+
+Prompts of different lengths are left-padded into one batch. Each row gets its own positions
+(0 at its first real token) and an attention mask that hides its padding, so a row decodes
+exactly as it would alone. The cache is preallocated to the generation's length and written at
+the slots of the new tokens (`input_pos`), so every decode step has the same shapes: with
+`compile=True` the step is compiled once (with CUDA graphs on a GPU) and replayed. Sampling needs
+no host round trip per token (exponential race instead of multinomial; end-of-text is cut after).
+With `use_cache=False` every step recomputes the whole sequence; a test checks that both give
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minigpt.core.config import Config, config_from_json
+from minigpt.core.errors import UserError
+from minigpt.data.tokenizer import read_tokenizer
+from minigpt.nn.model import GPT, KVCache
+from minigpt.nn.torch_private import mark_static_address
+from minigpt.nn.weights import load_weights
+from minigpt.train import checkpoint
+
+
+@dataclass
+
+
+class Generation:
+    prompts: list[list[int]]
+    new_tokens: list[list[int]]  # per prompt, cut at <|endoftext|> when eot_id is given
+    prefill_s: float  # time of the first forward pass over the (padded) prompts
+    decode_s: float  # time of all later steps
+    steps: int  # decode steps after prefill (tokens generated per row, before any cut)
+    capped: bool  # max_new_tokens was reduced to fit block_size (learned positions)
+    windowed: bool = False  # went past block_size with a sliding window (RoPE)
+
+    def stats(self) -> dict:
+        rows = len(self.prompts)
+        per_token = self.decode_s / self.steps if self.steps else 0.0
+        return {
+            "batch": rows,
+            "prompt_tokens": sum(len(p) for p in self.prompts),
+            "new_tokens": rows * (self.steps + 1),
+            "prefill_ms": round(self.prefill_s * 1e3, 3),
+            "ms_per_token_step": round(per_token * 1e3, 3),  # one step yields `batch` tokens
+            "tokens_per_s": round(rows * self.steps / self.decode_s, 1) if self.decode_s > 0 else None,
+            "capped_at_block_size": self.capped,
+            "sliding_window_past_block_size": self.windowed,
+        }
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (..., V) -> the distribution sampling draws from: softmax(logits / temperature) over the
+    top_k most likely tokens and the nucleus of mass top_p (Holtzman et al. 2020); temperature 0
+    is greedy, a one-hot of the argmax."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set whose mass reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    Draws with the exponential race, argmax(p / E) with E ~ Exp(1), which picks each token with
+    probability p and, unlike torch.multinomial, never waits for the host.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def decode_logits(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
+                  cache: KVCache) -> torch.Tensor:
+    """One decode step, static shapes: token (B, 1) at slot input_pos (1,) -> logits (B, V).
+
+    Row b's tokens start at slot pad[b]: its position is the slot minus pad[b], and it attends to
+    the slots from pad[b] up to input_pos.
+    """
+    positions = (input_pos.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, 1)
+    slots = torch.arange(cache.max_len, device=token.device)
+    visible = (slots.unsqueeze(0) <= input_pos) & (slots.unsqueeze(0) >= pad.unsqueeze(1))  # (B, S)
+    out = model(token, input_pos=input_pos, positions=positions, cache=cache, attn_mask=visible[:, None, None, :])
+    return out.logits[:, -1]
+
+
+def _prefill_mask(pad: torch.Tensor, length: int, cache: KVCache | None = None):
+    """(B, 1, T, S) bool for left-padded prompts: causal, no padding keys; a padding query sees
+    itself (no all-masked rows). S = T, or every cache slot (those after the prompt hidden).
+    None when nothing is padded: the model's own causal mask is right."""
+    if not bool(pad.any()):
+        return None
+    slots = cache.max_len if cache is not None else length
+    q = torch.arange(length, device=pad.device).unsqueeze(1)  # (T, 1)
+    k = torch.arange(slots, device=pad.device).unsqueeze(0)  # (1, S)
+    mask = (k <= q).unsqueeze(0) & (k >= pad.view(-1, 1, 1))  # (B, T, S)
+    return (mask | (k == q).unsqueeze(0)).unsqueeze(1)
+
+
+def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int, window: bool) -> tuple[int, int, bool]:
+    """(longest prompt, tokens to generate, capped). With a sliding window (RoPE) generation goes
+    on past block_size; with learned positions it stops there (capped)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt is empty: give at least one character of text to continue")
+    longest = max(len(p) for p in prompts)
+    if longest > block:
+        raise UserError(f"a prompt is {longest} tokens long, more than block_size = {block}: shorten the prompt")
+    if longest >= block:
+        raise UserError(f"a prompt of {longest} tokens fills the whole block_size = {block}: shorten it")
+    if window:
+        return longest, max_new_tokens, False
+    return longest, min(max_new_tokens, block - longest), longest + max_new_tokens > block
+
+
+def _window_logits(model: GPT, idx: torch.Tensor, L: int, pad: torch.Tensor) -> torch.Tensor:
+    """Logits for token L from the last block_size tokens (a sliding window, RoPE models past
+    block_size; also the uncached path): positions restart at the window's first real token."""
+    start = max(0, L - model.config.block_size)
+    pad_w = (pad - start).clamp(min=0)
+    positions = (torch.arange(L - start, device=idx.device).unsqueeze(0) - pad_w.unsqueeze(1)).clamp(min=0)
+    return model(idx[:, start:L], positions=positions, attn_mask=_prefill_mask(pad_w, L - start),
+                 last_only=True).logits[:, -1]
+
+
+@torch.no_grad()
+
+
+def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                 eot_id: int | None = None, compile: bool = False, on_token=None) -> Generation:
+    """Tokens after each prompt. The static cache holds block_size slots; a RoPE model goes on past
+    them with a sliding window of the last block_size tokens (recomputed per token). on_token:
+    called with each new column of tokens (a list, one per row): a host sync per token, for
+    streaming."""
+    block = model.config.block_size
+    longest, max_new_tokens, capped = _check_prompts(prompts, block, max_new_tokens, model.config.pos_emb == "rope")
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    B, total = len(prompts), longest + max_new_tokens
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,) left padding
+    idx = torch.zeros(B, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, longest - len(p):longest] = torch.tensor(p, dtype=torch.long)
+    positions = (torch.arange(min(total, block), device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    step = _compiled_decode(device) if compile else decode_logits
+    with contextlib.nullcontext() if compile else torch.compiler.set_stance("force_eager"):
+        t0 = time.perf_counter()
+        cache = model.make_cache(B, min(total, block)) if use_cache else None
+        if cache is not None and compile:
+            for t in cache.k + cache.v:
+                mark_static_address(t)
+        logits = model(idx[:, :longest], input_pos=torch.arange(longest, device=device), positions=positions[:, :longest],
+                       cache=cache, attn_mask=_prefill_mask(pad, longest, cache), last_only=True).logits[:, -1]
+        idx[:, longest] = sample_next(logits, temperature, top_k, top_p, generator)
+        if on_token:
+            on_token(idx[:, longest].tolist())
+        _sync(device)
+        prefill_s, t1 = time.perf_counter() - t0, time.perf_counter()
+        input_pos = torch.tensor([longest], device=device)  # the slot being written, advanced on the device
+        for L in range(longest + 1, total):  # L tokens known; write token L-1, predict token L
+            if cache is not None and L <= block:
+                logits = step(model, idx[:, L - 1:L], input_pos, pad, cache)
+                input_pos += 1
+            else:
+                logits = _window_logits(model, idx, L, pad)
+            idx[:, L] = sample_next(logits, temperature, top_k, top_p, generator)
+            if on_token:
+                on_token(idx[:, L].tolist())
+        _sync(device)
+        decode_s = time.perf_counter() - t1
+    model.train(was_training)
+    out = idx[:, longest:].tolist()  # (B, max_new_tokens): the one host read of the tokens
+    if eot_id is not None:
+        out = [row[: row.index(eot_id)] if eot_id in row else row for row in out]
+    return Generation(prompts, out, prefill_s, decode_s, max_new_tokens - 1, capped, total > block)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_decode(device: torch.device):
+    """decode_logits compiled once per device type: CUDA graphs on a GPU (mode reduce-overhead)."""
+    if device.type not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[device.type] = torch.compile(decode_logits, mode=mode, fullgraph=True)
+    return _COMPILED[device.type]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class IncrementalText:
+    """The text of a growing list of tokens, handed out piece by piece (streaming): decoded whole
+    each time, so a multi-byte character split over tokens is held back until it is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new text since the last piece ("" while a character is partial)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+
+def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None = None, **kw) -> tuple[list[str], Generation]:
+    if not prompts or any(p == "" for p in prompts):
+        raise UserError("a prompt is empty: give at least one character of text to continue")
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    gen = generate_ids(model, ids, eot_id=eot_id, **kw)
+    texts = [p + tokenizer.decode(n) for p, n in zip(prompts, gen.new_tokens)]
+    return texts, gen
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
+    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
+    the kept checkpoint of `step` (train.keep_checkpoints keeps several).
+
+    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
+    """
+    run_dir = Path(run_dir)
+    checkpoint.latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
+    cfg = config_from_json(run_dir / "config.json")
+    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
+                                                            f"damaged; copy the tokenizer the run was trained with there")
+    model = GPT(cfg.model)
+    if step is None:
+        _, step = checkpoint.load_latest(run_dir, lambda folder: load_weights(model, folder))
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+        if not folder.is_dir():
+            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
+            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
+                            f"sets how many are kept)")
+        load_weights(model, folder)
+    model.to(device).eval()
+    return model, tokenizer, cfg, step

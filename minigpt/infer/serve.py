@@ -1,0 +1,265 @@
+"""An OpenAI-compatible HTTP server for a run: /v1/models, /v1/completions, /v1/chat/completions.
+
+FastAPI + uvicorn (the `serve` extra). Requests wait in a queue; one worker thread takes up to
+`max_batch` of them that share sampling settings and decodes them as one batch with the static KV
+cache (minigpt.generate), so concurrent requests share each forward pass. Tokens reach each
+request as they are generated: streamed as server-sent events (`"stream": true`) or gathered into
+one response. A request stops at its own max_tokens or at end-of-text; when every request of a
+batch has stopped, or its client has gone, the batch ends early and its slots are free for the
+queue. Bad requests get a 4xx with an OpenAI-style JSON error body; the server keeps serving.
+
+Chat uses a plain template: one "role: content" line per message, then "assistant:".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from minigpt.infer.generate import IncrementalText, generate_ids
+
+
+class _Request(BaseModel):
+    model: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stream: bool = False
+    seed: int | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int = Field(64, ge=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+@dataclass
+
+
+class Job:
+    ids: list[int]
+    max_tokens: int
+    sampling: tuple  # (temperature, top_p, seed): jobs batch together only when equal
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text deltas, then None
+    text: IncrementalText | None = None  # the tokens generated, as text
+    done: bool = False
+    cancelled: bool = False
+    finish_reason: str = "length"
+
+
+class _AllStopped(Exception):
+    pass
+
+
+class Engine:
+    """The queue and the one worker thread that batches and decodes."""
+
+    def __init__(self, model, eot: int | None, max_batch: int) -> None:
+        self.model, self.eot, self.max_batch = model, eot, max_batch
+        self.pending: queue.Queue[Job] = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
+        self.cancelled = 0  # requests whose client went away before they finished
+        threading.Thread(target=self._run, daemon=True, name="minigpt-decode").start()
+
+    def submit(self, job: Job) -> None:
+        self.pending.put(job)
+
+    def _run(self) -> None:
+        held: list[Job] = []  # queued jobs whose sampling differs from the batch being formed
+        while True:
+            first = held.pop(0) if held else self.pending.get()
+            batch = [first] + [j for j in held if j.sampling == first.sampling][: self.max_batch - 1]
+            held = [j for j in held if j not in batch]
+            while len(batch) < self.max_batch:
+                try:
+                    job = self.pending.get(timeout=0.02)  # a moment for concurrent requests to join
+                except queue.Empty:
+                    break
+                (batch if job.sampling == first.sampling else held).append(job)
+            batch = [j for j in batch if not j.cancelled]
+            if batch:
+                self._decode(batch)
+
+    def _decode(self, batch: list[Job]) -> None:
+        self.batches.append(len(batch))
+        temperature, top_p, seed = batch[0].sampling
+        try:
+            generate_ids(self.model, [j.ids for j in batch], max(j.max_tokens for j in batch), temperature=temperature,
+                         top_p=top_p, seed=seed if seed is not None else int(time.time()), eot_id=None,
+                         on_token=lambda column: self._deliver(batch, column))
+        except _AllStopped:
+            pass
+        except Exception as e:  # a bug: end the requests with it rather than leave them waiting
+            for j in batch:
+                j.finish_reason = f"error: {e}"
+        for j in batch:
+            if not j.done:
+                self._finish(j, j.finish_reason)
+
+    def _deliver(self, batch: list[Job], column: list[int]) -> None:
+        for j, token in zip(batch, column):
+            if j.done:
+                continue
+            if j.cancelled:
+                self.cancelled += 1
+                self._finish(j, "cancelled")
+                continue
+            if self.eot is not None and token == self.eot:
+                self._finish(j, "stop")
+                continue
+            piece = j.text.push(token)
+            if piece:
+                j.loop.call_soon_threadsafe(j.out.put_nowait, piece)
+            if len(j.text.tokens) >= j.max_tokens:
+                self._finish(j, "length")
+        if all(j.done for j in batch):
+            raise _AllStopped
+
+    @staticmethod
+    def _finish(j: Job, reason: str) -> None:
+        j.done, j.finish_reason = True, reason
+        j.loop.call_soon_threadsafe(j.out.put_nowait, None)
+
+
+def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8) -> FastAPI:
+    app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
+    engine = Engine(model, eot, max_batch)
+    app.state.engine = engine
+    block = model.config.block_size
+    rope = model.config.pos_emb == "rope"
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
+                                       "param": where or None, "code": None}}, 400)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt"}]}
+
+    def prepare(name: str, prompt: str, max_tokens: int) -> list[int]:
+        if name != model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
+        ids = tokenizer.encode(prompt).ids
+        if not ids:
+            raise ApiError(400, "the prompt is empty")
+        if len(ids) >= block:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {block}: shorten it",
+                           code="context_length_exceeded")
+        if not rope and len(ids) + max_tokens > block:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
+                           code="context_length_exceeded")
+        return ids
+
+    async def run(request: Request, prompts: list[str], body, chat: bool):
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prepare(body.model, p, body.max_tokens), body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
+                    text=IncrementalText(tokenizer)) for p in prompts]
+        for j in jobs:
+            engine.submit(j)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if body.stream:
+            return StreamingResponse(_sse(request, jobs[0], rid, model_name, chat), media_type="text/event-stream")
+        texts = []
+        for j in jobs:
+            parts = []
+            while (delta := await j.out.get()) is not None:
+                parts.append(delta)
+            texts.append("".join(parts))
+        return _response(rid, model_name, jobs, texts, chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.stream and len(prompts) != 1:
+            raise ApiError(400, "streaming takes one prompt", code=None)
+        return await run(request, prompts, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatRequest):
+        return await run(request, [chat_prompt(body.messages)], body, chat=True)
+
+    return app
+
+
+def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:
+    usage = {"prompt_tokens": sum(len(j.ids) for j in jobs), "completion_tokens": sum(len(j.text.tokens) for j in jobs)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": j.finish_reason}
+                   for i, (j, t) in enumerate(zip(jobs, texts))]
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": j.finish_reason}
+                   for i, (j, t) in enumerate(zip(jobs, texts))]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": name, "choices": choices, "usage": usage}
+
+
+async def _sse(request: Request, job: Job, rid: str, name: str, chat: bool):
+    """Server-sent events: one chunk per text delta, a last one with the finish reason, [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None) -> str:
+        choice = ({"index": 0, "delta": {"content": delta} if delta is not None else {}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish})
+        return "data: " + json.dumps({"id": rid, "object": kind, "created": int(time.time()), "model": name,
+                                      "choices": [choice]}) + "\n\n"
+    try:
+        if chat:
+            yield "data: " + json.dumps({"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": [
+                {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
+        while (delta := await job.out.get()) is not None:
+            yield chunk(delta, None)
+        yield chunk(None, job.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # a client that went away frees its slot at the next token
+
+
+def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu") -> None:
+    import uvicorn
+
+    from minigpt.infer.generate import load_run
+
+    model, tokenizer, cfg, step = load_run(run_dir, device)
+    name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
+    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch)
+    print(f"serving {run_dir} (step {step}) as model {name!r} on http://{host}:{port}/v1 (batches of up to {max_batch})",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,161 @@
+"""Measure this device: achievable matmul FLOP/s per dtype and memory bandwidth; and decoding.
+
+The hardware result (JSON) can be given as the peak for MFU (`train.peak_from`), which is the only
+honest peak on a CPU, and an informative second one on a GPU beside its datasheet. The decode
+benchmark sets measured tokens/s beside the memory-bandwidth bound of each decode step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from minigpt.analytic.flops import param_counts
+from minigpt.analytic.memory import kv_cache_bytes_per_token
+from minigpt.core.device import device_name, resolve_device
+from minigpt.core.hardware import match_device
+from minigpt.core.progress import Progress
+from minigpt.infer.generate import generate_ids
+from minigpt.nn.optim import DTYPES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """The fastest of `repeats` timed calls: a peak is what the device can reach, and slower
+    repeats are mostly interference on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = _best_time(lambda: torch.mm(a, b), device, repeats)
+    return 2 * n**3 / t / 1e12
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Device memory bandwidth of a large copy: bytes read + bytes written per second."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / t / 1e9
+
+
+def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None) -> dict:
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    n = size or (8192 if gpu else 2048)
+    reps = repeats or (20 if gpu else 8)
+    dtypes = dtypes or (["fp32", "bf16", "fp16"] if gpu else ["fp32", "bf16"])
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 figure is plain FP32, not TF32
+    name = device_name(dev)
+    spec = match_device(name) if gpu else None
+    result = {
+        "bench": "hardware",
+        "device": str(dev),
+        "device_name": name,
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "measured_at": round(time.time(), 1),
+        # CPUs without 16-bit matmul units run bf16 ~100x slower: a smaller size keeps it short
+        "matmul_size": {d: (n if gpu or d == "fp32" else min(n, 512)) for d in dtypes},
+        "matmul_tflops": {},
+        "copy_bandwidth_gbs": None,
+        "datasheet": {"name": spec.name, "tflops": spec.tflops, "bandwidth_tbs": spec.bandwidth_tbs} if spec else None,
+        "convention": f"best of {reps} n x n x n matmuls (n: matmul_size), 2 n^3 FLOPs each; copy bandwidth (best of {reps}) counts read + write bytes",
+    }
+    with Progress(len(dtypes) + 1, "hardware benchmark", "measurements") as progress:
+        for d in dtypes:
+            result["matmul_tflops"][d] = round(matmul_tflops(dev, DTYPES[d], result["matmul_size"][d], reps), 4)
+            progress.update()
+        result["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(dev, (1 << 30) if gpu else (256 << 20), reps), 1)
+        progress.update()
+    if spec:
+        result["fraction_of_datasheet"] = {
+            d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el: int) -> dict:
+    """The memory-bandwidth bound of one decode step: every weight and the batch's KV cache up to
+    `context` are read once per step; tokens/s <= batch x bandwidth / those bytes."""
+    weights = param_counts(c).total * bytes_per_el
+    kv = batch * context * kv_cache_bytes_per_token(c, bytes_per_el)
+    step_s = (weights + kv) / (bandwidth_gbs * 1e9)
+    return {"weight_bytes": weights, "kv_bytes": kv, "bound_step_ms": step_s * 1e3, "bound_tokens_per_s": batch / step_s}
+
+
+def _decode_point(model, batch: int, context: int, new_tokens: int, compile: bool, repeats: int, bandwidth_gbs: float):
+    """The fastest of `repeats` greedy generations from random prompts (after a warm-up run that
+    also compiles), and the bandwidth bound at the generation's mean context."""
+    c = model.config
+    prompts = torch.randint(0, c.vocab_size, (batch, context)).tolist()
+    runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
+    best = min(runs[1:], key=lambda g: g.decode_s)
+    return best, decode_bound(c, batch, context + new_tokens // 2, bandwidth_gbs, model.wte.weight.element_size())
+
+
+def bench_decode(model, batches: list[int], prompt_len: int, new_tokens: int, compiled: list[bool],
+                 bandwidth_gbs: float, repeats: int = 3) -> list[dict]:
+    """Decode tokens/s of `model` (random prompts) per batch size, eager and compiled, beside the
+    bandwidth bound at the mean context of the generation. Best of `repeats` (after a warm-up run
+    that also compiles)."""
+    rows = []
+    for compile in compiled:
+        for b in batches:
+            best, bound = _decode_point(model, b, prompt_len, new_tokens, compile, repeats, bandwidth_gbs)
+            s = best.stats()
+            rows.append({"batch": b, "compiled": compile, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+                         "decode_tokens_per_s": s["tokens_per_s"], "ms_per_step": s["ms_per_token_step"],
+                         "prefill_ms": s["prefill_ms"], **bound,
+                         "fraction_of_bound": round(s["tokens_per_s"] / bound["bound_tokens_per_s"], 4)})
+    return rows
+
+
+def decode_curve(model, batches: list[int], contexts: list[int], new_tokens: int, bandwidth_gbs: float,
+                 peak_tflops: float | None, compile: bool = False, repeats: int = 2) -> list[dict]:
+    """Prefill and decode speed at each (context, batch), beside the rooflines: the bandwidth bound
+    (weights + KV cache read once per decode step / measured copy bandwidth) and the compute bound
+    (decode FLOPs / measured matmul peak). Best of `repeats` after a warm-up run."""
+    from minigpt.analytic.flops import decode_flops
+
+    c, rows = model.config, []
+    for context in contexts:
+        for b in batches:
+            best, bound = _decode_point(model, b, context, new_tokens, compile, repeats, bandwidth_gbs)
+            step_s = best.decode_s / best.steps
+            mean_ctx = context + new_tokens // 2
+            flops_step = b * decode_flops(c, mean_ctx)
+            compute_tps = b / (flops_step / (peak_tflops * 1e12)) if peak_tflops else None
+            roof = min(bound["bound_tokens_per_s"], compute_tps) if compute_tps else bound["bound_tokens_per_s"]
+            rows.append({"context": context, "batch": b, "new_tokens": new_tokens, "compiled": compile,
+                         "prefill_tokens_per_s": round(b * context / best.prefill_s, 1),
+                         "decode_tokens_per_s_total": round(b / step_s, 1),
+                         "decode_tokens_per_s_per_sequence": round(1 / step_s, 2), "ms_per_token": round(step_s * 1e3, 3),
+                         "bandwidth_bound_tokens_per_s": round(bound["bound_tokens_per_s"], 1),
+                         "compute_bound_tokens_per_s": round(compute_tps, 1) if compute_tps else None,
+                         "fraction_of_bandwidth_bound": round(b / step_s / bound["bound_tokens_per_s"], 4),
+                         "fraction_of_roofline": round(b / step_s / roof, 4)})
+    return rows

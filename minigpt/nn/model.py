@@ -1,0 +1,341 @@
+"""A decoder-only GPT in one file: config in, logits (or loss) out, read top to bottom.
+
+    tokens -> token embedding (+ learned positions) -> dropout
+           -> n_layer x [ x + attn(norm(x)) ; x + mlp(norm(x)) ]      (pre-norm blocks)
+           -> final norm -> LM head (tied to the token embedding or not) -> logits
+
+Attention is causal, goes through `F.scaled_dot_product_attention`, and supports grouped-query
+attention (n_kv_head < n_head: each K/V head serves n_head/n_kv_head query heads) and rotary
+position embeddings (RoPE). The MLP is GELU (ffn_hidden wide) or SwiGLU, or a mixture of experts.
+The vocabulary is padded to a multiple of 64 rows for speed; the padding never enters the loss
+or sampling.
+
+The model is stateless: incremental decoding passes a static `KVCache` and the cache slots of
+the new tokens (`input_pos`), as gpt-fast does, so a decode step has fixed shapes. Training
+techniques (activation checkpointing, torch.compile, data/tensor parallelism) are applied from
+outside (minigpt/parallel.py); nothing here knows about them.
+
+Shape letters: B batch, T query length, S key length (cache slots), C = n_embd, H = n_head,
+G = n_kv_head, D = head_dim = C / H, V = vocab_size, Vp = padded vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.core.config import ModelConfig
+from minigpt.nn.ops import activation_dtype, linear_cross_entropy
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor | None  # (B, T or 1, V) when no targets are given
+    loss: torch.Tensor | None  # mean cross-entropy in nats over the targets, when given
+    aux_loss: torch.Tensor | None  # mixture of experts: load-balancing loss summed over layers
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_len, head_dim/2), in fp32 (RoFormer, Su et al.
+    2021: frequency_i = theta^(-2i/head_dim))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, heads, T, D) by the angles of cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: static and preallocated.
+
+    Each layer's tensors are (B, G, max_len, D). `update` writes the new keys and values at the
+    slots `input_pos` (T,) with index_copy_ and returns the whole buffers, so shapes never change
+    and a decode step compiles to one graph (gpt-fast). Which slots a query may see is up to the
+    attention mask: by default every slot up to the query's own.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, G, T, D) at slots input_pos (T,); return all keys/values (B, G, max_len, D)."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # one fused projection for queries (H heads) and keys/values (G heads each)
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attention_bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, input_pos=None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, G * D, G * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, S, D), S = cache slots
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None,  # without a mask: plain causal attention over the window
+            enable_gqa=G != H,  # each K/V head serves H/G query heads
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.resid_dropout(self.c_proj(y))
+
+
+GELU_K = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016; GPT-2): 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))).
+
+    Under torch.compile it is written in its identical sigmoid form, x * sigmoid(2 sqrt(2/pi)(...)),
+    since 0.5 (1 + tanh z) = sigmoid(2z): inductor's CPU tanh is 3x slower than its exp. Eager
+    keeps ATen's fused kernel. The two agree to float rounding (a test checks it).
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_K * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU (Shazeer 2020): silu(x W1) * (x W3), fused here as one matrix of 2*ffn_hidden outputs
+        fc_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.mlp_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, ffn_hidden or 2*ffn_hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = gelu_tanh(h)  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of expert MLPs with a learned router (Shazeer et al. 2017; Fedus et al. 2021).
+
+    Each token goes to its n_expert_active highest-probability experts; their outputs are mixed
+    with the router probabilities renormalised over the chosen k. Dispatch is capacity-free (no
+    token is dropped): a loop over experts gathers each one's tokens. Returns the output and the
+    load-balancing loss of Switch Transformer (eq. 4), generalised to top-k: E * sum_e f_e * P_e,
+    with f_e the share of routed slots that went to expert e and P_e its mean router probability;
+    1.0 when balanced. On the meta device or fake tensors (no data, so no routing), each expert
+    gets an equal share of the N*k slots: the FLOPs are the same for any routing.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_expert, self.k = config.n_expert, config.n_expert_active
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        E, k = self.n_expert, self.k
+        flat = x.reshape(-1, C)  # (N, C)
+        N = flat.size(0)
+        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros(N, C, device=flat.device, dtype=activation_dtype(flat))
+        symbolic = has_no_data(flat)
+        for e, expert in enumerate(self.experts):
+            if symbolic:  # balanced shares of the N*k slots (see the class docstring)
+                count = N * k // E + (1 if e < N * k % E else 0)
+                token_idx = torch.arange(count, device=flat.device) % N
+                slot = torch.zeros_like(token_idx)
+            else:
+                token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+            y = expert(flat[token_idx])  # (n_e, C), in the autocast dtype under mixed precision
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
+        routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
+        aux = E * (routed * probs.mean(dim=0)).sum()
+        return out.view(B, T, C), aux
+
+
+def has_no_data(t: torch.Tensor) -> bool:
+    """True on the meta device and for fake tensors, where data-dependent shapes are impossible."""
+    from minigpt.nn.torch_private import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config) if config.is_moe else MLP(config)
+
+    def forward(self, x, rope=None, cache=None, input_pos=None, attn_mask=None):
+        """x (B, T, C) -> (x, aux): aux is the MoE load-balancing loss, or None for a dense MLP."""
+        x = x + self.attn(self.ln_1(x), rope, cache, input_pos, attn_mask)
+        y = self.mlp(self.ln_2(x))
+        y, aux = y if isinstance(y, tuple) else (y, None)
+        return x + y, aux
+
+
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the cross-entropy instead of the logits.
+
+    With targets the loss is computed chunk by chunk (`linear_cross_entropy`), never holding the
+    (tokens x vocabulary) logits: the same matmuls, a fraction of the memory traffic.
+    """
+
+    def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)[..., : self.vocab_size]  # padding rows dropped
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1), self.vocab_size)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        Vp = config.padded_vocab_size
+        self.wte = nn.Embedding(Vp, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = LMHead(config.n_embd, Vp, config.vocab_size)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix embeds and un-embeds (Press & Wolf 2017)
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's initialisation (Radford et al. 2019, section 2.3; nanoGPT).
+
+        Every Linear and Embedding weight ~ N(0, 0.02), biases 0, norm weights 1. The two
+        projections that write into the residual stream (attn.c_proj, mlp.c_proj) get
+        std 0.02 / sqrt(2 * n_layer), so the residual's variance does not grow with depth.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
+            for mlp in (block.mlp.experts if self.config.is_moe else [block.mlp]):
+                nn.init.normal_(mlp.c_proj.weight, mean=0.0, std=residual_std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, each shared tensor once (the analytic twin is flops.param_counts).
+
+        non_embedding=True leaves out the token embedding, the learned position embedding and an
+        untied LM head (Kaplan et al. 2020's N): what remains is the blocks and the final norm.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, *, input_pos=None, positions=None, cache: KVCache | None = None,
+                attn_mask=None, last_only: bool = False) -> ModelOutput:
+        """idx (B, T) token ids -> ModelOutput(logits, loss, aux_loss).
+
+        targets (B, T): next-token ids, -1 where ignored: returns the mean cross-entropy (nats)
+        and no logits. input_pos (T,): the cache slots of these tokens, also their positions
+        (default 0..T-1); positions (B, T): per-row positions when they differ from input_pos
+        (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
+        (B|1, 1, T, S) bool, True = may attend (default: causal, or every cache slot up to the
+        query's own); last_only: logits of the last position only.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            input_pos = torch.arange(T, device=idx.device)
+        if positions is None:
+            positions = input_pos.unsqueeze(0)  # (1, T)
+        if cache is not None and attn_mask is None:
+            slots = torch.arange(cache.max_len, device=idx.device)
+            attn_mask = (slots.unsqueeze(0) <= input_pos.unsqueeze(1))[None, None]  # (1, 1, T, S)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if self.config.pos_emb == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D/2)
+        x = self.drop(x)
+        aux_loss = None
+        for block in self.blocks:
+            x, aux = block(x, rope, cache, input_pos, attn_mask)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+        x = self.ln_f(x)
+        if targets is not None:
+            return ModelOutput(None, self.lm_head(x, targets), aux_loss)
+        if last_only:
+            x = x[:, -1:, :]
+        return ModelOutput(self.lm_head(x), None, aux_loss)
+
+    def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, dtype or w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the LM head's cross-entropy, chunked
+
+

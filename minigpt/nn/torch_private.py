@@ -1,0 +1,231 @@
+"""The one module that touches private PyTorch APIs, so a torch upgrade breaks one file.
+
+- `torch.distributed._tools.mem_tracker.MemTracker`: per-category tensor memory (parameters,
+  gradients, optimizer state, activations, temporaries). Works on CPU, CUDA and under fake tensors.
+- `torch._subclasses.fake_tensor.FakeTensorMode`: tensors with shapes and no storage, to run a
+  model far too big for the machine.
+- `torch.utils.flop_counter`'s SDPA formulas, to give the CPU flash-attention kernel (which has
+  none, so it would count as zero) the formula of the CUDA kernels.
+- `torch._dynamo.mark_static_address`: a KV cache that CUDA graphs may replay over in place.
+- `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
+- `torch.testing._internal.distributed.fake_pg.FakeStore`: a fake process group of N ranks, with
+  `FSDPMemTracker` (torch.distributed._tools) and a `TorchDispatchMode` that sees every collective:
+  `minigpt simulate`.
+- `distributed_c10d._get_default_store`: torchrun's store, for heartbeats and naming a silent rank.
+- `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+aten = torch.ops.aten
+
+# MemTracker's reference types, by the names minigpt reports
+MEM_CATEGORIES = {
+    "PARAM": "parameters",
+    "GRAD": "gradients",
+    "OPT": "optimizer_state",
+    "ACT": "activations",
+    "TEMP": "temporaries",
+    "BUFFER": "buffers",
+    "OTH": "other",
+}
+
+
+def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernels (REFERENCE.md section 5)."""
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def math_attention():
+    """Route SDPA through its reference (math) implementation: plain matmuls, no recompute."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell torch.compile a tensor keeps its address (a KV cache written in place), so CUDA graphs
+    can replay over it instead of copying it in (gpt-fast keeps its caches as buffers for this)."""
+    import torch._dynamo
+
+    torch._dynamo.mark_static_address(t)
+
+
+def capture_data_dependent_shapes() -> None:
+    """Let torch.compile trace operators whose output shape depends on data (`nonzero` in the MoE
+    dispatch) into the graph, with unbacked symbolic sizes, instead of breaking the graph there.
+    Process-wide (torch._dynamo.config.capture_dynamic_output_shape_ops)."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+
+
+def default_store():
+    """The key-value store of the default process group (torchrun's rendezvous TCPStore)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def attempt_store(rank: int, world_size: int, timeout) -> object | None:
+    """Under a torchrun restart (--max-restarts), the rendezvous store torchrun shares with its
+    workers keeps the keys of the failed attempt, so a restarted rank can read a dead peer's
+    address and fail to connect (pytorch/pytorch#135712). This is torch's own env:// store,
+    scoped to the attempt with a PrefixStore. None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, timeout)
+    return dist.PrefixStore(f"minigpt/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
+
+
+def fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+class MemoryTracker:
+    """Per-category memory of whatever runs inside `track()`, through PyTorch's MemTracker."""
+
+    def __init__(self, *externals) -> None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        self._mt = MemTracker()
+        self._mt.track_external(*externals)
+
+    @contextlib.contextmanager
+    def track(self):
+        with self._mt:
+            yield self
+
+    def current(self) -> dict[str, int]:
+        return self._snapshot("current")
+
+    def peak(self) -> dict[str, int]:
+        return self._snapshot("peak")
+
+    def reset(self) -> None:
+        self._mt.reset_mod_stats()
+
+    def _snapshot(self, kind: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _device, snap in self._mt.get_tracker_snapshot(kind).items():
+            for key, value in snap.items():
+                name = MEM_CATEGORIES.get(getattr(key, "name", str(key)), "total")
+                out[name] = out.get(name, 0) + int(value)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# simulated ranks: a fake process group, and the collectives a step issues
+
+
+@contextlib.contextmanager
+
+
+def fake_process_group(world_size: int):
+    """A process group of `world_size` ranks that moves no data (torch's testing FakeStore and
+    backend "fake"): the real FSDP2/DTensor code runs on this one process as rank 0 of N."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; simulate in a process of its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_memory_tracker(model, optimizer):
+    """torch's FSDPMemTracker: memory by category (sharded/unsharded params and grads, all-gather
+    and reduce-scatter buffers, activations, optimizer state) of an FSDP2 model."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    return FSDPMemTracker(model, optimizer)
+
+
+COLLECTIVE_KINDS = (("all_gather", "all_gather"), ("allgather", "all_gather"), ("reduce_scatter", "reduce_scatter"),
+                    ("all_reduce", "all_reduce"), ("allreduce", "all_reduce"), ("broadcast", "broadcast"),
+                    ("all_to_all", "all_to_all"), ("alltoall", "all_to_all"))
+
+
+def _group_of(args, kwargs):
+    """The process group a c10d op runs on (a boxed ProcessGroup, or a functional op's group name)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, torch.ScriptObject):
+            return dist.ProcessGroup.unbox(a)
+        if isinstance(a, str) and a not in ("sum", "avg", "max", "min", "product", "premul_sum"):
+            return _resolve_process_group(a)  # a functional collective's group name (after its reduce op)
+    return None
+
+
+def _tensors(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def collective_counter():
+    """A dispatch mode that records every collective op: (kind, group size, group name, bytes of
+    the whole tensor moved: an all-gather's output, a reduce-scatter's input, an all-reduce's buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CollectiveCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[tuple[str, int, str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace in ("c10d", "_c10d_functional"):
+                self._record(func.__name__, args, kwargs)
+            return func(*args, **(kwargs or {}))
+
+        def _record(self, name, args, kwargs):
+            kind = next((k for key, k in COLLECTIVE_KINDS if key in name), None)
+            group = _group_of(args, kwargs)
+            if kind is None or group is None:
+                return  # wait_tensor, barriers
+            sizes = [t.numel() * t.element_size() for t in _tensors(args)]
+            # a gather's whole output (the input is one of its pieces), or all of an all-reduce's buffers
+            whole = max(max(sizes), sum(sizes) - min(sizes)) if kind in ("all_gather", "reduce_scatter") else sum(sizes)
+            self.records.append((kind, group.size(), getattr(group, "group_desc", ""), whole))
+
+    return CollectiveCounter()

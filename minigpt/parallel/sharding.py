@@ -1,0 +1,264 @@
+"""FSDP2 and tensor parallelism through PyTorch, applied to the model from outside (torchtitan's order).
+
+    mesh         world = dp x tp ranks, tp innermost (the ranks of one tensor-parallel group are
+                 neighbours, so on GPUs they share a node's NVLink)
+    tensor par.  DTensor `parallelize_module` per block on the "tp" mesh dim (Megatron-LM, Shoeybi
+                 et al. 2019): column-wise QKV and MLP-in, row-wise attention out-projection and
+                 MLP-out, so each block does one all-reduce forward and one backward per sublayer.
+                 Embeddings, norms and the LM head stay replicated (no sequence parallelism).
+    FSDP2        `fully_shard` on each block, then on the root, over the "dp" mesh dim: parameters,
+                 gradients and optimizer state sharded (ZeRO-3); all-gather before a block runs,
+                 reduce-scatter of its gradients after.
+
+minigpt fuses Q, K, V into one matrix (and SwiGLU's gate and up into one): a column-wise shard of
+the fused rows would give rank 0 only queries. Before sharding, their rows are reordered so each
+rank's contiguous slice holds its own heads' q, k, v (gate, up); state dicts are converted back
+(`from_tp_layout`), so checkpoints and exported weights have the ordinary layout.
+
+The same functions build the simulated runs of minigpt/simulate.py on a fake process group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+from minigpt.core.config import Config, ModelConfig
+from minigpt.core.errors import UserError
+from minigpt.core.plan import BatchLayout
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import (
+    DTYPES,
+    StepResult,
+    autocast_context,
+    make_optimizer,
+    objective,
+)
+from minigpt.nn.weights import read_weights
+from minigpt.parallel.distributed import DistEnv
+
+TP_PLAN = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
+           "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+
+
+def make_mesh(device_type: str, world: int, tp: int) -> DeviceMesh:
+    """A (dp, tp) mesh over all ranks, tp innermost."""
+    return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused matrices' row order
+
+
+def _row_order(c: ModelConfig, name: str, tp: int) -> torch.Tensor | None:
+    """Row permutation of a fused weight that makes each of tp contiguous slices whole for one rank."""
+    if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+        D = c.head_dim
+        sizes = [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D]  # q, k, v
+    elif c.mlp == "swiglu" and (name.endswith("mlp.c_fc.weight") or name.endswith("mlp.c_fc.bias")):
+        sizes = [c.ffn_hidden, c.ffn_hidden]  # gate, up
+    else:
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    order = [torch.arange(s + r * n // tp, s + (r + 1) * n // tp) for r in range(tp) for s, n in zip(starts, sizes)]
+    return torch.cat(order)
+
+
+def to_tp_layout(sd: dict, c: ModelConfig, tp: int, inverse: bool = False) -> dict:
+    """Ordinary layout -> the tensor-parallel row order (fused q/k/v and gate/up reordered), or back
+    with inverse=True."""
+    if tp == 1:
+        return sd
+    out = {}
+    for name, t in sd.items():
+        order = _row_order(c, name, tp)
+        if order is not None:
+            order = torch.argsort(order) if inverse else order
+        out[name] = t if order is None else t[order.to(t.device)]
+    return out
+
+
+def from_tp_layout(sd: dict, c: ModelConfig, tp: int) -> dict:
+    """The inverse of to_tp_layout."""
+    return to_tp_layout(sd, c, tp, inverse=True)
+
+
+def _map_optimizer_state(osd: dict, fn) -> dict:
+    """Apply a name -> tensor layout change to every per-parameter tensor of a full optimizer state."""
+    state = {}
+    for name, s in osd["state"].items():
+        tensors = {k: v for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
+        state[name] = {**s, **{k: fn({name: t})[name] for k, t in tensors.items()}}
+    return {**osd, "state": state}
+
+
+# ----------------------------------------------------------------------------------------------
+# applying the parallelisms
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True) -> GPT:
+    """Shard every block's attention and MLP over tp_mesh; attention then runs on its local heads.
+    reorder=False skips the fused rows' reordering (fake weights, whose values do not matter)."""
+    tp, c = tp_mesh.size(), model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters() if reorder else ():
+            order = _row_order(c, name, tp)
+            if order is not None:
+                p.copy_(p[order.to(p.device)])
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, TP_PLAN)
+        block.attn.n_head, block.attn.n_kv_head = c.n_head // tp, c.n_kv_head // tp
+    return model
+
+
+def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload: bool = False,
+               reshard_after_forward: bool = True, reduce_precision: str = "fp32") -> GPT:
+    """fully_shard each block, then the root (embeddings, final norm, head). bf16/fp16: parameters
+    are gathered and computed in 16-bit, gradients reduced in `reduce_precision` (MixedPrecisionPolicy).
+    reshard_after_forward=False keeps the gathered parameters until backward: ZeRO-2's traffic."""
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
+                              reduce_dtype=DTYPES[reduce_precision])
+    kw = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else None)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model
+
+
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the gradients, whatever mix of DTensor meshes and plain tensors holds them."""
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            key = id(p.grad.device_mesh) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend
+
+
+class ShardedBackend:
+    """FSDP2 (train.backend = "fsdp") and/or tensor parallelism (train.tensor_parallel > 1)."""
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
+        self.cfg, self.tc, self.env, self.accum = cfg, cfg.train, env, layout.accum
+        self.tp = self.tc.tensor_parallel  # checked against the model and the world by train.start
+        if self.tc.precision == "fp16":
+            raise UserError("train.precision = 'fp16' is not supported with FSDP/tensor parallel (no sharded grad "
+                            "scaler here); use 'bf16'")
+        if self.tc.offload_params and env.device.type != "cuda":
+            raise UserError("train.offload_params with train.backend = 'fsdp' moves parameters from a GPU to the CPU; "
+                            "on a CPU run set train.offload_params = false")
+        self.own_group = not dist.is_initialized()
+        if self.own_group:  # FSDP needs a process group, even of one
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self.mesh = make_mesh(env.device.type, env.world_size, self.tp)
+        self.model = model.to(env.device)
+        if self.tp > 1:
+            apply_tensor_parallel(model, self.mesh["tp"])
+        self.fsdp = self.tc.backend == "fsdp"
+        if self.fsdp:
+            apply_fsdp(model, self.mesh["dp"], self.tc.precision, self.tc.offload_params)
+        elif env.world_size > self.tp:
+            raise UserError(f"{env.world_size} processes with train.tensor_parallel = {self.tp} leave "
+                            f"{env.world_size // self.tp}-way data parallelism: set train.backend = 'fsdp' for it")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type == "cuda")
+
+    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
+        if self.fsdp:  # reduce-scatter the gradients on the step's last micro-batch only
+            self.model.set_requires_gradient_sync(last)
+        with autocast_context(self.env.device, self.tc.precision):
+            out = self.model(x, y)
+        (objective(out, self.tc) / self.accum).backward()
+        return out.loss.detach()
+
+    def step(self) -> StepResult:
+        norm = grad_norm(self.params)
+        if self.tc.grad_clip > 0:  # the plain norm tensor scales DTensor gradients as a replicated scalar
+            with implicit_replication():
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, torch.zeros((), dtype=torch.int32))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _full(self) -> StateDictOptions:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def save_state(self, folder: Path) -> dict:
+        """The optimizer state whole (gathered), in the ordinary layout: any world size can resume it."""
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=self._full())  # collective
+        if not self.env.is_main:  # the whole state lands on rank 0 only
+            return {}
+        return {"optimizer": _map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        c = self.cfg.model
+        weights = read_weights(folder)
+        if c.tie_embeddings:
+            weights.setdefault("lm_head.weight", weights["wte.weight"])
+        set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
+        osd = _map_optimizer_state(state["optimizer"], lambda sd: to_tp_layout(sd, c, self.tp))
+        set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+    def full_state_dict(self) -> dict | None:
+        sd = get_model_state_dict(self.model, options=self._full())
+        if not self.env.is_main:
+            return None
+        sd = from_tp_layout(sd, self.cfg.model, self.tp)
+        if self.cfg.model.tie_embeddings:
+            sd.pop("lm_head.weight", None)  # tied: saved once, under the embedding's name
+        return sd
+
+    def inference_model(self) -> torch.nn.Module | None:
+        """Collective: the weights gathered into a plain model on rank 0."""
+        weights = self.full_state_dict()
+        if weights is None:
+            return None
+        net = GPT(self.cfg.model)
+        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
+        return net.to(self.env.device)
+
+    def memory_report(self) -> dict | None:
+        return None
+
+    def run_files(self) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> str:
+        dp = self.env.world_size // self.tp
+        parts = ([f"FSDP2 over {dp} rank(s)"] if self.fsdp else []) + ([f"tensor parallel {self.tp}"] if self.tp > 1 else [])
+        return ", ".join(parts) + (" +offload params" if self.tc.offload_params else "")
+
+    def close(self) -> None:
+        if self.own_group:
+            dist.destroy_process_group()

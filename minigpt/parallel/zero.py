@@ -1,0 +1,283 @@
+"""The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision, behind the same Backend
+interface as the torch backend (minigpt/parallel.py). The one module that imports deepspeed,
+lazily, so the rest of minigpt works without it.
+
+The DeepSpeed config is generated from minigpt's TOML (one source of truth) and written into the
+run directory as deepspeed_config.json. An expert may pass a DeepSpeed JSON file
+(train.deepspeed_config) whose keys override the generated ones, except those minigpt owns
+(batch sizes, accumulation, clipping, precision, ZeRO stage and offload), where a different value
+is an error naming the minigpt key to set instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from minigpt.analytic import memory as M
+from minigpt.analytic.flops import param_counts
+from minigpt.core.config import Config
+from minigpt.core.errors import UserError
+from minigpt.core.plan import BatchLayout
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import StepResult, make_optimizer, objective
+from minigpt.parallel.distributed import DistEnv, all_gather_objects
+
+# DeepSpeed keys minigpt sets, and the minigpt setting a user changes instead
+OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size_tokens",
+    "train_batch_size": "train.batch_size_tokens",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
+    "zero_optimization.offload_param.device": "train.offload_params",
+}
+
+
+def require_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("train.backend = 'deepspeed' needs the deepspeed package: pip install deepspeed") from None
+    return deepspeed
+
+
+def validate(tc, device: torch.device) -> None:
+    if tc.offload_params and tc.zero_stage != 3:
+        raise UserError("train.offload_params needs train.zero_stage = 3 (only stage 3 partitions parameters)")
+    if tc.offload_optimizer and tc.zero_stage == 0:
+        raise UserError("train.offload_optimizer needs train.zero_stage >= 1 (stage 0 keeps the optimizer whole)")
+    if tc.precision == "fp16" and device.type != "cuda":
+        raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(cfg: Config, layout: BatchLayout) -> dict:
+    """DeepSpeed's JSON config from minigpt's, merged with the user's override file if any."""
+    tc = cfg.train
+    micro, accum = layout.micro_batch_size, layout.accum
+    zero: dict = {"stage": tc.zero_stage}
+    if tc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if tc.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * layout.world_size,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": tc.precision == "bf16"},
+        # dynamic loss scaling (loss_scale 0), DeepSpeed's default window and floor
+        "fp16": {"enabled": tc.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if tc.offload_optimizer or tc.offload_params:
+        # minigpt hands DeepSpeed a torch AdamW; DeepSpeedCPUAdam would need a compiled extension
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if not tc.deepspeed_config:
+        return ds
+    path = Path(tc.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"train.deepspeed_config = {str(path)!r} cannot be read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"train.deepspeed_config = {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed_config = {str(path)!r} must hold a JSON object")
+    ours, theirs = _flatten(ds), _flatten(user)
+    for key, setting in OWNED.items():
+        if key in theirs and key in ours and theirs[key] != ours[key]:
+            raise UserError(
+                f"{path}: {key} = {theirs[key]!r} fights minigpt's {ours[key]!r}; set {setting} in the TOML instead"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise UserError(f"{path}: '{key}' is minigpt's (AdamW with warmup + cosine); remove it from the override file")
+    return _merge(ds, user)
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    deepspeed = require_deepspeed()
+    try:
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"DeepSpeed rejected the config: {str(e).splitlines()[0]}") from None
+    return engine, ds_optimizer
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine behind minigpt's Backend interface (see parallel.py).
+
+    DeepSpeed casts the model for bf16/fp16, scales the loss by 1/accumulation, reduces (and, from
+    stage 2, partitions) gradients and steps at the accumulation boundary itself. Its optimizer is
+    minigpt's AdamW; the gradient norm is DeepSpeed's (stages 1-3) or computed here (stage 0,
+    where DeepSpeed keeps none), before clipping, whether clipping is on or not.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
+        self.tc, self.env, self.cfg = cfg.train, env, cfg
+        validate(self.tc, env.device)
+        self.ds_config = build_config(cfg, layout)
+        self.model = model.to(env.device)
+        self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config)
+        self.held: dict = {}
+        self._skipped = 0
+
+    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
+        out = self.engine(x, y)
+        self.engine.backward(objective(out, self.tc))
+        if not last:  # DeepSpeed counts micro-steps: step() between them only advances the count
+            self.engine.step()
+        return out.loss.detach()
+
+    def step(self) -> StepResult:
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        own = None
+        if self.tc.zero_stage == 0:  # gradients are whole and reduced here; DeepSpeed keeps no norm
+            own = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        self.held = held_bytes(self.engine, self.optimizer, self.model)  # before the step frees gradients
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = own if norm is None else torch.as_tensor(float(norm), device=self.env.device)
+        skipped = int(self.engine.skipped_steps > self._skipped)
+        self._skipped = self.engine.skipped_steps
+        return StepResult(norm if norm is not None else torch.tensor(float("nan")), torch.tensor(skipped))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save_state(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
+        return {"zero_stage": self.tc.zero_stage}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        if state.get("zero_stage") != self.tc.zero_stage:
+            raise UserError(f"{folder.parent.parent} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
+                            f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
+        if state.get("world_size") != self.env.world_size:
+            raise UserError(f"{folder.parent.parent} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
+                            f"not {self.env.world_size}: resume with the same number of processes")
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
+        if path is None:
+            raise UserError(f"DeepSpeed found no checkpoint in {folder}; it is incomplete")
+
+    def full_state_dict(self) -> dict | None:
+        return full_state_dict(self.engine, self.model)
+
+    def inference_model(self) -> torch.nn.Module | None:
+        """ZeRO-3 partitions the weights: gather them (collective) into a plain model on rank 0."""
+        weights = self.full_state_dict()
+        if not self.env.is_main:
+            return None
+        net = GPT(self.cfg.model)
+        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
+        return net.to(self.env.device)
+
+    def memory_report(self) -> dict:
+        """Bytes each rank held (read from DeepSpeed's buffers) beside the ZeRO formulas (collective)."""
+        tc, n = self.tc, param_counts(self.cfg.model).total
+        rows = all_gather_objects(self.held, self.env)
+        paper = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size).as_dict()
+        ds = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size, layout="deepspeed").as_dict()
+        return {"kind": "zero", "zero_stage": tc.zero_stage, "world_size": self.env.world_size, "precision": tc.precision,
+                "params": n, "per_rank": rows, "predicted_paper": paper, "predicted_deepspeed": ds}
+
+    def run_files(self) -> dict[str, str]:
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=2)}  # the generated config, recorded
+
+    def describe(self) -> str:
+        tc = self.tc
+        return (f"DeepSpeed ZeRO-{tc.zero_stage}" + (" +offload optimizer" if tc.offload_optimizer else "")
+                + (" +offload params" if tc.offload_params else ""))
+
+    def close(self) -> None:
+        self.engine.destroy()  # release the engine's hooks and buffers before the process group goes
+
+
+def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
+    """Every parameter whole (ZeRO-3 partitions gathered), as fp32 CPU tensors; collective.
+
+    Returns the dict on global rank 0 and None elsewhere. Tied weights appear once.
+    """
+    deepspeed = require_deepspeed()
+    params = list(model.parameters())
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+              if any(hasattr(p, "ds_id") for p in params) else contextlib.nullcontext())
+    out = None
+    with gather:
+        if engine.global_rank == 0:
+            seen, out = set(), {}
+            for name, p in model.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out[name] = p.detach().float().cpu().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# memory actually held by this rank
+
+
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views into one flat buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def held_bytes(engine, ds_optimizer, model: torch.nn.Module) -> dict:
+    """Bytes this rank holds for parameters, gradients and optimizer state, read from the engine's
+    own buffers and partitions (not the process RSS)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    param_bytes = _bytes(getattr(p, "ds_tensor", p) for p in params)
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    moments = _bytes(v for st in inner.state.values() for v in st.values())
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(ds_optimizer, name):
+            master = _bytes(getattr(ds_optimizer, name))
+    grads = _bytes(p.grad for p in params if p.grad is not None)
+    # gradient partitions: stages 1-2 keep them per group in averaged_gradients, stage 3 in one
+    # flat buffer
+    averaged = getattr(ds_optimizer, "averaged_gradients", None) or {}
+    grads += _bytes(t for group in averaged.values() for t in (group or []))
+    flat = getattr(ds_optimizer, "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(flat):
+        grads += _bytes([flat])
+    return {"parameters": param_bytes, "gradients": grads, "optimizer_state": moments + master,
+            "optimizer_moments": moments, "optimizer_master_weights": master}

@@ -1,0 +1,508 @@
+"""Training: one loop for every backend, in one process or many under torchrun.
+
+    minigpt train --config tiny
+    torchrun --nproc_per_node 2 -m minigpt train --config tiny      (or -m minigpt.train)
+
+Read top to bottom: `TrainState` (what a checkpoint resumes), `train_step` (one optimizer step),
+`evaluate` (a loss over fixed batches), then `train`, which starts a run, loops and finishes it.
+Whether a step runs in one process, under DDP or through DeepSpeed is the Backend's business
+(minigpt/parallel.py): the loop has no branch on it. Checkpoints go through one Checkpointer and
+every printed figure through one MetricsLogger, the only place a step reads the device.
+
+Batches depend only on (seed, step, global micro-batch) and every piece of state (weights,
+optimizer, grad scaler, RNG of every rank) is checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minigpt.analytic.flops import param_counts, train_flops_per_token
+from minigpt.analytic.report import per_rank_memory_table
+from minigpt.core.atomic import atomic_write_text, read_jsonl
+from minigpt.core.config import Config, check_same_model, config_from_json
+from minigpt.core.device import (
+    configure_device,
+    device_name,
+    peak_memory_bytes,
+    resolve_precision,
+)
+from minigpt.core.errors import UserError
+from minigpt.core.fmt import to_json
+from minigpt.core.hardware import choose_peak, mfu_warning
+from minigpt.core.plan import BatchLayout, batch_layout, check_tensor_parallel
+from minigpt.data import cache as data
+from minigpt.data.loader import BatchLoader, check_split_length, get_batch
+from minigpt.infer.generate import generate_text
+from minigpt.interop.hf import load_init_weights
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import StepResult, autocast_context, lr_at
+from minigpt.parallel.backend import Backend, check_memory, make_backend
+from minigpt.parallel.distributed import (
+    DistEnv,
+    StopControl,
+    StopSignal,
+    all_reduce_mean,
+    barrier,
+    heartbeat,
+    init_distributed,
+    on_main,
+    on_main_first,
+    shutdown,
+    silent_ranks_error,
+)
+from minigpt.parallel.parallelize import (
+    apply_training_techniques,
+    eager,
+    resolve_compile,
+)
+from minigpt.train.checkpoint import (
+    Checkpointer,
+    RunDir,
+    RunLock,
+    clear_run_dir,
+    foreign_entries,
+    latest_checkpoint,
+    remove_temporaries,
+)
+from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks
+
+
+@dataclass
+
+
+class TrainState:
+    """What a checkpoint carries beside the weights, the optimizer and the RNG."""
+
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # fp16 updates skipped (overflow) so far
+    backend: str = "ddp"
+
+
+def train_step(backend: Backend, batches: list) -> tuple[torch.Tensor, StepResult]:
+    """One optimizer step over the micro-batches of this rank: (mean loss, StepResult), on device."""
+    loss = torch.zeros((), device=batches[0][0].device)
+    for i, (x, y) in enumerate(batches):
+        loss += backend.forward_backward(x, y, last=i == len(batches) - 1)
+    return loss / len(batches), backend.step()
+
+
+@torch.no_grad()
+
+
+def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, split_id: int) -> float:
+    """Mean loss over eval_iters micro-batches at fixed positions (the same at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    with eager():
+        for i in range(cfg.train.eval_iters):
+            x, y = get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
+                                  (cfg.train.seed, split_id, i, env.dp_rank))
+            with autocast_context(env.device, cfg.train.precision):
+                losses.append(model(x.to(env.device), y.to(env.device)).loss.float())
+    model.train(was_training)
+    return all_reduce_mean(torch.stack(losses).mean(), env).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# a run
+
+
+@dataclass
+
+
+class Run:
+    """Everything one training run holds, from start to finish."""
+
+    cfg: Config
+    env: DistEnv
+    say: object
+    paths: RunDir
+    prepared: data.PreparedData
+    layout: BatchLayout
+    backend: Backend
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    state: TrainState
+    start_step: int
+    end_step: int
+    lock: RunLock | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    stopped: str | None = None  # "SIGTERM", "SIGINT" or "max_minutes" when the run stopped early
+    t_start: float = 0.0
+
+
+class AlreadyDone(Exception):
+    """Resuming a run that is at its last step: nothing to do, nothing written."""
+
+
+def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,
+          log=print) -> dict:
+    """Train per `cfg`; with resume=True continue from the latest checkpoint in train.out_dir.
+
+    stop_at: stop (and checkpoint) after this step, keeping the schedule of max_steps; used to
+    split a run in two. Returns the final summary (also printed as one JSON line); its `stopped`
+    says when a signal or train.max_minutes ended the run early (after a checkpoint).
+    """
+    env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    run = None
+    try:
+        with StopControl(env, cfg.train.max_minutes) as stop:
+            run = start(cfg, env, resume, stop_at, overwrite, log)
+            loop(run, stop)
+        summary = finish(run)
+    except AlreadyDone as done:
+        shutdown(env)
+        return json.loads(str(done))
+    except StopSignal as e:  # before the first step: the start cleaned up, nothing was written
+        shutdown(env, together=False)
+        if env.is_main:
+            log(f"stopped by {e.name} before training began; nothing was written")
+        return {"event": "final", "stopped": e.name, "step": None}
+    except BaseException as e:
+        silent = silent_ranks_error(env, e) if isinstance(e, RuntimeError) else None
+        traceback.clear_frames(e.__traceback__)  # the failed frames hold the model and its process group
+        if run is not None:
+            run.metrics.close()
+        shutdown(env, together=False)
+        if silent is not None:
+            raise silent from None
+        raise
+    run.backend.close()
+    if run.lock is not None:
+        run.lock.release()
+    shutdown(env)
+    return summary
+
+
+def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrite: bool, log) -> Run:
+    """Check everything, claim the run directory, prepare data, model, backend; restore a checkpoint.
+
+    Nothing is written into the run directory until every check has passed (a directory this
+    start created is removed again if it fails).
+    """
+    tc = cfg.train
+    say = log if env.is_main else (lambda *a, **k: None)
+    if stop_at is not None and not 0 < stop_at <= tc.max_steps:
+        raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
+    tc.precision = resolve_precision(tc.precision, env.device)  # config.json records what ran
+    tc.compile, compile_why = resolve_compile(tc, env.device, (stop_at or tc.max_steps))
+    check_tensor_parallel(cfg.model, tc.tensor_parallel, env.world_size)
+    env.tp = tc.tensor_parallel  # the ranks of a tensor-parallel group read the same data
+    layout = batch_layout(tc, cfg.model.block_size, env.dp_size)
+    paths = RunDir(tc.out_dir)
+    lock, created = on_main(env, lambda: _claim(paths)) or (None, False)
+    try:
+        resume = _resume_or_fresh(cfg, paths, resume, overwrite, say)
+        end_step = stop_at if stop_at is not None else tc.max_steps
+        _check_not_done(paths, resume, end_step, say)
+        check_memory(cfg, env, layout)
+        check_sinks(tc.log_to)
+        peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
+                           threads=tc.threads or torch.get_num_threads())
+        prepared = _prepare_data(cfg, env, paths, resume, say)
+        device_notes = configure_device(tc, env.device)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        model = GPT(cfg.model)
+        if tc.init_from and not resume:
+            say(f"init     {load_init_weights(model, tc.init_from)}; fresh optimizer and schedule")
+        backend = make_backend(apply_training_techniques(model, tc), cfg, env, layout)
+        checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
+        state = TrainState(backend=tc.backend)
+        if resume:
+            saved = checkpointer.load(backend, tc.backend)
+            state = TrainState(saved["step"], saved.get("skipped_steps", 0), tc.backend)
+        else:
+            # dropout differs per data-parallel rank (a tensor-parallel group shares its masks); the weights are equal
+            torch.manual_seed(tc.seed + env.dp_rank)
+        _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
+    except BaseException:
+        if env.is_main and lock is not None:
+            lock.release()
+            if created:
+                shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
+    run = Run(cfg, env, say, paths, prepared, layout, backend, checkpointer, metrics, state, state.step, end_step, lock)
+    for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
+        say(line)
+    return run
+
+
+def loop(run: Run, stop: StopControl) -> None:
+    """The steps, each followed by its evaluation, sample and checkpoint cadences; a stop request
+    (agreed by every rank) saves the step just finished and ends the loop."""
+    tc, env, state = run.cfg.train, run.env, run.state
+    steps = range(state.step, run.end_step)
+    tokens = run.prepared.tokens("train")
+    run.t_start = time.perf_counter()
+    stop.graceful = True  # from here a signal finishes the step and saves
+    with BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed, env.dp_rank,
+                          run.layout.accum, steps, env.device) as batches:
+        for step, micro_batches in zip(steps, batches):
+            lr = lr_at(step, tc)
+            run.backend.set_lr(lr)
+            loss, result = train_step(run.backend, micro_batches)
+            state.step = step + 1
+            run.metrics.log_step(state.step, loss, result, lr)
+            heartbeat(env, state.step)
+            run.stopped = stop.requested()
+            _after_step(run, loss)
+            if run.stopped:
+                break
+
+
+def _after_step(run: Run, loss: torch.Tensor) -> None:
+    """Evaluation, samples and checkpoints at their cadences (evaluation at the end, a checkpoint at
+    the end or when the run stops early)."""
+    tc, step = run.cfg.train, run.state.step
+    synced = False
+    if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
+        run.val_loss = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, split_id=1)
+        run.train_loss = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env, split_id=2)
+        run.metrics.log_eval(step, run.train_loss, run.val_loss, run.prepared.manifest["unigram_entropy_nats"])
+        synced = True
+    if not run.stopped and tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:
+        sample(run, step)
+        synced = True
+    if run.checkpointer.due(step, run.end_step) or run.stopped:
+        value = all_reduce_mean(loss, run.env).item()
+        if not math.isfinite(value):  # never checkpoint diverged weights over good ones
+            raise UserError(f"training diverged: the loss is {value} at step {step}; the last checkpoint keeps finite "
+                            f"weights: lower train.lr (or raise train.warmup_steps), then --resume {run.paths.root}")
+        run.state.skipped_steps = run.metrics.skipped_total
+        run.checkpointer.save(step, run.backend, asdict(run.state))
+        synced = True
+    if synced:
+        run.metrics.restart_clock(step)
+
+
+def sample(run: Run, step: int) -> None:
+    model = run.backend.inference_model()  # collective (DeepSpeed gathers ZeRO-3 partitions)
+    if model is None:
+        return
+    sc = run.cfg.sample
+    texts, _ = generate_text(model, run.prepared.load_tokenizer(), [sc.prompt], eot_id=run.prepared.manifest["eot_id"],
+                             max_new_tokens=min(sc.max_new_tokens, 120), temperature=sc.temperature,
+                             top_k=sc.top_k, top_p=sc.top_p, seed=sc.seed)
+    run.say(f"sample @ step {step}:\n{texts[0]}\n" + "-" * 40)
+
+
+def finish(run: Run) -> dict:
+    """Final sample, per-rank memory, the run report and summary.json; returns the summary."""
+    cfg, env, paths = run.cfg, run.env, run.paths
+    steps_run = run.state.step - run.start_step
+    wall = time.perf_counter() - run.t_start
+    run.metrics.close()
+    if run.stopped:
+        run.say(f"stopped by {run.stopped} at step {run.state.step}; resume with: minigpt train --resume {paths.root}")
+    else:
+        sample(run, run.end_step)
+    summary = {
+        "event": "final", "run_dir": str(paths.root), "step": run.state.step, "max_steps": cfg.train.max_steps,
+        "stopped": run.stopped, "train_loss": run.train_loss, "val_loss": run.val_loss,
+        "unigram_entropy_nats": run.prepared.manifest["unigram_entropy_nats"],
+        "tokens_seen": run.state.step * run.layout.tokens_per_step,
+        "tokens_per_s": round(steps_run * run.layout.tokens_per_step / wall, 1) if steps_run else None,
+        "wall_s": round(wall, 2), "world_size": env.world_size, "device": str(env.device),
+        "precision": cfg.train.precision, "compile": cfg.train.compile, "backend": run.backend.describe(),
+        "params": param_counts(cfg.model).total, "fp16_skipped_steps": run.metrics.skipped_total,
+    }
+    per_rank = run.backend.memory_report() if steps_run else None  # collective
+    if env.is_main and per_rank is not None:
+        atomic_write_text(paths.root / "memory_per_rank.json", to_json(per_rank, indent=2))
+        run.say(per_rank_memory_table(per_rank))
+    if env.is_main and cfg.train.report and steps_run and not run.stopped:
+        summary.update(_report(run, summary))
+    if env.is_main:
+        atomic_write_text(paths.summary, to_json(summary, indent=2))
+        print(to_json(summary), flush=True)
+    return summary
+
+
+def _report(run: Run, summary: dict) -> dict:
+    """The run report (report.md/.json): the run's own figures, then FLOPs counted vs formulas, MFU
+    at the median step, and memory in a labelled fake-tensor replay of one step."""
+    from minigpt.analytic.report import (
+        flops_table,
+        memory_table,
+        run_report,
+        write_report,
+    )
+    from minigpt.measure.counted import flops_report, memory_report
+
+    cfg = run.cfg
+    c, tc = cfg.model, cfg.train
+    step_s = run.metrics.median_step_s
+    flops = flops_report(c, run.layout.micro_batch_size, c.block_size, device="meta")  # one micro-batch
+    memory = memory_report(c, run.layout.micro_batch_size, c.block_size, tc.precision, "cpu", fake=True,
+                           recompute=tc.activation_checkpointing)
+    peak_bytes, peak_kind = peak_memory_bytes(run.env.device)
+    c_ = cfg.model
+    figures = {**summary, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
+               "config": f"{c_.n_layer} layers x {c_.n_embd} wide, {c_.n_head} heads, block {c_.block_size}, vocabulary "
+                         f"{c_.vocab_size:,}, {summary['params']:,} parameters; lr {tc.lr:g}, corpus {cfg.data.source}"}
+    report = run_report(cfg, flops, memory, step_s, run.layout.tokens_per_step, run.env.world_size,
+                        run.metrics.peak, run.env.device.type, figures)
+    write_report(run.paths.root, report)
+    p = report["performance"]
+    run.say("== report (also report.md / report.json in the run directory)")
+    run.say(flops_table(flops))
+    run.say(f"achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step; "
+            f"{tc.precision} MFU " + (f"{p['mfu']:.2%}" if p["mfu"] is not None else "n/a") + f" (peak: {p['peak_source']})")
+    warning = mfu_warning(p["mfu"], p["peak_source"])
+    if warning:
+        run.say(warning)
+    run.say(memory_table(memory))
+    return {"mfu": p["mfu"], "achieved_tflops_per_device": p["achieved_tflops_per_device"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory and opening lines
+
+
+def _claim(paths: RunDir) -> tuple[RunLock, bool]:
+    """Create the run directory if needed and take its lock (rank 0): one trainer per run."""
+    created = not paths.root.exists()
+    paths.root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(paths.root)
+    try:
+        lock.acquire()
+    except UserError:
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    return lock, created
+
+
+def _resume_or_fresh(cfg: Config, paths: RunDir, resume: bool, overwrite: bool, say) -> bool:
+    """Whether this start resumes (asked, or train.auto_resume over a checkpoint); checks a fresh
+    start may use the directory."""
+    if not resume and cfg.train.auto_resume and paths.has_checkpoint():
+        check_same_model(config_from_json(paths.config), cfg, paths.root)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        say(f"resume   train.auto_resume: continuing the run in {paths.root} (torchrun restart {restart})")
+        return True
+    if resume:
+        return True
+    if paths.has_checkpoint() and not overwrite:
+        raise UserError(f"{paths.root} already holds a run; continue it with --resume {paths.root}, replace it with "
+                        f"--overwrite, or set train.out_dir to a new directory")
+    foreign = foreign_entries(paths.root)
+    if foreign:
+        raise UserError(f"{paths.root} is not a minigpt run directory (it holds {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); give an empty or new train.out_dir")
+    return False
+
+
+def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
+    """Resuming a run already at its end changes nothing (no file is rewritten)."""
+    if not resume:
+        return
+    _, at = latest_checkpoint(paths.root)  # verified: a damaged run is reported, even when it is done
+    if at > end_step:
+        raise UserError(f"{paths.root} is at step {at}, past the requested end at step {end_step}; "
+                        f"raise train.max_steps (--set train.max_steps=N) to train further")
+    if at == end_step:
+        say(f"nothing to do: {paths.root} is already at step {at} of {end_step}; raise train.max_steps "
+            f"(--set train.max_steps=N) to train further")
+        summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else {"step": at}
+        raise AlreadyDone(json.dumps(summary))
+
+
+def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -> data.PreparedData:
+    """Tokens of the corpus; a resumed run is pinned to the corpus (and tokenizer) it started with."""
+    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
+    pinned_path = paths.root / "data.json"
+    if resume and pinned_path.is_file():
+        pinned = json.loads(pinned_path.read_text())
+        if prepared.manifest["inputs_sha256"] != pinned["inputs_sha256"]:
+            change = data.describe_change(pinned, prepared.manifest)
+            if not cfg.train.allow_new_data:
+                raise UserError(f"the corpus of {paths.root} changed since the run started ({change}); restore it, or "
+                                f"resume with --set train.allow_new_data=true to continue on the new data with the "
+                                f"run's tokenizer")
+            cfg.data.tokenizer = str(paths.tokenizer.resolve())  # the run's tokenizer, not one retrained
+            prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
+            say(f"data     continuing on a changed corpus (train.allow_new_data): {change}; tokenized with the "
+                f"run's tokenizer")
+    for split in ("train", "val"):
+        check_split_length(prepared.tokens(split), split, cfg.model.block_size)
+    return prepared
+
+
+def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
+                     env: DistEnv) -> None:
+    """A fresh run clears what an earlier attempt left (no checkpoint, or --overwrite) and writes
+    config.json (resolved), tokenizer.json, data.json (the corpus it is pinned to) and the
+    backend's own config. A resumed run removes temporaries a kill left, keeps its tokenizer,
+    and drops the metrics records past its checkpoint (those steps are about to be redone)."""
+    if not env.is_main:
+        barrier(env)
+        return
+    if resumed_at is None:
+        clear_run_dir(paths.root)
+        shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
+    else:
+        remove_temporaries(paths.root)
+        kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
+        atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        if (paths.root / "metrics.csv").is_file():  # the CSV follows the records kept
+            (paths.root / "metrics.csv").unlink()
+            csv_sink = CsvSink(paths.root / "metrics.csv")
+            for r in kept:
+                csv_sink.write(r)
+            csv_sink.close()
+    atomic_write_text(paths.config, cfg.to_json())
+    m = prepared.manifest
+    pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
+    atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
+    for name, text in backend.run_files().items():
+        atomic_write_text(paths.root / name, text)
+    barrier(env)
+
+
+def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, peak, resumed_at: int | None,
+             end_step: int) -> MetricsLogger:
+    c, tc = cfg.model, cfg.train
+    sinks = make_sinks(tc.log_to, paths.root, resumed_at, cfg.to_dict()) if env.is_main else []
+    start_step = resumed_at or 0
+    tokens = layout.tokens_per_step
+    hw = train_flops_per_token(c, c.block_size, "exact_recompute") * tokens if tc.activation_checkpointing else None
+    return MetricsLogger(sinks, env, say, tokens_per_step=tokens,
+                         flops_per_step=train_flops_per_token(c, c.block_size, "exact") * tokens, hw_flops_per_step=hw,
+                         peak=peak, precision=tc.precision, log_every=tc.log_every, start_step=start_step,
+                         end_step=end_step)
+
+
+def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume: bool) -> list[str]:
+    cfg, env, layout, m = run.cfg, run.env, run.layout, run.metrics
+    c, tc = cfg.model, cfg.train
+    counts = param_counts(c)
+    lines = run.prepared.summary_lines() + [
+        f"model    {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), "
+        f"{c.n_layer} layers x {c.n_embd} wide, block {c.block_size}",
+        f"train    {env.world_size} process(es) on {env.device} ({', '.join(device_notes) or 'defaults'}), "
+        f"{tc.precision}, {run.backend.describe()}" + (", activation checkpointing" if tc.activation_checkpointing else ""),
+        f"compile  {compile_note}",
+        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {env.dp_size} data-parallel ranks "
+        f"= {layout.tokens_per_step:,} tokens/step, steps {run.start_step}->{run.end_step} of {tc.max_steps}"
+        + (f" (resumed from step {run.start_step})" if resume else ""),
+    ]
+    if layout.note:
+        lines.append(f"note     {layout.note}")
+    peak = m.peak
+    lines.append(f"mfu      model FLOPs {m.flops / layout.tokens_per_step:,.0f}/token (exact matmul count, 3x forward, "
+                 f"full attention square, no recompute) per device / peak: {peak.source}"
+                 + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)"))
+    return lines
