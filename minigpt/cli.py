@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from minigpt.core.errors import UserError, os_error
+from minigpt.core.plan import KEYS as PLAN_KEYS, parse_keys
 
 STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}  # a run stopped by a signal exits like the signal would
 
@@ -41,6 +42,17 @@ def number(kind=float, lo=None, hi=None, lo_open=False):
     return parse
 
 
+def plan_arg(text: str) -> str:
+    """--plan: checked by the parser (keys and values), torch-free."""
+    from minigpt.core.plan import parse_keys
+
+    try:
+        parse_keys(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--plan ")) from None
+    return text
+
+
 def tokens_arg(text: str):
     return text if text == "chinchilla" else number(float, 0, lo_open=True)(text)
 
@@ -66,15 +78,15 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from minigpt.core.config import load_raw, resolve_preset, run_config
+    from minigpt.core.resolve import train_config
     from minigpt.train.loop import train
 
-    cfg = run_config(args.config, args.set, args.resume)
-    if cfg.train.init_from and not args.resume:  # [model] from the weights; the default preset's does not count
-        from minigpt.core.hf_config import with_init_from
+    overrides = list(args.set)
+    if args.plan:  # the plan's [train] keys, after --set (the plan spelling wins over a --set of the same key)
+        from minigpt.parallel.backends import plan_overrides
 
-        explicit = load_raw(resolve_preset(args.config) if args.config else None, args.set).get("model", {})
-        cfg = with_init_from(cfg, explicit)
+        overrides += plan_overrides(args.plan, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = train_config(args.config, overrides, args.resume)
     summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
@@ -85,7 +97,8 @@ def cmd_generate(args) -> None:
     import torch
 
     from minigpt.core.device import resolve_device
-    from minigpt.infer.generate import generate_text, load_run
+    from minigpt.infer.generate import generate_text
+    from minigpt.train.checkpoint import load_run
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device, args.step)
@@ -158,115 +171,34 @@ def _sampling(args, sc) -> dict:
 def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: list[str]) -> None:
     """--draft RUN --speculate K: each prompt decoded speculatively and, side by side, plainly by the
     target alone (same settings), for the speed-up; the text is the speculative output."""
-    from minigpt.infer.generate import generate_ids, load_run
-    from minigpt.infer.speculative import check_pair, speculative_generate
+    from minigpt.apps.speculative import compare_speculative
 
-    draft, draft_tok, _, draft_step = load_run(args.draft, device)
-    check_pair(target, draft, tokenizer.get_vocab(), draft_tok.get_vocab())
-    sc, kw = cfg.sample, _sampling(args, cfg.sample)
-    eot = tokenizer.token_to_id(sc.stop_token)
-    new = args.max_new_tokens or sc.max_new_tokens
-    warm = tokenizer.encode(sc.prompt).ids or [0]
-    generate_ids(target, [warm], 4, **kw), speculative_generate(target, draft, warm, 4, k=args.speculate, **kw)  # warm-up
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt).ids
-        plain = generate_ids(target, [ids], new, eot_id=None, **kw)
-        spec = speculative_generate(target, draft, ids, new, k=args.speculate, eot_id=None, **kw)
-        tokens = spec.new_tokens[: spec.new_tokens.index(eot)] if eot in spec.new_tokens else spec.new_tokens
-        print(f"=== sample {i + 1} (target {args.run} step {step}, draft {args.draft} step {draft_step}, K={args.speculate}) ===")
-        print(prompt + tokenizer.decode(tokens))
-        plain_s = plain.prefill_s + plain.decode_s
-        s = spec.stats()
-        speedup = plain_s / spec.seconds if spec.seconds > 0 else None
-        print(f"acceptance {s['acceptance_rate']:.1%} of {s['drafted']} drafted tokens | {s['tokens_per_target_forward']:.2f} "
-              f"tokens per target forward | {s['tokens_per_s']} tokens/s vs {len(plain.new_tokens[0]) / plain_s:.1f} plain "
-              f"(target alone, same settings, measured just before): speed-up {speedup:.2f}x | {device}", file=sys.stderr)
+    for i, r in enumerate(compare_speculative(target, tokenizer, cfg, device, args.draft, prompts, args.speculate,
+                                              args.max_new_tokens or cfg.sample.max_new_tokens, _sampling(args, cfg.sample))):
+        print(f"=== sample {i + 1} (target {args.run} step {step}, draft {args.draft} step {r['draft_step']}, "
+              f"K={args.speculate}) ===")
+        print(r["text"])
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"
+        print(f"acceptance {r['acceptance_rate']:.1%} of {r['drafted']} drafted tokens | {r['tokens_per_target_forward']:.2f} "
+              f"tokens per target forward | {r['tokens_per_s']} tokens/s vs {r['plain_tokens_per_s']} plain "
+              f"(target alone, same settings, measured just before): speed-up {speedup} | {device}", file=sys.stderr)
+        record = {k: v for k, v in r.items() if k not in ("prompt", "text", "draft_step")}
         print(to_json({"event": "speculative", "target": str(args.run), "draft": str(args.draft), "k": args.speculate,
-                       **s, "plain_tokens_per_s": round(len(plain.new_tokens[0]) / plain_s, 1),
-                       "speedup": round(speedup, 3) if speedup else None}))
+                       **record}))
 
 
-def cmd_quickstart(args) -> None:
+def cmd_quickstart(args) -> int:
     """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
-    from minigpt.core.atomic import atomic_write_text
-    from minigpt.core.config import run_config
-    from minigpt.core.device import resolve_device, resolve_precision
-    from minigpt.infer.generate import generate_text, load_run
-    from minigpt.measure.bench import bench_hardware
-    from minigpt.train.loop import train
+    from minigpt.apps.quickstart import quickstart
 
-    cfg = run_config(args.config, [f"train.out_dir={args.out_dir}", *args.set])
-    # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
-    precision = cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
-    hw = bench_hardware(cfg.train.device, dtypes=[precision])
-    hw_path = Path(args.out_dir).parent / f"hardware-{hw['device'].replace(':', '')}.json"
-    atomic_write_text(hw_path, json.dumps(hw) + "\n")
-    print(f"== measured {hw['device_name']}: {precision} matmul {hw['matmul_tflops'][precision]} "
-          f"TFLOP/s, copy {hw['copy_bandwidth_gbs']} GB/s -> {hw_path}")
-    if hw["datasheet"] is None and not cfg.train.peak_tflops and not cfg.train.peak_from:
-        cfg.train.peak_from = str(hw_path)  # no datasheet peak for this device: MFU against the measured one
-    print(f"== minigpt quickstart: {cfg.model.n_layer}-layer GPT on '{cfg.data.source}' -> {cfg.train.out_dir}")
-
-    summary = train(cfg, overwrite=True)
-    model, tokenizer, cfg, step = load_run(cfg.train.out_dir)
-    texts, gen = generate_text(model, tokenizer, ["import", "def __init__(self", "class"],
-                               eot_id=tokenizer.token_to_id("<|endoftext|>"), max_new_tokens=80, temperature=0.8,
-                               top_k=50, seed=0)
-    print("== samples from the trained model (KV cache, temperature 0.8, top-k 50)")
-    for text in texts:
-        print(text)
-        print("-" * 40)
-    s = gen.stats()
-    from minigpt.core.plots import plot_runs
-
-    plot_runs([cfg.train.out_dir], str(Path(cfg.train.out_dir) / "loss.png"))
-    print(f"== loss curves: {Path(cfg.train.out_dir) / 'loss.png'} (minigpt plot RUN [RUN ...] draws any runs)")
-    _quickstart_extrapolation(cfg.train.out_dir)
-    gap = summary["unigram_entropy_nats"] - summary["val_loss"]
-    print(
-        f"== validation loss {summary['val_loss']:.3f} nats/token vs unigram entropy "
-        f"{summary['unigram_entropy_nats']:.3f}: the model learned {gap:.3f} nats/token of context. "
-        f"Generation: {s['tokens_per_s']} tokens/s at batch {s['batch']}."
-    )
-
-
-def _quickstart_extrapolation(run_dir: str) -> None:
-    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
-    from minigpt.analytic.extrapolate import (
-        REFERENCE_MFU,
-        Scenario,
-        extrapolate,
-        mfu_from_run,
-    )
-    from minigpt.core.fmt import fmt_usd
-    from minigpt.core.hardware import gpu_by_name
-
-    print("== extrapolation to full scale (minigpt extrapolate --help for every option)")
-    print("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
-    print("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
-    print("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
-    print(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
-    for target in ("gpt3-175b", "gpt4"):
-        cfg = _target(target)
-        for gpu_name in ("A100", "H100"):
-            gpu = gpu_by_name(gpu_name)
-            try:
-                measured = mfu_from_run(run_dir, gpu)[0]
-            except UserError:
-                measured = None
-            choices = [("measured here (CPU)", measured)] if measured else []
-            choices.append((f"reference: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
-            for label, mfu in choices:
-                r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
-                print(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
-                      f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
-    print("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
+    summary = quickstart(args.config, args.set, args.out_dir)
+    return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
 def _config(args):
-    from minigpt.core.hf_config import load_any_config
+    from minigpt.core.resolve import model_config
 
-    return load_any_config(args.config, args.set)
+    return model_config(args.config, args.set)
 
 
 def cmd_convert(args) -> None:
@@ -307,11 +239,7 @@ def cmd_flops_sweep(args) -> None:
 
 def cmd_memory(args) -> None:
     from minigpt.analytic import memory as M
-    from minigpt.analytic.report import (
-        memory_table,
-        per_rank_memory_table,
-        zero_stage_lines,
-    )
+    from minigpt.analytic.report import memory_table, per_rank_memory_table, zero_stage_lines
 
     if args.run:  # what a run measured on every rank
         path = Path(args.run) / "memory_per_rank.json"
@@ -344,13 +272,10 @@ def cmd_memory(args) -> None:
 def cmd_bench_decode(args) -> None:
     import torch
 
-    from minigpt.core.atomic import atomic_write_text
-    from minigpt.core.device import device_name, resolve_device
-    from minigpt.core.plots import plot_decode_curve
-    from minigpt.infer.generate import load_run
-    from minigpt.measure.bench import bench_hardware, decode_curve
+    from minigpt.apps.decode_bench import decode_bench
+    from minigpt.core.device import resolve_device
     from minigpt.nn.model import GPT
-    from minigpt.nn.optim import DTYPES
+    from minigpt.train.checkpoint import load_run
 
     device = resolve_device(args.device)
     if args.run:
@@ -358,33 +283,13 @@ def cmd_bench_decode(args) -> None:
     else:
         torch.manual_seed(0)
         model = GPT(_config(args).model).to(device).eval()
-    model.to(DTYPES[args.dtype])
-    c = model.config
-    contexts = args.context or sorted({16, c.block_size // 2})
-    if max(contexts) + args.new_tokens > c.block_size and c.pos_emb != "rope":
-        raise UserError(f"context {max(contexts)} + --new-tokens {args.new_tokens} exceeds block_size {c.block_size}: "
-                        f"lower them")
-    hw = bench_hardware(str(device), dtypes=[args.dtype])
-    rows = decode_curve(model, args.batch or [1, 2, 4, 8, 16, 32], contexts, args.new_tokens, hw["copy_bandwidth_gbs"],
-                        hw["matmul_tflops"][args.dtype], args.compile)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"bench": "decode_curve", "model": args.run or args.config, "params": sum(p.numel() for p in model.parameters()),
-              "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "dtype": args.dtype, "copy_bandwidth_gbs": hw["copy_bandwidth_gbs"],
-              "matmul_tflops": hw["matmul_tflops"][args.dtype], "rows": rows,
-              "convention": "bandwidth bound: weights + the batch's KV cache at the mean context read once per decode "
-                            "step / measured copy bandwidth; compute bound: decode FLOPs (2 N_mm + attention) / measured "
-                            "matmul peak; measured: best of 2 runs after a warm-up, greedy, static KV cache"}
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    png = out.with_suffix(".png")
-    plot_decode_curve(rows, str(png), f"decode speed of {result['model']} ({result['params']:,} parameters, {args.dtype}) on "
-                                      f"{result['device_name']}, {torch.get_num_threads()} threads")
-    for r in rows:
+    result = decode_bench(model, args.run or args.config, device, args.dtype, args.batch or [1, 2, 4, 8, 16, 32],
+                          args.context, args.new_tokens, args.compile, args.out)
+    for r in result["rows"]:
         print(f"context {r['context']:>5} batch {r['batch']:>4}: {r['decode_tokens_per_s_total']:>10,.1f} tokens/s total, "
               f"{r['decode_tokens_per_s_per_sequence']:>8,.1f} per sequence, {r['ms_per_token']:.2f} ms/token; "
               f"{r['fraction_of_bandwidth_bound']:.1%} of the bandwidth bound; prefill {r['prefill_tokens_per_s']:,.0f} tokens/s")
-    print(f"wrote {out} and {png}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 def cmd_serve(args) -> None:
@@ -398,11 +303,17 @@ def cmd_serve(args) -> None:
 def cmd_simulate(args) -> None:
     from minigpt.analytic.report import simulate_table
     from minigpt.core.hardware import gpu_by_name
+    from minigpt.core.plan import ParallelPlan
     from minigpt.measure.simulate import SimSpec, simulate
 
     cfg = _config(args)
-    spec = SimSpec(args.world, args.tp, args.backend, args.precision, args.reduce_precision or "", args.micro_batch,
-                   args.seq_len, args.recompute)
+    keys = parse_keys(args.plan)
+    if "dp" not in keys and args.world is None:
+        raise UserError("simulate needs the data-parallel degree: give dp in --plan (e.g. --plan dp=64,tp=8,zero=3) or "
+                        "--world N (dp = N / (tp x pp))")
+    keys.setdefault("zero", 3)
+    spec = SimSpec(ParallelPlan.from_keys(keys, args.world), args.precision, args.reduce_precision or "",
+                   args.micro_batch, args.seq_len, args.recompute)
     r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
     print(to_json(r) if args.json else simulate_table(r))
 
@@ -417,40 +328,6 @@ def cmd_bench_hardware(args) -> None:
     print(line)
 
 
-def _target(name: str):
-    from minigpt.core.config import configs_dir, load_config
-
-    path = Path(name)
-    if path.suffix == ".json" or path.is_dir():  # an HF config.json (or its folder), a run's config
-        from minigpt.core.hf_config import load_any_config
-
-        return load_any_config(name)
-    if not path.is_file():
-        path = configs_dir() / f"{name}.toml"
-    if not path.is_file():
-        targets = sorted(p.stem for p in configs_dir().glob("*.toml") if "[target]" in p.read_text())
-        raise UserError(f"unknown target {name!r}: give a TOML path or one of {', '.join(targets)}")
-    return load_config(path)
-
-
-def _speculate(value: str) -> tuple[float, str]:
-    """--speculate: a speed-up factor, or a scripts/bench_speculative.py JSON file (its best K)."""
-    try:
-        factor = float(value)
-    except ValueError:
-        factor = None
-    if factor is not None:
-        if not 0 < factor < 100:
-            raise UserError(f"--speculate {value} must be a speed-up factor in (0, 100), e.g. 1.8, or a benchmark file")
-        return factor, f"given (--speculate {factor:g})"
-    try:
-        data = json.loads(Path(value).read_text().strip().splitlines()[-1])
-        best = max((r for r in data["rows"] if r.get("speedup")), key=lambda r: r["speedup"])
-    except (OSError, ValueError, KeyError, IndexError):
-        raise UserError(f"--speculate {value}: neither a number nor a scripts/bench_speculative.py result") from None
-    return best["speedup"], f"measured: {value} (K={best['k']}, on {data.get('device', '?')})"
-
-
 def scenario_from_args(args, cfg):
     from minigpt.analytic.extrapolate import (
         WORDS_PER_TOKEN,
@@ -458,6 +335,7 @@ def scenario_from_args(args, cfg):
         decode_efficiency,
         mfu_from_bench,
         mfu_from_run,
+        speculate_factor,
     )
     from minigpt.core.hardware import gpu_by_name
 
@@ -482,25 +360,26 @@ def scenario_from_args(args, cfg):
                  "utilisation": args.utilisation, "tokens_per_s_per_user": args.tokens_per_s_per_user,
                  "user_speed_source": "given (--tokens-per-s-per-user)" if args.tokens_per_s_per_user else None,
                  "efficiency": decode_efficiency(args.from_decode_bench) if args.from_decode_bench else None,
-                 "speculate": _speculate(args.speculate) if args.speculate else None}
+                 "speculate": speculate_factor(args.speculate) if args.speculate else None}
     if cfg.target.label:
         notes.append(cfg.target.label)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
-                    tp=args.tp, pp=args.pp, zero_stage=args.zero_stage, micro_batch=args.micro_batch,
+                    plan=parse_keys(args.plan), micro_batch=args.micro_batch,
                     context=args.context, batch=args.batch, serve=serve, notes=notes)
 
 
 def cmd_extrapolate(args) -> None:
     from minigpt.analytic.extrapolate import extrapolate
     from minigpt.analytic.report import extrapolation_lines, extrapolation_markdown
+    from minigpt.core.resolve import target_config
 
-    cfg = _target(args.target)
+    cfg = target_config(args.target)
     s = scenario_from_args(args, cfg)
     if args.comm == "counted":
         from minigpt.measure.simulate import layout_simulator
 
-        s.simulator = layout_simulator(s.gpu, s.zero_stage, s.micro_batch, s.notes)
+        s.simulator = layout_simulator(s.gpu, s.micro_batch, s.notes)
     r = extrapolate(cfg.model, cfg.target, s)
     if getattr(args, "_measured_layers", None):
         r["measured_layers"] = args._measured_layers
@@ -517,11 +396,12 @@ def cmd_extrapolate_plot(args) -> None:
     from minigpt.core.config import GPT3_PRESETS
     from minigpt.core.hardware import gpu_by_name
     from minigpt.core.plots import plot_costs
+    from minigpt.core.resolve import target_config
 
     gpu = gpu_by_name(args.gpu)
     points = []
     for name in [*GPT3_PRESETS, "gpt4"]:
-        cfg = _target(name)
+        cfg = target_config(name)
         r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
         points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated",
                        "tokens": r["train_tokens"]})
@@ -553,6 +433,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--stop-at", type=number(int, 1), metavar="STEP", help="stop and checkpoint after STEP (schedule unchanged)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.out_dir")
+    p.add_argument("--plan", type=plan_arg, metavar="SPEC",
+                   help="the parallel layout, e.g. dp=2,zero=3 or tp=2 (keys dp tp pp zero backend offload); sets "
+                        "train.backend, tensor_parallel, pipeline_parallel, zero_stage and offload_*")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
 
 
@@ -629,7 +512,12 @@ def _add_measure_commands(sub) -> None:
     q.add_argument("--steps", type=number(int, 1), default=7, help="timed training steps per small model")
     q.add_argument("--no-gpt3", action="store_true", help="leave out the GPT-3 family (counted on meta)")
     q.set_defaults(func=cmd_flops_sweep)
+    _add_memory_command(sub)
+    _add_simulate_command(sub)
+    _add_bench_command(sub)
 
+
+def _add_memory_command(sub) -> None:
     p = sub.add_parser("memory", help="training memory by category: predicted vs measured, ZeRO table")
     _config_flags(p, any_model=True)
     p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: train.micro_batch_size")
@@ -644,13 +532,16 @@ def _add_measure_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
 
+
+def _add_simulate_command(sub) -> None:
     p = sub.add_parser("simulate", help="one training step on N simulated ranks (FSDP2/tensor parallel on a fake "
                                         "process group): memory and communication per rank beside the formulas")
     _config_flags(p, any_model=True)
-    p.add_argument("--world", type=number(int, 1), required=True, help="ranks (GPUs) to simulate")
-    p.add_argument("--tp", type=number(int, 1), default=1, help="tensor-parallel degree (innermost)")
-    p.add_argument("--backend", choices=["ddp", "zero2", "zero3", "fsdp"], default="zero3",
-                   help="data parallelism over the other world/tp ranks (fsdp = zero3)")
+    p.add_argument("--plan", type=plan_arg, default="", metavar="SPEC",
+                   help=f"the parallel layout, e.g. dp=128,tp=8,pp=1,zero=3 (keys {', '.join(PLAN_KEYS)}; zero defaults "
+                        f"to 3; the same spelling as train and extrapolate)")
+    p.add_argument("--world", type=number(int, 1, 1 << 20), help="ranks (GPUs) in all: dp = world / (tp x pp) when "
+                                                                  "--plan gives no dp")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="compute and gather dtype")
     p.add_argument("--reduce-precision", choices=["fp32", "bf16", "fp16"],
                    help="gradient reduction dtype (default: --precision, the ZeRO paper's 16-bit gradients)")
@@ -662,6 +553,8 @@ def _add_measure_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks of this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
@@ -703,9 +596,9 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--price", type=number(float, 0), help="USD per GPU-hour (default: an assumption per GPU type)")
     p.add_argument("--tokens", type=tokens_arg, help="training tokens, or 'chinchilla' (20 per parameter)")
     p.add_argument("--flops-convention", default="exact", help="exact, six_n_all, kaplan_6n, palm, chinchilla, megatron_72, ...")
-    p.add_argument("--tp", type=number(int, 1), help="tensor-parallel degree (default: suggested)")
-    p.add_argument("--pp", type=number(int, 1), help="pipeline stages (default: suggested)")
-    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--plan", type=plan_arg, default="", metavar="SPEC",
+                   help="fix (part of) the parallel layout, e.g. tp=8,pp=15 or dp=32,tp=8,pp=4,zero=1 (the spelling "
+                        "train and simulate take); what it leaves out is searched; zero defaults to 1")
     p.add_argument("--comm", choices=["formula", "counted"], default="formula",
                    help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
                         "and per-GPU memory; layouts whose simulated memory does not fit are rejected")
@@ -719,7 +612,7 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
     p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3)
     p.add_argument("--tokens-per-s-per-user", type=number(float, 0, lo_open=True),
-                   help="decode speed each user must get (default 30: what a reader needs, seed report)")
+                   help="decode speed each user must get (default 30 tokens/s: an assumed reading speed)")
     p.add_argument("--from-decode-bench", metavar="FILE",
                    help="a 'minigpt bench decode' curve: its measured fraction of the bandwidth bound per batch replaces --utilisation")
     p.add_argument("--speculate", metavar="X|FILE", help="speculative decoding's speed-up: a factor or a bench_speculative.py result")
@@ -736,7 +629,10 @@ def _add_extrapolate_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minigpt import __version__
+
     parser = Parser(prog="minigpt", description="Train, run and measure small GPTs.")
+    parser.add_argument("--version", action="version", version=f"minigpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_measure_commands(sub)

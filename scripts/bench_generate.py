@@ -18,10 +18,10 @@ import torch
 
 from minigpt.core.config import load_config, resolve_preset
 from minigpt.core.device import device_name, resolve_device
-from minigpt.infer.generate import load_run
 from minigpt.measure.bench import bench_decode, bench_hardware
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import DTYPES
+from minigpt.train.checkpoint import load_run
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 Four steps are timed in one process, interleaved round by round in a shuffled order (so machine
 noise and cache state hit all alike):
   minigpt_compiled   the step exactly as `minigpt train` runs it: the model after
-                     apply_training_techniques with train.compile = true, the backend's
+                     parallelize() with train.compile = true, the backend's
                      forward/backward and step (clipping, AdamW), one micro-batch per step
   minigpt_eager      the same with train.compile = false
   (`minigpt_default` says which of the two `minigpt train` picks for the config's max_steps, and why)
@@ -38,13 +38,12 @@ from minigpt.core.config import load_config, resolve_preset
 from minigpt.core.device import configure_device, device_name, resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import choose_peak
-from minigpt.core.plan import batch_layout
+from minigpt.core.plan import ParallelPlan, batch_layout
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, lr_at
-from minigpt.parallel.backend import make_backend
+from minigpt.parallel.backends import backend_class, make_backend, resolve_plan
 from minigpt.parallel.distributed import init_distributed
-from minigpt.parallel.parallelize import apply_training_techniques, resolve_compile
-from minigpt.train.loop import train_step
+from minigpt.parallel.parallelize import parallelize
 
 
 class BaselineGPT(nn.Module):
@@ -102,13 +101,14 @@ def minigpt_step(path, overrides: list[str], env, layout, compiled: bool):
     cfg = load_config(path, overrides + [f"train.compile={str(compiled).lower()}"])
     cfg.train.precision = resolve_precision(cfg.train.precision, env.device)
     torch.manual_seed(0)
-    backend = make_backend(apply_training_techniques(GPT(cfg.model), cfg.train), cfg, env, layout)
+    plan = resolve_plan(ParallelPlan.from_train(cfg.train, cfg.model, 1))
+    backend = make_backend(parallelize(GPT(cfg.model), plan, cfg.train, env.device), cfg, env, plan)
     state = {"step": 0}
 
     def step(x, y):
         backend.set_lr(lr_at(state["step"], cfg.train))
         state["step"] += 1
-        loss, _ = train_step(backend, [(x, y)])
+        loss, _ = backend.step([(x, y)])
         return loss
     return step
 
@@ -140,7 +140,7 @@ def main() -> None:
     layout = batch_layout(cfg.train, cfg.model.block_size, 1)
     x = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch_size, cfg.model.block_size), device=env.device)
     y = torch.randint(0, cfg.model.vocab_size, x.shape, device=env.device)
-    default, why = resolve_compile(cfg.train, env.device, cfg.train.max_steps)
+    default, why = backend_class(resolve_plan(ParallelPlan.from_train(cfg.train, cfg.model, 1))).compile_rule(cfg.train, env.device, cfg.train.max_steps)
     variants = {"minigpt_compiled": minigpt_step(path, args.set, env, layout, True),
                 "minigpt_eager": minigpt_step(path, args.set, env, layout, False),
                 "baseline": baseline_step(cfg, env.device, False), "baseline_compiled": baseline_step(cfg, env.device, True)}

@@ -128,7 +128,7 @@ def readme_torchrun_lines(sharded: bool = False) -> list[str]:
     the FSDP / tensor-parallel ones, which tests/test_sharding.py runs."""
     blocks = (REPO / "README.md").read_text().split("```")[1::2]
     lines = [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
-    return [l for l in lines if ("fsdp" in l or "tensor_parallel" in l) == sharded]
+    return [l for l in lines if ("fsdp" in l or "tensor_parallel" in l or "--plan" in l) == sharded]
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

@@ -168,8 +168,8 @@ def test_the_readme_torchrun_commands_run(runs):
 
 @pytest.mark.parametrize("sets, message", [
     (['train.backend="deepspeed"', "train.zero_stage=4"], "train.zero_stage = 4 must be 0, 1, 2 or 3"),
-    (['train.backend="deepspeed"', "train.zero_stage=2", "train.offload_params=true"], "needs train.zero_stage = 3"),
-    (["train.zero_stage=2"], "need train.backend = 'deepspeed'"),
+    (['train.backend="deepspeed"', "train.zero_stage=2", "train.offload_params=true"], "offload=params needs zero=3"),
+    (["train.zero_stage=2"], "ZeRO-2 shards model states: use backend=deepspeed"),
     (['train.backend="deepspeed"', "train.compile=true"], "train.compile = true is not supported"),
 ])
 def test_bad_deepspeed_settings(corpus_dir, data_cache, tmp_path, sets, message):

@@ -1,5 +1,5 @@
 """Published figures reproduced from first principles: each computed by the tool from the model
-config and the scenario's inputs (REFERENCE.md section 4); the expected values are the papers'."""
+config and the scenario's inputs; the expected values are the papers' and reports'."""
 
 import json
 
@@ -115,8 +115,9 @@ def test_chinchilla_tokens():
 @pytest.mark.parametrize("kw, message", [
     (dict(mfu=1.5), "must be in \\(0, 1\\]"),
     (dict(mfu=0.3, num_gpus=8), "needs at least"),
-    (dict(mfu=0.3, tp=5), "does not divide n_head"),
-    (dict(mfu=0.3, pp=7), "does not divide n_layer"),
+    (dict(mfu=0.3, plan={"tp": 5}), "does not divide n_head"),
+    (dict(mfu=0.3, plan={"pp": 97}), "is more than the 96 layers"),
+    (dict(mfu=0.3, plan={"dp": 2, "tp": 8, "pp": 8}, num_gpus=1024), "--plan gives dp x tp x pp = 128 GPUs"),
     (dict(mfu=0.3, price_per_gpu_hour=-1), "must be >= 0"),
     (dict(mfu=0.3, tokens=-5), "must be positive"),
     (dict(mfu=0.3, flops_convention="7n"), "unknown FLOP convention"),

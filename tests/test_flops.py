@@ -96,7 +96,7 @@ def test_inference_flops():
     c = load_config(REPO / "configs" / "gpt3-175b.toml").model
     n_mm = F.param_counts(c).matmul
     assert F.decode_flops(c, 0) == pytest.approx(2 * n_mm, rel=1e-3)
-    # about 350 TFLOPs per 1000 generated tokens at short context (REFERENCE.md section 1)
+    # about 350 TFLOPs per 1000 generated tokens at short context (2N per token, Kaplan et al. 2020)
     assert 1000 * F.decode_flops(c, 100) == pytest.approx(3.5e14, rel=0.01)
     assert F.prefill_flops(c, 16, all_logits=True) == 2 * n_mm * 16 + 4 * 96 * 16 * 16 * 12288
 

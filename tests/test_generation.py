@@ -99,7 +99,7 @@ def test_serving_at_a_per_user_speed_from_measurement(tmp_path):
         return json.loads(r.stdout)["serving_at_user_speed"]
 
     base = serve()
-    assert base["tokens_per_s_per_user"] == 30 and "seed report" in base["tokens_per_s_per_user_source"]
+    assert base["tokens_per_s_per_user"] == 30 and "assumption" in base["tokens_per_s_per_user_source"]
     assert base["per_user_tokens_per_s"] >= 30 and "assumption" in base["efficiency_source"]
     assert serve("--tokens-per-s-per-user", "60")["num_gpus"] > base["num_gpus"]
     curve = tmp_path / "curve.json"

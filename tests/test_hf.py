@@ -12,8 +12,9 @@ from conftest import run_cli, set_args, stdlib_files, tiny_overrides
 
 from minigpt.analytic.flops import param_counts
 from minigpt.core.hf_config import model_from_hf
-from minigpt.infer.generate import generate_ids, load_run
+from minigpt.infer.generate import generate_ids
 from minigpt.nn.model import GPT
+from minigpt.train.checkpoint import load_run
 
 transformers = pytest.importorskip("transformers", reason="transformers (the [hf]/dev extra) verifies the conversion")
 

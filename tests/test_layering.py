@@ -124,3 +124,29 @@ def test_fsdp_and_tensor_parallel_are_applied_in_the_parallel_band_only():
     users = {n for n, p in modules().items() if any(d.startswith(names) for d in imports_of(p))}
     assert users and all(n.startswith("minigpt.parallel.") for n in users), users
     assert "fsdp" not in (PKG / "nn" / "model.py").read_text().lower()
+
+
+def test_no_module_outside_the_parallel_band_branches_on_a_backend():
+    """Which backend runs is the parallel band's business: elsewhere no comparison with a backend's name (or
+    with a `.backend` attribute), no lookup table keyed by one, no isinstance test of a backend class."""
+    for name, path in modules().items():
+        if name.startswith("minigpt.parallel."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                names = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+                text = ast.unparse(node)
+                assert not names & BACKEND_NAMES and ".backend" not in text, f"{name} compares {text!r}"
+            if isinstance(node, ast.Dict):
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                assert not keys & BACKEND_NAMES, f"{name} keys a table by backend: {ast.unparse(node)[:80]}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                assert "Backend" not in ast.unparse(node), f"{name}: {ast.unparse(node)}"
+
+
+def test_no_function_is_over_60_lines():
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= 60, f"{name}:{node.name} is {lines} lines"

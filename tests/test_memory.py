@@ -20,7 +20,7 @@ def test_zero_paper_figure_1():
     assert t["3"]["total"] / GB == pytest.approx(1.88, rel=5e-3)
     fp32 = M.model_state_bytes(1e9, "fp32", 0, 1)
     assert (fp32.parameters, fp32.gradients, fp32.optimizer_state) == (4e9, 4e9, 8e9)
-    ds = M.model_state_bytes(1e9, "bf16", 2, 4, layout="deepspeed")
+    ds = M.model_state_bytes(1e9, "bf16", 2, 4, layout="zero_fp32_grads")
     assert ds.total == pytest.approx(2e9 + 18e9 / 4)  # DeepSpeed's estimator: 2 Psi + 18 Psi / N at stage 2
 
 

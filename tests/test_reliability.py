@@ -15,10 +15,9 @@ from conftest import REPO, Proc, run_cli, set_args, tiny_overrides
 
 from minigpt.core.config import DataConfig, ModelConfig
 from minigpt.data import cache as data
-from minigpt.infer.generate import load_run
 from minigpt.nn.weights import WEIGHTS, load_weights
 from minigpt.train import checkpoint
-from minigpt.train.checkpoint import RunLock
+from minigpt.train.checkpoint import RunLock, load_run
 from minigpt.train.loop import train
 
 

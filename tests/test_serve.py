@@ -33,8 +33,8 @@ def server(tmp_path_factory, corpus_dir, data_cache):
     from conftest import REPO, tiny_overrides
 
     from minigpt.core.config import load_config
-    from minigpt.infer.generate import load_run
     from minigpt.infer.serve import create_app
+    from minigpt.train.checkpoint import load_run
     from minigpt.train.loop import train
 
     out = tmp_path_factory.mktemp("serve") / "run"

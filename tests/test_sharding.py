@@ -46,7 +46,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
         return set_args(tiny_overrides(corpus_dir, data_cache, root / name, **{**COMMON, **extra}))
 
     fsdp_line, tp_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
-    assert fsdp_line.endswith("--set train.backend=fsdp") and tp_line.endswith("--set train.tensor_parallel=2")
+    assert fsdp_line.endswith("--plan dp=2,zero=3") and tp_line.endswith("--plan tp=2")
     jobs = {
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
         "tp": readme_cmd(tp_line, sets("tp")),
@@ -107,17 +107,20 @@ def test_a_stopped_fsdp_run_resumes_on_its_backend_only(runs):
     optimizer state is saved whole and restored); another backend is refused with the setting."""
     assert json.loads(runs["fsdp"].stdout.splitlines()[-1])["step"] == 3
     assert "steps 3->6 of 6 (resumed from step 3)" in runs["fsdp_resumed"].stdout
+    r = run_cli("train", "--resume", str(runs["root"] / "fsdp_stopped"), "--plan", "zero=0,backend=ddp")
+    assert r.returncode == 2 and "written by the fsdp backend; resume with --set train.backend=fsdp" in r.stderr
     r = run_cli("train", "--resume", str(runs["root"] / "fsdp_stopped"), "--set", 'train.backend="ddp"')
-    assert r.returncode == 2 and "written by the fsdp backend" in r.stderr
+    assert r.returncode == 2 and "ZeRO-3 shards model states" in r.stderr  # the plan's rules speak first
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"train.tensor_parallel": 2, "model.n_head": 3, "model.n_embd": 48}, "model.n_head = 3 does not divide by train.tensor_parallel = 2"),
+    ({"train.tensor_parallel": 2, "model.n_head": 3, "model.n_embd": 48}, "model.n_head = 3 does not divide by the tensor-parallel degree 2"),
     ({"train.tensor_parallel": 2, "model.n_expert": 4}, "does not shard a mixture of experts"),
     ({"train.tensor_parallel": 0}, "train.tensor_parallel = 0 must be a positive integer"),
-    ({"train.tensor_parallel": 2}, "must divide the 1 processes"),
+    ({"train.tensor_parallel": 2}, "train.tensor_parallel x train.pipeline_parallel: tp x pp = 2 must divide the 1 ranks"),
+    ({"train.pipeline_parallel": 2}, "pipeline parallelism (pp=2) is simulated and costed"),
     ({"train.backend": '"fsdp"', "train.offload_params": "true"}, "on a CPU run set train.offload_params = false"),
-    ({"train.offload_params": "true"}, "needs train.backend = 'fsdp' or 'deepspeed'"),
+    ({"train.offload_params": "true"}, "offloading needs backend=fsdp (parameters, on CUDA) or backend=deepspeed"),
 ])
 def test_bad_sharding_settings(corpus_dir, data_cache, tmp_path, extra, message):
     r = run_cli("train", *set_args(tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **extra)))

@@ -13,6 +13,7 @@ from conftest import run_cli
 from minigpt.analytic import memory as M
 from minigpt.core.config import ModelConfig
 from minigpt.core.hardware import gpu_by_name
+from minigpt.core.plan import ParallelPlan
 from minigpt.measure.simulate import SimSpec, simulate
 
 # ZeRO Fig. 1's model: 7.5B parameters (here 36 layers x 4096 wide + a 50,257-token vocabulary);
@@ -23,7 +24,8 @@ ZERO_7B5 = ModelConfig(n_layer=36, n_head=32, n_embd=4096, block_size=128, vocab
 @pytest.fixture(scope="module")
 def zero_runs():
     h100 = gpu_by_name("H100")
-    return {b: simulate(ZERO_7B5, SimSpec(world=64, backend=b), h100) for b in ("ddp", "zero2", "zero3")}
+    plans = {"ddp": 0, "zero2": 2, "zero3": 3}
+    return {b: simulate(ZERO_7B5, SimSpec(ParallelPlan(dp=64, zero=z)), h100) for b, z in plans.items()}
 
 
 def test_stage_3_sends_one_and_a_half_times_ddp_by_count(zero_runs):
@@ -56,10 +58,10 @@ def test_model_states_per_gpu_match_zero_figure_1(zero_runs):
 
 
 def test_gpt3_on_1024_ranks_with_tensor_parallel_8():
-    r = run_cli("simulate", "--config", "gpt3-175b", "--world", "1024", "--tp", "8", "--json")
+    r = run_cli("simulate", "--config", "gpt3-175b", "--world", "1024", "--plan", "tp=8", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("world", "tp", "backend", "params_total", "memory_per_rank", "predicted_memory_per_rank",
+    for key in ("plan", "world", "tp", "zero", "params_total", "memory_per_rank", "predicted_memory_per_rank",
                 "collectives", "comm_bytes_per_rank", "predicted_comm_bytes_per_rank"):
         assert key in out
     assert (out["world"], out["tp"], out["dp"]) == (1024, 8, 128)
@@ -74,17 +76,21 @@ def test_gpt3_on_1024_ranks_with_tensor_parallel_8():
 
 
 def test_table_says_its_conventions(capsys):
-    r = run_cli("simulate", "--config", "tiny", "--set", "model.n_layer=2", "--world", "4", "--tp", "2",
-                "--backend", "ddp", "--seq-len", "64")
+    r = run_cli("simulate", "--config", "tiny", "--set", "model.n_layer=2", "--plan", "dp=2,tp=2,zero=0",
+                "--seq-len", "64")
     assert r.returncode == 0, r.stderr
-    for text in ("dp 2 x tp 2", "measured/predicted", "all 2 layers run", "counted/formula", "NVLink 900 GB/s",
+    for text in ("4 ranks = dp 2 (ZeRO-0) x tp 2 x pp 1", "measured/predicted", "beside extrapolate's", "all 2 layers run", "counted/formula", "NVLink 900 GB/s",
                  "MFU of H100 dense bf16", "not overlapped"):
         assert text in r.stdout, text
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--world", "6", "--tp", "4"], "must divide the 6 processes"),
-    (["--world", "8", "--tp", "8"], "model.n_head = 4 does not divide by train.tensor_parallel = 8"),
+    (["--world", "6", "--plan", "tp=4"], "tp x pp = 4 must divide the 6 ranks"),
+    (["--world", "8", "--plan", "tp=8"], "model.n_head = 4 does not divide by the tensor-parallel degree 8"),
+    (["--plan", "tp=2"], "give dp in --plan"),
+    (["--plan", "dp=2,tq=2"], "'tq=2' is not KEY=VALUE with a key from dp, tp, pp"),
+    (["--plan", "dp=4", "--world", "8"], "has 4 ranks, but 8 were given"),
+    (["--plan", "dp=100000,tp=2"], "simulate at most 65,536"),
     (["--world", "8", "--seq-len", "4096"], "--seq-len 4096 must be between 1 and block_size = 128"),
     (["--world", "8", "--gpu", "Z80"], "unknown GPU 'Z80'"),
     (["--world", "0"], "must be a finite number"),
@@ -95,11 +101,11 @@ def test_bad_simulations_are_one_line(args, message):
 
 
 def test_extrapolate_takes_counted_communication_and_memory():
-    r = run_cli("extrapolate", "--target", "gpt3-xl", "--gpu", "A100-40GB", "--num-gpus", "16", "--zero-stage", "0",
+    r = run_cli("extrapolate", "--target", "gpt3-xl", "--gpu", "A100-40GB", "--num-gpus", "16", "--plan", "zero=0",
                 "--comm", "counted", "--json")
     assert r.returncode == 0, r.stderr
     comm = json.loads(r.stdout)["memory"]["communication"]
-    assert comm["source"].startswith("counted: minigpt simulate of one pipeline stage")
+    assert comm["source"].startswith("counted: minigpt simulate --plan dp=16,tp=1,pp=1,zero=0 --recompute")
     # DDP over 16 ranks: counted equals the extrapolation's ring formula (tp 1: nothing replicated)
     assert comm["counted_over_formula_dp"] == pytest.approx(1.0, rel=1e-3)
     assert comm["counted_dp_bytes_per_gpu_per_step"] == pytest.approx(comm["dp_allreduce_bytes_per_gpu_per_step"], rel=1e-3)
@@ -114,14 +120,14 @@ def test_layouts_whose_simulated_memory_does_not_fit_are_rejected():
     c = ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257)
     asked = []
 
-    def simulator(model, tp, pp, dp):
-        asked.append((tp, pp, dp))
-        return {"memory_per_gpu_bytes": 99e9 if tp == 1 else 1e9}
+    def simulator(model, plan):
+        asked.append((plan.tp, plan.pp, plan.dp))
+        return {"memory_per_gpu_bytes": 99e9 if plan.tp == 1 else 1e9}
 
-    layout = suggest_layout(c, gpu_by_name("A100-40GB"), 16, 2048, 0, 1, simulator=simulator)
+    layout = suggest_layout(c, gpu_by_name("A100-40GB"), 16, 2048, {"zero": 0}, 1, simulator=simulator)
     assert (layout["tp"], layout["pp"]) == (2, 1) and asked[0] == (1, 1, 16)
     assert layout["rejected_by_simulation"] == [{"tp": 1, "pp": 1, "dp": 16, "simulated_bytes": 99e9}]
-    plain = suggest_layout(c, gpu_by_name("A100-40GB"), 16, 2048, 0, 1)
+    plain = suggest_layout(c, gpu_by_name("A100-40GB"), 16, 2048, {"zero": 0}, 1)
     assert (plain["tp"], plain["pp"]) == (1, 1) and "simulated" not in plain
 
 

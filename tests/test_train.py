@@ -8,11 +8,12 @@ from conftest import run_cli, set_args, tiny_overrides
 
 from minigpt.core.errors import UserError
 from minigpt.core.plan import batch_layout
-from minigpt.infer.generate import generate_text, load_run
+from minigpt.infer.generate import generate_text
 from minigpt.nn.optim import lr_at
 from minigpt.nn.weights import WEIGHTS
 from minigpt.train import checkpoint
-from minigpt.train.loop import train, train_step
+from minigpt.train.checkpoint import load_run
+from minigpt.train.loop import train
 
 
 def records(run_dir: Path, kind: str = "step") -> list[dict]:
@@ -118,7 +119,7 @@ def test_bf16_and_moe_in_bf16_train_on_cpu(tiny_cfg, tmp_path):
 def test_gradient_accumulation_is_derived_from_tokens(tiny_cfg):
     tc = tiny_cfg(**{"train.batch_size_tokens": 512}).train  # micro 4 x block 32 = 128 tokens
     assert batch_layout(tc, 32, 1).accum == 4 and batch_layout(tc, 32, 2).accum == 2
-    with pytest.raises(UserError, match=r"batch_size_tokens = 512 is not a multiple of block_size x world_size = 32 x 3"):
+    with pytest.raises(UserError, match=r"batch_size_tokens = 512 is not a multiple of block_size x data-parallel ranks = 32 x 3"):
         batch_layout(tc, 32, 3)
     # the tiny preset's 4,096 tokens of 128 do not split into micro-batches of 32 over 2 ranks:
     # the micro-batch is derived (and said), the global batch stays
@@ -155,14 +156,14 @@ def test_a_training_step_never_reads_the_device(tiny_cfg, monkeypatch):
     import sys
 
     import minigpt
-    from minigpt.core.plan import batch_layout
+    from minigpt.core.plan import ParallelPlan
     from minigpt.nn.model import GPT
-    from minigpt.parallel.backend import make_backend
+    from minigpt.parallel.backends import make_backend
     from minigpt.parallel.distributed import init_distributed
 
     cfg = tiny_cfg(**{"train.batch_size_tokens": 256, "train.precision": '"fp32"'})
     env = init_distributed("cpu")
-    backend = make_backend(GPT(cfg.model), cfg, env, batch_layout(cfg.train, 32, 1))
+    backend = make_backend(GPT(cfg.model), cfg, env, ParallelPlan(backend="ddp"))
     batches = [(torch.randint(0, 300, (4, 32)), torch.randint(0, 300, (4, 32))) for _ in range(2)]
 
     package = str(Path(minigpt.__file__).parent)
@@ -180,7 +181,7 @@ def test_a_training_step_never_reads_the_device(tiny_cfg, monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, watch(name))
-    loss, result = train_step(backend, batches)
+    loss, result = backend.step(batches)
     monkeypatch.undo()
     assert reads == []
     assert loss.dim() == 0 and result.grad_norm.dim() == 0 and result.skipped.dim() == 0

@@ -22,6 +22,7 @@ from minigpt.analytic import flops as F, memory as M
 from minigpt.core.config import ModelConfig, TargetConfig, divisors
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+from minigpt.core.plan import ParallelPlan
 
 PF_DAY = 1e15 * 86400
 HOURS_PER_MONTH = 720
@@ -42,8 +43,6 @@ REFERENCE_MFU = {
 
 
 @dataclass
-
-
 class Scenario:
     gpu: GPUSpec
     dtype: str = "bf16"
@@ -54,15 +53,13 @@ class Scenario:
     price_per_gpu_hour: float | None = None
     tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
     flops_convention: str = "exact"
-    tp: int | None = None
-    pp: int | None = None
-    zero_stage: int = 1
+    plan: dict = field(default_factory=dict)  # --plan keys that fix the layout (tp, pp, dp, zero); the rest searched
     micro_batch: int = 1
     context: int | None = None  # inference context length (default: block_size / 2)
     batch: int = 1  # inference batch for the decode bound
     serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
     notes: list[str] = field(default_factory=list)
-    # --comm counted: (model, tp, pp, dp) -> a simulated step of that layout (minigpt.simulate), or
+    # --comm counted: (model, ParallelPlan) -> a simulated step of that layout (minigpt simulate), or
     # None when it cannot be simulated; torch-free here, supplied by the CLI
     simulator: object = field(default=None, repr=False)
 
@@ -78,6 +75,8 @@ def _check(s: Scenario) -> None:
         raise UserError(f"--days {s.days} must be positive")
     if s.flops_convention not in F.ALL_CONVENTIONS:
         raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
+    if s.plan.get("zero", 1) not in (0, 1, 2, 3):
+        raise UserError(f"--plan zero={s.plan['zero']} must be 0, 1, 2 or 3")
     if s.dtype not in s.gpu.tflops:
         raise UserError(f"{s.gpu.name} has no datasheet {s.dtype} peak; choose from {', '.join(s.gpu.tflops)}")
 
@@ -100,60 +99,75 @@ def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float,
 # parallel layout
 
 
-def per_gpu_bytes(c: ModelConfig, tp: int, pp: int, dp: int, zero_stage: int, seq: int, micro_batch: int) -> dict:
-    """Memory of one GPU in a tensor x pipeline x data layout (mixed-precision Adam, full recompute).
+def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int, recompute: bool = True) -> dict:
+    """Memory of one GPU under a plan (mixed-precision Adam, 16-bit activations).
 
-    Model states 16 Psi split over tp*pp, with ZeRO over the dp replicas on top. Activations: with
-    full recompute each layer keeps its input, 2 s b h bytes (Korthikanti et al. 2022), divided by
-    tp with sequence parallelism; a 1F1B pipeline's first stage holds pp micro-batches of its
-    L/pp layers, i.e. L layers' worth.
+    Model states 16 Psi split over tp*pp, with the plan's ZeRO stage over its dp ranks on top (ZeRO
+    paper). Activations per layer (Korthikanti et al. 2022): with full recompute each layer keeps its
+    input, 2 s b h bytes, divided by tp (sequence parallelism); without, s b h (10 + 24/t) (flash
+    attention: no s x s term, no sequence parallelism). A 1F1B pipeline's first stage holds pp
+    micro-batches of its L/pp layers, i.e. L layers' worth.
     """
-    psi = F.param_counts(c).total / (tp * pp)
-    states = M.model_state_bytes(psi, "bf16", zero_stage, dp)
-    act = c.n_layer * M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq, recompute=True) / tp
-    return {"model_states": states.total, "activations": act, "total": states.total + act}
+    psi = F.param_counts(c).total / (plan.tp * plan.pp)
+    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.dp)
+    s, b, h, t = seq, micro_batch, c.n_embd, plan.tp
+    per_layer = 2 * s * b * h / t if recompute else s * b * h * (10 + 24 / t)
+    act = c.n_layer * per_layer
+    return {"model_states": states.total, "activations": act, "total": states.total + act,
+            "convention": "16 bytes/param (ZeRO paper) split over tp x pp, ZeRO-%d over dp; Korthikanti activations, %s"
+                          % (plan.zero, "full recompute (2sbh/t per layer)" if recompute else "no recompute, s*b*h*(10+24/t)")}
 
 
-def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero_stage: int, micro_batch: int,
-                   tp: int | None = None, pp: int | None = None, simulator=None) -> dict:
-    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node).
+def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dict, micro_batch: int,
+                   simulator=None) -> dict:
+    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node); `fixed`
+    holds the --plan keys the user gave (tp, pp, dp, zero). The rest of the GPUs go to data parallelism.
 
     With a simulator (--comm counted) a layout must also fit by the memory its simulated step
     measured; the layouts it rejects are listed."""
-    if tp is not None and (tp < 1 or c.n_head % tp):
-        raise UserError(f"--tp {tp} does not divide n_head = {c.n_head}; choose from {[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
-    if pp is not None and (pp < 1 or c.n_layer % pp):
-        raise UserError(f"--pp {pp} does not divide n_layer = {c.n_layer}; choose from {divisors(c.n_layer)}")
+    zero, tp, pp = fixed.get("zero", 1), fixed.get("tp"), fixed.get("pp")
+    if tp is not None and c.n_head % tp:
+        raise UserError(f"--plan tp={tp} does not divide n_head = {c.n_head}; choose from "
+                        f"{[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
+    if pp is not None and pp > c.n_layer:
+        raise UserError(f"--plan pp={pp} is more than the {c.n_layer} layers; choose from {divisors(c.n_layer)}")
     budget = gpu.memory_gb * 1e9 * MEMORY_HEADROOM
     tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
     pps = [pp] if pp else divisors(c.n_layer)
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
     rejected: list[dict] = []
     for t, p in candidates:
-        if t * p > num_gpus:
+        plan = ParallelPlan(dp=fixed.get("dp", max(1, num_gpus // (t * p))), tp=t, pp=p, zero=zero)
+        if plan.world > num_gpus:
             continue
-        dp = num_gpus // (t * p)
-        mem = per_gpu_bytes(c, t, p, dp, zero_stage, seq, micro_batch)
+        mem = per_gpu_bytes(c, plan, seq, micro_batch)
         if mem["total"] > budget:
             continue
-        layout = {"tp": t, "pp": p, "dp": dp, "gpus_used": t * p * dp, "per_gpu_bytes": mem, "fits": True,
-                  "budget_bytes": budget}
+        layout = {"tp": t, "pp": p, "dp": plan.dp, "zero_stage": zero, "plan": plan.spelling(),
+                  "plan_description": plan.describe(), "gpus_used": plan.world, "gpus_given": num_gpus,
+                  "per_gpu_bytes": mem, "fits": True, "budget_bytes": budget}
         if simulator is None:
             return layout
-        sim = simulator(c, t, p, dp)
+        sim = simulator(c, plan)
         if sim is None or sim["memory_per_gpu_bytes"] <= budget:
             return {**layout, "simulated": sim, "rejected_by_simulation": rejected}
-        rejected.append({"tp": t, "pp": p, "dp": dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
-    # nothing fits in num_gpus: find how many GPUs would be needed
+        rejected.append({"tp": t, "pp": p, "dp": plan.dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
+    _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget)
+
+
+def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int, micro_batch: int,
+               candidates: list, budget: float) -> None:
+    """Nothing fits in num_gpus: say how many GPUs would be needed."""
     for need in (2**i for i in range(0, 24)):
         for t, p in candidates:
-            if t * p <= need and per_gpu_bytes(c, t, p, need // (t * p), zero_stage, seq, micro_batch)["total"] <= budget:
+            plan = ParallelPlan(dp=max(1, need // (t * p)), tp=t, pp=p, zero=zero)
+            if t * p <= need and per_gpu_bytes(c, plan, seq, micro_batch)["total"] <= budget:
                 raise UserError(
-                    f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero_stage}, micro-batch {micro_batch}, "
-                    f"full recompute); it needs at least {need} GPUs, e.g. tp={t} pp={p} dp={need // (t * p)}: "
+                    f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero}, micro-batch {micro_batch}, "
+                    f"full recompute); it needs at least {need} GPUs, e.g. --plan {plan.spelling()}: "
                     f"raise --num-gpus to {need} or more"
                 )
-    raise UserError(f"no layout on {gpu.name} holds this model; give --tp/--pp or a GPU with more memory")
+    raise UserError(f"no layout on {gpu.name} holds this model; give --plan tp=..,pp=.. or a GPU with more memory")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +234,12 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
 
 
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
+    if all(k in s.plan for k in ("dp", "tp", "pp")):  # a whole layout: its GPU count
+        world = s.plan["dp"] * s.plan["tp"] * s.plan["pp"]
+        if s.num_gpus is not None and s.num_gpus != world:
+            raise UserError(f"--plan gives dp x tp x pp = {world:,} GPUs but --num-gpus is {s.num_gpus:,}: drop one, or "
+                            f"make them agree")
+        return world, "the plan's dp x tp x pp (--plan)"
     if s.num_gpus is not None:
         return s.num_gpus, "given (--num-gpus)"
     if s.days is not None:
@@ -232,7 +252,7 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
     p = F.param_counts(c)
     seq = c.block_size
     states = M.model_state_bytes(p.total, "bf16", 0, 1)
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.zero_stage, s.micro_batch, s.tp, s.pp, s.simulator)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator)
     micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
     bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
     return {
@@ -246,7 +266,7 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
             "no_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq),
             "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
         },
-        "layout": {**layout, "zero_stage": s.zero_stage, "micro_batch": s.micro_batch,
+        "layout": {**layout, "micro_batch": s.micro_batch,
                    "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
         "communication": _communication(p.total, layout, s, step_s, tokens / gbt, micro_batches),
     }
@@ -280,7 +300,7 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
         "compute_s_per_step": step_s,
         "steps": steps,
         "source": "formula: ring all-reduce of 2 Psi bytes / (tp pp) (ZeRO-3: 1.5x); tensor-parallel traffic not counted",
-        **_counted(layout.get("simulated"), s, link, micro_batches, zero3 if s.zero_stage == 3 else ring),
+        **_counted(layout.get("simulated"), s, link, micro_batches, zero3 if layout["zero_stage"] == 3 else ring),
     }
 
 
@@ -361,8 +381,8 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
     }
 
 
-USER_TOKENS_PER_S = (30.0, "a reader needs about 30 tokens/s for a generated answer to feel acceptable (seed report; "
-                          "REFERENCE.md)")
+USER_TOKENS_PER_S = (30.0, "assumption: about 30 tokens/s per user, a reading speed at which a generated answer "
+                          "feels acceptable (the figure industry cost estimates of LLM serving use)")
 
 
 def decode_efficiency(path: str) -> tuple[dict[int, float], str]:
@@ -469,3 +489,21 @@ def mfu_from_bench(path: str, gpu: GPUSpec) -> tuple[float, str]:
     if gpu.name.lower() not in str(data.get("device_name", "")).lower():
         source += f" (WARNING: measured on another device than the target {gpu.name})"
     return mfu, source
+
+
+def speculate_factor(value: str) -> tuple[float, str]:
+    """--speculate: a speed-up factor, or a scripts/bench_speculative.py JSON file (its best K)."""
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = None
+    if factor is not None:
+        if not 0 < factor < 100:
+            raise UserError(f"--speculate {value} must be a speed-up factor in (0, 100), e.g. 1.8, or a benchmark file")
+        return factor, f"given (--speculate {factor:g})"
+    try:
+        data = json.loads(Path(value).read_text().strip().splitlines()[-1])
+        best = max((r for r in data["rows"] if r.get("speedup")), key=lambda r: r["speedup"])
+    except (OSError, ValueError, KeyError, IndexError):
+        raise UserError(f"--speculate {value}: neither a number nor a scripts/bench_speculative.py result") from None
+    return best["speedup"], f"measured: {value} (K={best['k']}, on {data.get('device', '?')})"

@@ -14,8 +14,6 @@ from minigpt.core.config import ModelConfig
 
 
 @dataclass(frozen=True)
-
-
 class ParamCounts:
     total: int  # every parameter once (a tied matrix once); all experts of a mixture
     non_embedding: int  # blocks + final norm: Kaplan et al. 2020's N
@@ -30,7 +28,7 @@ def param_counts(c: ModelConfig) -> ParamCounts:
     """Parameter counts of model.GPT, analytically (a test checks them against the module).
 
     Mixture of experts: memory follows the total (all experts), FLOPs the active parameters
-    (the non-expert weights, n_expert_active experts and the router: REFERENCE.md section 1).
+    (the non-expert weights, n_expert_active experts and the router; Fedus et al. 2021, Switch Transformers).
     """
     h, D, Vp = c.n_embd, c.head_dim, c.padded_vocab_size
     norm = h * (2 if (c.norm == "layernorm" and c.bias) else 1)  # weight (+ bias)
@@ -104,7 +102,7 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, convention: str = "exact
                      triangle is useful work; Megatron-LM since 2025, MaxText).
     exact_recompute  exact plus one more forward of the blocks (full activation checkpointing):
                      hardware FLOPs (HFU), not model FLOPs.
-    For a mixture of experts every N is the ACTIVE parameter count (REFERENCE.md section 1); the
+    For a mixture of experts every N is the ACTIVE parameter count (Switch Transformers, Fedus et al. 2021); the
     Megatron formulas assume a dense GELU 4h MLP and are shown as they are.
     kaplan_6n        6 N, N = non-embedding parameters (Kaplan et al. 2020, Table 1, Eq. 2.2);
                      ignores attention over the context and the LM head.
@@ -148,10 +146,6 @@ def train_flops_per_token(c: ModelConfig, seq_len: int, convention: str = "exact
     raise ValueError(f"unknown FLOP convention {convention!r}; choose from {', '.join(ALL_CONVENTIONS)}")
 
 
-def train_flops_per_step(c: ModelConfig, batch_size: int, seq_len: int, convention: str = "exact") -> float:
-    return train_flops_per_token(c, seq_len, convention) * batch_size * seq_len
-
-
 def all_train_flops_per_token(c: ModelConfig, seq_len: int) -> dict[str, float]:
     return {name: train_flops_per_token(c, seq_len, name) for name in ALL_CONVENTIONS}
 
@@ -161,7 +155,7 @@ def prefill_flops(c: ModelConfig, prompt_len: int, all_logits: bool = False) -> 
 
     2 N_mm P + 4 L P^2 H D (full attention square, as executed). With all_logits=False the LM
     head runs on the last position only, as minigpt's generate does; all_logits=True gives the
-    reference formula 2 N_mm P + 4 L P^2 h (REFERENCE.md section 1).
+    reference formula 2 N_mm P + 4 L P^2 h (Kaplan et al. 2020, Table 1: 2N + 2 n_layer n_ctx d_attn per token).
     """
     p = param_counts(c)
     head = 2 * c.padded_vocab_size * c.n_embd

@@ -27,8 +27,6 @@ PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
-
-
 class ModelStates:
     parameters: float
     gradients: float
@@ -47,14 +45,14 @@ def state_bytes_per_param(precision: str, layout: str = "zero") -> tuple[int, in
 
     layout "zero": the ZeRO paper's mixed precision for bf16/fp16 (2, 2, 12); fp32 is (4, 4, 8).
     layout "amp": torch autocast as minigpt trains without DeepSpeed: (4, 4, 8) whatever the dtype.
-    layout "deepspeed": what DeepSpeed holds. Mixed precision: 16-bit params, 16-bit grads plus
+    layout "zero_fp32_grads": what DeepSpeed's engine holds. Mixed precision: 16-bit params, 16-bit grads plus
     fp32 gradient partitions, fp32 master + m + v: (2, 6, 12), so stage 2 is 2 + 18/N as in
     DeepSpeed's own estimator. fp32: DeepSpeed's ZeRO optimizer keeps an fp32 master partition
     even when the model is fp32: (4, 4, 12) (stage 0: plain AdamW, (4, 4, 8)).
     """
     if precision not in PRECISION_BYTES:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISION_BYTES)}")
-    if layout == "deepspeed":
+    if layout == "zero_fp32_grads":
         return (4, 4, 12) if precision == "fp32" else (2, 6, 12)
     if precision == "fp32" or layout == "amp":
         return 4, 4, 8
@@ -73,7 +71,7 @@ def model_state_bytes(num_params: float, precision: str = "bf16", zero_stage: in
     if zero_stage not in (0, 1, 2, 3):
         raise UserError(f"ZeRO stage {zero_stage} must be 0, 1, 2 or 3")
     p, g, o = (b * num_params for b in state_bytes_per_param(precision, layout))
-    if layout == "deepspeed" and precision == "fp32" and zero_stage == 0:
+    if layout == "zero_fp32_grads" and precision == "fp32" and zero_stage == 0:
         o = 8 * num_params  # no ZeRO optimizer: torch AdamW's m and v only
     if zero_stage >= 1:
         o /= dp  # stage 1 partitions the optimizer state
@@ -130,17 +128,9 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
     e = PRECISION_BYTES[precision]
     autocast = precision != "fp32"
     f = 4  # fp32: residual stream, norms, softmax statistics, loss
-
-    def norm_bytes() -> int:
-        if c.norm == "rmsnorm":
-            return 2 * n * h * f + n * 4  # input, normalised input, rstd
-        return n * h * f + 2 * n * 4  # input, mean, rstd
-
-    fc_out = 2 * ff if c.mlp == "swiglu" else ff
-    mlp_weights = h * fc_out + ff * h
     act = (4 * ff if c.mlp == "swiglu" else 2 * ff) * e  # per token through one MLP
     layer = (
-        2 * norm_bytes()
+        2 * _norm_bytes(c, n)
         + n * h * e  # QKV projection input
         + _attention_core_bytes(c, batch, seq_len, e, autocast)
         + n * H * D * e  # attention output (the output projection's input)
@@ -151,13 +141,12 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
         # that layout, so the transpose before the output projection makes one more copy
         layer += n * (H + G) * D * e + n * H * D * e
     if autocast:  # the 16-bit copy of every weight matrix, every expert's and the router's
-        experts = c.n_expert if c.is_moe else 1
-        layer += (h * (H + 2 * G) * D + H * D * h + experts * mlp_weights + (h * c.n_expert if c.is_moe else 0)) * e
+        layer += _matrix_params_per_layer(c) * e
     if c.dropout > 0:
         layer += 2 * n * h * e  # the residual dropout masks of attention and MLP
     if recompute:
         layer = n * h * f
-    head = norm_bytes() + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
+    head = _norm_bytes(c, n) + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
     once = (8 * seq_len if c.pos_emb == "learned" else seq_len * D * 4) + 4
     if c.dropout > 0:
         once += n * h * f  # the embedding dropout's mask, on the fp32 residual stream
@@ -167,6 +156,21 @@ def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = 
         "head_and_loss": head + once,
         "total": layer * c.n_layer + head + once,
     }
+
+
+def _norm_bytes(c: ModelConfig, n: int) -> int:
+    """What one norm saves for n tokens: its fp32 input (+ the normalised input for RMSNorm) and statistics."""
+    if c.norm == "rmsnorm":
+        return 2 * n * c.n_embd * 4 + n * 4  # input, normalised input, rstd
+    return n * c.n_embd * 4 + 2 * n * 4  # input, mean, rstd
+
+
+def _matrix_params_per_layer(c: ModelConfig) -> int:
+    """Weights of one block's matrices: QKV, the output projection, every expert's MLP and the router."""
+    h, H, G, D, ff = c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden
+    mlp = h * (2 * ff if c.mlp == "swiglu" else ff) + ff * h
+    experts = c.n_expert if c.is_moe else 1
+    return h * (H + 2 * G) * D + H * D * h + experts * mlp + (h * c.n_expert if c.is_moe else 0)
 
 
 def _attention_core_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, autocast: bool) -> float:
@@ -198,7 +202,7 @@ def _mlp_bytes(c: ModelConfig, n: int, e: int, act: int) -> float:
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_el: int = 2) -> int:
     """K and V for every layer: 2 L n_kv_head head_dim bytes_per_el (GQA shrinks it by H/G).
 
-    GPT-3 175B in fp16: 2 x 96 x 96 x 128 x 2 = 4.5 MiB per token (REFERENCE.md section 2).
+    GPT-3 175B in fp16 (Brown et al. 2020, Table 2.1 shape): 2 x 96 x 96 x 128 x 2 = 4.5 MiB per token.
     """
     return 2 * c.n_layer * c.n_kv_head * c.head_dim * bytes_per_el
 

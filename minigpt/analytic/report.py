@@ -190,8 +190,9 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"{r['days']:,.1f} days, {fmt_usd(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
         f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
         f"{m['min_gpus']:,} GPUs to hold them ({m['min_gpus_convention']})",
-        f"layout: tensor {lay['tp']} x pipeline {lay['pp']} x data {lay['dp']} = {lay['gpus_used']:,} GPUs, ZeRO-{lay['zero_stage']}, "
-        f"micro-batch {lay['micro_batch']}, full recompute: {fmt_bytes(lay['per_gpu_bytes']['total'])} per GPU "
+        f"layout: {lay['plan_description']} (--plan {lay['plan']})"
+        + (f", {lay['gpus_used']:,} of the {lay['gpus_given']:,} GPUs" if lay["gpus_used"] != lay["gpus_given"] else "")
+        + f"; micro-batch {lay['micro_batch']}, full recompute: {fmt_bytes(lay['per_gpu_bytes']['total'])} per GPU "
         f"(states {fmt_bytes(lay['per_gpu_bytes']['model_states'])}, activations {fmt_bytes(lay['per_gpu_bytes']['activations'])}); "
         f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step",
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
@@ -253,10 +254,13 @@ def simulate_table(r: dict) -> str:
     """`minigpt simulate`'s report: memory and communication per rank, measured beside predicted."""
     t = r["time_per_step"]
     lines = [
-        f"one training step on {r['world']:,} simulated ranks = dp {r['dp']} x tp {r['tp']}, {r['backend']}, "
-        f"{r['precision']} (gradients reduced in {r['reduce_precision']}), micro-batch {r['micro_batch']} x "
-        f"{r['seq_len']} tokens{', recompute' if r['recompute'] else ''}; {r['params_total']:,} parameters",
+        f"plan: {r['plan_description']} (--plan {r['plan']})",
+        f"one training step of {'the first pipeline stage, ' if r['pp'] > 1 else ''}{r['stage_layers']} layers on "
+        f"{r['dp'] * r['tp']:,} simulated ranks, {r['precision']} (gradients reduced in {r['reduce_precision']}), "
+        f"micro-batch {r['micro_batch']} x {r['seq_len']} tokens{', recompute' if r['recompute'] else ''}; "
+        f"{r['params_total']:,} parameters",
         f"method: {r['method']}",
+        *[f"note: {n}" for n in r["notes"]],
         "",
         f"{'memory per rank':<28}{'measured':>13}{'predicted':>13}{'measured/predicted':>20}",
     ]
@@ -266,8 +270,14 @@ def simulate_table(r: dict) -> str:
     for key, label in names.items():
         m, p, q = r["memory_per_rank"][key], r["predicted_memory_per_rank"][key], r["memory_ratio"][key]
         lines.append(f"{label:<28}{fmt_bytes(m):>13}{fmt_bytes(p):>13}{(f'{q:.3f}' if q is not None else '-'):>20}")
+    g = r["memory_per_gpu"]
+    q = g["simulated_over_extrapolate"]
     lines += ["predicted: ZeRO's partitioning of fp32 params, grads and Adam m, v (4 + 4 + 8 bytes/param); "
               "Korthikanti s*b*h*(10 + 24/t) bytes per layer + minigpt's LM-head term", "",
+              f"memory per GPU, simulated {fmt_bytes(g['simulated_bytes'])} beside extrapolate's "
+              f"{fmt_bytes(g['extrapolate_bytes'])} for the same plan (states {fmt_bytes(g['extrapolate_model_states_bytes'])}, "
+              f"activations {fmt_bytes(g['extrapolate_activations_bytes'])}): simulated/extrapolate "
+              + (f"{q:.3f}" if q is not None else "-"), f"  ({g['convention']})", "",
               f"{'collectives per rank per step':<32}{'group':>10}{'count':>8}{'bytes sent per rank (ring)':>30}"]
     for c in r["collectives"]:
         lines.append(f"{c['op']:<32}{c['group'] + ' of ' + str(c['group_size']):>10}{c['count']:>8,}"

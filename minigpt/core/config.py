@@ -1,9 +1,9 @@
 """Run configuration: TOML presets (shipped inside the package, `minigpt/configs/`) loaded into typed
-dataclasses, strictly; preset lookup, the batch layout and what a resumed run continues with.
+dataclasses, strictly; preset lookup, and what a resumed run continues with.
 
 Torch-free on purpose: the analytic code (formulas, extrapolation) reads model shapes from here.
 
-A config file has up to four tables, `[model]`, `[data]`, `[train]` and `[sample]`. Every key is
+A config file has up to five tables, `[model]`, `[data]`, `[train]`, `[sample]` and `[target]`. Every key is
 checked: an unknown key, a wrong type or an impossible shape raises `UserError` naming the key,
 the valid choices and the fix. Overrides come as `section.key=value` strings (the CLI's `--set`),
 with the value parsed as TOML (`train.lr=3e-4`, `model.bias=false`, `data.source="a dir"`), or as
@@ -31,8 +31,6 @@ from minigpt.core.errors import UserError
 
 
 @dataclass
-
-
 class ModelConfig:
     """Shape of a decoder-only GPT. Names follow GPT-2/nanoGPT so users recognise them."""
 
@@ -124,8 +122,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout = {self.dropout} must be in [0, 1)")
-        if self.n_expert < 0:
-            raise UserError(f"model.n_expert = {self.n_expert} must be >= 0 (0 or 1 is a dense MLP)")
+        if self.n_expert < 0 or self.n_expert_active < 0:
+            raise UserError(f"model.n_expert = {self.n_expert} and model.n_expert_active = {self.n_expert_active} must be "
+                            f">= 0 (n_expert 0 or 1 is a dense MLP; n_expert_active 0 picks 2)")
         if self.is_moe and not 1 <= self.n_expert_active <= self.n_expert:
             raise UserError(
                 f"model.n_expert_active = {self.n_expert_active} must be between 1 and model.n_expert = {self.n_expert}"
@@ -142,8 +141,6 @@ class ModelConfig:
 
 
 @dataclass
-
-
 class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
@@ -172,8 +169,6 @@ LOG_SINKS = ("jsonl", "tensorboard", "csv", "wandb")  # metrics.jsonl is always 
 
 
 @dataclass
-
-
 class TrainConfig:
     """Optimisation, precision, logging and checkpoint cadence."""
 
@@ -186,6 +181,7 @@ class TrainConfig:
     # "ddp" (torch DistributedDataParallel) | "fsdp" (FSDP2 fully_shard: ZeRO-3 in PyTorch) | "deepspeed" (ZeRO)
     backend: str = "ddp"
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor; heads and ffn_hidden divide by it)
+    pipeline_parallel: int = 1  # pipeline stages: simulated and costed (simulate/extrapolate), not trained yet
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed stage 3, or fsdp on CUDA: parameters in CPU memory
@@ -250,10 +246,9 @@ class TrainConfig:
             raise UserError(f"train.log_to has {unknown[0]!r}; choose from {', '.join(LOG_SINKS)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3")
-        if self.tensor_parallel < 1:
-            raise UserError(f"train.tensor_parallel = {self.tensor_parallel} must be a positive integer (1: none)")
-        if self.tensor_parallel > 1 and self.backend == "deepspeed":
-            raise UserError("train.tensor_parallel > 1 is not supported with train.backend = 'deepspeed'; use 'fsdp'")
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer (1: none)")
         if self.dist_timeout_s <= 0:
             raise UserError(f"train.dist_timeout_s = {self.dist_timeout_s} must be positive, e.g. 600")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -263,8 +258,6 @@ class TrainConfig:
 
 
 @dataclass
-
-
 class SampleConfig:
     """Defaults for text generation (samples during training and `minigpt generate`)."""
 
@@ -283,13 +276,13 @@ class SampleConfig:
             raise UserError(f"sample.temperature = {self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise UserError(f"sample.top_k = {self.top_k} must be >= 0 (0 disables it)")
+        if self.seed < 0:
+            raise UserError(f"sample.seed = {self.seed} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"sample.top_p = {self.top_p} must be in (0, 1] (1 disables it)")
 
 
 @dataclass
-
-
 class TargetConfig:
     """What a model costs at full scale: its training tokens and how its figures are labelled."""
 
@@ -303,8 +296,6 @@ class TargetConfig:
 
 
 @dataclass
-
-
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -483,41 +474,3 @@ GPT3_PRESETS = ("gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b
 
 # ----------------------------------------------------------------------------------------------
 # the batch of one optimizer step
-
-
-# ----------------------------------------------------------------------------------------------
-# what a train command line runs
-
-
-def run_config(config: str | None, overrides: list[str], resume: str | None = None) -> Config:
-    """The config of `minigpt train`: a preset or file with --set overrides, or, with `resume`, the
-    run's own saved config (plus overrides) pinned to its [model]."""
-    if not resume:
-        return load_config(resolve_preset(config), overrides)
-    run_dir = Path(resume)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; give a directory written by 'minigpt train'")
-    if not (run_dir / "latest.json").is_file():
-        raise UserError(f"{run_dir} has no checkpoint (latest.json missing); train first or give another run directory")
-    saved = config_from_json(run_dir / "config.json")
-    if config:
-        requested = load_config(resolve_preset(config), overrides)
-    else:
-        raw = saved.to_dict()
-        for item in overrides:
-            apply_override(raw, item)
-        requested = config_from_dict(raw, origin=f"{run_dir}/config.json + --set")
-    check_same_model(saved, requested, run_dir)
-    requested.train.out_dir = str(run_dir)
-    return requested
-
-
-def check_same_model(saved: Config, requested: Config, run_dir) -> None:
-    """A checkpoint resumes only into the [model] it was trained with."""
-    before, after = saved.to_dict()["model"], requested.to_dict()["model"]
-    for key, value in before.items():
-        if after[key] != value:
-            raise UserError(
-                f"the checkpoint in {run_dir} was trained with model.{key} = {value!r}, the requested config has "
-                f"{after[key]!r}; resume with the run's own config (drop --config/--set model.*) or start a new run"
-            )

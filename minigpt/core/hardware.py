@@ -1,7 +1,7 @@
 """Accelerator datasheet figures and peak selection (torch-free).
 
 Dense peaks (NVIDIA's headline Hopper/Blackwell tensor figures are 2:4-sparse, twice these), HBM
-capacity and bandwidth, NVLink bandwidth per GPU: REFERENCE.md section 3 (NVIDIA datasheets).
+capacity and bandwidth, NVLink bandwidth per GPU: NVIDIA's V100, A100, H100, H200 and B200 datasheets.
 Inter-node bandwidth per GPU is an assumption taken from each GPU's 8-GPU DGX system datasheet
 (one NIC per GPU): DGX-1 V100 4 x 100 Gb/s EDR for 8 GPUs = 6.25 GB/s; DGX A100 200 Gb/s HDR = 25 GB/s;
 DGX H100/H200/B200 400 Gb/s NDR = 50 GB/s.
@@ -23,8 +23,6 @@ GPUS_PER_NODE = 8  # the DGX/HGX building block the layout and the links assume
 
 
 @dataclass(frozen=True)
-
-
 class GPUSpec:
     name: str
     match: str  # regex on the device name torch reports
@@ -67,8 +65,6 @@ def match_device(device_name: str) -> GPUSpec | None:
 
 
 @dataclass(frozen=True)
-
-
 class Peak:
     tflops: float | None  # None: unknown, so no MFU
     source: str  # how it was chosen, printed beside every MFU

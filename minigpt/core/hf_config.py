@@ -18,14 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minigpt.core.config import (
-    Config,
-    ModelConfig,
-    SampleConfig,
-    config_from_json,
-    load_config,
-    resolve_preset,
-)
+from minigpt.core.config import ModelConfig, SampleConfig
 from minigpt.core.errors import UserError
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
@@ -149,64 +142,6 @@ def hf_from_model(c: ModelConfig, bos_id: int | None, eos_id: int | None) -> dic
     else:
         out.update(use_sliding_window=False)
     return out
-
-
-def load_any_config(name: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A preset name, a TOML file, a run directory or its config.json, or an HF config.json (or the
-    folder holding it): the Config whose [model] the analytic commands measure."""
-    path = Path(name) if name else None
-    if path is not None and path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json: give a preset, a TOML file, a run directory or an HF folder")
-        path = path / "config.json"
-    if path is None or path.suffix != ".json":
-        return load_config(resolve_preset(name), overrides)
-    raw = read_json(path, "config")
-    if not is_hf_config(raw):
-        if overrides:
-            raise UserError(f"--set does not apply to a run's saved config {path}; use a TOML preset to change it")
-        return config_from_json(path)
-    if overrides:
-        raise UserError(f"--set does not apply to a Hugging Face config.json ({path}); edit a copy of the file")
-    return Config(model=model_from_hf(raw, str(path)))
-
-
-def init_source(path: str) -> tuple[str, ModelConfig, Path, str | None]:
-    """What train.init_from names: ("run" | "hf", its [model], its tokenizer.json, its stop token)."""
-    src = Path(path)
-    if not (src / "config.json").is_file():
-        raise UserError(f"train.init_from = {path!r} is neither a minigpt run directory nor a Hugging Face folder "
-                        f"(no config.json there)")
-    raw = read_json(src / "config.json", "config")
-    if not (src / "tokenizer.json").is_file():
-        raise UserError(f"train.init_from = {path!r} has no tokenizer.json; the weights need their tokenizer")
-    if is_hf_config(raw):
-        return "hf", model_from_hf(raw, str(src / "config.json"), for_weights=True), src / "tokenizer.json", None
-    if not (src / "latest.json").is_file():
-        raise UserError(f"train.init_from = {path!r} has no checkpoint (latest.json); train it first")
-    saved = config_from_json(src / "config.json")
-    return "run", saved.model, src / "tokenizer.json", saved.sample.stop_token
-
-
-def with_init_from(cfg: Config, explicit_model: dict) -> Config:
-    """cfg with [model] and the tokenizer of train.init_from. A [model] key the config sets (its
-    file's table or --set) must agree with the weights, except dropout, which a fine-tune may set."""
-    kind, model, tokenizer, stop = init_source(cfg.train.init_from)
-    for key in explicit_model:
-        if key != "dropout" and getattr(cfg.model, key) != getattr(model, key):
-            raise UserError(f"model.{key} = {getattr(cfg.model, key)!r} disagrees with the weights in "
-                            f"train.init_from = {cfg.train.init_from!r} ({getattr(model, key)!r}); drop model.{key} "
-                            f"from the config: the weights set the model's shape")
-    if "dropout" in explicit_model:
-        model.dropout = cfg.model.dropout
-    if cfg.data.tokenizer not in ("bpe", str(tokenizer)):
-        raise UserError(f"data.tokenizer = {cfg.data.tokenizer!r}, but train.init_from = {cfg.train.init_from!r} "
-                        f"comes with its own tokenizer.json; drop data.tokenizer")
-    cfg.model, cfg.data.tokenizer = model, str(tokenizer)
-    if stop is not None or kind == "hf":
-        cfg.sample.stop_token = stop or hf_stop_token(Path(cfg.train.init_from))[0]
-    cfg.validate()
-    return cfg
 
 
 def hf_stop_token(src: Path) -> tuple[str, int | None]:

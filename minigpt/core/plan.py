@@ -1,36 +1,215 @@
-"""The parallel layout (torch-free)."""
+"""The parallel layout: one frozen, torch-free value that training, simulation and extrapolation share.
+
+A plan says how a training step is spread over ranks: the data-parallel degree `dp` and what it shards
+(`zero`, the ZeRO stage: 0 nothing, 1 optimizer state, 2 + gradients, 3 + parameters; Rajbhandari et al.
+2019), the tensor-parallel degree `tp` (Megatron-LM, Shoeybi et al. 2019), the pipeline degree `pp`
+(Narayanan et al. 2021), room for context `cp` and expert `ep` parallelism, offloads, and the engine
+that runs it (`backend`: ddp, fsdp or deepspeed; empty: the parallel band picks the one for the stage).
+
+One spelling everywhere, the same on `minigpt train`, `minigpt simulate` and `minigpt extrapolate`:
+
+    --plan tp=8,pp=4,dp=32,zero=1          keys: dp tp pp zero backend offload (none|optimizer|params|all)
+
+and the same words when printed (`describe`). Ranks are laid out pp outermost, then dp, tp innermost
+(a tensor-parallel group is a node's neighbouring GPUs): rank = (pp_i * dp + dp_i) * tp + tp_i.
+
+The batch a step trains on is part of the layout too: `batch_layout` splits train.batch_size_tokens into
+dp ranks x accumulation x micro-batches (nanochat's rule).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from minigpt.core.config import ModelConfig, TrainConfig, divisors
 from minigpt.core.errors import UserError
 
+OFFLOADS = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "all": (True, True)}
+KEYS = ("dp", "tp", "pp", "zero", "backend", "offload")
+MAX_RANKS = 1 << 20  # a million ranks: beyond any machine, and beyond what a simulation can build
 
-def check_tensor_parallel(c: ModelConfig, tp: int, world: int) -> None:
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    dp: int = 1  # data-parallel degree
+    tp: int = 1  # tensor-parallel degree (innermost)
+    pp: int = 1  # pipeline stages (outermost)
+    zero: int = 0  # what data parallelism shards: 0 nothing, 1 optimizer state, 2 + gradients, 3 + parameters
+    backend: str = ""  # the engine: "ddp", "fsdp", "deepspeed"; "": the default for the stage
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    cp: int = 1  # context parallelism: not run yet, must be 1
+    ep: int = 1  # expert parallelism: not run yet, must be 1
+
+    def __post_init__(self) -> None:
+        for key in ("dp", "tp", "pp", "cp", "ep"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RANKS:
+                raise UserError(f"plan {key}={value!r} must be an integer in [1, {MAX_RANKS:,}]")
+        if self.zero not in (0, 1, 2, 3):
+            raise UserError(f"plan zero={self.zero!r} must be 0, 1, 2 or 3 (the ZeRO stage)")
+        if self.cp != 1 or self.ep != 1:
+            raise UserError("context and expert parallelism are not run yet: leave cp and ep at 1")
+        if self.world > MAX_RANKS:
+            raise UserError(f"plan {self.spelling()} has {self.world:,} ranks; at most {MAX_RANKS:,}")
+
+    # sizes and ranks ---------------------------------------------------------------------------
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def dp_shard(self) -> int:
+        """Data-parallel ranks that hold distinct shards of the model states (ZeRO stage 1 and up)."""
+        return self.dp if self.zero else 1
+
+    @property
+    def dp_replicate(self) -> int:
+        """Data-parallel ranks that hold the same (shard of the) model states."""
+        return self.dp // self.dp_shard
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along each dimension."""
+        return {"pp": rank // (self.dp * self.tp), "dp": rank // self.tp % self.dp, "tp": rank % self.tp}
+
+    def dp_rank(self, rank: int) -> int:
+        """Which shard of the batch a rank reads: a tensor-parallel group reads the same one."""
+        return self.coords(rank)["dp"]
+
+    @property
+    def mesh_names(self) -> tuple[str, ...]:
+        return ("pp", "dp_replicate", "dp_shard", "tp")
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+    # words -------------------------------------------------------------------------------------
+
+    def spelling(self) -> str:
+        """The plan as `--plan` takes it."""
+        parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"zero={self.zero}"]
+        if self.backend:
+            parts.append(f"backend={self.backend}")
+        offload = next(k for k, v in OFFLOADS.items() if v == (self.offload_optimizer, self.offload_params))
+        if offload != "none":
+            parts.append(f"offload={offload}")
+        return ",".join(parts)
+
+    def describe(self) -> str:
+        """One line, the same on every command: `8 ranks = dp 2 (ZeRO-3, fsdp) x tp 2 x pp 2`."""
+        engine = f", {self.backend}" if self.backend else ""
+        offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+        more = f", offload {'+'.join(offload)}" if offload else ""
+        return f"{self.world:,} ranks = dp {self.dp} (ZeRO-{self.zero}{engine}{more}) x tp {self.tp} x pp {self.pp}"
+
+    # building ----------------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str, world: int | None = None, origin: str = "--plan") -> ParallelPlan:
+        """A plan from its spelling; dp defaults to world / (tp x pp) when `world` is given."""
+        return cls.from_keys(parse_keys(text, origin), world, origin)
+
+    @classmethod
+    def from_keys(cls, keys: dict, world: int | None = None, origin: str = "--plan") -> ParallelPlan:
+        keys = dict(keys)
+        offload = OFFLOADS[keys.pop("offload", "none")]
+        plan = cls(**{k: v for k, v in keys.items() if k != "dp"}, offload_optimizer=offload[0], offload_params=offload[1])
+        if "dp" in keys:
+            plan = dataclasses.replace(plan, dp=keys["dp"])
+        elif world is not None:
+            plan = plan.with_world(world, origin)
+        if world is not None and plan.world != world:
+            raise UserError(f"{origin} {plan.spelling()} has {plan.world:,} ranks, but {world:,} were given: make "
+                            f"dp x tp x pp = {world:,}")
+        return plan
+
+    @classmethod
+    def from_train(cls, tc: TrainConfig, c: ModelConfig, world: int | None = None) -> ParallelPlan:
+        """The plan [train] describes for model `c` on `world` ranks (dp = world / (tp x pp); dp 1 without)."""
+        plan = cls(tp=tc.tensor_parallel, pp=tc.pipeline_parallel, zero=tc.zero_stage, backend=tc.backend,
+                   offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params)
+        plan.check_model(c)
+        return plan if world is None else plan.with_world(world, "train.tensor_parallel x train.pipeline_parallel:")
+
+    def with_world(self, world: int, origin: str = "--plan") -> ParallelPlan:
+        per_replica = self.tp * self.pp * self.cp
+        if world % per_replica:
+            raise UserError(f"{origin.rstrip(':')}: tp x pp = {per_replica} must divide the {world:,} ranks; e.g. "
+                            f"--nproc_per_node {per_replica}")
+        return dataclasses.replace(self, dp=world // per_replica)
+
+    def train_overrides(self) -> list[str]:
+        """The [train] keys that say this plan (`--set` strings): what `minigpt train --plan` records."""
+        return [f"train.tensor_parallel={self.tp}", f"train.pipeline_parallel={self.pp}",
+                f"train.zero_stage={self.zero}", f"train.offload_optimizer={str(self.offload_optimizer).lower()}",
+                f"train.offload_params={str(self.offload_params).lower()}"] + \
+               ([f'train.backend="{self.backend}"'] if self.backend else [])
+
+    def check_model(self, c: ModelConfig) -> None:
+        """Every dimension tensor parallelism splits divides by tp; the layers divide into pp stages."""
+        check_tensor_parallel(c, self.tp)
+        if c.n_layer < self.pp:
+            raise UserError(f"plan pp={self.pp} has more pipeline stages than the model's {c.n_layer} layers; choose "
+                            f"pp from {divisors(c.n_layer)}")
+
+    def batch_layout(self, tc: TrainConfig, block_size: int) -> BatchLayout:
+        return batch_layout(tc, block_size, self.dp)
+
+
+def parse_keys(text: str, origin: str = "--plan") -> dict:
+    """`tp=8,pp=4,dp=32,zero=1` -> {"tp": 8, ...}, every key and value checked."""
+    keys: dict = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in KEYS:
+            raise UserError(f"{origin} {text!r}: {item!r} is not KEY=VALUE with a key from {', '.join(KEYS)}, e.g. "
+                            f"tp=8,pp=4,dp=32,zero=1")
+        if key in keys:
+            raise UserError(f"{origin} {text!r} gives {key} twice")
+        keys[key] = _value(key, value, origin)
+    return keys
+
+
+def _value(key: str, value: str, origin: str):
+    if key == "backend":
+        if value not in TrainConfig.CHOICES["backend"]:
+            raise UserError(f"{origin}: backend={value!r} is not one of {', '.join(TrainConfig.CHOICES['backend'])}")
+        return value
+    if key == "offload":
+        if value not in OFFLOADS:
+            raise UserError(f"{origin}: offload={value!r} is not one of {', '.join(OFFLOADS)}")
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{origin}: {key}={value!r} is not an integer") from None
+
+
+def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
     """Every sharded dimension must divide by tp; one clear line when one does not."""
     if tp == 1:
         return
     if c.is_moe:
-        raise UserError("train.tensor_parallel > 1 does not shard a mixture of experts; use train.tensor_parallel = 1")
+        raise UserError("tensor parallelism (tp > 1) does not shard a mixture of experts; use tp=1")
     for name, n in (("model.n_head", c.n_head), ("model.n_kv_head", c.n_kv_head), ("model.ffn_hidden", c.ffn_hidden)):
         if n % tp:
-            raise UserError(f"{name} = {n} does not divide by train.tensor_parallel = {tp}; choose a tensor-parallel "
-                            f"degree that divides n_head, n_kv_head and ffn_hidden")
-    if world % tp:
-        raise UserError(f"train.tensor_parallel = {tp} must divide the {world} processes; e.g. --nproc_per_node {tp}")
+            raise UserError(f"{name} = {n} does not divide by the tensor-parallel degree {tp}; choose tp from "
+                            f"{[d for d in divisors(c.n_kv_head) if c.ffn_hidden % d == 0]}")
 
 
 @dataclass(frozen=True)
-
-
 class BatchLayout:
     """How train.batch_size_tokens splits into ranks x accumulation x micro-batches of sequences."""
 
     micro_batch_size: int  # sequences per forward pass on one rank
     accum: int  # micro-batches per optimizer step on one rank
-    world_size: int
+    world_size: int  # data-parallel ranks (a tensor-parallel group counts once)
     block_size: int
     note: str = ""  # why the micro-batch differs from the configured one, when it does
 
@@ -54,8 +233,8 @@ def batch_layout(tc: TrainConfig, block_size: int, world_size: int) -> BatchLayo
     if rest or per_rank == 0:
         unit = block_size * world_size
         raise UserError(
-            f"train.batch_size_tokens = {total:,} is not a multiple of block_size x world_size = {block_size} x "
-            f"{world_size} = {unit:,}; set train.batch_size_tokens to a multiple of {unit:,}, e.g. "
+            f"train.batch_size_tokens = {total:,} is not a multiple of block_size x data-parallel ranks = {block_size} "
+            f"x {world_size} = {unit:,}; set train.batch_size_tokens to a multiple of {unit:,}, e.g. "
             f"{max(1, round(total / unit)) * unit:,}"
         )
     if per_rank % micro == 0:

@@ -42,8 +42,6 @@ VERIFY_HASH_BYTES = 256 << 20  # token files up to this size are re-hashed befor
 
 
 @dataclass
-
-
 class PreparedData:
     """Token files on disk plus what a user should know about them."""
 

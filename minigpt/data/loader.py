@@ -45,10 +45,6 @@ def iter_train_keys(seed: int, step: int, rank: int, accum: int) -> Iterator[tup
         yield (seed, 0, step, rank * accum + micro)
 
 
-def val_key(seed: int, i: int, rank: int) -> tuple[int, ...]:
-    return (seed, 1, i, rank)
-
-
 class BatchLoader:
     """The micro-batches of every step, built one step ahead in a background thread.
 

@@ -21,8 +21,6 @@ SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__
 
 
 @dataclass
-
-
 class Document:
     name: str
     text: str

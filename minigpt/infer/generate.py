@@ -15,22 +15,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from minigpt.core.config import Config, config_from_json
 from minigpt.core.errors import UserError
-from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.torch_private import mark_static_address
-from minigpt.nn.weights import load_weights
-from minigpt.train import checkpoint
 
 
 @dataclass
-
-
 class Generation:
     prompts: list[list[int]]
     new_tokens: list[list[int]]  # per prompt, cut at <|endoftext|> when eot_id is given
@@ -140,15 +133,13 @@ def _window_logits(model: GPT, idx: torch.Tensor, L: int, pad: torch.Tensor) -> 
 
 
 @torch.no_grad()
-
-
 def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
                  eot_id: int | None = None, compile: bool = False, on_token=None) -> Generation:
     """Tokens after each prompt. The static cache holds block_size slots; a RoPE model goes on past
     them with a sliding window of the last block_size tokens (recomputed per token). on_token:
     called with each new column of tokens (a list, one per row): a host sync per token, for
-    streaming."""
+    streaming; when it returns True (every row it serves is done) decoding ends there."""
     block = model.config.block_size
     longest, max_new_tokens, capped = _check_prompts(prompts, block, max_new_tokens, model.config.pos_emb == "rope")
     was_training = model.training
@@ -171,27 +162,27 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temp
         logits = model(idx[:, :longest], input_pos=torch.arange(longest, device=device), positions=positions[:, :longest],
                        cache=cache, attn_mask=_prefill_mask(pad, longest, cache), last_only=True).logits[:, -1]
         idx[:, longest] = sample_next(logits, temperature, top_k, top_p, generator)
-        if on_token:
-            on_token(idx[:, longest].tolist())
+        end = longest + 1 if on_token and on_token(idx[:, longest].tolist()) else total
         _sync(device)
         prefill_s, t1 = time.perf_counter() - t0, time.perf_counter()
         input_pos = torch.tensor([longest], device=device)  # the slot being written, advanced on the device
-        for L in range(longest + 1, total):  # L tokens known; write token L-1, predict token L
+        for L in range(longest + 1, end):  # L tokens known; write token L-1, predict token L
             if cache is not None and L <= block:
                 logits = step(model, idx[:, L - 1:L], input_pos, pad, cache)
                 input_pos += 1
             else:
                 logits = _window_logits(model, idx, L, pad)
             idx[:, L] = sample_next(logits, temperature, top_k, top_p, generator)
-            if on_token:
-                on_token(idx[:, L].tolist())
+            if on_token and on_token(idx[:, L].tolist()):
+                end = L + 1
+                break
         _sync(device)
         decode_s = time.perf_counter() - t1
     model.train(was_training)
-    out = idx[:, longest:].tolist()  # (B, max_new_tokens): the one host read of the tokens
+    out = idx[:, longest:end].tolist()  # (B, new tokens): the one host read of the tokens
     if eot_id is not None:
         out = [row[: row.index(eot_id)] if eot_id in row else row for row in out]
-    return Generation(prompts, out, prefill_s, decode_s, max_new_tokens - 1, capped, total > block)
+    return Generation(prompts, out, prefill_s, decode_s, end - longest - 1, capped, total > block)
 
 
 _COMPILED: dict = {}
@@ -234,28 +225,3 @@ def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None 
     gen = generate_ids(model, ids, eot_id=eot_id, **kw)
     texts = [p + tokenizer.decode(n) for p, n in zip(prompts, gen.new_tokens)]
     return texts, gen
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
-    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
-    the kept checkpoint of `step` (train.keep_checkpoints keeps several).
-
-    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
-    """
-    run_dir = Path(run_dir)
-    checkpoint.latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
-    cfg = config_from_json(run_dir / "config.json")
-    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
-                                                            f"damaged; copy the tokenizer the run was trained with there")
-    model = GPT(cfg.model)
-    if step is None:
-        _, step = checkpoint.load_latest(run_dir, lambda folder: load_weights(model, folder))
-    else:
-        folder = run_dir / "checkpoints" / f"step_{step:07d}"
-        if not folder.is_dir():
-            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
-            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
-                            f"sets how many are kept)")
-        load_weights(model, folder)
-    model.to(device).eval()
-    return model, tokenizer, cfg, step

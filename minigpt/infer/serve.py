@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from minigpt.infer.generate import IncrementalText, generate_ids
+from minigpt.train.checkpoint import load_run
 
 
 class _Request(BaseModel):
@@ -63,8 +64,6 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 @dataclass
-
-
 class Job:
     ids: list[int]
     max_tokens: int
@@ -75,10 +74,6 @@ class Job:
     done: bool = False
     cancelled: bool = False
     finish_reason: str = "length"
-
-
-class _AllStopped(Exception):
-    pass
 
 
 class Engine:
@@ -117,8 +112,6 @@ class Engine:
             generate_ids(self.model, [j.ids for j in batch], max(j.max_tokens for j in batch), temperature=temperature,
                          top_p=top_p, seed=seed if seed is not None else int(time.time()), eot_id=None,
                          on_token=lambda column: self._deliver(batch, column))
-        except _AllStopped:
-            pass
         except Exception as e:  # a bug: end the requests with it rather than leave them waiting
             for j in batch:
                 j.finish_reason = f"error: {e}"
@@ -126,7 +119,8 @@ class Engine:
             if not j.done:
                 self._finish(j, j.finish_reason)
 
-    def _deliver(self, batch: list[Job], column: list[int]) -> None:
+    def _deliver(self, batch: list[Job], column: list[int]) -> bool:
+        """Hand each row's new token to its request; True when every row is done (decoding ends)."""
         for j, token in zip(batch, column):
             if j.done:
                 continue
@@ -142,8 +136,7 @@ class Engine:
                 j.loop.call_soon_threadsafe(j.out.put_nowait, piece)
             if len(j.text.tokens) >= j.max_tokens:
                 self._finish(j, "length")
-        if all(j.done for j in batch):
-            raise _AllStopped
+        return all(j.done for j in batch)
 
     @staticmethod
     def _finish(j: Job, reason: str) -> None:
@@ -157,17 +150,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     app.state.engine = engine
     block = model.config.block_size
     rope = model.config.pos_emb == "rope"
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
-                                       "param": where or None, "code": None}}, 400)
+    _add_error_handlers(app)
 
     @app.get("/v1/models")
     async def models():
@@ -218,6 +201,21 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     return app
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with a 4xx status."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
+                                       "param": where or None, "code": None}}, 400)
+
+
 def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:
     usage = {"prompt_tokens": sum(len(j.ids) for j in jobs), "completion_tokens": sum(len(j.text.tokens) for j in jobs)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -255,8 +253,7 @@ async def _sse(request: Request, job: Job, rid: str, name: str, chat: bool):
 def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu") -> None:
     import uvicorn
 
-    from minigpt.infer.generate import load_run
-
+    
     model, tokenizer, cfg, step = load_run(run_dir, device)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
     app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch)

@@ -26,8 +26,6 @@ from minigpt.nn.model import GPT, KVCache
 
 
 @dataclass
-
-
 class SpeculativeGeneration:
     new_tokens: list[int]
     rounds: int  # target forwards after prefill (one per round)
@@ -79,8 +77,6 @@ class _Model:
 
 
 @torch.no_grad()
-
-
 def speculative_generate(target: GPT, draft: GPT, prompt: list[int], max_new_tokens: int, k: int = 4,
                          temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                          eot_id: int | None = None) -> SpeculativeGeneration:

@@ -26,30 +26,12 @@ from pathlib import Path
 import torch
 
 from minigpt.core.atomic import atomic_write_text
-from minigpt.core.config import (
-    Config,
-    DataConfig,
-    ModelConfig,
-    SampleConfig,
-    TrainConfig,
-    config_from_json,
-)
+from minigpt.core.config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, config_from_json
 from minigpt.core.errors import UserError
-from minigpt.core.hf_config import (
-    hf_family,
-    hf_from_model,
-    hf_stop_token,
-    is_hf_config,
-    model_from_hf,
-    read_json,
-)
+from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
 from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.weights import WEIGHTS, save_weights
-from minigpt.train.checkpoint import (
-    commit_checkpoint,
-    latest_checkpoint,
-    new_checkpoint_folder,
-)
+from minigpt.train.checkpoint import commit_checkpoint, latest_checkpoint, new_checkpoint_folder
 
 IGNORED_SUFFIXES = (".attn.masked_bias", "rotary_emb.inv_freq")  # buffers old checkpoints saved
 

@@ -4,7 +4,7 @@ FLOPs: PyTorch's FlopCounterMode over one forward and one backward pass of the r
 counter counts matmuls only (not softmax, norms, element-wise ops or the embedding lookup) and
 attention over the full T x T square, causal or not. Attention runs through SDPA's math backend
 while counting, so QK^T and AV are plain matmuls the counter sees on every device (on CPU the
-fused kernel has no FLOP formula and would count as zero: REFERENCE.md section 5) and the
+fused kernel has no FLOP formula in torch's counter and would count as zero) and the
 backward is 2x the forward with no recompute, the model-FLOPs convention. On the meta device
 nothing is allocated, so a GPT-3 175B step is counted in seconds on a laptop.
 
@@ -27,12 +27,7 @@ from minigpt.core.hardware import Peak, choose_peak
 from minigpt.measure.bench import bench_hardware
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
-from minigpt.nn.torch_private import (
-    MemoryTracker,
-    fake_mode,
-    flop_counter,
-    math_attention,
-)
+from minigpt.nn.torch_private import MemoryTracker, fake_mode, flop_counter, math_attention
 from minigpt.parallel.parallelize import apply_activation_checkpointing
 
 COUNTER_CONVENTION = (
@@ -44,8 +39,6 @@ COMPONENTS = ("qkv_proj", "attn_scores", "attn_values", "attn_out_proj", "mlp", 
 
 
 @dataclass
-
-
 class FlopCount:
     batch_size: int
     seq_len: int
@@ -288,9 +281,6 @@ def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int,
     FLOPs are counted (meta device, same blocks); achieved FLOP/s = counted FLOPs / median time.
     Communication between GPUs is not in this figure.
     """
-    import statistics
-    import time
-
     from minigpt.core.device import resolve_device
     from minigpt.nn.model import Block
 
@@ -316,20 +306,7 @@ def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int,
 
     blocks = build(dev)
     x = torch.randn(micro_batch, seq_len, c.n_embd, device=dev, requires_grad=True)
-    times = []
-    for i in range(steps + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        with autocast_context(dev, precision):
-            run(blocks, x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
-        for b in blocks:
-            b.zero_grad(set_to_none=True)
-    step_s = statistics.median(times)
+    step_s = _median_step_s(lambda: run(blocks, x), blocks, dev, precision, steps)
     return {
         "num_layers": num_layers,
         "micro_batch": micro_batch,
@@ -343,6 +320,27 @@ def time_layers(c: ModelConfig, num_layers: int, micro_batch: int, seq_len: int,
         "convention": "counted matmul FLOPs of forward + backward of the blocks (full attention square); "
                       "median of timed steps after one warm-up; no communication",
     }
+
+
+def _median_step_s(step, blocks, dev: torch.device, precision: str, steps: int) -> float:
+    """Median seconds of `step` under autocast over `steps` runs after one warm-up, synchronised on CUDA."""
+    import statistics
+    import time
+
+    times = []
+    for i in range(steps + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with autocast_context(dev, precision):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+    return statistics.median(times)
 
 
 def measured_mfu(c: ModelConfig, num_layers: int, micro_batch: int, precision: str, device: str) -> tuple[float, str, dict]:

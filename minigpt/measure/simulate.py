@@ -6,13 +6,17 @@ process group of N ranks, of which this process is rank 0. One forward, backward
 runs; torch's FSDPMemTracker measures memory by category, and a dispatch mode records every
 collective (kind, group, bytes). Both sit beside the formulas the extrapolation uses.
 
-Data-parallel layouts, all through FSDP2 on a (replicate, shard, tp) mesh:
-  ddp    replicate = dp, shard = 1: whole parameters, one all-reduce of the gradients (DDP's traffic;
-         DDP proper buckets the same bytes)
-  zero2  shard = dp, parameters kept gathered from forward to backward (FSDP's SHARD_GRAD_OP):
-         one all-gather, one reduce-scatter per step
-  zero3  shard = dp, parameters resharded after forward (FULL_SHARD; `fsdp` is the same): two
-         all-gathers, one reduce-scatter
+The layout is a ParallelPlan (`--plan tp=8,pp=4,dp=32,zero=1`, the spelling train and extrapolate take).
+Data parallelism runs through FSDP2 on a (dp_replicate, dp_shard, tp) mesh, by ZeRO stage:
+  zero=0   replicate = dp, shard = 1: whole parameters, one all-reduce of the gradients (DDP's traffic;
+           DDP proper buckets the same bytes)
+  zero=1,2 shard = dp, parameters kept gathered from forward to backward (FSDP's SHARD_GRAD_OP): one
+           all-gather, one reduce-scatter per step (ZeRO-1 sends what ZeRO-2 does; its gradients are
+           simulated sharded too, said in the output)
+  zero=3   shard = dp, parameters resharded after forward (FULL_SHARD): two all-gathers, one reduce-scatter
+With pp > 1 one pipeline stage is simulated (its ceil(L / pp) layers on tp x dp ranks); a 1F1B first stage
+holds pp micro-batches of activations, added to the memory per GPU. Pipeline point-to-point traffic is
+not counted yet.
 Bytes per rank are what a ring sends: (n-1)/n of an all-gather's output or a reduce-scatter's
 input, 2(n-1)/n of an all-reduce's buffer, on a group of n ranks.
 
@@ -32,36 +36,26 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from minigpt.analytic import flops as F, memory as M
-from minigpt.analytic.extrapolate import REFERENCE_MFU
+from minigpt.analytic.extrapolate import REFERENCE_MFU, per_gpu_bytes
 from minigpt.analytic.memory import PRECISION_BYTES
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
-from minigpt.core.plan import check_tensor_parallel
+from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
-from minigpt.nn.torch_private import (
-    collective_counter,
-    fake_mode,
-    fake_process_group,
-    fsdp_memory_tracker,
-)
+from minigpt.nn.torch_private import collective_counter, fake_mode, fake_process_group, fsdp_memory_tracker
 from minigpt.parallel.parallelize import apply_activation_checkpointing
 from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel
 
-BACKENDS = ("ddp", "zero2", "zero3", "fsdp")
-ZERO_STAGE = {"ddp": 0, "zero2": 2, "zero3": 3, "fsdp": 3}
 FULL_LAYERS = 2
 MEMORY_KEYS = ("params", "grads", "optimizer", "gathered_params", "activations_peak", "total")
+MAX_SIM_RANKS = 1 << 16  # ranks of one simulated stage: 65,536 (building the fake groups grows with them)
 
 
 @dataclass
-
-
 class SimSpec:
-    world: int
-    tp: int = 1
-    backend: str = "zero3"
+    plan: ParallelPlan
     precision: str = "bf16"  # parameters gathered and computed in; also the activations
     reduce_precision: str = ""  # gradients reduced in; "" = precision (the ZeRO paper's 16-bit gradients)
     micro_batch: int = 1
@@ -69,21 +63,27 @@ class SimSpec:
     recompute: bool = False
 
     def validate(self, c: ModelConfig) -> None:
-        if self.backend not in BACKENDS:
-            raise UserError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.world < 1 or self.micro_batch < 1:
-            raise UserError(f"--world {self.world} and --micro-batch {self.micro_batch} must be positive")
+        if self.micro_batch < 1 or self.micro_batch > 1 << 16:
+            raise UserError(f"--micro-batch {self.micro_batch} must be between 1 and 65,536")
         if self.seq_len > c.block_size or self.seq_len < 0:
             raise UserError(f"--seq-len {self.seq_len} must be between 1 and block_size = {c.block_size}")
-        check_tensor_parallel(c, self.tp, self.world)
+        if self.stage_world > MAX_SIM_RANKS:
+            raise UserError(f"--plan {self.plan.spelling()} puts {self.stage_world:,} ranks in one pipeline stage; "
+                            f"simulate at most {MAX_SIM_RANKS:,} (tp x dp)")
+        self.plan.check_model(c)
 
     @property
-    def dp(self) -> int:
-        return self.world // self.tp
+    def stage_world(self) -> int:
+        return self.plan.tp * self.plan.dp
 
     def seq(self, c: ModelConfig) -> int:
         """The sequence length simulated: seq_len, or the model's block_size when it is 0."""
         return self.seq_len or c.block_size
+
+
+def stage_model(c: ModelConfig, pp: int) -> ModelConfig:
+    """The first (largest) pipeline stage's layers, ceil(L / pp), as a model of its own."""
+    return dataclasses.replace(c, n_layer=-(-c.n_layer // pp)) if pp > 1 else c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,18 +92,18 @@ class SimSpec:
 
 def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
     """Build, parallelise and train one step on fake tensors: (memory by category, collectives)."""
-    shard = 1 if spec.backend == "ddp" else spec.dp
-    with fake_process_group(spec.world):
-        mesh = init_device_mesh("cpu", (spec.dp // shard, shard, spec.tp), mesh_dim_names=("replicate", "shard", "tp"))
+    plan = spec.plan
+    with fake_process_group(spec.stage_world):
+        mesh = init_device_mesh("cpu", plan.mesh_shape[1:], mesh_dim_names=plan.mesh_names[1:])
         fake = fake_mode()
         with fake:
             model = GPT(c)
         # parallelised outside fake mode (the mesh's own small tensors are real); fake weights stay fake
         if spec.recompute:
             apply_activation_checkpointing(model)
-        if spec.tp > 1:
+        if plan.tp > 1:
             apply_tensor_parallel(model, mesh["tp"], reorder=False)
-        apply_fsdp(model, mesh["replicate", "shard"], spec.precision, reshard_after_forward=spec.backend in ("zero3", "fsdp"),
+        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], spec.precision, reshard_after_forward=plan.zero == 3,
                    reduce_precision=spec.reduce_precision or spec.precision)
         with fake:
             optimizer = make_optimizer(model, TrainConfig())
@@ -168,10 +168,10 @@ def _collectives(records: list, spec: SimSpec) -> list[dict]:
 
 
 def _group_name(n: int, desc: str, spec: SimSpec) -> str:
-    for dim in ("tp", "replicate", "shard"):
+    for dim in ("tp", "dp_replicate", "dp_shard"):
         if dim in desc:
             return "tp" if dim == "tp" else "dp"
-    return "tp" if n == spec.tp and spec.tp != spec.dp else "dp"
+    return "tp" if n == spec.plan.tp and spec.plan.tp != spec.plan.dp else "dp"
 
 
 def _fresh_steps(configs: list[ModelConfig], spec: SimSpec) -> list[tuple[dict, list]]:
@@ -193,7 +193,7 @@ def measure(c: ModelConfig, spec: SimSpec) -> tuple[dict, list[dict], str]:
     (m1, r1), (m2, r2) = _fresh_steps([dataclasses.replace(c, n_layer=n) for n in (1, 2)], spec)
     L = c.n_layer
     memory = {k: m1[k] + (L - 1) * (m2[k] - m1[k]) for k in m1}
-    if spec.backend in ("zero3", "fsdp"):  # gathered a block or two at a time: does not grow with depth
+    if spec.plan.zero == 3:  # gathered a block or two at a time: does not grow with depth
         g1, g2 = m1["gathered_params"], m2["gathered_params"]
         memory["gathered_params"] = g2
         memory["total"] = m2["total"] + (L - 2) * (m2["total"] - m1["total"] - (g2 - g1))
@@ -229,13 +229,14 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: tuple[float, float
     backward; zero3: the root unit and one block); Korthikanti et al. 2022's activations with
     tensor parallelism, s b h (10 + 24/t) per layer (fused attention: no 5 a s^2 b / t term;
     recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes). per_rank:
-    params_per_rank(c, spec.tp)."""
+    params_per_rank(c, spec.plan.tp)."""
     psi, block, root = per_rank
-    n = 1 if spec.backend == "ddp" else spec.dp
+    plan = spec.plan
+    n = plan.dp_shard
     half = PRECISION_BYTES[spec.precision]
-    gathered = {"ddp": 0.0, "zero2": half * psi}.get(spec.backend, half * (root + block))
+    gathered = {0: 0.0, 1: half * psi, 2: half * psi}.get(plan.zero, half * (root + block))
     s, b, h = spec.seq(c), spec.micro_batch, c.n_embd
-    per_layer = 2 * s * b * h if spec.recompute else s * b * h * (10 + 24 / spec.tp)
+    per_layer = 2 * s * b * h if spec.recompute else s * b * h * (10 + 24 / plan.tp)
     head = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"]
     out = {"params": 4 * psi / n, "grads": 4 * psi / n, "optimizer": 8 * psi / n, "gathered_params": gathered,
            "activations_peak": c.n_layer * per_layer + head}
@@ -251,9 +252,9 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, psi: float) -> dict:
     parameters of one tensor-parallel rank (params_per_rank)."""
     p_b = PRECISION_BYTES[spec.precision]
     g_b = PRECISION_BYTES[spec.reduce_precision or spec.precision]
-    dp, t = spec.dp, spec.tp
+    dp, t = spec.plan.dp, spec.plan.tp
     ring = (dp - 1) / dp * psi
-    dp_bytes = {"ddp": 2 * ring * g_b, "zero2": ring * (p_b + g_b)}.get(spec.backend, ring * (2 * p_b + g_b))
+    dp_bytes = {0: 2 * ring * g_b, 1: ring * (p_b + g_b), 2: ring * (p_b + g_b)}.get(spec.plan.zero, ring * (2 * p_b + g_b))
     s, b = spec.seq(c), spec.micro_batch
     per_layer = (6 if spec.recompute else 4) * 2 * (t - 1) / t * b * s * c.n_embd * p_b
     return {"dp": dp_bytes, "tp": c.n_layer * per_layer if t > 1 else 0.0}
@@ -262,10 +263,10 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, psi: float) -> dict:
 def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float) -> dict:
     """Seconds the counted bytes take on the GPU's links, beside the step's compute at `mfu`."""
     nvlink, inter = gpu.nvlink_gbs * 1e9, gpu.internode_gbs * 1e9
-    dp_link = nvlink if spec.world <= GPUS_PER_NODE else inter  # tp innermost: dp groups span nodes beyond 8
+    dp_link = nvlink if spec.stage_world <= GPUS_PER_NODE else inter  # tp innermost: dp groups span nodes beyond 8
     seq = spec.seq(c)
     convention = "exact_recompute" if spec.recompute else "exact"
-    flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.tp
+    flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.plan.tp
     dtype = spec.precision if spec.precision in gpu.tflops else "bf16"
     compute_s = flops / (gpu.tflops[dtype] * 1e12 * mfu)
     tp_s, dp_s = comm["tp"] / nvlink, comm["dp"] / dp_link
@@ -279,60 +280,87 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
 
 
 def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = None) -> dict:
-    """The whole report: measured memory and collectives beside the formulas, and their time."""
+    """The whole report: measured memory and collectives of one (first) pipeline stage beside the
+    formulas, the memory per GPU beside what extrapolate predicts for the same plan, and their time."""
     spec.validate(c)
     start = time.perf_counter()
-    memory, collectives, how = measure(c, spec)
-    per_rank = params_per_rank(c, spec.tp)
-    predicted = predicted_memory(c, spec, per_rank)
+    plan, stage = spec.plan, stage_model(c, spec.plan.pp)
+    memory, collectives, how = measure(stage, spec)
+    per_rank = params_per_rank(stage, plan.tp)
+    predicted = predicted_memory(stage, spec, per_rank)
     counted = {g: sum(r["bytes_per_rank"] for r in collectives if r["group"] == g) for g in ("dp", "tp")}
-    formula = predicted_comm(c, spec, per_rank[0])
+    formula = predicted_comm(stage, spec, per_rank[0])
     mfu = mfu if mfu is not None else REFERENCE_MFU[gpu.name][0]
-    ratio = lambda a, b: a / b if b else None  # noqa: E731
     return {
-        "world": spec.world, "tp": spec.tp, "dp": spec.dp, "backend": spec.backend, "precision": spec.precision,
+        "plan": plan.spelling(), "plan_description": plan.describe(), "world": plan.world, "dp": plan.dp,
+        "tp": plan.tp, "pp": plan.pp, "zero": plan.zero, "stage_layers": stage.n_layer, "precision": spec.precision,
         "reduce_precision": spec.reduce_precision or spec.precision, "micro_batch": spec.micro_batch,
         "seq_len": spec.seq(c), "recompute": spec.recompute,
         "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank[0],
         "memory_per_rank": memory, "predicted_memory_per_rank": predicted,
-        "memory_ratio": {k: ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},
+        "memory_ratio": {k: _ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},
+        "memory_per_gpu": _memory_per_gpu(c, spec, memory),
         "collectives": collectives,
         "comm_bytes_per_rank": counted["dp"] + counted["tp"], "comm_bytes_per_rank_by_group": counted,
         "predicted_comm_bytes_per_rank": formula["dp"] + formula["tp"], "predicted_comm_bytes_per_rank_by_group": formula,
-        "comm_ratio": ratio(counted["dp"] + counted["tp"], formula["dp"] + formula["tp"]),
-        "time_per_step": step_times(c, spec, counted, gpu, mfu),
-        "method": f"fake process group of {spec.world} ranks, fake tensors, FSDP2 + DTensor code; {how}; memory by "
-                  "torch's FSDPMemTracker (bytes per rank); collectives counted from the dispatched ops, ring bytes "
-                  "sent per rank",
+        "comm_ratio": _ratio(counted["dp"] + counted["tp"], formula["dp"] + formula["tp"]),
+        "time_per_step": step_times(stage, spec, counted, gpu, mfu),
+        "notes": _notes(plan),
+        "method": f"fake process group of {spec.stage_world} ranks (one pipeline stage, {stage.n_layer} layers), fake "
+                  f"tensors, FSDP2 + DTensor code; {how}; memory by torch's FSDPMemTracker (bytes per rank); collectives "
+                  f"counted from the dispatched ops, ring bytes sent per rank",
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _memory_per_gpu(c: ModelConfig, spec: SimSpec, memory: dict) -> dict:
+    """The simulated stage's memory with the activations a 1F1B first stage keeps in flight (pp
+    micro-batches), beside extrapolate's per-GPU estimate for the same model and plan."""
+    pp = spec.plan.pp
+    simulated = memory["total"] + (pp - 1) * memory["activations_peak"]
+    predicted = per_gpu_bytes(c, spec.plan, spec.seq(c), spec.micro_batch, recompute=spec.recompute)
+    return {"simulated_bytes": simulated, "extrapolate_bytes": predicted["total"],
+            "extrapolate_model_states_bytes": predicted["model_states"],
+            "extrapolate_activations_bytes": predicted["activations"],
+            "simulated_over_extrapolate": _ratio(simulated, predicted["total"]),
+            "convention": f"simulated: the stage's peak + {pp - 1} more micro-batches of activations (1F1B); "
+                          f"extrapolate: {predicted['convention']}"}
+
+
+def _notes(plan: ParallelPlan) -> list[str]:
+    notes = []
+    if plan.zero == 1:
+        notes.append("zero=1 is simulated as ZeRO-2 (FSDP2 shards gradients too): the same traffic, less gradient memory")
+    if plan.pp > 1:
+        notes.append(f"pp={plan.pp}: one pipeline stage is simulated, as a model of its layers with the embedding and the "
+                     f"LM head; point-to-point traffic between stages and the bubble are not counted yet, and the "
+                     f"{plan.pp - 1} micro-batches in flight are counted at the stage's activation peak (an upper bound)")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------
 # for the extrapolation (--comm counted)
 
 
-def layout_simulator(gpu: GPUSpec, zero_stage: int, micro_batch: int, notes: list[str]):
-    """A function (model, tp, pp, dp) -> the simulated step of one pipeline stage of that layout:
-    L/pp layers on tp x dp ranks, ZeRO-0 as DDP, ZeRO-1/2 as zero2 (the same traffic), ZeRO-3 as
-    FSDP, full recompute as the extrapolation assumes. Per-GPU memory adds the activations of the
-    pp - 1 further micro-batches a 1F1B first stage holds. None (and a note) when the layout
-    cannot be simulated (e.g. a mixture of experts with tensor parallelism)."""
-    backend = {0: "ddp", 1: "zero2", 2: "zero2", 3: "zero3"}[zero_stage]
+def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
+    """A function (model, plan) -> the simulated step of the plan's first pipeline stage, with full
+    recompute as the extrapolation assumes; None (and a note) when the plan cannot be simulated (e.g.
+    a mixture of experts with tensor parallelism)."""
 
-    def simulate_layout(c: ModelConfig, tp: int, pp: int, dp: int) -> dict | None:
-        stage = dataclasses.replace(c, n_layer=max(1, c.n_layer // pp))
-        spec = SimSpec(world=tp * dp, tp=tp, backend=backend, micro_batch=micro_batch, recompute=True)
+    def simulate_layout(c: ModelConfig, plan: ParallelPlan) -> dict | None:
         try:
-            r = simulate(stage, spec, gpu)
+            r = simulate(c, SimSpec(plan, micro_batch=micro_batch, recompute=True), gpu)
         except UserError as e:
-            notes.append(f"--comm counted: tp={tp} pp={pp} dp={dp} not simulated ({e}); formulas used")
+            notes.append(f"--comm counted: {plan.spelling()} not simulated ({e}); formulas used")
             return None
-        m = r["memory_per_rank"]
-        return {"memory_per_gpu_bytes": m["total"] + (pp - 1) * m["activations_peak"],
+        return {"memory_per_gpu_bytes": r["memory_per_gpu"]["simulated_bytes"],
                 "dp_bytes": r["comm_bytes_per_rank_by_group"]["dp"], "tp_bytes": r["comm_bytes_per_rank_by_group"]["tp"],
-                "backend": backend, "elapsed_s": r["elapsed_s"],
-                "method": f"minigpt simulate of one pipeline stage ({stage.n_layer} layers, {backend}, tp {tp} x dp {dp}, "
-                          f"recompute), {r['method']}"}
+                "plan": plan.spelling(), "elapsed_s": r["elapsed_s"],
+                "method": f"minigpt simulate --plan {plan.spelling()} --recompute (one pipeline stage, {r['stage_layers']} "
+                          f"layers), {r['method']}"}
 
     return simulate_layout

@@ -22,13 +22,7 @@ from pathlib import Path
 import torch
 
 from minigpt.analytic import flops as F
-from minigpt.core.config import (
-    GPT3_PRESETS,
-    ModelConfig,
-    TrainConfig,
-    configs_dir,
-    load_config,
-)
+from minigpt.core.config import GPT3_PRESETS, ModelConfig, TrainConfig, configs_dir, load_config
 from minigpt.core.plots import plot_sweep
 from minigpt.core.progress import Progress
 from minigpt.measure.counted import count_train_flops

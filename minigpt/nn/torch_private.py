@@ -21,11 +21,7 @@ import contextlib
 import os
 
 import torch
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -50,7 +46,8 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
 
 
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts the CPU flash-attention kernels (REFERENCE.md section 5)."""
+    """FlopCounterMode that also counts the CPU flash-attention kernels: torch 2.13 has no FLOP formula for
+    aten._scaled_dot_product_flash_attention_for_cpu (and its backward), which would count as zero."""
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
@@ -152,8 +149,6 @@ class MemoryTracker:
 
 
 @contextlib.contextmanager
-
-
 def fake_process_group(world_size: int):
     """A process group of `world_size` ranks that moves no data (torch's testing FakeStore and
     backend "fake"): the real FSDP2/DTensor code runs on this one process as rank 0 of N."""

@@ -1,187 +1,156 @@
 """Training backends: the one seam between the training loop and how a step runs.
 
-The loop (train.py) sees a `Backend` and nothing else: forward + backward of a micro-batch, an
-optimizer step returning the gradient norm and a skipped flag as device tensors (no host sync),
-the learning rate, its state in and out of a checkpoint, the whole weights, a memory report, a
-one-line description. Implementations:
+The loop (train/loop.py) sees a `Backend` and nothing else. A backend owns:
+  its step        `step(micro_batches) -> (mean loss, StepResult)`: every micro-batch of the step at once
+                  (accumulation and gradient-sync control inside; a pipeline schedule would take them all),
+                  with the gradient norm and a skipped flag as device tensors (no host sync)
+  its rules       `resolve(plan)` (which plans it runs, its defaults), `check(cfg, plan, device)` (its keys),
+                  `compile_rule` (whether torch.compile applies), `memory_need` (bytes per process)
+  its files       `save_state`/`load_state` in a checkpoint, `run_files` in the run directory, a memory
+                  report, the whole weights for export and sampling
 
-  TorchBackend       one process, or DistributedDataParallel under torchrun: autocast, an fp16
-                     grad scaler, gradient clipping, AdamW (fused)
-  ShardedBackend     FSDP2 fully_shard and/or DTensor tensor parallelism on a (dp, tp) mesh, in
-                     sharding.py
-  DeepSpeedBackend   ZeRO stages 0-3 and offload, in zero.py (the only module naming DeepSpeed)
+Implementations, chosen from the plan by `backend_class`:
+  TorchBackend       one process, or DistributedDataParallel under torchrun (ZeRO-0)
+  ShardedBackend     FSDP2 (ZeRO-3) and/or DTensor tensor parallelism (parallel/sharding.py)
+  DeepSpeedBackend   ZeRO stages 0-3 and offload (parallel/zero.py, the only module naming DeepSpeed)
 
-Training techniques are applied to the model from outside, torchtitan-style, before a backend
-wraps it: activation checkpointing per block, then torch.compile. The model file knows none of it.
+The model arrives already parallelised (parallel/parallelize.py: TP -> AC -> compile -> FSDP); a backend
+constructor only wraps it in an optimizer and, for DDP and DeepSpeed, their engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minigpt.analytic.flops import param_counts
 from minigpt.analytic.memory import model_state_bytes, training_bytes_estimate
-from minigpt.core.config import Config
-from minigpt.core.device import available_memory_bytes
+from minigpt.core.config import Config, TrainConfig
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import fmt_bytes
-from minigpt.core.plan import BatchLayout
-from minigpt.nn.optim import StepResult, autocast_context, make_optimizer, objective
-from minigpt.nn.weights import load_weights, weights_of
-from minigpt.parallel.distributed import DistEnv
+from minigpt.core.plan import BatchLayout, ParallelPlan
+from minigpt.nn.model import GPT
+from minigpt.nn.optim import StepResult
+
+# torch.compile on a CPU: measured on the 2-core reference machine (benchmarks/bench_train_tiny_cpu.jsonl,
+# README "Speed"), the tiny model's compiled step is 5-10% faster (~20 ms) but the first compilation takes
+# ~25-30 s (~3-5 s from inductor's on-disk cache), which a run shorter than ~1,000 steps does not win back.
+CPU_COMPILE_MIN_STEPS = 1000
 
 
-class Backend(Protocol):
-    model: torch.nn.Module  # the unwrapped model (weights, evaluation)
+class Backend:
+    """Shared defaults; a subclass runs the step and says its own rules."""
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch (gradients averaged over the accumulation);
-        returns its cross-entropy, detached. `last`: the step's last micro-batch (reduce now)."""
+    name: ClassVar[str] = ""
+    files: ClassVar[tuple[str, ...]] = ()  # run-directory entries this backend writes (besides checkpoints)
+    model: torch.nn.Module  # the model being trained (parallelised: evaluation runs on it)
+    optimizer: torch.optim.Optimizer
 
-    def step(self) -> StepResult:
+    # rules, before anything is built --------------------------------------------------------------
+
+    @classmethod
+    def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
+        """The plan this backend runs, its defaults filled in; UserError for a plan it cannot run."""
+        return plan
+
+    @classmethod
+    def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
+        """Training keys this backend refuses, said in one line before anything is allocated."""
+        tc = cfg.train
+        if tc.deepspeed_config:
+            raise UserError("train.deepspeed_config needs train.backend = 'deepspeed'")
+        if plan.pp > 1:
+            raise UserError(f"pipeline parallelism (pp={plan.pp}) is simulated and costed (minigpt simulate / extrapolate "
+                            f"--plan) but not trained yet; train with train.pipeline_parallel = 1")
+
+    @classmethod
+    def compile_rule(cls, tc: TrainConfig, device: torch.device, steps: int) -> tuple[bool, str]:
+        """train.compile, and why: unset means on for CUDA and for a CPU run of CPU_COMPILE_MIN_STEPS
+        steps or more."""
+        if tc.compile is not None:
+            return tc.compile, "train.compile"
+        if device.type == "cuda":
+            return True, "default on CUDA"
+        if steps >= CPU_COMPILE_MIN_STEPS:
+            return True, f"default on CPU for runs of {CPU_COMPILE_MIN_STEPS:,}+ steps"
+        return False, (f"default on CPU for runs under {CPU_COMPILE_MIN_STEPS:,} steps: ~30 s of compilation is not won "
+                       f"back; train.compile=true turns it on")
+
+    @classmethod
+    def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
+        """Bytes one process needs at least: minigpt's own trainer holds 16 bytes per parameter and one
+        micro-batch's activations (memory.training_bytes_estimate)."""
+        c = cfg.model
+        return training_bytes_estimate(c, layout.micro_batch_size, c.block_size, cfg.train.precision)
+
+    # the step -------------------------------------------------------------------------------------
+
+    def step(self, micro_batches: list) -> tuple[torch.Tensor, StepResult]:
+        """One optimizer step over this rank's micro-batches: (mean loss, StepResult), on device."""
+        loss = torch.zeros((), device=micro_batches[0][0].device)
+        for i, (x, y) in enumerate(micro_batches):
+            loss += self.forward_backward(x, y, len(micro_batches), last=i == len(micro_batches) - 1)
+        return loss / len(micro_batches), self.optimizer_step()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients averaged over `accum`); its loss, detached."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> StepResult:
         """Clip, update, zero the gradients."""
-
-    def set_lr(self, lr: float) -> None: ...
-
-    def save_state(self, folder: Path) -> dict:
-        """Collective. Write any per-rank shards into `folder`; return what state.pt keeps."""
-
-    def load_state(self, folder: Path, state: dict) -> None:
-        """Collective. Restore weights and optimizer from a checkpoint folder and its state.pt."""
-
-    def full_state_dict(self) -> dict | None:
-        """Collective. Every weight whole, on CPU, on rank 0 (None elsewhere); tied weights once."""
-
-    def inference_model(self) -> torch.nn.Module | None:
-        """Collective. A model to sample from on rank 0 (None elsewhere)."""
-
-    def memory_report(self) -> dict | None:
-        """Collective. Per-rank memory beside the formulas, or None when the backend measures none."""
-
-    def run_files(self) -> dict[str, str]:
-        """Files (name -> text) to record in the run directory, e.g. a generated DeepSpeed config."""
-
-    def describe(self) -> str: ...
-
-    def close(self) -> None: ...
-
-
-# ----------------------------------------------------------------------------------------------
-# choices made for the device
-
-
-# ----------------------------------------------------------------------------------------------
-# techniques applied from outside
-
-
-# ----------------------------------------------------------------------------------------------
-# the torch backend
-
-
-class TorchBackend:
-    """One process, or DDP under torchrun: autocast, fp16 grad scaler, clipping, AdamW."""
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
-        self.tc, self.env, self.accum = cfg.train, env, layout.accum
-        self.model = model.to(env.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type in ("cpu", "cuda"))
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.tc.precision == "fp16")
-        self.net = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-            if env.distributed else model
-
-    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
-        sync = contextlib.nullcontext() if last or not self.env.distributed else self.net.no_sync()
-        with sync:
-            with autocast_context(self.env.device, self.tc.precision):
-                out = self.net(x, y)
-            self.scaler.scale(objective(out, self.tc) / self.accum).backward()
-        return out.loss.detach()
-
-    def step(self) -> StepResult:
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
-        if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=True)
-        # the scaler skips the update when a gradient is inf/NaN: exactly when the norm is not finite
-        skipped = (~torch.isfinite(norm) & self.scaler.is_enabled()).to(torch.int32)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm, skipped)
+        raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    # state and files ------------------------------------------------------------------------------
+
     def save_state(self, folder: Path) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        """Collective. Write any per-rank shards into `folder`; return what state.pt keeps."""
+        raise NotImplementedError
 
     def load_state(self, folder: Path, state: dict) -> None:
-        load_weights(self.model, folder)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        """Collective. Restore weights and optimizer from a checkpoint folder and its state.pt."""
+        raise NotImplementedError
+
+    def check_resumable(self, state: dict, run_dir: Path) -> None:
+        """A checkpoint resumes under the engine (train.backend) that wrote it."""
+        written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's
+        if written_by != self.plan.backend:
+            raise UserError(f"{run_dir} was written by the {written_by} backend; resume with --set train.backend={written_by}")
 
     def full_state_dict(self) -> dict | None:
-        return weights_of(self.model) if self.env.is_main else None
+        """Collective. Every weight whole, on CPU, on rank 0 (None elsewhere); tied weights once."""
+        raise NotImplementedError
 
     def inference_model(self) -> torch.nn.Module | None:
-        return self.model if self.env.is_main else None
+        """Collective. A model to sample from on rank 0 (None elsewhere)."""
+        weights = self.full_state_dict()
+        if weights is None:
+            return None
+        net = GPT(self.cfg.model)
+        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
+        return net.to(self.env.device)
 
     def memory_report(self) -> dict | None:
+        """Collective. Per-rank memory beside the formulas, or None when the backend measures none."""
         return None
 
     def run_files(self) -> dict[str, str]:
+        """Files (name -> text) to record in the run directory, e.g. a generated DeepSpeed config."""
         return {}
 
     def describe(self) -> str:
-        return f"DDP over {self.env.world_size} ranks" if self.env.distributed else "single process"
+        return self.plan.describe()
 
     def close(self) -> None:
-        self.net = None
+        pass
 
 
-def check_memory(cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
-    """Refuse, before allocating anything, a model that cannot fit this device's free memory.
-
-    The estimate is minigpt's own trainer's floor (memory.training_bytes_estimate: 16 bytes per
-    parameter and one micro-batch's activations); under DeepSpeed the ZeRO stage divides the model
-    states by the ranks. A process that would be killed for memory gets one line instead.
-    """
-    c, tc = cfg.model, cfg.train
-    have = available_memory_bytes(env.device)
-    need = training_bytes_estimate(c, layout.micro_batch_size, c.block_size, tc.precision)
-    n = param_counts(c).total
-    if tc.backend == "deepspeed" and tc.zero_stage:
-        need -= model_state_bytes(n, tc.precision, 0, 1, "amp").total
-        need += model_state_bytes(n, tc.precision, tc.zero_stage, env.world_size, "deepspeed").total
-    elif tc.backend == "fsdp" or tc.tensor_parallel > 1:  # model states sharded over all ranks (or the tp group)
-        states = model_state_bytes(n, tc.precision, 0, 1, "amp").total
-        need -= states - states / (env.world_size if tc.backend == "fsdp" else tc.tensor_parallel)
-    if have is not None and need > have:
-        raise UserError(f"training this model needs at least {fmt_bytes(need)} per process ({param_counts(c).total:,} "
-                        f"parameters; weights, gradients, AdamW state and one micro-batch of activations), {env.device} "
-                        f"has {fmt_bytes(have)} free: make the model or train.micro_batch_size smaller")
-
-
-def make_backend(model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> Backend:
-    if cfg.train.backend == "deepspeed":
-        from minigpt.parallel.zero import DeepSpeedBackend
-
-        return DeepSpeedBackend(model, cfg, env, layout)
-    tc = cfg.train
-    if tc.zero_stage or tc.offload_optimizer or tc.deepspeed_config:
-        raise UserError("train.zero_stage / offload_optimizer / deepspeed_config need train.backend = 'deepspeed'")
-    if tc.backend == "fsdp" or tc.tensor_parallel > 1:
-        from minigpt.parallel.sharding import ShardedBackend
-
-        return ShardedBackend(model, cfg, env, layout)
-    if tc.offload_params:
-        raise UserError("train.offload_params needs train.backend = 'fsdp' or 'deepspeed'")
-    return TorchBackend(model, cfg, env, layout)
+def states_saved_by_sharding(cfg: Config, shards: int) -> float:
+    """Bytes of minigpt's trainer's model states (16 per parameter) a rank does not hold when they are
+    divided over `shards` ranks."""
+    states = model_state_bytes(param_counts(cfg.model).total, cfg.train.precision, 0, 1, "amp").total
+    return states - states / shards

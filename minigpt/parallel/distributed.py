@@ -20,15 +20,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from minigpt.core.device import resolve_device
 from minigpt.core.errors import UserError, os_error
+from minigpt.core.plan import ParallelPlan
 from minigpt.nn.torch_private import attempt_store, default_store
 
 
 @dataclass
-
-
 class DistEnv:
     rank: int
     local_rank: int
@@ -36,28 +36,14 @@ class DistEnv:
     device: torch.device
     control: object = field(default=None, repr=False)  # host-side (gloo) group for stop agreement
     timeout_s: float = 600.0
-    tp: int = 1  # ranks per tensor-parallel group; they see the same data
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def dp_rank(self) -> int:
-        """This rank's data-parallel index: which shard of the batch it reads (rank // tp)."""
-        return self.rank // self.tp
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size // self.tp
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> DistEnv:
@@ -79,6 +65,14 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> Dis
         # stop agreement runs every step: on the host (gloo), so a GPU step never waits for it
         control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
     return DistEnv(rank, local_rank, world_size, device, control, timeout_s)
+
+
+def make_mesh(plan: ParallelPlan, device_type: str) -> DeviceMesh:
+    """The plan's device mesh over every rank ("pp", "dp_replicate", "dp_shard", "tp"; tp innermost).
+    A single process gets a process group of one first (FSDP2 and DTensor need one)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(device_type, plan.mesh_shape, mesh_dim_names=plan.mesh_names)
 
 
 def barrier(env: DistEnv) -> None:
@@ -150,13 +144,15 @@ def shutdown(env: DistEnv, together: bool = True) -> None:
     would otherwise be freed during interpreter shutdown, where gloo aborts now and then
     ("terminate called without an active exception", SIGABRT) after a run that completed. Collecting
     it here, while the interpreter is whole, avoids that. `together=False` skips the barrier, for a
-    rank leaving on an error its peers may not share.
+    rank leaving on an error its peers may not share. A single process's group of one (make_mesh's) goes
+    too.
     """
-    if env.distributed and dist.is_initialized():
-        gc.collect()
-        if together:
-            dist.barrier()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if together and env.distributed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

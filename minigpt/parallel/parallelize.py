@@ -1,4 +1,4 @@
-"""Techniques applied to the model from outside."""
+"""The plan and the training techniques, applied to the model from outside in one documented order."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from minigpt.core.config import TrainConfig
-from minigpt.core.errors import UserError
+from minigpt.core.plan import ParallelPlan
+from minigpt.nn.model import GPT
 from minigpt.nn.torch_private import capture_data_dependent_shapes
+from minigpt.parallel.distributed import make_mesh
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
@@ -22,42 +24,37 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def apply_training_techniques(model: torch.nn.Module, tc: TrainConfig) -> torch.nn.Module:
-    """Activation checkpointing, then torch.compile when train.compile (resolved) is true: in place,
-    so parameter names are unchanged; evaluation and sampling run eager (see `eager`). A mixture
-    of experts compiles as one graph: its dispatch (`nonzero`) is traced with data-dependent sizes
-    rather than breaking the graph at every MoE layer."""
+def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.device) -> GPT:
+    """Apply the plan and the training techniques to a model, from outside and in one order (torchtitan's
+    llama3/parallelize.py):
+
+      1. tensor parallelism (DTensor, per block) - it changes the modules' weights, so it comes first;
+      2. activation checkpointing per block - it wraps the (already sharded) blocks' forwards;
+      3. torch.compile of the model (resolved train.compile) - it traces the checkpointed, sharded blocks;
+         a mixture of experts compiles as one graph, its dispatch (`nonzero`) traced with data-dependent
+         sizes rather than breaking the graph at every MoE layer;
+      4. FSDP2 fully_shard per block, then the root (ZeRO-3 plans on the torch engine) - last, so its
+         hooks gather what the compiled, checkpointed blocks compute with.
+
+    Everything is in place, so parameter names (and checkpoints) are unchanged; evaluation and sampling
+    run eager (see `eager`). DDP and DeepSpeed wrap the result in their engines (the backends)."""
+    from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel, data_parallel_mesh, shards_parameters
+
+    model = model.to(device)
+    mesh = make_mesh(plan, device.type) if plan.tp > 1 or shards_parameters(plan) else None
+    if plan.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:
         if model.config.is_moe:  # the dispatch's per-expert token counts depend on the routing
             capture_data_dependent_shapes()
         model.compile()
+    if shards_parameters(plan):
+        apply_fsdp(model, data_parallel_mesh(mesh, plan), tc.precision, tc.offload_params)
     return model
 
 
 def eager():
     """Run a compiled model eagerly (evaluation, sampling): no recompilation for other shapes."""
     return torch.compiler.set_stance("force_eager")
-
-# torch.compile on a CPU: measured on the 2-core reference machine (benchmarks/bench_train_tiny_cpu.jsonl,
-# README "Speed"), the tiny model's compiled step is 5-10% faster (~20 ms) but the first compilation takes
-# ~25-30 s (~3-5 s from inductor's on-disk cache), which a run shorter than ~1,000 steps does not win back.
-CPU_COMPILE_MIN_STEPS = 1000
-
-
-def resolve_compile(tc: TrainConfig, device: torch.device, steps: int) -> tuple[bool, str]:
-    """train.compile, and why: unset means on for CUDA, on for a CPU run of CPU_COMPILE_MIN_STEPS
-    steps or more, off under DeepSpeed (whose engine wraps the model)."""
-    if tc.compile is not None:
-        if tc.compile and tc.backend == "deepspeed":
-            raise UserError("train.compile = true is not supported with train.backend = 'deepspeed'; set train.compile = false")
-        return tc.compile, "train.compile"
-    if tc.backend == "deepspeed":
-        return False, "default: off under DeepSpeed"
-    if device.type == "cuda":
-        return True, "default on CUDA"
-    if steps >= CPU_COMPILE_MIN_STEPS:
-        return True, f"default on CPU for runs of {CPU_COMPILE_MIN_STEPS:,}+ steps"
-    return False, (f"default on CPU for runs under {CPU_COMPILE_MIN_STEPS:,} steps: ~30 s of compilation is not won back; "
-                   f"train.compile=true turns it on")

@@ -20,10 +20,10 @@ The same functions build the simulated runs of minigpt/simulate.py on a fake pro
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,37 +31,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
-from minigpt.core.plan import BatchLayout
+from minigpt.core.plan import BatchLayout, ParallelPlan, check_tensor_parallel
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import (
-    DTYPES,
-    StepResult,
-    autocast_context,
-    make_optimizer,
-    objective,
-)
+from minigpt.nn.optim import DTYPES, StepResult, autocast_context, make_optimizer, objective
 from minigpt.nn.weights import read_weights
+from minigpt.parallel.backend import Backend, states_saved_by_sharding
 from minigpt.parallel.distributed import DistEnv
 
 TP_PLAN = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
-
-
-def make_mesh(device_type: str, world: int, tp: int) -> DeviceMesh:
-    """A (dp, tp) mesh over all ranks, tp innermost."""
-    return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,43 +148,68 @@ def grad_norm(params) -> torch.Tensor:
 # the backend
 
 
-class ShardedBackend:
-    """FSDP2 (train.backend = "fsdp") and/or tensor parallelism (train.tensor_parallel > 1)."""
+def shards_parameters(plan: ParallelPlan) -> bool:
+    """Whether the torch engine shards this plan's parameters with FSDP2 (ZeRO-3)."""
+    return plan.backend == ShardedBackend.name and plan.zero == 3
 
-    def __init__(self, model: GPT, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
-        self.cfg, self.tc, self.env, self.accum = cfg, cfg.train, env, layout.accum
-        self.tp = self.tc.tensor_parallel  # checked against the model and the world by train.start
-        if self.tc.precision == "fp16":
+
+def data_parallel_mesh(mesh: DeviceMesh, plan: ParallelPlan) -> DeviceMesh:
+    """The mesh FSDP2 shards over: the data-parallel ranks holding distinct shards."""
+    return mesh["dp_shard"]
+
+
+class ShardedBackend(Backend):
+    """FSDP2 (backend=fsdp: ZeRO-3) and/or tensor parallelism (tp > 1), applied by parallelize()."""
+
+    name = "fsdp"
+
+    @classmethod
+    def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
+        fsdp = plan.backend == cls.name
+        if fsdp and plan.zero in (1, 2):
+            raise UserError(f"backend=fsdp shards parameters too (FSDP2 is ZeRO-3): use zero=3, or backend=deepspeed "
+                            f"for ZeRO-{plan.zero}")
+        if plan.offload_optimizer:
+            raise UserError("offload=optimizer needs backend=deepspeed (FSDP2 offloads parameters with their state)")
+        if plan.offload_params and not fsdp:
+            raise UserError("offload=params needs backend=fsdp or backend=deepspeed")
+        if not fsdp and plan.dp > 1:
+            raise UserError(f"tp={plan.tp} with dp={plan.dp} shards the data-parallel part with FSDP2: use backend=fsdp "
+                            f"(zero=3)")
+        return dataclasses.replace(plan, zero=3 if fsdp else 0, backend=cls.name if fsdp else plan.backend or "ddp")
+
+    @classmethod
+    def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
+        super().check(cfg, plan, device)
+        if cfg.train.precision == "fp16":
             raise UserError("train.precision = 'fp16' is not supported with FSDP/tensor parallel (no sharded grad "
                             "scaler here); use 'bf16'")
-        if self.tc.offload_params and env.device.type != "cuda":
+        if plan.offload_params and device.type != "cuda":
             raise UserError("train.offload_params with train.backend = 'fsdp' moves parameters from a GPU to the CPU; "
                             "on a CPU run set train.offload_params = false")
-        self.own_group = not dist.is_initialized()
-        if self.own_group:  # FSDP needs a process group, even of one
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        self.mesh = make_mesh(env.device.type, env.world_size, self.tp)
-        self.model = model.to(env.device)
-        if self.tp > 1:
-            apply_tensor_parallel(model, self.mesh["tp"])
-        self.fsdp = self.tc.backend == "fsdp"
-        if self.fsdp:
-            apply_fsdp(model, self.mesh["dp"], self.tc.precision, self.tc.offload_params)
-        elif env.world_size > self.tp:
-            raise UserError(f"{env.world_size} processes with train.tensor_parallel = {self.tp} leave "
-                            f"{env.world_size // self.tp}-way data parallelism: set train.backend = 'fsdp' for it")
+        check_tensor_parallel(cfg.model, plan.tp)
+
+    @classmethod
+    def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
+        """Model states divided over every rank (FSDP) or over the tensor-parallel group."""
+        shards = plan.world if shards_parameters(plan) else plan.tp
+        return super().memory_need(cfg, plan, layout) - states_saved_by_sharding(cfg, shards)
+
+    def __init__(self, model: GPT, cfg: Config, env: DistEnv, plan: ParallelPlan) -> None:
+        self.cfg, self.tc, self.env, self.plan = cfg, cfg.train, env, plan
+        self.model, self.tp, self.fsdp = model, plan.tp, shards_parameters(plan)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(model, self.tc, fused=env.device.type == "cuda")
 
-    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
+    def forward_backward(self, x, y, accum: int, last: bool) -> torch.Tensor:
         if self.fsdp:  # reduce-scatter the gradients on the step's last micro-batch only
             self.model.set_requires_gradient_sync(last)
         with autocast_context(self.env.device, self.tc.precision):
             out = self.model(x, y)
-        (objective(out, self.tc) / self.accum).backward()
+        (objective(out, self.tc) / accum).backward()
         return out.loss.detach()
 
-    def step(self) -> StepResult:
+    def optimizer_step(self) -> StepResult:
         norm = grad_norm(self.params)
         if self.tc.grad_clip > 0:  # the plain norm tensor scales DTensor gradients as a replicated scalar
             with implicit_replication():
@@ -206,10 +217,6 @@ class ShardedBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, torch.zeros((), dtype=torch.int32))
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def _full(self) -> StateDictOptions:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -239,26 +246,7 @@ class ShardedBackend:
             sd.pop("lm_head.weight", None)  # tied: saved once, under the embedding's name
         return sd
 
-    def inference_model(self) -> torch.nn.Module | None:
-        """Collective: the weights gathered into a plain model on rank 0."""
-        weights = self.full_state_dict()
-        if weights is None:
-            return None
-        net = GPT(self.cfg.model)
-        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
-        return net.to(self.env.device)
-
-    def memory_report(self) -> dict | None:
-        return None
-
-    def run_files(self) -> dict[str, str]:
-        return {}
-
     def describe(self) -> str:
         dp = self.env.world_size // self.tp
         parts = ([f"FSDP2 over {dp} rank(s)"] if self.fsdp else []) + ([f"tensor parallel {self.tp}"] if self.tp > 1 else [])
         return ", ".join(parts) + (" +offload params" if self.tc.offload_params else "")
-
-    def close(self) -> None:
-        if self.own_group:
-            dist.destroy_process_group()

@@ -12,6 +12,7 @@ is an error naming the minigpt key to set instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,11 +21,11 @@ import torch
 
 from minigpt.analytic import memory as M
 from minigpt.analytic.flops import param_counts
-from minigpt.core.config import Config
+from minigpt.core.config import Config, TrainConfig
 from minigpt.core.errors import UserError
-from minigpt.core.plan import BatchLayout
-from minigpt.nn.model import GPT
+from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.nn.optim import StepResult, make_optimizer, objective
+from minigpt.parallel.backend import Backend
 from minigpt.parallel.distributed import DistEnv, all_gather_objects
 
 # DeepSpeed keys minigpt sets, and the minigpt setting a user changes instead
@@ -48,15 +49,6 @@ def require_deepspeed():
     except ImportError:
         raise UserError("train.backend = 'deepspeed' needs the deepspeed package: pip install deepspeed") from None
     return deepspeed
-
-
-def validate(tc, device: torch.device) -> None:
-    if tc.offload_params and tc.zero_stage != 3:
-        raise UserError("train.offload_params needs train.zero_stage = 3 (only stage 3 partitions parameters)")
-    if tc.offload_optimizer and tc.zero_stage == 0:
-        raise UserError("train.offload_optimizer needs train.zero_stage >= 1 (stage 0 keeps the optimizer whole)")
-    if tc.precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -133,8 +125,8 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     return engine, ds_optimizer
 
 
-class DeepSpeedBackend:
-    """A DeepSpeed engine behind minigpt's Backend interface (see parallel.py).
+class DeepSpeedBackend(Backend):
+    """A DeepSpeed engine behind minigpt's Backend interface (see backend.py).
 
     DeepSpeed casts the model for bf16/fp16, scales the loss by 1/accumulation, reduces (and, from
     stage 2, partitions) gradients and steps at the accumulation boundary itself. Its optimizer is
@@ -142,26 +134,61 @@ class DeepSpeedBackend:
     where DeepSpeed keeps none), before clipping, whether clipping is on or not.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, layout: BatchLayout) -> None:
-        self.tc, self.env, self.cfg = cfg.train, env, cfg
-        validate(self.tc, env.device)
-        self.ds_config = build_config(cfg, layout)
-        self.model = model.to(env.device)
+    name = "deepspeed"
+    files = ("deepspeed_config.json",)
+
+    @classmethod
+    def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
+        if plan.tp > 1 or plan.pp > 1:
+            raise UserError("backend=deepspeed runs data parallelism only here (tp=1, pp=1); use backend=fsdp for "
+                            "tensor parallelism")
+        if plan.offload_params and plan.zero != 3:
+            raise UserError("offload=params needs zero=3 (only stage 3 partitions parameters)")
+        if plan.offload_optimizer and plan.zero == 0:
+            raise UserError("offload=optimizer needs zero >= 1 (stage 0 keeps the optimizer whole)")
+        return dataclasses.replace(plan, backend=cls.name)
+
+    @classmethod
+    def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
+        if cfg.train.precision == "fp16" and device.type != "cuda":
+            raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
+
+    @classmethod
+    def compile_rule(cls, tc: TrainConfig, device: torch.device, steps: int) -> tuple[bool, str]:
+        if tc.compile:
+            raise UserError("train.compile = true is not supported with train.backend = 'deepspeed' (its engine wraps "
+                            "the model); set train.compile = false")
+        return False, "default: off under DeepSpeed (its engine wraps the model)"
+
+    @classmethod
+    def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
+        """minigpt's floor with the model states DeepSpeed holds under the plan's ZeRO stage."""
+        n, precision = param_counts(cfg.model).total, cfg.train.precision
+        need = super().memory_need(cfg, plan, layout)
+        if not plan.zero:
+            return need
+        return (need - M.model_state_bytes(n, precision, 0, 1, "amp").total
+                + M.model_state_bytes(n, precision, plan.zero, plan.dp, "zero_fp32_grads").total)
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, plan: ParallelPlan) -> None:
+        self.tc, self.env, self.cfg, self.plan = cfg.train, env, cfg, plan
+        self.ds_config = build_config(cfg, plan.batch_layout(cfg.train, cfg.model.block_size))
+        self.model = model
         self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config)
         self.held: dict = {}
         self._skipped = 0
 
-    def forward_backward(self, x, y, last: bool) -> torch.Tensor:
+    def forward_backward(self, x, y, accum: int, last: bool) -> torch.Tensor:
         out = self.engine(x, y)
-        self.engine.backward(objective(out, self.tc))
+        self.engine.backward(objective(out, self.tc))  # DeepSpeed divides by its gradient_accumulation_steps
         if not last:  # DeepSpeed counts micro-steps: step() between them only advances the count
             self.engine.step()
         return out.loss.detach()
 
-    def step(self) -> StepResult:
+    def optimizer_step(self) -> StepResult:
         params = list({id(p): p for p in self.model.parameters()}.values())
         own = None
-        if self.tc.zero_stage == 0:  # gradients are whole and reduced here; DeepSpeed keeps no norm
+        if self.plan.zero == 0:  # gradients are whole and reduced here; DeepSpeed keeps no norm
             own = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
         self.held = held_bytes(self.engine, self.optimizer, self.model)  # before the step frees gradients
         self.engine.step()
@@ -170,10 +197,6 @@ class DeepSpeedBackend:
         skipped = int(self.engine.skipped_steps > self._skipped)
         self._skipped = self.engine.skipped_steps
         return StepResult(norm if norm is not None else torch.tensor(float("nan")), torch.tensor(skipped))
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def save_state(self, folder: Path) -> dict:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
@@ -193,21 +216,12 @@ class DeepSpeedBackend:
     def full_state_dict(self) -> dict | None:
         return full_state_dict(self.engine, self.model)
 
-    def inference_model(self) -> torch.nn.Module | None:
-        """ZeRO-3 partitions the weights: gather them (collective) into a plain model on rank 0."""
-        weights = self.full_state_dict()
-        if not self.env.is_main:
-            return None
-        net = GPT(self.cfg.model)
-        net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
-        return net.to(self.env.device)
-
     def memory_report(self) -> dict:
         """Bytes each rank held (read from DeepSpeed's buffers) beside the ZeRO formulas (collective)."""
         tc, n = self.tc, param_counts(self.cfg.model).total
         rows = all_gather_objects(self.held, self.env)
         paper = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size).as_dict()
-        ds = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size, layout="deepspeed").as_dict()
+        ds = M.model_state_bytes(n, tc.precision, tc.zero_stage, self.env.world_size, layout="zero_fp32_grads").as_dict()
         return {"kind": "zero", "zero_stage": tc.zero_stage, "world_size": self.env.world_size, "precision": tc.precision,
                 "params": n, "per_rank": rows, "predicted_paper": paper, "predicted_deepspeed": ds}
 

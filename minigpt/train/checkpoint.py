@@ -35,8 +35,12 @@ from pathlib import Path
 import torch
 
 from minigpt.core.atomic import atomic_write_text, fsync_dir
+from minigpt.core.config import Config, config_from_json
 from minigpt.core.errors import UserError
-from minigpt.nn.weights import WEIGHTS, save_weights
+from minigpt.data.tokenizer import read_tokenizer
+from minigpt.nn.model import GPT
+from minigpt.nn.weights import WEIGHTS, load_weights, save_weights
+from minigpt.parallel.backends import run_file_names
 from minigpt.parallel.distributed import DistEnv, all_gather_objects, barrier
 
 LATEST = "latest.json"
@@ -204,14 +208,12 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier(env)
 
-    def load(self, backend, backend_name: str) -> dict:
-        """Restore the latest checkpoint into `backend` and this rank's RNG; return the training state."""
+    def load(self, backend) -> dict:
+        """Restore the latest checkpoint into `backend` (which checks it may) and this rank's RNG; return
+        the training state."""
         folder, _ = latest_checkpoint(self.run.root)
         state = load_state(folder)
-        written_by = state.get("backend", "ddp")
-        if written_by != backend_name:
-            raise UserError(f"{self.run.root} was written by the {written_by} backend; resume with "
-                            f"--set train.backend={written_by}")
+        backend.check_resumable(state, self.run.root)
         backend.load_state(folder, state)
         rank = self.env.rank
         torch.set_rng_state(state["rng_cpu"][rank % len(state["rng_cpu"])])
@@ -233,7 +235,7 @@ class Checkpointer:
 LOCK = ".lock"
 RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
              LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
-             "deepspeed_config.json", "data.json", "imported.json", LOCK}
+             "data.json", "imported.json", LOCK} | run_file_names()  # + what the backends write (their `files`)
 
 
 class RunLock:
@@ -289,3 +291,32 @@ def remove_temporaries(root: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale
+
+
+# ----------------------------------------------------------------------------------------------
+# a run's model, for every reader (generate, serve, bench decode, the quickstart)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
+    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
+    the kept checkpoint of `step` (train.keep_checkpoints keeps several).
+
+    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
+    """
+    run_dir = Path(run_dir)
+    latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
+    cfg = config_from_json(run_dir / "config.json")
+    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
+                                                            f"damaged; copy the tokenizer the run was trained with there")
+    model = GPT(cfg.model)
+    if step is None:
+        _, step = load_latest(run_dir, lambda folder: load_weights(model, folder))
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+        if not folder.is_dir():
+            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
+            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
+                            f"sets how many are kept)")
+        load_weights(model, folder)
+    model.to(device).eval()
+    return model, tokenizer, cfg, step

@@ -1,13 +1,14 @@
 """Training: one loop for every backend, in one process or many under torchrun.
 
-    minigpt train --config tiny
+    minigpt train --config tiny [--plan dp=2,zero=3]
     torchrun --nproc_per_node 2 -m minigpt train --config tiny      (or -m minigpt.train)
 
-Read top to bottom: `TrainState` (what a checkpoint resumes), `train_step` (one optimizer step),
-`evaluate` (a loss over fixed batches), then `train`, which starts a run, loops and finishes it.
-Whether a step runs in one process, under DDP or through DeepSpeed is the Backend's business
-(minigpt/parallel.py): the loop has no branch on it. Checkpoints go through one Checkpointer and
-every printed figure through one MetricsLogger, the only place a step reads the device.
+Read top to bottom: `TrainState` (what a checkpoint resumes), `evaluate` (a loss over fixed batches),
+then `train`, which starts a run, loops and finishes it. The parallel layout is one `ParallelPlan`,
+built once in `start` from [train] and the world size; `parallelize` applies it to the model and the
+plan's backend owns the step (every micro-batch of it at once), its rules and its files: the loop has no
+branch on it. Checkpoints go through one Checkpointer; step and evaluation lines through one
+MetricsLogger, the only place a step reads the device.
 
 Batches depend only on (seed, step, global micro-batch) and every piece of state (weights,
 optimizer, grad scaler, RNG of every rank) is checkpointed, so a resumed run continues exactly.
@@ -28,24 +29,21 @@ import torch
 from minigpt.analytic.flops import param_counts, train_flops_per_token
 from minigpt.analytic.report import per_rank_memory_table
 from minigpt.core.atomic import atomic_write_text, read_jsonl
-from minigpt.core.config import Config, check_same_model, config_from_json
-from minigpt.core.device import (
-    configure_device,
-    device_name,
-    peak_memory_bytes,
-    resolve_precision,
-)
+from minigpt.core.config import Config, config_from_json
+from minigpt.core.device import configure_device, device_name, peak_memory_bytes, resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak, mfu_warning
-from minigpt.core.plan import BatchLayout, batch_layout, check_tensor_parallel
+from minigpt.core.plan import BatchLayout, ParallelPlan
+from minigpt.core.resolve import check_same_model
 from minigpt.data import cache as data
 from minigpt.data.loader import BatchLoader, check_split_length, get_batch
 from minigpt.infer.generate import generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import StepResult, autocast_context, lr_at
-from minigpt.parallel.backend import Backend, check_memory, make_backend
+from minigpt.nn.optim import autocast_context, lr_at
+from minigpt.parallel.backend import Backend
+from minigpt.parallel.backends import backend_class, check_memory, make_backend, resolve_plan
 from minigpt.parallel.distributed import (
     DistEnv,
     StopControl,
@@ -59,11 +57,7 @@ from minigpt.parallel.distributed import (
     shutdown,
     silent_ranks_error,
 )
-from minigpt.parallel.parallelize import (
-    apply_training_techniques,
-    eager,
-    resolve_compile,
-)
+from minigpt.parallel.parallelize import eager, parallelize
 from minigpt.train.checkpoint import (
     Checkpointer,
     RunDir,
@@ -77,36 +71,25 @@ from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sink
 
 
 @dataclass
-
-
 class TrainState:
     """What a checkpoint carries beside the weights, the optimizer and the RNG."""
 
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0  # fp16 updates skipped (overflow) so far
-    backend: str = "ddp"
-
-
-def train_step(backend: Backend, batches: list) -> tuple[torch.Tensor, StepResult]:
-    """One optimizer step over the micro-batches of this rank: (mean loss, StepResult), on device."""
-    loss = torch.zeros((), device=batches[0][0].device)
-    for i, (x, y) in enumerate(batches):
-        loss += backend.forward_backward(x, y, last=i == len(batches) - 1)
-    return loss / len(batches), backend.step()
+    backend: str = "ddp"  # the engine that wrote it (train.backend): a checkpoint resumes under it
 
 
 @torch.no_grad()
-
-
-def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, split_id: int) -> float:
-    """Mean loss over eval_iters micro-batches at fixed positions (the same at every evaluation)."""
+def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int) -> float:
+    """Mean loss over eval_iters micro-batches at fixed positions (the same at every evaluation); each
+    data-parallel rank reads its own, a tensor-parallel group the same."""
     was_training = model.training
     model.eval()
     losses = []
     with eager():
         for i in range(cfg.train.eval_iters):
             x, y = get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
-                                  (cfg.train.seed, split_id, i, env.dp_rank))
+                                  (cfg.train.seed, split_id, i, dp_rank))
             with autocast_context(env.device, cfg.train.precision):
                 losses.append(model(x.to(env.device), y.to(env.device)).loss.float())
     model.train(was_training)
@@ -118,8 +101,6 @@ def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, split_id
 
 
 @dataclass
-
-
 class Run:
     """Everything one training run holds, from start to finish."""
 
@@ -128,6 +109,7 @@ class Run:
     say: object
     paths: RunDir
     prepared: data.PreparedData
+    plan: ParallelPlan
     layout: BatchLayout
     backend: Backend
     checkpointer: Checkpointer
@@ -193,38 +175,22 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     """
     tc = cfg.train
     say = log if env.is_main else (lambda *a, **k: None)
-    if stop_at is not None and not 0 < stop_at <= tc.max_steps:
-        raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
-    tc.precision = resolve_precision(tc.precision, env.device)  # config.json records what ran
-    tc.compile, compile_why = resolve_compile(tc, env.device, (stop_at or tc.max_steps))
-    check_tensor_parallel(cfg.model, tc.tensor_parallel, env.world_size)
-    env.tp = tc.tensor_parallel  # the ranks of a tensor-parallel group read the same data
-    layout = batch_layout(tc, cfg.model.block_size, env.dp_size)
+    plan, layout, compile_why = _plan(cfg, env, stop_at)
     paths = RunDir(tc.out_dir)
     lock, created = on_main(env, lambda: _claim(paths)) or (None, False)
     try:
         resume = _resume_or_fresh(cfg, paths, resume, overwrite, say)
         end_step = stop_at if stop_at is not None else tc.max_steps
         _check_not_done(paths, resume, end_step, say)
-        check_memory(cfg, env, layout)
+        check_memory(cfg, env, plan, layout)
         check_sinks(tc.log_to)
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=tc.threads or torch.get_num_threads())
         prepared = _prepare_data(cfg, env, paths, resume, say)
         device_notes = configure_device(tc, env.device)
-        torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        model = GPT(cfg.model)
-        if tc.init_from and not resume:
-            say(f"init     {load_init_weights(model, tc.init_from)}; fresh optimizer and schedule")
-        backend = make_backend(apply_training_techniques(model, tc), cfg, env, layout)
+        backend = _build(cfg, env, plan, resume, say)
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
-        state = TrainState(backend=tc.backend)
-        if resume:
-            saved = checkpointer.load(backend, tc.backend)
-            state = TrainState(saved["step"], saved.get("skipped_steps", 0), tc.backend)
-        else:
-            # dropout differs per data-parallel rank (a tensor-parallel group shares its masks); the weights are equal
-            torch.manual_seed(tc.seed + env.dp_rank)
+        state = _restore(checkpointer, backend, plan, resume, env)
         _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
     except BaseException:
         if env.is_main and lock is not None:
@@ -233,10 +199,45 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
                 shutil.rmtree(paths.root, ignore_errors=True)
         raise
     metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
-    run = Run(cfg, env, say, paths, prepared, layout, backend, checkpointer, metrics, state, state.step, end_step, lock)
+    run = Run(cfg, env, say, paths, prepared, plan, layout, backend, checkpointer, metrics, state, state.step,
+              end_step, lock)
     for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
     return run
+
+
+def _plan(cfg: Config, env: DistEnv, stop_at: int | None) -> tuple[ParallelPlan, BatchLayout, str]:
+    """The run's plan (built once, from [train] and the world size), its batch layout, and the choices
+    its backend's rules make: precision and compile (recorded in config.json as what ran)."""
+    tc = cfg.train
+    if stop_at is not None and not 0 < stop_at <= tc.max_steps:
+        raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
+    tc.precision = resolve_precision(tc.precision, env.device)
+    asked = ParallelPlan.from_train(tc, cfg.model)
+    rules = backend_class(asked)
+    rules.check(cfg, asked, env.device)  # the backend's keys, before the world size is asked about
+    plan = resolve_plan(asked.with_world(env.world_size, "train.tensor_parallel x train.pipeline_parallel:"))
+    tc.compile, compile_why = rules.compile_rule(tc, env.device, stop_at or tc.max_steps)
+    return plan, plan.batch_layout(tc, cfg.model.block_size), compile_why
+
+
+def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> Backend:
+    """The model (initial or init_from weights, equal on every rank), parallelised, in its backend."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = GPT(cfg.model)
+    if cfg.train.init_from and not resume:
+        say(f"init     {load_init_weights(model, cfg.train.init_from)}; fresh optimizer and schedule")
+    return make_backend(parallelize(model, plan, cfg.train, env.device), cfg, env, plan)
+
+
+def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, resume: bool, env: DistEnv) -> TrainState:
+    """The training state: the checkpoint's when resuming, else fresh (dropout seeded per data-parallel
+    rank: a tensor-parallel group shares its masks; the weights are equal)."""
+    if not resume:
+        torch.manual_seed(backend.tc.seed + plan.dp_rank(env.rank))
+        return TrainState(backend=plan.backend)
+    saved = checkpointer.load(backend)
+    return TrainState(saved["step"], saved.get("skipped_steps", 0), plan.backend)
 
 
 def loop(run: Run, stop: StopControl) -> None:
@@ -247,12 +248,12 @@ def loop(run: Run, stop: StopControl) -> None:
     tokens = run.prepared.tokens("train")
     run.t_start = time.perf_counter()
     stop.graceful = True  # from here a signal finishes the step and saves
-    with BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed, env.dp_rank,
-                          run.layout.accum, steps, env.device) as batches:
+    with BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed,
+                     run.plan.dp_rank(env.rank), run.layout.accum, steps, env.device) as batches:
         for step, micro_batches in zip(steps, batches):
             lr = lr_at(step, tc)
             run.backend.set_lr(lr)
-            loss, result = train_step(run.backend, micro_batches)
+            loss, result = run.backend.step(micro_batches)
             state.step = step + 1
             run.metrics.log_step(state.step, loss, result, lr)
             heartbeat(env, state.step)
@@ -268,8 +269,9 @@ def _after_step(run: Run, loss: torch.Tensor) -> None:
     tc, step = run.cfg.train, run.state.step
     synced = False
     if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
-        run.val_loss = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, split_id=1)
-        run.train_loss = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env, split_id=2)
+        dp_rank = run.plan.dp_rank(run.env.rank)
+        run.val_loss = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, dp_rank, split_id=1)
+        run.train_loss = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env, dp_rank, split_id=2)
         run.metrics.log_eval(step, run.train_loss, run.val_loss, run.prepared.manifest["unigram_entropy_nats"])
         synced = True
     if not run.stopped and tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:
@@ -333,12 +335,7 @@ def finish(run: Run) -> dict:
 def _report(run: Run, summary: dict) -> dict:
     """The run report (report.md/.json): the run's own figures, then FLOPs counted vs formulas, MFU
     at the median step, and memory in a labelled fake-tensor replay of one step."""
-    from minigpt.analytic.report import (
-        flops_table,
-        memory_table,
-        run_report,
-        write_report,
-    )
+    from minigpt.analytic.report import flops_table, memory_table, run_report, write_report
     from minigpt.measure.counted import flops_report, memory_report
 
     cfg = run.cfg
@@ -494,8 +491,9 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
         f"{c.n_layer} layers x {c.n_embd} wide, block {c.block_size}",
         f"train    {env.world_size} process(es) on {env.device} ({', '.join(device_notes) or 'defaults'}), "
         f"{tc.precision}, {run.backend.describe()}" + (", activation checkpointing" if tc.activation_checkpointing else ""),
+        f"plan     {run.plan.describe()} (--plan {run.plan.spelling()})",
         f"compile  {compile_note}",
-        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {env.dp_size} data-parallel ranks "
+        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {run.plan.dp} data-parallel ranks "
         f"= {layout.tokens_per_step:,} tokens/step, steps {run.start_step}->{run.end_step} of {tc.max_steps}"
         + (f" (resumed from step {run.start_step})" if resume else ""),
     ]

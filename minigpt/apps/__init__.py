@@ -1,0 +1,1 @@
+"""Orchestration reusable from Python: the quickstart, the speculative comparison, the decode benchmark."""
