@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from minigpt.core.errors import UserError, os_error
 from minigpt.core.plan import KEYS as PLAN_KEYS, parse_keys
 
-STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}  # a run stopped by a signal exits like the signal would
+STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}
+MAX_NEW_TOKENS = 1 << 20  # tokens one generate call may ask for (past block_size a RoPE model recomputes a window each)
+MAX_ROWS = 4096  # sequences decoded together by one generate call (prompts x --num-samples)  # a run stopped by a signal exits like the signal would
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,6 +53,16 @@ def plan_arg(text: str) -> str:
         parse_keys(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--plan ")) from None
+    return text
+
+
+DEVICE = re.compile(r"auto|cpu|meta|mps|cuda(:\d{1,3})?")
+
+
+def device_arg(text: str) -> str:
+    """--device: a device name torch knows, checked by the parser (torch-free)."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N (meta where counting)")
     return text
 
 
@@ -107,6 +120,9 @@ def cmd_generate(args) -> None:
     if args.draft:
         return _generate_speculative(args, model, tokenizer, cfg, step, device, prompts)
     rows = [p for p in prompts for _ in range(args.num_samples)]
+    if len(rows) > MAX_ROWS:
+        raise UserError(f"{len(prompts)} prompt(s) x --num-samples {args.num_samples} is a batch of {len(rows):,} rows; "
+                        f"decode at most {MAX_ROWS:,} at once")
     eot = tokenizer.token_to_id(sc.stop_token)
     stream = args.stream and len(rows) == 1 and not args.json and rows[0] != ""
     on_token = _streamer(tokenizer, rows[0], eot) if stream else None
@@ -215,8 +231,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from minigpt.core.plots import plot_runs
+    from minigpt.core.plots import check_image_path, plot_runs
 
+    check_image_path(args.out)
     runs = plot_runs(args.runs, args.out)
     print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}")
 
@@ -233,6 +250,8 @@ def cmd_flops(args) -> None:
 def cmd_flops_sweep(args) -> None:
     from minigpt.measure.sweep import run_sweep
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file: the sweep writes a folder (sweep.json, .md, .png); give a folder")
     run_sweep(args.out, device=args.device, steps=args.steps, include_gpt3=not args.no_gpt3)
     print(f"wrote {args.out}/sweep.json, sweep.md, sweep.png")
 
@@ -245,7 +264,9 @@ def cmd_memory(args) -> None:
         path = Path(args.run) / "memory_per_rank.json"
         if not path.is_file():
             raise UserError(f"{path} does not exist: only runs with train.backend = 'deepspeed' record per-rank memory")
-        table = json.loads(path.read_text())
+        from minigpt.core.config import read_json
+
+        table = read_json(path, "per-rank memory")
         print(to_json(table) if args.json else per_rank_memory_table(table))
         return
     if args.params is not None:  # quick what-if from a bare parameter count
@@ -281,8 +302,13 @@ def cmd_bench_decode(args) -> None:
     if args.run:
         model = load_run(args.run, device)[0]
     else:
+        from minigpt.analytic.memory import model_bytes
+        from minigpt.core.device import check_fits
+
+        c = _config(args).model
+        check_fits(model_bytes(c), device, f"a model of {c.n_layer} layers x {c.n_embd}", "benchmark a smaller config")
         torch.manual_seed(0)
-        model = GPT(_config(args).model).to(device).eval()
+        model = GPT(c).to(device).eval()
     result = decode_bench(model, args.run or args.config, device, args.dtype, args.batch or [1, 2, 4, 8, 16, 32],
                           args.context, args.new_tokens, args.compile, args.out)
     for r in result["rows"]:
@@ -395,9 +421,10 @@ def cmd_extrapolate_plot(args) -> None:
     from minigpt.analytic.extrapolate import Scenario, extrapolate
     from minigpt.core.config import GPT3_PRESETS
     from minigpt.core.hardware import gpu_by_name
-    from minigpt.core.plots import plot_costs
+    from minigpt.core.plots import check_image_path, plot_costs
     from minigpt.core.resolve import target_config
 
+    check_image_path(args.out, make_parents=True)
     gpu = gpu_by_name(args.gpu)
     points = []
     for name in [*GPT3_PRESETS, "gpt4"]:
@@ -409,7 +436,9 @@ def cmd_extrapolate_plot(args) -> None:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise UserError(f"{path} does not exist: give a finished run directory with --run")
-        summary = json.loads(path.read_text())
+        from minigpt.core.config import read_json
+
+        summary = read_json(path, "run summary")
         points.append({"name": Path(run).name, "params": summary["params"], "tokens": summary["tokens_seen"],
                        "gpu_hours": summary["wall_s"] * summary["world_size"] / 3600, "kind": "measured"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -458,14 +487,15 @@ def _add_run_commands(sub) -> None:
                    help="print a single sample's tokens as they come (default: on a terminal)")
     p.add_argument("--step", type=number(int, 0), help="a kept checkpoint's step (default: the latest)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (samples and statistics), nothing else")
-    p.add_argument("--max-new-tokens", type=number(int, 0), default=0, help="default: the run's sample.max_new_tokens")
+    p.add_argument("--max-new-tokens", type=number(int, 0, MAX_NEW_TOKENS), default=0,
+                   help=f"default: the run's sample.max_new_tokens; at most {MAX_NEW_TOKENS:,}")
     p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
     p.add_argument("--top-k", type=number(int, 0), help="0 disables")
     p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="1.0 disables")
     p.add_argument("--seed", type=number(int, 0))
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--draft", metavar="RUN_DIR", help="speculative decoding: a smaller run with the same tokenizer drafts")
     p.add_argument("--speculate", type=number(int, 1, 64), default=4, metavar="K", help="draft tokens per round (default 4)")
     p.set_defaults(func=cmd_generate)
@@ -475,7 +505,7 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000)
     p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
@@ -503,12 +533,12 @@ def _add_measure_commands(sub) -> None:
     _config_flags(p, any_model=True)
     p.add_argument("--batch-size", type=number(int, 1), default=1)
     p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
-    p.add_argument("--device", default="meta", help="meta (default: nothing allocated), cpu or cuda")
+    p.add_argument("--device", type=device_arg, default="meta", help="meta (default: nothing allocated), cpu or cuda")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_flops)
     q = fsub.add_parser("sweep", help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
     q.add_argument("--out", default="runs/flops-sweep")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", type=device_arg, default="cpu")
     q.add_argument("--steps", type=number(int, 1), default=7, help="timed training steps per small model")
     q.add_argument("--no-gpt3", action="store_true", help="leave out the GPT-3 family (counted on meta)")
     q.set_defaults(func=cmd_flops_sweep)
@@ -523,11 +553,12 @@ def _add_memory_command(sub) -> None:
     p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: train.precision (bf16 with --params)")
-    p.add_argument("--dp", type=number(int, 1), default=1, help="data-parallel degree for the ZeRO table")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dp", type=number(int, 1, 1 << 20), default=1, help="data-parallel degree for the ZeRO table")
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--fake", action="store_true", help="fake tensors: any size, nothing allocated")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
-    p.add_argument("--params", type=number(float, 0, lo_open=True), help="skip the model: ZeRO table for this many parameters")
+    p.add_argument("--params", type=number(float, 0, 1e15, lo_open=True),
+                   help="skip the model: ZeRO table for this many parameters (at most 1e15)")
     p.add_argument("--run", help="a DeepSpeed run directory: its per-rank memory beside the ZeRO formulas")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
@@ -558,7 +589,7 @@ def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks of this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_arg, default="auto")
     q.add_argument("--size", type=number(int, 0, 32768), default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
     q.add_argument("--repeats", type=number(int, 0, 1000), default=0)
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
@@ -572,7 +603,7 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--new-tokens", type=number(int, 2, 100000), default=32)
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     q.add_argument("--compile", action="store_true", help="compiled decode step")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_arg, default="auto")
     q.add_argument("--out", default="runs/decode_curve.json", help="the JSON; the PNG is written beside it")
     q.set_defaults(func=cmd_bench_decode)
 

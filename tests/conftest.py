@@ -44,6 +44,20 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 
 
+@pytest.fixture(scope="session")
+def good_run(corpus_dir, data_cache, tmp_path_factory) -> Path:
+    """One finished 2-step run of the tiny test model for the whole session: tests that damage or craft a
+    run copy it first."""
+    from minigpt.core.config import load_config
+    from minigpt.train.loop import train
+
+    root = tmp_path_factory.mktemp("good")
+    cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, root / "run",
+                                                                       **{"train.max_steps": 2}))
+    train(cfg, log=lambda *a, **k: None)
+    return root / "run"
+
+
 def tiny_overrides(corpus: Path, cache: Path, out_dir: Path, **extra) -> list[str]:
     sets = {
         "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,

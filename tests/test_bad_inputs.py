@@ -7,22 +7,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, run_cli, set_args, tiny_overrides
+from conftest import run_cli, set_args, tiny_overrides
 
-from minigpt.core.config import load_config
 from minigpt.core.errors import UserError
 from minigpt.nn.weights import WEIGHTS
 from minigpt.train import checkpoint
 from minigpt.train.loop import train
-
-
-@pytest.fixture(scope="module")
-def good_run(corpus_dir, data_cache, tmp_path_factory):
-    root = tmp_path_factory.mktemp("good")
-    cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, root / "run",
-                                                                       **{"train.max_steps": 2}))
-    train(cfg, log=lambda *a, **k: None)
-    return root / "run"
 
 
 def damaged(good_run, tmp_path, how):
@@ -90,7 +80,7 @@ FLAG_ROWS = [  # (argv, what the error names)
     (["generate", "--run", "RUN", "--top-p", "0"], "--top-p: 0 must be a finite number in (0, 1]"),
     (["generate", "--run", "RUN", "--max-new-tokens", "-5"], "--max-new-tokens: -5 must be a finite number"),
     (["generate", "--run", "RUN", "--seed", "x"], "--seed: 'x' is not an integer"),
-    (["generate", "--run", "RUN", "--device", "tpu"], "is not a device name"),
+    (["generate", "--run", "RUN", "--device", "tpu"], "is not a device: use auto, cpu, cuda"),
     (["generate", "--run", "RUN", "--prompt", ""], "a prompt is empty"),
     (["generate", "--run", "/nonexistent/run"], "run directory /nonexistent/run does not exist"),
     (["extrapolate", "--price", "nan"], "--price: nan must be a finite number in [0, inf]"),
@@ -106,7 +96,7 @@ FLAG_ROWS = [  # (argv, what the error names)
     (["extrapolate", "--target", "gpt5"], "unknown target 'gpt5'"),
     (["extrapolate", "--dtype", "fp8"], "A100-80GB has no datasheet fp8 peak"),
     (["memory", "--params", "nan"], "--params: nan must be a finite number"),
-    (["memory", "--params", "1e9", "--dp", "-2"], "--dp: -2 must be a finite number in [1, inf]"),
+    (["memory", "--params", "1e9", "--dp", "-2"], "--dp: -2 must be a finite number in [1, 1048576]"),
     (["memory", "--config", "tiny", "--seq-len", "4096"], "exceeds model.block_size = 128"),
     (["flops", "--config", "tiny", "--batch-size", "0"], "--batch-size: 0 must be a finite number in [1, inf]"),
     (["flops", "--config", "nosuch"], "config 'nosuch' is neither a file nor a preset"),
@@ -118,7 +108,7 @@ FLAG_ROWS = [  # (argv, what the error names)
 ]
 DAMAGED_ROWS = [
     ("no tokenizer", "has no tokenizer.json: the run directory is damaged"),
-    ("config", "cannot read run config"),
+    ("config", "config.json is not valid JSON"),
     ("pickle", "is not a minigpt training state"),
     ("pointer", "latest.json is corrupt"),
     ("no latest", "has no checkpoint (latest.json missing)"),

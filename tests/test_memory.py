@@ -110,8 +110,8 @@ def test_memory_cli_json_and_what_ifs():
     assert set(out["zero"]) == {"0", "1", "2", "3"}
     r = run_cli("memory", "--params", "7.5e9", "--dp", "64", "--precision", "bf16", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["zero"]["3"]["total"] == pytest.approx(1.875e9)
-    for bad, msg in ((["--params", "-5"], "--params: -5 must be a finite number in (0, inf]"),
-                     (["--params", "1e9", "--dp", "0"], "--dp: 0 must be a finite number in [1, inf]")):
+    for bad, msg in ((["--params", "-5"], "--params: -5 must be a finite number in (0, 1000000000000000.0]"),
+                     (["--params", "1e9", "--dp", "0"], "--dp: 0 must be a finite number in [1, 1048576]")):
         r = run_cli("memory", *bad)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt.analytic import flops as F, memory as M
-from minigpt.core.config import ModelConfig, TargetConfig, divisors
+from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
 from minigpt.core.plan import ParallelPlan
@@ -389,7 +389,7 @@ def decode_efficiency(path: str) -> tuple[dict[int, float], str]:
     """Fraction of the bandwidth bound a decode curve (`minigpt bench decode` JSON) reached at each
     batch (its longest context): measured efficiency instead of an assumed utilisation."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = read_json(Path(path), "decode curve")
         rows = data["rows"]
         ctx = max(r["context"] for r in rows)
         eff = {int(r["batch"]): float(r["fraction_of_bandwidth_bound"]) for r in rows if r["context"] == ctx}
@@ -462,8 +462,8 @@ def mfu_from_run(run_dir: str, gpu: GPUSpec) -> tuple[float, str]:
     """The MFU a training run measured (report.json), labelled with where it was measured."""
     path = Path(run_dir) / "report.json"
     try:
-        perf = json.loads(path.read_text())["performance"]
-    except (OSError, ValueError, KeyError):
+        perf = read_json(path, "run report")["performance"]
+    except (UserError, KeyError, TypeError):
         raise UserError(f"{path} is missing or unreadable: train with train.report = true, or give --mfu") from None
     if perf.get("mfu") is None:
         raise UserError(f"the run in {run_dir} has no MFU (unknown peak): retrain with train.peak_from, or give --mfu")

@@ -228,3 +228,15 @@ def training_bytes_estimate(c: ModelConfig, batch: int, seq_len: int, precision:
     states = model_state_bytes(param_counts(c).total, precision, 0, 1, layout="amp").total
     rope = 2 * c.block_size * c.head_dim // 2 * 4 if c.pos_emb == "rope" else 0
     return states + activation_bytes(c, batch, seq_len, precision)["total"] + rope
+
+
+def model_bytes(c: ModelConfig, bytes_per_el: int = 4) -> float:
+    """Bytes of a model's weights (all experts; fp32 as built) and its RoPE tables."""
+    rope = 2 * c.block_size * c.head_dim // 2 * 4 if c.pos_emb == "rope" else 0
+    return param_counts(c).total * bytes_per_el + rope
+
+
+def inference_bytes(c: ModelConfig, batch: int, context: int) -> float:
+    """Bytes generation holds: the fp32 weights, an fp32 KV cache of `batch` x `context` tokens, and one
+    step's logits per row."""
+    return model_bytes(c) + kv_cache_bytes_per_token(c, 4) * batch * context + 4 * batch * c.padded_vocab_size * 2

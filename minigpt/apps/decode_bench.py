@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from minigpt.analytic.memory import inference_bytes, model_bytes
 from minigpt.core.atomic import atomic_write_text
-from minigpt.core.device import device_name
+from minigpt.core.device import check_fits, device_name
 from minigpt.core.errors import UserError
 from minigpt.core.plots import plot_decode_curve
 from minigpt.measure.bench import bench_hardware, decode_curve
@@ -29,6 +30,8 @@ def decode_bench(model, name: str, device: torch.device, dtype: str, batches: li
     if max(contexts) + new_tokens > c.block_size and c.pos_emb != "rope":
         raise UserError(f"context {max(contexts)} + --new-tokens {new_tokens} exceeds block_size {c.block_size}: "
                         f"lower them")
+    check_fits(inference_bytes(c, max(batches), max(contexts) + new_tokens) - model_bytes(c), device,
+               f"KV caches for batch {max(batches)} x {max(contexts) + new_tokens} tokens", "lower --batch or --context")
     hw = bench_hardware(str(device), dtypes=[dtype])
     rows = decode_curve(model, batches, contexts, new_tokens, hw["copy_bandwidth_gbs"], hw["matmul_tflops"][dtype],
                         compile)

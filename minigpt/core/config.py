@@ -333,10 +333,7 @@ def load_raw(path: str | Path | None = None, overrides: list[str] | tuple[str, .
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; presets: {', '.join(preset_names())}")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        raw = parse_file(path, "config file", tomllib.loads, tomllib.TOMLDecodeError, "TOML")
     for item in overrides:
         apply_override(raw, item)
     return raw
@@ -361,11 +358,36 @@ def config_from_dict(raw: dict, origin: str = "config") -> Config:
 
 def config_from_json(path: str | Path) -> Config:
     """Load the resolved config a run saved as JSON (see Config.to_json)."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read run config {path}: {e}") from None
+    raw = parse_file(Path(path), "run config", json.loads, json.JSONDecodeError, "JSON")
+    if not isinstance(raw, dict):
+        raise UserError(f"run config {path} must hold a JSON object of tables")
     return config_from_dict(raw, origin=str(path))
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a config or target file larger than 16 MiB is not one
+
+
+def parse_file(path: Path, what: str, parse, error: type, fmt: str):
+    """A config-like file read defensively: missing, unreadable, too large, not UTF-8, not valid `fmt`, or
+    nested too deeply for the parser each give one line naming the file."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"{what} {path} is {path.stat().st_size:,} bytes; a {fmt} config is under "
+                            f"{MAX_CONFIG_BYTES >> 20} MiB: give the right file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): save it "
+                        f"as UTF-8") from None
+    try:
+        return parse(text)
+    except error as e:
+        raise UserError(f"{what} {path} is not valid {fmt}: {e}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} nests too deeply to be a {fmt} config: give the right file") from None
 
 
 def _build_section(cls: type, section: str, table: dict, origin: str):
@@ -474,3 +496,11 @@ GPT3_PRESETS = ("gpt3-small", "gpt3-medium", "gpt3-large", "gpt3-xl", "gpt3-2.7b
 
 # ----------------------------------------------------------------------------------------------
 # the batch of one optimizer step
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file, read defensively (parse_file): one line naming the file otherwise."""
+    raw = parse_file(Path(path), what, json.loads, json.JSONDecodeError, "JSON")
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must hold a JSON object")
+    return raw

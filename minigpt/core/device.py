@@ -118,3 +118,18 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def check_fits(need: float, device, what: str, fix: str) -> None:
+    """Refuse, before allocating, work whose bytes exceed what `device` has free (90% of it: the allocator
+    and the rest of the process need some): one line saying the bytes needed and available, and the fix."""
+    import torch
+
+    from minigpt.core.fmt import fmt_bytes
+
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if device.type == "meta":
+        return
+    have = available_memory_bytes(device)
+    if have is not None and need > 0.9 * have:
+        raise UserError(f"{what} needs about {fmt_bytes(need)}; {device} has {fmt_bytes(have)} available: {fix}")

@@ -11,12 +11,12 @@ the user gives a peak (`peak_tflops`) or a measured one (`minigpt bench hardware
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minigpt.core.config import read_json
 from minigpt.core.errors import UserError
 
 GPUS_PER_NODE = 8  # the DGX/HGX building block the layout and the links assume
@@ -97,9 +97,9 @@ def choose_peak(device_name: str, dtype: str, given_tflops: float = 0.0, bench_f
 def read_bench(path: str) -> dict:
     """A `minigpt bench hardware --out` result."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read hardware benchmark {path}: {e}; write one with 'minigpt bench hardware --out {path}'") from None
+        return read_json(Path(path), "hardware benchmark")
+    except UserError as e:
+        raise UserError(f"{e}; write one with 'minigpt bench hardware --out {path}'") from None
 
 
 def bench_peak(data: dict, path: str, dtype: str) -> float:

@@ -15,10 +15,9 @@ activations.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from minigpt.core.config import ModelConfig, SampleConfig
+from minigpt.core.config import ModelConfig, SampleConfig, read_json
 from minigpt.core.errors import UserError
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
@@ -29,16 +28,6 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 def is_hf_config(raw: dict) -> bool:
     return isinstance(raw, dict) and "model_type" in raw
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{what} {path} is not a JSON object")
-    return raw
 
 
 def model_from_hf(raw: dict, origin: str = "config.json", for_weights: bool = False) -> ModelConfig:

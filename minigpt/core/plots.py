@@ -4,10 +4,10 @@ and ticks that show the values a reader needs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from minigpt.core.atomic import read_jsonl
+from minigpt.core.config import read_json
 from minigpt.core.errors import UserError
 
 
@@ -27,8 +27,8 @@ def read_run_curves(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl: give a run directory written by 'minigpt train'")
     records = read_jsonl(path)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else {}
+    data = read_json(run_dir / "data.json", "run corpus record") if (run_dir / "data.json").is_file() else {}
     t0 = min((r["time"] for r in records if "time" in r), default=None)
     for r in records:
         r.setdefault("kind", "step" if "loss" in r else "eval")
@@ -36,6 +36,21 @@ def read_run_curves(run_dir: Path) -> dict:
     return {"name": run_dir.name, "steps": [r for r in records if r["kind"] == "step" and "tokens" in r],
             "evals": [r for r in records if r["kind"] == "eval" and "tokens" in r],
             "entropy": summary.get("unigram_entropy_nats") or data.get("unigram_entropy_nats")}
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
+
+
+def check_image_path(out: str, flag: str = "--out", make_parents: bool = False) -> None:
+    """An image path a plot may write, checked before any work: a known image type, not a directory, in a
+    folder that exists (unless make_parents, for minigpt's own default paths)."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"{flag} {out} is a directory: give a file name such as {path / 'loss.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{flag} {out}: a plot is written as {', '.join(IMAGE_SUFFIXES)}; give a name ending in one")
+    if not make_parents and not path.parent.is_dir():
+        raise UserError(f"{flag} {out}: the folder {path.parent} does not exist; create it or write elsewhere")
 
 
 def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
@@ -78,7 +93,6 @@ def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
     axes[1].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"minigpt training curves: {', '.join(r['name'] for r in runs)}")
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return runs

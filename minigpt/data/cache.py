@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from minigpt.core.config import DataConfig, ModelConfig
+from minigpt.core.errors import UserError, write_error
 from minigpt.core.progress import Progress
 from minigpt.data.sources import Document, load_documents
 from minigpt.data.tokenizer import EOT, load_tokenizer_file, train_bpe
@@ -150,7 +151,13 @@ def prepare_data(data_cfg: DataConfig, model_cfg: ModelConfig, log: Callable[[st
         "prepare_seconds": round(time.time() - t0, 2),
         "files_sha256": {f"{k}.bin": hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items()},
     }
-    _write_cache(root, final, tok, arrays, manifest)
+    try:
+        _write_cache(root, final, tok, arrays, manifest)
+    except Exception as e:  # a full disk says so from tokenizers (an Exception) or the OS, with or without a path
+        error = write_error(e, root)
+        if error is None:
+            raise
+        raise UserError(f"{error} (the token cache; data.cache_dir or $MINIGPT_CACHE move it)") from None
     return PreparedData(final, manifest, final / "tokenizer.json", reused=False)
 
 

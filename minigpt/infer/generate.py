@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minigpt.analytic.memory import inference_bytes, model_bytes
+from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.torch_private import mark_static_address
@@ -107,7 +109,7 @@ def _prefill_mask(pad: torch.Tensor, length: int, cache: KVCache | None = None):
     return (mask | (k == q).unsqueeze(0)).unsqueeze(1)
 
 
-def _check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int, window: bool) -> tuple[int, int, bool]:
+def check_prompts(prompts: list[list[int]], block: int, max_new_tokens: int, window: bool) -> tuple[int, int, bool]:
     """(longest prompt, tokens to generate, capped). With a sliding window (RoPE) generation goes
     on past block_size; with learned positions it stops there (capped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -141,10 +143,13 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temp
     called with each new column of tokens (a list, one per row): a host sync per token, for
     streaming; when it returns True (every row it serves is done) decoding ends there."""
     block = model.config.block_size
-    longest, max_new_tokens, capped = _check_prompts(prompts, block, max_new_tokens, model.config.pos_emb == "rope")
+    longest, max_new_tokens, capped = check_prompts(prompts, block, max_new_tokens, model.config.pos_emb == "rope")
+    device = model.wte.weight.device
+    context = min(longest + max_new_tokens, block)
+    check_fits(inference_bytes(model.config, len(prompts), context) - model_bytes(model.config), device,
+               f"a KV cache for a batch of {len(prompts)} x {context} tokens", "generate fewer samples at once")
     was_training = model.training
     model.eval()
-    device = model.wte.weight.device
     B, total = len(prompts), longest + max_new_tokens
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # (B,) left padding
     idx = torch.zeros(B, total, dtype=torch.long, device=device)

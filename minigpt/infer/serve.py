@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from minigpt.core.errors import UserError
 from minigpt.infer.generate import IncrementalText, generate_ids
 from minigpt.train.checkpoint import load_run
 
@@ -250,10 +252,26 @@ async def _sse(request: Request, job: Job, rid: str, name: str, chat: bool):
         job.cancelled = True  # a client that went away frees its slot at the next token
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before the model is loaded, an address this machine cannot listen on: one line."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host} is not an address of this machine ({getattr(e, 'strerror', None) or e}); "
+                        f"use e.g. 127.0.0.1") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
+                            f"address or port") from None
+
+
 def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu") -> None:
     import uvicorn
 
-    
+    check_address(host, port)
     model, tokenizer, cfg, step = load_run(run_dir, device)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
     app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch)

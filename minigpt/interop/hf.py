@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
+from minigpt.analytic.flops import param_counts
+from minigpt.analytic.memory import model_bytes
 from minigpt.core.atomic import atomic_write_text
 from minigpt.core.config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, config_from_json
+from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
 from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
 from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.weights import WEIGHTS, save_weights
-from minigpt.train.checkpoint import commit_checkpoint, latest_checkpoint, new_checkpoint_folder
+from minigpt.train.checkpoint import check_tokenizer, commit_checkpoint, latest_checkpoint, new_checkpoint_folder
 
 IGNORED_SUFFIXES = (".attn.masked_bias", "rotary_emb.inv_freq")  # buffers old checkpoints saved
 
@@ -203,6 +206,8 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
     if not is_hf_config(raw):
         raise UserError(f"{src / 'config.json'} has no model_type: it is not a Hugging Face model config")
     c = model_from_hf(raw, str(src / "config.json"), for_weights=True)  # refused before any weight is read
+    check_fits(2 * model_bytes(c), "cpu", f"converting {src} ({param_counts(c).total:,} parameters, read and mapped)",
+               "convert on a machine with more memory")
     _hf_tokenizer(src, c.vocab_size)
     state = hf_to_minigpt(raw, c, read_hf_tensors(src), str(src))
     _check_fits(c, state)
@@ -247,6 +252,9 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     cfg = config_from_json(run_dir / "config.json")
     c = cfg.model
     hf_family(c)  # refuse before writing anything
+    check_tokenizer(run_dir)
+    check_fits(2 * model_bytes(c), "cpu", f"exporting {run_dir} ({param_counts(c).total:,} parameters, read and mapped)",
+               "export on a machine with more memory, or check that its config.json is the run's own")
     if not (run_dir / "tokenizer.json").is_file():
         raise UserError(f"{run_dir} has no tokenizer.json: the run directory is damaged")
     tok = _hf_tokenizer(run_dir, c.vocab_size)

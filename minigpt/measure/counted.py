@@ -22,6 +22,7 @@ import torch
 
 from minigpt.analytic import flops as F, memory as M
 from minigpt.core.config import ModelConfig, TrainConfig
+from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import Peak, choose_peak
 from minigpt.measure.bench import bench_hardware
@@ -118,6 +119,9 @@ def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str
     """
     _check_shape(c, batch_size, seq_len)
     dev = torch.device(device)
+    need = M.training_bytes_estimate(c, batch_size, seq_len, "fp32") + 8 * batch_size * seq_len * c.padded_vocab_size
+    check_fits(need, dev, f"counting on {dev} (batch {batch_size} x {seq_len} tokens, full logits)",
+               "use --device meta (nothing allocated), or a smaller --batch-size/--seq-len")
     with dev:
         model = GPT(c)
     if recompute:
@@ -186,6 +190,10 @@ def measure_training_memory(c: ModelConfig, batch_size: int, seq_len: int, preci
     """
     _check_shape(c, batch_size, seq_len)
     dev = torch.device(device)
+    if not fake:
+        check_fits(M.training_bytes_estimate(c, batch_size, seq_len, precision), dev,
+                   f"measuring a training step on {dev} (batch {batch_size} x {seq_len} tokens)",
+                   "use --fake (fake tensors: any size, nothing allocated), or a smaller --batch-size")
     ctx = fake_mode() if fake else contextlib.nullcontext()
     with ctx:
         with dev:

@@ -21,7 +21,7 @@ import torch
 
 from minigpt.analytic import memory as M
 from minigpt.analytic.flops import param_counts
-from minigpt.core.config import Config, TrainConfig
+from minigpt.core.config import Config, TrainConfig, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.nn.optim import StepResult, make_optimizer, objective
@@ -96,14 +96,7 @@ def build_config(cfg: Config, layout: BatchLayout) -> dict:
     if not tc.deepspeed_config:
         return ds
     path = Path(tc.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except OSError as e:
-        raise UserError(f"train.deepspeed_config = {str(path)!r} cannot be read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"train.deepspeed_config = {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(user, dict):
-        raise UserError(f"train.deepspeed_config = {str(path)!r} must hold a JSON object")
+    user = read_json(path, "train.deepspeed_config")
     ours, theirs = _flatten(ds), _flatten(user)
     for key, setting in OWNED.items():
         if key in theirs and key in ours and theirs[key] != ours[key]:

@@ -27,16 +27,20 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from minigpt.analytic.flops import param_counts
+from minigpt.analytic.memory import model_bytes
 from minigpt.core.atomic import atomic_write_text, fsync_dir
-from minigpt.core.config import Config, config_from_json
-from minigpt.core.errors import UserError
+from minigpt.core.config import Config, config_from_json, read_json
+from minigpt.core.device import check_fits
+from minigpt.core.errors import UserError, write_error
 from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.model import GPT
 from minigpt.nn.weights import WEIGHTS, load_weights, save_weights
@@ -63,7 +67,11 @@ def partial_folder(run_dir: Path, step: int) -> Path:
 def new_checkpoint_folder(run_dir: Path, step: int) -> Path:
     """A fresh, empty partial_folder for step's checkpoint."""
     tmp = partial_folder(run_dir, step)
-    if tmp.exists():
+    if tmp.parent.is_symlink():
+        raise UserError(f"{tmp.parent} is a symbolic link; a run's checkpoints folder never is: remove it")
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    elif tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
@@ -91,41 +99,103 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int = 1) -> Pat
     fsync_dir(ckpt_root)
     pointer = {"step": step, "dir": f"checkpoints/{name}", "files": files}
     atomic_write_text(run_dir / LATEST, json.dumps(pointer, indent=2))
-    # prune: everything but the newest `keep` complete checkpoints, and stray temporaries
-    complete = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in complete[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    for stray in ckpt_root.glob(".step_*"):
-        shutil.rmtree(stray, ignore_errors=True)
+    prune(ckpt_root, keep, name)
     return final
 
 
+CHECKPOINT_FILES = {WEIGHTS, STATE, "deepspeed"}  # what a checkpoint folder holds (deepspeed/: that backend's shards)
+
+
+def prune(ckpt_root: Path, keep: int, newest: str) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and stray temporaries: only folders this run
+    wrote, proved so by their name and contents (never a link, never a folder holding anything else)."""
+    ours = [p for p in ckpt_root.iterdir() if not p.is_symlink() and p.is_dir()
+            and {c.name for c in p.iterdir()} <= CHECKPOINT_FILES]
+    complete = sorted(p for p in ours if STEP_DIR.fullmatch(p.name))
+    for old in complete[:-keep]:
+        if old.name != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stray in ours:
+        if re.fullmatch(r"\.step_\d{7,}\.partial", stray.name):
+            shutil.rmtree(stray, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
-    """The newest complete checkpoint of a run: (folder, step). UserError when missing or corrupt."""
+    """The newest complete checkpoint of a run: (folder, step). UserError when missing or corrupt.
+
+    latest.json is untrusted input (a run directory can come from anyone): its step must be a plain count,
+    its folder exactly checkpoints/step_NNNNNNN, every file it lists a plain relative name inside that
+    folder, and nothing on the way a symbolic link; so no file outside the run is ever read, hashed or
+    named. verify: also check every file's size and SHA-256 against the record."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; give a directory written by 'minigpt train'")
     pointer_path = run_dir / LATEST
     if not pointer_path.is_file():
         raise UserError(f"{run_dir} has no checkpoint ({LATEST} missing); train first or give another run directory")
+    refuse_links(run_dir)
     try:
-        pointer = json.loads(pointer_path.read_text())
-        folder, step, files = run_dir / pointer["dir"], int(pointer["step"]), pointer["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise UserError(f"{pointer_path} is corrupt; the run cannot be resumed from it") from None
-    if verify:
-        for fname, expected in files.items():
-            path = folder / fname
-            if not path.is_file():
-                raise UserError(f"checkpoint {folder} is incomplete: {fname} is missing; it cannot be loaded")
-            found = file_digest(path)
-            if found != expected:
-                raise UserError(
-                    f"checkpoint file {path} is corrupt ({found['bytes']:,} bytes, expected "
-                    f"{expected['bytes']:,} with a different SHA-256); it was not loaded"
-                )
+        pointer = read_json(pointer_path, "checkpoint pointer")
+    except UserError as e:
+        raise UserError(f"{pointer_path} is corrupt ({str(e).split(': ', 1)[-1]}); the run cannot be loaded from it") from None
+    folder, step, files = _checked_pointer(run_dir, pointer)
+    for fname, expected in files.items() if verify else ():
+        path = folder / fname
+        if not path.is_file():
+            raise UserError(f"checkpoint {folder} is incomplete: {fname} is missing; it cannot be loaded")
+        found = file_digest(path)
+        if found != expected:
+            raise UserError(
+                f"checkpoint file {path} is corrupt ({found['bytes']:,} bytes, expected "
+                f"{expected['bytes']:,} with a different SHA-256); it was not loaded"
+            )
     return folder, step
+
+
+MAX_STEP = 10**12
+STEP_DIR = re.compile(r"step_\d{7,}")
+
+
+def _checked_pointer(run_dir: Path, pointer: dict) -> tuple[Path, int, dict]:
+    """(folder, step, files) of a latest.json, each field checked; UserError naming the field otherwise."""
+    where = run_dir / LATEST
+    step, name, files = pointer.get("step"), pointer.get("dir"), pointer.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        raise UserError(f"{where} is corrupt: step {step!r} is not a step count; the run cannot be loaded from it")
+    if name != f"checkpoints/step_{step:07d}":
+        raise UserError(f"{where} is corrupt: it points outside the run's own checkpoints/step_{step:07d}; the run "
+                        f"cannot be loaded from it")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise UserError(f"{where} is corrupt: it lists no {WEIGHTS}; the run cannot be loaded from it")
+    for fname, digest in files.items():
+        parts = PurePosixPath(fname).parts if isinstance(fname, str) else ()
+        if not parts or fname.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in fname:
+            raise UserError(f"{where} is corrupt: it lists a file outside its checkpoint folder; the run cannot be "
+                            f"loaded from it")
+        if not (isinstance(digest, dict) and isinstance(digest.get("bytes"), int) and digest["bytes"] >= 0
+                and isinstance(digest.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", digest["sha256"])):
+            raise UserError(f"{where} is corrupt: the record of {fname} is not a size and a SHA-256")
+    folder = run_dir / name
+    for link in [run_dir / "checkpoints", folder] + [folder.joinpath(*PurePosixPath(f).parts[:i + 1])
+                                                    for f in files for i in range(len(PurePosixPath(f).parts))]:
+        if link.is_symlink():
+            raise UserError(f"{link.relative_to(run_dir)} in {run_dir} is a symbolic link; a run's checkpoints never "
+                            f"are: it was not followed (remove the link)")
+    return folder, step, files
+
+
+def refuse_links(root: Path) -> None:
+    """A run directory's own entries (and its checkpoints') are never symbolic links: minigpt writes them, and
+    following one would read or overwrite a file elsewhere. One line naming the first link found."""
+    root = Path(root)
+    entries = list(root.iterdir()) if root.is_dir() else []
+    ckpt = root / "checkpoints"
+    if ckpt.is_dir() and not ckpt.is_symlink():
+        entries += list(ckpt.iterdir())
+    for entry in entries:
+        if entry.is_symlink():
+            raise UserError(f"{entry.relative_to(root)} in {root} is a symbolic link; minigpt never follows links in a "
+                            f"run directory (it would read or overwrite a file elsewhere): remove it")
 
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
@@ -198,8 +268,7 @@ class Checkpointer:
             state = {**train_state, **backend.save_state(tmp), **self._rng_states(), "world_size": env.world_size}
             weights = backend.full_state_dict()
             if env.is_main:
-                save_weights(weights, tmp / WEIGHTS)
-                torch.save(state, tmp / STATE)
+                self._write(weights, state, tmp)
             barrier(env)
             if env.is_main:
                 commit_checkpoint(self.run.root, step, tmp, self.keep)
@@ -207,6 +276,20 @@ class Checkpointer:
             if env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier(env)
+
+    def _write(self, weights: dict, state: dict, tmp: Path) -> None:
+        """The weights and state.pt into the partial folder; a full disk, a read-only file system or a
+        quota, however the library reports it, is one line: the last complete checkpoint stays."""
+        try:
+            save_weights(weights, tmp / WEIGHTS)
+            torch.save(state, tmp / STATE)
+        except Exception as e:
+            error = write_error(e, tmp)
+            if error is None:
+                raise
+            _, last = latest_checkpoint(self.run.root, verify=False) if self.run.has_checkpoint() else (None, None)
+            kept = f"the last complete checkpoint (step {last}) is intact" if last is not None else "no checkpoint yet"
+            raise UserError(f"{error}; {kept}: resume with --resume {self.run.root}") from None
 
     def load(self, backend) -> dict:
         """Restore the latest checkpoint into `backend` (which checks it may) and this rank's RNG; return
@@ -246,13 +329,19 @@ class RunLock:
         self.path, self.fd = Path(root) / LOCK, None
 
     def acquire(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UserError(f"{self.path} is a symbolic link; minigpt never follows links in a run directory (writing "
+                            f"the lock would overwrite the file it points to): remove it") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = self.path.read_text().strip() or "another process"
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
             self.fd = None
             raise UserError(f"{self.path.parent} is being trained by {holder}; wait for it, stop it (SIGTERM saves a "
@@ -280,7 +369,7 @@ def clear_run_dir(root: Path) -> None:
     checkpoint), keeping the lock that this process holds."""
     for p in Path(root).iterdir():
         if p.name != LOCK:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()  # a link goes, not its target
 
 
 def remove_temporaries(root: Path) -> list[Path]:
@@ -291,6 +380,19 @@ def remove_temporaries(root: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale
+
+
+def check_tokenizer(run_dir: Path) -> None:
+    """The run's tokenizer.json is the one it was trained with: its SHA-256 as data.json recorded it (runs
+    from before the record are not checked)."""
+    run_dir = Path(run_dir)
+    pinned = run_dir / "data.json"
+    if not pinned.is_file() or not (run_dir / "tokenizer.json").is_file():
+        return
+    expected = read_json(pinned, "the run's pinned corpus").get("tokenizer_sha256")
+    if expected and file_digest(run_dir / "tokenizer.json")["sha256"] != expected:
+        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer the run was trained with (its SHA-256 differs "
+                        f"from data.json's record): restore the run's own tokenizer.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,8 +408,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     run_dir = Path(run_dir)
     latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
     cfg = config_from_json(run_dir / "config.json")
+    check_tokenizer(run_dir)
     tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
                                                             f"damaged; copy the tokenizer the run was trained with there")
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"{run_dir}/tokenizer.json has {tokenizer.get_vocab_size():,} tokens, more than the model's "
+                        f"vocab_size {cfg.model.vocab_size:,}: it is not the run's tokenizer; restore the run's own")
+    check_fits(model_bytes(cfg.model), device, f"loading the model of {run_dir} ({param_counts(cfg.model).total:,} "
+               f"parameters)", "use a machine with more memory, or check that its config.json is the run's own")
     model = GPT(cfg.model)
     if step is None:
         _, step = load_latest(run_dir, lambda folder: load_weights(model, folder))

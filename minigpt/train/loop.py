@@ -29,7 +29,7 @@ import torch
 from minigpt.analytic.flops import param_counts, train_flops_per_token
 from minigpt.analytic.report import per_rank_memory_table
 from minigpt.core.atomic import atomic_write_text, read_jsonl
-from minigpt.core.config import Config, config_from_json
+from minigpt.core.config import Config, config_from_json, read_json
 from minigpt.core.device import configure_device, device_name, peak_memory_bytes, resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
@@ -38,7 +38,7 @@ from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.core.resolve import check_same_model
 from minigpt.data import cache as data
 from minigpt.data.loader import BatchLoader, check_split_length, get_batch
-from minigpt.infer.generate import generate_text
+from minigpt.infer.generate import check_prompts, generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, lr_at
@@ -62,9 +62,12 @@ from minigpt.train.checkpoint import (
     Checkpointer,
     RunDir,
     RunLock,
+    check_tokenizer,
     clear_run_dir,
+    file_digest,
     foreign_entries,
     latest_checkpoint,
+    refuse_links,
     remove_temporaries,
 )
 from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks
@@ -187,6 +190,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=tc.threads or torch.get_num_threads())
         prepared = _prepare_data(cfg, env, paths, resume, say)
+        _check_sampling(cfg, prepared)
         device_notes = configure_device(tc, env.device)
         backend = _build(cfg, env, plan, resume, say)
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
@@ -375,7 +379,9 @@ def _claim(paths: RunDir) -> tuple[RunLock, bool]:
     lock = RunLock(paths.root)
     try:
         lock.acquire()
+        refuse_links(paths.root)
     except UserError:
+        lock.release()
         if created:
             shutil.rmtree(paths.root, ignore_errors=True)
         raise
@@ -413,7 +419,7 @@ def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
     if at == end_step:
         say(f"nothing to do: {paths.root} is already at step {at} of {end_step}; raise train.max_steps "
             f"(--set train.max_steps=N) to train further")
-        summary = json.loads(paths.summary.read_text()) if paths.summary.is_file() else {"step": at}
+        summary = read_json(paths.summary, "run summary") if paths.summary.is_file() else {"step": at}
         raise AlreadyDone(json.dumps(summary))
 
 
@@ -422,7 +428,8 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
     prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
     pinned_path = paths.root / "data.json"
     if resume and pinned_path.is_file():
-        pinned = json.loads(pinned_path.read_text())
+        pinned = read_json(pinned_path, "the run's pinned corpus")
+        check_tokenizer(paths.root)
         if prepared.manifest["inputs_sha256"] != pinned["inputs_sha256"]:
             change = data.describe_change(pinned, prepared.manifest)
             if not cfg.train.allow_new_data:
@@ -436,6 +443,17 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
     for split in ("train", "val"):
         check_split_length(prepared.tokens(split), split, cfg.model.block_size)
     return prepared
+
+
+def _check_sampling(cfg: Config, prepared) -> None:
+    """The run samples sample.prompt during and after training: a prompt the model cannot continue is
+    found now, before the first step, not after the last (with the same rule generate applies)."""
+    ids = prepared.load_tokenizer().encode(cfg.sample.prompt).ids
+    try:
+        check_prompts([ids], cfg.model.block_size, cfg.sample.max_new_tokens, cfg.model.pos_emb == "rope")
+    except UserError as e:
+        raise UserError(f"sample.prompt ({len(ids)} tokens) cannot be sampled from this model: {e} (or raise "
+                        f"model.block_size = {cfg.model.block_size})") from None
 
 
 def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
@@ -463,6 +481,7 @@ def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, res
     atomic_write_text(paths.config, cfg.to_json())
     m = prepared.manifest
     pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
+    pinned["tokenizer_sha256"] = file_digest(paths.tokenizer)["sha256"]  # checked again by every reader
     atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
     for name, text in backend.run_files().items():
         atomic_write_text(paths.root / name, text)
