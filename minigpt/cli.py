@@ -132,7 +132,18 @@ def cmd_generate(args) -> None:
     record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device),
               "threads": torch.get_num_threads(), "compile": args.compile, **stats}
     if args.json:
-        print(to_json({**record, "samples": [{"prompt": p, "text": t} for p, t in zip(rows, texts)]}))
+        samples = [{"prompt": p, "text": t} for p, t in zip(rows, texts)]
+        if args.logprobs is not None:
+            from minigpt.infer.evaluate import token_logprobs
+
+            for s, new in zip(samples, gen.new_tokens):
+                ids = tokenizer.encode(s["prompt"]).ids
+                lps, tops, _ = token_logprobs(model, ids + new, args.logprobs)
+                s["logprobs"] = {"tokens": [tokenizer.decode([t]) for t in new], "token_logprobs": lps[len(ids):],
+                                 "top_logprobs": [{tokenizer.decode([k]): v for k, v in (d or {}).items()}
+                                                  for d in tops[len(ids):]],
+                                 "convention": "natural log of the model's probability (before temperature/top-k)"}
+        print(to_json({**record, "samples": samples}))
         return
     if stream:
         print()
@@ -201,6 +212,54 @@ def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: l
         record = {k: v for k, v in r.items() if k not in ("prompt", "text", "draft_step")}
         print(to_json({"event": "speculative", "target": str(args.run), "draft": str(args.draft), "k": args.speculate,
                        **record}))
+
+
+def cmd_eval(args) -> None:
+    """Loss, perplexity and bits per byte of a run on a text (or its own split), with the window said."""
+    from minigpt.core.device import resolve_device
+    from minigpt.infer.evaluate import SPLITS, evaluate_text, run_split_tokens, text_tokens
+    from minigpt.train.checkpoint import load_run
+
+    if args.tasks:
+        return _eval_tasks(args)
+    if not args.data:
+        raise UserError("minigpt eval needs --data SOURCE (text to score) or --tasks T1,T2 (lm-eval tasks)")
+    device = resolve_device(args.device)
+    model, tokenizer, cfg, step = load_run(args.run, device)
+    if args.data in SPLITS:
+        tokens, what = run_split_tokens(args.run, cfg, args.data, args.max_tokens), f"the run's {args.data} split"
+    else:
+        tokens, docs = text_tokens(args.data, tokenizer, args.max_tokens)
+        what = f"{args.data} ({docs:,} documents)"
+    r = evaluate_text(model, tokenizer, tokens, args.context, args.stride, args.batch_size, show=not args.json)
+    record = {"event": "eval", "run": str(args.run), "step": step, "data": args.data, "device": str(device), **r}
+    if args.json:
+        print(to_json(record))
+        return
+    print(f"eval {args.run} (step {step}) on {what}: {r['tokens_scored']:,} tokens = {r['bytes_scored']:,} bytes scored "
+          f"with a {r['context_tokens']}-token window advancing {r['stride_tokens']} (at least {r['min_history_tokens']} "
+          f"tokens of history)")
+    print(f"loss {r['loss_nats_per_token']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
+          f"{r['bits_per_byte']:.4f} bits/byte (comparable across tokenizers)")
+
+
+def _eval_tasks(args) -> None:
+    """--tasks: lm-evaluation-harness tasks on the run (the eval extra)."""
+    try:
+        from minigpt.infer.harness import evaluate_tasks
+    except ImportError as e:
+        raise UserError(f"minigpt eval --tasks needs lm-evaluation-harness ({e}): pip install 'minigpt[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate_tasks(args.run, tasks, args.include_path, args.device, args.batch_size, args.limit, args.output)
+    if args.json:
+        print(to_json({"event": "eval_tasks", "run": str(args.run), "results": results["results"]}))
+        return
+    for task, metrics in results["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    if args.output:
+        print(f"results written under {args.output} (lm-eval's layout)")
 
 
 def cmd_quickstart(args) -> int:
@@ -477,28 +536,8 @@ def _add_run_commands(sub) -> None:
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a trained run")
-    p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
-                   help="a file whose whole text is one prompt ('-': stdin); repeatable, after the --prompt ones")
-    p.add_argument("--num-samples", type=number(int, 1, 1024), default=1, help="samples per prompt (one batch)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty(),
-                   help="print a single sample's tokens as they come (default: on a terminal)")
-    p.add_argument("--step", type=number(int, 0), help="a kept checkpoint's step (default: the latest)")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout (samples and statistics), nothing else")
-    p.add_argument("--max-new-tokens", type=number(int, 0, MAX_NEW_TOKENS), default=0,
-                   help=f"default: the run's sample.max_new_tokens; at most {MAX_NEW_TOKENS:,}")
-    p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
-    p.add_argument("--top-k", type=number(int, 0), help="0 disables")
-    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="1.0 disables")
-    p.add_argument("--seed", type=number(int, 0))
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
-    p.add_argument("--draft", metavar="RUN_DIR", help="speculative decoding: a smaller run with the same tokenizer drafts")
-    p.add_argument("--speculate", type=number(int, 1, 64), default=4, metavar="K", help="draft tokens per round (default 4)")
-    p.set_defaults(func=cmd_generate)
+    _add_generate_command(sub)
+    _add_eval_command(sub)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
@@ -525,6 +564,54 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out-dir", default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)
+
+
+def _add_generate_command(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
+                   help="a file whose whole text is one prompt ('-': stdin); repeatable, after the --prompt ones")
+    p.add_argument("--num-samples", type=number(int, 1, 1024), default=1, help="samples per prompt (one batch)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty(),
+                   help="print a single sample's tokens as they come (default: on a terminal)")
+    p.add_argument("--step", type=number(int, 0), help="a kept checkpoint's step (default: the latest)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (samples and statistics), nothing else")
+    p.add_argument("--max-new-tokens", type=number(int, 0, MAX_NEW_TOKENS), default=0,
+                   help=f"default: the run's sample.max_new_tokens; at most {MAX_NEW_TOKENS:,}")
+    p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
+    p.add_argument("--top-k", type=number(int, 0), help="0 disables")
+    p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="1.0 disables")
+    p.add_argument("--seed", type=number(int, 0))
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--draft", metavar="RUN_DIR", help="speculative decoding: a smaller run with the same tokenizer drafts")
+    p.add_argument("--speculate", type=number(int, 1, 64), default=4, metavar="K", help="draft tokens per round (default 4)")
+    p.add_argument("--logprobs", type=number(int, 0, 20), metavar="N",
+                   help="with --json: each generated token's log-probability under the model and the top N")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_eval_command(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on any text, or on its own split")
+    p.add_argument("--run", required=True, help="run directory written by 'minigpt train' (or convert --from-hf)")
+    p.add_argument("--data", metavar="SOURCE",
+                   help="val or train (the run's own splits), or any data.source: a file, folder, glob, "
+                        ".jsonl/.parquet/.csv, a datasets folder, stdlib, hf:NAME")
+    p.add_argument("--context", type=number(int, 1), help="window length in tokens (default: block_size)")
+    p.add_argument("--stride", type=number(int, 1), help="tokens a window advances (default: context / 2)")
+    p.add_argument("--max-tokens", type=number(int, 2, 1 << 28), default=1 << 22,
+                   help="score at most this many tokens of the text (default 4,194,304)")
+    p.add_argument("--batch-size", type=number(int, 1, 4096), default=32, help="windows per forward pass")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks instead of --data (needs the eval "
+                                                  "extra), e.g. hellaswag,arc_easy,lambada_openai")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument("--limit", type=number(int, 1), help="at most this many examples per task")
+    p.add_argument("--output", metavar="DIR", help="write lm-eval's results (and samples) there, as lm-eval does")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    p.set_defaults(func=cmd_eval)
 
 
 def _add_measure_commands(sub) -> None:

@@ -202,3 +202,27 @@ class Proc:
         for t in self.threads:
             t.join()
         return self.p.returncode, "".join(self.out), "".join(self.err)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app served by uvicorn on a free port of 127.0.0.1, in a thread, for the block; yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -3,15 +3,11 @@
 
 import concurrent.futures
 import json
-import socket
-import threading
-import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-import uvicorn  # noqa: E402
 
 
 def post(url: str, data: bytes) -> tuple[int, dict]:
@@ -30,7 +26,7 @@ def post(url: str, data: bytes) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, corpus_dir, data_cache):
-    from conftest import REPO, tiny_overrides
+    from conftest import REPO, serving, tiny_overrides
 
     from minigpt.core.config import load_config
     from minigpt.infer.serve import create_app
@@ -42,17 +38,8 @@ def server(tmp_path_factory, corpus_dir, data_cache):
         "train.max_steps": 2, "model.block_size": 64})), log=lambda *a: None)
     model, tok, cfg, _ = load_run(out)
     app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/v1", "app": app}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as port:
+        yield {"url": f"http://127.0.0.1:{port}/v1", "app": app}
 
 
 @pytest.fixture
@@ -114,3 +101,23 @@ def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, clie
     code, answer = post(server["url"] + "/completions", b"{not json")
     assert code == 400 and "error" in answer
     assert client.completions.create(model="minigpt-test", prompt="ok", max_tokens=2).choices  # still serving
+
+
+def test_completions_answer_logprobs_and_echo_as_the_legacy_api_does(server):
+    """`logprobs: N` gives each token's log-probability and the top N; `echo` returns and scores the prompt too
+    (its first token has none); token-id prompts are taken as ids; bad values are 400 in OpenAI's shape."""
+    body = {"model": "minigpt-test", "prompt": "def f(x):", "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    status, out = post(server["url"] + "/completions", json.dumps(body).encode())
+    assert status == 200, out
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
+    for value, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert value <= 0 and len(top) == 2 and value == pytest.approx(max(top.values()))  # greedy: the top one
+    status, echoed = post(server["url"] + "/completions", json.dumps({**body, "echo": True, "prompt": [[5, 6, 7]]}).encode())
+    assert status == 200, echoed
+    lp = echoed["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == 3 + 3
+    for bad in ({**body, "logprobs": 99}, {**body, "prompt": [[]]}, {**body, "prompt": [[10**9]]},
+                {**body, "stream": True}, {**body, "max_tokens": 10**6}):
+        status, err = post(server["url"] + "/completions", json.dumps(bad).encode())
+        assert 400 <= status < 500 and "error" in err, (bad, status, err)

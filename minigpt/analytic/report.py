@@ -122,6 +122,8 @@ def run_lines(run: dict, p: dict) -> list[str]:
         f"- final loss: train {loss(run['train_loss'])}, validation {loss(run['val_loss'])} nats/token; unigram entropy "
         f"{run['unigram_entropy_nats']:.4f}" + ("" if gap is None else f" (the model learned {gap:.3f} nats/token of context)"
                                                 if gap > 0 else " (not yet below it: no better than ignoring context)"),
+        f"- in bits per byte of text (comparable across tokenizers): train {loss(run.get('train_bpb'))}, validation "
+        f"{loss(run.get('val_bpb'))}; unigram entropy {loss(run.get('unigram_entropy_bpb'))}",
         f"- wall time {run['wall_s']:.1f} s, {run['tokens_per_s']:,} tokens/s; median step {p['median_step_s'] * 1e3:.1f} ms",
         f"- {p['mfu_dtype']} MFU {mfu} against {p['peak_source']}"
         + (f" ({p['peak_tflops']:g} TFLOP/s)" if p["peak_tflops"] else ""),

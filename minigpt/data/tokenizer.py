@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 from minigpt.core.errors import UserError
 from minigpt.data.sources import BYTE_ALPHABET, Document
@@ -54,3 +57,40 @@ def load_tokenizer_file(path: str, vocab_size: int):
             f"set model.vocab_size={tok.get_vocab_size()}"
         )
     return tok
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Radford et al. 2019, encoder.py bytes_to_unicode), inverted:
+    the printable character that stands for each of the 256 bytes -> the byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+def token_bytes(tokenizer, size: int | None = None) -> np.ndarray:
+    """Bytes of UTF-8 text each token id stands for (0 for special tokens such as <|endoftext|>): the
+    denominator of bits per byte. Exact for byte-level BPE (each character of a token is one byte); for
+    other tokenizers the UTF-8 length of the token decoded alone (a character split across tokens then
+    counts in each part). `size`: the array's length (the model's padded vocabulary; extra ids are 0)."""
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    alphabet = _byte_level_alphabet()
+    byte_level = all(c in alphabet for tok in list(vocab)[:2000] for c in tok)
+    out = np.zeros(max(size or 0, tokenizer.get_vocab_size()), dtype=np.int64)
+    for tok, i in vocab.items():
+        if tok in special:
+            continue
+        out[i] = len(tok) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+    return out
+
+
+def bits_per_byte(nats: float, num_bytes: float) -> float | None:
+    """Summed cross-entropy in nats over the tokens of `num_bytes` bytes of text -> bits per byte."""
+    return nats / (math.log(2) * num_bytes) if num_bytes > 0 else None

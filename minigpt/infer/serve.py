@@ -14,6 +14,7 @@ Chat uses a plain template: one "role: content" line per message, then "assistan
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import queue
 import socket
@@ -22,13 +23,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from minigpt.core.errors import UserError
-from minigpt.infer.generate import IncrementalText, generate_ids
+from minigpt.infer.evaluate import token_logprobs
+from minigpt.infer.generate import IncrementalText, filtered_probs, generate_ids
 from minigpt.train.checkpoint import load_run
 
 
@@ -42,7 +45,9 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, batches of token ids
+    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy API's: the top-N log-probabilities per token
+    echo: bool = False  # return (and, with logprobs, score) the prompt too
 
 
 class ChatMessage(BaseModel):
@@ -158,19 +163,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt"}]}
 
-    def prepare(name: str, prompt: str, max_tokens: int) -> list[int]:
-        if name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
-        ids = tokenizer.encode(prompt).ids
-        if not ids:
-            raise ApiError(400, "the prompt is empty")
-        if len(ids) >= block:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {block}: shorten it",
-                           code="context_length_exceeded")
-        if not rope and len(ids) + max_tokens > block:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
-                           code="context_length_exceeded")
-        return ids
+    prepare = functools.partial(_prepare, model_name, tokenizer, block, rope)
 
     async def run(request: Request, prompts: list[str], body, chat: bool):
         loop = asyncio.get_running_loop()
@@ -191,9 +184,17 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = _prompts(body.prompt, tokenizer)
+        if body.logprobs is None and not body.echo:  # the batching engine takes texts
+            prompts = [tokenizer.decode(p) if isinstance(p, list) else p for p in prompts]
         if body.stream and len(prompts) != 1:
             raise ApiError(400, "streaming takes one prompt", code=None)
+        if body.logprobs is not None or body.echo:
+            if body.stream:
+                raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
+            if body.model != model_name:
+                prepare(body.model, "x", 1)  # the model-not-found error
+            return await asyncio.to_thread(_scored, model, tokenizer, model_name, prompts, body)
         return await run(request, prompts, body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -201,6 +202,22 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         return await run(request, [chat_prompt(body.messages)], body, chat=True)
 
     return app
+
+
+def _prepare(model_name: str, tokenizer, block: int, rope: bool, name: str, prompt: str, max_tokens: int) -> list[int]:
+    """The prompt's tokens, or the 4xx that refuses it."""
+    if name != model_name:
+        raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise ApiError(400, "the prompt is empty")
+    if len(ids) >= block:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {block}: shorten it",
+                       code="context_length_exceeded")
+    if not rope and len(ids) + max_tokens > block:
+        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
+                       code="context_length_exceeded")
+    return ids
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -216,6 +233,60 @@ def _add_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
         return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
                                        "param": where or None, "code": None}}, 400)
+
+
+def _prompts(prompt, tokenizer) -> list[str | list[int]]:
+    """The prompts of a completion request: texts, or token-id lists kept as ids (an id outside the
+    vocabulary, or an empty prompt, is a 400)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty: give a text or token ids", code=None)
+    vocab = tokenizer.get_vocab_size()
+    for p in prompt:
+        if isinstance(p, list) and (not p or any(not 0 <= i < vocab for i in p)):
+            raise ApiError(400, f"a token-id prompt is empty or has an id outside [0, {vocab})", code=None)
+    return list(prompt)
+
+
+MAX_SCORED_TOKENS = 1 << 16  # prompt tokens a logprobs/echo request may ask to score
+MAX_SCORED_NEW = 256  # tokens it may generate (each is one forward pass without the KV cache)
+
+
+def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
+    """A completion with the legacy API's logprobs (and echo): each token's log-probability under the model
+    (raw: before temperature), the top-N per position, the prompt's own with echo. Scored without the KV
+    cache, one forward pass per window (infer/evaluate.token_logprobs); generated greedily at temperature 0."""
+    generator = torch.Generator().manual_seed(body.seed if body.seed is not None else int(time.time()))
+    choices, used = [], [0, 0]
+    if body.max_tokens > MAX_SCORED_NEW:
+        raise ApiError(400, f"max_tokens {body.max_tokens} with logprobs/echo: at most {MAX_SCORED_NEW}", code=None)
+    for i, prompt in enumerate(prompts):
+        ids = prompt if isinstance(prompt, list) else (tokenizer.encode(prompt).ids or [0])
+        text = tokenizer.decode(ids) if isinstance(prompt, list) else prompt
+        if len(ids) > MAX_SCORED_TOKENS:
+            raise ApiError(400, f"a prompt of {len(ids):,} tokens: at most {MAX_SCORED_TOKENS:,} are scored", code=None)
+        new = []
+        for _ in range(body.max_tokens):
+            _, _, last = token_logprobs(model, ids + new)
+            probs = filtered_probs(last.unsqueeze(0), body.temperature, 0, body.top_p)
+            new.append(int(probs.argmax(-1)) if body.temperature == 0 else int(torch.multinomial(probs, 1, generator=generator)))
+        lps, tops, _ = token_logprobs(model, ids + new, max(body.logprobs or 0, 1))
+        keep = slice(0, None) if body.echo else slice(len(ids), None)
+        tokens = [tokenizer.decode([t]) for t in (ids + new)[keep]]
+        logprobs = None if body.logprobs is None else {
+            "tokens": tokens, "token_logprobs": lps[keep],
+            "top_logprobs": [None if d is None else {tokenizer.decode([k]): v for k, v in list(d.items())[:max(body.logprobs, 1)]}
+                             for d in tops[keep]],
+            "text_offset": [sum(len(s) for s in tokens[:j]) for j in range(len(tokens))]}
+        choices.append({"index": i, "text": (text if body.echo else "") + tokenizer.decode(new), "logprobs": logprobs,
+                        "finish_reason": "length"})
+        used = [used[0] + len(ids), used[1] + len(new)]
+    return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()), "model": name,
+            "choices": choices, "usage": {"prompt_tokens": used[0], "completion_tokens": used[1],
+                                          "total_tokens": sum(used)}}
 
 
 def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:

@@ -24,6 +24,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from minigpt.analytic.flops import param_counts, train_flops_per_token
@@ -38,6 +39,7 @@ from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.core.resolve import check_same_model
 from minigpt.data import cache as data
 from minigpt.data.loader import BatchLoader, check_split_length, get_batch
+from minigpt.data.tokenizer import bits_per_byte, token_bytes
 from minigpt.infer.generate import check_prompts, generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.model import GPT
@@ -83,20 +85,32 @@ class TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int) -> float:
-    """Mean loss over eval_iters micro-batches at fixed positions (the same at every evaluation); each
-    data-parallel rank reads its own, a tensor-parallel group the same."""
+def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int,
+             bytes_of: torch.Tensor) -> tuple[float, float | None]:
+    """(mean loss in nats/token, bits per byte) over eval_iters micro-batches at fixed positions (the same
+    at every evaluation); each data-parallel rank reads its own, a tensor-parallel group the same.
+    bytes_of: bytes of text per token id (data.tokenizer.token_bytes), the denominator of bits per byte."""
     was_training = model.training
     model.eval()
-    losses = []
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # nats, tokens, bytes
     with eager():
         for i in range(cfg.train.eval_iters):
             x, y = get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
-                                  (cfg.train.seed, split_id, i, dp_rank))
+                             (cfg.train.seed, split_id, i, dp_rank))
+            x, y = x.to(env.device), y.to(env.device)
             with autocast_context(env.device, cfg.train.precision):
-                losses.append(model(x.to(env.device), y.to(env.device)).loss.float())
+                loss = model(x, y).loss.double()
+            sums += torch.stack([loss * y.numel(), torch.tensor(float(y.numel()), device=env.device),
+                                 bytes_of[y].sum().double()])
     model.train(was_training)
-    return all_reduce_mean(torch.stack(losses).mean(), env).item()
+    nats, count, num_bytes = all_reduce_mean(sums, env).tolist()
+    return nats / count, bits_per_byte(nats, num_bytes)
+
+
+def corpus_bytes_per_token(tokens: np.ndarray, bytes_of: np.ndarray) -> float:
+    """Mean bytes of text per token of a split (a histogram: memory does not grow with the corpus)."""
+    counts = np.bincount(np.asarray(tokens), minlength=len(bytes_of))[: len(bytes_of)]
+    return float((counts * bytes_of).sum() / max(1, len(tokens)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +137,11 @@ class Run:
     lock: RunLock | None = None
     train_loss: float | None = None
     val_loss: float | None = None
+    train_bpb: float | None = None
+    val_bpb: float | None = None
     stopped: str | None = None  # "SIGTERM", "SIGINT" or "max_minutes" when the run stopped early
+    bytes_of: torch.Tensor | None = None  # bytes of text per token id, on the device: bits per byte
+    entropy: tuple[float, float | None] = (0.0, None)  # the corpus's unigram entropy: nats/token, bits/byte
     t_start: float = 0.0
 
 
@@ -205,6 +223,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = Run(cfg, env, say, paths, prepared, plan, layout, backend, checkpointer, metrics, state, state.step,
               end_step, lock)
+    run.bytes_of, run.entropy = _bytes_and_entropy(prepared, cfg, env)
     for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
     return run
@@ -273,10 +292,12 @@ def _after_step(run: Run, loss: torch.Tensor) -> None:
     tc, step = run.cfg.train, run.state.step
     synced = False
     if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
-        dp_rank = run.plan.dp_rank(run.env.rank)
-        run.val_loss = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, dp_rank, split_id=1)
-        run.train_loss = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env, dp_rank, split_id=2)
-        run.metrics.log_eval(step, run.train_loss, run.val_loss, run.prepared.manifest["unigram_entropy_nats"])
+        dp_rank, bytes_of = run.plan.dp_rank(run.env.rank), run.bytes_of
+        run.val_loss, run.val_bpb = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, dp_rank,
+                                             1, bytes_of)
+        run.train_loss, run.train_bpb = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env,
+                                                 dp_rank, 2, bytes_of)
+        run.metrics.log_eval(step, (run.train_loss, run.train_bpb), (run.val_loss, run.val_bpb), run.entropy)
         synced = True
     if not run.stopped and tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:
         sample(run, step)
@@ -317,7 +338,8 @@ def finish(run: Run) -> dict:
     summary = {
         "event": "final", "run_dir": str(paths.root), "step": run.state.step, "max_steps": cfg.train.max_steps,
         "stopped": run.stopped, "train_loss": run.train_loss, "val_loss": run.val_loss,
-        "unigram_entropy_nats": run.prepared.manifest["unigram_entropy_nats"],
+        "train_bpb": run.train_bpb, "val_bpb": run.val_bpb,
+        "unigram_entropy_nats": run.entropy[0], "unigram_entropy_bpb": run.entropy[1],
         "tokens_seen": run.state.step * run.layout.tokens_per_step,
         "tokens_per_s": round(steps_run * run.layout.tokens_per_step / wall, 1) if steps_run else None,
         "wall_s": round(wall, 2), "world_size": env.world_size, "device": str(env.device),
@@ -443,6 +465,15 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
     for split in ("train", "val"):
         check_split_length(prepared.tokens(split), split, cfg.model.block_size)
     return prepared
+
+
+def _bytes_and_entropy(prepared, cfg: Config, env: DistEnv) -> tuple[torch.Tensor, tuple[float, float | None]]:
+    """Bytes per token id (on the device) and the unigram entropy in nats/token and bits/byte (the train
+    split's entropy over its mean bytes per token: comparable across tokenizers)."""
+    table = token_bytes(prepared.load_tokenizer(), cfg.model.padded_vocab_size)
+    nats = prepared.manifest["unigram_entropy_nats"]
+    per_token = corpus_bytes_per_token(prepared.tokens("train"), table)
+    return torch.from_numpy(table).to(env.device), (nats, nats / (math.log(2) * per_token) if per_token else None)
 
 
 def _check_sampling(cfg: Config, prepared) -> None:

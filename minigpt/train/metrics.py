@@ -206,11 +206,13 @@ class MetricsLogger:
         self.restart_clock(step)
         return record
 
-    def log_eval(self, step: int, train_loss: float, val_loss: float, entropy: float) -> None:
-        self.say(f"eval   step {step} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-                 f"unigram entropy {entropy:.4f} nats")
+    def log_eval(self, step: int, train: tuple, val: tuple, entropy: tuple) -> None:
+        """train, val, entropy: (nats per token, bits per byte); bits per byte compare across tokenizers."""
+        bpb = lambda x: f" ({x:.4f} bpb)" if x is not None else ""  # noqa: E731
+        self.say(f"eval   step {step} | train loss {train[0]:.4f}{bpb(train[1])} | val loss {val[0]:.4f}{bpb(val[1])} "
+                 f"| unigram entropy {entropy[0]:.4f} nats{bpb(entropy[1])}")
         self._write({"kind": "eval", "time": round(time.time(), 3), "step": step, "tokens": step * self.tokens_per_step,
-                     "train_loss": train_loss, "val_loss": val_loss})
+                     "train_loss": train[0], "val_loss": val[0], "train_bpb": train[1], "val_bpb": val[1]})
 
     @property
     def skipped_total(self) -> int:
