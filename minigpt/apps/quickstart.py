@@ -42,9 +42,11 @@ def quickstart(config: str, overrides: list[str], out_dir: str, log=print) -> di
     log(f"== loss curves: {Path(cfg.train.out_dir) / 'loss.png'} (minigpt plot RUN [RUN ...] draws any runs)")
     extrapolation(cfg.train.out_dir, log)
     gap = summary["unigram_entropy_nats"] - summary["val_loss"]
-    log(f"== validation loss {summary['val_loss']:.3f} nats/token vs unigram entropy "
+    bpb = f" = {summary['val_bpb']:.3f} bits/byte" if summary.get("val_bpb") else ""
+    log(f"== validation loss {summary['val_loss']:.3f} nats/token{bpb} vs unigram entropy "
         f"{summary['unigram_entropy_nats']:.3f}: the model learned {gap:.3f} nats/token of context. "
-        f"Generation: {stats['tokens_per_s']} tokens/s at batch {stats['batch']}.")
+        f"Generation: {stats['tokens_per_s']} tokens/s at batch {stats['batch']}. Score it on any text: "
+        f"minigpt eval --run {summary['run_dir']} --data FILE_OR_FOLDER")
     return summary
 
 
