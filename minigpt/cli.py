@@ -79,22 +79,32 @@ def to_json(obj) -> str:
     return dumps(obj)
 
 
+def _threads(args) -> str:
+    """Apply --threads (or the default rule) before a command runs torch; what was chosen, for its output."""
+    from minigpt.core.device import use_threads
+
+    return use_threads(args.threads)
+
+
 def cmd_prepare(args) -> None:
     from minigpt.core.config import load_config, resolve_preset
     from minigpt.data import cache as data
 
     cfg = load_config(resolve_preset(args.config), args.set)
-    prepared = data.prepare_data(cfg.data, cfg.model)
+    prepared = data.prepare_data(cfg.data, cfg.model, log=(lambda *a, **k: None) if args.json else print)
+    if args.json:
+        print(to_json({"event": "prepared", "path": str(prepared.path), **prepared.manifest}))
+        return
     for line in prepared.summary_lines():
         print(line)
-    print(to_json({"event": "prepared", "path": str(prepared.path), **prepared.manifest}))
+    print(f"cache    {prepared.path}")
 
 
 def cmd_train(args) -> int:
     from minigpt.core.resolve import train_config
     from minigpt.train.loop import train
 
-    overrides = list(args.set)
+    overrides = list(args.set) + ([f"train.threads={args.threads}"] if args.threads else [])
     if args.plan:  # the plan's [train] keys, after --set (the plan spelling wins over a --set of the same key)
         from minigpt.parallel.backends import plan_overrides
 
@@ -107,6 +117,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> None:
     """Text on stdout (a header between several samples), or with --json one JSON object alone;
     statistics on stderr; --stream prints a single sample's tokens as they come."""
+    _threads(args)
     import torch
 
     from minigpt.core.device import resolve_device
@@ -216,6 +227,7 @@ def _generate_speculative(args, target, tokenizer, cfg, step, device, prompts: l
 
 def cmd_eval(args) -> None:
     """Loss, perplexity and bits per byte of a run on a text (or its own split), with the window said."""
+    _threads(args)
     from minigpt.core.device import resolve_device
     from minigpt.infer.evaluate import SPLITS, evaluate_text, run_split_tokens, text_tokens
     from minigpt.train.checkpoint import load_run
@@ -266,7 +278,8 @@ def cmd_quickstart(args) -> int:
     """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
     from minigpt.apps.quickstart import quickstart
 
-    summary = quickstart(args.config, args.set, args.out_dir)
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    summary = quickstart(args.config, [*args.set, *threads], args.out_dir)
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
@@ -277,6 +290,7 @@ def _config(args):
 
 
 def cmd_convert(args) -> None:
+    _threads(args)
     from minigpt.interop.hf import export_hf, import_hf
 
     if args.from_hf:
@@ -298,6 +312,7 @@ def cmd_plot(args) -> None:
 
 
 def cmd_flops(args) -> None:
+    _threads(args)
     from minigpt.analytic.report import flops_table
     from minigpt.measure.counted import flops_report
 
@@ -307,6 +322,7 @@ def cmd_flops(args) -> None:
 
 
 def cmd_flops_sweep(args) -> None:
+    _threads(args)
     from minigpt.measure.sweep import run_sweep
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -340,6 +356,8 @@ def cmd_memory(args) -> None:
     import torch
 
     from minigpt.core.device import resolve_precision
+
+    _threads(args)
     from minigpt.measure.counted import memory_report
 
     cfg = _config(args)
@@ -350,6 +368,7 @@ def cmd_memory(args) -> None:
 
 
 def cmd_bench_decode(args) -> None:
+    _threads(args)
     import torch
 
     from minigpt.apps.decode_bench import decode_bench
@@ -378,6 +397,7 @@ def cmd_bench_decode(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    _threads(args)
     try:
         from minigpt.infer.serve import serve
     except ImportError as e:
@@ -404,13 +424,21 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_bench_hardware(args) -> None:
+    _threads(args)
     from minigpt.core.atomic import atomic_write_text
     from minigpt.measure.bench import bench_hardware
 
-    line = json.dumps(bench_hardware(args.device, args.size, args.repeats))
+    hw = bench_hardware(args.device, args.size, args.repeats)
+    line = json.dumps(hw)
     if args.out:
         atomic_write_text(Path(args.out), line + "\n")
-    print(line)
+    if args.json:
+        print(line)
+        return
+    print(f"{hw['device_name']} ({hw['device']}, {hw['threads']} threads), measured: matmul "
+          + ", ".join(f"{k} {v} TFLOP/s (n={hw['matmul_size'][k]})" for k, v in hw["matmul_tflops"].items())
+          + f"; copy {hw['copy_bandwidth_gbs']} GB/s (read + write)" + (f"; written to {args.out}" if args.out else ""))
+    print(f"({hw['convention']})")
 
 
 def scenario_from_args(args, cfg):
@@ -502,11 +530,23 @@ def cmd_extrapolate_plot(args) -> None:
                        "gpu_hours": summary["wall_s"] * summary["world_size"] / 3600, "kind": "measured"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot_costs(points, args.out, gpu.name, args.mfu, 1024)
-    print(to_json({"plot": args.out, "points": points}))
+    if args.json:
+        print(to_json({"plot": args.out, "points": points}))
+        return
+    print(f"wrote {args.out}: training GPU-hours of {len(points)} models on {gpu.name} at an assumed {args.mfu:.0%} MFU")
 
 
 # ----------------------------------------------------------------------------------------------
 # flags
+
+
+def threads_flag() -> argparse.ArgumentParser:
+    """--threads, on every command that runs torch on the CPU: one rule (core/device.default_threads)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--threads", type=number(int, 0, 4096), default=0,
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else the cores the load "
+                             "average says are idle; train and quickstart also take train.threads)")
+    return parent
 
 
 def _config_flags(p: argparse.ArgumentParser, any_model: bool = False) -> None:
@@ -530,24 +570,25 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def _add_run_commands(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus (cached) and report its size and unigram entropy")
     _config_flags(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (the manifest), nothing else")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model (single process, or under torchrun)")
+    p = sub.add_parser("train", parents=[threads_flag()], help="train a model (single process, or under torchrun)")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     _add_generate_command(sub)
     _add_eval_command(sub)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
+    p = sub.add_parser("serve", parents=[threads_flag()], help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=number(int, 1, 65535), default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
+    p = sub.add_parser("convert", parents=[threads_flag()], help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="DIR", help="an HF folder: config.json, *.safetensors, tokenizer.json")
     way.add_argument("--to-hf", metavar="RUN_DIR", help="a minigpt run directory (its latest checkpoint)")
@@ -559,15 +600,16 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("quickstart", help="the main job: prepare stdlib text, train the tiny GPT, sample")
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out-dir", default="runs/quickstart")
+    p = sub.add_parser("quickstart", parents=[threads_flag()], help="the main job: prepare stdlib text, train the tiny GPT, sample")
+    p.add_argument("--config", default="tiny", help="the preset or TOML to train (default: tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set train.max_steps=100)")
+    p.add_argument("--out-dir", default="runs/quickstart", help="the run directory (default: runs/quickstart)")
     p.set_defaults(func=cmd_quickstart)
 
 
 def _add_generate_command(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a trained run")
+    p = sub.add_parser("generate", parents=[threads_flag()], help="sample text from a trained run")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
@@ -582,7 +624,7 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--temperature", type=number(float, 0, 100), help="0 is greedy")
     p.add_argument("--top-k", type=number(int, 0), help="0 disables")
     p.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="1.0 disables")
-    p.add_argument("--seed", type=number(int, 0))
+    p.add_argument("--seed", type=number(int, 0), help="sampling seed (default: the run's sample.seed)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
@@ -594,7 +636,7 @@ def _add_generate_command(sub) -> None:
 
 
 def _add_eval_command(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on any text, or on its own split")
+    p = sub.add_parser("eval", parents=[threads_flag()], help="loss, perplexity and bits per byte of a run on any text, or on its own split")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train' (or convert --from-hf)")
     p.add_argument("--data", metavar="SOURCE",
                    help="val or train (the run's own splits), or any data.source: a file, folder, glob, "
@@ -615,17 +657,17 @@ def _add_eval_command(sub) -> None:
 
 
 def _add_measure_commands(sub) -> None:
-    p = sub.add_parser("flops", help="count training FLOPs of a config and set them beside the formulas")
+    p = sub.add_parser("flops", parents=[threads_flag()], help="count training FLOPs of a config and set them beside the formulas")
     fsub = p.add_subparsers(dest="flops_command")
     _config_flags(p, any_model=True)
-    p.add_argument("--batch-size", type=number(int, 1), default=1)
+    p.add_argument("--batch-size", type=number(int, 1), default=1, help="sequences counted (default 1)")
     p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
     p.add_argument("--device", type=device_arg, default="meta", help="meta (default: nothing allocated), cpu or cuda")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_flops)
-    q = fsub.add_parser("sweep", help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
-    q.add_argument("--out", default="runs/flops-sweep")
-    q.add_argument("--device", type=device_arg, default="cpu")
+    q = fsub.add_parser("sweep", parents=[threads_flag()], help="counted/6N and counted/PaLM over model sizes, timed steps, plot")
+    q.add_argument("--out", default="runs/flops-sweep", help="folder for sweep.json, .md, .png (default runs/flops-sweep)")
+    q.add_argument("--device", type=device_arg, default="cpu", help="where the small models are timed (default cpu)")
     q.add_argument("--steps", type=number(int, 1), default=7, help="timed training steps per small model")
     q.add_argument("--no-gpt3", action="store_true", help="leave out the GPT-3 family (counted on meta)")
     q.set_defaults(func=cmd_flops_sweep)
@@ -635,19 +677,19 @@ def _add_measure_commands(sub) -> None:
 
 
 def _add_memory_command(sub) -> None:
-    p = sub.add_parser("memory", help="training memory by category: predicted vs measured, ZeRO table")
+    p = sub.add_parser("memory", parents=[threads_flag()], help="training memory by category: predicted vs measured, ZeRO table")
     _config_flags(p, any_model=True)
     p.add_argument("--batch-size", type=number(int, 0), default=0, help="default: train.micro_batch_size")
     p.add_argument("--seq-len", type=int, default=0, help="default: model.block_size")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: train.precision (bf16 with --params)")
     p.add_argument("--dp", type=number(int, 1, 1 << 20), default=1, help="data-parallel degree for the ZeRO table")
-    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu", help="where memory is measured (default cpu)")
     p.add_argument("--fake", action="store_true", help="fake tensors: any size, nothing allocated")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing")
     p.add_argument("--params", type=number(float, 0, 1e15, lo_open=True),
                    help="skip the model: ZeRO table for this many parameters (at most 1e15)")
     p.add_argument("--run", help="a DeepSpeed run directory: its per-rank memory beside the ZeRO formulas")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     p.set_defaults(func=cmd_memory)
 
 
@@ -668,29 +710,30 @@ def _add_simulate_command(sub) -> None:
     p.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
     p.add_argument("--gpu", default="H100", help="GPU whose links and peak time the step (default H100)")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="compute MFU (default: the GPU's published reference)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     p.set_defaults(func=cmd_simulate)
 
 
 def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks of this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    q = bsub.add_parser("hardware", help="measure matmul TFLOP/s per dtype and memory bandwidth")
-    q.add_argument("--device", type=device_arg, default="auto")
+    q = bsub.add_parser("hardware", parents=[threads_flag()], help="measure matmul TFLOP/s per dtype and memory bandwidth")
+    q.add_argument("--device", type=device_arg, default="auto", help="the device to measure (default: CUDA if present)")
     q.add_argument("--size", type=number(int, 0, 32768), default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
-    q.add_argument("--repeats", type=number(int, 0, 1000), default=0)
+    q.add_argument("--repeats", type=number(int, 0, 1000), default=0, help="timed repeats, best kept (default 8 on CPU)")
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_bench_hardware)
-    q = bsub.add_parser("decode", help="decode tokens/s (total and per sequence) against batch and context, beside the "
+    q = bsub.add_parser("decode", parents=[threads_flag()], help="decode tokens/s (total and per sequence) against batch and context, beside the "
                                        "rooflines; JSON and PNG")
     q.add_argument("--run", help="a run directory (its weights)")
     _config_flags(q, any_model=True)
     q.add_argument("--batch", type=number(int, 1, 4096), action="append", help="batch sizes (default 1, 2, 4, 8, 16, 32)")
     q.add_argument("--context", type=number(int, 1), action="append", help="prompt lengths (default 16 and block_size/2)")
-    q.add_argument("--new-tokens", type=number(int, 2, 100000), default=32)
-    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    q.add_argument("--new-tokens", type=number(int, 2, 100000), default=32, help="tokens decoded per point (default 32)")
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and cache dtype (default fp32)")
     q.add_argument("--compile", action="store_true", help="compiled decode step")
-    q.add_argument("--device", type=device_arg, default="auto")
+    q.add_argument("--device", type=device_arg, default="auto", help="the device to measure (default: CUDA if present)")
     q.add_argument("--out", default="runs/decode_curve.json", help="the JSON; the PNG is written beside it")
     q.set_defaults(func=cmd_bench_decode)
 
@@ -702,15 +745,15 @@ def _add_extrapolate_command(sub) -> None:
                                                          "Face config.json (with --tokens)")
     p.add_argument("--gpu", default="A100", help="V100, A100 (80GB), A100-40GB, H100, H200, B200")
     p.add_argument("--dtype", default="bf16", help="the peak's dtype: bf16, fp16, fp8, tf32, fp32")
-    p.add_argument("--num-gpus", type=number(int, 1))
+    p.add_argument("--num-gpus", type=number(int, 1), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
     p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
     p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
     p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
     p.add_argument("--measure-layers", type=number(int, 0, 1000), default=0, metavar="K", help="time K full-width layers here")
-    p.add_argument("--measure-micro-batch", type=number(int, 1), default=1)
-    p.add_argument("--measure-precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--measure-device", default="auto")
+    p.add_argument("--measure-micro-batch", type=number(int, 1), default=1, help="with --measure-layers: sequences per timed step")
+    p.add_argument("--measure-precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="with --measure-layers: the dtype timed")
+    p.add_argument("--measure-device", type=device_arg, default="auto", help="with --measure-layers: where to time")
     p.add_argument("--price", type=number(float, 0), help="USD per GPU-hour (default: an assumption per GPU type)")
     p.add_argument("--tokens", type=tokens_arg, help="training tokens, or 'chinchilla' (20 per parameter)")
     p.add_argument("--flops-convention", default="exact", help="exact, six_n_all, kaplan_6n, palm, chinchilla, megatron_72, ...")
@@ -720,29 +763,30 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--comm", choices=["formula", "counted"], default="formula",
                    help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
                         "and per-GPU memory; layouts whose simulated memory does not fit are rejected")
-    p.add_argument("--micro-batch", type=number(int, 1), default=1)
+    p.add_argument("--micro-batch", type=number(int, 1), default=1, help="sequences per GPU per micro-step (memory, bubble)")
     p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="inference batch for the decode bound")
     p.add_argument("--serve", action="store_true", help="add a serving scenario")
     p.add_argument("--users", type=number(float, 0, lo_open=True), default=1e6, help="concurrent users at peak")
-    p.add_argument("--requests-per-hour", type=number(float, 0, lo_open=True), default=6)
-    p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True))
+    p.add_argument("--requests-per-hour", type=number(float, 0, lo_open=True), default=6, help="requests per user per hour (default 6)")
+    p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True), help="generated tokens per request (instead of words)")
     p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
-    p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3)
+    p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3, help="assumed serving utilisation of the peak (default 0.3)")
     p.add_argument("--tokens-per-s-per-user", type=number(float, 0, lo_open=True),
                    help="decode speed each user must get (default 30 tokens/s: an assumed reading speed)")
     p.add_argument("--from-decode-bench", metavar="FILE",
                    help="a 'minigpt bench decode' curve: its measured fraction of the bandwidth bound per batch replaces --utilisation")
     p.add_argument("--speculate", metavar="X|FILE", help="speculative decoding's speed-up: a factor or a bench_speculative.py result")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--markdown", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    fmt.add_argument("--markdown", action="store_true", help="the report as Markdown")
     p.set_defaults(func=cmd_extrapolate)
     q = xsub.add_parser("plot", help="training cost against model size, log-log")
-    q.add_argument("--gpu", default="A100")
-    q.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), default=0.3)
+    q.add_argument("--gpu", default="A100", help="the GPU to cost on (default A100)")
+    q.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), default=0.3, help="assumed MFU (default 0.3)")
     q.add_argument("--run", action="append", default=[], help="a measured run directory to add")
-    q.add_argument("--out", default="runs/extrapolate.png")
+    q.add_argument("--out", default="runs/extrapolate.png", help="the image to write (default runs/extrapolate.png)")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_extrapolate_plot)
 
 

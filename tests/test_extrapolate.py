@@ -177,7 +177,7 @@ def test_measure_layers_and_from_run(tmp_path, tiny_cfg):
 
 def test_extrapolate_plot(tmp_path):
     out = tmp_path / "cost.png"
-    r = run_cli("extrapolate", "plot", "--out", str(out))
+    r = run_cli("extrapolate", "plot", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 10_000
     assert len(json.loads(r.stdout)["points"]) == 9

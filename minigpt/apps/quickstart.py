@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from minigpt.analytic.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
 from minigpt.core.atomic import atomic_write_text
-from minigpt.core.device import resolve_device, resolve_precision
+from minigpt.core.device import resolve_device, resolve_precision, use_threads
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import fmt_usd
 from minigpt.core.hardware import gpu_by_name
@@ -24,10 +26,13 @@ from minigpt.train.loop import train
 def quickstart(config: str, overrides: list[str], out_dir: str, log=print) -> dict:
     """Run the whole job; returns the training summary."""
     cfg = run_config(config, [f"train.out_dir={out_dir}", *overrides])
+    # the threads once, pinned for the run: its measured peak and its steps must use the same number
+    log(f"== threads: {use_threads(cfg.train.threads)}")
+    cfg.train.threads = torch.get_num_threads()
     # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
     precision = cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
     hw = bench_hardware(cfg.train.device, dtypes=[precision])
-    hw_path = Path(out_dir).parent / f"hardware-{hw['device'].replace(':', '')}.json"
+    hw_path = Path(out_dir).parent / f"hardware-{hw['device'].replace(':', '')}-{hw['threads']}threads.json"
     atomic_write_text(hw_path, json.dumps(hw) + "\n")
     log(f"== measured {hw['device_name']}: {precision} matmul {hw['matmul_tflops'][precision]} "
         f"TFLOP/s, copy {hw['copy_bandwidth_gbs']} GB/s -> {hw_path}")

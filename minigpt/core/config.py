@@ -206,7 +206,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (and at the end); 0: only at the end
     log_every: int = 1  # steps between log lines
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
-    threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+    threads: int = 0  # torch intra-op threads on CPU; 0: OMP_NUM_THREADS, else the idle cores (load average)
     peak_tflops: float = 0.0  # peak for MFU; 0: the datasheet peak of a known GPU, else unknown
     peak_from: str = ""  # a `minigpt bench hardware --out FILE` result to use as the peak instead
     report: bool = True  # write report.json/.md (FLOPs counted vs formulas, MFU, memory) at the end
@@ -440,6 +440,11 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or len(parts) != 2 or not all(parts):
         raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=100")
     section, name = parts
+    if section not in Config.SECTIONS:
+        raise UserError(f"--set {item!r}: unknown table [{section}]; valid tables: {', '.join(Config.SECTIONS)}")
+    fields = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[section])]
+    if name not in fields:
+        raise UserError(f"--set {item!r}: unknown key {section}.{name}; valid keys in [{section}]: {', '.join(fields)}")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:

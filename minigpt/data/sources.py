@@ -104,7 +104,11 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def _dataset_documents(cfg: DataConfig) -> tuple[list[Document], int]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.source = {cfg.source!r} is read with the datasets package, which the core install "
+                        f"leaves out: pip install 'minigpt[data]' (plain text files and folders need nothing)") from None
 
     source = cfg.source
     label = source

@@ -47,7 +47,8 @@ def require_deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise UserError("train.backend = 'deepspeed' needs the deepspeed package: pip install deepspeed") from None
+        raise UserError("train.backend = 'deepspeed' needs the deepspeed package, which the core install leaves out: "
+                        "pip install 'minigpt[deepspeed]'") from None
     return deepspeed
 
 

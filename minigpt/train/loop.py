@@ -205,11 +205,11 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         _check_not_done(paths, resume, end_step, say)
         check_memory(cfg, env, plan, layout)
         check_sinks(tc.log_to)
+        device_notes = configure_device(tc, env.device)  # threads first: a stored CPU peak must match them
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
-                           threads=tc.threads or torch.get_num_threads())
+                           threads=torch.get_num_threads())
         prepared = _prepare_data(cfg, env, paths, resume, say)
         _check_sampling(cfg, prepared)
-        device_notes = configure_device(tc, env.device)
         backend = _build(cfg, env, plan, resume, say)
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
         state = _restore(checkpointer, backend, plan, resume, env)
@@ -351,6 +351,7 @@ def finish(run: Run) -> dict:
         atomic_write_text(paths.root / "memory_per_rank.json", to_json(per_rank, indent=2))
         run.say(per_rank_memory_table(per_rank))
     if env.is_main and cfg.train.report and steps_run and not run.stopped:
+        run.say("report   counting FLOPs on the meta device and memory under fake tensors for report.md (seconds)")
         summary.update(_report(run, summary))
     if env.is_main:
         atomic_write_text(paths.summary, to_json(summary, indent=2))
@@ -369,7 +370,7 @@ def _report(run: Run, summary: dict) -> dict:
     step_s = run.metrics.median_step_s
     flops = flops_report(c, run.layout.micro_batch_size, c.block_size, device="meta")  # one micro-batch
     memory = memory_report(c, run.layout.micro_batch_size, c.block_size, tc.precision, "cpu", fake=True,
-                           recompute=tc.activation_checkpointing)
+                           dp=run.plan.dp, recompute=tc.activation_checkpointing)
     peak_bytes, peak_kind = peak_memory_bytes(run.env.device)
     c_ = cfg.model
     figures = {**summary, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
@@ -549,6 +550,9 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
     ]
     if layout.note:
         lines.append(f"note     {layout.note}")
+    if tc.warmup_steps >= tc.max_steps:
+        lines.append(f"note     train.warmup_steps = {tc.warmup_steps} >= train.max_steps = {tc.max_steps}: the whole run is "
+                     f"warm-up, the learning rate never reaches train.lr")
     peak = m.peak
     lines.append(f"mfu      model FLOPs {m.flops / layout.tokens_per_step:,.0f}/token (exact matmul count, 3x forward, "
                  f"full attention square, no recompute) per device / peak: {peak.source}"
