@@ -37,15 +37,29 @@ def test_version():
 def test_one_thread_rule_that_does_not_oversubscribe_a_busy_machine(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(device, "busy_cores", lambda: (0, "runnable tasks now"))
     assert device.default_threads()[0] == 4
-    monkeypatch.setattr(device.os, "getloadavg", lambda: (2.7, 1.0, 1.0))
+    monkeypatch.setattr(device, "busy_cores", lambda: (3, "runnable tasks now"))
     n, why = device.default_threads()
-    assert n == 1 and "3 busy by the load average 2.70" in why
-    monkeypatch.setattr(device.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert n == 1 and "3 busy (runnable tasks now)" in why
+    monkeypatch.setattr(device, "busy_cores", lambda: (9, "runnable tasks now"))
     assert device.default_threads()[0] == 1  # never zero
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert device.default_threads() == (3, "OMP_NUM_THREADS")
+
+
+def test_busy_cores_sees_a_cpu_bound_process():
+    import subprocess
+
+    idle = device.busy_cores()[0]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert device.busy_cores()[0] >= min(idle + 1, 1)
+    finally:
+        hog.kill()
 
 
 @pytest.mark.parametrize("argv", [

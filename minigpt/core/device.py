@@ -56,17 +56,38 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def default_threads() -> tuple[int, str]:
     """How many CPU threads torch should use when nobody said: OMP_NUM_THREADS when set; otherwise the cores
-    this process may run on, less those the 1-minute load average says are busy (at least 1). Oversubscribed
+    this process may run on, less those other processes keep busy right now (at least 1). Oversubscribed
     cores are the slow case: on 2 busy cores, 2 threads decoded 10-16x slower than 1."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    busy = min(cores - 1, int(load + 0.5))
+    others, how = busy_cores()
+    busy = min(cores - 1, others)
     if busy <= 0:
         return cores, f"default: {cores} idle core(s)"
-    return cores - busy, f"default: {cores} cores, {busy} busy by the load average {load:.2f}"
+    return cores - busy, f"default: {cores} cores, {busy} busy ({how})"
+
+
+def busy_cores(samples: int = 7) -> tuple[int, str]:
+    """Cores other processes are using now: the kernel's count of runnable tasks (/proc/loadavg, this
+    process excluded), the median of a few samples 20 ms apart; the 1-minute load average elsewhere (it lags
+    a minute behind: a machine that just went quiet still looks busy)."""
+    import statistics
+    import time
+
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            break
+        time.sleep(0.02)
+    if counts:
+        return max(0, int(statistics.median(counts))), "runnable tasks now"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return int(load + 0.5), f"load average {load:.2f}"
 
 
 def use_threads(threads: int = 0) -> str:
