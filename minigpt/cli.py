@@ -517,7 +517,7 @@ def cmd_extrapolate_plot(args) -> None:
     for name in [*GPT3_PRESETS, "gpt4"]:
         cfg = target_config(name)
         r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
-        points.append({"name": name, "params": r["params_total"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated",
+        points.append({"name": name, "params": r["params_active"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated",
                        "tokens": r["train_tokens"]})
     for run in args.run:
         path = Path(run) / "summary.json"

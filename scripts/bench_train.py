@@ -135,8 +135,8 @@ def main() -> None:
         raise UserError("bench_train compares fp32 or bf16 steps (the baseline has no grad scaler); "
                         "use --set train.precision=bf16")
     configure_device(cfg.train, env.device)  # as minigpt train does: TF32 for fp32 on Ampere+, threads
-    name = device_name(env.device)  # MFU against the datasheet's dense peak, and the measured one if given
-    peaks = [choose_peak(name, precision)] + ([choose_peak(name, precision, bench_file=args.peak_from)] if args.peak_from else [])
+    dev_name = device_name(env.device)  # MFU against the datasheet's dense peak, and the measured one if given
+    peaks = [choose_peak(dev_name, precision)] + ([choose_peak(dev_name, precision, bench_file=args.peak_from)] if args.peak_from else [])
     layout = batch_layout(cfg.train, cfg.model.block_size, 1)
     x = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch_size, cfg.model.block_size), device=env.device)
     y = torch.randint(0, cfg.model.vocab_size, x.shape, device=env.device)
@@ -160,7 +160,7 @@ def main() -> None:
     flops = train_flops_per_token(cfg.model, cfg.model.block_size, "exact") * tokens
     print(json.dumps({
         "bench": "train_step", "config": args.config, "overrides": args.set, "device": str(env.device),
-        "device_name": name, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "device_name": dev_name, "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "params": param_counts(cfg.model).total,
         "tokens_per_step": tokens, "timed_rounds": args.steps,
         "minigpt_default": "minigpt_compiled" if default else "minigpt_eager", "minigpt_default_why": why,

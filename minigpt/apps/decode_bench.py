@@ -44,5 +44,5 @@ def decode_bench(model, name: str, device: torch.device, dtype: str, batches: li
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     plot_decode_curve(rows, str(path.with_suffix(".png")),
                       f"decode speed of {name} ({result['params']:,} parameters, {dtype}) on {result['device_name']}, "
-                      f"{torch.get_num_threads()} threads")
+                      f"{torch.get_num_threads()} thread(s)")
     return result

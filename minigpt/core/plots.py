@@ -76,8 +76,9 @@ def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
             evals = [r for r in run["evals"] if r.get(x) is not None]
             ax.plot([r[x] for r in steps], [r["loss"] for r in steps], color=c, lw=1, alpha=0.6,
                     label=f"{run['name']}: train (step batches)")
-            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=c, ms=4,
-                    label=f"{run['name']}: validation")
+            if evals:  # a run stopped before its first evaluation has no validation curve to list
+                ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=c, ms=4,
+                        label=f"{run['name']}: validation")
             if run["entropy"] and not shared:
                 ax.axhline(run["entropy"], color=c, ls="--", lw=0.9,
                            label=f"{run['name']}: unigram entropy {run['entropy']:.2f} (a model ignoring context)")
@@ -172,10 +173,12 @@ def plot_costs(points: list[dict], path: str, gpu: str, mfu: float, num_gpus: in
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(right=max(p["params"] for p in points) * 30)  # room for the largest point's label
-    ax.set_xlabel("parameters (total)")
+    measured = any(p["kind"] == "measured" for p in points)
+    ax.set_xlabel("parameters active per token (a mixture of experts: its shared weights and the experts it uses)")
     ax.set_ylabel("training cost (device-hours; each point at its own token count)")
     ax.set_title(f"Training cost against model size: GPT-3 family at 300B tokens, GPT-4 estimate at 13T\n"
-                 f"extrapolated on {gpu} at MFU {mfu:.0%}; measured runs are tiny CPU runs, on the same axis")
+                 f"extrapolated on {gpu} at MFU {mfu:.0%}" + ("; measured runs are tiny CPU runs, on the same axis"
+                                                              if measured else ""))
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -196,9 +199,17 @@ def plot_decode_curve(rows: list[dict], path: str, title: str, user_target: floa
                    label=f"bandwidth bound, context {ctx}")
         user.plot(b, [r["decode_tokens_per_s_per_sequence"] for r in pts], "o-", color=line.get_color(), label=f"context {ctx}")
     user.axhline(user_target, color="grey", linestyle=":", label=f"{user_target:g} tokens/s a reader needs")
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    batches = sorted({r["batch"] for r in rows})
     for ax, ylabel in ((total, "decode tokens/s, all sequences"), (user, "decode tokens/s per sequence (per user)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(batches))  # the batches measured, as plain numbers (not 2^k)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("batch (concurrent sequences)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
