@@ -86,6 +86,13 @@ def _threads(args) -> str:
     return use_threads(args.threads)
 
 
+def _log(args):
+    """Where a long command's lines go: stdout, or with --json stderr (stdout then holds the one summary object)."""
+    if getattr(args, "json", False):
+        return lambda *a, **k: print(*a, **{**k, "file": sys.stderr})
+    return print
+
+
 def cmd_prepare(args) -> None:
     from minigpt.core.config import load_config, resolve_preset
     from minigpt.data import cache as data
@@ -110,7 +117,7 @@ def cmd_train(args) -> int:
 
         overrides += plan_overrides(args.plan, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = train_config(args.config, overrides, args.resume)
-    summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite)
+    summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite, log=_log(args))
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
@@ -137,6 +144,8 @@ def cmd_generate(args) -> None:
     eot = tokenizer.token_to_id(sc.stop_token)
     stream = args.stream and len(rows) == 1 and not args.json and rows[0] != ""
     on_token = _streamer(tokenizer, rows[0], eot) if stream else None
+    if args.compile:  # compile (or load from inductor's cache) before the timed run: not counted as decoding
+        generate_text(model, tokenizer, rows[:1], eot_id=None, max_new_tokens=2, compile=True, **_sampling(args, sc))
     texts, gen = generate_text(model, tokenizer, rows, eot_id=eot, max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
                                use_cache=not args.no_cache, compile=args.compile, on_token=on_token, **_sampling(args, sc))
     stats = gen.stats()
@@ -279,7 +288,7 @@ def cmd_quickstart(args) -> int:
     from minigpt.apps.quickstart import quickstart
 
     threads = [f"train.threads={args.threads}"] if args.threads else []
-    summary = quickstart(args.config, [*args.set, *threads], args.out_dir)
+    summary = quickstart(args.config, [*args.set, *threads], args.out_dir, log=_log(args))
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
@@ -564,6 +573,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=plan_arg, metavar="SPEC",
                    help="the parallel layout, e.g. dp=2,zero=3 or tp=2 (keys dp tp pp zero backend offload); sets "
                         "train.backend, tensor_parallel, pipeline_parallel, zero_stage and offload_*")
+    p.add_argument("--json", action="store_true", help="the run's lines on stderr; stdout holds only the final summary "
+                                                       "object")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
 
 
@@ -605,6 +616,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable (e.g. --set train.max_steps=100)")
     p.add_argument("--out-dir", default="runs/quickstart", help="the run directory (default: runs/quickstart)")
+    p.add_argument("--json", action="store_true", help="every line on stderr; stdout holds only the training summary "
+                                                   "object")
     p.set_defaults(func=cmd_quickstart)
 
 

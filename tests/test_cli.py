@@ -101,3 +101,10 @@ def test_the_quickstart_stops_like_train(corpus_dir, data_cache, tmp_path):
     assert code == 128 + signal.SIGTERM, err[-2000:]
     assert f"resume with: minigpt train --resume {out}" in stdout
     assert "== samples" not in stdout and "== extrapolation" not in stdout and "Traceback" not in err
+
+
+def test_train_json_is_the_summary_alone(corpus_dir, data_cache, tmp_path):
+    r = run_cli("train", "--json", *set_args(tiny_overrides(corpus_dir, data_cache, tmp_path / "run",
+                                                             **{"train.max_steps": 2})))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["event"] == "final" and "step " in r.stderr

@@ -303,3 +303,20 @@ def test_torchrun_ranks_stop_together_restart_after_a_death_and_name_a_hung_rank
                 if '"kind": "step"' in l]
 
     assert len(losses("ref")) == 40 and losses("killed") == losses("ref") and losses("term") == losses("ref")
+
+
+def test_a_killed_torchrun_launcher_is_one_line_on_every_rank(monkeypatch):
+    """When the agent dies its store goes with it: the rank's communication error, and the store it then asks,
+    both fail; the rank says so in one line instead of a DistNetworkError traceback (checked by hand: kill -9 of
+    torchrun during a 2-rank run leaves two such lines and no traceback)."""
+    import torch
+
+    from minigpt.parallel import distributed
+
+    def gone():
+        raise torch.distributed.DistNetworkError("Broken pipe")
+
+    monkeypatch.setattr(distributed, "default_store", gone)
+    env = distributed.DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"))
+    error = distributed.silent_ranks_error(env, RuntimeError("Connection reset by peer"))
+    assert isinstance(error, distributed.RankError) and "rank 1: the torchrun launcher" in str(error)

@@ -240,3 +240,9 @@ def inference_bytes(c: ModelConfig, batch: int, context: int) -> float:
     """Bytes generation holds: the fp32 weights, an fp32 KV cache of `batch` x `context` tokens, and one
     step's logits per row."""
     return model_bytes(c) + kv_cache_bytes_per_token(c, 4) * batch * context + 4 * batch * c.padded_vocab_size * 2
+
+
+def weight_copy_bytes(c: ModelConfig, precision: str) -> float:
+    """The part of the activations that is weights: under autocast each matrix's 16-bit copy, which Linear
+    saves for backward (every layer's; 0 in fp32). Part of activation_bytes' per-layer figure."""
+    return 0.0 if precision == "fp32" else c.n_layer * _matrix_params_per_layer(c) * PRECISION_BYTES[precision]

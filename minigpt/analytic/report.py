@@ -62,6 +62,9 @@ def memory_table(r: dict) -> str:
         meas = r["measured"][k]
         ratio = r["ratios"][k]
         lines.append(f"{k:<18} {fmt_bytes(pred):>12} {fmt_bytes(meas):>12} {ratio:>20.4f}")
+    if r.get("activations_weight_copies"):
+        lines.append(f"  (of the activations, {fmt_bytes(r['activations_weight_copies'])} are the {r['precision']} copies of the "
+                     f"weight matrices that autocast makes and backward keeps, not tensors of the batch)")
     m = r["measured"]
     lines.append(f"{'peak (all)':<18} {'':>12} {fmt_bytes(m['peak_total']):>12}   (MemTracker; temporaries at peak {fmt_bytes(m['peak_temporaries'])})")
     if "cuda_peak_allocated" in m:

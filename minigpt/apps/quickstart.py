@@ -39,7 +39,7 @@ def quickstart(config: str, overrides: list[str], out_dir: str, log=print) -> di
     if hw["datasheet"] is None and not cfg.train.peak_tflops and not cfg.train.peak_from:
         cfg.train.peak_from = str(hw_path)  # no datasheet peak for this device: MFU against the measured one
     log(f"== minigpt quickstart: {cfg.model.n_layer}-layer GPT on '{cfg.data.source}' -> {cfg.train.out_dir}")
-    summary = train(cfg, overwrite=True)
+    summary = train(cfg, overwrite=True, log=log)
     if summary.get("stopped"):
         return summary
     stats = samples(cfg.train.out_dir, log)

@@ -269,6 +269,7 @@ def memory_report(c: ModelConfig, batch_size: int, seq_len: int, precision: str 
         "predicted": predicted,
         "measured": measured,
         "ratios": {k: (measured[k] / predicted[k] if predicted[k] else None) for k in predicted},
+        "activations_weight_copies": M.weight_copy_bytes(c, precision),
         "korthikanti_activations_16bit": M.korthikanti_activation_bytes_per_layer(c, batch_size, seq_len, flash=True) * c.n_layer,
         "dp": dp,
         "zero_precision": precision,

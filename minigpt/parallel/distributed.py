@@ -246,12 +246,17 @@ def silent_ranks_error(env: DistEnv, error: BaseException) -> UserError | None:
     text = str(error).lower()
     if not env.distributed or not any(w in text for w in COMMUNICATION_FAILURES):
         return None
-    store = default_store()
-    store.set(f"minigpt/alive/{env.rank}", "1")
-    time.sleep(2.0)
-    silent = [r for r in range(env.world_size) if not store.check([f"minigpt/alive/{r}"])]
-    steps = {r: (store.get(f"minigpt/step/{r}").decode() if store.check([f"minigpt/step/{r}"]) else "none")
-             for r in silent}
+    try:
+        store = default_store()
+        store.set(f"minigpt/alive/{env.rank}", "1")
+        time.sleep(2.0)
+        silent = [r for r in range(env.world_size) if not store.check([f"minigpt/alive/{r}"])]
+        steps = {r: (store.get(f"minigpt/step/{r}").decode() if store.check([f"minigpt/step/{r}"]) else "none")
+                 for r in silent}
+    except (RuntimeError, OSError):  # the store lives in the torchrun agent: it is gone too
+        return RankError(f"rank {env.rank}: the torchrun launcher (its rendezvous store) stopped answering: it was "
+                         f"killed or its machine went down; this rank stops, the last complete checkpoint is intact: "
+                         f"start the job again with --resume")
     who = ", ".join(f"rank {r} (last completed step {steps[r]})" for r in silent) or "another rank"
     return RankError(f"rank {env.rank}: {who} stopped answering: a collective waited train.dist_timeout_s = "
                      f"{env.timeout_s:g} s or its connection closed; the rank hung or died (check it; "
