@@ -17,6 +17,8 @@ Batches are padded on the right (causal attention: padding never changes an earl
 
 from __future__ import annotations
 
+import logging
+
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models beside ours: hf, local-completions, ...)
 import torch
 from lm_eval.api.model import TemplateLM
@@ -33,6 +35,10 @@ from minigpt.train.checkpoint import load_run
 class MinigptLM(TemplateLM):
     def __init__(self, run: str, device: str = "cpu", batch_size: int | str = 16, **kwargs) -> None:
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's own CLI asks for cuda:0 unless told: on a machine without CUDA that means the CPU
+            logging.getLogger(__name__).warning("device %s asked for, but CUDA is not available: running on cpu", device)
+            device = "cpu"
         self._device = resolve_device(str(device))
         self.model, self.tokenizer, self.cfg, self.step = load_run(run, self._device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
