@@ -156,9 +156,8 @@ def cmd_generate(args) -> None:
         if args.logprobs is not None:
             from minigpt.infer.evaluate import token_logprobs
 
-            for s, new in zip(samples, gen.new_tokens):
-                ids = tokenizer.encode(s["prompt"]).ids
-                lps, tops, _ = token_logprobs(model, ids + new, args.logprobs)
+            for s, ids, new in zip(samples, gen.prompts, gen.new_tokens):  # the prompts as generate encoded them
+                lps, tops = token_logprobs(model, ids + new, args.logprobs)
                 s["logprobs"] = {"tokens": [tokenizer.decode([t]) for t in new], "token_logprobs": lps[len(ids):],
                                  "top_logprobs": [{tokenizer.decode([k]): v for k, v in (d or {}).items()}
                                                   for d in tops[len(ids):]],

@@ -110,8 +110,9 @@ def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int
     """
     psi = F.param_counts(c).total / (plan.tp * plan.pp)
     states = M.model_state_bytes(psi, "bf16", plan.zero, plan.dp)
-    s, b, h, t = seq, micro_batch, c.n_embd, plan.tp
-    per_layer = 2 * s * b * h / t if recompute else s * b * h * (10 + 24 / t)
+    # the layout search assumes sequence parallelism with full recompute; without recompute, none
+    per_layer = M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq, flash=True, recompute=recompute,
+                                                         tp=plan.tp, sequence_parallel=recompute)
     act = c.n_layer * per_layer
     return {"model_states": states.total, "activations": act, "total": states.total + act,
             "convention": "16 bytes/param (ZeRO paper) split over tp x pp, ZeRO-%d over dp; Korthikanti activations, %s"

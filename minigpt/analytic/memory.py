@@ -88,16 +88,24 @@ def zero_table(num_params: float, precision: str, dp: int) -> dict[str, dict]:
 
 
 def korthikanti_activation_bytes_per_layer(c: ModelConfig, batch: int, seq_len: int, flash: bool = False,
-                                           recompute: bool = False) -> float:
+                                           recompute: bool = False, tp: int = 1,
+                                           sequence_parallel: bool = False) -> float:
     """s b h (34 + 5 a s / h) bytes: 16-bit activations with dropout masks (Korthikanti et al. 2022).
 
     flash: attention that stores no s x s matrices (drops the 5 a s / h term); recompute: full
-    activation checkpointing, only the layer input (2 s b h) is kept.
+    activation checkpointing, only the layer input (2 s b h) is kept. Tensor parallelism over tp ranks
+    splits the attention and MLP parts, s b h (10 + (24 + 5 a s / h) / tp); with sequence parallelism the
+    rest too, s b h (34 + 5 a s / h) / tp, and the kept layer input of full recompute, 2 s b h / tp.
     """
     s, b, h, a = seq_len, batch, c.n_embd, c.n_head
     if recompute:
-        return 2 * s * b * h
-    return s * b * h * (34 + (0 if flash else 5 * a * s / h))
+        return 2 * s * b * h / (tp if sequence_parallel else 1)
+    attention = 0 if flash else 5 * a * s / h
+    if tp == 1:
+        return s * b * h * (34 + attention)
+    if sequence_parallel:
+        return s * b * h * (34 + attention) / tp
+    return s * b * h * (10 + (24 + attention) / tp)
 
 
 def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",

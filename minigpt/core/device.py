@@ -47,6 +47,8 @@ def memory_note(device: torch.device) -> str:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto": bf16 on a CUDA device that supports it (Ampere and later), else fp32."""
+    import torch
+
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision = 'fp16' needs CUDA (its grad scaler); on CPU use 'bf16' or 'fp32'")
@@ -164,9 +166,10 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(need: float, device, what: str, fix: str) -> None:
-    """Refuse, before allocating, work whose bytes exceed what `device` has free (90% of it: the allocator
-    and the rest of the process need some): one line saying the bytes needed and available, and the fix."""
+def check_fits(need: float, device, what: str, fix: str, headroom: float = 0.9) -> None:
+    """Refuse, before allocating, work whose bytes exceed what `device` has free (`headroom` of it: by default
+    90%, the allocator and the rest of the process need some): one line saying the bytes needed and
+    available, and the fix."""
     import torch
 
     from minigpt.core.fmt import fmt_bytes
@@ -175,5 +178,5 @@ def check_fits(need: float, device, what: str, fix: str) -> None:
     if device.type == "meta":
         return
     have = available_memory_bytes(device)
-    if have is not None and need > 0.9 * have:
-        raise UserError(f"{what} needs about {fmt_bytes(need)}; {device} has {fmt_bytes(have)} available: {fix}")
+    if have is not None and need > headroom * have:
+        raise UserError(f"{what} needs at least {fmt_bytes(need)}; {device} has {fmt_bytes(have)} available: {fix}")

@@ -25,7 +25,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +50,7 @@ class PreparedData:
     manifest: dict
     tokenizer_path: Path
     reused: bool
+    _tokenizer: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dtype(self) -> np.dtype:
@@ -59,9 +60,12 @@ class PreparedData:
         return np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r")
 
     def load_tokenizer(self):
-        from tokenizers import Tokenizer
+        """The corpus's tokenizer, read once (a run asks for it at its start and at every sample)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(self.tokenizer_path))
+            self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        return self._tokenizer
 
     def summary_lines(self) -> list[str]:
         m = self.manifest
@@ -76,12 +80,6 @@ class PreparedData:
         ]
 
 
-# ----------------------------------------------------------------------------------------------
-# sources
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,9 +249,3 @@ def _write_cache(root: Path, final: Path, tok, arrays: dict, manifest: dict) -> 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# batches
-
-

@@ -128,11 +128,11 @@ def run_split_tokens(run_dir, cfg, split: str, max_tokens: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: list[int], top: int = 0) -> tuple[list, list, torch.Tensor]:
+def token_logprobs(model, ids: list[int], top: int = 0) -> tuple[list, list]:
     """The model's log-probability of every token of `ids` after the first (None for the first), each with
     the longest history a sliding window of block_size allows (exactly a single forward pass when `ids` fits
-    block_size + 1, as lm-eval's `hf` model scores); the `top` most probable tokens at each position
-    ({id: log-probability}); and the log-probabilities of the token after the last (for one more)."""
+    block_size + 1, as lm-eval's `hf` model scores), and the `top` most probable tokens at each position
+    ({id: log-probability})."""
     block, device = model.config.block_size, model.wte.weight.device
     n = len(ids)
     tokens = np.asarray(ids, dtype=np.int64)
@@ -147,6 +147,11 @@ def token_logprobs(model, ids: list[int], top: int = 0) -> tuple[list, list, tor
             if top:
                 values, idx = lp[k].topk(top)
                 tops[start + k + 1] = dict(zip(idx.tolist(), values.tolist()))
-    x = torch.from_numpy(tokens[-block:]).unsqueeze(0).to(device)
-    last = torch.log_softmax(model(x).logits.float()[0, -1], dim=-1).cpu()
-    return logps, tops, last
+    return logps, tops
+
+
+@torch.no_grad()
+def next_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities of the token after `ids`, from the last block_size of them (one forward pass)."""
+    x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long).unsqueeze(0).to(model.wte.weight.device)
+    return torch.log_softmax(model(x).logits.float()[0, -1], dim=-1).cpu()

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from minigpt.core.errors import UserError
-from minigpt.infer.evaluate import token_logprobs
+from minigpt.infer.evaluate import next_logprobs, token_logprobs
 from minigpt.infer.generate import IncrementalText, filtered_probs, generate_ids
 from minigpt.train.checkpoint import load_run
 
@@ -192,8 +192,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         if body.logprobs is not None or body.echo:
             if body.stream:
                 raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
-            if body.model != model_name:
-                prepare(body.model, "x", 1)  # the model-not-found error
+            _check_model(body.model, model_name)
             return await asyncio.to_thread(_scored, model, tokenizer, model_name, prompts, body)
         return await run(request, prompts, body, chat=False)
 
@@ -204,10 +203,14 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     return app
 
 
-def _prepare(model_name: str, tokenizer, block: int, rope: bool, name: str, prompt: str, max_tokens: int) -> list[int]:
-    """The prompt's tokens, or the 4xx that refuses it."""
+def _check_model(name: str, model_name: str) -> None:
     if name != model_name:
         raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
+
+
+def _prepare(model_name: str, tokenizer, block: int, rope: bool, name: str, prompt: str, max_tokens: int) -> list[int]:
+    """The prompt's tokens, or the 4xx that refuses it."""
+    _check_model(name, model_name)
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise ApiError(400, "the prompt is empty")
@@ -258,7 +261,8 @@ MAX_SCORED_NEW = 256  # tokens it may generate (each is one forward pass without
 def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
     """A completion with the legacy API's logprobs (and echo): each token's log-probability under the model
     (raw: before temperature), the top-N per position, the prompt's own with echo. Scored without the KV
-    cache, one forward pass per window (infer/evaluate.token_logprobs); generated greedily at temperature 0."""
+    cache: one forward pass per new token (next_logprobs), then one per window to score (token_logprobs); greedy
+    at temperature 0."""
     generator = torch.Generator().manual_seed(body.seed if body.seed is not None else int(time.time()))
     choices, used = [], [0, 0]
     if body.max_tokens > MAX_SCORED_NEW:
@@ -270,10 +274,9 @@ def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
             raise ApiError(400, f"a prompt of {len(ids):,} tokens: at most {MAX_SCORED_TOKENS:,} are scored", code=None)
         new = []
         for _ in range(body.max_tokens):
-            _, _, last = token_logprobs(model, ids + new)
-            probs = filtered_probs(last.unsqueeze(0), body.temperature, 0, body.top_p)
+            probs = filtered_probs(next_logprobs(model, ids + new).unsqueeze(0), body.temperature, 0, body.top_p)
             new.append(int(probs.argmax(-1)) if body.temperature == 0 else int(torch.multinomial(probs, 1, generator=generator)))
-        lps, tops, _ = token_logprobs(model, ids + new, max(body.logprobs or 0, 1))
+        lps, tops = token_logprobs(model, ids + new, max(body.logprobs or 0, 1))
         keep = slice(0, None) if body.echo else slice(len(ids), None)
         tokens = [tokenizer.decode([t]) for t in (ids + new)[keep]]
         logprobs = None if body.logprobs is None else {

@@ -235,8 +235,8 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: tuple[float, float
     n = plan.dp_shard
     half = PRECISION_BYTES[spec.precision]
     gathered = {0: 0.0, 1: half * psi, 2: half * psi}.get(plan.zero, half * (root + block))
-    s, b, h = spec.seq(c), spec.micro_batch, c.n_embd
-    per_layer = 2 * s * b * h if spec.recompute else s * b * h * (10 + 24 / plan.tp)
+    s, b = spec.seq(c), spec.micro_batch
+    per_layer = M.korthikanti_activation_bytes_per_layer(c, b, s, flash=True, recompute=spec.recompute, tp=plan.tp)
     head = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"]
     out = {"params": 4 * psi / n, "grads": 4 * psi / n, "optimizer": 8 * psi / n, "gathered_params": gathered,
            "activations_peak": c.n_layer * per_layer + head}

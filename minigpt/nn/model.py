@@ -333,9 +333,3 @@ class GPT(nn.Module):
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, dtype or w.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# the LM head's cross-entropy, chunked
-
-

@@ -9,9 +9,7 @@ import torch
 
 from minigpt.analytic.flops import param_counts
 from minigpt.core.config import Config
-from minigpt.core.device import available_memory_bytes
-from minigpt.core.errors import UserError
-from minigpt.core.fmt import fmt_bytes
+from minigpt.core.device import check_fits
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
@@ -53,13 +51,11 @@ def run_file_names() -> set[str]:
 
 def check_memory(cfg: Config, env: DistEnv, plan: ParallelPlan, layout: BatchLayout) -> None:
     """Refuse, before allocating anything, a model that cannot fit this device's free memory: the
-    backend's own floor (Backend.memory_need). A process that would be killed for memory gets one line."""
-    have = available_memory_bytes(env.device)
-    need = backend_class(plan).memory_need(cfg, plan, layout)
-    if have is not None and need > have:
-        raise UserError(f"training this model needs at least {fmt_bytes(need)} per process ({param_counts(cfg.model).total:,} "
-                        f"parameters; weights, gradients, AdamW state and one micro-batch of activations), {env.device} "
-                        f"has {fmt_bytes(have)} free: make the model or train.micro_batch_size smaller")
+    backend's own floor (Backend.memory_need), all of what is free. A process that would be killed for
+    memory gets one line."""
+    check_fits(backend_class(plan).memory_need(cfg, plan, layout), env.device, "training this model",
+               f"per process, the weights, gradients and AdamW state of {param_counts(cfg.model).total:,} parameters "
+               f"and one micro-batch of activations: make the model or train.micro_batch_size smaller", headroom=1.0)
 
 
 def make_backend(model: torch.nn.Module, cfg: Config, env: DistEnv, plan: ParallelPlan) -> Backend:

@@ -38,7 +38,7 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
 
     Everything is in place, so parameter names (and checkpoints) are unchanged; evaluation and sampling
     run eager (see `eager`). DDP and DeepSpeed wrap the result in their engines (the backends)."""
-    from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel, data_parallel_mesh, shards_parameters
+    from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel, shards_parameters
 
     model = model.to(device)
     mesh = make_mesh(plan, device.type) if plan.tp > 1 or shards_parameters(plan) else None
@@ -51,7 +51,7 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
             capture_data_dependent_shapes()
         model.compile()
     if shards_parameters(plan):
-        apply_fsdp(model, data_parallel_mesh(mesh, plan), tc.precision, tc.offload_params)
+        apply_fsdp(model, mesh["dp_shard"], tc.precision, tc.offload_params)  # ZeRO-3: shards over all of dp
     return model
 
 

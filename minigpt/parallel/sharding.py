@@ -153,11 +153,6 @@ def shards_parameters(plan: ParallelPlan) -> bool:
     return plan.backend == ShardedBackend.name and plan.zero == 3
 
 
-def data_parallel_mesh(mesh: DeviceMesh, plan: ParallelPlan) -> DeviceMesh:
-    """The mesh FSDP2 shards over: the data-parallel ranks holding distinct shards."""
-    return mesh["dp_shard"]
-
-
 class ShardedBackend(Backend):
     """FSDP2 (backend=fsdp: ZeRO-3) and/or tensor parallelism (tp > 1), applied by parallelize()."""
 
@@ -176,7 +171,7 @@ class ShardedBackend(Backend):
         if not fsdp and plan.dp > 1:
             raise UserError(f"tp={plan.tp} with dp={plan.dp} shards the data-parallel part with FSDP2: use backend=fsdp "
                             f"(zero=3)")
-        return dataclasses.replace(plan, zero=3 if fsdp else 0, backend=cls.name if fsdp else plan.backend or "ddp")
+        return dataclasses.replace(plan, zero=3 if fsdp else 0)  # resolve_plan has named the engine already
 
     @classmethod
     def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
