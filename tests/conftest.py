@@ -137,12 +137,15 @@ def final_weights(run_dir) -> dict:
     return load_file(str(folder / WEIGHTS))
 
 
-def readme_torchrun_lines(sharded: bool = False) -> list[str]:
-    """The torchrun commands of the README's code blocks: DDP/DeepSpeed ones, or (sharded=True)
-    the FSDP / tensor-parallel ones, which tests/test_sharding.py runs."""
+def readme_torchrun_lines(sharded: bool = False, pipeline: bool = False) -> list[str]:
+    """The torchrun commands of the README's code blocks: DDP/DeepSpeed ones, (sharded=True) the FSDP /
+    tensor-parallel ones, which tests/test_sharding.py runs, or (pipeline=True) the pipelined ones
+    (tests/test_pipeline.py)."""
     blocks = (REPO / "README.md").read_text().split("```")[1::2]
     lines = [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
-    return [l for l in lines if ("fsdp" in l or "tensor_parallel" in l or "--plan" in l) == sharded]
+    if pipeline:
+        return [l for l in lines if "pp=" in l]
+    return [l for l in lines if "pp=" not in l and ("fsdp" in l or "tensor_parallel" in l or "--plan" in l) == sharded]
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

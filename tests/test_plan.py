@@ -14,7 +14,7 @@ def test_spelling_round_trips_and_reads_the_same_everywhere():
     plan = ParallelPlan.parse("tp=8,pp=4,dp=32,zero=1,offload=optimizer")
     assert (plan.dp, plan.tp, plan.pp, plan.zero, plan.world) == (32, 8, 4, 1, 1024)
     assert ParallelPlan.parse(plan.spelling()) == plan
-    assert plan.describe() == "1,024 ranks = dp 32 (ZeRO-1, offload optimizer) x tp 8 x pp 4"
+    assert plan.describe() == "1,024 ranks = dp 32 (ZeRO-1, offload optimizer) x tp 8 x pp 4 (1f1b)"
     assert ParallelPlan.parse("tp=2,pp=2", world=16).dp == 4  # dp from the world
 
 
@@ -101,12 +101,12 @@ def test_train_simulate_and_extrapolate_take_one_spelling_and_print_one_descript
     assert (saved["backend"], saved["zero_stage"], saved["tensor_parallel"]) == ("fsdp", 3, 1)
     r = run_cli("simulate", "--config", "tiny", "--set", "model.n_layer=2", "--plan", "dp=2,tp=2,pp=2,zero=1")
     assert r.returncode == 0, r.stderr
-    assert "plan: 8 ranks = dp 2 (ZeRO-1) x tp 2 x pp 2 (--plan dp=2,tp=2,pp=2,zero=1)" in r.stdout
+    assert "plan: 8 ranks = dp 2 (ZeRO-1) x tp 2 x pp 2 (1f1b) (--plan dp=2,tp=2,pp=2,zero=1)" in r.stdout
     assert "memory per GPU, simulated" in r.stdout and "beside extrapolate's" in r.stdout
     r = run_cli("extrapolate", "--target", "gpt3-175b", "--plan", "dp=16,tp=8,pp=8,zero=1", "--json")
     assert r.returncode == 0, r.stderr
     layout = json.loads(r.stdout)["memory"]["layout"]
-    assert layout["plan_description"] == "1,024 ranks = dp 16 (ZeRO-1) x tp 8 x pp 8"
+    assert layout["plan_description"] == "1,024 ranks = dp 16 (ZeRO-1) x tp 8 x pp 8 (1f1b)"
     assert layout["plan"] == "dp=16,tp=8,pp=8,zero=1"
 
 

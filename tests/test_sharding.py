@@ -118,7 +118,7 @@ def test_a_stopped_fsdp_run_resumes_on_its_backend_only(runs):
     ({"train.tensor_parallel": 2, "model.n_expert": 4}, "does not shard a mixture of experts"),
     ({"train.tensor_parallel": 0}, "train.tensor_parallel = 0 must be a positive integer"),
     ({"train.tensor_parallel": 2}, "train.tensor_parallel x train.pipeline_parallel: tp x pp = 2 must divide the 1 ranks"),
-    ({"train.pipeline_parallel": 2}, "pipeline parallelism (pp=2) is simulated and costed"),
+    ({"train.pipeline_parallel": 2}, "tp x pp = 2 must divide the 1 ranks"),
     ({"train.backend": '"fsdp"', "train.offload_params": "true"}, "on a CPU run set train.offload_params = false"),
     ({"train.offload_params": "true"}, "offloading needs backend=fsdp (parameters, on CUDA) or backend=deepspeed"),
 ])

@@ -181,7 +181,11 @@ class TrainConfig:
     # "ddp" (torch DistributedDataParallel) | "fsdp" (FSDP2 fully_shard: ZeRO-3 in PyTorch) | "deepspeed" (ZeRO)
     backend: str = "ddp"
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor; heads and ffn_hidden divide by it)
-    pipeline_parallel: int = 1  # pipeline stages: simulated and costed (simulate/extrapolate), not trained yet
+    pipeline_parallel: int = 1  # ranks per pipeline (stages of layers; torch.distributed.pipelining)
+    # the pipeline schedule: "gpipe" | "1f1b" | "interleaved-1f1b" (virtual stages) | "zbv" (zero bubble, V-shaped)
+    pipeline_schedule: str = "1f1b"
+    pipeline_stages_per_rank: int = 0  # model chunks per pipeline rank; 0: 1 (gpipe, 1f1b) or 2 (interleaved, zbv)
+    sequence_parallel: bool = False  # tensor parallel: norms and residuals sharded along the sequence (Korthikanti)
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed stage 3, or fsdp on CUDA: parameters in CPU memory
@@ -221,6 +225,7 @@ class TrainConfig:
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("auto", "fp32", "bf16", "fp16"),
         "backend": ("ddp", "fsdp", "deepspeed"),
+        "pipeline_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
     }
 
     def validate(self) -> None:
@@ -228,7 +233,7 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer")
-        for key in ("batch_size_tokens", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads",
+        for key in ("batch_size_tokens", "pipeline_stages_per_rank", "warmup_steps", "eval_every", "sample_every", "checkpoint_every", "threads",
                     "peak_tflops", "seed", "max_minutes", "moe_aux_loss_coef"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be >= 0")

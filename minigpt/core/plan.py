@@ -9,6 +9,7 @@ that runs it (`backend`: ddp, fsdp or deepspeed; empty: the parallel band picks 
 One spelling everywhere, the same on `minigpt train`, `minigpt simulate` and `minigpt extrapolate`:
 
     --plan tp=8,pp=4,dp=32,zero=1          keys: dp tp pp zero backend offload (none|optimizer|params|all)
+                                                 sp (0|1) schedule (gpipe|1f1b|interleaved-1f1b|zbv) stages_per_rank
 
 and the same words when printed (`describe`). Ranks are laid out pp outermost, then dp, tp innermost
 (a tensor-parallel group is a node's neighbouring GPUs): rank = (pp_i * dp + dp_i) * tp + tp_i.
@@ -26,7 +27,9 @@ from minigpt.core.config import ModelConfig, TrainConfig, divisors
 from minigpt.core.errors import UserError
 
 OFFLOADS = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "all": (True, True)}
-KEYS = ("dp", "tp", "pp", "zero", "backend", "offload")
+KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
+LOOPED = ("interleaved-1f1b", "zbv")  # schedules with several model chunks per pipeline rank
 MAX_RANKS = 1 << 20  # a million ranks: beyond any machine, and beyond what a simulation can build
 
 
@@ -41,6 +44,9 @@ class ParallelPlan:
     offload_params: bool = False
     cp: int = 1  # context parallelism: not run yet, must be 1
     ep: int = 1  # expert parallelism: not run yet, must be 1
+    sp: bool = False  # sequence parallelism with tp: norms and residuals sharded along the sequence
+    schedule: str = "1f1b"  # the pipeline schedule (pp > 1)
+    stages_per_rank: int = 0  # model chunks per pipeline rank; 0: the schedule's (1, or 2 for looped schedules)
 
     def __post_init__(self) -> None:
         for key in ("dp", "tp", "pp", "cp", "ep"):
@@ -49,6 +55,19 @@ class ParallelPlan:
                 raise UserError(f"plan {key}={value!r} must be an integer in [1, {MAX_RANKS:,}]")
         if self.zero not in (0, 1, 2, 3):
             raise UserError(f"plan zero={self.zero!r} must be 0, 1, 2 or 3 (the ZeRO stage)")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"plan schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.stages_per_rank == 0:
+            object.__setattr__(self, "stages_per_rank", 2 if self.schedule in LOOPED else 1)
+        if not isinstance(self.stages_per_rank, int) or not 1 <= self.stages_per_rank <= 64:
+            raise UserError(f"plan stages_per_rank={self.stages_per_rank!r} must be an integer in [1, 64] (0: the "
+                            f"schedule's default)")
+        if (self.schedule in LOOPED) != (self.stages_per_rank > 1) or (self.schedule == "zbv" and self.stages_per_rank != 2):
+            raise UserError(f"plan schedule={self.schedule} with stages_per_rank={self.stages_per_rank}: gpipe and 1f1b "
+                            f"run 1 chunk per rank, interleaved-1f1b 2 or more, zbv exactly 2")
+        if self.sp and self.tp == 1:
+            raise UserError("plan sp=1 (sequence parallelism) shards along the sequence within a tensor-parallel group: "
+                            "it needs tp > 1")
         if self.cp != 1 or self.ep != 1:
             raise UserError("context and expert parallelism are not run yet: leave cp and ep at 1")
         if self.world > MAX_RANKS:
@@ -79,6 +98,20 @@ class ParallelPlan:
         return self.coords(rank)["dp"]
 
     @property
+    def stages(self) -> int:
+        """Pipeline stages (model chunks) in all: pp x stages_per_rank."""
+        return self.pp * self.stages_per_rank
+
+    def bubble_formula(self, micro_batches: int) -> float | None:
+        """The idle fraction of a pipeline step: (p-1)/(m+p-1) for GPipe and 1F1B (Huang et al. 2019;
+        Narayanan et al. 2021), (p-1)/(v m+p-1) interleaved with v chunks per rank (Narayanan et al. 2021,
+        section 2.2); None for the zero-bubble schedule, whose bubble depends on the backward's split."""
+        p, m, v = self.pp, micro_batches, self.stages_per_rank
+        if self.schedule == "zbv":
+            return None
+        return (p - 1) / (v * m + p - 1)
+
+    @property
     def mesh_names(self) -> tuple[str, ...]:
         return ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -93,6 +126,12 @@ class ParallelPlan:
         parts = [f"dp={self.dp}", f"tp={self.tp}", f"pp={self.pp}", f"zero={self.zero}"]
         if self.backend:
             parts.append(f"backend={self.backend}")
+        if self.sp:
+            parts.append("sp=1")
+        if self.pp > 1 and self.schedule != "1f1b":
+            parts.append(f"schedule={self.schedule}")
+            if self.stages_per_rank != (2 if self.schedule in LOOPED else 1):
+                parts.append(f"stages_per_rank={self.stages_per_rank}")
         offload = next(k for k, v in OFFLOADS.items() if v == (self.offload_optimizer, self.offload_params))
         if offload != "none":
             parts.append(f"offload={offload}")
@@ -103,7 +142,11 @@ class ParallelPlan:
         engine = f", {self.backend}" if self.backend else ""
         offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
         more = f", offload {'+'.join(offload)}" if offload else ""
-        return f"{self.world:,} ranks = dp {self.dp} (ZeRO-{self.zero}{engine}{more}) x tp {self.tp} x pp {self.pp}"
+        sp = " (sequence parallel)" if self.sp else ""
+        pp = f" ({self.schedule}, {self.stages_per_rank} chunks per rank)" if self.pp > 1 and self.stages_per_rank > 1 else \
+            (f" ({self.schedule})" if self.pp > 1 else "")
+        return (f"{self.world:,} ranks = dp {self.dp} (ZeRO-{self.zero}{engine}{more}) x tp {self.tp}{sp} x pp "
+                f"{self.pp}{pp}")
 
     # building ----------------------------------------------------------------------------------
 
@@ -130,7 +173,8 @@ class ParallelPlan:
     def from_train(cls, tc: TrainConfig, c: ModelConfig, world: int | None = None) -> ParallelPlan:
         """The plan [train] describes for model `c` on `world` ranks (dp = world / (tp x pp); dp 1 without)."""
         plan = cls(tp=tc.tensor_parallel, pp=tc.pipeline_parallel, zero=tc.zero_stage, backend=tc.backend,
-                   offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params)
+                   offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params, sp=tc.sequence_parallel,
+                   schedule=tc.pipeline_schedule, stages_per_rank=tc.pipeline_stages_per_rank)
         plan.check_model(c)
         return plan if world is None else plan.with_world(world, "train.tensor_parallel x train.pipeline_parallel:")
 
@@ -146,14 +190,17 @@ class ParallelPlan:
         return [f"train.tensor_parallel={self.tp}", f"train.pipeline_parallel={self.pp}",
                 f"train.zero_stage={self.zero}", f"train.offload_optimizer={str(self.offload_optimizer).lower()}",
                 f"train.offload_params={str(self.offload_params).lower()}"] + \
+               [f"train.sequence_parallel={str(self.sp).lower()}", f'train.pipeline_schedule="{self.schedule}"',
+                f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
                ([f'train.backend="{self.backend}"'] if self.backend else [])
 
     def check_model(self, c: ModelConfig) -> None:
         """Every dimension tensor parallelism splits divides by tp; the layers divide into pp stages."""
         check_tensor_parallel(c, self.tp)
-        if c.n_layer < self.pp:
-            raise UserError(f"plan pp={self.pp} has more pipeline stages than the model's {c.n_layer} layers; choose "
-                            f"pp from {divisors(c.n_layer)}")
+        if c.n_layer < self.stages:
+            more = f" x stages_per_rank {self.stages_per_rank}" if self.stages_per_rank > 1 else ""
+            raise UserError(f"plan pp={self.pp}{more} has more pipeline stages than the model's {c.n_layer} layers; "
+                            f"choose pp from {divisors(c.n_layer)}")
 
     def batch_layout(self, tc: TrainConfig, block_size: int) -> BatchLayout:
         return batch_layout(tc, block_size, self.dp)
@@ -181,6 +228,14 @@ def _value(key: str, value: str, origin: str):
         if value not in TrainConfig.CHOICES["backend"]:
             raise UserError(f"{origin}: backend={value!r} is not one of {', '.join(TrainConfig.CHOICES['backend'])}")
         return value
+    if key == "schedule":
+        if value not in SCHEDULES:
+            raise UserError(f"{origin}: schedule={value!r} is not one of {', '.join(SCHEDULES)}")
+        return value
+    if key == "sp":
+        if value not in ("0", "1"):
+            raise UserError(f"{origin}: sp={value!r} must be 0 or 1")
+        return value == "1"
     if key == "offload":
         if value not in OFFLOADS:
             raise UserError(f"{origin}: offload={value!r} is not one of {', '.join(OFFLOADS)}")

@@ -2,7 +2,7 @@
 
 The loop (train/loop.py) sees a `Backend` and nothing else. A backend owns:
   its step        `step(micro_batches) -> (mean loss, StepResult)`: every micro-batch of the step at once
-                  (accumulation and gradient-sync control inside; a pipeline schedule would take them all),
+                  (accumulation and gradient-sync control inside; a pipeline schedule takes them all),
                   with the gradient norm and a skipped flag as device tensors (no host sync)
   its rules       `resolve(plan)` (which plans it runs, its defaults), `check(cfg, plan, device)` (its keys),
                   `compile_rule` (whether torch.compile applies), `memory_need` (bytes per process)
@@ -12,6 +12,8 @@ The loop (train/loop.py) sees a `Backend` and nothing else. A backend owns:
 Implementations, chosen from the plan by `backend_class`:
   TorchBackend       one process, or DistributedDataParallel under torchrun (ZeRO-0)
   ShardedBackend     FSDP2 (ZeRO-3) and/or DTensor tensor parallelism (parallel/sharding.py)
+  PipelineBackend    pp > 1: a torch.distributed.pipelining schedule over stages, each sharded as above
+                     or DDP-replicated (parallel/pipeline.py)
   DeepSpeedBackend   ZeRO stages 0-3 and offload (parallel/zero.py, the only module naming DeepSpeed)
 
 The model arrives already parallelised (parallel/parallelize.py: TP -> AC -> compile -> FSDP); a backend
@@ -31,7 +33,7 @@ from minigpt.core.config import Config, TrainConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import StepResult
+from minigpt.nn.optim import StepResult, autocast_context
 
 # torch.compile on a CPU: measured on the 2-core reference machine (benchmarks/bench_train_tiny_cpu.jsonl,
 # README "Speed"), the tiny model's compiled step is 5-10% faster (~20 ms) but the first compilation takes
@@ -60,9 +62,10 @@ class Backend:
         tc = cfg.train
         if tc.deepspeed_config:
             raise UserError("train.deepspeed_config needs train.backend = 'deepspeed'")
-        if plan.pp > 1:
-            raise UserError(f"pipeline parallelism (pp={plan.pp}) is simulated and costed (minigpt simulate / extrapolate "
-                            f"--plan) but not trained yet; train with train.pipeline_parallel = 1")
+
+    @classmethod
+    def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:
+        """The batch layout this backend refuses (e.g. a schedule's micro-batch count), said before work."""
 
     @classmethod
     def compile_rule(cls, tc: TrainConfig, device: torch.device, steps: int) -> tuple[bool, str]:
@@ -101,6 +104,11 @@ class Backend:
         """Clip, update, zero the gradients."""
         raise NotImplementedError
 
+    def eval_losses(self, batches: list) -> torch.Tensor:
+        """The mean loss (nats/token) of each (x, y) micro-batch, forward only, on every rank."""
+        with autocast_context(self.env.device, self.tc.precision):
+            return torch.stack([self.model(x, y).loss.float() for x, y in batches])
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -120,6 +128,10 @@ class Backend:
         written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's
         if written_by != self.plan.backend:
             raise UserError(f"{run_dir} was written by the {written_by} backend; resume with --set train.backend={written_by}")
+        pp = state.get("pipeline_parallel", 1)  # the optimizer state's layout follows the pipeline's
+        if pp != self.plan.pp:
+            raise UserError(f"{run_dir} was trained with pipeline_parallel = {pp}; resume with --set "
+                            f"train.pipeline_parallel={pp}")
 
     def full_state_dict(self) -> dict | None:
         """Collective. Every weight whole, on CPU, on rank 0 (None elsewhere); tied weights once."""

@@ -14,6 +14,7 @@ from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
 from minigpt.parallel.distributed import DistEnv
+from minigpt.parallel.pipeline import PipelineBackend
 from minigpt.parallel.sharding import ShardedBackend
 from minigpt.parallel.zero import DeepSpeedBackend
 
@@ -26,9 +27,11 @@ def default_engine(zero: int) -> str:
 
 
 def backend_class(plan: ParallelPlan) -> type[Backend]:
-    """The backend that runs `plan`: its engine (or the default for its stage); tensor parallelism runs on
-    the sharded backend whatever the engine of its data-parallel part."""
+    """The backend that runs `plan`: its engine (or the default for its stage); pipeline parallelism runs on
+    the pipeline backend, tensor parallelism on the sharded one, whatever the engine of the data-parallel part."""
     cls = {b.name: b for b in BACKENDS}[plan.backend or default_engine(plan.zero)]
+    if plan.pp > 1:
+        return PipelineBackend
     return ShardedBackend if cls is TorchBackend and plan.tp > 1 else cls
 
 

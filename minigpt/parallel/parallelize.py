@@ -19,12 +19,14 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
     The block's forward is wrapped in place, so parameter names (and checkpoints) are unchanged.
     """
-    for block in model.blocks:
+    from minigpt.parallel.sharding import layers
+
+    for block in layers(model):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return model
 
 
-def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.device) -> GPT:
+def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.device) -> torch.nn.Module:
     """Apply the plan and the training techniques to a model, from outside and in one order (torchtitan's
     llama3/parallelize.py):
 
@@ -37,13 +39,30 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
          hooks gather what the compiled, checkpointed blocks compute with.
 
     Everything is in place, so parameter names (and checkpoints) are unchanged; evaluation and sampling
-    run eager (see `eager`). DDP and DeepSpeed wrap the result in their engines (the backends)."""
-    from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel, shards_parameters
+    run eager (see `eager`). DDP and DeepSpeed wrap the result in their engines (the backends).
+
+    pp > 1: the model is first cut into this rank's pipeline chunks (parallel/pipeline.py), and the
+    four steps apply to each chunk; the result holds them under the model's names (a RankModel)."""
+    from minigpt.parallel.pipeline import split_model
+    from minigpt.parallel.sharding import shards_parameters
 
     model = model.to(device)
-    mesh = make_mesh(plan, device.type) if plan.tp > 1 or shards_parameters(plan) else None
+    mesh = make_mesh(plan, device.type) if plan.tp > 1 or plan.pp > 1 or shards_parameters(plan) else None
+    if plan.pp == 1:
+        return _apply(model, plan, tc, mesh)
+    ranked = split_model(model, plan, mesh["pp"].get_local_rank(), tc.precision, device)
+    for stage in ranked.stages:
+        _apply(stage, plan, tc, mesh)
+    ranked.mesh = mesh
+    return ranked
+
+
+def _apply(model: torch.nn.Module, plan: ParallelPlan, tc: TrainConfig, mesh) -> torch.nn.Module:
+    """parallelize()'s four steps on a model or a pipeline chunk."""
+    from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel, shards_parameters
+
     if plan.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=plan.sp)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:

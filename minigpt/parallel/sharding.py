@@ -5,7 +5,11 @@
     tensor par.  DTensor `parallelize_module` per block on the "tp" mesh dim (Megatron-LM, Shoeybi
                  et al. 2019): column-wise QKV and MLP-in, row-wise attention out-projection and
                  MLP-out, so each block does one all-reduce forward and one backward per sublayer.
-                 Embeddings, norms and the LM head stay replicated (no sequence parallelism).
+                 Embeddings, norms and the LM head stay replicated.
+    sequence     with plan sp=1 (Korthikanti et al. 2022) the residual stream, the norms and the
+    parallel     dropouts between sublayers hold each rank's T/tp positions: the all-reduce becomes an
+                 all-gather before each sublayer and a reduce-scatter after it (the same bytes), and
+                 those activations are stored once per group instead of tp times.
     FSDP2        `fully_shard` on each block, then on the root, over the "dp" mesh dim: parameters,
                  gradients and optimizer state sharded (ZeRO-3); all-gather before a block runs,
                  reduce-scatter of its gradients after.
@@ -33,9 +37,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
@@ -48,6 +58,18 @@ from minigpt.parallel.distributed import DistEnv
 
 TP_PLAN = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+_SEQ, _FULL = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
+SP_PLAN = {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
+           "attn": PrepareModuleInput(input_layouts=_SEQ, desired_input_layouts=_FULL),
+           "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+           "attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+           "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))}
+
+
+def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a GPT (a ModuleList) or of a pipeline stage (a ModuleDict by layer)."""
+    blocks = model.blocks
+    return list(blocks.values()) if isinstance(blocks, torch.nn.ModuleDict) else list(blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +109,7 @@ def from_tp_layout(sd: dict, c: ModelConfig, tp: int) -> dict:
     return to_tp_layout(sd, c, tp, inverse=True)
 
 
-def _map_optimizer_state(osd: dict, fn) -> dict:
+def map_optimizer_state(osd: dict, fn) -> dict:
     """Apply a name -> tensor layout change to every per-parameter tensor of a full optimizer state."""
     state = {}
     for name, s in osd["state"].items():
@@ -100,19 +122,40 @@ def _map_optimizer_state(osd: dict, fn) -> dict:
 # applying the parallelisms
 
 
-def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True) -> GPT:
+def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True, sequence_parallel: bool = False) -> GPT:
     """Shard every block's attention and MLP over tp_mesh; attention then runs on its local heads.
-    reorder=False skips the fused rows' reordering (fake weights, whose values do not matter)."""
+    reorder=False skips the fused rows' reordering (fake weights, whose values do not matter).
+    sequence_parallel: between sublayers each rank holds T/tp positions; the embedding's output is cut
+    into them before the first block, and gathered again for the LM head after the final norm. A
+    pipeline stage without the embedding receives (and one without the head sends) the shard itself."""
     tp, c = tp_mesh.size(), model.config
     with torch.no_grad():
         for name, p in model.named_parameters() if reorder else ():
             order = _row_order(c, name, tp)
             if order is not None:
                 p.copy_(p[order.to(p.device)])
-    for block in model.blocks:
-        parallelize_module(block, tp_mesh, TP_PLAN)
+    blocks = layers(model)
+    for block in blocks:
+        parallelize_module(block, tp_mesh, SP_PLAN if sequence_parallel else TP_PLAN)
         block.attn.n_head, block.attn.n_kv_head = c.n_head // tp, c.n_kv_head // tp
+    if sequence_parallel:
+        _shard_sequence_ends(model, blocks, tp_mesh)
     return model
+
+
+def _shard_sequence_ends(model, blocks, tp_mesh: DeviceMesh) -> None:
+    """Sequence parallelism's two edges: the replicated embedding output -> this rank's T/tp positions
+    (a slice, no communication); the final norm on the shard, its output gathered whole for the head."""
+    if getattr(model, "wte", None) is not None and blocks:
+        parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(input_layouts=_FULL, desired_input_layouts=_SEQ,
+                                                                  use_local_output=True))
+    else:
+        model.seq_shards = tp_mesh.size()  # a later pipeline stage: its input is the shard
+    if getattr(model, "ln_f", None) is not None:
+        parallelize_module(model, tp_mesh, {
+            "ln_f": SequenceParallel(),
+            "lm_head": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+                                          use_local_output=True)})
 
 
 def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload: bool = False,
@@ -124,7 +167,7 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload
                               reduce_dtype=DTYPES[reduce_precision])
     kw = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
-    for block in model.blocks:
+    for block in layers(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
@@ -221,7 +264,7 @@ class ShardedBackend(Backend):
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=self._full())  # collective
         if not self.env.is_main:  # the whole state lands on rank 0 only
             return {}
-        return {"optimizer": _map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))}
+        return {"optimizer": map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))}
 
     def load_state(self, folder: Path, state: dict) -> None:
         c = self.cfg.model
@@ -229,7 +272,7 @@ class ShardedBackend(Backend):
         if c.tie_embeddings:
             weights.setdefault("lm_head.weight", weights["wte.weight"])
         set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
-        osd = _map_optimizer_state(state["optimizer"], lambda sd: to_tp_layout(sd, c, self.tp))
+        osd = map_optimizer_state(state["optimizer"], lambda sd: to_tp_layout(sd, c, self.tp))
         set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
     def full_state_dict(self) -> dict | None:

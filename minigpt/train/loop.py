@@ -43,7 +43,7 @@ from minigpt.data.tokenizer import bits_per_byte, token_bytes
 from minigpt.infer.generate import check_prompts, generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import autocast_context, lr_at
+from minigpt.nn.optim import lr_at
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.backends import backend_class, check_memory, make_backend, resolve_plan
 from minigpt.parallel.distributed import (
@@ -85,24 +85,23 @@ class TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int,
+def evaluate(backend: Backend, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int,
              bytes_of: torch.Tensor) -> tuple[float, float | None]:
     """(mean loss in nats/token, bits per byte) over eval_iters micro-batches at fixed positions (the same
     at every evaluation); each data-parallel rank reads its own, a tensor-parallel group the same.
     bytes_of: bytes of text per token id (data.tokenizer.token_bytes), the denominator of bits per byte."""
+    model = backend.model
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # nats, tokens, bytes
+    batches = [tuple(t.to(env.device) for t in get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
+                                                          (cfg.train.seed, split_id, i, dp_rank)))
+               for i in range(cfg.train.eval_iters)]
     with eager():
-        for i in range(cfg.train.eval_iters):
-            x, y = get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
-                             (cfg.train.seed, split_id, i, dp_rank))
-            x, y = x.to(env.device), y.to(env.device)
-            with autocast_context(env.device, cfg.train.precision):
-                loss = model(x, y).loss.double()
-            sums += torch.stack([loss * y.numel(), torch.tensor(float(y.numel()), device=env.device),
-                                 bytes_of[y].sum().double()])
+        losses = backend.eval_losses(batches).double()
     model.train(was_training)
+    ys = torch.stack([y for _, y in batches])
+    counts = torch.tensor([float(y.numel()) for _, y in batches], dtype=torch.float64, device=env.device)
+    sums = torch.stack([(losses * counts).sum(), counts.sum(), bytes_of[ys].sum().double()])  # nats, tokens, bytes
     nats, count, num_bytes = all_reduce_mean(sums, env).tolist()
     return nats / count, bits_per_byte(nats, num_bytes)
 
@@ -241,7 +240,9 @@ def _plan(cfg: Config, env: DistEnv, stop_at: int | None) -> tuple[ParallelPlan,
     rules.check(cfg, asked, env.device)  # the backend's keys, before the world size is asked about
     plan = resolve_plan(asked.with_world(env.world_size, "train.tensor_parallel x train.pipeline_parallel:"))
     tc.compile, compile_why = rules.compile_rule(tc, env.device, stop_at or tc.max_steps)
-    return plan, plan.batch_layout(tc, cfg.model.block_size), compile_why
+    layout = plan.batch_layout(tc, cfg.model.block_size)
+    backend_class(plan).check_layout(plan, layout)
+    return plan, layout, compile_why
 
 
 def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> Backend:
@@ -293,9 +294,9 @@ def _after_step(run: Run, loss: torch.Tensor) -> None:
     synced = False
     if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
         dp_rank, bytes_of = run.plan.dp_rank(run.env.rank), run.bytes_of
-        run.val_loss, run.val_bpb = evaluate(run.backend.model, run.prepared.tokens("val"), run.cfg, run.env, dp_rank,
+        run.val_loss, run.val_bpb = evaluate(run.backend, run.prepared.tokens("val"), run.cfg, run.env, dp_rank,
                                              1, bytes_of)
-        run.train_loss, run.train_bpb = evaluate(run.backend.model, run.prepared.tokens("train"), run.cfg, run.env,
+        run.train_loss, run.train_bpb = evaluate(run.backend, run.prepared.tokens("train"), run.cfg, run.env,
                                                  dp_rank, 2, bytes_of)
         run.metrics.log_eval(step, (run.train_loss, run.train_bpb), (run.val_loss, run.val_bpb), run.entropy)
         synced = True
