@@ -46,9 +46,11 @@ def number(kind=float, lo=None, hi=None, lo_open=False):
 
 
 def plan_arg(text: str) -> str:
-    """--plan: checked by the parser (keys and values), torch-free."""
+    """--plan: checked by the parser (keys and values), torch-free. `published` (extrapolate): the target's."""
     from minigpt.core.plan import parse_keys
 
+    if text == "published":
+        return text
     try:
         parse_keys(text)
     except UserError as e:
@@ -426,7 +428,7 @@ def cmd_simulate(args) -> None:
                         "--world N (dp = N / (tp x pp))")
     keys.setdefault("zero", 3)
     spec = SimSpec(ParallelPlan.from_keys(keys, args.world), args.precision, args.reduce_precision or "",
-                   args.micro_batch, args.seq_len, args.recompute)
+                   args.micro_batch, args.seq_len, args.recompute, args.micro_batches)
     r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
     print(to_json(r) if args.json else simulate_table(r))
 
@@ -447,6 +449,16 @@ def cmd_bench_hardware(args) -> None:
           + ", ".join(f"{k} {v} TFLOP/s (n={hw['matmul_size'][k]})" for k, v in hw["matmul_tflops"].items())
           + f"; copy {hw['copy_bandwidth_gbs']} GB/s (read + write)" + (f"; written to {args.out}" if args.out else ""))
     print(f"({hw['convention']})")
+
+
+def _extrapolate_plan(text: str, cfg) -> dict:
+    """extrapolate --plan: its keys, or with `published` the target's published layout's."""
+    if text != "published":
+        return parse_keys(text)
+    if not cfg.target.published_plan:
+        raise UserError("--plan published: this target has no published layout (target.published_plan); give the keys, "
+                        "e.g. --plan tp=8,pp=8")
+    return parse_keys(cfg.target.published_plan, "target.published_plan")
 
 
 def scenario_from_args(args, cfg):
@@ -486,7 +498,7 @@ def scenario_from_args(args, cfg):
         notes.append(cfg.target.label)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
-                    plan=parse_keys(args.plan), micro_batch=args.micro_batch,
+                    plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
                     context=args.context, batch=args.batch, serve=serve, notes=notes)
 
 
@@ -718,6 +730,8 @@ def _add_simulate_command(sub) -> None:
     p.add_argument("--reduce-precision", choices=["fp32", "bf16", "fp16"],
                    help="gradient reduction dtype (default: --precision, the ZeRO paper's 16-bit gradients)")
     p.add_argument("--micro-batch", type=number(int, 1), default=1, help="sequences per rank")
+    p.add_argument("--micro-batches", type=number(int, 1, 1 << 20), default=0,
+                   help="pipeline micro-batches per step, m (bubble, traffic per step; default: 4 x pp, said as assumed)")
     p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
     p.add_argument("--gpu", default="H100", help="GPU whose links and peak time the step (default H100)")
@@ -771,7 +785,8 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--flops-convention", default="exact", help="exact, six_n_all, kaplan_6n, palm, chinchilla, megatron_72, ...")
     p.add_argument("--plan", type=plan_arg, default="", metavar="SPEC",
                    help="fix (part of) the parallel layout, e.g. tp=8,pp=15 or dp=32,tp=8,pp=4,zero=1 (the spelling "
-                        "train and simulate take); what it leaves out is searched; zero defaults to 1")
+                        "train and simulate take); what it leaves out is searched; zero defaults to 1; 'published': "
+                        "the target's published layout (gpt4, mt-nlg-530b), which is otherwise shown beside the search's")
     p.add_argument("--comm", choices=["formula", "counted"], default="formula",
                    help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
                         "and per-GPU memory; layouts whose simulated memory does not fit are rejected")

@@ -22,7 +22,7 @@ from minigpt.analytic import flops as F, memory as M
 from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
-from minigpt.core.plan import ParallelPlan
+from minigpt.core.plan import ParallelPlan, parse_keys
 
 PF_DAY = 1e15 * 86400
 HOURS_PER_MONTH = 720
@@ -137,8 +137,10 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     pps = [pp] if pp else divisors(c.n_layer)
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
     rejected: list[dict] = []
+    extra = {k: v for k, v in fixed.items() if k not in ("tp", "pp", "dp", "zero")}  # sp, ep, schedule, ...
     for t, p in candidates:
-        plan = ParallelPlan(dp=fixed.get("dp", max(1, num_gpus // (t * p))), tp=t, pp=p, zero=zero)
+        plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // (t * p))), "tp": t, "pp": p,
+                                       "zero": zero})
         if plan.world > num_gpus:
             continue
         mem = per_gpu_bytes(c, plan, seq, micro_batch)
@@ -228,6 +230,8 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "sources": sources,
         "notes": s.notes,
     }
+    if target.published_plan:
+        result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s)
     if s.serve:
         result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
         result["serving_at_user_speed"] = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)
@@ -255,7 +259,9 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
     states = M.model_state_bytes(p.total, "bf16", 0, 1)
     layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator)
     micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
-    bubble = (layout["pp"] - 1) / (micro_batches + layout["pp"] - 1)
+    plan = ParallelPlan.parse(layout["plan"])
+    bubble = plan.bubble_formula(micro_batches) or 0.0
+    p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, micro_batches)
     return {
         "model_states_bytes": states.total,
         "model_states_convention": "mixed-precision Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO paper); all experts",
@@ -268,9 +274,71 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
             "full_recompute": M.korthikanti_activation_bytes_per_layer(c, s.micro_batch, seq, recompute=True),
         },
         "layout": {**layout, "micro_batch": s.micro_batch,
-                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble},
+                   "micro_batches_per_step": micro_batches, "pipeline_bubble": bubble,
+                   "pipeline_p2p_bytes_per_gpu_per_step": p2p, "pipeline_p2p_s_per_step": p2p / (s.gpu.internode_gbs * 1e9),
+                   "pipeline_p2p_convention": "formula: 2 m v b s h 16-bit values per middle rank per step, / tp "
+                                              "(sequence parallel); neighbouring stages on different nodes"},
         "communication": _communication(p.total, layout, s, step_s, tokens / gbt, micro_batches),
     }
+
+
+def pipeline_p2p_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int, micro_batches: int) -> float:
+    """Bytes a middle pipeline rank sends per step: each micro-batch's activation forward and gradient
+    backward, b*s*h 16-bit values each, per chunk (v-fold for interleaved), divided by tp (sequence
+    parallelism, assumed with full recompute: each rank sends its T/tp positions; Narayanan et al. 2021)."""
+    if plan.pp == 1:
+        return 0.0
+    return 2 * micro_batches * plan.stages_per_rank * micro_batch * seq * c.n_embd * 2 / plan.tp
+
+
+def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, step_s: float) -> dict:
+    """One layout's memory, bubble and traffic per step on the scenario's GPUs, and a predicted step time:
+    compute stretched by the bubble, plus the data-parallel and pipeline transfers not overlapped (an
+    upper bound; bandwidth terms only)."""
+    seq = c.block_size
+    mem = per_gpu_bytes(c, plan, seq, s.micro_batch)
+    m = max(1, round(gbt / (seq * s.micro_batch * plan.dp)))
+    bubble = plan.bubble_formula(m) or 0.0
+    grad_bytes = 2 * F.param_counts(c).total / (plan.tp * plan.pp)
+    dp_bytes = (2 * (plan.dp - 1) / plan.dp * grad_bytes) * (1.5 if plan.zero == 3 else 1) if plan.dp > 1 else 0.0
+    dp_link = s.gpu.nvlink_gbs if plan.tp * plan.dp <= GPUS_PER_NODE else s.gpu.internode_gbs
+    p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
+    p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
+    dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
+    predicted = step_s / (1 - bubble) + dp_s + p2p_s
+    return {"plan": plan.spelling(), "plan_description": plan.describe(), "per_gpu_bytes": mem["total"],
+            "fits": mem["total"] <= s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, "micro_batches": m, "bubble": bubble,
+            "dp_bytes": dp_bytes, "dp_s": dp_s, "p2p_bytes": p2p, "p2p_s": p2p_s, "predicted_step_s": predicted}
+
+
+def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: dict, gbt: float, step_s: float) -> dict:
+    """The target's published layout beside the one the search chose, on the same GPUs, and why the search
+    prefers its own (or that it chose the published one)."""
+    keys = parse_keys(target.published_plan, "target.published_plan")
+    world = own["gpus_used"]
+    per_replica = keys.get("tp", 1) * keys.get("pp", 1)
+    pub_plan = ParallelPlan.from_keys({"zero": own["zero_stage"], **keys, "dp": max(1, world // per_replica)})
+    own_plan = ParallelPlan.parse(own["plan"])
+    pub, mine = (layout_figures(c, p, s, gbt, step_s) for p in (pub_plan, own_plan))
+    reasons = []
+    if pub["plan"] == mine["plan"]:
+        fixed = all(s.plan.get(k) == v for k, v in keys.items())
+        reasons.append("the layout is the published one, as --plan asked" if fixed else
+                       "the search chose the published layout itself")
+    else:
+        if not pub["fits"]:
+            reasons.append(f"the published layout needs {pub['per_gpu_bytes'] / 1e9:.1f} GB per GPU, over the "
+                           f"{s.gpu.memory_gb * MEMORY_HEADROOM:g} GB budget")
+        reasons.append(f"the search takes the smallest tp x pp that fits ({own_plan.tp * own_plan.pp} GPUs per replica "
+                       f"vs {per_replica}), leaving more data parallelism: bubble {mine['bubble']:.1%} vs "
+                       f"{pub['bubble']:.1%}, pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s, "
+                       f"data-parallel {mine['dp_s']:.3g} s vs {pub['dp_s']:.3g} s per step")
+        faster = mine["predicted_step_s"] <= pub["predicted_step_s"]
+        reasons.append(f"predicted step {mine['predicted_step_s']:.3g} s vs {pub['predicted_step_s']:.3g} s "
+                       f"({'its own is faster' if faster else 'the published one is faster: the search optimises fit, not time'})"
+                       f"; not modelled here: overlap of communication with compute, the batch-size ramp and "
+                       f"per-GPU efficiency at smaller micro-batches, which may have decided the published choice")
+    return {"published": pub, "own": mine, "source": target.published_plan_source, "reasons": reasons}
 
 
 def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps: float, micro_batches: int) -> dict:
@@ -314,9 +382,12 @@ def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, for
     if sim is None:
         return {"source": "formula (--comm counted: this layout could not be simulated, see notes)"}
     tp_bytes = sim["tp_bytes"] * micro_batches
+    pp_bytes = 2 * sim.get("pp_bytes_per_micro_batch", 0) * micro_batches * sim.get("stages_per_rank", 1)
     nvlink = s.gpu.nvlink_gbs * 1e9
     return {
         "source": f"counted: {sim['method']}",
+        "counted_pp_bytes_per_gpu_per_step": pp_bytes,
+        "counted_pp_s_per_step": pp_bytes / (s.gpu.internode_gbs * 1e9),
         "counted_dp_bytes_per_gpu_per_step": sim["dp_bytes"],
         "counted_tp_bytes_per_gpu_per_step": tp_bytes,
         "counted_dp_s_per_step": sim["dp_bytes"] / link,

@@ -169,13 +169,29 @@ def _counted_lines(comm: dict, lay: dict) -> list[str]:
         f"parameter by tp, the embeddings are replicated)" if ratio else
         "communication counted (used): data-parallel none (dp = 1)",
         f"  tensor-parallel {fmt_bytes(comm['counted_tp_bytes_per_gpu_per_step'])} per GPU = "
-        f"{comm['counted_tp_s_per_step']:.3g} s on NVLink (the formula leaves it out); simulated memory "
+        f"{comm['counted_tp_s_per_step']:.3g} s on NVLink (the formula leaves it out); pipeline point-to-point "
+        f"{fmt_bytes(comm['counted_pp_bytes_per_gpu_per_step'])} = {comm['counted_pp_s_per_step']:.3g} s "
+        f"(formula above {fmt_bytes(lay['pipeline_p2p_bytes_per_gpu_per_step'])}); simulated memory "
         f"{fmt_bytes(comm['simulated_memory_per_gpu_bytes'])} per GPU; {comm['source']}",
     ]
     for rej in lay.get("rejected_by_simulation") or []:
         lines.append(f"  rejected: tp={rej['tp']} pp={rej['pp']} dp={rej['dp']} simulates to "
                      f"{fmt_bytes(rej['simulated_bytes'])} per GPU, over the budget")
     return lines
+
+
+def _published_lines(p: dict | None) -> list[str]:
+    """The target's published layout beside the search's, and why the search prefers its own."""
+    if not p:
+        return []
+    out = []
+    for name, f in (("published", p["published"]), ("chosen", p["own"])):
+        out.append(f"  {name} layout {f['plan_description']}: {fmt_bytes(f['per_gpu_bytes'])} per GPU"
+                   f"{'' if f['fits'] else ' (does not fit)'}, m = {f['micro_batches']}, bubble {f['bubble']:.1%}, "
+                   f"point-to-point {f['p2p_s']:.3g} s, data-parallel {f['dp_s']:.3g} s, predicted step "
+                   f"{f['predicted_step_s']:.3g} s")
+    return [f"published layout ({p['source']}) beside the search's:", *out,
+            *[f"  why: {reason}" for reason in p["reasons"]]]
 
 
 def extrapolation_lines(r: dict) -> list[str]:
@@ -199,11 +215,14 @@ def extrapolation_lines(r: dict) -> list[str]:
         + (f", {lay['gpus_used']:,} of the {lay['gpus_given']:,} GPUs" if lay["gpus_used"] != lay["gpus_given"] else "")
         + f"; micro-batch {lay['micro_batch']}, full recompute: {fmt_bytes(lay['per_gpu_bytes']['total'])} per GPU "
         f"(states {fmt_bytes(lay['per_gpu_bytes']['model_states'])}, activations {fmt_bytes(lay['per_gpu_bytes']['activations'])}); "
-        f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step",
+        f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step"
+        + (f", point-to-point {fmt_bytes(lay['pipeline_p2p_bytes_per_gpu_per_step'])} = "
+           f"{lay['pipeline_p2p_s_per_step']:.3g} s per step ({lay['pipeline_p2p_convention']})" if lay["pp"] > 1 else ""),
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
         f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
         f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
         *_counted_lines(comm, lay),
+        *_published_lines(r.get("published_layout")),
         f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
         f"KV cache {fmt_bytes(inf['kv_bytes_per_token'])} per token; decode <= {inf['decode_tokens_per_s_per_gpu']:,.1f} "
         f"tokens/s per GPU (memory bound {inf['decode_memory_bound_tokens_per_s_per_gpu']:,.1f}, compute bound "
@@ -288,15 +307,33 @@ def simulate_table(r: dict) -> str:
         lines.append(f"{c['op']:<32}{c['group'] + ' of ' + str(c['group_size']):>10}{c['count']:>8,}"
                      f"{fmt_bytes(c['bytes_per_rank']):>30}")
     counted, formula = r["comm_bytes_per_rank_by_group"], r["predicted_comm_bytes_per_rank_by_group"]
-    for g, what in (("dp", "data parallel (DDP 2*Psi ring; ZeRO-3/FSDP 1.5x)"), ("tp", "tensor parallel (4 all-reduces of b*s*h per layer)")):
-        if counted[g] or formula[g]:
+    for g, what in (("dp", "data parallel (DDP 2*Psi ring; ZeRO-3/FSDP 1.5x)"),
+                    ("tp", "tensor parallel (2 + 2k all-reduces of b*s*h per layer, k active experts; dense k = 1)"),
+                    ("ep", "expert parallel (4 all-to-alls of k*b*s*h per MoE layer, (ep-1)/ep leaving the rank)")):
+        if counted.get(g) or formula.get(g):
             ratio = f"{counted[g] / formula[g]:.4f}" if formula[g] else "-"
             lines.append(f"  {what}: counted {fmt_bytes(counted[g])}, formula {fmt_bytes(formula[g])}, counted/formula {ratio}")
     total_ratio = f"{r['comm_ratio']:.4f}" if r["comm_ratio"] is not None else "-"
     lines += [f"  all: counted {fmt_bytes(r['comm_bytes_per_rank'])}, formula {fmt_bytes(r['predicted_comm_bytes_per_rank'])}, "
               f"counted/formula {total_ratio}", "",
               f"time per step on {t['gpu']}: compute {t['compute_s']:.3f} s, tensor-parallel traffic {t['tp_comm_s']:.3f} s "
-              f"({t['tp_link']}), data-parallel {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
+              f"({t['tp_link']}), data-parallel (and expert all-to-all) {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
               f"{t['comm_share']:.0%} of the step",
-              f"  ({t['convention']})", f"simulated in {r['elapsed_s']:.1f} s"]
+              f"  ({t['convention']})", *_pipeline_lines(r.get("pipeline")), f"simulated in {r['elapsed_s']:.1f} s"]
     return "\n".join(lines)
+
+
+def _pipeline_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    ratio = f"{p['p2p_ratio']:.4f}" if p["p2p_ratio"] is not None else "-"
+    bubble = f"{p['bubble_formula']:.1%}" if p["bubble_formula"] is not None else "no closed form (ZB-V)"
+    return ["", f"pipeline: {p['stages']} stages ({p['schedule']}, {p['stages_per_rank']} per rank), m = "
+                f"{p['micro_batches']} micro-batches per step ({p['micro_batches_source']})",
+            f"  point-to-point per boundary per micro-batch: counted {fmt_bytes(p['p2p_activation_bytes_per_boundary_per_micro_batch'])} "
+            f"activation forward (+ its gradient backward), formula {fmt_bytes(p['p2p_formula_bytes_per_boundary_per_micro_batch'])}, "
+            f"counted/formula {ratio}",
+            f"  per rank per step {fmt_bytes(p['p2p_bytes_per_rank_per_step'])}: {p['p2p_s_per_step']:.3f} s on {p['p2p_link']}",
+            f"  bubble (predicted, formula): {bubble} of the step; first stage holds {p['in_flight_micro_batches']} "
+            f"micro-batches of activations ({fmt_bytes(p['first_stage_activations_bytes'])})",
+            f"  ({p['convention']}; {p['bubble_convention']})"]

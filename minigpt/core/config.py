@@ -294,10 +294,14 @@ class TargetConfig:
     train_tokens: float = 0.0  # tokens of the full training run (0: not a target until --tokens is given)
     global_batch_tokens: float = 0.0  # tokens per optimizer step at scale (0: 4M, an assumption)
     label: str = ""  # printed wherever the target's figures appear, e.g. "estimate, not official"
+    published_plan: str = ""  # the layout it was (reportedly) trained with, in --plan spelling, e.g. "tp=8,pp=35"
+    published_plan_source: str = ""  # where that layout comes from
 
     def validate(self) -> None:
         if self.train_tokens < 0 or self.global_batch_tokens < 0:
             raise UserError("target.train_tokens and target.global_batch_tokens must be >= 0")
+        if self.published_plan and not self.published_plan_source:
+            raise UserError("target.published_plan needs target.published_plan_source (who published it)")
 
 
 @dataclass

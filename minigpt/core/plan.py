@@ -27,7 +27,7 @@ from minigpt.core.config import ModelConfig, TrainConfig, divisors
 from minigpt.core.errors import UserError
 
 OFFLOADS = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "all": (True, True)}
-KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank")
+KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank", "ep")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
 LOOPED = ("interleaved-1f1b", "zbv")  # schedules with several model chunks per pipeline rank
 MAX_RANKS = 1 << 20  # a million ranks: beyond any machine, and beyond what a simulation can build
@@ -43,7 +43,7 @@ class ParallelPlan:
     offload_optimizer: bool = False
     offload_params: bool = False
     cp: int = 1  # context parallelism: not run yet, must be 1
-    ep: int = 1  # expert parallelism: not run yet, must be 1
+    ep: int = 1  # expert parallelism: a mixture's experts split over ep of the dp ranks (simulated; not trained yet)
     sp: bool = False  # sequence parallelism with tp: norms and residuals sharded along the sequence
     schedule: str = "1f1b"  # the pipeline schedule (pp > 1)
     stages_per_rank: int = 0  # model chunks per pipeline rank; 0: the schedule's (1, or 2 for looped schedules)
@@ -68,8 +68,8 @@ class ParallelPlan:
         if self.sp and self.tp == 1:
             raise UserError("plan sp=1 (sequence parallelism) shards along the sequence within a tensor-parallel group: "
                             "it needs tp > 1")
-        if self.cp != 1 or self.ep != 1:
-            raise UserError("context and expert parallelism are not run yet: leave cp and ep at 1")
+        if self.cp != 1:
+            raise UserError("context parallelism is not run yet: leave cp at 1")
         if self.world > MAX_RANKS:
             raise UserError(f"plan {self.spelling()} has {self.world:,} ranks; at most {MAX_RANKS:,}")
 
@@ -112,6 +112,14 @@ class ParallelPlan:
         return (p - 1) / (v * m + p - 1)
 
     @property
+    def expert_mesh_shape(self) -> tuple[int, int, int]:
+        """(dp_replicate, dp_shard, ep) of the experts' own mesh (tp 1): the ep ranks innermost hold
+        different experts; the dp/ep ranks that hold the same ones replicate or shard them as dp does."""
+        if self.dp_replicate > 1:
+            return (self.dp_replicate // self.ep, self.dp_shard, self.ep)
+        return (1, self.dp_shard // self.ep, self.ep)
+
+    @property
     def mesh_names(self) -> tuple[str, ...]:
         return ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -128,6 +136,8 @@ class ParallelPlan:
             parts.append(f"backend={self.backend}")
         if self.sp:
             parts.append("sp=1")
+        if self.ep > 1:
+            parts.append(f"ep={self.ep}")
         if self.pp > 1 and self.schedule != "1f1b":
             parts.append(f"schedule={self.schedule}")
             if self.stages_per_rank != (2 if self.schedule in LOOPED else 1):
@@ -139,7 +149,7 @@ class ParallelPlan:
 
     def describe(self) -> str:
         """One line, the same on every command: `8 ranks = dp 2 (ZeRO-3, fsdp) x tp 2 x pp 2`."""
-        engine = f", {self.backend}" if self.backend else ""
+        engine = (f", {self.backend}" if self.backend else "") + (f", experts over ep {self.ep}" if self.ep > 1 else "")
         offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
         more = f", offload {'+'.join(offload)}" if offload else ""
         sp = " (sequence parallel)" if self.sp else ""
@@ -194,9 +204,17 @@ class ParallelPlan:
                 f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
                ([f'train.backend="{self.backend}"'] if self.backend else [])
 
-    def check_model(self, c: ModelConfig) -> None:
-        """Every dimension tensor parallelism splits divides by tp; the layers divide into pp stages."""
-        check_tensor_parallel(c, self.tp)
+    def check_model(self, c: ModelConfig, experts_split: bool = False) -> None:
+        """Every dimension tensor parallelism splits divides by tp; the layers divide into pp stages.
+        experts_split: tensor parallelism may split each expert's MLP (simulate; training refuses it)."""
+        check_tensor_parallel(c, self.tp, experts_split)
+        if self.sp and c.is_moe:
+            raise UserError("sequence parallelism (sp=1) does not run with a mixture of experts here; use sp=0")
+        if self.dp % self.ep:
+            raise UserError(f"plan ep={self.ep} splits the experts over data-parallel ranks: it must divide dp = {self.dp}")
+        if self.ep > 1 and (not c.is_moe or c.n_expert % self.ep):
+            raise UserError(f"plan ep={self.ep} splits a mixture's experts: the model needs model.n_expert divisible by "
+                            f"it (it has {c.n_expert} experts)")
         if c.n_layer < self.stages:
             more = f" x stages_per_rank {self.stages_per_rank}" if self.stages_per_rank > 1 else ""
             raise UserError(f"plan pp={self.pp}{more} has more pipeline stages than the model's {c.n_layer} layers; "
@@ -246,12 +264,13 @@ def _value(key: str, value: str, origin: str):
         raise UserError(f"{origin}: {key}={value!r} is not an integer") from None
 
 
-def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
+def check_tensor_parallel(c: ModelConfig, tp: int, experts_split: bool = False) -> None:
     """Every sharded dimension must divide by tp; one clear line when one does not."""
     if tp == 1:
         return
-    if c.is_moe:
-        raise UserError("tensor parallelism (tp > 1) does not shard a mixture of experts; use tp=1")
+    if c.is_moe and not experts_split:
+        raise UserError("tensor parallelism (tp > 1) does not shard a mixture of experts in training; use tp=1 (minigpt "
+                        "simulate splits each expert's MLP over tp)")
     for name, n in (("model.n_head", c.n_head), ("model.n_kv_head", c.n_kv_head), ("model.ffn_hidden", c.ffn_hidden)):
         if n % tp:
             raise UserError(f"{name} = {n} does not divide by the tensor-parallel degree {tp}; choose tp from "

@@ -45,7 +45,9 @@ from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
 from minigpt.nn.torch_private import collective_counter, fake_mode, fake_process_group, fsdp_memory_tracker
+from minigpt.parallel.expert import apply_expert_parallel
 from minigpt.parallel.parallelize import apply_activation_checkpointing
+from minigpt.parallel.pipeline import Stage, rank_stages, stage_layers
 from minigpt.parallel.sharding import apply_fsdp, apply_tensor_parallel
 
 FULL_LAYERS = 2
@@ -61,16 +63,24 @@ class SimSpec:
     micro_batch: int = 1
     seq_len: int = 0  # 0: block_size
     recompute: bool = False
+    micro_batches: int = 0  # pipeline micro-batches per step (m); 0: 4 x pp, an assumption said in the output
+
+    @property
+    def m(self) -> int:
+        return self.micro_batches or 4 * self.plan.pp
 
     def validate(self, c: ModelConfig) -> None:
         if self.micro_batch < 1 or self.micro_batch > 1 << 16:
             raise UserError(f"--micro-batch {self.micro_batch} must be between 1 and 65,536")
         if self.seq_len > c.block_size or self.seq_len < 0:
             raise UserError(f"--seq-len {self.seq_len} must be between 1 and block_size = {c.block_size}")
+        if self.plan.ep > 1 and self.plan.tp > 1:
+            raise UserError(f"--plan ep={self.plan.ep} with tp={self.plan.tp}: expert parallelism is simulated with tp=1 "
+                            f"(experts split over tp and ep together are not built here)")
         if self.stage_world > MAX_SIM_RANKS:
             raise UserError(f"--plan {self.plan.spelling()} puts {self.stage_world:,} ranks in one pipeline stage; "
                             f"simulate at most {MAX_SIM_RANKS:,} (tp x dp)")
-        self.plan.check_model(c)
+        self.plan.check_model(c, experts_split=True)
 
     @property
     def stage_world(self) -> int:
@@ -81,9 +91,13 @@ class SimSpec:
         return self.seq_len or c.block_size
 
 
-def stage_model(c: ModelConfig, pp: int) -> ModelConfig:
-    """The first (largest) pipeline stage's layers, ceil(L / pp), as a model of its own."""
-    return dataclasses.replace(c, n_layer=-(-c.n_layer // pp)) if pp > 1 else c
+def stage_model(c: ModelConfig, plan: ParallelPlan) -> ModelConfig:
+    """The model of pipeline rank 0's layers (all of its chunks: the first stage's, and with a looped
+    schedule its later ones), as many as the real split gives it."""
+    if plan.pp == 1:
+        return c
+    layers = stage_layers(c.n_layer, plan.stages)
+    return dataclasses.replace(c, n_layer=sum(len(layers[i]) for i in rank_stages(plan, 0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,13 +112,20 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
         fake = fake_mode()
         with fake:
             model = GPT(c)
+            if plan.pp > 1:  # pipeline rank 0: the embedding and its layers; the head only when ZB-V puts it there
+                model = Stage(model, range(c.n_layer), True, plan.schedule == "zbv", spec.precision, torch.device("cpu"))
         # parallelised outside fake mode (the mesh's own small tensors are real); fake weights stay fake
         if spec.recompute:
             apply_activation_checkpointing(model)
         if plan.tp > 1:
-            apply_tensor_parallel(model, mesh["tp"], reorder=False)
+            apply_tensor_parallel(model, mesh["tp"], reorder=False, sequence_parallel=plan.sp)
+        experts = None
+        if plan.ep > 1:
+            ep_mesh = init_device_mesh("cpu", plan.expert_mesh_shape, mesh_dim_names=("dp_replicate", "dp_shard", "ep"))
+            apply_expert_parallel(model, ep_mesh["ep"])
+            experts = ep_mesh["dp_replicate", "dp_shard"]
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], spec.precision, reshard_after_forward=plan.zero == 3,
-                   reduce_precision=spec.reduce_precision or spec.precision)
+                   reduce_precision=spec.reduce_precision or spec.precision, expert_mesh=experts)
         with fake:
             optimizer = make_optimizer(model, TrainConfig())
             seq = spec.seq(c)
@@ -117,7 +138,7 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
                         tracker.reset_mod_stats()
                         counter.records.clear()
                     with counter:
-                        forward, backward, after = _one_step(model, optimizer, x, spec.precision, tracker)
+                        forward, backward, after, boundary = _one_step(model, optimizer, x, spec.precision, tracker)
             peak = _categories(tracker.get_tracker_snapshot("peak"))
     memory = {
         "params": after.get("sharded_param", 0),
@@ -127,21 +148,29 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
         "activations_peak": forward.get("act", 0),
         "total": peak.get("total", 0),
     }
-    return memory, counter.records
+    return memory, counter.records + boundary
 
 
-def _one_step(model, optimizer, x, precision: str, tracker) -> tuple[dict, dict, dict]:
-    """Forward, backward, AdamW step: the memory by category after each."""
+def _one_step(model, optimizer, x, precision: str, tracker) -> tuple[dict, dict, dict, list]:
+    """Forward, backward, AdamW step: the memory by category after each, and a pipeline stage's
+    point-to-point records: the activation it sends the next stage and the gradient it receives, as
+    the tensors its forward returned (shape x dtype: the bytes a schedule sends per micro-batch)."""
+    boundary = []
     with autocast_context(torch.device("cpu"), precision):
-        loss = model(x, x).loss
+        out = model(x) if isinstance(model, Stage) else model(x, x)
     forward = _categories(tracker.get_tracker_snapshot("current"))
-    loss.backward()
-    del loss
+    if isinstance(model, Stage) and not model.last:
+        sent = out.numel() * out.element_size()
+        boundary = [("p2p_send_activation", 2, "pp", sent), ("p2p_recv_gradient", 2, "pp", sent)]
+        out.backward(torch.ones_like(out))  # the gradient the next stage would send back
+    else:
+        (out if isinstance(model, Stage) else out.loss).mean().backward()
+    del out
     backward = _categories(tracker.get_tracker_snapshot("current"))
     optimizer.step()
     after = _categories(tracker.get_tracker_snapshot("current"))
     optimizer.zero_grad(set_to_none=True)
-    return forward, backward, after
+    return forward, backward, after, boundary
 
 
 def _categories(snapshot: dict) -> dict[str, int]:
@@ -159,18 +188,22 @@ def _collectives(records: list, spec: SimSpec) -> list[dict]:
     for kind, n, desc, whole in records:
         if n == 1:
             continue  # a group of one moves nothing
-        row = groups.setdefault((kind, n), {"op": kind, "group": _group_name(n, desc, spec), "group_size": n,
+        row = groups.setdefault((kind, n), {"op": kind, "group": _group_name(n, desc, spec, kind), "group_size": n,
                                             "count": 0, "bytes": 0, "bytes_per_rank": 0.0})
         row["count"] += 1
         row["bytes"] += whole
-        row["bytes_per_rank"] += (2 if kind == "all_reduce" else 1) * (n - 1) / n * whole
+        ring = 1.0 if kind.startswith("p2p") else (2 if kind == "all_reduce" else 1) * (n - 1) / n  # p2p: all of it
+        # all-to-all: the (n-1)/n of its input that leaves the rank (balanced routing)
+        row["bytes_per_rank"] += ring * whole
     return sorted(groups.values(), key=lambda r: (r["group"], r["op"]))
 
 
-def _group_name(n: int, desc: str, spec: SimSpec) -> str:
-    for dim in ("tp", "dp_replicate", "dp_shard"):
+def _group_name(n: int, desc: str, spec: SimSpec, kind: str = "") -> str:
+    if kind == "all_to_all":
+        return "ep"  # only expert parallelism's dispatch runs all-to-all
+    for dim in ("pp", "tp", "dp_replicate", "dp_shard"):
         if dim in desc:
-            return "tp" if dim == "tp" else "dp"
+            return dim if dim in ("pp", "tp") else "dp"
     return "tp" if n == spec.plan.tp and spec.plan.tp != spec.plan.dp else "dp"
 
 
@@ -209,55 +242,77 @@ def measure(c: ModelConfig, spec: SimSpec) -> tuple[dict, list[dict], str]:
 # beside the formulas
 
 
-def params_per_rank(c: ModelConfig, tp: int) -> tuple[float, float, float]:
-    """(parameters one tensor-parallel rank holds before data-parallel sharding, of them in one
-    block, in the root unit: embeddings, final norm, head). Column-parallel weights and biases and
-    row-parallel weights are split tp ways; row-parallel biases and everything else are replicated."""
+@dataclass(frozen=True)
+class RankParams:
+    """Parameters one tensor-parallel (and expert-parallel) rank holds before data-parallel sharding."""
+
+    total: float  # all of them
+    block: float  # in one block
+    root: float  # in the root unit: embeddings (and, when the stage has it, the final norm and head)
+    experts: float  # of the total, the experts' (already divided by ep)
+
+
+def params_per_rank(c: ModelConfig, tp: int, ep: int = 1, head: bool = True) -> RankParams:
+    """Column-parallel weights and biases and row-parallel weights are split tp ways; row-parallel biases
+    and everything else are replicated; experts are split ep ways. head=False: a pipeline stage without
+    the final norm and LM head."""
     with torch.device("meta"):
         model = GPT(dataclasses.replace(c, n_layer=1))
-    split = 0
+    split = experts = 0.0
     for name, p in model.blocks[0].named_parameters():
-        whole_bias = name.endswith("c_proj.bias")
-        split += p.numel() / tp if not whole_bias else p.numel()
-    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("blocks."))
-    return c.n_layer * split + root, split, root
+        n = (p.numel() if name.endswith("c_proj.bias") else p.numel() / tp) / (ep if ".experts." in name else 1)
+        split += n
+        experts += n if ".experts." in name else 0
+    root = sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith("blocks.") and (head or not n.startswith(("ln_f.", "lm_head."))))
+    return RankParams(c.n_layer * split + root, split, root, c.n_layer * experts)
 
 
-def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: tuple[float, float, float]) -> dict:
+def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bool = True) -> dict:
     """Per-rank bytes by category: ZeRO's partitioning of torch's fp32 master params, grads and
     Adam m, v (4 + 4 + 8 bytes per parameter); gathered 16-bit copies (zero2: all, kept until
     backward; zero3: the root unit and one block); Korthikanti et al. 2022's activations with
     tensor parallelism, s b h (10 + 24/t) per layer (fused attention: no 5 a s^2 b / t term;
-    recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes). per_rank:
-    params_per_rank(c, spec.plan.tp)."""
-    psi, block, root = per_rank
+    recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes) when the stage
+    has the head. Experts (split over ep) are sharded over the dp/ep ranks that hold them."""
     plan = spec.plan
-    n = plan.dp_shard
+    n, n_e = plan.dp_shard, max(1, plan.dp_shard // plan.ep)
+    states = (per_rank.total - per_rank.experts) / n + per_rank.experts / n_e
     half = PRECISION_BYTES[spec.precision]
-    gathered = {0: 0.0, 1: half * psi, 2: half * psi}.get(plan.zero, half * (root + block))
+    gathered = {0: 0.0, 1: half * per_rank.total, 2: half * per_rank.total}.get(plan.zero,
+                                                                                half * (per_rank.root + per_rank.block))
     s, b = spec.seq(c), spec.micro_batch
-    per_layer = M.korthikanti_activation_bytes_per_layer(c, b, s, flash=True, recompute=spec.recompute, tp=plan.tp)
-    head = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"]
-    out = {"params": 4 * psi / n, "grads": 4 * psi / n, "optimizer": 8 * psi / n, "gathered_params": gathered,
-           "activations_peak": c.n_layer * per_layer + head}
+    per_layer = M.korthikanti_activation_bytes_per_layer(c, b, s, flash=True, recompute=spec.recompute, tp=plan.tp,
+                                                         sequence_parallel=plan.sp)
+    loss = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"] if head else 0
+    out = {"params": 4 * states, "grads": 4 * states, "optimizer": 8 * states, "gathered_params": gathered,
+           "activations_peak": c.n_layer * per_layer + loss}
     out["total"] = sum(out.values())
     return out
 
 
-def predicted_comm(c: ModelConfig, spec: SimSpec, psi: float) -> dict:
-    """Ring bytes per rank per step: the extrapolation's data-parallel volumes (DDP all-reduce
-    2 Psi bytes x (n-1)/n; ZeRO-2 the same as a reduce-scatter + all-gather; ZeRO-3 / FSDP 1.5x:
-    two all-gathers and a reduce-scatter) and Megatron's tensor-parallel all-reduces of b s h
-    (2 forward, 2 backward per layer; recompute repeats the forward's 2), each 2 (t-1)/t. psi: the
-    parameters of one tensor-parallel rank (params_per_rank)."""
+def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bool = True) -> dict:
+    """Bytes per rank per step: the extrapolation's data-parallel volumes (DDP all-reduce 2 Psi bytes x
+    (n-1)/n; ZeRO-2 the same as a reduce-scatter + all-gather; ZeRO-3 / FSDP 1.5x: two all-gathers and a
+    reduce-scatter; experts over the dp/ep ranks that hold them), Megatron's tensor-parallel all-reduces
+    of b s h (2 forward, 2 backward per layer; recompute repeats the forward's 2), each 2 (t-1)/t; a
+    mixture of experts with each expert split over tp all-reduces its MLP's output once per active
+    expert (k b s h); with sequence parallelism each becomes an all-gather and a reduce-scatter, the same
+    bytes, plus one all-gather of b s h at each end of the sequence-parallel region (the embedding's
+    backward, the head's forward, when the stage has them). Expert parallelism: 4 all-to-alls of the k b s routed slots (h values each) per MoE layer (2
+    forward, 2 backward), (ep-1)/ep of them leaving the rank under balanced routing."""
     p_b = PRECISION_BYTES[spec.precision]
     g_b = PRECISION_BYTES[spec.reduce_precision or spec.precision]
-    dp, t = spec.plan.dp, spec.plan.tp
-    ring = (dp - 1) / dp * psi
-    dp_bytes = {0: 2 * ring * g_b, 1: ring * (p_b + g_b), 2: ring * (p_b + g_b)}.get(spec.plan.zero, ring * (2 * p_b + g_b))
+    plan = spec.plan
+    dp, t, ep = plan.dp, plan.tp, plan.ep
+    ring = (dp - 1) / dp * (per_rank.total - per_rank.experts) + (dp // ep - 1) / (dp // ep) * per_rank.experts
+    dp_bytes = {0: 2 * ring * g_b, 1: ring * (p_b + g_b), 2: ring * (p_b + g_b)}.get(plan.zero, ring * (2 * p_b + g_b))
     s, b = spec.seq(c), spec.micro_batch
-    per_layer = (6 if spec.recompute else 4) * 2 * (t - 1) / t * b * s * c.n_embd * p_b
-    return {"dp": dp_bytes, "tp": c.n_layer * per_layer if t > 1 else 0.0}
+    k = c.n_expert_active if c.is_moe else 1
+    per_layer = (1.5 if spec.recompute else 1) * (2 + 2 * k) * 2 * (t - 1) / t * b * s * c.n_embd * p_b
+    ends = (1 + head) * (t - 1) / t * b * s * c.n_embd * p_b if plan.sp else 0.0
+    a2a = (6 if spec.recompute else 4) * (ep - 1) / ep * k * b * s * c.n_embd * p_b
+    return {"dp": dp_bytes, "tp": c.n_layer * per_layer + ends if t > 1 else 0.0, "ep": c.n_layer * a2a if ep > 1 else 0.0}
 
 
 def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float) -> dict:
@@ -269,7 +324,7 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.plan.tp
     dtype = spec.precision if spec.precision in gpu.tflops else "bf16"
     compute_s = flops / (gpu.tflops[dtype] * 1e12 * mfu)
-    tp_s, dp_s = comm["tp"] / nvlink, comm["dp"] / dp_link
+    tp_s, dp_s = comm["tp"] / nvlink, (comm["dp"] + comm.get("ep", 0)) / dp_link  # ep groups are dp ranks
     return {"gpu": gpu.name, "mfu": mfu, "compute_flops_per_rank": flops, "compute_s": compute_s,
             "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s",
             "dp_link": (f"NVLink {gpu.nvlink_gbs:g} GB/s" if dp_link == nvlink else
@@ -284,32 +339,67 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
     formulas, the memory per GPU beside what extrapolate predicts for the same plan, and their time."""
     spec.validate(c)
     start = time.perf_counter()
-    plan, stage = spec.plan, stage_model(c, spec.plan.pp)
+    plan, stage = spec.plan, stage_model(c, spec.plan)
     memory, collectives, how = measure(stage, spec)
-    per_rank = params_per_rank(stage, plan.tp)
-    predicted = predicted_memory(stage, spec, per_rank)
-    counted = {g: sum(r["bytes_per_rank"] for r in collectives if r["group"] == g) for g in ("dp", "tp")}
-    formula = predicted_comm(stage, spec, per_rank[0])
+    head = plan.pp == 1 or plan.schedule == "zbv"
+    per_rank = params_per_rank(stage, plan.tp, plan.ep, head)
+    predicted = predicted_memory(stage, spec, per_rank, head)
+    counted = {g: sum(r["bytes_per_rank"] for r in collectives if r["group"] == g) for g in ("dp", "tp", "ep")}
+    formula = predicted_comm(stage, spec, per_rank, head)
     mfu = mfu if mfu is not None else REFERENCE_MFU[gpu.name][0]
     return {
         "plan": plan.spelling(), "plan_description": plan.describe(), "world": plan.world, "dp": plan.dp,
         "tp": plan.tp, "pp": plan.pp, "zero": plan.zero, "stage_layers": stage.n_layer, "precision": spec.precision,
         "reduce_precision": spec.reduce_precision or spec.precision, "micro_batch": spec.micro_batch,
         "seq_len": spec.seq(c), "recompute": spec.recompute,
-        "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank[0],
+        "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank.total,
         "memory_per_rank": memory, "predicted_memory_per_rank": predicted,
         "memory_ratio": {k: _ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},
         "memory_per_gpu": _memory_per_gpu(c, spec, memory),
         "collectives": collectives,
-        "comm_bytes_per_rank": counted["dp"] + counted["tp"], "comm_bytes_per_rank_by_group": counted,
-        "predicted_comm_bytes_per_rank": formula["dp"] + formula["tp"], "predicted_comm_bytes_per_rank_by_group": formula,
-        "comm_ratio": _ratio(counted["dp"] + counted["tp"], formula["dp"] + formula["tp"]),
+        "comm_bytes_per_rank": sum(counted.values()), "comm_bytes_per_rank_by_group": counted,
+        "predicted_comm_bytes_per_rank": sum(formula.values()), "predicted_comm_bytes_per_rank_by_group": formula,
+        "comm_ratio": _ratio(sum(counted.values()), sum(formula.values())),
         "time_per_step": step_times(stage, spec, counted, gpu, mfu),
+        "pipeline": pipeline_report(c, spec, collectives, memory, gpu) if plan.pp > 1 else None,
         "notes": _notes(plan),
         "method": f"fake process group of {spec.stage_world} ranks (one pipeline stage, {stage.n_layer} layers), fake "
                   f"tensors, FSDP2 + DTensor code; {how}; memory by torch's FSDPMemTracker (bytes per rank); collectives "
                   f"counted from the dispatched ops, ring bytes sent per rank",
         "elapsed_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def pipeline_report(c: ModelConfig, spec: SimSpec, collectives: list[dict], memory: dict, gpu: GPUSpec) -> dict:
+    """Point-to-point traffic of pipeline rank 0 beside the formula, the bubble, the in-flight activations.
+
+    Counted: the activation the simulated stage's forward returned (what the schedule sends the next
+    stage, per micro-batch) and a gradient of its size received back. Formula (Narayanan et al. 2021):
+    b*s*h elements each way per boundary and micro-batch, in the residual stream's dtype, divided by tp
+    with sequence parallelism (each rank sends its T/tp positions). Per step, x m micro-batches x v
+    chunks per rank (the interleaved schedule's v-fold traffic)."""
+    plan, m = spec.plan, spec.m
+    counted = next((r["bytes"] for r in collectives if r["op"] == "p2p_send_activation"), 0)
+    formula = spec.micro_batch * spec.seq(c) * c.n_embd * PRECISION_BYTES[spec.precision] / (plan.tp if plan.sp else 1)
+    per_step = 2 * counted * m * plan.stages_per_rank
+    link = gpu.internode_gbs * 1e9  # tp x dp ranks fill the nodes first: neighbouring stages sit on different nodes
+    return {
+        "schedule": plan.schedule, "stages": plan.stages, "stages_per_rank": plan.stages_per_rank,
+        "micro_batches": m, "micro_batches_source": "given (--micro-batches)" if spec.micro_batches else
+        "assumption: 4 x pp (give --micro-batches)",
+        "p2p_activation_bytes_per_boundary_per_micro_batch": counted,
+        "p2p_formula_bytes_per_boundary_per_micro_batch": formula, "p2p_ratio": _ratio(counted, formula),
+        "p2p_bytes_per_rank_per_step": per_step, "p2p_s_per_step": per_step / link,
+        "p2p_link": f"inter-node {gpu.internode_gbs:g} GB/s per GPU (assumption: DGX NICs)",
+        "bubble_formula": plan.bubble_formula(m),
+        "bubble_convention": "(p-1)/(v*m+p-1): GPipe, 1F1B (v=1) and interleaved 1F1B (Narayanan et al. 2021); "
+                             "none for ZB-V" if plan.schedule == "zbv" else
+                             "(p-1)/(v*m+p-1): GPipe, 1F1B (v=1) and interleaved 1F1B (Narayanan et al. 2021)",
+        "in_flight_micro_batches": min(plan.pp, m),
+        "first_stage_activations_bytes": min(plan.pp, m) * memory["activations_peak"],
+        "convention": "counted: the simulated stage's output tensor (shape x dtype) per micro-batch, sent forward, "
+                      "and a gradient of its size received; formula: b*s*h per boundary per micro-batch"
+                      + (" / tp (sequence parallel)" if plan.sp else "") + f" in {spec.precision}",
     }
 
 
@@ -336,9 +426,10 @@ def _notes(plan: ParallelPlan) -> list[str]:
     if plan.zero == 1:
         notes.append("zero=1 is simulated as ZeRO-2 (FSDP2 shards gradients too): the same traffic, less gradient memory")
     if plan.pp > 1:
-        notes.append(f"pp={plan.pp}: one pipeline stage is simulated, as a model of its layers with the embedding and the "
-                     f"LM head; point-to-point traffic between stages and the bubble are not counted yet, and the "
-                     f"{plan.pp - 1} micro-batches in flight are counted at the stage's activation peak (an upper bound)")
+        head = "its chunks and the LM head (ZB-V)" if plan.schedule == "zbv" else "the embedding and its layers"
+        notes.append(f"pp={plan.pp}: pipeline rank 0 is simulated ({head}, as one pipeline stage module); the "
+                     f"{plan.pp - 1} more micro-batches a 1F1B first stage holds are counted at its activation peak "
+                     f"(an upper bound)")
     return notes
 
 
@@ -348,10 +439,12 @@ def _notes(plan: ParallelPlan) -> list[str]:
 
 def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
     """A function (model, plan) -> the simulated step of the plan's first pipeline stage, with full
-    recompute as the extrapolation assumes; None (and a note) when the plan cannot be simulated (e.g.
+    recompute and (tensor parallel, dense) sequence parallelism as the extrapolation assumes; None (and a note) when the plan cannot be simulated (e.g.
     a mixture of experts with tensor parallelism)."""
 
     def simulate_layout(c: ModelConfig, plan: ParallelPlan) -> dict | None:
+        if plan.tp > 1 and not c.is_moe:  # the extrapolation's activations assume sequence parallelism
+            plan = dataclasses.replace(plan, sp=True)
         try:
             r = simulate(c, SimSpec(plan, micro_batch=micro_batch, recompute=True), gpu)
         except UserError as e:
@@ -359,6 +452,8 @@ def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
             return None
         return {"memory_per_gpu_bytes": r["memory_per_gpu"]["simulated_bytes"],
                 "dp_bytes": r["comm_bytes_per_rank_by_group"]["dp"], "tp_bytes": r["comm_bytes_per_rank_by_group"]["tp"],
+                "pp_bytes_per_micro_batch": (r["pipeline"] or {}).get("p2p_activation_bytes_per_boundary_per_micro_batch", 0),
+                "stages_per_rank": plan.stages_per_rank,
                 "plan": plan.spelling(), "elapsed_s": r["elapsed_s"],
                 "method": f"minigpt simulate --plan {plan.spelling()} --recompute (one pipeline stage, {r['stage_layers']} "
                           f"layers), {r['method']}"}

@@ -210,10 +210,10 @@ def collective_counter():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.namespace in ("c10d", "_c10d_functional"):
-                self._record(func.__name__, args, kwargs)
+                self._record(func.__name__, args, kwargs, functional=func.namespace == "_c10d_functional")
             return func(*args, **(kwargs or {}))
 
-        def _record(self, name, args, kwargs):
+        def _record(self, name, args, kwargs, functional=False):
             kind = next((k for key, k in COLLECTIVE_KINDS if key in name), None)
             group = _group_of(args, kwargs)
             if kind is None or group is None:
@@ -221,6 +221,16 @@ def collective_counter():
             sizes = [t.numel() * t.element_size() for t in _tensors(args)]
             # a gather's whole output (the input is one of its pieces), or all of an all-reduce's buffers
             whole = max(max(sizes), sum(sizes) - min(sizes)) if kind in ("all_gather", "reduce_scatter") else sum(sizes)
+            if functional and kind == "all_gather":  # a functional all-gather names only its input: one piece
+                whole = sizes[0] * group.size()
             self.records.append((kind, group.size(), getattr(group, "group_desc", ""), whole))
 
     return CollectiveCounter()
+
+
+def all_to_all_autograd(x, output_split_sizes: list[int], input_split_sizes: list[int], group):
+    """torch's functional all-to-all with autograd (its backward is the reverse all-to-all): the public
+    torch.distributed.nn.functional.all_to_all_single is deprecated in its favour."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x, output_split_sizes, input_split_sizes, group))

@@ -62,6 +62,9 @@ class Backend:
         tc = cfg.train
         if tc.deepspeed_config:
             raise UserError("train.deepspeed_config needs train.backend = 'deepspeed'")
+        if plan.ep > 1:
+            raise UserError(f"expert parallelism (ep={plan.ep}) is simulated and costed (minigpt simulate), not trained "
+                            f"yet; train with ep=1")
 
     @classmethod
     def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:

@@ -10,6 +10,7 @@ import torch
 from minigpt.analytic.flops import param_counts
 from minigpt.core.config import Config
 from minigpt.core.device import check_fits
+from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
@@ -44,7 +45,11 @@ def resolve_plan(plan: ParallelPlan) -> ParallelPlan:
 def plan_overrides(spelling: str, world: int) -> list[str]:
     """`minigpt train --plan`: the [train] keys that say the plan, its engine named by the rules; its dp
     must match the `world` processes torchrun started."""
-    return resolve_plan(ParallelPlan.parse(spelling, world)).train_overrides()
+    plan = ParallelPlan.parse(spelling, world)
+    if plan.ep > 1:
+        raise UserError(f"--plan ep={plan.ep}: expert parallelism is simulated and costed (minigpt simulate), not trained "
+                        f"yet; train with ep=1")
+    return resolve_plan(plan).train_overrides()
 
 
 def run_file_names() -> set[str]:

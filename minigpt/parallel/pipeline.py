@@ -49,7 +49,7 @@ from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import StepResult, autocast_context
+from minigpt.nn.optim import DTYPES, StepResult, autocast_context
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
 from minigpt.parallel.distributed import DistEnv
@@ -87,7 +87,8 @@ class Stage(nn.Module):
     """A chunk of a GPT's layers, holding the GPT's own modules under the GPT's names, so parameter
     names (and so checkpoints) are the model's: first stage ids -> hidden, middle hidden -> hidden,
     last hidden -> logits (fp32; the loss is the schedule's loss_fn). `seq_shards` > 1: hidden states
-    travel as the rank's sequence shard (sequence parallelism)."""
+    travel as the rank's sequence shard (sequence parallelism). The boundary's dtype is the residual
+    stream's (`boundary_dtype`)."""
 
     def __init__(self, model: GPT, layers: range, first: bool, last: bool, precision: str, device: torch.device) -> None:
         super().__init__()
@@ -115,7 +116,7 @@ class Stage(nn.Module):
                 x, _ = block(x, rope, None, None, None)
             if self.last:
                 return self.lm_head(self.ln_f(x), None).float()
-        return x.float()  # the boundary's dtype is fixed: fp32 (bf16 compute casts back on arrival)
+        return x  # the residual stream as it is: fp32, or 16-bit when FSDP computes in 16-bit parameters
 
 
 class RankModel(nn.Module):
@@ -143,6 +144,21 @@ def split_model(model: GPT, plan: ParallelPlan, pp_rank: int, precision: str, de
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
     stages = [Stage(model, layers[i], i == 0, i == plan.stages - 1, precision, device) for i in rank_stages(plan, pp_rank)]
     return RankModel(stages).to(device)
+
+
+def boundary_dtype(plan: ParallelPlan, precision: str) -> torch.dtype:
+    """The residual stream's dtype, which stages send: fp32 parameters keep it fp32 under autocast; FSDP2
+    gathering 16-bit parameters makes it 16-bit."""
+    return DTYPES[precision] if shards_parameters(plan) and precision != "fp32" else torch.float32
+
+
+def schedule_problem(plan: ParallelPlan, m: int) -> str | None:
+    """Why the plan's schedule cannot run m micro-batches per step, or None (torch 2.13's rules)."""
+    if plan.schedule == "1f1b" and m < plan.pp:
+        return f"the 1f1b schedule needs at least pp = {plan.pp} micro-batches per step, not {m}"
+    if plan.schedule in ("interleaved-1f1b", "zbv") and m % plan.pp:
+        return f"the {plan.schedule} schedule needs the micro-batches per step ({m}) to be a multiple of pp = {plan.pp}"
+    return None
 
 
 def describe_split(c: ModelConfig, plan: ParallelPlan) -> str:
@@ -191,10 +207,9 @@ class PipelineBackend(ShardedBackend):
 
     @classmethod
     def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:
-        m = layout.accum
-        if plan.schedule in ("interleaved-1f1b", "zbv") and m % plan.pp:
-            raise UserError(f"the {plan.schedule} schedule needs the micro-batches per step ({m}) to be a multiple of "
-                            f"pp = {plan.pp}: raise train.batch_size_tokens or lower train.micro_batch_size")
+        problem = schedule_problem(plan, layout.accum)
+        if problem:
+            raise UserError(f"{problem}: raise train.batch_size_tokens or lower train.micro_batch_size")
         if plan.sp and layout.block_size % plan.tp:
             raise UserError(f"sequence parallelism splits block_size = {layout.block_size} over tp = {plan.tp}: choose "
                             f"a block_size that divides by it")
@@ -297,7 +312,8 @@ class PipelineBackend(ShardedBackend):
             h = x
             for s in sorted(mine):
                 if s > 0 and owner[s - 1] != self.pp_rank:
-                    h = torch.empty(x.size(0), x.size(1) // mine[s].seq_shards, self.cfg.model.n_embd, device=x.device)
+                    h = torch.empty(x.size(0), x.size(1) // mine[s].seq_shards, self.cfg.model.n_embd, device=x.device,
+                                    dtype=boundary_dtype(self.plan, self.tc.precision))
                     dist.recv(h, group=self.pp_group, group_src=owner[s - 1])
                 h = mine[s](h)
                 if s == S - 1:

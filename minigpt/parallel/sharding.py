@@ -136,11 +136,23 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True,
                 p.copy_(p[order.to(p.device)])
     blocks = layers(model)
     for block in blocks:
-        parallelize_module(block, tp_mesh, SP_PLAN if sequence_parallel else TP_PLAN)
+        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
         block.attn.n_head, block.attn.n_kv_head = c.n_head // tp, c.n_kv_head // tp
     if sequence_parallel:
         _shard_sequence_ends(model, blocks, tp_mesh)
     return model
+
+
+def _block_plan(block, sequence_parallel: bool) -> dict:
+    """The block's tensor-parallel plan; a mixture of experts splits each expert's MLP as the dense MLP
+    is split (Megatron's expert tensor parallelism: one all-reduce per expert and sublayer)."""
+    plan = SP_PLAN if sequence_parallel else TP_PLAN
+    if not hasattr(block.mlp, "experts"):
+        return plan
+    attn = {k: v for k, v in plan.items() if k.startswith("attn")}
+    experts = {f"mlp.experts.{e}.{name}": style for e in range(len(block.mlp.experts))
+               for name, style in (("c_fc", ColwiseParallel()), ("c_proj", RowwiseParallel()))}
+    return {**attn, **experts}
 
 
 def _shard_sequence_ends(model, blocks, tp_mesh: DeviceMesh) -> None:
@@ -159,14 +171,18 @@ def _shard_sequence_ends(model, blocks, tp_mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload: bool = False,
-               reshard_after_forward: bool = True, reduce_precision: str = "fp32") -> GPT:
+               reshard_after_forward: bool = True, reduce_precision: str = "fp32", expert_mesh: DeviceMesh | None = None) -> GPT:
     """fully_shard each block, then the root (embeddings, final norm, head). bf16/fp16: parameters
     are gathered and computed in 16-bit, gradients reduced in `reduce_precision` (MixedPrecisionPolicy).
-    reshard_after_forward=False keeps the gathered parameters until backward: ZeRO-2's traffic."""
+    reshard_after_forward=False keeps the gathered parameters until backward: ZeRO-2's traffic.
+    expert_mesh: expert parallelism's experts are sharded first, each over the dp ranks that hold it."""
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
                               reduce_dtype=DTYPES[reduce_precision])
     kw = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
+    for block in layers(model) if expert_mesh is not None else ():
+        for expert in block.mlp.experts:
+            fully_shard(expert, reshard_after_forward=reshard_after_forward, **{**kw, "mesh": expert_mesh})
     for block in layers(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
