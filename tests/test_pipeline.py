@@ -1,4 +1,4 @@
-"""Pipeline parallelism under torchrun on CPU (gloo), against one process.
+"""Pipeline (and expert) parallelism under torchrun on CPU (gloo), against one process.
 
 tests/pipeline_worker.py trains the same seeded batches through the package's parallelize() and
 backends on each layout: pp 2 on 2 ranks with every schedule; pp 2 x tp 2 (with and without sequence
@@ -40,7 +40,8 @@ SPECS = {
     "schedules": (2, TIED, {"gpipe": "pp=2,schedule=gpipe", "1f1b": "pp=2,schedule=1f1b",
                             "interleaved": "pp=2,schedule=interleaved-1f1b", "zbv": "pp=2,schedule=zbv"}),
     "layouts": (4, LLAMA, {"pp2_tp2": "pp=2,tp=2", "pp2_tp2_sp": "pp=2,tp=2,sp=1,schedule=interleaved-1f1b",
-                           "pp2_dp2": "pp=2,dp=2", "pp2_dp2_fsdp": "pp=2,dp=2,zero=3,backend=fsdp"}),
+                           "pp2_dp2": "pp=2,dp=2", "pp2_dp2_fsdp": "pp=2,dp=2,zero=3,backend=fsdp",
+                           "dp2_tp2_sp": "dp=2,tp=2,sp=1,zero=3,backend=fsdp"}),
 }
 STEPS = 3
 CLI = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_every": 6, "train.checkpoint_every": 3,
@@ -73,6 +74,8 @@ def pipeline_runs(corpus_dir, data_cache, tmp_path_factory):
         spec.write_text(json.dumps({"model": model, "train": TRAIN, "layouts": layouts, "steps": STEPS}))
         jobs[name] = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                       str(REPO / "tests" / "pipeline_worker.py"), str(root / name), str(spec)]
+    jobs["expert"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      str(REPO / "tests" / "expert_worker.py"), str(root)]
     pp_line, nodes_line = readme_torchrun_lines(pipeline=True)
     sets = set_args(tiny_overrides(corpus_dir, data_cache, root / "cli", **CLI))
     jobs["cli"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", *pp_line.split()[1:], *sets,
@@ -125,11 +128,11 @@ def test_pipelined_layouts_match_one_process(pipeline_runs, spec):
     for name in layouts:
         got = torch.load(pipeline_runs["root"] / spec / f"{name}.pt", weights_only=False)
         assert_same(got, want, name)
-        assert got["describe"].startswith("pipeline 2 (")
+        assert got["describe"].startswith("pipeline 2 (") or name == "dp2_tp2_sp"
 
 
 @pytest.mark.slow
-def test_the_readme_pipeline_command_stops_resumes_and_reads_like_any_run(pipeline_runs):
+def test_the_readme_pipeline_command_stops_resumes_and_reads_like_any_run(pipeline_runs, corpus_dir, data_cache):
     root = pipeline_runs["root"]
     assert "pipeline 2 (1f1b, 2 pipeline stages of 2+2 layers, 2 micro-batches per step)" in pipeline_runs["cli"].stdout
     assert "steps 3->6 of 6 (resumed from step 3)" in pipeline_runs["resume"].stdout
@@ -142,6 +145,12 @@ def test_the_readme_pipeline_command_stops_resumes_and_reads_like_any_run(pipeli
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
     r = run_cli("generate", "--run", str(root / "cli"), "--prompt", "def", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
+    r = run_cli("convert", "--to-hf", str(root / "cli"), "--out", str(root / "cli_hf"))
+    assert r.returncode == 0 and (root / "cli_hf" / "config.json").exists(), r.stderr
+    sets = [x for x in tiny_overrides(corpus_dir, data_cache, root / "from_pp", **{"train.max_steps": 1})
+            if not x.startswith("model.")]
+    r = run_cli("train", *set_args(sets + [f'train.init_from="{root / "cli"}"']))
+    assert r.returncode == 0 and "init     " in r.stdout, r.stderr
     r = run_cli("train", "--resume", str(root / "cli"), "--set", "train.pipeline_parallel=1", "--set", "train.max_steps=7")
     assert r.returncode == 2 and "trained with pipeline_parallel = 2; resume with --set train.pipeline_parallel=2" in r.stderr
 
@@ -152,6 +161,17 @@ def test_two_launchers_run_pipeline_stages_across_nodes(pipeline_runs):
     assert "4 ranks = dp 1 (ZeRO-0, ddp) x tp 2 x pp 2 (1f1b)" in out
     steps = records(pipeline_runs["root"] / "nodes")
     assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+@pytest.mark.slow
+def test_expert_parallel_dispatch_on_gloo_equals_the_dense_mixture(pipeline_runs):
+    """gloo runs the all-to-all: 2 ranks, 2 of 4 experts each, route their own tokens; outputs, the
+    load-balancing loss and the router's gradient equal the dense layer's, each rank's experts get the
+    dense gradient summed over both ranks' tokens."""
+    for rank in torch.load(pipeline_runs["root"] / "expert.pt", weights_only=False):
+        assert rank["local_experts"] == 2
+        assert rank["output"] < 1e-6 and rank["aux"] < 1e-6 and rank["router_grad"] < 1e-6
+        assert rank["expert_grads"] < 1e-5
 
 
 @pytest.mark.parametrize("plan, message", [
