@@ -1,24 +1,32 @@
-"""Run under torchrun by tests/test_pipeline.py: train a few steps on each layout given, through the
-package's own parallelize() and backends, and write rank 0's losses, gradient norms, evaluation
-losses and final weights (ordinary layout) to OUT/<layout>.pt.
+"""Run by tests/test_pipeline.py: N gloo ranks, forked from this process (torch imported once), train a
+few steps on each layout given, through the package's own parallelize() and backends, and write rank
+0's losses, gradient norms, evaluation losses and final weights (ordinary layout) to OUT/<layout>.pt.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N tests/pipeline_worker.py OUT SPEC.json
+    python tests/pipeline_worker.py N OUT SPEC.json
 
 SPEC.json: {"model": {...ModelConfig keys}, "train": {...TrainConfig keys}, "layouts": {name: plan spelling},
-"steps": S}. The batches are seeded random tokens, the same on every layout: step s, global micro-batch g.
+"steps": S, "experts": bool}. The batches are seeded random tokens, the same on every layout: step s,
+global micro-batch g. With "experts", the expert-parallel dispatch is checked too (expert_check).
 """
 
+import copy
 import json
+import multiprocessing
+import os
+import socket
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from minigpt.core.config import Config, ModelConfig, TrainConfig
 from minigpt.core.plan import ParallelPlan
-from minigpt.nn.model import GPT
+from minigpt.nn.model import GPT, MoE
 from minigpt.parallel.backends import make_backend, resolve_plan
 from minigpt.parallel.distributed import all_reduce_mean, init_distributed
+from minigpt.parallel.expert import ExpertParallelMoE
 from minigpt.parallel.parallelize import parallelize
 
 
@@ -56,15 +64,65 @@ def config(spec: dict) -> Config:
     return Config(model=ModelConfig(**spec["model"]), train=TrainConfig(**spec["train"]))
 
 
-def main() -> None:
-    out, spec = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+def expert_check(out: Path) -> None:
+    """Expert parallelism on gloo against the dense MoE: every rank builds the same MoE (seeded) and routes
+    its own tokens; the expert-parallel layer (experts split over the ranks, all-to-all dispatch) must give
+    each rank the dense layer's output and load-balancing loss, and each rank's experts the gradient the
+    dense layer gives them summed over the ranks' tokens. Rank 0 writes what every rank saw to OUT/expert.pt."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    c = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, n_expert=4, n_expert_active=2)
+    torch.manual_seed(0)
+    dense = MoE(c)
+    ep = ExpertParallelMoE(copy.deepcopy(dense), init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))["ep"])
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(rank))
+    y_dense, aux_dense = dense(x)
+    y_ep, aux_ep = ep(x)
+    (y_dense.square().sum() + aux_dense).backward()
+    (y_ep.square().sum() + aux_ep).backward()
+    grads = [p.grad.clone() for p in dense.experts.parameters()]
+    for g in grads:
+        dist.all_reduce(g)  # the dense experts' gradients over every rank's tokens
+    local = c.n_expert // world
+    want = [g for g, (name, _) in zip(grads, dense.experts.named_parameters()) if int(name.split(".")[0]) // local == rank]
+    got = [p.grad for p in ep.experts.parameters()]
+    result = {"output": (y_ep - y_dense).abs().max().item(), "aux": abs(aux_ep.item() - aux_dense.item()),
+              "router_grad": (ep.router.weight.grad - dense.router.weight.grad).abs().max().item(),
+              "expert_grads": max((a - b).abs().max().item() for a, b in zip(got, want)),
+              "local_experts": len(ep.experts)}
+    results = [None] * world
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        torch.save(results, out / "expert.pt")
+
+
+
+def rank_main(rank: int, world: int, port: int, out: Path, spec: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
     env = init_distributed("cpu")
     cfg = config(spec)
     for name, spelling in spec["layouts"].items():
         result = run_layout(cfg, spelling, env, spec["steps"])
         if env.is_main:
             torch.save(result, out / f"{name}.pt")
-    torch.distributed.destroy_process_group()
+    if spec.get("experts"):
+        expert_check(out)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    world, out, spec = int(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")  # nothing has run yet: no threads to fork
+    procs = [ctx.Process(target=rank_main, args=(r, world, port, out, spec)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    sys.exit(max(abs(p.exitcode) for p in procs))
 
 
 if __name__ == "__main__":
