@@ -121,15 +121,17 @@ def test_lm_evals_local_completions_scores_a_running_minigpt_serve(good_run, tas
         assert per_example(served, task) == pytest.approx(per_example(local, task), abs=1e-4), task
 
 
-def test_lm_evals_own_cli_runs_the_registered_minigpt_model(good_run, tasks):
-    """`python -m minigpt.infer.harness ...` is lm-eval's CLI with the model registered (the README's command;
-    lm-eval asks for cuda:0 by default, which means the CPU on a machine without CUDA)."""
-    import os
-    import subprocess
+def test_lm_evals_own_cli_runs_the_registered_minigpt_model(good_run, tasks, monkeypatch, capsys):
+    """`python -m minigpt.infer.harness ...` (the README's command) is lm-eval's CLI with the model
+    registered: its main(), called here in-process with that command's arguments (lm-eval asks for cuda:0
+    by default, which means the CPU on a machine without CUDA)."""
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "minigpt.infer.harness", "--model", "minigpt", "--model_args",
-                        f"run={good_run}", "--tasks", "minigpt_mc", "--include_path", str(tasks)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "minigpt_mc" in r.stdout and "acc" in r.stdout
+    from minigpt.infer.harness import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["minigpt.infer.harness", "--model", "minigpt", "--model_args", f"run={good_run}",
+                                      "--tasks", "minigpt_mc", "--include_path", str(tasks)])
+    main()
+    out = capsys.readouterr().out
+    assert "minigpt_mc" in out and "acc" in out

@@ -45,7 +45,7 @@ SPECS = {
                            "dp2_tp2": "dp=2,tp=2,zero=3,backend=fsdp", "dp2_tp2_sp": "dp=2,tp=2,sp=1,zero=3,backend=fsdp"}),
 }
 STEPS = 3
-CLI = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_every": 6, "train.checkpoint_every": 3,
+CLI = {"train.max_steps": 4, "train.batch_size_tokens": 256, "train.eval_every": 4, "train.checkpoint_every": 2,
        "model.n_layer": 4}
 
 
@@ -78,7 +78,7 @@ def pipeline_runs(corpus_dir, data_cache, tmp_path_factory):
     pp_line, nodes_line = readme_torchrun_lines(pipeline=True)
     sets = set_args(tiny_overrides(corpus_dir, data_cache, root / "cli", **CLI))
     jobs["cli"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", *pp_line.split()[1:], *sets,
-                   "--stop-at", "3"]
+                   "--stop-at", "2"]
     out = run_concurrently(jobs)
     nodes = two_node_cmds(nodes_line, set_args(tiny_overrides(corpus_dir, data_cache, root / "nodes", **CLI)))
     out.update(run_concurrently({"resume": torchrun_cmd(2, ["--resume", str(root / "cli")]), "node0": nodes[0],
@@ -134,7 +134,7 @@ def test_pipelined_layouts_match_one_process(pipeline_runs, spec):
 def test_the_readme_pipeline_command_stops_resumes_and_reads_like_any_run(pipeline_runs, corpus_dir, data_cache):
     root = pipeline_runs["root"]
     assert "pipeline 2 (1f1b, 2 pipeline stages of 2+2 layers, 2 micro-batches per step)" in pipeline_runs["cli"].stdout
-    assert "steps 3->6 of 6 (resumed from step 3)" in pipeline_runs["resume"].stdout
+    assert "steps 2->4 of 4 (resumed from step 2)" in pipeline_runs["resume"].stdout
     a, b = records(root / "cli"), records(root / "one")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
@@ -150,7 +150,7 @@ def test_the_readme_pipeline_command_stops_resumes_and_reads_like_any_run(pipeli
             if not x.startswith("model.")]
     r = run_cli("train", *set_args(sets + [f'train.init_from="{root / "cli"}"']))
     assert r.returncode == 0 and "init     " in r.stdout, r.stderr
-    r = run_cli("train", "--resume", str(root / "cli"), "--set", "train.pipeline_parallel=1", "--set", "train.max_steps=7")
+    r = run_cli("train", "--resume", str(root / "cli"), "--set", "train.pipeline_parallel=1", "--set", "train.max_steps=5")
     assert r.returncode == 2 and "trained with pipeline_parallel = 2; resume with --set train.pipeline_parallel=2" in r.stderr
 
 
@@ -159,7 +159,7 @@ def test_two_launchers_run_pipeline_stages_across_nodes(pipeline_runs):
     out = pipeline_runs["node0"].stdout + pipeline_runs["node1"].stdout
     assert "4 ranks = dp 1 (ZeRO-0, ddp) x tp 2 x pp 2 (1f1b)" in out
     steps = records(pipeline_runs["root"] / "nodes")
-    assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
+    assert len(steps) == 4 and steps[-1]["loss"] < steps[0]["loss"]
 
 
 @pytest.mark.slow

@@ -123,7 +123,12 @@ def evaluate_tasks(run: str, tasks: list[str], include_path: str | None = None, 
     return results
 
 
-if __name__ == "__main__":  # lm-eval's own CLI, with the minigpt model registered
+def main() -> None:
+    """lm-eval's own CLI (`python -m minigpt.infer.harness ...`), with the minigpt model registered."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
