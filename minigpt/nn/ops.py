@@ -99,15 +99,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ W^T (first `vocab` columns) against targets (-1 ignored)."""
-    if h.device.type == "cpu":
-        return _eager_linear_cross_entropy(h, W, targets, vocab)
+    if h.device.type == "cpu" and _EAGER_HEAD is not None:
+        return _EAGER_HEAD(h, W, targets, vocab)
     return _LinearCrossEntropy.apply(h, W, targets, vocab)
 
 
-@torch.compiler.disable
-def _eager_linear_cross_entropy(h, W, targets, vocab: int) -> torch.Tensor:
-    """On a CPU the head runs eagerly even inside a compiled model (one graph break at the head):
-    on the 2-core reference CPU the tiny model's head took 42 ms eager against 48-52 ms compiled
-    (forward + backward, 4,096 tokens, vocab 2,048; inductor's softmax kernels were slower here
-    than ATen's in-place exp). On a GPU it compiles with the rest."""
+def _head(h, W, targets, vocab: int) -> torch.Tensor:
     return _LinearCrossEntropy.apply(h, W, targets, vocab)
+
+
+_EAGER_HEAD = None  # _head under torch.compiler.disable, once compile_ready() has run
+
+
+def compile_ready() -> None:
+    """Call before torch.compile traces a model: on a CPU the head then runs eagerly inside the compiled
+    model (one graph break at the head): on the 2-core reference CPU the tiny model's head took 42 ms
+    eager against 48-52 ms compiled (forward + backward, 4,096 tokens, vocab 2,048; inductor's softmax
+    kernels were slower here than ATen's in-place exp). On a GPU it compiles with the rest. Not done at
+    import: torch.compiler.disable imports torch._dynamo, about 1 s of every process's start-up."""
+    global _EAGER_HEAD
+    if _EAGER_HEAD is None:
+        _EAGER_HEAD = torch.compiler.disable(_head)

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from minigpt.core.config import TrainConfig
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
+from minigpt.nn.ops import compile_ready
 from minigpt.nn.torch_private import capture_data_dependent_shapes
 from minigpt.parallel.distributed import make_mesh
 
@@ -68,6 +69,7 @@ def _apply(model: torch.nn.Module, plan: ParallelPlan, tc: TrainConfig, mesh) ->
     if tc.compile:
         if model.config.is_moe:  # the dispatch's per-expert token counts depend on the routing
             capture_data_dependent_shapes()
+        compile_ready()  # the CPU head as its own eager region (nn/ops.py)
         model.compile()
     if shards_parameters(plan):
         apply_fsdp(model, mesh["dp_shard"], tc.precision, tc.offload_params)  # ZeRO-3: shards over all of dp

@@ -29,21 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
-from torch.distributed.tensor.experimental import implicit_replication
 
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
@@ -62,9 +47,13 @@ from minigpt.parallel.sharding import (
     to_tp_layout,
 )
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
-             "zbv": ScheduleZBVZeroBubble}
-TIED = ("wte.weight", "lm_head.weight")
+
+def schedule_class(name: str):
+    """The torch.distributed.pipelining schedule (imported here: it loads torch's compiler stack, ~1.4 s)."""
+    from torch.distributed import pipelining
+
+    return {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+            "interleaved-1f1b": pipelining.ScheduleInterleaved1F1B, "zbv": pipelining.ScheduleZBVZeroBubble}[name]
 
 
 def stage_layers(n_layer: int, stages: int) -> list[range]:
@@ -228,9 +217,11 @@ class PipelineBackend(ShardedBackend):
         ids = rank_stages(plan, self.pp_rank)
         self.first, self.last = 0 in ids, plan.stages - 1 in ids
         self.dp_group = mesh["dp_replicate"].get_group() if plan.dp > 1 and not self.fsdp else None
+        from torch.distributed.pipelining import PipelineStage
+
         stages = [PipelineStage(s, i, plan.stages, env.device, group=self.pp_group)
                   for i, s in zip(ids, model.stages)]
-        schedule = SCHEDULES[plan.schedule]
+        schedule = schedule_class(plan.schedule)
         self.schedule = schedule(stages if plan.stages_per_rank > 1 else stages[0], n_microbatches=self.micro_batches,
                                  loss_fn=_cross_entropy)
         self.tied_group = self._tied_group() if cfg.model.tie_embeddings else None
@@ -295,6 +286,8 @@ class PipelineBackend(ShardedBackend):
         dist.all_reduce(square, group=self.pp_group)
         norm = square.sqrt()
         if self.tc.grad_clip > 0:
+            from torch.distributed.tensor.experimental import implicit_replication
+
             with implicit_replication():
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=False)
         self.optimizer.step()
@@ -340,6 +333,8 @@ class PipelineBackend(ShardedBackend):
         return {n for n in names if not (self.cfg.model.tie_embeddings and n == "lm_head.weight")}
 
     def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # collective in dp, tp
         sd = from_tp_layout({k: v.detach().cpu() for k, v in sd.items() if k in self._untie(sd)}, self.cfg.model, self.tp)
         parts = self._gather(sd)
@@ -347,6 +342,8 @@ class PipelineBackend(ShardedBackend):
 
     def save_state(self, folder: Path) -> dict:
         """The optimizer state whole, in the ordinary layout (names and row order of a one-process run)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
         keep = self._untie(osd["state"])
         osd = {"state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in s.items()}
@@ -361,6 +358,12 @@ class PipelineBackend(ShardedBackend):
                 "pipeline_parallel": self.plan.pp}
 
     def load_state(self, folder: Path, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         c, tied = self.cfg.model, self.cfg.model.tie_embeddings
         mine = set(self.model.state_dict())
         weights = read_weights(folder)

@@ -28,24 +28,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.experimental import implicit_replication
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
@@ -56,14 +39,24 @@ from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
 from minigpt.parallel.distributed import DistEnv
 
-TP_PLAN = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-           "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
-_SEQ, _FULL = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
-SP_PLAN = {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
-           "attn": PrepareModuleInput(input_layouts=_SEQ, desired_input_layouts=_FULL),
-           "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-           "attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
-           "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))}
+# torch.distributed.tensor (DTensor, the parallel styles, FSDP2, distributed state dicts) is imported in the
+# functions that shard: it costs ~0.7 s of start-up that a one-process or DDP run does not need.
+
+
+def tp_plan(sequence_parallel: bool = False) -> dict:
+    """A block's tensor-parallel plan (parallelize_module styles by submodule)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    if not sequence_parallel:
+        return {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
+                "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+    seq, full = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
+    return {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
+            "attn": PrepareModuleInput(input_layouts=seq, desired_input_layouts=full),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))}
 
 
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -128,6 +121,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True,
     sequence_parallel: between sublayers each rank holds T/tp positions; the embedding's output is cut
     into them before the first block, and gathered again for the LM head after the final norm. A
     pipeline stage without the embedding receives (and one without the head sends) the shard itself."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
     tp, c = tp_mesh.size(), model.config
     with torch.no_grad():
         for name, p in model.named_parameters() if reorder else ():
@@ -146,7 +141,9 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True,
 def _block_plan(block, sequence_parallel: bool) -> dict:
     """The block's tensor-parallel plan; a mixture of experts splits each expert's MLP as the dense MLP
     is split (Megatron's expert tensor parallelism: one all-reduce per expert and sublayer)."""
-    plan = SP_PLAN if sequence_parallel else TP_PLAN
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = tp_plan(sequence_parallel)
     if not hasattr(block.mlp, "experts"):
         return plan
     attn = {k: v for k, v in plan.items() if k.startswith("attn")}
@@ -158,6 +155,10 @@ def _block_plan(block, sequence_parallel: bool) -> dict:
 def _shard_sequence_ends(model, blocks, tp_mesh: DeviceMesh) -> None:
     """Sequence parallelism's two edges: the replicated embedding output -> this rank's T/tp positions
     (a slice, no communication); the final norm on the shard, its output gathered whole for the head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel, parallelize_module
+
+    _SEQ, _FULL = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
     if getattr(model, "wte", None) is not None and blocks:
         parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(input_layouts=_FULL, desired_input_layouts=_SEQ,
                                                                   use_local_output=True))
@@ -176,6 +177,8 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload
     are gathered and computed in 16-bit, gradients reduced in `reduce_precision` (MixedPrecisionPolicy).
     reshard_after_forward=False keeps the gathered parameters until backward: ZeRO-2's traffic.
     expert_mesh: expert parallelism's experts are sharded first, each over the dp ranks that hold it."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
                               reduce_dtype=DTYPES[reduce_precision])
     kw = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else None)
@@ -191,6 +194,8 @@ def apply_fsdp(model: GPT, dp_mesh: DeviceMesh, precision: str = "fp32", offload
 
 def grad_norm(params) -> torch.Tensor:
     """Global L2 norm of the gradients, whatever mix of DTensor meshes and plain tensors holds them."""
+    from torch.distributed.tensor import DTensor
+
     groups: dict = {}
     for p in params:
         if p.grad is not None:
@@ -266,23 +271,31 @@ class ShardedBackend(Backend):
     def optimizer_step(self) -> StepResult:
         norm = grad_norm(self.params)
         if self.tc.grad_clip > 0:  # the plain norm tensor scales DTensor gradients as a replicated scalar
+            from torch.distributed.tensor.experimental import implicit_replication
+
             with implicit_replication():
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=False)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, torch.zeros((), dtype=torch.int32))
 
-    def _full(self) -> StateDictOptions:
+    def _full(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def save_state(self, folder: Path) -> dict:
         """The optimizer state whole (gathered), in the ordinary layout: any world size can resume it."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=self._full())  # collective
         if not self.env.is_main:  # the whole state lands on rank 0 only
             return {}
         return {"optimizer": map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))}
 
     def load_state(self, folder: Path, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
         c = self.cfg.model
         weights = read_weights(folder)
         if c.tie_embeddings:
@@ -292,6 +305,8 @@ class ShardedBackend(Backend):
         set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
     def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
         sd = get_model_state_dict(self.model, options=self._full())
         if not self.env.is_main:
             return None
