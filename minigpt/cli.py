@@ -343,7 +343,7 @@ def cmd_flops_sweep(args) -> None:
 
 def cmd_memory(args) -> None:
     from minigpt.analytic import memory as M
-    from minigpt.analytic.report import memory_table, per_rank_memory_table, zero_stage_lines
+    from minigpt.analytic.report import deepspeed_estimate_lines, memory_table, per_rank_memory_table, zero_stage_lines
 
     if args.run:  # what a run measured on every rank
         path = Path(args.run) / "memory_per_rank.json"
@@ -357,11 +357,14 @@ def cmd_memory(args) -> None:
     if args.params is not None:  # quick what-if from a bare parameter count
         precision = args.precision or "bf16"
         table = M.zero_table(args.params, precision, args.dp)
+        ds = M.deepspeed_estimates(args.params, args.dp)
         if args.json:
-            print(to_json({"params_total": args.params, "dp": args.dp, "precision": precision, "zero": table}))
+            print(to_json({"params_total": args.params, "dp": args.dp, "precision": precision, "zero": table,
+                           "deepspeed_estimator_bytes": ds}))
             return
         print(f"model states per GPU for {args.params:.4g} parameters, {precision}, dp={args.dp} (ZeRO paper layout):")
         print("\n".join(zero_stage_lines(table)))
+        print("\n".join(deepspeed_estimate_lines(table, ds)))
         return
     import torch
 
@@ -451,6 +454,19 @@ def cmd_bench_hardware(args) -> None:
     print(f"({hw['convention']})")
 
 
+def _training_context(args, cfg) -> tuple[int | None, str]:
+    """extrapolate's training sequence length and where it comes from."""
+    from pathlib import Path
+
+    if getattr(args, "seq_len", None):
+        return args.seq_len, "given (--seq-len)"
+    target = Path(getattr(args, "target", "") or "")
+    if target.suffix == ".json" or target.is_dir():
+        return None, (f"the HF config's max_position_embeddings ({cfg.model.block_size:,}), its longest context, not "
+                      f"necessarily the one it trained at: give --seq-len")
+    return None, "the preset's block_size"
+
+
 def _extrapolate_plan(text: str, cfg) -> dict:
     """extrapolate --plan: its keys, or with `published` the target's published layout's."""
     if text != "published":
@@ -496,7 +512,9 @@ def scenario_from_args(args, cfg):
                  "speculate": speculate_factor(args.speculate) if args.speculate else None}
     if cfg.target.label:
         notes.append(cfg.target.label)
+    seq_len, seq_source = _training_context(args, cfg)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
+                    seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
                     context=args.context, batch=args.batch, serve=serve, notes=notes)
@@ -791,6 +809,8 @@ def _add_extrapolate_command(sub) -> None:
                    help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
                         "and per-GPU memory; layouts whose simulated memory does not fit are rejected")
     p.add_argument("--micro-batch", type=number(int, 1), default=1, help="sequences per GPU per micro-step (memory, bubble)")
+    p.add_argument("--seq-len", type=number(int, 1, 1 << 22), help="training context in tokens (default: the preset's "
+                   "block_size; for an HF config.json its max_position_embeddings, said as such)")
     p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="inference batch for the decode bound")
     p.add_argument("--serve", action="store_true", help="add a serving scenario")

@@ -116,3 +116,12 @@ def test_the_gpu_checks_script_refuses_a_machine_without_cuda(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: no CUDA device") and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_nvlink_is_counted_one_way_like_the_nics():
+    """A ring's bandwidth term runs at what a GPU sends one way; the datasheets' NVLink totals count both
+    directions (H100 900 GB/s, A100 600), so the table keeps half, the unit of the inter-node figures."""
+    from minigpt.core.hardware import gpu_by_name
+
+    assert (gpu_by_name("H100").nvlink_gbs, gpu_by_name("A100").nvlink_gbs, gpu_by_name("B200").nvlink_gbs) == (450, 300, 900)
+    assert gpu_by_name("H100").internode_gbs == 400 / 8  # one 400 Gb/s NIC per GPU, one way

@@ -178,6 +178,11 @@ def test_hf_config_json_is_a_target_for_flops_memory_and_extrapolate(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["params_total"] == 8_030_261_248 and out["train_tokens"] == 15e12
+    ctx = FAMILIES["llama3-8b"][1]["max_position_embeddings"]
+    assert out["sources"]["seq_len"].startswith(f"{ctx:,} tokens: the HF config's max_position_embeddings")
+    r = run_cli("extrapolate", "--target", str(tmp_path / "l3"), "--tokens", "15e12", "--seq-len", "64", "--json")
+    short = json.loads(r.stdout)
+    assert short["sources"]["seq_len"] == "64 tokens: given (--seq-len)" and short["train_flops"] < out["train_flops"]
 
 
 class Evil:

@@ -129,3 +129,20 @@ def test_gpt3_175b_memory_under_fake_tensors_is_extended_from_two_depths():
     assert "extended linearly" in r["scaled_from"]
     for k in ("parameters", "gradients", "optimizer_state", "activations"):
         assert r["ratios"][k] == pytest.approx(1.0, abs=0.01), k
+
+
+def test_deepspeed_estimator_transcription_matches_the_installed_functions():
+    """`memory --params` prints DeepSpeed's own estimates beside the ZeRO paper's layout (torch-free, so
+    transcribed); the transcription must equal DeepSpeed's functions."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from minigpt.analytic.memory import deepspeed_estimates
+
+    for params, dp, largest in ((7.5e9, 64, 0), (1.3e9, 8, 5e7), (175e9, 1024, 1.2e9)):
+        nodes, per_node = (dp // 8, 8) if dp >= 8 else (1, dp)
+        ours = deepspeed_estimates(params, dp, largest)
+        assert ours["2"] == estimate_zero2_model_states_mem_needs(int(params), per_node, nodes, cpu_offload=False)[1]
+        assert ours["3"] == estimate_zero3_model_states_mem_needs(int(params), int(largest), per_node, nodes,
+                                                                 cpu_offload=False, cpu_offload_params=False)[1]

@@ -13,6 +13,7 @@ A month of serving is 30 days (720 hours).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Scenario:
     tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
     flops_convention: str = "exact"
     plan: dict = field(default_factory=dict)  # --plan keys that fix the layout (tp, pp, dp, zero); the rest searched
+    seq_len: int | None = None  # training context; None: the model's block_size
+    seq_source: str = "the model's block_size"
     micro_batch: int = 1
     context: int | None = None  # inference context length (default: block_size / 2)
     batch: int = 1  # inference batch for the decode bound
@@ -181,13 +184,15 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     """Training cost, memory and layout, communication, inference and (optionally) serving."""
     _check(s)
     c.validate()
+    if s.seq_len:
+        c = dataclasses.replace(c, block_size=s.seq_len)
     p = F.param_counts(c)
     seq = c.block_size
     tokens, tokens_source = resolve_tokens(c, target, s.tokens)
     peak = s.gpu.tflops[s.dtype] * 1e12
     flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
     flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
-    sources = {"tokens": tokens_source}
+    sources = {"tokens": tokens_source, "seq_len": f"{seq:,} tokens: {s.seq_source}"}
     mfu, mfu_source = s.mfu, s.mfu_source
     if mfu is None:
         mfu, mfu_source = REFERENCE_MFU[s.gpu.name]
@@ -353,7 +358,7 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
     # links, the slowest hop, which bounds the ring's bandwidth.
     intra = layout["tp"] * dp <= GPUS_PER_NODE
     if intra:
-        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU (the group fits in one node)"
+        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU per direction (the group fits in one node)"
     else:
         link = s.gpu.internode_gbs * 1e9
         link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "

@@ -254,3 +254,13 @@ def weight_copy_bytes(c: ModelConfig, precision: str) -> float:
     """The part of the activations that is weights: under autocast each matrix's 16-bit copy, which Linear
     saves for backward (every layer's; 0 in fp32). Part of activation_bytes' per-layer figure."""
     return 0.0 if precision == "fp32" else c.n_layer * _matrix_params_per_layer(c) * PRECISION_BYTES[precision]
+
+
+def deepspeed_estimates(params: float, dp: int, largest_layer: float = 0.0) -> dict[str, float]:
+    """GPU bytes per rank that DeepSpeed's own estimators give for the model states (no offload), beside
+    the ZeRO paper's layout: estimate_zero2_model_states_mem_needs gives 2 Psi + 18 Psi / N (its 16-bit
+    weights, and fp32 master weights, Adam moments and gradient buffers partitioned), and
+    estimate_zero3_model_states_mem_needs 4 x the largest layer's parameters + 18 Psi / N (DeepSpeed
+    0.x, stage_1_and_2.py and stage3.py; tests/test_memory.py checks this transcription against the
+    installed functions). Keys "2" and "3"."""
+    return {"2": 2 * params + int(18 * params / dp), "3": 4 * largest_layer + int(18 * params / dp)}

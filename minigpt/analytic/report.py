@@ -82,6 +82,18 @@ def zero_stage_lines(table: dict) -> list[str]:
             f"optimizer {fmt_bytes(z['optimizer_state'])}, total {fmt_bytes(z['total'])}" for stage, z in table.items()]
 
 
+def deepspeed_estimate_lines(table: dict, ds: dict) -> list[str]:
+    """DeepSpeed's own estimators beside the ZeRO paper's layout: what a cluster sized with them needs."""
+    out = []
+    for stage in (2, 3):
+        paper = table[str(stage)]["total"]
+        out.append(f"  DeepSpeed's estimator, stage {stage}: {fmt_bytes(ds[str(stage)])} per GPU ({ds[str(stage)] / paper - 1:+.0%} "
+                   f"over the paper's layout" + ("; its 4 x largest-layer term not included: --params gives no layers)"
+                                               if stage == 3 else ")"))
+    return ["what DeepSpeed's own estimate_zero{2,3}_model_states_mem_needs (no offload) say, 2 Psi + 18 Psi/N "
+            "and 4 x largest layer + 18 Psi/N:", *out]
+
+
 def run_report(cfg: Config, fl: dict, mem: dict, step_seconds: float, tokens_per_step: int, world_size: int,
                peak: Peak, device_type: str, run: dict | None = None) -> dict:
     """What the run did (`run`: its summary and peak memory), then FLOPs counted vs formulas (`fl`,
@@ -200,7 +212,8 @@ def extrapolation_lines(r: dict) -> list[str]:
     label = f" [{r['target_label']}]" if r["target_label"] else ""
     lines = [
         f"target{label}: {r['params_total']:,.0f} parameters ({r['params_active']:,.0f} active per token), "
-        f"{r['train_tokens']:.4g} training tokens ({r['sources']['tokens']})",
+        f"{r['train_tokens']:.4g} training tokens ({r['sources']['tokens']}); training context "
+        f"{r['sources'].get('seq_len', '-')}",
         f"training FLOPs: {r['train_flops_6n']:.4g} under 6N ({r['pf_days_6n']:,.1f} PF-days); "
         f"{r['train_flops_exact']:.4g} exact (every matmul, validated by counting); "
         f"used: {r['flops_convention']} = {r['train_flops']:.4g} ({r['pf_days']:,.1f} PF-days)",

@@ -2,6 +2,9 @@
 
 Dense peaks (NVIDIA's headline Hopper/Blackwell tensor figures are 2:4-sparse, twice these), HBM
 capacity and bandwidth, NVLink bandwidth per GPU: NVIDIA's V100, A100, H100, H200 and B200 datasheets.
+NVLink is kept per direction: the datasheets' 300 / 600 / 900 / 1,800 GB/s count both directions, and a
+ring collective's bandwidth term runs at what one GPU sends one way (its neighbour sends back at the same
+time), the unit the inter-node NIC figures below are in.
 Inter-node bandwidth per GPU is an assumption taken from each GPU's 8-GPU DGX system datasheet
 (one NIC per GPU): DGX-1 V100 4 x 100 Gb/s EDR for 8 GPUs = 6.25 GB/s; DGX A100 200 Gb/s HDR = 25 GB/s;
 DGX H100/H200/B200 400 Gb/s NDR = 50 GB/s.
@@ -29,7 +32,7 @@ class GPUSpec:
     tflops: dict = field(default_factory=dict)  # dense TFLOP/s by dtype: bf16, fp16, tf32, fp32, fp8
     memory_gb: float = 0.0
     bandwidth_tbs: float = 0.0  # HBM, TB/s
-    nvlink_gbs: float = 0.0  # per GPU, GB/s
+    nvlink_gbs: float = 0.0  # per GPU and direction, GB/s (half the datasheet's bidirectional total)
     internode_gbs: float = 0.0  # per GPU, GB/s, between nodes: the NICs of the vendor's 8-GPU system
     price_usd_per_hour: float = 0.0  # assumption for extrapolation: an on-demand cloud rate, overridable
 
@@ -37,12 +40,12 @@ class GPUSpec:
 GPUS: dict[str, GPUSpec] = {
     g.name: g
     for g in (
-        GPUSpec("V100", r"V100", {"fp16": 125, "fp32": 15.7}, 32, 0.90, 300, 6.25, 2.0),
-        GPUSpec("A100-40GB", r"A100.*40", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 40, 1.555, 600, 25, 1.0),
-        GPUSpec("A100-80GB", r"A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 80, 2.039, 600, 25, 1.5),
-        GPUSpec("H100", r"H100", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 80, 3.35, 900, 50, 2.0),
-        GPUSpec("H200", r"H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 141, 4.8, 900, 50, 3.0),
-        GPUSpec("B200", r"B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 80, "fp8": 4500}, 192, 8.0, 1800, 50, 5.0),
+        GPUSpec("V100", r"V100", {"fp16": 125, "fp32": 15.7}, 32, 0.90, 150, 6.25, 2.0),
+        GPUSpec("A100-40GB", r"A100.*40", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 40, 1.555, 300, 25, 1.0),
+        GPUSpec("A100-80GB", r"A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}, 80, 2.039, 300, 25, 1.5),
+        GPUSpec("H100", r"H100", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 80, 3.35, 450, 50, 2.0),
+        GPUSpec("H200", r"H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67, "fp8": 1979}, 141, 4.8, 450, 50, 3.0),
+        GPUSpec("B200", r"B200", {"bf16": 2250, "fp16": 2250, "tf32": 1100, "fp32": 80, "fp8": 4500}, 192, 8.0, 900, 50, 5.0),
     )
 }
 GPU_ALIASES = {"A100": "A100-80GB", "A100-40": "A100-40GB", "A100-80": "A100-80GB"}

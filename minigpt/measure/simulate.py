@@ -326,8 +326,8 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     compute_s = flops / (gpu.tflops[dtype] * 1e12 * mfu)
     tp_s, dp_s = comm["tp"] / nvlink, (comm["dp"] + comm.get("ep", 0)) / dp_link  # ep groups are dp ranks
     return {"gpu": gpu.name, "mfu": mfu, "compute_flops_per_rank": flops, "compute_s": compute_s,
-            "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s",
-            "dp_link": (f"NVLink {gpu.nvlink_gbs:g} GB/s" if dp_link == nvlink else
+            "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s per direction",
+            "dp_link": (f"NVLink {gpu.nvlink_gbs:g} GB/s per direction" if dp_link == nvlink else
                         f"inter-node {gpu.internode_gbs:g} GB/s per GPU (assumption: DGX NICs)"),
             "comm_share": (tp_s + dp_s) / (tp_s + dp_s + compute_s),
             "convention": f"{convention} FLOPs at {mfu:.0%} MFU of {gpu.name} dense {dtype}; communication not "

@@ -289,3 +289,4 @@ def held_bytes(engine, ds_optimizer, model: torch.nn.Module) -> dict:
         grads += _bytes([flat])
     return {"parameters": param_bytes, "gradients": grads, "optimizer_state": moments + master,
             "optimizer_moments": moments, "optimizer_master_weights": master}
+
