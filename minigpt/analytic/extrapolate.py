@@ -183,9 +183,8 @@ def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int,
 def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     """Training cost, memory and layout, communication, inference and (optionally) serving."""
     _check(s)
+    c = dataclasses.replace(c, block_size=s.seq_len) if s.seq_len else c
     c.validate()
-    if s.seq_len:
-        c = dataclasses.replace(c, block_size=s.seq_len)
     p = F.param_counts(c)
     seq = c.block_size
     tokens, tokens_source = resolve_tokens(c, target, s.tokens)
