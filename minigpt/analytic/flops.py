@@ -39,8 +39,9 @@ def param_counts(c: ModelConfig) -> ParamCounts:
     mlp_matmul = h * fc_out + c.ffn_hidden * h
     mlp_bias = (fc_out + h) if c.mlp_bias else 0
     n_mlp, k_mlp, router = (c.n_expert, c.n_expert_active, h * c.n_expert) if c.is_moe else (1, 1, 0)
-    block = attn_matmul + attn_bias + n_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm
-    block_active = attn_matmul + attn_bias + k_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm
+    qk_norm = 2 * D if c.qk_norm else 0  # the RMSNorm scales of queries and keys (head_dim each)
+    block = attn_matmul + attn_bias + n_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm + qk_norm
+    block_active = attn_matmul + attn_bias + k_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm + qk_norm
     non_embedding = c.n_layer * block + norm
     active_non_embedding = c.n_layer * block_active + norm
     embedding = Vp * h + (c.block_size * h if c.pos_emb == "learned" else 0) + (0 if c.tie_embeddings else Vp * h)
@@ -171,3 +172,17 @@ def decode_flops(c: ModelConfig, cache_len: int) -> float:
     """
     p = param_counts(c)
     return 2 * p.active_matmul + 4 * c.n_layer * (cache_len + 1) * c.n_head * c.head_dim
+
+
+def muon_flops_per_step(c: ModelConfig, ns_steps: int = 5) -> float:
+    """FLOPs of Muon's Newton-Schulz orthogonalisation per optimizer step (torch.optim.Muon, ns_steps
+    quintic iterations per matrix): for an m x n matrix with a = min(m, n), b = max(m, n), each iteration
+    forms A = X X^T (2 a^2 b), B = beta A + gamma A A (2 a^3) and alpha X + B X (2 a^2 b). Every matrix of
+    every block (all experts, the router); not part of the model FLOPs that MFU counts."""
+    D = c.head_dim
+    fc_out = 2 * c.ffn_hidden if c.mlp == "swiglu" else c.ffn_hidden
+    shapes = [((c.n_head + 2 * c.n_kv_head) * D, c.n_embd), (c.n_embd, c.n_head * D)]
+    mlp = [(fc_out, c.n_embd), (c.n_embd, c.ffn_hidden)]
+    shapes += mlp * (c.n_expert if c.is_moe else 1) + ([(c.n_expert, c.n_embd)] if c.is_moe else [])
+    per_layer = sum(ns_steps * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
+    return float(c.n_layer * per_layer)

@@ -40,8 +40,9 @@ class ModelConfig:
     n_embd: int = 128
     block_size: int = 128  # maximum context length in tokens
     vocab_size: int = 2048
-    ffn_hidden: int | None = None  # None: 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    ffn_hidden: int | None = None  # None: 4*n_embd for gelu and relu2, ~8/3*n_embd (multiple of 64) for swiglu
+    mlp: str = "gelu"  # "gelu" | "swiglu" | "relu2" (relu(x)^2, So et al. 2021: Primer)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before attention (Henry et al. 2020; Dehghani et al. 2023)
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     pos_emb: str = "learned"  # "learned" | "rope"
     tie_embeddings: bool = True
@@ -58,7 +59,7 @@ class ModelConfig:
     pad_vocab_multiple: int = 64  # embedding/LM-head rows rounded up to this (faster matmuls); 1: exact
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "mlp": ("gelu", "swiglu"),
+        "mlp": ("gelu", "swiglu", "relu2"),
         "norm": ("layernorm", "rmsnorm"),
         "pos_emb": ("learned", "rope"),
     }
@@ -180,6 +181,11 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the model; unset: on for CUDA and CPU (faster: README)
     # "ddp" (torch DistributedDataParallel) | "fsdp" (FSDP2 fully_shard: ZeRO-3 in PyTorch) | "deepspeed" (ZeRO)
     backend: str = "ddp"
+    # "adamw" | "muon": torch.optim.Muon (Jordan et al. 2024) on the blocks' matrices, its update scaled to
+    # AdamW's RMS (Liu et al. 2025) so one lr and schedule serve both; AdamW on embeddings, head, norms, biases
+    optimizer: str = "adamw"
+    schedule: str = "cosine"  # "cosine" (to min_lr at max_steps) | "wsd" (warmup, stable, linear decay at the end)
+    decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying to min_lr
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor; heads and ffn_hidden divide by it)
     pipeline_parallel: int = 1  # ranks per pipeline (stages of layers; torch.distributed.pipelining)
     # the pipeline schedule: "gpipe" | "1f1b" | "interleaved-1f1b" (virtual stages) | "zbv" (zero bubble, V-shaped)
@@ -226,6 +232,8 @@ class TrainConfig:
         "precision": ("auto", "fp32", "bf16", "fp16"),
         "backend": ("ddp", "fsdp", "deepspeed"),
         "pipeline_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
+        "optimizer": ("adamw", "muon"),
+        "schedule": ("cosine", "wsd"),
     }
 
     def validate(self) -> None:
@@ -254,6 +262,8 @@ class TrainConfig:
         for key in ("tensor_parallel", "pipeline_parallel"):
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} = {getattr(self, key)} must be a positive integer (1: none)")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"train.decay_fraction = {self.decay_fraction} must be in (0, 1], e.g. 0.2")
         if self.dist_timeout_s <= 0:
             raise UserError(f"train.dist_timeout_s = {self.dist_timeout_s} must be positive, e.g. 600")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

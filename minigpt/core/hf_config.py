@@ -95,6 +95,9 @@ def hf_family(c: ModelConfig) -> str:
     if c.is_moe:
         raise UserError(f"model.n_expert = {c.n_expert}: exporting a mixture of experts is not supported "
                         f"(dense GPT-2 and Llama layouts only)")
+    if c.qk_norm:
+        raise UserError("model.qk_norm = true: neither GPT-2 nor Llama normalises queries and keys; export refuses it "
+                        "(train with qk_norm = false to export)")
     layouts = "GPT-2 is learned + layernorm + gelu, Llama is rope + rmsnorm + swiglu"
     if (c.pos_emb, c.norm, c.mlp) == ("learned", "layernorm", "gelu"):
         if c.n_kv_head != c.n_head or c.head_dim * c.n_head != c.n_embd:

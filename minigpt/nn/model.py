@@ -92,6 +92,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attention_bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm: each head's queries and keys RMS-normalised (learned scale), bounding the attention logits
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, rope=None, cache: KVCache | None = None, input_pos=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -100,6 +103,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -133,7 +138,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         # SwiGLU (Shazeer 2020): silu(x W1) * (x W3), fused here as one matrix of 2*ffn_hidden outputs
         fc_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
@@ -145,6 +150,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(h).square()  # ReLU^2 (Primer)
         else:
             h = gelu_tanh(h)  # GPT-2's GELU
         return self.dropout(self.c_proj(h))

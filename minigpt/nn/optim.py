@@ -13,16 +13,57 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps; or (schedule "wsd",
+    warmup-stable-decay: Zhai et al. 2022, Hu et al. 2024) lr held until the last decay_fraction of
+    max_steps, then a linear decay to min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if getattr(cfg, "schedule", "cosine") == "wsd":
+        decay_start = cfg.max_steps * (1 - cfg.decay_fraction)
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr + (cfg.min_lr - cfg.lr) * min((step - decay_start) / max(cfg.max_steps - decay_start, 1), 1.0)
     span = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear weights, embeddings) only, not on biases or norms.
+class Optimizers:
+    """Several optimizers stepping as one (Muon on the blocks' matrices, AdamW on the rest): their
+    param_groups together (the learning-rate schedule sets every group), one state dict holding each's."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+
+
+def hidden_matrices(model: torch.nn.Module) -> set[int]:
+    """ids of the blocks' 2-D weights: the parameters Muon orthogonalises."""
+    return {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+
+
+def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False):
+    """AdamW; weight decay on matrices (linear weights, embeddings) only, not on biases or norms. With
+    train.optimizer = "muon": torch.optim.Muon on the blocks' matrices (its update scaled to AdamW's RMS,
+    adjust_lr_fn="match_rms_adamw", so the same lr, weight decay and schedule apply), AdamW on the rest.
 
     fused=True (CPU, CUDA) runs the whole update as one kernel per parameter group and lets an
     fp16 grad scaler skip an overflowed step without a host round trip (on the 2-core reference
@@ -30,6 +71,16 @@ def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.op
     (multi-tensor foreach) implementation.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        hidden = hidden_matrices(model)
+        muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        params = [p for p in params if id(p) not in hidden]
+        return Optimizers(adamw=_adamw(params, cfg, fused), muon=muon)
+    return _adamw(params, cfg, fused)
+
+
+def _adamw(params: list, cfg, fused: bool) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [

@@ -46,6 +46,7 @@ class Backend:
 
     name: ClassVar[str] = ""
     files: ClassVar[tuple[str, ...]] = ()  # run-directory entries this backend writes (besides checkpoints)
+    runs_muon: ClassVar[bool] = False  # whether train.optimizer = "muon" runs here (it needs whole matrices)
     model: torch.nn.Module  # the model being trained (parallelised: evaluation runs on it)
     optimizer: torch.optim.Optimizer
 
@@ -62,6 +63,10 @@ class Backend:
         tc = cfg.train
         if tc.deepspeed_config:
             raise UserError("train.deepspeed_config needs train.backend = 'deepspeed'")
+        if tc.optimizer == "muon" and (not cls.runs_muon or tc.precision == "fp16"):
+            raise UserError("train.optimizer = 'muon' runs on one process or DDP in fp32/bf16: its Newton-Schulz step "
+                            "needs whole matrices (FSDP, tensor and pipeline parallelism and DeepSpeed shard or wrap "
+                            "them) and fp16's grad scaler one torch optimizer; use train.optimizer = 'adamw' there")
         if plan.ep > 1:
             raise UserError(f"expert parallelism (ep={plan.ep}) is simulated and costed (minigpt simulate), not trained "
                             f"yet; train with ep=1")
@@ -131,6 +136,10 @@ class Backend:
         written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's
         if written_by != self.plan.backend:
             raise UserError(f"{run_dir} was written by the {written_by} backend; resume with --set train.backend={written_by}")
+        optimizer = state.get("optimizer_name", "adamw")  # runs before the field existed used AdamW
+        if optimizer != self.tc.optimizer:
+            raise UserError(f"{run_dir} was trained with train.optimizer = '{optimizer}'; resume with --set "
+                            f"train.optimizer={optimizer}")
         pp = state.get("pipeline_parallel", 1)  # the optimizer state's layout follows the pipeline's
         if pp != self.plan.pp:
             raise UserError(f"{run_dir} was trained with pipeline_parallel = {pp}; resume with --set "

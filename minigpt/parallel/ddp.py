@@ -22,6 +22,7 @@ class TorchBackend(Backend):
     """One process, or DDP under torchrun: autocast, fp16 grad scaler, clipping, AdamW (fused)."""
 
     name = "ddp"
+    runs_muon = True
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:

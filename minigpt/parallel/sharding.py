@@ -294,7 +294,11 @@ class ShardedBackend(Backend):
         return {"optimizer": map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))}
 
     def load_state(self, folder: Path, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         c = self.cfg.model
         weights = read_weights(folder)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from minigpt.analytic.flops import param_counts, train_flops_per_token
+from minigpt.analytic.flops import muon_flops_per_step, param_counts, train_flops_per_token
 from minigpt.analytic.report import per_rank_memory_table
 from minigpt.core.atomic import atomic_write_text, read_jsonl
 from minigpt.core.config import Config, config_from_json, read_json
@@ -82,6 +82,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0  # fp16 updates skipped (overflow) so far
     backend: str = "ddp"  # the engine that wrote it (train.backend): a checkpoint resumes under it
+    optimizer_name: str = "adamw"  # train.optimizer: a checkpoint's optimizer state resumes under the same one
 
 
 @torch.no_grad()
@@ -259,9 +260,9 @@ def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, r
     rank: a tensor-parallel group shares its masks; the weights are equal)."""
     if not resume:
         torch.manual_seed(backend.tc.seed + plan.dp_rank(env.rank))
-        return TrainState(backend=plan.backend)
+        return TrainState(backend=plan.backend, optimizer_name=backend.tc.optimizer)
     saved = checkpointer.load(backend)
-    return TrainState(saved["step"], saved.get("skipped_steps", 0), plan.backend)
+    return TrainState(saved["step"], saved.get("skipped_steps", 0), plan.backend, backend.tc.optimizer)
 
 
 def loop(run: Run, stop: StopControl) -> None:
@@ -558,4 +559,17 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
     lines.append(f"mfu      model FLOPs {m.flops / layout.tokens_per_step:,.0f}/token (exact matmul count, 3x forward, "
                  f"full attention square, no recompute) per device / peak: {peak.source}"
                  + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)"))
-    return lines
+    return lines + _optimizer_lines(cfg, m.flops / env.world_size)
+
+
+def _optimizer_lines(cfg: Config, device_flops: float) -> list[str]:
+    """What train.optimizer and train.schedule are, and Muon's extra FLOPs (not in the model FLOPs)."""
+    tc = cfg.train
+    schedule = (f"wsd (warmup {tc.warmup_steps}, stable, linear decay over the last {tc.decay_fraction:.0%})"
+                if tc.schedule == "wsd" else f"cosine (warmup {tc.warmup_steps})")
+    if tc.optimizer != "muon":
+        return [f"optim    AdamW, lr {tc.lr:g} -> {tc.min_lr:g}, {schedule}"]
+    extra = muon_flops_per_step(cfg.model)
+    return [f"optim    Muon (5 Newton-Schulz steps) on the blocks' matrices + AdamW on the rest, lr {tc.lr:g} -> "
+            f"{tc.min_lr:g}, {schedule}; Newton-Schulz adds {extra:,.0f} FLOPs per step on every rank ({extra / device_flops:.1%} "
+            f"of the step's model FLOPs per device, not in MFU)"]
