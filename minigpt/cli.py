@@ -641,7 +641,8 @@ def _add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("quickstart", parents=[threads_flag()], help="the main job: prepare stdlib text, train the tiny GPT, sample")
-    p.add_argument("--config", default="tiny", help="the preset or TOML to train (default: tiny)")
+    p.add_argument("--config", default="tiny-modern", help="the preset or TOML to train (default: tiny-modern, the "
+                                                           "speedrun's best recipe on the tiny shape)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable (e.g. --set train.max_steps=100)")
     p.add_argument("--out-dir", default="runs/quickstart", help="the run directory (default: runs/quickstart)")
