@@ -26,6 +26,7 @@ RECIPES: dict[str, list[str]] = {
     "modern+muon": ['model.pos_emb="rope"', 'model.norm="rmsnorm"', 'model.mlp="relu2"', "model.qk_norm=true",
                     "model.tie_embeddings=false", 'train.schedule="wsd"', 'train.optimizer="muon"'],
 }
+RECIPES["modern+muon lr x2"] = RECIPES["modern+muon"] + ["train.lr=6e-3", "train.min_lr=6e-4"]  # the budget's lr
 PROBE_STEPS = 6
 
 
