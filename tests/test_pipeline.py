@@ -8,7 +8,6 @@ commands run too: the pipelined one stopped and resumed, the two-node one as two
 """
 
 import json
-import socket
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from conftest import (
     REPO,
     final_weights as weights,
+    free_port,
     readme_torchrun_lines,
     run_cli,
     run_concurrently,
@@ -47,12 +47,6 @@ SPECS = {
 STEPS = 3
 CLI = {"train.max_steps": 4, "train.batch_size_tokens": 256, "train.eval_every": 4, "train.checkpoint_every": 2,
        "model.n_layer": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_node_cmds(line: str, extra: list[str]) -> list[list[str]]:

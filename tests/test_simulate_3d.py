@@ -3,7 +3,8 @@ sequence-parallel plan and the real all-to-all dispatch on fake ranks, counted b
 
 The published layouts: GPT-4's estimated 8-way tensor x 15-way pipeline (a mixture of 16 experts, each
 split over tp) and MT-NLG 530B's 8 x 35 (Smith et al. 2022), point-to-point bytes per boundary per
-micro-batch against b*s*h (Narayanan et al. 2021) within 1%, each in under a minute.
+micro-batch against b*s*h (Narayanan et al. 2021) within 1% (how long they take is said in the README,
+measured, not asserted here).
 """
 
 import json
@@ -31,7 +32,6 @@ def test_published_layouts_simulate_in_seconds_with_p2p_on_the_formula(target, s
     assert r["comm_bytes_per_rank_by_group"]["tp"] == pytest.approx(r["predicted_comm_bytes_per_rank_by_group"]["tp"],
                                                                     rel=0.01)
     assert r["stage_layers"] == -(-c.n_layer // r["pp"])  # the real split: earlier stages take the extra layer
-    assert r["elapsed_s"] < 60
 
 
 def test_expert_parallel_all_to_all_is_counted_beside_the_formula():

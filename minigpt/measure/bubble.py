@@ -61,9 +61,7 @@ def _busy(backend: PipelineBackend, c: ModelConfig, micro: int, m: int) -> None:
 def _schedule(backend: PipelineBackend, batches: list) -> None:
     """The schedule's forward and backward of every micro-batch, as PipelineBackend.step runs it, without
     the optimizer step (not part of the pipeline)."""
-    x, y = (torch.cat(t) for t in zip(*batches))
-    backend.schedule.step(*((x,) if backend.first else ()), target=y if backend.last else None, losses=[],
-                          return_outputs=False)
+    backend.run_schedule(batches)
     backend.optimizer.zero_grad(set_to_none=True)
 
 

@@ -264,35 +264,35 @@ class PipelineBackend(ShardedBackend):
 
     # the step ----------------------------------------------------------------------------------
 
-    def step(self, micro_batches: list) -> tuple[torch.Tensor, StepResult]:
-        """The schedule over every micro-batch of the step; the loss (the last stage's) shared with the
-        pipeline group."""
+    def run_schedule(self, micro_batches: list) -> list:
+        """The schedule's forward and backward of every micro-batch (gradients scaled by 1/m); the last
+        stage's per-micro-batch losses (empty elsewhere). The optimizer's work is not in it."""
         x, y = (torch.cat(t) for t in zip(*micro_batches))
         losses: list = []
         self.schedule.step(*((x,) if self.first else ()), target=y if self.last else None, losses=losses,
                            return_outputs=False)
+        return losses
+
+    def step(self, micro_batches: list) -> tuple[torch.Tensor, StepResult]:
+        """The schedule over every micro-batch of the step; the loss (the last stage's) shared with the
+        pipeline group."""
+        losses = self.run_schedule(micro_batches)
         if self.dp_group is not None:
             self._all_reduce_replicas()
         self._sum_tied_grads()
-        loss = torch.stack(losses).detach().mean() if self.last else torch.zeros((), device=x.device)
+        device = micro_batches[0][0].device
+        loss = torch.stack(losses).detach().mean() if self.last else torch.zeros((), device=device)
         dist.all_reduce(loss, group=self.pp_group)
         return loss, self.optimizer_step()
 
-    def optimizer_step(self) -> StepResult:
-        """Clip by the norm of every stage's gradients (the tied head's copy counted once), update."""
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of every stage's gradients, the tied head's copy counted once (clipped by, as
+        ShardedBackend.optimizer_step does)."""
         head = getattr(self.model, "lm_head", None) if self.cfg.model.tie_embeddings else None
         counted = [p for p in self.params if head is None or p is not head.weight]
         square = grad_norm(counted) ** 2
         dist.all_reduce(square, group=self.pp_group)
-        norm = square.sqrt()
-        if self.tc.grad_clip > 0:
-            from torch.distributed.tensor.experimental import implicit_replication
-
-            with implicit_replication():
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=False)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm, torch.zeros((), dtype=torch.int32))
+        return square.sqrt()
 
     def eval_losses(self, batches: list) -> torch.Tensor:
         """The mean loss of each micro-batch, on every rank: a forward pass stage by stage, activations

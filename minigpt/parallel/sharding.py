@@ -268,8 +268,12 @@ class ShardedBackend(Backend):
         (objective(out, self.tc) / accum).backward()
         return out.loss.detach()
 
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm this rank clips by (the pipeline backend adds its other stages)."""
+        return grad_norm(self.params)
+
     def optimizer_step(self) -> StepResult:
-        norm = grad_norm(self.params)
+        norm = self.grad_norm()
         if self.tc.grad_clip > 0:  # the plain norm tensor scales DTensor gradients as a replicated scalar
             from torch.distributed.tensor.experimental import implicit_replication
 
