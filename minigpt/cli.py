@@ -514,6 +514,7 @@ def scenario_from_args(args, cfg):
         notes.append(cfg.target.label)
     seq_len, seq_source = _training_context(args, cfg)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
+                    efficiency=args.efficiency,
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
@@ -540,6 +541,27 @@ def cmd_extrapolate(args) -> None:
         print(extrapolation_markdown(r, f"minigpt extrapolation: {args.target} on {r['gpu']}"))
     else:
         print("\n".join(extrapolation_lines(r)))
+
+
+def cmd_backtest(args) -> None:
+    from minigpt.analytic.published import TABLE, backtest
+    from minigpt.analytic.report import backtest_lines, backtest_markdown
+
+    if args.plot:
+        from minigpt.core.plots import check_image_path
+
+        check_image_path(args.plot, "--plot", make_parents=True)
+    b = backtest(Path(args.table) if args.table else TABLE)
+    if args.plot:
+        from minigpt.core.plots import plot_step_parts
+
+        plot_step_parts(b["runs"], args.plot, "minigpt backtest: predicted step by part")
+    if args.json:
+        print(to_json(b))
+    elif args.markdown:
+        print(backtest_markdown(b))
+    else:
+        print("\n".join(backtest_lines(b)))
 
 
 def cmd_extrapolate_plot(args) -> None:
@@ -793,6 +815,9 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--num-gpus", type=number(int, 1), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
     p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
+    p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
+                   help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
+                        "GPU class's published reference MFU (assumed)")
     p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
     p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
     p.add_argument("--measure-layers", type=number(int, 0, 1000), default=0, metavar="K", help="time K full-width layers here")
@@ -847,6 +872,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_measure_commands(sub)
     _add_extrapolate_command(sub)
+    p = sub.add_parser("backtest", help="the step-time model against published training runs (predicted vs published)")
+    p.add_argument("--table", help="a published-runs TOML (default: the one shipped, minigpt/analytic/published_runs.toml)")
+    p.add_argument("--plot", metavar="PNG", help="also draw each run's predicted step by part (stacked bars)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    out.add_argument("--markdown", action="store_true", help="a Markdown table")
+    p.set_defaults(func=cmd_backtest)
     return parser
 
 

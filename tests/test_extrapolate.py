@@ -100,11 +100,14 @@ def test_a_trillion_parameters_need_400_a100_40gb():
     assert states.total / (gpu_by_name("A100-40GB").memory_gb * 1e9) == pytest.approx(400)
 
 
-def test_days_budget_solves_for_gpus_and_reference_mfu_is_cited():
+def test_days_budget_solves_for_gpus_with_predicted_or_assumed_mfu():
     r = estimate("gpt3-175b", days=30)
     assert r["days"] <= 30 and r["num_gpus"] * 30 * 24 >= r["gpu_hours"]
-    assert "PaLM" in r["mfu_source"] and "published reference" in r["mfu_source"]
+    assert r["mfu_source"].startswith("predicted: step-time model") and r["step_time"]["mfu"] == pytest.approx(r["mfu"])
     assert "assumption" in r["sources"]["price"]
+    r = estimate("gpt3-175b", days=30, efficiency="assumed")
+    assert r["days"] <= 30 and r["step_time"] is None
+    assert "PaLM" in r["mfu_source"] and r["mfu_source"].startswith("assumed:")
 
 
 def test_chinchilla_tokens():

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minigpt.analytic import flops as F, memory as M
+from minigpt.analytic import flops as F, memory as M, steptime as T
 from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
@@ -51,6 +51,7 @@ class Scenario:
     days: float | None = None  # a wall-clock budget: solve for the GPU count
     mfu: float | None = None
     mfu_source: str = ""
+    efficiency: str = "predicted"  # with no mfu: "predicted" (the step-time model) or "assumed" (REFERENCE_MFU)
     price_per_gpu_hour: float | None = None
     tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
     flops_convention: str = "exact"
@@ -192,17 +193,13 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
     flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
     sources = {"tokens": tokens_source, "seq_len": f"{seq:,} tokens: {s.seq_source}"}
-    mfu, mfu_source = s.mfu, s.mfu_source
-    if mfu is None:
-        mfu, mfu_source = REFERENCE_MFU[s.gpu.name]
-        mfu_source = f"published reference: {mfu_source}"
-    sources["mfu"] = mfu_source
+    gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
+    mfu, mfu_source, predicted, num_gpus, sources["num_gpus"] = _efficiency(c, s, flops_conv / peak, gbt)
     gpu_hours = flops_conv / (peak * mfu) / 3600
-    num_gpus, sources["num_gpus"] = _gpu_count(s, gpu_hours)
+    sources["mfu"] = mfu_source
     price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
     sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
                         else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
-    gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
     sources["global_batch_tokens"] = "the target's config" if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens"
     step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
     ctx = s.context if s.context is not None else seq // 2
@@ -230,6 +227,7 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "price_per_gpu_hour": price,
         "cost_usd": gpu_hours * price,
         "memory": _memory(c, s, num_gpus, gbt, tokens, step_s),
+        "step_time": predicted,
         "inference": _inference(c, s, ctx, peak, mfu),
         "sources": sources,
         "notes": s.notes,
@@ -240,6 +238,41 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
         result["serving_at_user_speed"] = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)
     return result
+
+
+def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, gbt: float) -> tuple:
+    """(MFU, its source, the predicted step or None, GPU count, its source). Given or measured MFU first;
+    else predicted by the step-time model on the layout for the GPU count (with --days: the count sized
+    at the assumed MFU, then re-solved at the predicted one); else (--efficiency assumed) the reference."""
+    mfu, source, predicted = s.mfu, s.mfu_source, None
+    if mfu is None:
+        mfu, source = REFERENCE_MFU[s.gpu.name][0], f"assumed: {REFERENCE_MFU[s.gpu.name][1]}"
+    num_gpus, gpus_source = _gpu_count(s, peak_seconds / mfu / 3600)
+    if s.mfu is None and s.efficiency == "predicted":
+        predicted = predict_step(c, s, num_gpus, gbt)
+        mfu, source = predicted["mfu_in_convention"], predicted["mfu_source"]
+        if s.days is not None and not all(k in s.plan for k in ("dp", "tp", "pp")):
+            num_gpus = math.ceil(peak_seconds / mfu / 3600 / (s.days * 24))
+            gpus_source += " (at the predicted MFU, for the layout sized at the assumed one)"
+    return mfu, source, predicted, num_gpus, gpus_source
+
+
+def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict:
+    """The step-time model (steptime.py) on the layout the search picks: full recompute (what the memory
+    search assumes), flash attention, Megatron-Core-style overlap of every transfer, ZeRO as planned. Its MFU is
+    re-counted in the scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
+    seq = c.block_size
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch)
+    plan = dataclasses.replace(ParallelPlan.parse(layout["plan"]), sp=ParallelPlan.parse(layout["plan"]).tp > 1)
+    batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
+    setup = T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
+                    attention="flash", overlap="full", grad_bytes=4)
+    st = T.step_time(c, plan, setup, T.gpu_rates(s.gpu, s.dtype))
+    mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / plan.world / (
+        s.gpu.tflops[s.dtype] * 1e12)
+    source = (f"predicted: step-time model on {plan.spelling()} (full recompute, flash attention, overlapped transfers; "
+              f"backtest: minigpt backtest), MFU {st['mfu']:.1%} exact / {mfu:.1%} {s.flops_convention}")
+    return {**st, "plan": plan.spelling(), "mfu_in_convention": mfu, "mfu_source": source}
 
 
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:

@@ -206,6 +206,16 @@ def _published_lines(p: dict | None) -> list[str]:
             *[f"  why: {reason}" for reason in p["reasons"]]]
 
 
+def step_time_lines(st: dict | None) -> list[str]:
+    """The predicted step, by part: seconds and share of the step."""
+    if not st:
+        return []
+    parts = ", ".join(f"{k} {v:.3g} s ({v / st['step_s']:.0%})" for k, v in st["parts_s"].items() if v > 0)
+    return [f"predicted step on {st['plan']}: {st['step_s']:.3g} s = {parts}; {st['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+            f"MFU {st['mfu']:.1%}, HFU {st['hfu']:.1%} (exact FLOPs over the datasheet peak)",
+            "  rates: " + "; ".join(f"{k}: {v}" for k, v in st["sources"].items())]
+
+
 def extrapolation_lines(r: dict) -> list[str]:
     m, inf, lay = r["memory"], r["inference"], r["memory"]["layout"]
     comm = m["communication"]
@@ -220,6 +230,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"hardware: {r['num_gpus']:,} x {r['gpu']} ({r['sources']['num_gpus']}), peak {r['peak_tflops']:g} TFLOP/s "
         f"({r['peak_source']})",
         f"efficiency: MFU {r['mfu']:.1%} ({r['mfu_source']})",
+        *step_time_lines(r.get("step_time")),
         f"time and cost: {r['gpu_hours']:,.0f} GPU-hours ({r['node_hours_8_gpus']:,.0f} 8-GPU node-hours), "
         f"{r['days']:,.1f} days, {fmt_usd(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
         f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
@@ -350,3 +361,28 @@ def _pipeline_lines(p: dict | None) -> list[str]:
             f"  bubble (predicted, formula): {bubble} of the step; first stage holds {p['in_flight_micro_batches']} "
             f"micro-batches of activations ({fmt_bytes(p['first_stage_activations_bytes'])})",
             f"  ({p['convention']}; {p['bubble_convention']})"]
+
+
+def backtest_lines(b: dict) -> list[str]:
+    """The backtest as a table: predicted vs published per run, then the error summary per set."""
+    lines = [f"{'run':<46} {'set':<11} {'GPUs':>5} {'plan':<26} {'metric':<22} {'published':>10} {'predicted':>10} {'error':>7}"]
+    for r in b["runs"]:
+        metric = r["metric"] + (f" ({r['convention']})" if r["convention"] and r["metric"] != "mfu" else "")
+        lines.append(f"{r['name']:<46} {r['set']:<11} {r['gpus']:>5} {r['plan']:<26} {metric[:22]:<22} "
+                     f"{r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
+    for name, s in b["summary"].items():
+        lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
+    lines.append(f"model: {b['model']}; development runs were looked at while it was written; held-out runs were first "
+                 f"evaluated after it was, and the model revised once on seeing them (README, 'Predicted efficiency')")
+    return lines
+
+
+def backtest_markdown(b: dict) -> str:
+    rows = ["| run | set | GPUs | plan | published | predicted | error | source |", "|---|---|---:|---|---:|---:|---:|---|"]
+    for r in b["runs"]:
+        unit = {"tflops_per_gpu": " TFLOP/s", "mfu": " MFU", "tokens_per_s_per_gpu": " tok/s"}[r["metric"]]
+        rows.append(f"| {r['name']} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
+                    f"{r['predicted']:.4g}{unit} | {r['error']:+.1%} | {r['source']} |")
+    rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
+                   for name, s in b["summary"].items())]
+    return "\n".join(rows)

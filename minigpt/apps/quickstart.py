@@ -73,6 +73,7 @@ def extrapolation(run_dir: str, log=print) -> None:
     log("== extrapolation to full scale (minigpt extrapolate --help for every option)")
     log("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
     log("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
+    log("   predicted: the MFU of the step-time model on the layout chosen (minigpt backtest checks it on published runs)")
     log("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
     log(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
     for target in ("gpt3-175b", "gpt4"):
@@ -84,9 +85,11 @@ def extrapolation(run_dir: str, log=print) -> None:
             except UserError:
                 measured = None
             choices = [("measured here (CPU)", measured)] if measured else []
-            choices.append((f"reference: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
+            choices.append(("predicted (step-time model)", None))
+            choices.append((f"assumed: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
             for label, mfu in choices:
                 r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
+                mfu = r["mfu"]
                 log(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
                     f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
     log("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")

@@ -218,3 +218,26 @@ def plot_decode_curve(rows: list[dict], path: str, title: str, user_target: floa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_step_parts(rows: list[dict], path: str, title: str) -> None:
+    """Stacked bars: each run's predicted step split into its parts (share of the step), with the
+    predicted/published ratio above each bar."""
+    plt = _pyplot()
+    parts = [k for k in rows[0]["parts_fraction"]]
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5))
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        values = [r["parts_fraction"][part] for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, r in enumerate(rows):
+        ax.text(i, 1.01, f"{r['predicted'] / r['published']:.2f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("share of the predicted step")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(f"{title} (number above a bar: predicted / published)", fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""Published training runs (published_runs.toml) and the backtest of the step-time model against them.
+
+Torch-free. `backtest()` predicts each run's throughput with analytic/steptime.py from its model, GPU,
+layout and batch alone, converts it to the figure the source published (TFLOP/s per GPU under the
+source's FLOP convention, MFU, or tokens/s/GPU) and reports the error, with the median and maximum
+|error| per set: "development" runs were looked at while the model was written, "held-out" runs were
+first evaluated after it was (and the model revised once on seeing them: the README says how).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from minigpt.analytic import flops as F, steptime as T
+from minigpt.core.config import ModelConfig, tomllib
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import gpu_by_name
+from minigpt.core.plan import ParallelPlan, parse_keys
+
+TABLE = Path(__file__).with_name("published_runs.toml")
+SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes")
+
+
+def load_runs(path: Path = TABLE) -> list[dict]:
+    """Each run with its family's settings filled in (the run's own keys win)."""
+    data = tomllib.loads(path.read_text())
+    runs = []
+    for run in data["run"]:
+        fam = data["family"][run["family"]]
+        model = {**fam.get("model", {}), **run.get("model", {})}
+        runs.append({**fam, **run, "model": model, "assumed": fam.get("assumed", []) + run.get("assumed_run", [])})
+    return runs
+
+
+def run_inputs(run: dict) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
+    c = ModelConfig(**run["model"])
+    keys = parse_keys(run["plan"], f"published run {run['name']!r}")
+    if keys.get("pp", 1) > 1 and run.get("schedule"):
+        looped = run["schedule"] in ("interleaved-1f1b", "zbv")
+        chunks = run.get("stages_per_rank", 2)
+        even = looped and (c.n_layer // keys["pp"]) % chunks == 0 and c.n_layer % keys["pp"] == 0
+        keys = {**keys, "schedule": run["schedule"] if even or not looped else "1f1b",
+                **({"stages_per_rank": chunks} if even else {})}
+    if keys.get("tp", 1) > 1 and run.get("sequence_parallel"):
+        keys["sp"] = True
+    plan = ParallelPlan.from_keys(keys)
+    setup = T.Setup(global_batch=run["global_batch"], **{k: run[k] for k in SETUP_KEYS if k in run})
+    rates = T.gpu_rates(gpu_by_name(run["gpu"]), run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
+    return c, plan, setup, rates
+
+
+def predict(run: dict) -> dict:
+    """The step-time model's figure for one run, beside the published one."""
+    c, plan, setup, rates = run_inputs(run)
+    st = T.step_time(c, plan, setup, rates)
+    pub = run["published"]
+    if "tflops_per_gpu" in pub:
+        metric, published = "tflops_per_gpu", pub["tflops_per_gpu"]
+        predicted = T.tflops_per_gpu(c, plan, setup, st["step_s"], pub["convention"])
+    elif "mfu" in pub:
+        metric, published = "mfu", pub["mfu"]
+        predicted = T.tflops_per_gpu(c, plan, setup, st["step_s"], pub["convention"]) * 1e12 / rates.peak_flops
+    else:
+        metric, published = "tokens_per_s_per_gpu", pub["tokens_per_s_per_gpu"]
+        predicted = st["tokens_per_s_per_gpu"]
+    return {
+        "name": run["name"], "set": run["set"], "source": run["source"], "gpu": run["gpu"], "gpus": plan.world,
+        "plan": plan.spelling(), "params": F.param_counts(c).total, "metric": metric,
+        "convention": pub.get("convention", ""), "published": published, "predicted": predicted,
+        "error": predicted / published - 1, "predicted_mfu": st["mfu"], "step_s": st["step_s"],
+        "parts_fraction": {k: v / st["step_s"] for k, v in st["parts_s"].items()}, "assumed": run["assumed"],
+    }
+
+
+def backtest(path: Path = TABLE) -> dict:
+    try:
+        rows = [predict(run) for run in load_runs(path)]
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e}): fix the file or drop --table") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: a run is missing or misnames a field ({type(e).__name__}: {e}); every run needs name, "
+                        f"family, set, source, gpu, dtype, model, plan, global_batch, published") from None
+    summary = {}
+    for name in ("development", "held-out", "all"):
+        errs = [abs(r["error"]) for r in rows if name in ("all", r["set"])]
+        if errs:
+            summary[name] = {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    return {"runs": rows, "summary": summary,
+            "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
+            "rates": {r["gpu"]: T.gpu_rates(gpu_by_name(r["gpu"])).sources for r in rows}}
+

@@ -1,0 +1,349 @@
+"""Predicted step time of a model x plan x GPU, decomposed: the efficiency is predicted, not assumed.
+
+Torch-free. A training step is the sum of parts, each from counted work over an achievable rate:
+
+  matmul       every GEMM of a micro-batch (per tensor-parallel rank, forward, two backward GEMMs per
+               forward one, the recomputed forward under full recompute), each at the roofline
+               max(FLOPs / (achievable matmul rate x wave efficiency), bytes / HBM rate). Wave
+               quantization: a GEMM runs as ceil(M/256) x ceil(N/128) output tiles spread over the SMs
+               in whole waves (NVIDIA, "Matrix Multiplication Background User's Guide"); the best
+               tile orientation is taken.
+  attention    materialized (scores written to HBM: two batched GEMMs plus the softmax and dropout
+               passes over b x a x s x s elements) or flash (the attention FLOPs at a cited kernel rate).
+  memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits,
+               embedding: counted bytes over the achievable HBM rate; the backward moves twice the
+               forward's bytes.
+  tp_comm      tensor-parallel all-reduces (all-gather + reduce-scatter with sequence parallelism, the
+               same bytes) of b s h 16-bit values, 2 per layer forward, 2 backward, 2 in a recomputed
+               forward, ring bytes 2 (t-1)/t over NVLink (inter-node beyond 8 GPUs). Exposed unless
+               the backend overlaps them with GEMMs (Megatron-Core's tp-comm-overlap).
+  bubble       the schedule's idle fraction (plan.bubble_formula) on the busiest stage's micro-batch
+               time (the last stage also holds the LM head and loss).
+  pp_comm      activations / gradients between stages, b s h / t 16-bit values per micro-batch each way
+               per chunk (scatter/gather over the tp ranks), exposed unless overlapped.
+  dp_comm      the data-parallel gradient reduction (all-reduce, or ZeRO reduce-scatter + all-gather: the
+               same bytes; ZeRO-3/FSDP gathers parameters again for the backward: 1.5x), exposed beyond
+               what the backend hides behind the backward (FSDP prefetch, DDP buckets, Megatron-Core's
+               overlap-grad-reduce; Megatron-LM 2021 hid none).
+               Each micro-batch also adds its weight gradients into an fp32 buffer: 8 bytes a parameter.
+  optimizer    the Adam update over the rank's parameter shard, 30 bytes per parameter over HBM.
+
+The achievable rates (`Rates`) are cited microbenchmarks of each GPU or measured on this machine,
+never fitted to the end-to-end runs the model is judged on (see analytic/published.py and backtest).
+Not modelled: kernel launch and host overhead, data loading, stragglers, power capping, NCCL latency
+terms (bandwidth terms only), MoE routing imbalance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from minigpt.analytic import flops as F
+from minigpt.core.config import ModelConfig
+from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+from minigpt.core.plan import ParallelPlan
+
+OPTIMIZER_BYTES_PER_PARAM = 30  # Adam: read+write fp32 master, m, v (24), read fp32 grad (4), write 16-bit param (2)
+GRAD_ACCUM_BYTES_PER_PARAM = 8  # per micro-batch: read and write an fp32 gradient buffer (Megatron's main_grad, .grad)
+OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (see dp_seconds)
+RECOMPUTE = ("none", "selective", "full")
+
+# Achievable rates of each GPU, from microbenchmarks (not from training runs). BF16/FP16 dense.
+# Matmul: Bekman, "Machine Learning Engineering", mamf-finder. Where it publishes the sustained rate (MSMF:
+# the chip saturated at its power limit, "the rate that matches real training throughput"), that one; the
+# mean over all 8 GPUs of a node computing at once: H200 bf16 698.6 TFLOP/s (used for the H100 too: the
+# same die and 700 W limit), B200 1426.4. Else the burst ceiling (MAMF, best shape): A100 SXM 267.9
+# (optimistic for sustained training: no sustained figure is published for it).
+MAMF_SOURCE = "Bekman, ml-engineering mamf-finder"
+MAMF = {"A100-40GB": (267.9, "A100 SXM MAMF (burst; no sustained figure published)"),
+        "A100-80GB": (267.9, "A100 SXM MAMF (burst; no sustained figure published)"),
+        "H100": (698.6, "H200 MSMF, all 8 GPUs busy (same die and power limit as H100 SXM)"),
+        "H200": (698.6, "H200 MSMF, all 8 GPUs busy"),
+        "B200": (1426.4, "B200 MSMF, all 8 GPUs busy")}
+# Flash attention kernel, forward+backward (the forward's figure: the backward is slower, so optimistic):
+# A100 FlashAttention-2 50-73% of peak (Dao 2023, Fig. 4-6), middle 62%; H100 at head dim 128, 2k-4k tokens:
+# FlashAttention-2 about 365 TFLOP/s, cuDNN / FlashAttention-3 about 615-640 (Shah et al. 2024, FlashAttention-3, Fig. 5).
+FLASH = {"A100-40GB": (0.62, "FlashAttention-2 on A100: 50-73% of peak (Dao 2023), middle of the range"),
+         "A100-80GB": (0.62, "FlashAttention-2 on A100: 50-73% of peak (Dao 2023), middle of the range"),
+         "H100": (0.62, "cuDNN / FlashAttention-3 forward on H100, head dim 128, 2k-4k tokens: ~615 of 989 TFLOP/s (Shah et al. 2024)"),
+         "H200": (0.62, "as H100 (same compute die)"),
+         "B200": (0.62, "assumption: the H100 fraction (no cited B200 kernel figure)")}
+FLASH2_H100 = (0.37, "FlashAttention-2 forward on H100, head dim 128, 2k-8k tokens: ~365 of 989 TFLOP/s (Shah et al. 2024)")
+HBM_EFFICIENCY = (0.9, "assumption: 90% of the datasheet HBM bandwidth for streaming kernels")
+LINK_EFFICIENCY = (0.8, "assumption: NCCL ring bus bandwidth at 80% of the one-way link (nccl-tests on DGX systems: 75-90%)")
+TILE = (256, 128)  # the output tile of a large cuBLAS BF16 GEMM (NVIDIA's GEMM performance guide)
+SMS = {"V100": 80, "A100-40GB": 108, "A100-80GB": 108, "H100": 132, "H200": 132, "B200": 148}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one device achieves (not its datasheet): FLOP/s and bytes/s, each with its source."""
+    name: str
+    peak_flops: float  # datasheet dense figure MFU divides by
+    matmul_flops: float  # large-GEMM ceiling
+    attention_flops: float  # flash kernel, forward+backward
+    hbm_bytes_per_s: float
+    nvlink_bytes_per_s: float  # per GPU per direction, achievable
+    internode_bytes_per_s: float
+    sms: int = 0  # 0: no wave quantization (a CPU)
+    gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
+    sources: dict = field(default_factory=dict)
+
+
+def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: float | None = None) -> Rates:
+    """A GPU's achievable rates from cited microbenchmarks. `flash`: "fast" (cuDNN / FlashAttention-3
+    class kernels) or "fa2" (FlashAttention-2, e.g. PyTorch's SDPA flash backend in 2024)."""
+    peak = gpu.tflops[dtype] * 1e12
+    mamf, mamf_what = MAMF.get(gpu.name, (0.0, ""))
+    matmul = (mamf / gpu.tflops["bf16"]) * peak if mamf else 0.8 * peak
+    att_frac, att_src = FLASH2_H100 if flash == "fa2" and gpu.name in ("H100", "H200") else FLASH.get(
+        gpu.name, (0.5, "assumption: half of peak (no cited kernel figure)"))
+    hbm = (hbm_tbs or gpu.bandwidth_tbs) * 1e12 * HBM_EFFICIENCY[0]
+    return Rates(
+        name=gpu.name, peak_flops=peak, matmul_flops=matmul, attention_flops=att_frac * peak, hbm_bytes_per_s=hbm,
+        nvlink_bytes_per_s=gpu.nvlink_gbs * 1e9 * LINK_EFFICIENCY[0],
+        internode_bytes_per_s=gpu.internode_gbs * 1e9 * LINK_EFFICIENCY[0], sms=SMS.get(gpu.name, 0),
+        sources={"peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s",
+                 "matmul": (f"{MAMF_SOURCE}: {mamf_what}, {mamf:g} TFLOP/s bf16" if mamf else "assumption: 80% of peak (no mamf-finder figure)"),
+                 "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",
+                 "links": f"{LINK_EFFICIENCY[1]}; NVLink {gpu.nvlink_gbs:g} GB/s per direction, inter-node "
+                          f"{gpu.internode_gbs:g} GB/s per GPU"})
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the step runs, beyond the plan: batch, recompute, attention kernel, overlap of the backend."""
+    seq_len: int
+    micro_batch: int = 1
+    global_batch: int = 1  # sequences per optimizer step, all data-parallel ranks together
+    recompute: str = "none"  # none | selective (memory-bound passes recomputed) | full (one more forward)
+    attention: str = "flash"  # flash | materialized
+    overlap: str = "none"  # none (Megatron-LM 2021) | backward (DDP buckets) | prefetch (FSDP) | full (Megatron-Core)
+    act_bytes: int = 2  # bytes per activation element (16-bit)
+    grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
+    param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
+
+    @property
+    def micro_batches(self) -> int:
+        return self.global_batch // self.micro_batch
+
+
+@dataclass(frozen=True)
+class Gemm:
+    name: str
+    m: int
+    n: int
+    k: int
+    batch: int = 1  # a batched GEMM (attention scores)
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.n * self.k * self.batch
+
+    def bytes(self, el: int) -> float:
+        return (self.m * self.k + self.k * self.n + self.m * self.n) * self.batch * el
+
+
+def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: str) -> list[Gemm]:
+    """One layer's forward GEMMs on one tensor-parallel rank for a micro-batch of b sequences of s tokens.
+    A mixture routes each token to k experts: the expert GEMMs see T k / E tokens each, E / tp experts
+    (experts split over tp as in simulate)."""
+    t, T, h, d = plan.tp, b * s, c.n_embd, c.head_dim
+    q, kv = c.n_head * d, c.n_kv_head * d
+    out = [Gemm("qkv", T, (q + 2 * kv) // t, h), Gemm("attn_out", T, h, q // t)]
+    if attention == "materialized":
+        heads = b * c.n_head // t
+        out += [Gemm("scores", s, s, d, heads), Gemm("scores_x_v", s, d, s, heads)]
+    f = c.ffn_hidden
+    up = 2 * f if c.mlp == "swiglu" else f
+    if c.is_moe:
+        per = max(1, T * c.n_expert_active // c.n_expert)
+        experts = max(1, c.n_expert // t)
+        out += [Gemm("router", T, c.n_expert, h), Gemm("expert_up", per, up, h, experts),
+                Gemm("expert_down", per, h, f, experts)]
+    else:
+        out += [Gemm("mlp_up", T, up // t, h), Gemm("mlp_down", T, h, f // t)]
+    return out
+
+
+def gemm_seconds(g: Gemm, r: Rates, el: int) -> float:
+    """Forward + backward (dX and dW GEMMs) of one GEMM: each at its roofline with wave quantization."""
+    if r.gemm_time is not None:
+        return (r.gemm_time(g.m, g.n, g.k, g.batch) + r.gemm_time(g.m, g.k, g.n, g.batch)
+                + r.gemm_time(g.k, g.n, g.m, g.batch))
+    return sum(_roofline(m, n, k, g.batch, r, el) for m, n, k in ((g.m, g.n, g.k), (g.m, g.k, g.n), (g.k, g.n, g.m)))
+
+
+def forward_seconds(g: Gemm, r: Rates, el: int) -> float:
+    if r.gemm_time is not None:
+        return r.gemm_time(g.m, g.n, g.k, g.batch)
+    return _roofline(g.m, g.n, g.k, g.batch, r, el)
+
+
+def _roofline(m: int, n: int, k: int, batch: int, r: Rates, el: int) -> float:
+    flops = 2.0 * m * n * k * batch
+    moved = (m * k + k * n + m * n) * batch * el
+    return max(flops / (r.matmul_flops * wave_efficiency(m, n, batch, r.sms)), moved / r.hbm_bytes_per_s)
+
+
+def wave_efficiency(m: int, n: int, batch: int, sms: int) -> float:
+    """Share of the last wave's SMs that have a tile, best tile orientation (1 on a CPU: no SMs)."""
+    if sms <= 0:
+        return 1.0
+    best = 0.0
+    for tm, tn in (TILE, TILE[::-1]):
+        tiles = math.ceil(m / tm) * math.ceil(n / tn) * batch
+        best = max(best, tiles / (math.ceil(tiles / sms) * sms))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# one micro-batch on one rank
+
+
+def layer_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
+    """Bytes the memory-bound passes of one layer move, forward only (fused kernels: one read and one
+    write per pass). Norm and residual regions are T x h per rank, or T x h / t with sequence
+    parallelism (replicated over the tp ranks without it, as in Megatron-LM 2021)."""
+    t, T, h = plan.tp, b * s, c.n_embd
+    region = T * h / (t if plan.sp else 1)
+    drop = 0.5 if c.dropout > 0 else 0.0  # a one-byte mask per element, in 16-bit element units
+    elements = 2 * region * 2  # two norms: read x, write y
+    elements += 2 * region * (3 + drop)  # two bias/dropout/residual adds: read y and x, write
+    f = c.ffn_hidden
+    elements += T * f / t * (3 if c.mlp == "swiglu" else 2)  # the activation: read (gate, up), write
+    if c.pos_emb == "rope":
+        elements += 2 * T * (c.n_head + c.n_kv_head) * c.head_dim / t  # rotate q and k
+    if setup.attention == "materialized":  # softmax read/write (+ dropout read/write/mask) of the scores
+        elements += b * c.n_head / t * s * s * (2 + (2 + drop if c.dropout > 0 else 0))
+    return elements * setup.act_bytes
+
+
+def head_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
+    """Cross-entropy over the vocabulary-parallel logits (fp32: read, softmax write; backward read and
+    write), forward and backward together; the embedding gather and its gradient scatter-add."""
+    T = b * s
+    return 4 * T * c.padded_vocab_size / plan.tp * 4 + 3 * T * c.n_embd * 2
+
+
+def attention_flops(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
+    """Forward FLOPs of the attention core on one rank: scores and scores x values, the full square."""
+    return 4.0 * b * s * s * c.n_head * c.head_dim / plan.tp
+
+
+def tp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
+    """Ring bytes one rank sends for one layer's tensor-parallel collectives: 2 in the forward, 2 in the
+    backward, 2 more in a recomputed forward; each all-reduce of b s h values sends 2 (t-1)/t of them."""
+    if plan.tp == 1:
+        return 0.0
+    passes = 6 if setup.recompute == "full" else 4
+    return passes * 2 * (plan.tp - 1) / plan.tp * b * s * c.n_embd * setup.act_bytes
+
+
+def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
+    """The busiest (last) pipeline stage's time for one micro-batch, forward + backward, by part."""
+    b, s, el = setup.micro_batch, setup.seq_len, setup.act_bytes
+    layers = c.n_layer / plan.pp
+    gemms = layer_gemms(c, plan, b, s, setup.attention)
+    matmul = sum(gemm_seconds(g, r, el) for g in gemms)
+    if setup.recompute == "full":
+        matmul += sum(forward_seconds(g, r, el) for g in gemms)
+    attn = 0.0
+    if setup.attention == "flash":
+        passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
+        attn = passes * attention_flops(c, plan, b, s) / r.attention_flops
+    mem_fwd = layer_memory_bytes(c, plan, b, s, setup)
+    mem_passes = 3 + (1 if setup.recompute in ("full", "selective") else 0)
+    memory = mem_passes * mem_fwd / r.hbm_bytes_per_s
+    tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
+    tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
+    tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
+    head = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
+    head_s = gemm_seconds(head, r, el) + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s
+    parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
+             "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s,
+             "tp_comm": layers * tp_exposed}
+    return {"parts": parts, "total": sum(parts.values()), "head_s": head_s,
+            "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def _local_params(c: ModelConfig, plan: ParallelPlan) -> float:
+    return F.param_counts(c).total / (plan.tp * plan.pp)
+
+
+def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: dict, m: int) -> tuple[float, float]:
+    """(time of the data-parallel traffic, the part of it not hidden behind compute).
+
+    ZeRO 0: an all-reduce of the gradients. ZeRO 1/2: a reduce-scatter of the gradients and an all-gather
+    of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
+    forward and again for the backward of every micro-batch, gradients reduce-scattered."""
+    if plan.dp == 1:
+        return 0.0, 0.0
+    local, ring = _local_params(c, plan), (plan.dp - 1) / plan.dp
+    sharded = plan.zero == 3 or setup.overlap == "prefetch"
+    reduce = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2)
+    gather = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0))
+    link = r.nvlink_bytes_per_s if plan.tp * plan.dp <= GPUS_PER_NODE else r.internode_bytes_per_s
+    total = (reduce + gather) / link
+    if setup.overlap == "none":
+        return total, total
+    if setup.overlap == "prefetch":  # each layer's gather prefetched under the previous layer's compute
+        return total, max(0.0, total - m * mb["total"]) + total / (m * c.n_layer)
+    backward = mb["total"] * mb["backward_share"]  # DDP buckets / overlap-grad-reduce: the last micro-batch's backward
+    if setup.overlap == "backward":
+        return total, max(0.0, total - backward)
+    # Megatron-Core --overlap-grad-reduce --overlap-param-gather: the reduce under the last micro-batch's backward,
+    # the parameter gather under the next step's first forward
+    return total, max(0.0, reduce / link - backward) + max(0.0, gather / link - (mb["total"] - backward))
+
+
+def pp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, m: int) -> tuple[float, float]:
+    """(time of the stage-to-stage transfers per step, the part not overlapped). Neighbouring stages are
+    tp x dp ranks apart: on another node once that is a node's worth of GPUs."""
+    if plan.pp == 1:
+        return 0.0, 0.0
+    per = setup.micro_batch * setup.seq_len * c.n_embd * setup.act_bytes / plan.tp
+    link = r.internode_bytes_per_s if plan.tp * plan.dp >= GPUS_PER_NODE else r.nvlink_bytes_per_s
+    total = 2 * m * plan.stages_per_rank * per / link
+    return total, (0.0 if setup.overlap == "full" else total)
+
+
+def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
+    """Predicted seconds per optimizer step, by part, with tokens/s/GPU, MFU and HFU."""
+    m = max(1, setup.global_batch // (setup.micro_batch * plan.dp))
+    mb = micro_batch_seconds(c, plan, setup, r)
+    parts = {k: m * v for k, v in mb["parts"].items()}
+    idle = plan.bubble_formula(m) or 0.0
+    parts["bubble"] = m * mb["total"] * idle / (1 - idle)
+    pp_total, parts["pp_comm"] = pp_seconds(c, plan, setup, r, m)
+    dp_total, parts["dp_comm"] = dp_seconds(c, plan, setup, r, mb, m)
+    shard = _local_params(c, plan) / (plan.dp if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
+    parts["optimizer"] = shard * OPTIMIZER_BYTES_PER_PARAM / r.hbm_bytes_per_s
+    # each micro-batch's weight gradients added into the fp32 accumulation buffer: read and write 4 bytes a parameter
+    parts["memory"] += m * _local_params(c, plan) * GRAD_ACCUM_BYTES_PER_PARAM / r.hbm_bytes_per_s
+    step = sum(parts.values())
+    tokens = m * setup.micro_batch * plan.dp * setup.seq_len
+    model = F.train_flops_per_token(c, setup.seq_len, "exact") * tokens
+    hardware = model + (F.train_flops_per_token(c, setup.seq_len, "exact_recompute")
+                        - F.train_flops_per_token(c, setup.seq_len, "exact")) * tokens * (setup.recompute == "full")
+    return {
+        "step_s": step, "parts_s": parts, "micro_batches": m, "bubble_fraction": idle,
+        "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,
+        "mfu": model / step / plan.world / r.peak_flops, "hfu": hardware / step / plan.world / r.peak_flops,
+        "traffic_s": {"tp": m * mb["parts"]["tp_comm"], "pp": pp_total, "dp": dp_total},
+        "convention": ("predicted: parts from counted work over achievable rates (analytic/steptime.py); "
+                       "MFU with the exact FLOP count (every matmul, full attention square, no recompute) over the "
+                       "datasheet dense peak; HFU adds the recomputed forward"),
+        "sources": r.sources,
+    }
+
+
+def tflops_per_gpu(c: ModelConfig, plan: ParallelPlan, setup: Setup, step_s: float, convention: str) -> float:
+    """Achieved TFLOP/s per GPU under a named FLOP convention (how a publication counts)."""
+    tokens = setup.global_batch * setup.seq_len
+    return F.train_flops_per_token(c, setup.seq_len, convention) * tokens / step_s / plan.world / 1e12

@@ -1,0 +1,43 @@
+"""The step-time model's prediction beside a measured `minigpt train` step on this CPU, one JSON line
+(minigpt/measure/steptime_check.py says how).
+
+    python scripts/bench_steptime.py [--steps 12] [--shapes tiny,wide]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minigpt.core.device import busy_cores, device_name
+from minigpt.measure.bench import matmul_tflops
+from minigpt.measure.steptime_check import SHAPES, check_shape
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12, help="training steps measured per shape (the first 2 left out)")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    args = p.parse_args()
+    shapes = args.shapes.split(",")
+    if any(s not in SHAPES for s in shapes) or args.steps < 5:
+        print(f"error: --shapes from {', '.join(SHAPES)}; --steps at least 5", file=sys.stderr)
+        sys.exit(2)
+    busy, how = busy_cores()
+    peak = matmul_tflops(torch.device("cpu"), torch.float32, 1024, 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [check_shape(s, Path(tmp), args.steps, peak) for s in shapes]
+    print(json.dumps({"bench": "steptime_cpu", "device_name": device_name(torch.device("cpu")),
+                      "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "busy_cores_before": busy,
+                      "load_source": how, "torch": torch.__version__, "peak_tflops_fp32": round(peak, 4),
+                      "steps": args.steps, "shapes": rows}))
+
+
+if __name__ == "__main__":
+    main()

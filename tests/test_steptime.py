@@ -1,0 +1,109 @@
+"""The step-time model (analytic/steptime.py): its parts add up, each part answers to its input, the
+predicted MFU moves the right way, and the backtest against published runs is computed, not typed in."""
+
+import dataclasses
+import json
+
+import pytest
+from conftest import run_cli
+
+from minigpt.analytic import flops as F, steptime as T
+from minigpt.analytic.published import backtest, load_runs, predict, run_inputs
+from minigpt.core.config import ModelConfig
+from minigpt.core.hardware import gpu_by_name
+from minigpt.core.plan import ParallelPlan
+
+GPT_13B = ModelConfig(n_layer=40, n_head=40, n_embd=5120, block_size=2048, vocab_size=51200)
+A100 = T.gpu_rates(gpu_by_name("A100"), "bf16")
+
+
+def step(c=GPT_13B, plan=ParallelPlan(dp=64, tp=8, zero=1), rates=A100, **kw):
+    setup = T.Setup(**{"seq_len": c.block_size, "global_batch": 512, "recompute": "full", **kw})
+    return T.step_time(c, plan, setup, rates)
+
+
+def test_parts_add_up_and_mfu_is_the_exact_flops_over_the_step():
+    st = step()
+    assert st["step_s"] == pytest.approx(sum(st["parts_s"].values()))
+    flops = F.train_flops_per_token(GPT_13B, 2048, "exact") * st["tokens_per_step"]
+    assert st["mfu"] == pytest.approx(flops / st["step_s"] / 512 / 312e12)
+    assert st["hfu"] > st["mfu"]  # full recompute: one more forward of the layers
+    assert st["tokens_per_s_per_gpu"] == pytest.approx(512 * 2048 / st["step_s"] / 512)
+
+
+def test_a_gemm_is_compute_bound_at_the_matmul_rate_or_memory_bound_at_hbm():
+    big = T.Gemm("big", 8192, 8192, 8192)
+    assert T.forward_seconds(big, A100, 2) == pytest.approx(big.flops / A100.matmul_flops, rel=0.01)
+    thin = T.Gemm("thin", 1, 8192, 8192)  # a decode-like GEMV: weight bytes over HBM
+    assert T.forward_seconds(thin, A100, 2) == pytest.approx(thin.bytes(2) / A100.hbm_bytes_per_s)
+    # wave quantization: 218 tiles (either orientation) on 108 SMs take three waves
+    assert T.wave_efficiency(256 * 109, 256, 1, 108) == pytest.approx(218 / 324)
+    assert T.wave_efficiency(256 * 108, 128, 1, 108) == 1.0
+
+
+def test_rates_are_one_way_links_at_a_stated_efficiency_and_cited():
+    h100 = T.gpu_rates(gpu_by_name("H100"))
+    assert h100.nvlink_bytes_per_s == pytest.approx(450e9 * T.LINK_EFFICIENCY[0])  # one way, not the 900 total
+    assert h100.internode_bytes_per_s == pytest.approx(50e9 * T.LINK_EFFICIENCY[0])
+    assert "mamf-finder" in h100.sources["matmul"] and "assumption" in h100.sources["links"]
+
+
+def test_predicted_mfu_rises_with_model_size():
+    small = dataclasses.replace(GPT_13B, n_layer=24, n_head=16, n_embd=2048)
+    big = dataclasses.replace(GPT_13B, n_layer=48, n_head=64, n_embd=8192)
+    mfus = [step(c, ParallelPlan(dp=64, tp=8, zero=1))["mfu"] for c in (small, GPT_13B, big)]
+    assert mfus[0] < mfus[1] < mfus[2]
+
+
+def test_more_micro_batches_shrink_the_bubble():
+    plan = ParallelPlan(dp=8, tp=8, pp=8)
+    few, many = step(plan=plan, global_batch=64), step(plan=plan, global_batch=1024)
+    assert few["bubble_fraction"] == pytest.approx(7 / (8 + 7)) and many["bubble_fraction"] == pytest.approx(7 / (128 + 7))
+    assert few["mfu"] < many["mfu"]
+    looped = step(plan=ParallelPlan(dp=8, tp=8, pp=8, schedule="interleaved-1f1b", stages_per_rank=2), global_batch=64)
+    assert few["mfu"] < looped["mfu"]  # interleaving halves the bubble
+
+
+def test_tensor_parallel_across_nodes_costs_more_than_within_one():
+    inside, across = step(plan=ParallelPlan(dp=32, tp=8)), step(plan=ParallelPlan(dp=16, tp=16))
+    assert across["parts_s"]["tp_comm"] > 5 * inside["parts_s"]["tp_comm"] and across["mfu"] < inside["mfu"]
+    # overlap hides what the GEMMs can cover; none hides nothing
+    hidden = step(plan=ParallelPlan(dp=32, tp=8), overlap="full")
+    assert hidden["parts_s"]["tp_comm"] < inside["parts_s"]["tp_comm"]
+
+
+def test_data_parallel_traffic_follows_the_zero_stage_and_the_overlap():
+    plan0, plan1 = ParallelPlan(dp=64, tp=8, zero=0), ParallelPlan(dp=64, tp=8, zero=1)
+    z0, z1 = step(plan=plan0, grad_bytes=4, param_bytes=2), step(plan=plan1, grad_bytes=4, param_bytes=2)
+    local = F.param_counts(GPT_13B).total / 8
+    assert z0["traffic_s"]["dp"] * A100.internode_bytes_per_s == pytest.approx(2 * 63 / 64 * local * 4)
+    assert z1["traffic_s"]["dp"] * A100.internode_bytes_per_s == pytest.approx(63 / 64 * local * (4 + 2))
+    overlapped = step(plan=plan1, grad_bytes=4, overlap="full")
+    assert overlapped["parts_s"]["dp_comm"] < z1["parts_s"]["dp_comm"] == pytest.approx(z1["traffic_s"]["dp"])
+
+
+def test_backtest_is_computed_from_the_table_and_summarised_per_set():
+    b = backtest()
+    runs = load_runs()
+    assert len(b["runs"]) == len(runs) >= 20
+    assert {r["set"] for r in b["runs"]} == {"development", "held-out"}
+    for row in b["runs"]:
+        assert row["error"] == pytest.approx(row["predicted"] / row["published"] - 1)
+    errs = sorted(abs(r["error"]) for r in b["runs"] if r["set"] == "held-out")
+    assert b["summary"]["held-out"]["max_abs_error"] == errs[-1]
+    # the prediction answers to its inputs: a slower GPU predicts less, the published figure is untouched
+    run = next(r for r in runs if r["name"] == "Megatron-LM 1T")
+    slower = predict({**run, "gpu": "V100", "dtype": "fp16"})
+    assert slower["predicted"] < predict(run)["predicted"] and slower["published"] == predict(run)["published"]
+    c, plan, setup, _ = run_inputs(run)
+    assert (plan.tp, plan.pp, plan.dp, plan.stages_per_rank, setup.recompute) == (8, 64, 6, 2, "full")
+
+
+def test_backtest_cli_json_and_errors(tmp_path):
+    r = run_cli("backtest", "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["summary"]["all"]["runs"] == len(data["runs"])
+    bad = tmp_path / "runs.toml"
+    bad.write_text('[family.a]\nseq_len = 1\n[[run]]\nname = "x"\nfamily = "a"\n')
+    r = run_cli("backtest", "--table", str(bad))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "plan" in r.stderr and "Traceback" not in r.stderr
