@@ -265,13 +265,15 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict
     layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch)
     plan = dataclasses.replace(ParallelPlan.parse(layout["plan"]), sp=ParallelPlan.parse(layout["plan"]).tp > 1)
     batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
+    width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
     setup = T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
-                    attention="flash", overlap="full", grad_bytes=4)
+                    attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width)
     st = T.step_time(c, plan, setup, T.gpu_rates(s.gpu, s.dtype))
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / plan.world / (
         s.gpu.tflops[s.dtype] * 1e12)
     source = (f"predicted: step-time model on {plan.spelling()} (full recompute, flash attention, overlapped transfers; "
-              f"backtest: minigpt backtest), MFU {st['mfu']:.1%} exact / {mfu:.1%} {s.flops_convention}")
+              f"backtest: minigpt backtest)" + ("" if s.flops_convention == "exact" else
+                                                   f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
     return {**st, "plan": plan.spelling(), "mfu_in_convention": mfu, "mfu_source": source}
 
 
