@@ -123,6 +123,21 @@ def cmd_train(args) -> int:
     return STOP_EXIT.get(summary.get("stopped"), 0)
 
 
+def _quantize(model, args) -> None:
+    """--quantize int8|int4: the run's Linears swapped for weight-only quantized ones (infer/quantize.py)."""
+    if getattr(args, "quantize", None):
+        from minigpt.infer.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
+
+
+def quantize_flag() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only quantization of the Linears and LM head (int8 per channel, int4 in groups of 32; CPU)")
+    return p
+
+
 def cmd_generate(args) -> None:
     """Text on stdout (a header between several samples), or with --json one JSON object alone;
     statistics on stderr; --stream prints a single sample's tokens as they come."""
@@ -135,6 +150,7 @@ def cmd_generate(args) -> None:
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device, args.step)
+    _quantize(model, args)
     sc = cfg.sample
     prompts = _prompts(args, sc.prompt)
     if args.draft:
@@ -151,7 +167,7 @@ def cmd_generate(args) -> None:
     texts, gen = generate_text(model, tokenizer, rows, eot_id=eot, max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
                                use_cache=not args.no_cache, compile=args.compile, on_token=on_token, **_sampling(args, sc))
     stats = gen.stats()
-    record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device),
+    record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device), "quantize": args.quantize or "none",
               "threads": torch.get_num_threads(), "compile": args.compile, **stats}
     if args.json:
         samples = [{"prompt": p, "text": t} for p, t in zip(rows, texts)]
@@ -242,19 +258,24 @@ def cmd_eval(args) -> None:
     from minigpt.infer.evaluate import SPLITS, evaluate_text, run_split_tokens, text_tokens
     from minigpt.train.checkpoint import load_run
 
+    if args.tasks and args.quantize:
+        raise UserError("--quantize scores --data with a quantized model; lm-eval tasks (--tasks) load the run themselves "
+                        "in full precision: drop one of them")
     if args.tasks:
         return _eval_tasks(args)
     if not args.data:
         raise UserError("minigpt eval needs --data SOURCE (text to score) or --tasks T1,T2 (lm-eval tasks)")
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device)
+    _quantize(model, args)
     if args.data in SPLITS:
         tokens, what = run_split_tokens(args.run, cfg, args.data, args.max_tokens), f"the run's {args.data} split"
     else:
         tokens, docs = text_tokens(args.data, tokenizer, args.max_tokens)
         what = f"{args.data} ({docs:,} documents)"
     r = evaluate_text(model, tokenizer, tokens, args.context, args.stride, args.batch_size, show=not args.json)
-    record = {"event": "eval", "run": str(args.run), "step": step, "data": args.data, "device": str(device), **r}
+    record = {"event": "eval", "run": str(args.run), "step": step, "data": args.data, "device": str(device),
+              "quantize": args.quantize or "none", **r}
     if args.json:
         print(to_json(record))
         return
@@ -400,6 +421,7 @@ def cmd_bench_decode(args) -> None:
         check_fits(model_bytes(c), device, f"a model of {c.n_layer} layers x {c.n_embd}", "benchmark a smaller config")
         torch.manual_seed(0)
         model = GPT(c).to(device).eval()
+    _quantize(model, args)
     result = decode_bench(model, args.run or args.config, device, args.dtype, args.batch or [1, 2, 4, 8, 16, 32],
                           args.context, args.new_tokens, args.compile, args.out)
     for r in result["rows"]:
@@ -415,7 +437,7 @@ def cmd_serve(args) -> None:
         from minigpt.infer.serve import serve
     except ImportError as e:
         raise UserError(f"minigpt serve needs FastAPI and uvicorn ({e}): pip install 'minigpt[serve]'") from None
-    serve(args.run, args.host, args.port, args.max_batch, args.device)
+    serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "")
 
 
 def cmd_simulate(args) -> None:
@@ -514,7 +536,7 @@ def scenario_from_args(args, cfg):
         notes.append(cfg.target.label)
     seq_len, seq_source = _training_context(args, cfg)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
-                    efficiency=args.efficiency,
+                    efficiency=args.efficiency, quantize=args.quantize or "",
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
@@ -642,7 +664,7 @@ def _add_run_commands(sub) -> None:
     _add_generate_command(sub)
     _add_eval_command(sub)
 
-    p = sub.add_parser("serve", parents=[threads_flag()], help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
+    p = sub.add_parser("serve", parents=[threads_flag(), quantize_flag()], help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
@@ -674,7 +696,7 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_generate_command(sub) -> None:
-    p = sub.add_parser("generate", parents=[threads_flag()], help="sample text from a trained run")
+    p = sub.add_parser("generate", parents=[threads_flag(), quantize_flag()], help="sample text from a trained run")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
@@ -701,7 +723,7 @@ def _add_generate_command(sub) -> None:
 
 
 def _add_eval_command(sub) -> None:
-    p = sub.add_parser("eval", parents=[threads_flag()], help="loss, perplexity and bits per byte of a run on any text, or on its own split")
+    p = sub.add_parser("eval", parents=[threads_flag(), quantize_flag()], help="loss, perplexity and bits per byte of a run on any text, or on its own split")
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train' (or convert --from-hf)")
     p.add_argument("--data", metavar="SOURCE",
                    help="val or train (the run's own splits), or any data.source: a file, folder, glob, "
@@ -791,7 +813,7 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_bench_hardware)
-    q = bsub.add_parser("decode", parents=[threads_flag()], help="decode tokens/s (total and per sequence) against batch and context, beside the "
+    q = bsub.add_parser("decode", parents=[threads_flag(), quantize_flag()], help="decode tokens/s (total and per sequence) against batch and context, beside the "
                                        "rooflines; JSON and PNG")
     q.add_argument("--run", help="a run directory (its weights)")
     _config_flags(q, any_model=True)
@@ -815,6 +837,8 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--num-gpus", type=number(int, 1), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
     p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="with --serve: also size the fleet for weight-only quantized weights (1 or 0.625 bytes a weight)")
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
                    help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
                         "GPU class's published reference MFU (assumed)")

@@ -62,6 +62,7 @@ class Scenario:
     context: int | None = None  # inference context length (default: block_size / 2)
     batch: int = 1  # inference batch for the decode bound
     serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
+    quantize: str = ""  # serving with weight-only quantized weights: "int8" | "int4" (beside the uncompressed fleet)
     notes: list[str] = field(default_factory=list)
     # --comm counted: (model, ParallelPlan) -> a simulated step of that layout (minigpt simulate), or
     # None when it cannot be simulated; torch-free here, supplied by the CLI
@@ -235,9 +236,21 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     if target.published_plan:
         result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s)
     if s.serve:
-        result["serving"] = serving(c, s, mfu_peak=peak, price=price, context=ctx)
-        result["serving_at_user_speed"] = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)
+        result.update(_serving_results(c, s, peak, mfu, price, ctx))
     return result
+
+
+def _serving_results(c: ModelConfig, s: Scenario, peak: float, mfu: float, price: float, ctx: int) -> dict:
+    """The compute-bound fleet, the per-user-speed fleet, and (--quantize) that fleet with quantized weights."""
+    out = {"serving": serving(c, s, mfu_peak=peak, price=price, context=ctx),
+           "serving_at_user_speed": serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)}
+    if s.quantize:
+        per, why = QUANTIZED_BYTES_PER_WEIGHT[s.quantize]
+        q = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx, weight_bytes_per_param=per)
+        out["serving_at_user_speed_quantized"] = {**q, "quantize": s.quantize, "weight_bytes_source": f"assumed: {why}",
+                                                  "quality_source": "measured on small models only: "
+                                                                    "benchmarks/bench_compress_cpu.jsonl"}
+    return out
 
 
 def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, gbt: float) -> tuple:
@@ -515,7 +528,14 @@ def _efficiency_at(eff: dict[int, float], batch: int) -> float:
     return eff[max(below)] if below else eff[min(eff)]
 
 
-def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float, context: int) -> dict:
+QUANTIZED_BYTES_PER_WEIGHT = {  # weight-only quantization (infer/quantize.py): values plus their scales
+    "int8": (1.0, "int8: 1 byte a weight (one bf16 scale per output row, negligible)"),
+    "int4": (0.625, "int4 in groups of 32: half a byte a weight plus a bf16 scale and zero per 32 = 0.625 bytes"),
+}
+
+
+def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float, context: int,
+                          weight_bytes_per_param: float | None = None) -> dict:
     """GPUs to serve the load with every user decoding at >= tokens_per_s_per_user.
 
     A replica holds the weights (in --dtype) and its batch's KV cache on the fewest GPUs that fit
@@ -531,7 +551,8 @@ def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float,
     eff_table, eff_source = sv.get("efficiency") or (None, f"assumption: --utilisation {sv['utilisation']:g} of the bandwidth bound")
     speedup, speedup_source = sv.get("speculate") or (1.0, "no speculative decoding")
     el = 2 if s.dtype in ("bf16", "fp16") else (1 if s.dtype == "fp8" else 4)
-    weights = F.param_counts(c).total * el  # held; read per step: weights_read(batch)
+    wel = weight_bytes_per_param or el  # quantized weights; the KV cache stays in the compute dtype
+    weights = F.param_counts(c).total * wel  # held; read per step: weights_read(batch)
     kv_tok = M.kv_cache_bytes_per_token(c, el) * context
     mem, bw = s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, s.gpu.bandwidth_tbs * 1e12
     best = None
@@ -540,7 +561,7 @@ def serving_at_user_speed(c: ModelConfig, s: Scenario, mfu: float, price: float,
             if weights + batch * kv_tok > g * mem:
                 break
             eff = _efficiency_at(eff_table, batch) if eff_table else sv["utilisation"]
-            step = max((_weights_read(c, batch) * el + batch * kv_tok) / (g * bw) / eff,
+            step = max((_weights_read(c, batch) * wel + batch * kv_tok) / (g * bw) / eff,
                        batch * F.decode_flops(c, context) / (g * s.gpu.tflops[s.dtype] * 1e12 * mfu))
             per_user = speedup / step
             if per_user < target:

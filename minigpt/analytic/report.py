@@ -271,8 +271,20 @@ def extrapolation_lines(r: dict) -> list[str]:
             f"  efficiency {u['efficiency']:.1%} of the bandwidth bound ({u['efficiency_source']}); speculative speed-up "
             f"{u['speculative_speedup']:g} ({u['speculative_source']}); {u['convention']}",
         ]
+    lines += quantized_serving_lines(r)
     lines += [f"note: {n}" for n in r["notes"]]
     return lines
+
+
+def quantized_serving_lines(r: dict) -> list[str]:
+    q = r.get("serving_at_user_speed_quantized")
+    if not q:
+        return []
+    if not q["met"]:
+        return [f"  with {q['quantize']} weights: {q['note']}"]
+    return [f"  with {q['quantize']} weights ({q['weight_bytes_source']}): batch {q['batch_per_replica']:,} per "
+            f"replica of {q['gpus_per_replica']} x {r['gpu']} -> {q['num_gpus']:,} GPUs, "
+            f"{fmt_usd(q['cost_usd_per_month'])} per month (quality: {q['quality_source']})"]
 
 
 def extrapolation_markdown(r: dict, title: str) -> str:

@@ -342,13 +342,18 @@ def check_address(host: str, port: int) -> None:
                             f"address or port") from None
 
 
-def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu") -> None:
+def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "") -> None:
     import uvicorn
 
     check_address(host, port)
     model, tokenizer, cfg, step = load_run(run_dir, device)
+    if quantize:
+        from minigpt.infer.quantize import quantize_model
+
+        quantize_model(model, quantize)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
     app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch)
-    print(f"serving {run_dir} (step {step}) as model {name!r} on http://{host}:{port}/v1 (batches of up to {max_batch})",
+    print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
+          f"http://{host}:{port}/v1 (batches of up to {max_batch})",
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -98,10 +98,12 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
 # decoding
 
 
-def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el: int) -> dict:
+def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el: int,
+                 weight_bytes: float | None = None) -> dict:
     """The memory-bandwidth bound of one decode step: every weight and the batch's KV cache up to
-    `context` are read once per step; tokens/s <= batch x bandwidth / those bytes."""
-    weights = param_counts(c).total * bytes_per_el
+    `context` are read once per step; tokens/s <= batch x bandwidth / those bytes. `weight_bytes`: what
+    a quantized model reads (infer/quantize.weight_bytes), else every parameter at bytes_per_el."""
+    weights = weight_bytes if weight_bytes is not None else param_counts(c).total * bytes_per_el
     kv = batch * context * kv_cache_bytes_per_token(c, bytes_per_el)
     step_s = (weights + kv) / (bandwidth_gbs * 1e9)
     return {"weight_bytes": weights, "kv_bytes": kv, "bound_step_ms": step_s * 1e3, "bound_tokens_per_s": batch / step_s}
@@ -114,7 +116,12 @@ def _decode_point(model, batch: int, context: int, new_tokens: int, compile: boo
     prompts = torch.randint(0, c.vocab_size, (batch, context)).tolist()
     runs = [generate_ids(model, prompts, new_tokens, temperature=0.0, compile=compile) for _ in range(repeats + 1)]
     best = min(runs[1:], key=lambda g: g.decode_s)
-    return best, decode_bound(c, batch, context + new_tokens // 2, bandwidth_gbs, model.wte.weight.element_size())
+    weights = None
+    if getattr(model, "quantization", None):
+        from minigpt.infer.quantize import weight_bytes
+
+        weights = weight_bytes(model)["read_per_decode_step_bytes"]
+    return best, decode_bound(c, batch, context + new_tokens // 2, bandwidth_gbs, model.wte.weight.element_size(), weights)
 
 
 def bench_decode(model, batches: list[int], prompt_len: int, new_tokens: int, compiled: list[bool],

@@ -234,3 +234,20 @@ def all_to_all_autograd(x, output_split_sizes: list[int], input_split_sizes: lis
     from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
     return wait_tensor(all_to_all_single_autograd(x, output_split_sizes, input_split_sizes, group))
+
+
+# weight-only quantized matmuls (ATen's CPU kernels, the ones gpt-fast and torchao call on CPU)
+
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (N, K) bf16 @ int8 weight (M, K)^T, each output channel times its scale: (N, M) bf16."""
+    return torch._weight_int8pack_mm(x, weight, scales)
+
+
+def int4_pack(q: torch.Tensor, inner_k_tiles: int = 2) -> torch.Tensor:
+    """int4 values (M, K) held in int32 -> the CPU kernel's packed layout."""
+    return aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
+
+
+def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x (N, K) bf16 @ the packed int4 weight, per-group scale and zero: (N, M) bf16."""
+    return aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
