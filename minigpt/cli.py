@@ -167,7 +167,8 @@ def cmd_generate(args) -> None:
     texts, gen = generate_text(model, tokenizer, rows, eot_id=eot, max_new_tokens=args.max_new_tokens or sc.max_new_tokens,
                                use_cache=not args.no_cache, compile=args.compile, on_token=on_token, **_sampling(args, sc))
     stats = gen.stats()
-    record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device), "quantize": args.quantize or "none",
+    record = {"event": "generated", "run": str(args.run), "step": step, "device": str(device),
+              "quantize": args.quantize or cfg.model.quantization or "none",
               "threads": torch.get_num_threads(), "compile": args.compile, **stats}
     if args.json:
         samples = [{"prompt": p, "text": t} for p, t in zip(rows, texts)]
@@ -275,7 +276,7 @@ def cmd_eval(args) -> None:
         what = f"{args.data} ({docs:,} documents)"
     r = evaluate_text(model, tokenizer, tokens, args.context, args.stride, args.batch_size, show=not args.json)
     record = {"event": "eval", "run": str(args.run), "step": step, "data": args.data, "device": str(device),
-              "quantize": args.quantize or "none", **r}
+              "quantize": args.quantize or cfg.model.quantization or "none", **r}
     if args.json:
         print(to_json(record))
         return
@@ -324,7 +325,15 @@ def cmd_convert(args) -> None:
     _threads(args)
     from minigpt.interop.hf import export_hf, import_hf
 
-    if args.from_hf:
+    if args.quantize_run or args.quantize:
+        if not (args.quantize_run and args.quantize):
+            raise UserError("minigpt convert --quantize-run RUN --quantize int8|int4 --out DIR: give both")
+        from minigpt.apps.quantized_run import save_quantized_run
+
+        info = save_quantized_run(args.quantize_run, args.quantize, args.out)
+        print(f"wrote run directory {args.out}: {args.quantize_run} (step {info['step']}) with {args.quantize} weights, "
+              f"{info['total_bytes']:,} bytes of weights; try: minigpt generate --run {args.out} --prompt \"...\"")
+    elif args.from_hf:
         info = import_hf(args.from_hf, args.out)
         print(f"wrote run directory {args.out}: {info['model_type']} ({info['params']:,} parameters) from {args.from_hf}; "
               f"try: minigpt generate --run {args.out} --prompt \"...\"")
@@ -676,6 +685,9 @@ def _add_run_commands(sub) -> None:
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="DIR", help="an HF folder: config.json, *.safetensors, tokenizer.json")
     way.add_argument("--to-hf", metavar="RUN_DIR", help="a minigpt run directory (its latest checkpoint)")
+    way.add_argument("--quantize-run", metavar="RUN_DIR", help="a run's latest weights, weight-only quantized, as a new run "
+                                                               "(with --quantize int8|int4)")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="with --quantize-run: the format")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_convert)
 

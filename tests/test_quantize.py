@@ -91,3 +91,24 @@ def test_extrapolate_serves_quantized_weights_beside_the_full_fleet():
     assert q["quantize"] == "int4" and q["weight_bytes_source"].startswith("assumed")
     assert q["num_gpus"] <= full["serving_at_user_speed"]["num_gpus"]
     assert "serving_at_user_speed_quantized" not in full
+
+
+def test_a_quantized_run_saves_reloads_and_refuses_training_and_export(good_run, tmp_path):
+    from minigpt.infer.quantize import quantize_model
+    from minigpt.train.checkpoint import load_run
+
+    out = tmp_path / "q8"
+    r = run_cli("convert", "--quantize-run", str(good_run), "--quantize", "int8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    saved, _, cfg, _ = load_run(out)
+    live = quantize_model(load_run(good_run)[0], "int8")
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert cfg.model.quantization == "int8" and torch.equal(saved(x).logits, live(x).logits)
+    assert json.loads((out / "quantized.json").read_text())["quantization"] == "int8"
+    r = run_cli("convert", "--to-hf", str(out), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 2 and "quantized" in r.stderr and not (tmp_path / "hf").exists()
+    r = run_cli("generate", "--run", str(out), "--prompt", "a", "--max-new-tokens", "2", "--quantize", "int4")
+    assert r.returncode == 2 and "quantized already" in r.stderr
+    r = run_cli("convert", "--quantize-run", str(good_run), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "give both" in r.stderr

@@ -57,11 +57,13 @@ class ModelConfig:
     qkv_bias: bool | None = None  # biases of Q/K/V alone (None: attention_bias); Qwen2 has them, no output bias
     mlp_bias: bool | None = None  # biases of the MLP linears (None: model.bias)
     pad_vocab_multiple: int = 64  # embedding/LM-head rows rounded up to this (faster matmuls); 1: exact
+    quantization: str = ""  # "": weights as trained; "int8" | "int4": a weight-only quantized run (minigpt convert --quantize)
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "mlp": ("gelu", "swiglu", "relu2"),
         "norm": ("layernorm", "rmsnorm"),
         "pos_emb": ("learned", "rope"),
+        "quantization": ("", "int8", "int4"),
     }
 
     def __post_init__(self) -> None:
@@ -198,6 +200,15 @@ class TrainConfig:
     # start a new run from these weights (and their tokenizer), with a fresh optimizer: a minigpt run
     # directory or a Hugging Face folder; [model] comes from the weights
     init_from: str = ""
+    # LoRA (Hu et al. 2021) on top of init_from: rank 0 is off; only the adapters train and are saved
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # the blocks' Linears
+    # distillation (Hinton et al. 2015): a trained run (or HF folder) whose soft targets the student learns,
+    # mixed with the data loss: (1 - distill_alpha) CE + distill_alpha T^2 KL(teacher_T || student_T)
+    distill_from: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the generated config
     seed: int = 1337
     max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
@@ -236,6 +247,24 @@ class TrainConfig:
         "schedule": ("cosine", "wsd"),
     }
 
+    def _validate_techniques(self) -> None:
+        """LoRA and distillation keys, alone and together."""
+        if self.lora_rank < 0 or self.lora_rank > 4096 or self.lora_alpha <= 0:
+            raise UserError(f"train.lora_rank = {self.lora_rank} must be in [0, 4096] and train.lora_alpha = "
+                            f"{self.lora_alpha} positive")
+        if self.lora_rank and not self.init_from:
+            raise UserError("train.lora_rank > 0 adapts a trained model: set train.init_from = RUN (a minigpt run; "
+                            "an HF folder: minigpt convert --from-hf DIR --out RUN first)")
+        bad = sorted(set(self.lora_targets) - {"c_attn", "c_proj", "c_fc"})
+        if bad or not self.lora_targets:
+            raise UserError(f"train.lora_targets = {self.lora_targets!r}: choose from c_attn, c_proj, c_fc")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise UserError(f"train.distill_alpha = {self.distill_alpha} must be in [0, 1] and train.distill_temperature "
+                            f"= {self.distill_temperature} positive")
+        if self.distill_from and (self.init_from or self.lora_rank):
+            raise UserError("train.distill_from trains a fresh student; it does not combine with train.init_from or "
+                            "train.lora_rank here: drop one")
+
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)
         for key in ("max_steps", "micro_batch_size", "eval_iters", "log_every", "keep_checkpoints"):
@@ -257,6 +286,7 @@ class TrainConfig:
         unknown = sorted(set(self.log_to) - set(LOG_SINKS))
         if unknown:
             raise UserError(f"train.log_to has {unknown[0]!r}; choose from {', '.join(LOG_SINKS)}")
+        self._validate_techniques()
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3")
         for key in ("tensor_parallel", "pipeline_parallel"):

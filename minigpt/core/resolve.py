@@ -46,20 +46,23 @@ def model_config(name: str | None, overrides: list[str] | tuple[str, ...] = ()) 
     return Config(model=model_from_hf(raw, str(path)))
 
 
-def init_source(path: str) -> tuple[str, ModelConfig, Path, str | None]:
-    """What train.init_from names: ("run" | "hf", its [model], its tokenizer.json, its stop token)."""
+def init_source(path: str, key: str = "train.init_from") -> tuple[str, ModelConfig, Path, str | None]:
+    """What train.init_from (or `key`) names: ("run" | "hf", its [model], its tokenizer.json, its stop token)."""
     src = Path(path)
     if not (src / "config.json").is_file():
-        raise UserError(f"train.init_from = {path!r} is neither a minigpt run directory nor a Hugging Face folder "
+        raise UserError(f"{key} = {path!r} is neither a minigpt run directory nor a Hugging Face folder "
                         f"(no config.json there)")
     raw = read_json(src / "config.json", "config")
     if not (src / "tokenizer.json").is_file():
-        raise UserError(f"train.init_from = {path!r} has no tokenizer.json; the weights need their tokenizer")
+        raise UserError(f"{key} = {path!r} has no tokenizer.json; the weights need their tokenizer")
     if is_hf_config(raw):
         return "hf", model_from_hf(raw, str(src / "config.json"), for_weights=True), src / "tokenizer.json", None
     if not (src / "latest.json").is_file():
-        raise UserError(f"train.init_from = {path!r} has no checkpoint (latest.json); train it first")
+        raise UserError(f"{key} = {path!r} has no checkpoint (latest.json); train it first")
     saved = config_from_json(src / "config.json")
+    if saved.model.quantization:
+        raise UserError(f"{key} = {path!r} holds {saved.model.quantization}-quantized weights, for inference only: use "
+                        f"the run it was made from (its quantized.json names it)")
     return "run", saved.model, src / "tokenizer.json", saved.sample.stop_token
 
 
@@ -67,6 +70,10 @@ def with_init_from(cfg: Config, explicit_model: dict) -> Config:
     """cfg with [model] and the tokenizer of train.init_from. A [model] key the config sets (its
     file's table or --set) must agree with the weights, except dropout, which a fine-tune may set."""
     kind, model, tokenizer, stop = init_source(cfg.train.init_from)
+    if kind == "hf" and cfg.train.lora_rank:
+        raise UserError(f"train.lora_rank > 0 keeps its base as a minigpt run (read again with the adapters): convert "
+                        f"the HF folder first, minigpt convert --from-hf {cfg.train.init_from} --out RUN, and set "
+                        f"train.init_from = RUN")
     for key in explicit_model:
         if key != "dropout" and getattr(cfg.model, key) != getattr(model, key):
             raise UserError(f"model.{key} = {getattr(cfg.model, key)!r} disagrees with the weights in "
@@ -80,6 +87,23 @@ def with_init_from(cfg: Config, explicit_model: dict) -> Config:
     cfg.model, cfg.data.tokenizer = model, str(tokenizer)
     if stop is not None or kind == "hf":
         cfg.sample.stop_token = stop or hf_stop_token(Path(cfg.train.init_from))[0]
+    cfg.validate()
+    return cfg
+
+
+def with_distill_from(cfg: Config, explicit_model: dict) -> Config:
+    """cfg with the teacher's tokenizer and vocabulary (the student's logits are matched to the teacher's token
+    by token); the rest of [model] is the student's own."""
+    _, teacher, tokenizer, stop = init_source(cfg.train.distill_from, "train.distill_from")
+    if "vocab_size" in explicit_model and cfg.model.vocab_size != teacher.vocab_size:
+        raise UserError(f"model.vocab_size = {cfg.model.vocab_size} differs from the teacher's {teacher.vocab_size} "
+                        f"(train.distill_from): drop model.vocab_size, the student takes the teacher's tokenizer")
+    if cfg.data.tokenizer not in ("bpe", str(tokenizer)):
+        raise UserError(f"data.tokenizer = {cfg.data.tokenizer!r}, but the student of train.distill_from uses the "
+                        f"teacher's tokenizer.json; drop data.tokenizer")
+    cfg.model.vocab_size, cfg.data.tokenizer = teacher.vocab_size, str(tokenizer)
+    if stop is not None:
+        cfg.sample.stop_token = stop
     cfg.validate()
     return cfg
 
@@ -101,9 +125,9 @@ def train_config(config: str | None, overrides: list[str], resume: str | None = 
     """`minigpt train`'s config: run_config, then train.init_from's [model] and tokenizer for a new run
     (a [model] key the file or --set gives explicitly must agree with the weights)."""
     cfg = run_config(config, overrides, resume)
-    if cfg.train.init_from and not resume:  # [model] from the weights; the default preset's does not count
+    if (cfg.train.init_from or cfg.train.distill_from) and not resume:  # the default preset's [model] does not count
         explicit = load_raw(resolve_preset(config) if config else None, overrides).get("model", {})
-        cfg = with_init_from(cfg, explicit)
+        cfg = with_init_from(cfg, explicit) if cfg.train.init_from else with_distill_from(cfg, explicit)
     return cfg
 
 

@@ -91,6 +91,8 @@ def check_quantizable(model: nn.Module, mode: str, group: int = INT4_GROUP) -> N
     """Refuse before any work: an unknown mode, a device without the kernels, a shape int4 cannot group."""
     if mode not in MODES:
         raise UserError(f"--quantize {mode!r}: choose from {', '.join(MODES)}")
+    if getattr(model, "quantization", None) or any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise UserError(f"this run is quantized already ({getattr(model, 'quantization', '?')}): drop --quantize")
     device = model.wte.weight.device
     if device.type != "cpu":
         raise UserError(f"--quantize {mode} runs on CPU only here (ATen's CPU kernels); this model is on {device}: "
@@ -133,3 +135,4 @@ def weight_bytes(model: nn.Module) -> dict:
                           "norms, biases; a tied head's matrix is held twice); per decode step the tied embedding's "
                           "full-precision copy is not counted (a lookup reads one row), as the unquantized bound counts "
                           "that matrix once"}
+

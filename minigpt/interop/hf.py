@@ -251,6 +251,9 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     folder, step = latest_checkpoint(run_dir)
     cfg = config_from_json(run_dir / "config.json")
     c = cfg.model
+    if c.quantization:
+        raise UserError(f"{run_dir} holds {c.quantization}-quantized weights (quantized.json names its source run): "
+                        f"export the source run instead")
     hf_family(c)  # refuse before writing anything
     check_tokenizer(run_dir)
     check_fits(2 * model_bytes(c), "cpu", f"exporting {run_dir} ({param_counts(c).total:,} parameters, read and mapped)",
@@ -260,7 +263,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     tok = _hf_tokenizer(run_dir, c.vocab_size)
     eos = tok.token_to_id(cfg.sample.stop_token)
     hf_config = hf_from_model(c, eos, eos)
-    state = minigpt_to_hf(c, load_file(str(folder / WEIGHTS)))
+    state = minigpt_to_hf(c, _run_weights(folder, cfg) if cfg.train.lora_rank else load_file(str(folder / WEIGHTS)))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size,
                   **({"eos_token": cfg.sample.stop_token, "bos_token": cfg.sample.stop_token} if eos is not None else {})}
     tmp = _output_folder(out)
@@ -278,17 +281,31 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
             "architectures": hf_config["architectures"], "out": str(out)}
 
 
+def _run_weights(folder: Path, cfg) -> dict[str, torch.Tensor]:
+    """A LoRA run's weights: its base with the adapters merged (the checkpoint holds the adapters alone)."""
+    from minigpt.nn.model import GPT
+    from minigpt.train.checkpoint import load_run_weights
+
+    model = GPT(cfg.model)
+    load_run_weights(model, folder, cfg)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
 def load_init_weights(model, source: str) -> str:
     """Copy train.init_from's weights (a minigpt run's latest checkpoint, or an HF folder) into
     `model`; returns what was loaded, for the run's first lines."""
-    from minigpt.nn.weights import load_weights
     from minigpt.train.checkpoint import load_latest
 
     src = Path(source)
     raw = read_json(src / "config.json", "config")
     if not is_hf_config(raw):
-        _, step = load_latest(src, lambda folder: load_weights(model, folder))
-        return f"weights of run {src} (step {step})"
+        from minigpt.core.config import config_from_json
+
+        saved = config_from_json(src / "config.json")
+        from minigpt.train.checkpoint import load_run_weights
+
+        _, step = load_latest(src, lambda folder: load_run_weights(model, folder, saved))
+        return f"weights of run {src} (step {step})" + (" with its LoRA adapters merged" if saved.train.lora_rank else "")
     state = hf_to_minigpt(raw, model_from_hf(raw, str(src), for_weights=True), read_hf_tensors(src), str(src))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied head

@@ -33,7 +33,7 @@ from minigpt.core.config import Config, TrainConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import StepResult, autocast_context
+from minigpt.nn.optim import StepResult, autocast_context, objective
 
 # torch.compile on a CPU: measured on the 2-core reference machine (benchmarks/bench_train_tiny_cpu.jsonl,
 # README "Speed"), the tiny model's compiled step is 5-10% faster (~20 ms) but the first compilation takes
@@ -47,6 +47,8 @@ class Backend:
     name: ClassVar[str] = ""
     files: ClassVar[tuple[str, ...]] = ()  # run-directory entries this backend writes (besides checkpoints)
     runs_muon: ClassVar[bool] = False  # whether train.optimizer = "muon" runs here (it needs whole matrices)
+    runs_lora: ClassVar[bool] = False  # whether train.lora_rank > 0 runs here (frozen base, adapters trained and saved)
+    distiller = None  # train.distill_from: set from outside (train/distill.py); asked for the loss to backpropagate
     model: torch.nn.Module  # the model being trained (parallelised: evaluation runs on it)
     optimizer: torch.optim.Optimizer
 
@@ -67,6 +69,12 @@ class Backend:
             raise UserError("train.optimizer = 'muon' runs on one process or DDP in fp32/bf16: its Newton-Schulz step "
                             "needs whole matrices (FSDP, tensor and pipeline parallelism and DeepSpeed shard or wrap "
                             "them) and fp16's grad scaler one torch optimizer; use train.optimizer = 'adamw' there")
+        if tc.lora_rank and not cls.runs_lora:
+            raise UserError(f"train.lora_rank > 0 runs on one process or DDP (backend=ddp, no tensor or pipeline "
+                            f"parallelism) here; this plan uses the {cls.name} backend ({plan.describe()})")
+        if tc.distill_from and (plan.tp > 1 or plan.pp > 1 or cls.name == "deepspeed"):
+            raise UserError("train.distill_from runs with backend=ddp or backend=fsdp without tensor or pipeline "
+                            "parallelism (the teacher's logits meet the student's whole); drop tp/pp or the teacher")
         if plan.ep > 1:
             raise UserError(f"expert parallelism (ep={plan.ep}) is simulated and costed (minigpt simulate), not trained "
                             f"yet; train with ep=1")
@@ -111,6 +119,14 @@ class Backend:
     def optimizer_step(self) -> StepResult:
         """Clip, update, zero the gradients."""
         raise NotImplementedError
+
+    def forward_objective(self, net, x: torch.Tensor, y: torch.Tensor):
+        """(the model's output, whose .loss is logged; the loss to backpropagate): the data loss (+ MoE
+        auxiliary), or with a distiller the mix of data and teacher's soft targets."""
+        if self.distiller is not None:
+            return self.distiller.objective(net, x, y)
+        out = net(x, y)
+        return out, objective(out, self.tc)
 
     def eval_losses(self, batches: list) -> torch.Tensor:
         """The mean loss (nats/token) of each (x, y) micro-batch, forward only, on every rank."""

@@ -12,8 +12,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minigpt.core.config import Config
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
-from minigpt.nn.optim import StepResult, autocast_context, make_optimizer, objective
-from minigpt.nn.weights import load_weights, weights_of
+from minigpt.nn.lora import load_adapters
+from minigpt.nn.optim import StepResult, autocast_context, make_optimizer
+from minigpt.nn.weights import load_weights, read_weights, weights_of
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.distributed import DistEnv
 
@@ -23,6 +24,7 @@ class TorchBackend(Backend):
 
     name = "ddp"
     runs_muon = True
+    runs_lora = True
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
@@ -46,8 +48,8 @@ class TorchBackend(Backend):
         sync = contextlib.nullcontext() if last or not self.env.distributed else self.net.no_sync()
         with sync:
             with autocast_context(self.env.device, self.tc.precision):
-                out = self.net(x, y)
-            self.scaler.scale(objective(out, self.tc) / accum).backward()
+                out, loss = self.forward_objective(self.net, x, y)
+            self.scaler.scale(loss / accum).backward()
         return out.loss.detach()
 
     def optimizer_step(self) -> StepResult:
@@ -67,7 +69,10 @@ class TorchBackend(Backend):
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state(self, folder: Path, state: dict) -> None:
-        load_weights(self.model, folder)
+        if self.tc.lora_rank:  # the checkpoint holds the adapters; the base came from train.init_from
+            load_adapters(self.model, read_weights(folder), str(folder))
+        else:
+            load_weights(self.model, folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -34,7 +34,7 @@ from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan, check_tensor_parallel
 from minigpt.nn.model import GPT
-from minigpt.nn.optim import DTYPES, StepResult, autocast_context, make_optimizer, objective
+from minigpt.nn.optim import DTYPES, StepResult, autocast_context, make_optimizer
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
 from minigpt.parallel.distributed import DistEnv
@@ -264,8 +264,8 @@ class ShardedBackend(Backend):
         if self.fsdp:  # reduce-scatter the gradients on the step's last micro-batch only
             self.model.set_requires_gradient_sync(last)
         with autocast_context(self.env.device, self.tc.precision):
-            out = self.model(x, y)
-        (objective(out, self.tc) / accum).backward()
+            out, loss = self.forward_objective(self.model, x, y)
+        (loss / accum).backward()
         return out.loss.detach()
 
     def grad_norm(self) -> torch.Tensor:

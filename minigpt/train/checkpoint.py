@@ -42,8 +42,9 @@ from minigpt.core.config import Config, config_from_json, read_json
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError, write_error
 from minigpt.data.tokenizer import read_tokenizer
+from minigpt.nn.lora import adapter_state, apply_lora, load_adapters, merge_lora
 from minigpt.nn.model import GPT
-from minigpt.nn.weights import WEIGHTS, load_weights, save_weights
+from minigpt.nn.weights import WEIGHTS, load_weights, read_weights, save_weights
 from minigpt.parallel.backends import run_file_names
 from minigpt.parallel.distributed import DistEnv, all_gather_objects, barrier
 
@@ -267,6 +268,8 @@ class Checkpointer:
         try:
             state = {**train_state, **backend.save_state(tmp), **self._rng_states(), "world_size": env.world_size}
             weights = backend.full_state_dict()
+            if env.is_main and backend.tc.lora_rank:  # a LoRA run keeps its adapters; the base is train.init_from
+                weights = adapter_state(weights)
             if env.is_main:
                 self._write(weights, state, tmp)
             barrier(env)
@@ -317,6 +320,7 @@ class Checkpointer:
 
 LOCK = ".lock"
 RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
+             "quantized.json",
              LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
              "data.json", "imported.json", LOCK} | run_file_names()  # + what the backends write (their `files`)
 
@@ -399,11 +403,29 @@ def check_tokenizer(run_dir: Path) -> None:
 # a run's model, for every reader (generate, serve, bench decode, the quickstart)
 
 
+def load_run_weights(model: GPT, folder: Path, cfg: Config) -> None:
+    """A checkpoint folder's weights into `model` (a GPT of cfg.model). A LoRA run saves its adapters only:
+    its base (train.init_from, a run) is read again, the adapters put on and merged, so `model` stays a
+    plain GPT."""
+    tc = cfg.train
+    if not tc.lora_rank:
+        load_weights(model, folder)
+        return
+    base = Path(tc.init_from)
+    base_cfg = config_from_json(base / "config.json")
+    load_latest(base, lambda f: load_run_weights(model, f, base_cfg))
+    apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+    load_adapters(model, read_weights(folder), str(folder))
+    merge_lora(model)
+    model.requires_grad_(True)
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
     """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
     the kept checkpoint of `step` (train.keep_checkpoints keeps several).
 
-    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest).
+    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest). A LoRA
+    run's adapters come merged into its base (load_run_weights).
     """
     run_dir = Path(run_dir)
     latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
@@ -417,14 +439,18 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     check_fits(model_bytes(cfg.model), device, f"loading the model of {run_dir} ({param_counts(cfg.model).total:,} "
                f"parameters)", "use a machine with more memory, or check that its config.json is the run's own")
     model = GPT(cfg.model)
+    if cfg.model.quantization:  # a quantized run: the quantized modules first, then their saved tensors
+        from minigpt.infer.quantize import quantize_model
+
+        quantize_model(model, cfg.model.quantization)
     if step is None:
-        _, step = load_latest(run_dir, lambda folder: load_weights(model, folder))
+        _, step = load_latest(run_dir, lambda folder: load_run_weights(model, folder, cfg))
     else:
         folder = run_dir / "checkpoints" / f"step_{step:07d}"
         if not folder.is_dir():
             kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
             raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
                             f"sets how many are kept)")
-        load_weights(model, folder)
+        load_run_weights(model, folder, cfg)
     model.to(device).eval()
     return model, tokenizer, cfg, step

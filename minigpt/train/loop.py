@@ -42,6 +42,7 @@ from minigpt.data.loader import BatchLoader, check_split_length, get_batch
 from minigpt.data.tokenizer import bits_per_byte, token_bytes
 from minigpt.infer.generate import check_prompts, generate_text
 from minigpt.interop.hf import load_init_weights
+from minigpt.nn.lora import apply_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.backend import Backend
@@ -72,6 +73,7 @@ from minigpt.train.checkpoint import (
     refuse_links,
     remove_temporaries,
 )
+from minigpt.train.distill import Distiller, load_teacher
 from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks
 
 
@@ -250,9 +252,25 @@ def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> 
     """The model (initial or init_from weights, equal on every rank), parallelised, in its backend."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = GPT(cfg.model)
-    if cfg.train.init_from and not resume:
-        say(f"init     {load_init_weights(model, cfg.train.init_from)}; fresh optimizer and schedule")
-    return make_backend(parallelize(model, plan, cfg.train, env.device), cfg, env, plan)
+    tc = cfg.train
+    if tc.init_from and (not resume or tc.lora_rank):  # a LoRA run's base is read again on resume
+        say(f"init     {load_init_weights(model, tc.init_from)}" + ("" if resume else "; fresh optimizer and schedule"))
+    if tc.lora_rank:
+        torch.manual_seed(tc.seed)  # the adapters' initial A, equal on every rank
+        adapters = apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+        say(f"lora     rank {tc.lora_rank}, alpha {tc.lora_alpha:g} on {', '.join(tc.lora_targets)}: {adapters:,} trainable "
+            f"of {model.num_params():,} parameters ({adapters / model.num_params():.2%}); the base frozen")
+    backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
+    if tc.distill_from:
+        backend.distiller = Distiller(*_teacher(cfg, env, say))
+    return backend
+
+
+def _teacher(cfg: Config, env: DistEnv, say) -> tuple:
+    teacher, what = load_teacher(cfg, env.device)
+    say(f"teacher  {what}; loss = {1 - cfg.train.distill_alpha:g} x data CE + {cfg.train.distill_alpha:g} x T^2 KL at "
+        f"T = {cfg.train.distill_temperature:g}")
+    return teacher, cfg
 
 
 def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, resume: bool, env: DistEnv) -> TrainState:
@@ -559,7 +577,20 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
     lines.append(f"mfu      model FLOPs {m.flops / layout.tokens_per_step:,.0f}/token (exact matmul count, 3x forward, "
                  f"full attention square, no recompute) per device / peak: {peak.source}"
                  + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)"))
-    return lines + _optimizer_lines(cfg, m.flops / env.world_size)
+    return lines + _optimizer_lines(cfg, m.flops / env.world_size) + _teacher_lines(cfg, m.flops, layout)
+
+
+def _teacher_lines(cfg: Config, student_flops: float, layout: BatchLayout) -> list[str]:
+    """Distillation's extra work: the teacher's forward on every micro-batch (not in the student's MFU)."""
+    if not cfg.train.distill_from:
+        return []
+    from minigpt.analytic.flops import forward_matmul_flops_per_token
+    from minigpt.core.resolve import init_source
+
+    teacher = init_source(cfg.train.distill_from, "train.distill_from")[1]
+    per_step = forward_matmul_flops_per_token(teacher, cfg.model.block_size) * layout.tokens_per_step
+    return [f"teacher  forward {per_step / layout.tokens_per_step:,.0f} FLOPs/token = {per_step:.4g} per step "
+            f"({per_step / student_flops:.1%} of the student's training FLOPs; counted here, not in the student's MFU)"]
 
 
 def _optimizer_lines(cfg: Config, device_flops: float) -> list[str]:
