@@ -235,3 +235,17 @@ def serving(app):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+# The slowest files first (longest-processing-time first): with pytest-xdist's loadfile scheduling each file
+# runs whole on one worker, so a slow file collected last would leave the other worker idle at the end.
+SLOW_FIRST = ("test_distributed.py", "test_pipeline.py", "test_reliability.py", "test_simulate_3d.py",
+              "test_sharding.py", "test_cli.py", "test_simulate.py", "test_harness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
