@@ -228,19 +228,19 @@ def test_a_restart_cleans_temporaries_and_drops_records_past_the_checkpoint(tiny
 
 
 def test_fp32_cpu_training_is_bit_reproducible_across_processes(corpus_dir, data_cache, tmp_path):
-    """With torch's default threads (2 here): a fresh process and this one write identical weight
-    files, and a run split by a resume ends with the uninterrupted one's weights, bit for bit."""
-    sets = tiny_overrides(corpus_dir, data_cache, tmp_path / "a", **{"train.max_steps": 6, "model.dropout": 0.1})
+    """With the same thread count (2, pinned: train.threads = 0 picks the idle cores, which a loaded machine
+    lowers for one run and not the other): a fresh process and this one write identical weight files, and a
+    run split by a resume ends with the uninterrupted one's weights, bit for bit."""
+    same = {"train.max_steps": 6, "model.dropout": 0.1, "train.threads": min(2, os.cpu_count() or 1)}
+    sets = tiny_overrides(corpus_dir, data_cache, tmp_path / "a", **same)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run(train_cmd(sets), capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     from minigpt.core.config import load_config
 
-    train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "b",
-                                                                       **{"train.max_steps": 6, "model.dropout": 0.1})),
+    train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "b", **same)),
           log=quiet)
-    split = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "c",
-                                                                         **{"train.max_steps": 6, "model.dropout": 0.1}))
+    split = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, tmp_path / "c", **same))
     train(split, stop_at=3, log=quiet)
     train(split, resume=True, log=quiet)
     files = [checkpoint.latest_checkpoint(tmp_path / n)[0] / WEIGHTS for n in "abc"]
