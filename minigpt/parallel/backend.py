@@ -32,6 +32,7 @@ from minigpt.analytic.memory import model_state_bytes, training_bytes_estimate
 from minigpt.core.config import Config, TrainConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
+from minigpt.nn.lora import apply_lora, merge_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import StepResult, autocast_context, objective
 
@@ -62,16 +63,22 @@ class Backend:
     @classmethod
     def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
         """Training keys this backend refuses, said in one line before anything is allocated."""
-        tc = cfg.train
-        if tc.deepspeed_config:
+        if cfg.train.deepspeed_config:
             raise UserError("train.deepspeed_config needs train.backend = 'deepspeed'")
+        cls.check_techniques(cfg, plan)
+
+    @classmethod
+    def check_techniques(cls, cfg: Config, plan: ParallelPlan) -> None:
+        """The optimizer and the techniques applied from outside (LoRA, distillation, experts) this backend
+        and plan refuse; every backend's check calls it."""
+        tc = cfg.train
         if tc.optimizer == "muon" and (not cls.runs_muon or tc.precision == "fp16"):
             raise UserError("train.optimizer = 'muon' runs on one process or DDP in fp32/bf16: its Newton-Schulz step "
                             "needs whole matrices (FSDP, tensor and pipeline parallelism and DeepSpeed shard or wrap "
                             "them) and fp16's grad scaler one torch optimizer; use train.optimizer = 'adamw' there")
-        if tc.lora_rank and not cls.runs_lora:
-            raise UserError(f"train.lora_rank > 0 runs on one process or DDP (backend=ddp, no tensor or pipeline "
-                            f"parallelism) here; this plan uses the {cls.name} backend ({plan.describe()})")
+        if tc.lora_rank and (not cls.runs_lora or plan.tp > 1 or plan.pp > 1):
+            raise UserError(f"train.lora_rank > 0 runs on one process, DDP or FSDP (no tensor or pipeline parallelism, "
+                            f"not DeepSpeed) here; this plan is {plan.describe()} on the {cls.name} backend")
         if tc.distill_from and (plan.tp > 1 or plan.pp > 1 or cls.name == "deepspeed"):
             raise UserError("train.distill_from runs with backend=ddp or backend=fsdp without tensor or pipeline "
                             "parallelism (the teacher's logits meet the student's whole); drop tp/pp or the teacher")
@@ -171,8 +178,11 @@ class Backend:
         if weights is None:
             return None
         net = GPT(self.cfg.model)
+        tc = self.tc
+        if tc.lora_rank:  # the adapters on, then merged: what the run's readers will see
+            apply_lora(net, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
         net.load_state_dict(weights, strict=False)  # a tied head comes with the embedding
-        return net.to(self.env.device)
+        return merge_lora(net).to(self.env.device)
 
     def memory_report(self) -> dict | None:
         """Collective. Per-rank memory beside the formulas, or None when the backend measures none."""

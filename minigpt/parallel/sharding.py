@@ -221,6 +221,7 @@ class ShardedBackend(Backend):
     """FSDP2 (backend=fsdp: ZeRO-3) and/or tensor parallelism (tp > 1), applied by parallelize()."""
 
     name = "fsdp"
+    runs_lora = True  # with FSDP2 alone: tensor and pipeline parallelism refuse it (Backend.check)
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
@@ -306,9 +307,12 @@ class ShardedBackend(Backend):
 
         c = self.cfg.model
         weights = read_weights(folder)
-        if c.tie_embeddings:
-            weights.setdefault("lm_head.weight", weights["wte.weight"])
-        set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
+        if self.tc.lora_rank:  # the checkpoint holds the adapters; the base came from train.init_from
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            if c.tie_embeddings:
+                weights.setdefault("lm_head.weight", weights["wte.weight"])
+            set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
         osd = map_optimizer_state(state["optimizer"], lambda sd: to_tp_layout(sd, c, self.tp))
         set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
 

@@ -144,6 +144,7 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
+        cls.check_techniques(cfg, plan)
         if cfg.train.precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
 
