@@ -518,6 +518,7 @@ def scenario_from_args(args, cfg):
         speculate_factor,
     )
     from minigpt.core.hardware import gpu_by_name
+    from minigpt.core.resolve import target_config
 
     gpu = gpu_by_name(args.gpu)
     mfu, source, notes = args.mfu, "given (--mfu)" if args.mfu is not None else "", []
@@ -546,6 +547,7 @@ def scenario_from_args(args, cfg):
     seq_len, seq_source = _training_context(args, cfg)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
                     efficiency=args.efficiency, quantize=args.quantize or "",
+                    student=target_config(args.distilled).model if args.distilled else None, student_name=args.distilled or "",
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
@@ -851,6 +853,8 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
     p.add_argument("--quantize", choices=("int8", "int4"),
                    help="with --serve: also size the fleet for weight-only quantized weights (1 or 0.625 bytes a weight)")
+    p.add_argument("--distilled", metavar="TARGET",
+                   help="with --serve: also size the fleet for a distilled student (a preset, TOML or config.json) instead")
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
                    help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
                         "GPU class's published reference MFU (assumed)")

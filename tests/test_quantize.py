@@ -112,3 +112,14 @@ def test_a_quantized_run_saves_reloads_and_refuses_training_and_export(good_run,
     assert r.returncode == 2 and "quantized already" in r.stderr
     r = run_cli("convert", "--quantize-run", str(good_run), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "give both" in r.stderr
+
+
+def test_extrapolate_serves_a_distilled_student_beside_the_target():
+    r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "A100", "--serve", "--users", "1e6",
+                "--requests-per-hour", "1", "--words-per-request", "750", "--utilisation", "0.5", "--distilled",
+                "gpt3-13b", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    st, full = d["serving_at_user_speed_student"], d["serving_at_user_speed"]
+    assert st["student"] == "gpt3-13b" and st["student_params"] < d["params_total"] / 10
+    assert st["num_gpus"] < full["num_gpus"] and st["quality_source"].startswith("assumed")

@@ -63,6 +63,8 @@ class Scenario:
     batch: int = 1  # inference batch for the decode bound
     serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
     quantize: str = ""  # serving with weight-only quantized weights: "int8" | "int4" (beside the uncompressed fleet)
+    student: ModelConfig | None = None  # a distilled (smaller) model served instead, beside the target's fleet
+    student_name: str = ""
     notes: list[str] = field(default_factory=list)
     # --comm counted: (model, ParallelPlan) -> a simulated step of that layout (minigpt simulate), or
     # None when it cannot be simulated; torch-free here, supplied by the CLI
@@ -250,6 +252,12 @@ def _serving_results(c: ModelConfig, s: Scenario, peak: float, mfu: float, price
         out["serving_at_user_speed_quantized"] = {**q, "quantize": s.quantize, "weight_bytes_source": f"assumed: {why}",
                                                   "quality_source": "measured on small models only: "
                                                                     "benchmarks/bench_compress_cpu.jsonl"}
+    if s.student is not None:
+        st = serving_at_user_speed(s.student, s, mfu=mfu, price=price, context=ctx)
+        out["serving_at_user_speed_student"] = {
+            **st, "student": s.student_name, "student_params": F.param_counts(s.student).total,
+            "quality_source": "assumed: the student's quality is not predicted here; distillation measured on small "
+                              "models only (benchmarks/bench_distill_cpu.jsonl)"}
     return out
 
 

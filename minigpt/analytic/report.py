@@ -277,9 +277,19 @@ def extrapolation_lines(r: dict) -> list[str]:
 
 
 def quantized_serving_lines(r: dict) -> list[str]:
+    lines = []
+    st = r.get("serving_at_user_speed_student")
+    if st:
+        lines.append(f"  a distilled student {st['student']} ({st['student_params']:,} parameters) instead: " + (
+            f"batch {st['batch_per_replica']:,} per replica of {st['gpus_per_replica']} x {r['gpu']} -> {st['num_gpus']:,} "
+            f"GPUs, {fmt_usd(st['cost_usd_per_month'])} per month ({st['quality_source']})" if st["met"] else st["note"]))
     q = r.get("serving_at_user_speed_quantized")
     if not q:
-        return []
+        return lines
+    return lines + _quantized_line(r, q)
+
+
+def _quantized_line(r: dict, q: dict) -> list[str]:
     if not q["met"]:
         return [f"  with {q['quantize']} weights: {q['note']}"]
     return [f"  with {q['quantize']} weights ({q['weight_bytes_source']}): batch {q['batch_per_replica']:,} per "

@@ -396,6 +396,10 @@ def _report(run: Run, summary: dict) -> dict:
     figures = {**summary, "peak_memory_bytes": peak_bytes, "peak_memory_kind": peak_kind,
                "config": f"{c_.n_layer} layers x {c_.n_embd} wide, {c_.n_head} heads, block {c_.block_size}, vocabulary "
                          f"{c_.vocab_size:,}, {summary['params']:,} parameters; lr {tc.lr:g}, corpus {cfg.data.source}"}
+    if tc.distill_from:
+        figures["teacher_forward_flops_per_step"] = teacher_flops_per_step(cfg, run.layout.tokens_per_step)
+        figures["teacher_flops_convention"] = ("the teacher's forward (exact matmul count) on every micro-batch: work the "
+                                               "run did that its MFU (the student's model FLOPs) leaves out")
     report = run_report(cfg, flops, memory, step_s, run.layout.tokens_per_step, run.env.world_size,
                         run.metrics.peak, run.env.device.type, figures)
     write_report(run.paths.root, report)
@@ -580,15 +584,20 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
     return lines + _optimizer_lines(cfg, m.flops / env.world_size) + _teacher_lines(cfg, m.flops, layout)
 
 
-def _teacher_lines(cfg: Config, student_flops: float, layout: BatchLayout) -> list[str]:
-    """Distillation's extra work: the teacher's forward on every micro-batch (not in the student's MFU)."""
-    if not cfg.train.distill_from:
-        return []
+def teacher_flops_per_step(cfg: Config, tokens_per_step: int) -> float:
+    """The teacher's forward FLOPs (exact matmul count) over one step's tokens."""
     from minigpt.analytic.flops import forward_matmul_flops_per_token
     from minigpt.core.resolve import init_source
 
     teacher = init_source(cfg.train.distill_from, "train.distill_from")[1]
-    per_step = forward_matmul_flops_per_token(teacher, cfg.model.block_size) * layout.tokens_per_step
+    return forward_matmul_flops_per_token(teacher, cfg.model.block_size) * tokens_per_step
+
+
+def _teacher_lines(cfg: Config, student_flops: float, layout: BatchLayout) -> list[str]:
+    """Distillation's extra work: the teacher's forward on every micro-batch (not in the student's MFU)."""
+    if not cfg.train.distill_from:
+        return []
+    per_step = teacher_flops_per_step(cfg, layout.tokens_per_step)
     return [f"teacher  forward {per_step / layout.tokens_per_step:,.0f} FLOPs/token = {per_step:.4g} per step "
             f"({per_step / student_flops:.1%} of the student's training FLOPs; counted here, not in the student's MFU)"]
 
