@@ -446,7 +446,11 @@ def cmd_serve(args) -> None:
         from minigpt.infer.serve import serve
     except ImportError as e:
         raise UserError(f"minigpt serve needs FastAPI and uvicorn ({e}): pip install 'minigpt[serve]'") from None
-    serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "")
+    from minigpt.infer.serve import Limits
+
+    key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
+    serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
+          Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit))
 
 
 def cmd_simulate(args) -> None:
@@ -680,6 +684,12 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+                                     "$MINIGPT_API_KEY; none when unset)")
+    p.add_argument("--max-body-bytes", type=number(int, 1, 1 << 30), default=1 << 20,
+                   help="refuse larger request bodies with 413 (default 1 MiB)")
+    p.add_argument("--max-tokens-limit", type=number(int, 1, 1 << 20), default=4096,
+                   help="refuse a larger max_tokens with 400 (default 4096)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)
 

@@ -10,13 +10,14 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 
-def post(url: str, data: bytes) -> tuple[int, dict]:
-    """A raw POST (the openai client would validate the body before sending it)."""
+def post(url: str, data: bytes | None, headers: dict | None = None, method: str = "POST") -> tuple[int, dict]:
+    """A raw request (the openai client would validate the body before sending it)."""
     import json
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"}, method="POST")
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})},
+                                 method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -39,7 +40,7 @@ def server(tmp_path_factory, corpus_dir, data_cache):
     model, tok, cfg, _ = load_run(out)
     app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8)
     with serving(app) as port:
-        yield {"url": f"http://127.0.0.1:{port}/v1", "app": app}
+        yield {"url": f"http://127.0.0.1:{port}/v1", "app": app, "parts": (model, tok, cfg)}
 
 
 @pytest.fixture
@@ -121,3 +122,30 @@ def test_completions_answer_logprobs_and_echo_as_the_legacy_api_does(server):
                 {**body, "stream": True}, {**body, "max_tokens": 10**6}):
         status, err = post(server["url"] + "/completions", json.dumps(bad).encode())
         assert 400 <= status < 500 and "error" in err, (bad, status, err)
+
+
+def test_api_key_body_and_max_tokens_limits_answer_in_the_openai_shape(server):
+    """A server started with a key and small limits: each refusal is a 4xx in OpenAI's error shape before any
+    work, /health answers without the key, and the server keeps serving."""
+    from conftest import serving
+
+    from minigpt.infer.serve import Limits, create_app
+
+    model, tok, cfg = server["parts"]
+    app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=4,
+                     limits=Limits(api_key="s3cret", max_body_bytes=2000, max_tokens=8))
+    with serving(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong").models.list()
+        ok = openai.OpenAI(base_url=base + "/v1", api_key="s3cret")
+        assert ok.completions.create(model="minigpt-test", prompt="def", max_tokens=4).choices[0].text is not None
+        assert post(base + "/health", None, method="GET") == (200, {"status": "ok", "model": "minigpt-test"})
+        auth = {"authorization": "Bearer s3cret"}
+        code, big = post(base + "/v1/completions", json.dumps({"model": "minigpt-test", "prompt": "x" * 5000}).encode(), auth)
+        assert code == 413 and "at most 2,000" in big["error"]["message"]
+        code, many = post(base + "/v1/completions", b'{"model": "minigpt-test", "prompt": "a", "max_tokens": 9}', auth)
+        assert code == 400 and "limit of 8" in many["error"]["message"]
+        code, noauth = post(base + "/v1/completions", b'{"model": "minigpt-test", "prompt": "a"}')
+        assert code == 401 and noauth["error"]["code"] == "invalid_api_key"
+        assert ok.completions.create(model="minigpt-test", prompt="def", max_tokens=2).choices

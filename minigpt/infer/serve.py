@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import queue
 import socket
@@ -33,6 +34,15 @@ from minigpt.core.errors import UserError
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
 from minigpt.infer.generate import IncrementalText, filtered_probs, generate_ids
 from minigpt.train.checkpoint import load_run
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server refuses before any work: a missing or wrong API key (401, every endpoint but /health),
+    a body over max_body_bytes or without a length (413, 411), max_tokens over max_tokens (400)."""
+    api_key: str = ""  # "": no key asked (the default on 127.0.0.1)
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 4096
 
 
 class _Request(BaseModel):
@@ -151,24 +161,32 @@ class Engine:
         j.loop.call_soon_threadsafe(j.out.put_nowait, None)
 
 
-def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8) -> FastAPI:
+def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
+               limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
     engine = Engine(model, eot, max_batch)
     app.state.engine = engine
     block = model.config.block_size
     rope = model.config.pos_emb == "rope"
     _add_error_handlers(app)
+    _add_guard(app, limits)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt"}]}
 
-    prepare = functools.partial(_prepare, model_name, tokenizer, block, rope)
+    prepare = functools.partial(_prepare, model_name, tokenizer, block, rope, limits.max_tokens)
 
     async def run(request: Request, prompts: list[str], body, chat: bool):
         loop = asyncio.get_running_loop()
-        jobs = [Job(prepare(body.model, p, body.max_tokens), body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
-                    text=IncrementalText(tokenizer)) for p in prompts]
+        # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
+        ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
+        jobs = [Job(i, body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
+                    text=IncrementalText(tokenizer)) for i in ids]
         for j in jobs:
             engine.submit(j)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -208,9 +226,12 @@ def _check_model(name: str, model_name: str) -> None:
         raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
 
 
-def _prepare(model_name: str, tokenizer, block: int, rope: bool, name: str, prompt: str, max_tokens: int) -> list[int]:
+def _prepare(model_name: str, tokenizer, block: int, rope: bool, limit: int, name: str, prompt: str,
+             max_tokens: int) -> list[int]:
     """The prompt's tokens, or the 4xx that refuses it."""
     _check_model(name, model_name)
+    if max_tokens > limit:
+        raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {limit} (serve --max-tokens-limit)")
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise ApiError(400, "the prompt is empty")
@@ -221,6 +242,31 @@ def _prepare(model_name: str, tokenizer, block: int, rope: bool, name: str, prom
         raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
                        code="context_length_exceeded")
     return ids
+
+
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+
+
+def _add_guard(app: FastAPI, limits: Limits) -> None:
+    """The API key and the body size, checked before a body is read or a handler runs."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if limits.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+                return _error(401, "a missing or wrong API key: send 'Authorization: Bearer KEY' with the key the server "
+                                   "was started with (serve --api-key or MINIGPT_API_KEY)", "invalid_api_key")
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return _error(411, "send the body with a Content-Length header (chunked bodies are not taken)")
+            if int(length) > limits.max_body_bytes:
+                return _error(413, f"the body is {int(length):,} bytes; this server takes at most "
+                                   f"{limits.max_body_bytes:,} (serve --max-body-bytes)")
+        return await call_next(request)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -342,7 +388,8 @@ def check_address(host: str, port: int) -> None:
                             f"address or port") from None
 
 
-def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "") -> None:
+def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "",
+          limits: Limits = Limits()) -> None:
     import uvicorn
 
     check_address(host, port)
@@ -352,7 +399,7 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
 
         quantize_model(model, quantize)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
-    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch)
+    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits)
     print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
           f"http://{host}:{port}/v1 (batches of up to {max_batch})",
           flush=True)
