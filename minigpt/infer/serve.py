@@ -250,23 +250,39 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
 
 
 def _add_guard(app: FastAPI, limits: Limits) -> None:
-    """The API key and the body size, checked before a body is read or a handler runs."""
+    app.add_middleware(_Guard, limits=limits)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if limits.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
+
+class _Guard:
+    """The API key and the body size, checked before a body is read or a handler runs. Plain ASGI (not
+    Starlette's BaseHTTPMiddleware, which wraps `receive` and hides a streaming client's disconnect)."""
+
+    def __init__(self, app, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        limits = self.limits
+        if limits.api_key and scope.get("path") != "/health":
+            given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
                 return _error(401, "a missing or wrong API key: send 'Authorization: Bearer KEY' with the key the server "
                                    "was started with (serve --api-key or MINIGPT_API_KEY)", "invalid_api_key")
-        if request.method == "POST":
-            length = request.headers.get("content-length")
+        if scope.get("method") == "POST":
+            length = headers.get("content-length")
             if length is None or not length.isdigit():
                 return _error(411, "send the body with a Content-Length header (chunked bodies are not taken)")
             if int(length) > limits.max_body_bytes:
                 return _error(413, f"the body is {int(length):,} bytes; this server takes at most "
                                    f"{limits.max_body_bytes:,} (serve --max-body-bytes)")
-        return await call_next(request)
+        return None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
