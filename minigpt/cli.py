@@ -450,7 +450,8 @@ def cmd_serve(args) -> None:
 
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
     serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
-          Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit))
+          Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
+                 max_queue=args.max_queue))
 
 
 def cmd_simulate(args) -> None:
@@ -690,6 +691,8 @@ def _add_run_commands(sub) -> None:
                    help="refuse larger request bodies with 413 (default 1 MiB)")
     p.add_argument("--max-tokens-limit", type=number(int, 1, 1 << 20), default=4096,
                    help="refuse a larger max_tokens with 400 (default 4096)")
+    p.add_argument("--max-queue", type=number(int, 0, 1 << 20), default=256,
+                   help="requests that may wait beyond the running batch; more get 503 with Retry-After (default 256)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)
 

@@ -149,3 +149,33 @@ def test_api_key_body_and_max_tokens_limits_answer_in_the_openai_shape(server):
         code, noauth = post(base + "/v1/completions", b'{"model": "minigpt-test", "prompt": "a"}')
         assert code == 401 and noauth["error"]["code"] == "invalid_api_key"
         assert ok.completions.create(model="minigpt-test", prompt="def", max_tokens=2).choices
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_frees_when_requests_end(server):
+    import time
+    import urllib.error
+    import urllib.request
+
+    from conftest import serving
+
+    from minigpt.infer.serve import Limits, create_app
+
+    model, tok, cfg = server["parts"]
+    app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=1,
+                     limits=Limits(max_queue=0))
+    with serving(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, stream=True)
+        next(iter(stream))  # the one slot is busy, and no request may wait
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=b'{"model": "minigpt-test", "prompt": "a", "max_tokens": 2}',
+                                     headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+        assert json.loads(e.value.read())["error"]["code"] == "queue_full"
+        stream.close()  # the client goes: its slot frees at the next token
+        deadline = time.time() + 20
+        while app.state.engine.unfinished() and time.time() < deadline:
+            time.sleep(0.05)
+        assert client.completions.create(model="minigpt-test", prompt="a", max_tokens=2).choices

@@ -43,6 +43,7 @@ class Limits:
     api_key: str = ""  # "": no key asked (the default on 127.0.0.1)
     max_body_bytes: int = 1 << 20
     max_tokens: int = 4096
+    max_queue: int = 256  # requests waiting beyond the running batch; more get 503 with Retry-After
 
 
 class _Request(BaseModel):
@@ -71,9 +72,10 @@ class ChatRequest(_Request):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -101,10 +103,17 @@ class Engine:
         self.pending: queue.Queue[Job] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
+        self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
         threading.Thread(target=self._run, daemon=True, name="minigpt-decode").start()
 
     def submit(self, job: Job) -> None:
+        self.open_jobs.append(job)
         self.pending.put(job)
+
+    def unfinished(self) -> int:
+        """Requests taken and not finished (decoding or queued); the finished are forgotten here."""
+        self.open_jobs = [j for j in self.open_jobs if not (j.done or j.cancelled)]
+        return len(self.open_jobs)
 
     def _run(self) -> None:
         held: list[Job] = []  # queued jobs whose sampling differs from the batch being formed
@@ -184,6 +193,9 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     async def run(request: Request, prompts: list[str], body, chat: bool):
         loop = asyncio.get_running_loop()
         # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
+        if engine.unfinished() + len(prompts) > engine.max_batch + limits.max_queue:
+            raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
+                                f"{engine.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
         ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
         jobs = [Job(i, body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
                     text=IncrementalText(tokenizer)) for i in ids]
@@ -290,7 +302,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status)
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status,
+                            headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
