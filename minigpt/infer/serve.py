@@ -193,9 +193,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     async def run(request: Request, prompts: list[str], body, chat: bool):
         loop = asyncio.get_running_loop()
         # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
-        if engine.unfinished() + len(prompts) > engine.max_batch + limits.max_queue:
-            raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
-                                f"{engine.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
+        _admit(engine, limits, len(prompts))
         ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
         jobs = [Job(i, body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
                     text=IncrementalText(tokenizer)) for i in ids]
@@ -231,6 +229,13 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         return await run(request, [chat_prompt(body.messages)], body, chat=True)
 
     return app
+
+
+def _admit(engine: Engine, limits: Limits, n: int) -> None:
+    """503 with Retry-After when n more requests would wait beyond the running batch and the queue."""
+    if engine.unfinished() + n > engine.max_batch + limits.max_queue:
+        raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
+                            f"{engine.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
 
 
 def _check_model(name: str, model_name: str) -> None:
