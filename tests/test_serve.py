@@ -179,3 +179,23 @@ def test_a_full_queue_answers_503_with_retry_after_and_frees_when_requests_end(s
         while app.state.engine.unfinished() and time.time() < deadline:
             time.sleep(0.05)
         assert client.completions.create(model="minigpt-test", prompt="a", max_tokens=2).choices
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    import re
+    import urllib.request
+
+    client.completions.create(model="minigpt-test", prompt="def ", max_tokens=5, temperature=0)
+    base = server["url"].removesuffix("/v1")
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.read().decode()
+
+    def value(name):
+        m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    assert value('minigpt_requests_total{endpoint="/v1/completions",status="200"}') >= 1
+    assert value("minigpt_prompt_tokens_total") >= 1 and value("minigpt_generation_tokens_total") >= 1
+    assert value("minigpt_time_to_first_token_seconds_count") >= 1 and value("minigpt_queue_depth") is not None
+    assert value("minigpt_time_per_output_token_seconds_count") >= 1 and value("minigpt_running_batch") is not None

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from minigpt.core.errors import UserError
@@ -93,6 +93,8 @@ class Job:
     done: bool = False
     cancelled: bool = False
     finish_reason: str = "length"
+    t_submit: float = 0.0  # perf_counter at submission, at the first token (metrics)
+    t_first: float = 0.0
 
 
 class Engine:
@@ -104,9 +106,13 @@ class Engine:
         self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
         self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
+        self.metrics = None  # a ServeMetrics when prometheus-client is installed
         threading.Thread(target=self._run, daemon=True, name="minigpt-decode").start()
 
     def submit(self, job: Job) -> None:
+        job.t_submit = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(job.ids))
         self.open_jobs.append(job)
         self.pending.put(job)
 
@@ -133,6 +139,8 @@ class Engine:
 
     def _decode(self, batch: list[Job]) -> None:
         self.batches.append(len(batch))
+        if self.metrics is not None:
+            self.metrics.running.set(len(batch))
         temperature, top_p, seed = batch[0].sampling
         try:
             generate_ids(self.model, [j.ids for j in batch], max(j.max_tokens for j in batch), temperature=temperature,
@@ -144,6 +152,10 @@ class Engine:
         for j in batch:
             if not j.done:
                 self._finish(j, j.finish_reason)
+        if self.metrics is not None:
+            self.metrics.running.set(0)
+            for j in batch:
+                self.metrics.finished(j)
 
     def _deliver(self, batch: list[Job], column: list[int]) -> bool:
         """Hand each row's new token to its request; True when every row is done (decoding ends)."""
@@ -157,6 +169,7 @@ class Engine:
             if self.eot is not None and token == self.eot:
                 self._finish(j, "stop")
                 continue
+            j.t_first = j.t_first or time.perf_counter()
             piece = j.text.push(token)
             if piece:
                 j.loop.call_soon_threadsafe(j.out.put_nowait, piece)
@@ -180,9 +193,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     _add_error_handlers(app)
     _add_guard(app, limits)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_name}
+    _add_health_and_metrics(app, engine, model_name)
 
     @app.get("/v1/models")
     async def models():
@@ -229,6 +240,29 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         return await run(request, [chat_prompt(body.messages)], body, chat=True)
 
     return app
+
+
+def _add_health_and_metrics(app: FastAPI, engine: Engine, model_name: str) -> None:
+    """GET /health (no key asked: for load balancers) and GET /metrics in Prometheus' text format
+    (prometheus-client); 501 saying what to install without it."""
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    try:
+        from minigpt.infer.metrics import ServeMetrics
+
+        engine.metrics = ServeMetrics(engine)
+    except ImportError:
+        engine.metrics = None
+
+    @app.get("/metrics")
+    async def metrics():
+        if engine.metrics is None:
+            raise ApiError(501, "metrics need prometheus-client: pip install 'minigpt[serve]'", "server_error")
+        body, kind = engine.metrics.exposition()
+        return Response(body, media_type=kind)
 
 
 def _admit(engine: Engine, limits: Limits, n: int) -> None:
@@ -278,7 +312,10 @@ class _Guard:
         self.app, self.limits = app, limits
 
     async def __call__(self, scope, receive, send) -> None:
-        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        send = _counting(scope, send)
         if refusal is None:
             await self.app(scope, receive, send)
         else:
@@ -300,6 +337,25 @@ class _Guard:
                 return _error(413, f"the body is {int(length):,} bytes; this server takes at most "
                                    f"{limits.max_body_bytes:,} (serve --max-body-bytes)")
         return None
+
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def _counting(scope, send):
+    """`send`, counting the response's status per endpoint in the app's metrics (when there are any)."""
+    engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+    metrics = getattr(engine, "metrics", None)
+    if metrics is None:
+        return send
+    endpoint = scope.get("path") if scope.get("path") in ENDPOINTS else "other"
+
+    async def counted(message):
+        if message["type"] == "http.response.start":
+            metrics.requests.labels(endpoint, str(message["status"])).inc()
+        await send(message)
+
+    return counted
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the server (prometheus-client, the `serve` extra): requests, tokens in and out,
+queue depth, running batch, time to first token and time per output token (the figures `vllm bench serve`
+reports). One registry per app, so several apps in one process (the tests) do not collide."""
+
+from __future__ import annotations
+
+import time
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServeMetrics:
+    def __init__(self, engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("minigpt_requests", "requests answered, by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("minigpt_prompt_tokens", "prompt tokens taken into decoding", registry=r)
+        self.generation_tokens = Counter("minigpt_generation_tokens", "tokens generated", registry=r)
+        queue = Gauge("minigpt_queue_depth", "requests waiting for a batch slot", registry=r)
+        queue.set_function(lambda: engine.pending.qsize())
+        self.running = Gauge("minigpt_running_batch", "requests in the batch being decoded", registry=r)
+        self.ttft = Histogram("minigpt_time_to_first_token_seconds", "submission to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.tpot = Histogram("minigpt_time_per_output_token_seconds", "mean time between tokens after the first",
+                              registry=r, buckets=LATENCY_BUCKETS)
+
+    def finished(self, job) -> None:
+        """A request's tokens and latencies, when it ends (called on the decode thread)."""
+        n = len(job.text.tokens) if job.text is not None else 0
+        self.generation_tokens.inc(n)
+        if job.t_first:
+            self.ttft.observe(job.t_first - job.t_submit)
+            if n > 1:
+                self.tpot.observe((time.perf_counter() - job.t_first) / (n - 1))
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
