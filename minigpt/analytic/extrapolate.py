@@ -284,7 +284,8 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict
     re-counted in the scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
     seq = c.block_size
     layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch)
-    plan = dataclasses.replace(ParallelPlan.parse(layout["plan"]), sp=ParallelPlan.parse(layout["plan"]).tp > 1)
+    plan = ParallelPlan.parse(layout["plan"])
+    plan = dataclasses.replace(plan, sp=plan.tp > 1)
     batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
     setup = T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",

@@ -16,7 +16,7 @@ from minigpt.analytic import flops as F, steptime as T
 from minigpt.core.config import ModelConfig, tomllib
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
-from minigpt.core.plan import ParallelPlan, parse_keys
+from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
 
 TABLE = Path(__file__).with_name("published_runs.toml")
 SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes")
@@ -37,7 +37,7 @@ def run_inputs(run: dict) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
     c = ModelConfig(**run["model"])
     keys = parse_keys(run["plan"], f"published run {run['name']!r}")
     if keys.get("pp", 1) > 1 and run.get("schedule"):
-        looped = run["schedule"] in ("interleaved-1f1b", "zbv")
+        looped = run["schedule"] in LOOPED
         chunks = run.get("stages_per_rank", 2)
         even = looped and (c.n_layer // keys["pp"]) % chunks == 0 and c.n_layer % keys["pp"] == 0
         keys = {**keys, "schedule": run["schedule"] if even or not looped else "1f1b",

@@ -169,16 +169,16 @@ def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: s
 
 def gemm_seconds(g: Gemm, r: Rates, el: int) -> float:
     """Forward + backward (dX and dW GEMMs) of one GEMM: each at its roofline with wave quantization."""
-    if r.gemm_time is not None:
-        return (r.gemm_time(g.m, g.n, g.k, g.batch) + r.gemm_time(g.m, g.k, g.n, g.batch)
-                + r.gemm_time(g.k, g.n, g.m, g.batch))
-    return sum(_roofline(m, n, k, g.batch, r, el) for m, n, k in ((g.m, g.n, g.k), (g.m, g.k, g.n), (g.k, g.n, g.m)))
+    return sum(_seconds(m, n, k, g.batch, r, el) for m, n, k in ((g.m, g.n, g.k), (g.m, g.k, g.n), (g.k, g.n, g.m)))
 
 
 def forward_seconds(g: Gemm, r: Rates, el: int) -> float:
-    if r.gemm_time is not None:
-        return r.gemm_time(g.m, g.n, g.k, g.batch)
-    return _roofline(g.m, g.n, g.k, g.batch, r, el)
+    return _seconds(g.m, g.n, g.k, g.batch, r, el)
+
+
+def _seconds(m: int, n: int, k: int, batch: int, r: Rates, el: int) -> float:
+    """One (batched) m x k @ k x n product: measured for this shape when the rates carry timings, else its roofline."""
+    return r.gemm_time(m, n, k, batch) if r.gemm_time is not None else _roofline(m, n, k, batch, r, el)
 
 
 def _roofline(m: int, n: int, k: int, batch: int, r: Rates, el: int) -> float:
@@ -260,11 +260,10 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
     head = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
-    head_s = gemm_seconds(head, r, el) + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s
     parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
              "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s,
              "tp_comm": layers * tp_exposed}
-    return {"parts": parts, "total": sum(parts.values()), "head_s": head_s,
+    return {"parts": parts, "total": sum(parts.values()),
             "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
 
 
@@ -329,8 +328,8 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     step = sum(parts.values())
     tokens = m * setup.micro_batch * plan.dp * setup.seq_len
     model = F.train_flops_per_token(c, setup.seq_len, "exact") * tokens
-    hardware = model + (F.train_flops_per_token(c, setup.seq_len, "exact_recompute")
-                        - F.train_flops_per_token(c, setup.seq_len, "exact")) * tokens * (setup.recompute == "full")
+    recomputed = F.train_flops_per_token(c, setup.seq_len, "exact_recompute") * tokens - model
+    hardware = model + recomputed * (setup.recompute == "full")
     return {
         "step_s": step, "parts_s": parts, "micro_batches": m, "bubble_fraction": idle,
         "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,

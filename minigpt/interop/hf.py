@@ -34,7 +34,14 @@ from minigpt.core.errors import UserError
 from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
 from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.weights import WEIGHTS, save_weights
-from minigpt.train.checkpoint import check_tokenizer, commit_checkpoint, latest_checkpoint, new_checkpoint_folder
+from minigpt.train.checkpoint import (
+    check_tokenizer,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_latest,
+    load_run_weights,
+    new_checkpoint_folder,
+)
 
 IGNORED_SUFFIXES = (".attn.masked_bias", "rotary_emb.inv_freq")  # buffers old checkpoints saved
 
@@ -284,7 +291,6 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
 def _run_weights(folder: Path, cfg) -> dict[str, torch.Tensor]:
     """A LoRA run's weights: its base with the adapters merged (the checkpoint holds the adapters alone)."""
     from minigpt.nn.model import GPT
-    from minigpt.train.checkpoint import load_run_weights
 
     model = GPT(cfg.model)
     load_run_weights(model, folder, cfg)
@@ -294,16 +300,10 @@ def _run_weights(folder: Path, cfg) -> dict[str, torch.Tensor]:
 def load_init_weights(model, source: str) -> str:
     """Copy train.init_from's weights (a minigpt run's latest checkpoint, or an HF folder) into
     `model`; returns what was loaded, for the run's first lines."""
-    from minigpt.train.checkpoint import load_latest
-
     src = Path(source)
     raw = read_json(src / "config.json", "config")
     if not is_hf_config(raw):
-        from minigpt.core.config import config_from_json
-
         saved = config_from_json(src / "config.json")
-        from minigpt.train.checkpoint import load_run_weights
-
         _, step = load_latest(src, lambda folder: load_run_weights(model, folder, saved))
         return f"weights of run {src} (step {step})" + (" with its LoRA adapters merged" if saved.train.lora_rank else "")
     state = hf_to_minigpt(raw, model_from_hf(raw, str(src), for_weights=True), read_hf_tensors(src), str(src))

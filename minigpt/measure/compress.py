@@ -61,9 +61,9 @@ def compare(run_dir, model, tokenizer, cfg, batches=(1, 8), new_tokens: int = 48
     rows = []
     for name, m in models.items():
         ev = evaluate_text(m, tokenizer, tokens, show=False)
-        wb = weight_bytes(m) if name != "fp32" else {"total_bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
+        wb = weight_bytes(m)  # an unquantized model: every parameter as stored
         rows.append({"variant": name, "weight_bytes": wb["total_bytes"],
-                     "read_per_decode_step_bytes": wb.get("read_per_decode_step_bytes", wb["total_bytes"]),
+                     "read_per_decode_step_bytes": wb["read_per_decode_step_bytes"],
                      **{f"decode_tokens_per_s_b{b}": round(statistics.median(speeds[(name, b)]), 1) for b in batches},
                      "val_loss_nats": round(ev["loss_nats_per_token"], 5), "val_bpb": round(ev["bits_per_byte"], 5),
                      **(agreement(model, m, windows, prompts[max(batches)], new_tokens) if name != "fp32" else {})})

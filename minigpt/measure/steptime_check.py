@@ -76,10 +76,11 @@ def cpu_rates(cfg: Config, peak_tflops: float) -> T.Rates:
 
 def predict_cpu_step(cfg: Config, rates: T.Rates) -> dict:
     """The step-time model for one process training cfg in fp32 on this CPU."""
-    tc, c = cfg.train, cfg.model
-    per_step = max(1, tc.batch_size_tokens // (tc.micro_batch_size * c.block_size))
-    setup = T.Setup(seq_len=c.block_size, micro_batch=tc.micro_batch_size, global_batch=per_step * tc.micro_batch_size,
-                    recompute="none", attention="flash", act_bytes=4, grad_bytes=4)
+    c = cfg.model
+    layout = ParallelPlan().batch_layout(cfg.train, c.block_size)  # what the trainer runs: micro-batch x accumulation
+    setup = T.Setup(seq_len=c.block_size, micro_batch=layout.micro_batch_size,
+                    global_batch=layout.tokens_per_step // c.block_size, recompute="none", attention="flash",
+                    act_bytes=4, grad_bytes=4)
     return T.step_time(c, ParallelPlan(), setup, rates)
 
 

@@ -27,7 +27,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from minigpt.analytic.flops import muon_flops_per_step, param_counts, train_flops_per_token
+from minigpt.analytic.flops import (
+    forward_matmul_flops_per_token,
+    muon_flops_per_step,
+    param_counts,
+    train_flops_per_token,
+)
 from minigpt.analytic.report import per_rank_memory_table
 from minigpt.core.atomic import atomic_write_text, read_jsonl
 from minigpt.core.config import Config, config_from_json, read_json
@@ -36,7 +41,7 @@ from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak, mfu_warning
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.core.resolve import check_same_model
+from minigpt.core.resolve import check_same_model, init_source
 from minigpt.data import cache as data
 from minigpt.data.loader import BatchLoader, check_split_length, get_batch
 from minigpt.data.tokenizer import bits_per_byte, token_bytes
@@ -262,15 +267,15 @@ def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> 
             f"of {model.num_params():,} parameters ({adapters / model.num_params():.2%}); the base frozen")
     backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
     if tc.distill_from:
-        backend.distiller = Distiller(*_teacher(cfg, env, say))
+        backend.distiller = Distiller(_teacher(cfg, env, say), cfg)
     return backend
 
 
-def _teacher(cfg: Config, env: DistEnv, say) -> tuple:
+def _teacher(cfg: Config, env: DistEnv, say) -> GPT:
     teacher, what = load_teacher(cfg, env.device)
     say(f"teacher  {what}; loss = {1 - cfg.train.distill_alpha:g} x data CE + {cfg.train.distill_alpha:g} x T^2 KL at "
         f"T = {cfg.train.distill_temperature:g}")
-    return teacher, cfg
+    return teacher
 
 
 def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, resume: bool, env: DistEnv) -> TrainState:
@@ -586,9 +591,6 @@ def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume:
 
 def teacher_flops_per_step(cfg: Config, tokens_per_step: int) -> float:
     """The teacher's forward FLOPs (exact matmul count) over one step's tokens."""
-    from minigpt.analytic.flops import forward_matmul_flops_per_token
-    from minigpt.core.resolve import init_source
-
     teacher = init_source(cfg.train.distill_from, "train.distill_from")[1]
     return forward_matmul_flops_per_token(teacher, cfg.model.block_size) * tokens_per_step
 
