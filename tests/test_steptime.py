@@ -107,3 +107,11 @@ def test_backtest_cli_json_and_errors(tmp_path):
     bad.write_text('[family.a]\nseq_len = 1\n[[run]]\nname = "x"\nfamily = "a"\n')
     r = run_cli("backtest", "--table", str(bad))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "plan" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_traffic_is_reported_before_overlap_and_the_exposed_part_in_the_parts():
+    plan = ParallelPlan(dp=32, tp=8)
+    hidden, exposed = step(plan=plan, overlap="full"), step(plan=plan)
+    assert exposed["traffic_s"]["tp"] > 0 and hidden["traffic_s"]["tp"] == pytest.approx(exposed["traffic_s"]["tp"])
+    assert exposed["parts_s"]["tp_comm"] == pytest.approx(exposed["traffic_s"]["tp"])
+    assert hidden["parts_s"]["tp_comm"] < hidden["traffic_s"]["tp"]

@@ -70,6 +70,7 @@ def predict(run: dict) -> dict:
         "convention": pub.get("convention", ""), "published": published, "predicted": predicted,
         "error": predicted / published - 1, "predicted_mfu": st["mfu"], "step_s": st["step_s"],
         "parts_fraction": {k: v / st["step_s"] for k, v in st["parts_s"].items()}, "assumed": run["assumed"],
+        "rates": rates.sources,
     }
 
 
@@ -88,5 +89,5 @@ def backtest(path: Path = TABLE) -> dict:
             summary[name] = {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
     return {"runs": rows, "summary": summary,
             "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
-            "rates": {r["gpu"]: T.gpu_rates(gpu_by_name(r["gpu"])).sources for r in rows}}
+            "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"}
 

@@ -263,7 +263,7 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
              "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s,
              "tp_comm": layers * tp_exposed}
-    return {"parts": parts, "total": sum(parts.values()),
+    return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp,
             "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
 
 
@@ -334,7 +334,7 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
         "step_s": step, "parts_s": parts, "micro_batches": m, "bubble_fraction": idle,
         "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,
         "mfu": model / step / plan.world / r.peak_flops, "hfu": hardware / step / plan.world / r.peak_flops,
-        "traffic_s": {"tp": m * mb["parts"]["tp_comm"], "pp": pp_total, "dp": dp_total},
+        "traffic_s": {"tp": m * mb["tp_traffic_s"], "pp": pp_total, "dp": dp_total},  # before any overlap
         "convention": ("predicted: parts from counted work over achievable rates (analytic/steptime.py); "
                        "MFU with the exact FLOP count (every matmul, full attention square, no recompute) over the "
                        "datasheet dense peak; HFU adds the recomputed forward"),
