@@ -30,6 +30,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def span_arg(text: str) -> tuple[int, int]:
+    """LO:HI (or one number N for N:N), positive integers with LO <= HI."""
+    lo, _, hi = text.partition(":")
+    try:
+        span = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO:HI (two integers)") from None
+    if not 1 <= span[0] <= span[1]:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 <= LO <= HI")
+    return span
+
+
 def number(kind=float, lo=None, hi=None, lo_open=False):
     """An argparse type: a finite number within [lo, hi] (lo excluded with lo_open)."""
     def parse(text: str):
@@ -451,7 +463,8 @@ def cmd_serve(args) -> None:
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
     serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
           Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
-                 max_queue=args.max_queue))
+                 max_queue=args.max_queue, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens),
+          args.batching, args.drain_seconds)
 
 
 def cmd_simulate(args) -> None:
@@ -470,6 +483,37 @@ def cmd_simulate(args) -> None:
                    args.micro_batch, args.seq_len, args.recompute, args.micro_batches)
     r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
     print(to_json(r) if args.json else simulate_table(r))
+
+
+def cmd_bench_serve(args) -> None:
+    from minigpt.core.atomic import atomic_write_text
+    from minigpt.core.plots import check_image_path, plot_serve_sweep
+    from minigpt.measure.serve_bench import Load, bench_serve, check_load
+
+    key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
+    load = Load(args.url, 0.0, args.arrivals, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
+                args.seed, key)
+    check_load(load)
+    if args.out:
+        check_image_path(str(Path(args.out).with_suffix(".png")), "--out", make_parents=True)
+    result = bench_serve(load, args.rate or [2.0])
+    if args.out:
+        atomic_write_text(Path(args.out), to_json(result) + "\n")
+        plot_serve_sweep({result["model"]: result["points"]}, str(Path(args.out).with_suffix(".png")),
+                         f"minigpt bench serve: {result['model']} at {args.url}")
+    if args.json:
+        print(to_json(result))
+        return
+    for p in result["points"]:
+        u, t = p["per_user_tokens_per_s"] or {}, p["ttft_ms"] or {}
+        rate = f"{p['rate_requests_per_s']:g} requests/s" if p["rate_requests_per_s"] else "all at once"
+        print(f"{rate}: {p['completed']}/{p['requests']} completed, "
+              f"{p['output_throughput_tokens_per_s']:,.1f} output tokens/s; per user {u.get('p50', 0):.1f} tokens/s "
+              f"(median), {u.get('p10', 0):.1f} (slowest tenth); TTFT p50 {t.get('p50', 0):.0f} ms, p99 {t.get('p99', 0):.0f} "
+              f"ms (measured)")
+    print(f"convention: {result['convention']}")
+    if args.out:
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 def cmd_bench_hardware(args) -> None:
@@ -520,6 +564,7 @@ def scenario_from_args(args, cfg):
         decode_efficiency,
         mfu_from_bench,
         mfu_from_run,
+        read_serve_bench,
         speculate_factor,
     )
     from minigpt.core.hardware import gpu_by_name
@@ -546,6 +591,7 @@ def scenario_from_args(args, cfg):
                  "utilisation": args.utilisation, "tokens_per_s_per_user": args.tokens_per_s_per_user,
                  "user_speed_source": "given (--tokens-per-s-per-user)" if args.tokens_per_s_per_user else None,
                  "efficiency": decode_efficiency(args.from_decode_bench) if args.from_decode_bench else None,
+                 "serve_bench": read_serve_bench(args.from_serve_bench) if args.from_serve_bench else None,
                  "speculate": speculate_factor(args.speculate) if args.speculate else None}
     if cfg.target.label:
         notes.append(cfg.target.label)
@@ -679,22 +725,7 @@ def _add_run_commands(sub) -> None:
 
     _add_generate_command(sub)
     _add_eval_command(sub)
-
-    p = sub.add_parser("serve", parents=[threads_flag(), quantize_flag()], help="an OpenAI-compatible HTTP API for a run (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
-                                     "$MINIGPT_API_KEY; none when unset)")
-    p.add_argument("--max-body-bytes", type=number(int, 1, 1 << 30), default=1 << 20,
-                   help="refuse larger request bodies with 413 (default 1 MiB)")
-    p.add_argument("--max-tokens-limit", type=number(int, 1, 1 << 20), default=4096,
-                   help="refuse a larger max_tokens with 400 (default 4096)")
-    p.add_argument("--max-queue", type=number(int, 0, 1 << 20), default=256,
-                   help="requests that may wait beyond the running batch; more get 503 with Retry-After (default 256)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
-    p.set_defaults(func=cmd_serve)
+    _add_serve_command(sub)
 
     p = sub.add_parser("convert", parents=[threads_flag()], help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
     way = p.add_mutually_exclusive_group(required=True)
@@ -720,6 +751,34 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="every line on stderr; stdout holds only the training summary "
                                                    "object")
     p.set_defaults(func=cmd_quickstart)
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", parents=[threads_flag(), quantize_flag()], help="an OpenAI-compatible HTTP API for a run "
+                       "on a continuously batched engine (/v1/completions, /v1/chat/completions, /health, /metrics)")
+    p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+                                     "$MINIGPT_API_KEY; none when unset)")
+    p.add_argument("--max-body-bytes", type=number(int, 1, 1 << 30), default=1 << 20,
+                   help="refuse larger request bodies with 413 (default 1 MiB)")
+    p.add_argument("--max-tokens-limit", type=number(int, 1, 1 << 20), default=4096,
+                   help="refuse a larger max_tokens with 400 (default 4096)")
+    p.add_argument("--max-queue", type=number(int, 0, 1 << 20), default=256,
+                   help="requests that may wait beyond the running batch; more get 503 with Retry-After (default 256)")
+    p.add_argument("--max-n", type=number(int, 1, 1024), default=16,
+                   help="choices a request may ask for (n; never more than --max-batch; default 16)")
+    p.add_argument("--max-prompt-tokens", type=number(int, 0, 1 << 24), default=0,
+                   help="refuse longer prompts with 400 (default 0: the model's context less one)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous (default): a request joins the running batch at the next decode step; static: "
+                        "a batch runs to its end before the next starts (to compare)")
+    p.add_argument("--drain-seconds", type=number(float, 0, 3600), default=30.0,
+                   help="on SIGTERM/SIGINT, how long requests in flight may go on finishing (default 30)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_generate_command(sub) -> None:
@@ -852,6 +911,43 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--device", type=device_arg, default="auto", help="the device to measure (default: CUDA if present)")
     q.add_argument("--out", default="runs/decode_curve.json", help="the JSON; the PNG is written beside it")
     q.set_defaults(func=cmd_bench_decode)
+    q = bsub.add_parser("serve", help="load a running server on this machine (Poisson arrivals): TTFT, time per output "
+                                      "token, latency percentiles, throughput and per-user tokens/s; JSON and PNG")
+    q.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL (this machine only)")
+    q.add_argument("--rate", type=number(float, 0, 1e4), action="append",
+                   help="arrivals per second; repeat for a sweep (default 2; 0: all at once)")
+    q.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson", help="gaps between arrivals")
+    q.add_argument("--requests", type=number(int, 1, 10_000), default=32, help="requests per rate (default 32)")
+    q.add_argument("--concurrency", type=number(int, 1, 1024), default=16, help="most requests in flight (default 16)")
+    q.add_argument("--prompt-tokens", type=span_arg, default=(16, 64), help="prompt length range LO:HI (default 16:64)")
+    q.add_argument("--output-tokens", type=span_arg, default=(32, 64), help="max_tokens range LO:HI (default 32:64)")
+    q.add_argument("--seed", type=number(int, 0), default=0, help="seed of the lengths, prompts and gaps")
+    q.add_argument("--api-key", help="the server's key (default: $MINIGPT_API_KEY)")
+    q.add_argument("--out", help="also write the JSON here, the plot beside it (.png)")
+    q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    q.set_defaults(func=cmd_bench_serve)
+
+
+def _add_serving_flags(p) -> None:
+    """extrapolate's serving scenario: the load, the per-user speed, and what was measured or assumed."""
+    p.add_argument("--serve", action="store_true", help="add a serving scenario")
+    p.add_argument("--users", type=number(float, 0, lo_open=True), default=1e6, help="concurrent users at peak")
+    p.add_argument("--requests-per-hour", type=number(float, 0, lo_open=True), default=6, help="requests per user per hour (default 6)")
+    p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True), help="generated tokens per request (instead of words)")
+    p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
+    p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3, help="assumed serving utilisation of the peak (default 0.3)")
+    p.add_argument("--tokens-per-s-per-user", type=number(float, 0, lo_open=True),
+                   help="decode speed each user must get (default 30 tokens/s: an assumed reading speed)")
+    p.add_argument("--from-serve-bench", metavar="FILE",
+                   help="with --serve: also size the fleet from a 'minigpt bench serve' result (measured servers at the "
+                        "per-user speed), beside the roofline estimate; --target must be the model it served")
+    p.add_argument("--from-decode-bench", metavar="FILE",
+                   help="a 'minigpt bench decode' curve: its measured fraction of the bandwidth bound per batch replaces --utilisation")
+    p.add_argument("--speculate", metavar="X|FILE", help="speculative decoding's speed-up: a factor or a bench_speculative.py result")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="with --serve: also size the fleet for weight-only quantized weights (1 or 0.625 bytes a weight)")
+    p.add_argument("--distilled", metavar="TARGET",
+                   help="with --serve: also size the fleet for a distilled student (a preset, TOML or config.json) instead")
 
 
 def _add_extrapolate_command(sub) -> None:
@@ -864,10 +960,6 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--num-gpus", type=number(int, 1), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
     p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
-    p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="with --serve: also size the fleet for weight-only quantized weights (1 or 0.625 bytes a weight)")
-    p.add_argument("--distilled", metavar="TARGET",
-                   help="with --serve: also size the fleet for a distilled student (a preset, TOML or config.json) instead")
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
                    help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
                         "GPU class's published reference MFU (assumed)")
@@ -892,17 +984,7 @@ def _add_extrapolate_command(sub) -> None:
                    "block_size; for an HF config.json its max_position_embeddings, said as such)")
     p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="inference batch for the decode bound")
-    p.add_argument("--serve", action="store_true", help="add a serving scenario")
-    p.add_argument("--users", type=number(float, 0, lo_open=True), default=1e6, help="concurrent users at peak")
-    p.add_argument("--requests-per-hour", type=number(float, 0, lo_open=True), default=6, help="requests per user per hour (default 6)")
-    p.add_argument("--tokens-per-request", type=number(float, 0, lo_open=True), help="generated tokens per request (instead of words)")
-    p.add_argument("--words-per-request", type=number(float, 0, lo_open=True), default=60, help="converted at 1000 tokens = 750 words")
-    p.add_argument("--utilisation", type=number(float, 0, 1, lo_open=True), default=0.3, help="assumed serving utilisation of the peak (default 0.3)")
-    p.add_argument("--tokens-per-s-per-user", type=number(float, 0, lo_open=True),
-                   help="decode speed each user must get (default 30 tokens/s: an assumed reading speed)")
-    p.add_argument("--from-decode-bench", metavar="FILE",
-                   help="a 'minigpt bench decode' curve: its measured fraction of the bandwidth bound per batch replaces --utilisation")
-    p.add_argument("--speculate", metavar="X|FILE", help="speculative decoding's speed-up: a factor or a bench_speculative.py result")
+    _add_serving_flags(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     fmt.add_argument("--markdown", action="store_true", help="the report as Markdown")

@@ -40,7 +40,7 @@ def server(tmp_path_factory, corpus_dir, data_cache):
     model, tok, cfg, _ = load_run(out)
     app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8)
     with serving(app) as port:
-        yield {"url": f"http://127.0.0.1:{port}/v1", "app": app, "parts": (model, tok, cfg)}
+        yield {"url": f"http://127.0.0.1:{port}/v1", "app": app, "parts": (model, tok, cfg), "run": str(out)}
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ def test_concurrent_requests_are_batched_and_the_rest_queue(client, server):
         results = list(pool.map(lambda i: client.completions.create(
             model="minigpt-test", prompt=f"x = {i}", max_tokens=12, temperature=0), range(12)))
     assert all(r.choices[0].text is not None for r in results)
-    sizes = engine.batches[before:]
-    assert max(sizes) > 1 and max(sizes) <= 8 and sum(sizes) == 12  # shared forward passes; the rest queued
+    sizes = engine.batches[before:]  # rows running after each admission
+    assert len(sizes) == 12 and 1 < max(sizes) <= 8  # shared forward passes, never more than 8 rows; the rest queued
 
 
 def test_a_client_that_disconnects_frees_its_slot(client, server):
@@ -95,12 +95,17 @@ def test_a_client_that_disconnects_frees_its_slot(client, server):
     ({"model": "minigpt-test", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "minigpt-test", "prompt": "word " * 200}, 400, "context"),
     ({"model": "minigpt-test"}, 400, "prompt"),
+    ({"model": "minigpt-test", "prompt": []}, 400, "prompt is empty"),
+    ({"model": "minigpt-test", "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ({"model": "minigpt-test", "prompt": "x", "n": 99}, 400, "at most 8 choices"),
+    ({"model": "minigpt-test", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ({"model": "minigpt-test", "prompt": "x", "max_tokens": 64}, 400, "exceeds the context"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, client, body, status, words):
     code, answer = post(server["url"] + "/completions", json.dumps(body).encode())
     assert code == status and words in answer["error"]["message"], answer
     code, answer = post(server["url"] + "/completions", b"{not json")
-    assert code == 400 and "error" in answer
+    assert code == 400 and "not valid JSON" in answer["error"]["message"] and answer["error"]["param"] is None
     assert client.completions.create(model="minigpt-test", prompt="ok", max_tokens=2).choices  # still serving
 
 
@@ -199,3 +204,133 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert value("minigpt_prompt_tokens_total") >= 1 and value("minigpt_generation_tokens_total") >= 1
     assert value("minigpt_time_to_first_token_seconds_count") >= 1 and value("minigpt_queue_depth") is not None
     assert value("minigpt_time_per_output_token_seconds_count") >= 1 and value("minigpt_running_batch") is not None
+
+
+def test_n_choices_stop_strings_and_streamed_usage(server, client):
+    r = client.completions.create(model="minigpt-test", prompt=["def ", "x"], max_tokens=6, temperature=1.0, n=3, seed=5)
+    assert [c.index for c in r.choices] == list(range(6)) and r.usage.prompt_tokens < 6 * 2
+    assert len({c.text for c in r.choices[:3]}) > 1  # the samples of one prompt differ
+    whole = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=12, temperature=0).choices[0].text
+    stop = whole[3:5]
+    cut = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == whole[: whole.index(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="minigpt-test", prompt="def ", max_tokens=5, temperature=0.8, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert {ch.choices[0].index for ch in chunks if ch.choices} == {0, 1}
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices  # ignore_eos off: 5 each at most
+
+
+def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(server, client):
+    engine = server["app"].state.engine
+    alone = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
+    long = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7, stream=True,
+                                     extra_body={"ignore_eos": True})
+    it = iter(long)
+    next(it)  # the long request is decoding
+    before = len(engine.batches)
+    joined = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
+    assert engine.batches[before] == 2  # it joined the running batch, not after it
+    assert joined.choices[0].text == alone.choices[0].text
+    assert sum(len(ch.choices[0].text) for ch in it if ch.choices) >= 0  # the long one goes on to its end
+
+
+def test_the_server_answers_correctly_after_a_burst_of_bad_and_oversized_requests(server, client):
+    import urllib.request
+
+    base = server["url"]
+    expected = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=6, temperature=0).choices[0].text
+    bodies = [b"\xff\xfe{", b"[1, 2]", b"null", b'{"model": "minigpt-test", "prompt": {"a": 1}}', b"x" * (2 << 20),
+              json.dumps({"model": "minigpt-test", "prompt": "y" * 50_000}).encode(),
+              json.dumps({"model": "minigpt-test", "prompt": [[10**9]]}).encode(),
+              json.dumps({"model": "minigpt-test", "prompt": "a", "temperature": "hot"}).encode()]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: post(base + "/completions", b), bodies * 3))
+    for code, body in answers:
+        assert 400 <= code < 500 and set(body["error"]) == {"message", "type", "param", "code"}, (code, body)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/nowhere", timeout=10)
+    assert e.value.code == 404 and "error" in json.loads(e.value.read())
+    again = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=6, temperature=0).choices[0].text
+    assert again == expected
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits(server, tmp_path):
+    """`minigpt serve` in its own process: SIGTERM while a stream is running stops new connections, the stream ends
+    with its last tokens and [DONE], and the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import REPO, free_port
+
+    run = server["run"]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--threads", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "serving" in proc.stdout.readline()
+        body = json.dumps({"model": "minigpt-run", "prompt": "def ", "max_tokens": 30, "stream": True,
+                           "ignore_eos": True}).encode()
+        for _ in range(100):
+            try:
+                r = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                                                  {"content-type": "application/json"}), timeout=30)
+                break
+            except OSError:
+                time.sleep(0.1)
+        first = r.readline()
+        assert first.startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        rest = r.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+        assert proc.wait(timeout=30) == 0
+        assert "stopped: 0 requests unfinished" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def test_bench_serve_measures_the_server_and_its_result_sizes_a_fleet(server, tmp_path):
+    """`minigpt bench serve` against the test server: every request completes with the lengths asked (ignore_eos),
+    TTFT/TPOT/latency percentiles and per-user speed come back, the plot is drawn; extrapolate sizes servers from it
+    beside the roofline, and refuses a target that is not the model served."""
+    from conftest import run_cli
+
+    out = tmp_path / "serve.json"
+    r = run_cli("bench", "serve", "--url", server["url"], "--rate", "0", "--rate", "50", "--requests", "6",
+                "--concurrency", "4", "--prompt-tokens", "4:8", "--output-tokens", "5:9", "--json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["server"]["config"]["block_size"] == 64 and result["server"]["batching"] == "continuous"
+    for p in result["points"]:
+        assert p["completed"] == 6 and p["failed"] == 0 and 6 * 5 <= p["output_tokens"] <= 6 * 9
+        assert p["ttft_ms"]["p50"] <= p["e2e_ms"]["p50"] and p["tpot_ms"]["p50"] > 0
+        assert p["per_user_tokens_per_s"]["p50"] == pytest.approx(1e3 / p["tpot_ms"]["p50"], rel=0.35)
+    assert out.with_suffix(".png").stat().st_size > 0
+    x = run_cli("extrapolate", "--target", server["run"], "--tokens", "chinchilla", "--gpu", "A100", "--serve", "--users", "1000",
+                "--from-serve-bench", str(out), "--tokens-per-s-per-user", "1", "--json")
+    assert x.returncode == 0, x.stderr
+    m = json.loads(x.stdout)["serving_measured"]
+    best = max(p["output_throughput_tokens_per_s"] for p in result["points"])
+    assert m["met"] and m["server_tokens_per_s"] == best
+    assert m["servers"] == -(-m["demand_tokens_per_s"] // best) and "measured" in m["source"]
+    other = run_cli("extrapolate", "--target", "gpt3-175b", "--serve", "--from-serve-bench", str(out))
+    assert other.returncode == 2 and "another model" in other.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--url", "http://192.0.2.1:8000/v1"], "this machine only"),
+    (["--prompt-tokens", "9:3"], "LO <= HI"),
+    (["--prompt-tokens", "40:40", "--output-tokens", "30:30"], "exceed the served model's context of 64"),
+])
+def test_bench_serve_refuses_bad_input_before_any_request(server, args, words):
+    from conftest import run_cli
+
+    engine = server["app"].state.engine
+    before = len(engine.batches)
+    r = run_cli("bench", "serve", "--url", server["url"], *args, "--requests", "2")
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(engine.batches) == before

@@ -246,6 +246,8 @@ def _serving_results(c: ModelConfig, s: Scenario, peak: float, mfu: float, price
     """The compute-bound fleet, the per-user-speed fleet, and (--quantize) that fleet with quantized weights."""
     out = {"serving": serving(c, s, mfu_peak=peak, price=price, context=ctx),
            "serving_at_user_speed": serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx)}
+    if s.serve.get("serve_bench"):
+        out["serving_measured"] = serving_measured(c, s)
     if s.quantize:
         per, why = QUANTIZED_BYTES_PER_WEIGHT[s.quantize]
         q = serving_at_user_speed(c, s, mfu=mfu, price=price, context=ctx, weight_bytes_per_param=per)
@@ -504,7 +506,7 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
     flops_tok = F.decode_flops(c, context)
     gpus = math.ceil(tokens_per_s * flops_tok / (mfu_peak * sv["utilisation"]))
     return {
-        **sv,
+        **{k: v for k, v in sv.items() if k != "serve_bench"},  # the bench's own figures are in serving_measured
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_tok,
         "num_gpus": gpus,
@@ -516,6 +518,57 @@ def serving(c: ModelConfig, s: Scenario, mfu_peak: float, price: float, context:
 
 USER_TOKENS_PER_S = (30.0, "assumption: about 30 tokens/s per user, a reading speed at which a generated answer "
                           "feels acceptable (the figure industry cost estimates of LLM serving use)")
+
+
+SERVED_SHAPE = ("n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "ffn_hidden", "n_expert", "n_expert_active")
+
+
+def read_serve_bench(path: str) -> tuple[dict, str]:
+    """A `minigpt bench serve` result (its sweep of arrival rates), checked enough to size a fleet from."""
+    try:
+        data = read_json(Path(path), "serve benchmark")
+        points = data["points"]
+        if data.get("bench") != "serve" or not points or any("output_throughput_tokens_per_s" not in q for q in points):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a serve benchmark: write one with 'minigpt bench serve --out {path}'") from None
+    device = (data.get("server") or {}).get("device", "an unnamed machine")
+    return data, f"measured: {path} ({data['model']} on {device}, {len(points)} arrival rates)"
+
+
+def best_at_user_speed(points: list[dict], per_user: float) -> dict | None:
+    """The sweep point with the most output tokens/s whose median request reached per_user tokens/s and that lost no
+    request; None when none did."""
+    ok = [q for q in points if q.get("per_user_tokens_per_s") and not q.get("failed")
+          and q["per_user_tokens_per_s"]["p50"] >= per_user]
+    return max(ok, key=lambda q: q["output_throughput_tokens_per_s"]) if ok else None
+
+
+def serving_measured(c: ModelConfig, s: Scenario) -> dict:
+    """Servers like the benchmarked one to carry the demand: demand tokens/s / the measured output tokens/s at the
+    highest arrival rate whose median user still reached the per-user speed. The bench must have served this model."""
+    bench, source = s.serve["serve_bench"]
+    served = (bench.get("server") or {}).get("config") or {}
+    differ = [k for k in SERVED_SHAPE if k in served and served[k] != getattr(c, k)]
+    if not served or differ:
+        what = ", ".join(f"{k} {served.get(k)} vs {getattr(c, k)}" for k in differ) or "its config is not in the file"
+        raise UserError(f"--from-serve-bench: the benchmarked server ran another model ({what}): give --target the run "
+                        f"it served")
+    target = s.serve.get("tokens_per_s_per_user") or USER_TOKENS_PER_S[0]
+    demand = s.serve["users"] * s.serve["requests_per_hour"] * s.serve["tokens_per_request"] / 3600
+    best = best_at_user_speed(bench["points"], target)
+    base = {"source": source, "tokens_per_s_per_user": target, "device": bench["server"].get("device"),
+            "batching": bench["server"].get("batching"), "demand_tokens_per_s": demand}
+    if best is None:
+        fastest = max((q["per_user_tokens_per_s"]["p50"] for q in bench["points"] if q.get("per_user_tokens_per_s")), default=0)
+        return {**base, "met": False, "note": f"no measured rate kept the median user at {target:g} tokens/s (fastest "
+                                                f"{fastest:.1f}): benchmark lower arrival rates or a faster server"}
+    return {**base, "met": True, "rate_requests_per_s": best["rate_requests_per_s"],
+            "server_tokens_per_s": best["output_throughput_tokens_per_s"],
+            "per_user_tokens_per_s": best["per_user_tokens_per_s"]["p50"], "ttft_ms_p99": (best["ttft_ms"] or {}).get("p99"),
+            "servers": math.ceil(demand / best["output_throughput_tokens_per_s"]),
+            "convention": "measured: servers = ceil(demand tokens/s / a server's output tokens/s at the highest benchmarked "
+                          "arrival rate whose median request reached the per-user speed)"}
 
 
 def decode_efficiency(path: str) -> tuple[dict[int, float], str]:

@@ -271,9 +271,26 @@ def extrapolation_lines(r: dict) -> list[str]:
             f"  efficiency {u['efficiency']:.1%} of the bandwidth bound ({u['efficiency_source']}); speculative speed-up "
             f"{u['speculative_speedup']:g} ({u['speculative_source']}); {u['convention']}",
         ]
+    lines += measured_serving_lines(r)
     lines += quantized_serving_lines(r)
     lines += [f"note: {n}" for n in r["notes"]]
     return lines
+
+
+def measured_serving_lines(r: dict) -> list[str]:
+    m = r.get("serving_measured")
+    if not m:
+        return []
+    if not m["met"]:
+        return [f"serving, measured ({m['source']}): {m['note']}"]
+    u = r.get("serving_at_user_speed") or {}
+    beside = (f"; the roofline above: {u['replica_tokens_per_s'] / u['gpus_per_replica']:,.0f} tokens/s per {r['gpu']} "
+              f"(predicted)" if u.get("met") else "")
+    rate = f"{m['rate_requests_per_s']:g} requests/s" if m["rate_requests_per_s"] else "all requests at once"
+    return [f"serving, measured ({m['source']}): one {m['batching']} server gave {m['server_tokens_per_s']:,.1f} output "
+            f"tokens/s at {rate} with the median user at {m['per_user_tokens_per_s']:.1f} "
+            f"tokens/s (>= {m['tokens_per_s_per_user']:g}; TTFT p99 {m['ttft_ms_p99']:,.0f} ms) -> {m['servers']:,} such "
+            f"servers for {m['demand_tokens_per_s']:,.0f} tokens/s{beside}"]
 
 
 def quantized_serving_lines(r: dict) -> list[str]:

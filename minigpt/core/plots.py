@@ -241,3 +241,27 @@ def plot_step_parts(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_serve_sweep(curves: dict[str, list[dict]], path: str, title: str, user_target: float = 30.0) -> None:
+    """Output throughput (all users) against the typical user's speed over a sweep of arrival rates, one line per
+    server (e.g. continuous and static batching), each point labelled with its rate; the reader's speed marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, points in curves.items():
+        pts = [p for p in points if p.get("per_user_tokens_per_s")]
+        x = [p["per_user_tokens_per_s"]["p50"] for p in pts]
+        y = [p["output_throughput_tokens_per_s"] for p in pts]
+        ax.plot(x, y, "o-", label=label)
+        for xi, yi, p in zip(x, y, pts):
+            ax.annotate(f"{p['rate_requests_per_s'] or 'all'}/s", (xi, yi), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axvline(user_target, color="grey", linestyle=":", label=f"{user_target:g} tokens/s a reader needs")
+    ax.set_xlabel("tokens/s per user (median request, measured: 1 / time per output token)")
+    ax.set_ylabel("output tokens/s, all users (measured)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,45 +14,69 @@ Chat uses a plain template: one "role: content" line per message, then "assistan
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
 import queue
+import signal
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
+from minigpt.infer.engine import Engine, Sampling, Sequence
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
-from minigpt.infer.generate import IncrementalText, filtered_probs, generate_ids
+from minigpt.infer.generate import filtered_probs
 from minigpt.train.checkpoint import load_run
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the server refuses before any work: a missing or wrong API key (401, every endpoint but /health),
-    a body over max_body_bytes or without a length (413, 411), max_tokens over max_tokens (400)."""
+    """What the server refuses before any work: a missing or wrong API key (401, every endpoint but /health), a body
+    over max_body_bytes or without a length (413, 411), max_tokens, n or prompt tokens over their limits (400), more
+    requests than the queue holds (503 with Retry-After)."""
     api_key: str = ""  # "": no key asked (the default on 127.0.0.1)
     max_body_bytes: int = 1 << 20
     max_tokens: int = 4096
-    max_queue: int = 256  # requests waiting beyond the running batch; more get 503 with Retry-After
+    max_queue: int = 256  # choices waiting beyond the running batch; more get 503 with Retry-After
+    max_n: int = 16  # choices per request (and never more than the running batch)
+    max_prompt_tokens: int = 0  # 0: the model's context less one
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # vLLM's extension; 0 = off
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None  # up to 4 strings that end the text (not returned)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = False  # vLLM's extension: go on past end-of-text (load benchmarks)
     stream: bool = False
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stops) > 4 or any(not x for x in stops):
+            raise ApiError(400, "stop: give at most 4 strings, none empty", param="stop")
+        return stops
 
 
 class CompletionRequest(_Request):
@@ -73,164 +97,219 @@ class ChatRequest(_Request):
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+        self.status, self.message, self.kind, self.code, self.headers, self.param = status, message, kind, code, headers, param
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    ids: list[int]
-    max_tokens: int
-    sampling: tuple  # (temperature, top_p, seed): jobs batch together only when equal
+    """One choice of a request: a sequence on the engine, its text, and the request's queue it writes to."""
+    seq: Sequence
+    index: int  # the choice's index in the response
+    out: asyncio.Queue  # the request's: (index, text delta) as generated, then (index, None)
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # text deltas, then None
-    text: IncrementalText | None = None  # the tokens generated, as text
-    done: bool = False
-    cancelled: bool = False
-    finish_reason: str = "length"
+    text: StopText
+    cancelled: bool = False  # the client went away
     t_submit: float = 0.0  # perf_counter at submission, at the first token (metrics)
     t_first: float = 0.0
 
+    @property
+    def done(self) -> bool:
+        return self.seq.done
 
-class Engine:
-    """The queue and the one worker thread that batches and decodes."""
+    @property
+    def finish_reason(self) -> str:
+        return self.seq.finish_reason or "length"
 
-    def __init__(self, model, eot: int | None, max_batch: int) -> None:
-        self.model, self.eot, self.max_batch = model, eot, max_batch
-        self.pending: queue.Queue[Job] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
+
+
+class StopText:
+    """The text of a growing list of tokens, handed out piece by piece, that ends at the first stop string (not
+    returned, as OpenAI's `stop`). The last len(longest stop) - 1 characters are held back until they cannot start
+    a stop string; a multi-byte character split over tokens is held back until it is complete."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.stop, self.tokens, self.shown, self.stopped = tokenizer, stop, [], 0, False
+        self.hold = max((len(x) for x in stop), default=1) - 1
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token: (the new text that is safe to send, whether a stop string ended the text)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        found = [i for i in (text.find(x, max(0, self.shown - len(x) + 1)) for x in self.stop) if i >= 0]
+        if found:
+            self.stopped = True
+            return self._take(text, min(found)), True
+        if text.endswith("\ufffd"):
+            return "", False
+        return self._take(text, len(text) - self.hold), False
+
+    def flush(self) -> str:
+        """What was held back, at the end."""
+        if self.stopped or not self.tokens:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        return "" if text.endswith("\ufffd") else self._take(text, len(text))
+
+    def _take(self, text: str, upto: int) -> str:
+        piece = text[self.shown:max(upto, self.shown)]
+        self.shown = max(upto, self.shown)
+        return piece
+
+
+class Scheduler:
+    """The queue and the one decode thread over the engine. continuous: a waiting request joins the running batch
+    at the next decode step when a row is free (first come, first served). static (to compare): a batch is formed
+    when the engine is empty (requests arriving within 20 ms join it) and runs until its last row ends; a finished
+    row stops computing but its slot stays empty until then."""
+
+    def __init__(self, model, eot: int | None, max_batch: int, policy: str = "continuous") -> None:
+        if policy not in ("continuous", "static"):
+            raise UserError(f"--batching {policy!r}: choose continuous or static")
+        self.engine, self.eot, self.max_batch, self.policy = Engine(model, max_batch), eot, max_batch, policy
+        self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
+        self.batches: list[int] = []  # rows running after each admission (tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
         self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
         self.metrics = None  # a ServeMetrics when prometheus-client is installed
+        self._held: list[Job] | None = None  # the next group, waiting for rows
         threading.Thread(target=self._run, daemon=True, name="minigpt-decode").start()
 
-    def submit(self, job: Job) -> None:
-        job.t_submit = time.perf_counter()
+    def submit(self, group: list[Job]) -> None:
+        now = time.perf_counter()
+        for j in group:
+            j.t_submit = now
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(job.ids))
-        self.open_jobs.append(job)
-        self.pending.put(job)
+            self.metrics.prompt_tokens.inc(len(group[0].seq.prompt))
+        self.open_jobs.extend(group)
+        self.pending.put(group)
 
     def unfinished(self) -> int:
-        """Requests taken and not finished (decoding or queued); the finished are forgotten here."""
+        """Choices taken and not finished (decoding or queued); the finished are forgotten here."""
         self.open_jobs = [j for j in self.open_jobs if not (j.done or j.cancelled)]
         return len(self.open_jobs)
 
     def _run(self) -> None:
-        held: list[Job] = []  # queued jobs whose sampling differs from the batch being formed
         while True:
-            first = held.pop(0) if held else self.pending.get()
-            batch = [first] + [j for j in held if j.sampling == first.sampling][: self.max_batch - 1]
-            held = [j for j in held if j not in batch]
-            while len(batch) < self.max_batch:
+            try:
+                self._admit(wait=not self.engine.running)
+                for seq in [s for s in self.engine.running if s.tag.cancelled]:
+                    self.cancelled += 1
+                    self._end(seq.tag, "cancelled")
+                self._deliver(self.engine.step())
+            except Exception as e:  # a bug: end the requests with it rather than leave them waiting
+                for seq in list(self.engine.running):
+                    self._end(seq.tag, f"error: {type(e).__name__}")
+
+    def _admit(self, wait: bool) -> None:
+        """Start the waiting groups that fit in the free rows, first come first served (a group waits for rows and no
+        later one passes it). static: only into an empty engine, after gathering for up to 20 ms (concurrent requests
+        form one batch), and none until it is empty again."""
+        if self.policy == "static" and self.engine.running:
+            return
+        taken, rows = [], self.engine.free
+        deadline = time.perf_counter() + (0.02 if self.policy == "static" else 0.0)
+        while rows:
+            if self._held is None:
                 try:
-                    job = self.pending.get(timeout=0.02)  # a moment for concurrent requests to join
+                    self._held = self.pending.get(timeout=None if wait else max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
-                (batch if job.sampling == first.sampling else held).append(job)
-            batch = [j for j in batch if not j.cancelled]
-            if batch:
-                self._decode(batch)
+                wait = False
+            group = [j for j in self._held if not j.cancelled]
+            if len(group) > rows:
+                break
+            self._held, rows = None, rows - len(group)
+            taken.append(group)
+        for group in taken:
+            try:
+                self._deliver(self.engine.add([j.seq for j in group]) if group else [])
+            except Exception as e:  # validated before the queue: a bug; end the group with it
+                for j in group:
+                    self._end(j, f"error: {type(e).__name__}: {e}")
+            self.batches.append(len(self.engine.running))
 
-    def _decode(self, batch: list[Job]) -> None:
-        self.batches.append(len(batch))
+    def _deliver(self, emitted) -> None:
+        """Each new token's text to its request; a stop string ends the sequence; a finished one ends its request."""
+        for seq, token in emitted:
+            job: Job = seq.tag
+            if token is not None:
+                job.t_first = job.t_first or time.perf_counter()
+                piece, stopped = job.text.push(token)
+                if piece:
+                    job.put(piece)
+                if stopped:
+                    self.engine.finish(seq, "stop")
+            if seq.done:
+                self._end(job, seq.finish_reason)
         if self.metrics is not None:
-            self.metrics.running.set(len(batch))
-        temperature, top_p, seed = batch[0].sampling
-        try:
-            generate_ids(self.model, [j.ids for j in batch], max(j.max_tokens for j in batch), temperature=temperature,
-                         top_p=top_p, seed=seed if seed is not None else int(time.time()), eot_id=None,
-                         on_token=lambda column: self._deliver(batch, column))
-        except Exception as e:  # a bug: end the requests with it rather than leave them waiting
-            for j in batch:
-                j.finish_reason = f"error: {e}"
-        for j in batch:
-            if not j.done:
-                self._finish(j, j.finish_reason)
+            self.metrics.running.set(len(self.engine.running))
+
+    def _end(self, job: Job, reason: str) -> None:
+        self.engine.finish(job.seq, reason)
+        if not reason.startswith(("cancelled", "error")) and (rest := job.text.flush()):
+            job.put(rest)  # the characters held back for a stop string that did not come
+        job.put(None)
         if self.metrics is not None:
-            self.metrics.running.set(0)
-            for j in batch:
-                self.metrics.finished(j)
-
-    def _deliver(self, batch: list[Job], column: list[int]) -> bool:
-        """Hand each row's new token to its request; True when every row is done (decoding ends)."""
-        for j, token in zip(batch, column):
-            if j.done:
-                continue
-            if j.cancelled:
-                self.cancelled += 1
-                self._finish(j, "cancelled")
-                continue
-            if self.eot is not None and token == self.eot:
-                self._finish(j, "stop")
-                continue
-            j.t_first = j.t_first or time.perf_counter()
-            piece = j.text.push(token)
-            if piece:
-                j.loop.call_soon_threadsafe(j.out.put_nowait, piece)
-            if len(j.text.tokens) >= j.max_tokens:
-                self._finish(j, "length")
-        return all(j.done for j in batch)
-
-    @staticmethod
-    def _finish(j: Job, reason: str) -> None:
-        j.done, j.finish_reason = True, reason
-        j.loop.call_soon_threadsafe(j.out.put_nowait, None)
+            self.metrics.finished(job)
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
-               limits: Limits = Limits()) -> FastAPI:
+               limits: Limits = Limits(), batching: str = "continuous") -> FastAPI:
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
-    engine = Engine(model, eot, max_batch)
-    app.state.engine = engine
-    block = model.config.block_size
-    rope = model.config.pos_emb == "rope"
+    scheduler = Scheduler(model, eot, max_batch, batching)
+    app.state.engine = scheduler
     _add_error_handlers(app)
     _add_guard(app, limits)
-
-    _add_health_and_metrics(app, engine, model_name)
+    _add_health_and_metrics(app, scheduler, model_name)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt",
+                                            "max_model_len": model.config.block_size, "vocab_size": model.config.vocab_size,
+                                            "minigpt": about}]}
 
-    prepare = functools.partial(_prepare, model_name, tokenizer, block, rope, limits.max_tokens)
+    prepare = functools.partial(_prepare, model_name, tokenizer, model.config.block_size, limits)
+    about = {"config": dataclasses.asdict(model.config), "batching": batching, "max_batch": max_batch,
+             "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
-    async def run(request: Request, prompts: list[str], body, chat: bool):
-        loop = asyncio.get_running_loop()
+    async def run(request: Request, prompts: list, body, chat: bool):
+        _check_choices(body.n, len(prompts), scheduler, limits)
+        stops = body.stops()
         # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
-        _admit(engine, limits, len(prompts))
         ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
-        jobs = [Job(i, body.max_tokens, (body.temperature, body.top_p, body.seed), loop,
-                    text=IncrementalText(tokenizer)) for i in ids]
-        for j in jobs:
-            engine.submit(j)
+        out, loop = asyncio.Queue(), asyncio.get_running_loop()
+        sampling = Sampling(body.temperature, body.top_k, body.top_p)
+        stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
+        groups = [[Job(Sequence(p, body.max_tokens, sampling, body.seed, stop_ids), i * body.n + k, out, loop,
+                       StopText(tokenizer, stops)) for k in range(body.n)] for i, p in enumerate(ids)]
+        for group in groups:
+            for j in group:
+                j.seq.tag = j
+            scheduler.submit(group)
+        jobs = [j for g in groups for j in g]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
-            return StreamingResponse(_sse(request, jobs[0], rid, model_name, chat), media_type="text/event-stream")
-        texts = []
-        for j in jobs:
-            parts = []
-            while (delta := await j.out.get()) is not None:
-                parts.append(delta)
-            texts.append("".join(parts))
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(jobs, rid, model_name, chat, usage), media_type="text/event-stream")
+        texts = await _gather(jobs)
         return _response(rid, model_name, jobs, texts, chat)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         prompts = _prompts(body.prompt, tokenizer)
-        if body.logprobs is None and not body.echo:  # the batching engine takes texts
-            prompts = [tokenizer.decode(p) if isinstance(p, list) else p for p in prompts]
-        if body.stream and len(prompts) != 1:
-            raise ApiError(400, "streaming takes one prompt", code=None)
         if body.logprobs is not None or body.echo:
             if body.stream:
                 raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
+            if body.n != 1 or body.stop:
+                raise ApiError(400, "logprobs and echo take n = 1 and no stop strings", code=None)
             _check_model(body.model, model_name)
             return await asyncio.to_thread(_scored, model, tokenizer, model_name, prompts, body)
         return await run(request, prompts, body, chat=False)
@@ -242,7 +321,35 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     return app
 
 
-def _add_health_and_metrics(app: FastAPI, engine: Engine, model_name: str) -> None:
+async def _gather(jobs: list[Job]) -> list[str]:
+    """Every choice's whole text, once all have ended; a choice the engine ended with an error is a 500."""
+    parts: list[list[str]] = [[] for _ in jobs]
+    out, left = jobs[0].out, len(jobs)
+    first = jobs[0].index
+    while left:
+        index, delta = await out.get()
+        if delta is None:
+            left -= 1
+        else:
+            parts[index - first].append(delta)
+    if any(j.finish_reason.startswith("error") for j in jobs):
+        raise ApiError(500, f"generation failed ({next(j.finish_reason for j in jobs if j.finish_reason.startswith('error'))})"
+                            ": see the server's log", "server_error")
+    return ["".join(p) for p in parts]
+
+
+def _check_choices(n: int, prompts: int, scheduler: Scheduler, limits: Limits) -> None:
+    """n within its limits, and room in the queue for every choice of the request (else 503 with Retry-After)."""
+    most = min(limits.max_n, scheduler.max_batch)
+    if n > most:
+        raise ApiError(400, f"n = {n}: this server gives at most {most} choices a request (serve --max-n, "
+                            f"--max-batch)", param="n")
+    if scheduler.unfinished() + n * prompts > scheduler.max_batch + limits.max_queue:
+        raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
+                            f"{scheduler.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
+
+
+def _add_health_and_metrics(app: FastAPI, engine: Scheduler, model_name: str) -> None:
     """GET /health (no key asked: for load balancers) and GET /metrics in Prometheus' text format
     (prometheus-client); 501 saying what to install without it."""
 
@@ -265,33 +372,28 @@ def _add_health_and_metrics(app: FastAPI, engine: Engine, model_name: str) -> No
         return Response(body, media_type=kind)
 
 
-def _admit(engine: Engine, limits: Limits, n: int) -> None:
-    """503 with Retry-After when n more requests would wait beyond the running batch and the queue."""
-    if engine.unfinished() + n > engine.max_batch + limits.max_queue:
-        raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
-                            f"{engine.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
-
-
 def _check_model(name: str, model_name: str) -> None:
     if name != model_name:
         raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", code="model_not_found")
 
 
-def _prepare(model_name: str, tokenizer, block: int, rope: bool, limit: int, name: str, prompt: str,
+def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, prompt: str | list[int],
              max_tokens: int) -> list[int]:
-    """The prompt's tokens, or the 4xx that refuses it."""
+    """The prompt's tokens (a text tokenized, or token ids as given), or the 4xx that refuses it."""
     _check_model(name, model_name)
-    if max_tokens > limit:
-        raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {limit} (serve --max-tokens-limit)")
-    ids = tokenizer.encode(prompt).ids
+    if max_tokens > limits.max_tokens:
+        raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {limits.max_tokens} "
+                            f"(serve --max-tokens-limit)", param="max_tokens")
+    ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt).ids
     if not ids:
-        raise ApiError(400, "the prompt is empty")
-    if len(ids) >= block:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {block}: shorten it",
-                       code="context_length_exceeded")
-    if not rope and len(ids) + max_tokens > block:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    most = min(limits.max_prompt_tokens or block - 1, block - 1)
+    if len(ids) > most:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {most} (context {block}): "
+                            f"shorten it", code="context_length_exceeded", param="prompt")
+    if len(ids) + max_tokens > block:
         raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
-                       code="context_length_exceeded")
+                       code="context_length_exceeded", param="max_tokens")
     return ids
 
 
@@ -359,19 +461,29 @@ def _counting(scope, send):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with a 4xx status."""
+    """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with a 4xx status, including those
+    FastAPI raises itself (a body that is not JSON or not UTF-8, an unknown path, a wrong method)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}}, e.status,
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}, e.status,
                             headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": [], "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset): not a field
+            at = first.get("loc", ["", "?"])[-1]
+            return _error(400, f"the body is not valid JSON (at character {at}: {first.get('ctx', {}).get('error', '')})")
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
         return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
                                        "param": where or None, "code": None}}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = "the body is not valid UTF-8 JSON" if e.status_code == 400 else str(e.detail)
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": None}}, e.status_code, headers=getattr(e, "headers", None))
 
 
 def _prompts(prompt, tokenizer) -> list[str | list[int]]:
@@ -428,38 +540,62 @@ def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
                                           "total_tokens": sum(used)}}
 
 
+def _usage(jobs: list[Job]) -> dict:
+    prompt_tokens = sum(len(g[0].seq.prompt) for g in _groups(jobs))  # a prompt once, however many choices it has
+    completion = sum(len(j.text.tokens) for j in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs of each prompt (choices that share one prompt object)."""
+    groups: dict[int, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(id(j.seq.prompt), []).append(j)
+    return list(groups.values())
+
+
 def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:
-    usage = {"prompt_tokens": sum(len(j.ids) for j in jobs), "completion_tokens": sum(len(j.text.tokens) for j in jobs)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": j.finish_reason}
-                   for i, (j, t) in enumerate(zip(jobs, texts))]
+        choices = [{"index": j.index, "message": {"role": "assistant", "content": t}, "finish_reason": j.finish_reason}
+                   for j, t in zip(jobs, texts)]
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": j.finish_reason}
-                   for i, (j, t) in enumerate(zip(jobs, texts))]
+        choices = [{"index": j.index, "text": t, "logprobs": None, "finish_reason": j.finish_reason}
+                   for j, t in zip(jobs, texts)]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": name, "choices": choices, "usage": usage}
+            "model": name, "choices": choices, "usage": _usage(jobs)}
 
 
-async def _sse(request: Request, job: Job, rid: str, name: str, chat: bool):
-    """Server-sent events: one chunk per text delta, a last one with the finish reason, [DONE]."""
+async def _sse(jobs: list[Job], rid: str, name: str, chat: bool, usage: bool):
+    """Server-sent events: one chunk per text delta (choices interleaved, each with its index), a chunk with each
+    choice's finish reason, the usage with stream_options.include_usage, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    by_index = {j.index: j for j in jobs}
 
-    def chunk(delta: str | None, finish: str | None) -> str:
-        choice = ({"index": 0, "delta": {"content": delta} if delta is not None else {}, "finish_reason": finish} if chat
-                  else {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish})
+    def event(choices: list, **extra) -> str:
         return "data: " + json.dumps({"id": rid, "object": kind, "created": int(time.time()), "model": name,
-                                      "choices": [choice]}) + "\n\n"
+                                      "choices": choices, **extra}) + "\n\n"
+
+    def choice(i: int, delta: str | None, finish: str | None) -> dict:
+        if chat:
+            return {"index": i, "delta": {"content": delta} if delta is not None else {}, "finish_reason": finish}
+        return {"index": i, "text": delta or "", "logprobs": None, "finish_reason": finish}
     try:
         if chat:
-            yield "data: " + json.dumps({"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": [
-                {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) + "\n\n"
-        while (delta := await job.out.get()) is not None:
-            yield chunk(delta, None)
-        yield chunk(None, job.finish_reason)
+            yield event([{"index": j.index, "delta": {"role": "assistant"}, "finish_reason": None} for j in jobs])
+        left = len(jobs)
+        while left:
+            index, delta = await jobs[0].out.get()
+            if delta is None:
+                left -= 1
+                yield event([choice(index, None, by_index[index].finish_reason)])
+            else:
+                yield event([choice(index, delta, None)])
+        if usage:
+            yield event([], usage=_usage(jobs))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled = True  # a client that went away frees its slot at the next token
+        for j in jobs:
+            j.cancelled = True  # a client that went away frees its rows at the next step
 
 
 def check_address(host: str, port: int) -> None:
@@ -479,7 +615,9 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "",
-          limits: Limits = Limits()) -> None:
+          limits: Limits = Limits(), batching: str = "continuous", drain_s: float = 30.0) -> None:
+    """Serve a run until SIGINT/SIGTERM; then stop taking connections and let the requests in flight (streams too)
+    finish for up to drain_s seconds before the rest are ended."""
     import uvicorn
 
     check_address(host, port)
@@ -489,8 +627,14 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
 
         quantize_model(model, quantize)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
-    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits)
+    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits, batching)
     print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
-          f"http://{host}:{port}/v1 (batches of up to {max_batch})",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+          f"http://{host}:{port}/v1 ({batching} batching, up to {max_batch} sequences at once)", flush=True)
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a quiet one here, so a
+    # drained server exits 0 and says so (SIGINT keeps Python's, KeyboardInterrupt: exit 130)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"stopped: {app.state.engine.unfinished()} requests unfinished after the drain", flush=True)

@@ -75,10 +75,29 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, G, T, D) at slots input_pos (T,); return all keys/values (B, G, max_len, D)."""
-        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
+        """Store k, v (B, G, T, D) at slots input_pos: (T,) the same slots in every row, or (B, T) each
+        row its own (continuous batching, rows at different lengths); return all keys/values (B, G, max_len, D)."""
+        if input_pos.dim() == 2:
+            index = input_pos[:, None, :, None].expand(k.shape)
+            self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
+            self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
+        else:
+            self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own that shares this one's memory (a view: writes land here)."""
+        view = object.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.max_len = self.max_len
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst's first `length` slots := row src's (a prompt prefilled once for several samples)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -303,8 +322,8 @@ class GPT(nn.Module):
 
         targets (B, T): next-token ids, -1 where ignored: returns the mean cross-entropy (nats)
         and no logits. input_pos (T,): the cache slots of these tokens, also their positions
-        (default 0..T-1); positions (B, T): per-row positions when they differ from input_pos
-        (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
+        (default 0..T-1), or (B, T) each row's own slots (then give positions and attn_mask);
+        positions (B, T): per-row positions when they differ from input_pos (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
         (B|1, 1, T, S) bool, True = may attend (default: causal, or every cache slot up to the
         query's own); last_only: logits of the last position only.
         """

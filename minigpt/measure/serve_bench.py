@@ -1,0 +1,224 @@
+"""`minigpt bench serve`: a bounded load generator against an OpenAI-compatible server on this machine.
+
+Requests arrive at a rate (Poisson: exponential gaps; or fixed gaps), at most `concurrency` in flight (a
+later arrival waits for a free client), each a streamed /v1/completions of a random token-id prompt with
+a length drawn uniformly from a range and `max_tokens` drawn likewise (`ignore_eos`, so the lengths are
+the ones asked). Per request it times the first streamed text (TTFT) and the end (end-to-end latency);
+time per output token TPOT = (end-to-end - TTFT) / (output tokens - 1), output tokens from the usage the
+server streams last, and the request's own speed 1 / TPOT tokens/s: what a reader of that answer sees.
+Throughput is all output tokens over the wall time from the first arrival to the last answer. The same
+figures `vllm bench serve` reports (its definitions). Standard library only; no client-side tokenizer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+
+from minigpt.core.errors import UserError
+
+MAX_REQUESTS = 10_000  # a load generator for one's own server, not a flood
+
+
+@dataclass(frozen=True)
+class Load:
+    url: str = "http://127.0.0.1:8000/v1"
+    rate: float = 1.0  # requests per second; 0: all at once
+    arrivals: str = "poisson"  # or "fixed"
+    requests: int = 32
+    concurrency: int = 16
+    prompt_tokens: tuple[int, int] = (16, 64)
+    output_tokens: tuple[int, int] = (32, 64)
+    seed: int = 0
+    api_key: str = ""
+    timeout_s: float = 300.0
+
+
+def check_load(load: Load) -> None:
+    """Everything checked before the first request: one line naming the problem."""
+    parts = urllib.parse.urlsplit(load.url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UserError(f"--url {load.url}: give the server's http URL, e.g. http://127.0.0.1:8000/v1")
+    if not _loopback(parts.hostname):
+        raise UserError(f"--url {load.url}: bench serve loads a server on this machine only (127.0.0.1, ::1, localhost)")
+    if load.arrivals not in ("poisson", "fixed"):
+        raise UserError(f"--arrivals {load.arrivals}: choose poisson or fixed")
+    if not 1 <= load.requests <= MAX_REQUESTS or load.concurrency < 1 or load.rate < 0:
+        raise UserError(f"--requests must be 1 to {MAX_REQUESTS}, --concurrency at least 1, --rate at least 0")
+    for name, (lo, hi) in (("--prompt-tokens", load.prompt_tokens), ("--output-tokens", load.output_tokens)):
+        if not 1 <= lo <= hi:
+            raise UserError(f"{name} {lo}:{hi}: give LO:HI with 1 <= LO <= HI")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError, UnicodeError):
+        return False
+
+
+def server_model(load: Load) -> dict:
+    """The first model the server lists (GET /models), with the context it reports; one line if none answers."""
+    try:
+        with urllib.request.urlopen(_request(load, "/models"), timeout=10) as r:
+            return json.loads(r.read())["data"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise UserError(f"no OpenAI-compatible server answers at {load.url} ({e}): start one, e.g. "
+                        f"'minigpt serve --run RUN'") from None
+
+
+def _request(load: Load, path: str, body: dict | None = None) -> urllib.request.Request:
+    headers = {"content-type": "application/json"}
+    if load.api_key:
+        headers["authorization"] = f"Bearer {load.api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.Request(load.url.rstrip("/") + path, data, headers)
+
+
+def _one(load: Load, model: str, prompt: list[int], max_tokens: int, t_arrive: float) -> dict:
+    """One streamed completion: its arrival, first text, end, output tokens, and error (None when it succeeded)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    out = {"arrive": t_arrive, "first": None, "end": None, "prompt_tokens": len(prompt), "output_tokens": 0, "error": None}
+    try:
+        with urllib.request.urlopen(_request(load, "/completions", body), timeout=load.timeout_s) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if out["first"] is None and any(c.get("text") for c in event.get("choices", [])):
+                    out["first"] = time.perf_counter()
+                if event.get("usage"):
+                    out["output_tokens"] = event["usage"]["completion_tokens"]
+        out["end"] = time.perf_counter()
+    except (OSError, ValueError) as e:
+        out["error"] = f"{type(e).__name__}: {getattr(e, 'code', '')} {e}"[:200]
+    return out
+
+
+def run_load(load: Load, model: str, vocab: int = 256) -> dict:
+    """Send the load; the figures of its requests (see the module doc)."""
+    rng = random.Random(load.seed)
+    plan = [([rng.randrange(1, vocab) for _ in range(rng.randint(*load.prompt_tokens))], rng.randint(*load.output_tokens))
+            for _ in range(load.requests)]
+    gaps = [0.0 if load.rate == 0 else rng.expovariate(load.rate) if load.arrivals == "poisson" else 1 / load.rate
+            for _ in plan]
+    slots, results, threads = threading.Semaphore(load.concurrency), [], []
+    start = time.perf_counter()
+    due = start
+    for (prompt, max_tokens), gap in zip(plan, gaps):
+        due += gap
+        time.sleep(max(0.0, due - time.perf_counter()))
+        slots.acquire()  # the concurrency cap: an arrival waits for a free client
+
+        def send(prompt=prompt, max_tokens=max_tokens, arrive=time.perf_counter()):
+            try:
+                results.append(_one(load, model, prompt, max_tokens, arrive))
+            finally:
+                slots.release()
+        threads.append(threading.Thread(target=send, daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return summarize(results, time.perf_counter() - start, load)
+
+
+def _percentiles(values: list[float], scale: float = 1.0) -> dict | None:
+    if not values:
+        return None
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return {"mean": round(statistics.fmean(values) * scale, 3), "p50": round(q[49] * scale, 3),
+            "p90": round(q[89] * scale, 3), "p99": round(q[98] * scale, 3)}
+
+
+def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
+    ok = [r for r in results if r["error"] is None and r["first"] is not None]
+    tpot = [(r["end"] - r["first"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
+    speeds = [1 / t for t in tpot if t > 0]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    return {
+        "rate_requests_per_s": load.rate or None, "arrivals": load.arrivals if load.rate else "all at once",
+        "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if r["error"]})[:3],
+        "duration_s": round(wall_s, 3),
+        "request_throughput_per_s": round(len(ok) / wall_s, 4),
+        "output_tokens": out_tokens,
+        "output_throughput_tokens_per_s": round(out_tokens / wall_s, 2),
+        "ttft_ms": _percentiles([r["first"] - r["arrive"] for r in ok], 1e3),
+        "tpot_ms": _percentiles(tpot, 1e3),
+        "e2e_ms": _percentiles([r["end"] - r["arrive"] for r in ok], 1e3),
+        # the reader's speed: p50 is the typical request, p10 the slowest tenth (the 90th percentile of TPOT)
+        "per_user_tokens_per_s": None if not speeds else {
+            "p50": round(statistics.median(speeds), 2),
+            "p10": round(statistics.quantiles(speeds, n=10, method="inclusive")[0], 2) if len(speeds) > 1 else speeds[0]},
+    }
+
+
+CONVENTION = ("measured against a running server: TTFT = arrival to first streamed text; TPOT = (end-to-end - TTFT) / "
+              "(output tokens - 1); per-user tokens/s = 1 / TPOT per request; output throughput = all output tokens / "
+              "wall time; token-id prompts, greedy, ignore_eos; percentiles over the completed requests")
+
+
+def bench_serve(load: Load, rates: list[float]) -> dict:
+    """A sweep over arrival rates against one server: one point (summarize) per rate."""
+    check_load(load)
+    model = server_model(load)
+    context = model.get("max_model_len")
+    if context and load.prompt_tokens[1] + load.output_tokens[1] > context:
+        raise UserError(f"--prompt-tokens up to {load.prompt_tokens[1]} + --output-tokens up to {load.output_tokens[1]} "
+                        f"exceed the served model's context of {context}: shorten the ranges")
+    vocab = int(model.get("vocab_size") or 256)
+    points = [run_load(Load(**{**asdict(load), "rate": r}), model["id"], vocab) for r in rates]
+    return {"bench": "serve", "url": load.url, "model": model["id"], "max_model_len": model.get("max_model_len"),
+            "server": model.get("minigpt"), "load": {k: v for k, v in asdict(load).items() if k not in ("api_key", "url", "rate")},
+            "points": points, "measured_at": time.time(), "convention": CONVENTION}
+
+
+def start_server(run: str, batching: str, max_batch: int, threads: int) -> tuple:
+    """`minigpt serve` on a free port of 127.0.0.1 in its own process; (process, Load URL) once it answers."""
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--batching",
+                             batching, "--max-batch", str(max_batch), "--threads", str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            server_model(Load(url))
+            return proc, url
+        except UserError:
+            if proc.poll() is not None:
+                raise UserError(f"minigpt serve --run {run} did not start: {proc.stderr.read().strip()[-300:]}") from None
+            time.sleep(0.1)
+    proc.kill()
+    raise UserError(f"minigpt serve --run {run} did not answer within a minute")
+
+
+def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 8, threads: int = 1) -> dict:
+    """The same load against `serve --batching static` and `--batching continuous` (one build, two processes), the
+    rates interleaved (static then continuous at each) so a change in the machine's load falls on both."""
+    servers = {b: start_server(run, b, max_batch, threads) for b in ("static", "continuous")}
+    try:
+        heads = {b: bench_serve(Load(**{**asdict(load), "url": url}), []) for b, (_, url) in servers.items()}
+        for r in rates:
+            for b, (_, url) in servers.items():
+                heads[b]["points"].append(run_load(Load(**{**asdict(load), "url": url, "rate": r}), heads[b]["model"],
+                                                   int((heads[b]["server"] or {}).get("config", {}).get("vocab_size", 256))))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    return heads
