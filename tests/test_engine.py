@@ -79,3 +79,17 @@ def test_a_sequence_ends_at_the_context_and_prompts_outside_it_are_refused(model
     with pytest.raises(UserError, match="1 to 47"):
         engine.add([Sequence(list(range(48)), 4)])
     assert not engine.running
+
+
+def test_generate_prefills_a_repeated_prompt_once_and_every_sample_decodes_as_alone(model, monkeypatch):
+    """`minigpt generate --num-samples` repeats each prompt: the static batch prefills each distinct prompt once and
+    copies its cache row; greedy samples equal decoding alone."""
+    from minigpt.infer import generate
+
+    rows, real = [], generate._prefill_rows
+    monkeypatch.setattr(generate, "_prefill_rows", lambda m, idx, *a: (rows.append(idx.size(0)), real(m, idx, *a))[1])
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    g = generate_ids(model, prompts, 8, temperature=0)
+    assert rows == [2]
+    monkeypatch.setattr(generate, "_prefill_rows", real)
+    assert g.new_tokens == [generate_ids(model, [p], 8, temperature=0).new_tokens[0] for p in prompts]

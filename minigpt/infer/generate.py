@@ -160,12 +160,11 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temp
     step = _compiled_decode(device) if compile else decode_logits
     with contextlib.nullcontext() if compile else torch.compiler.set_stance("force_eager"):
         t0 = time.perf_counter()
-        cache = model.make_cache(B, min(total, block)) if use_cache else None
+        logits, cache = _prefill(model, prompts, idx[:, :longest], pad, positions[:, :longest],
+                                 min(total, block) if use_cache else 0)
         if cache is not None and compile:
             for t in cache.k + cache.v:
                 mark_static_address(t)
-        logits = model(idx[:, :longest], input_pos=torch.arange(longest, device=device), positions=positions[:, :longest],
-                       cache=cache, attn_mask=_prefill_mask(pad, longest, cache), last_only=True).logits[:, -1]
         idx[:, longest] = sample_next(logits, temperature, top_k, top_p, generator)
         end = longest + 1 if on_token and on_token(idx[:, longest].tolist()) else total
         _sync(device)
@@ -188,6 +187,28 @@ def generate_ids(model: GPT, prompts: list[list[int]], max_new_tokens: int, temp
     if eot_id is not None:
         out = [row[: row.index(eot_id)] if eot_id in row else row for row in out]
     return Generation(prompts, out, prefill_s, decode_s, end - longest - 1, capped, total > block)
+
+
+def _prefill(model: GPT, prompts: list[list[int]], idx: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor,
+             cache_len: int) -> tuple[torch.Tensor, KVCache | None]:
+    """The last prompt position's logits (B, V) and the cache they leave (None when cache_len is 0). A prompt given
+    several times (--num-samples, n) is run once: its cache row and logits are copied to its other rows."""
+    first: dict[tuple, int] = {}
+    rows = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]  # each row's first row with its prompt
+    unique = sorted(set(rows))
+    if len(unique) == len(prompts) or not cache_len:
+        cache = model.make_cache(len(prompts), cache_len) if cache_len else None
+        return _prefill_rows(model, idx, pad, positions, cache), cache
+    cache = model.make_cache(len(unique), cache_len)
+    logits = _prefill_rows(model, idx[unique], pad[unique], positions[unique], cache)
+    where = torch.tensor([unique.index(r) for r in rows], device=idx.device)
+    return logits[where], cache.select_rows(where)
+
+
+def _prefill_rows(model: GPT, idx, pad, positions, cache) -> torch.Tensor:
+    T = idx.size(1)
+    return model(idx, input_pos=torch.arange(T, device=idx.device), positions=positions, cache=cache,
+                 attn_mask=_prefill_mask(pad, T, cache), last_only=True).logits[:, -1]
 
 
 _COMPILED: dict = {}

@@ -94,6 +94,14 @@ class KVCache:
         view.max_len = self.max_len
         return view
 
+    def select_rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache whose row i is this one's row index[i] (rows prefilled once, given to several samples)."""
+        out = object.__new__(KVCache)
+        out.k = [t.index_select(0, index) for t in self.k]
+        out.v = [t.index_select(0, index) for t in self.v]
+        out.max_len = self.max_len
+        return out
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Row dst's first `length` slots := row src's (a prompt prefilled once for several samples)."""
         for t in self.k + self.v:
