@@ -464,7 +464,7 @@ def cmd_serve(args) -> None:
     serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
           Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                  max_queue=args.max_queue, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens),
-          args.batching, args.drain_seconds)
+          args.batching, args.drain_seconds, args.draft or "", args.speculate)
 
 
 def cmd_simulate(args) -> None:
@@ -777,6 +777,9 @@ def _add_serve_command(sub) -> None:
                         "a batch runs to its end before the next starts (to compare)")
     p.add_argument("--drain-seconds", type=number(float, 0, 3600), default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may go on finishing (default 30)")
+    p.add_argument("--draft", metavar="RUN", help="a smaller run with the same tokenizer: every decode step becomes a "
+                                                  "speculative round for the whole batch")
+    p.add_argument("--speculate", type=number(int, 1, 64), default=4, help="with --draft: draft tokens a round (default 4)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)
 

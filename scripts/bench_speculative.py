@@ -40,7 +40,7 @@ def main() -> None:
     rows = bench_speculative(target, draft, prompts, args.new_tokens, args.k or [2, 4, 6], args.temperature, args.repeats)
     describe = lambda c, s: {"params": param_counts(c.model).total, "n_layer": c.model.n_layer,  # noqa: E731
                              "n_embd": c.model.n_embd, "step": s}
-    print(json.dumps({"bench": "speculative", "device": device_name(torch.device("cpu")), "cpu_cores": os.cpu_count(),
+    print(json.dumps({"bench": "speculative", "speculative_on": "the serving engine (minigpt/infer/engine.py)", "device": device_name(torch.device("cpu")), "cpu_cores": os.cpu_count(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "temperature": args.temperature,
                       "new_tokens": args.new_tokens, "prompts": len(prompts), "repeats": args.repeats,
                       "target": describe(tcfg, tstep), "draft": describe(dcfg, dstep), "rows": rows}))

@@ -93,3 +93,37 @@ def test_generate_prefills_a_repeated_prompt_once_and_every_sample_decodes_as_al
     assert rows == [2]
     monkeypatch.setattr(generate, "_prefill_rows", real)
     assert g.new_tokens == [generate_ids(model, [p], 8, temperature=0).new_tokens[0] for p in prompts]
+
+
+def sharp(seed: int, n_layer: int, pos_emb: str) -> GPT:
+    """A random model with decided opinions (weights scaled up: the plain init repeats one token, so any draft agrees)."""
+    torch.manual_seed(seed)
+    m = GPT(ModelConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=48, vocab_size=32, pad_vocab_multiple=1,
+                        pos_emb=pos_emb))
+    with torch.no_grad():
+        for w in m.parameters():
+            if w.dim() == 2:
+                w.mul_(25)
+    return m.eval()
+
+
+def test_speculative_rows_of_a_batch_give_the_targets_greedy_tokens_and_seeded_draws_ignore_neighbours(model):
+    """A draft (another random model: many rejections) and the target speculate for several rows at once, rows joining
+    mid-way and accepting different counts: greedy tokens equal the target's own; a seeded sampled row draws the same
+    tokens beside others as alone."""
+    target, draft = sharp(0, 2, model.config.pos_emb), sharp(1, 1, model.config.pos_emb)
+    prompts = [[t % 32 for t in p] for p in PROMPTS]
+    alone = [generate_ids(target, [p], 14, temperature=0).new_tokens[0] for p in prompts]
+    engine = Engine(target, max_batch=3, draft=draft, k=3)
+    seqs = generate_all(engine, [Sequence(p, 14, Sampling(0)) for p in prompts])
+    assert [s.tokens for s in seqs] == alone
+    assert engine.accepted < engine.drafted and engine.steps < 14 * len(prompts)  # rejections, repaired; shared steps
+    self_draft = Engine(target, max_batch=3, draft=target, k=3)  # a draft equal to the target is always right
+    assert [s.tokens for s in generate_all(self_draft, [Sequence(p, 14, Sampling(0)) for p in prompts])] == alone
+    assert self_draft.accepted == self_draft.drafted
+    sampling = Sampling(0.9, top_p=0.9)
+    one = generate_all(Engine(target, 1, draft=draft, k=3), [Sequence([1, 2, 3], 10, sampling, seed=3)])[0]
+    crowd = [Sequence(p, 10, sampling, seed=i) for i, p in enumerate(prompts)]
+    crowd[1] = Sequence([1, 2, 3], 10, sampling, seed=3)
+    generate_all(Engine(target, 4, draft=draft, k=3), crowd)
+    assert crowd[1].tokens == one.tokens

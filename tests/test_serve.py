@@ -334,3 +334,36 @@ def test_bench_serve_refuses_bad_input_before_any_request(server, args, words):
     r = run_cli("bench", "serve", "--url", server["url"], *args, "--requests", "2")
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(engine.batches) == before
+
+
+def test_a_server_with_a_draft_speculates_for_the_batch_and_answers_the_targets_greedy_text(server):
+    """serve --draft: every decode step is a speculative round for all rows (the run drafts for itself here, so every
+    draft is accepted); greedy text, n choices, stop strings and streaming answer as without a draft."""
+    import copy
+
+    import torch
+    from conftest import serving
+
+    from minigpt.infer.generate import generate_ids
+    from minigpt.infer.serve import create_app
+
+    model, tok, cfg = server["parts"]
+    model = copy.deepcopy(model)  # decided logits (a 2-step model's are near ties, which float order may flip)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(8 if w.dim() == 2 else 1)
+    eot = tok.token_to_id(cfg.sample.stop_token)
+    app = create_app(model, tok, "minigpt-test", eot, max_batch=4, draft=model, k=3)
+    plain = [tok.decode(generate_ids(model, [tok.encode(p).ids], 12, temperature=0, eot_id=eot).new_tokens[0])
+             for p in ("def ", "import ")]
+    with serving(app) as port:
+        spec = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda p: spec.completions.create(model="minigpt-test", prompt=p, max_tokens=12,
+                                                                    temperature=0).choices[0].text, ("def ", "import ")))
+        streamed = "".join(ch.choices[0].text for ch in spec.completions.create(
+            model="minigpt-test", prompt="def ", max_tokens=12, temperature=0, stream=True) if ch.choices)
+        sampled = spec.completions.create(model="minigpt-test", prompt="x", max_tokens=6, temperature=1.0, n=2)
+    assert texts == plain and streamed == plain[0] and len(sampled.choices) == 2
+    engine = app.state.engine.engine
+    assert engine.drafted > 0 and engine.accepted == engine.drafted

@@ -115,6 +115,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     text: StopText
     cancelled: bool = False  # the client went away
+    ended: bool = False  # its last text and the end were handed out
     t_submit: float = 0.0  # perf_counter at submission, at the first token (metrics)
     t_first: float = 0.0
 
@@ -170,10 +171,10 @@ class Scheduler:
     when the engine is empty (requests arriving within 20 ms join it) and runs until its last row ends; a finished
     row stops computing but its slot stays empty until then."""
 
-    def __init__(self, model, eot: int | None, max_batch: int, policy: str = "continuous") -> None:
+    def __init__(self, model, eot: int | None, max_batch: int, policy: str = "continuous", draft=None, k: int = 4) -> None:
         if policy not in ("continuous", "static"):
             raise UserError(f"--batching {policy!r}: choose continuous or static")
-        self.engine, self.eot, self.max_batch, self.policy = Engine(model, max_batch), eot, max_batch, policy
+        self.engine, self.eot, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k), eot, max_batch, policy
         self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
         self.batches: list[int] = []  # rows running after each admission (tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
@@ -238,8 +239,11 @@ class Scheduler:
 
     def _deliver(self, emitted) -> None:
         """Each new token's text to its request; a stop string ends the sequence; a finished one ends its request."""
-        for seq, token in emitted:
+        last = {id(seq): i for i, (seq, _) in enumerate(emitted)}  # a speculative step gives a row several tokens
+        for i, (seq, token) in enumerate(emitted):
             job: Job = seq.tag
+            if job.ended:  # a stop string ended it earlier in this step
+                continue
             if token is not None:
                 job.t_first = job.t_first or time.perf_counter()
                 piece, stopped = job.text.push(token)
@@ -247,12 +251,15 @@ class Scheduler:
                     job.put(piece)
                 if stopped:
                     self.engine.finish(seq, "stop")
-            if seq.done:
+                    self._end(job, "stop")
+                    continue
+            if seq.done and last[id(seq)] == i:
                 self._end(job, seq.finish_reason)
         if self.metrics is not None:
             self.metrics.running.set(len(self.engine.running))
 
     def _end(self, job: Job, reason: str) -> None:
+        job.ended = True
         self.engine.finish(job.seq, reason)
         if not reason.startswith(("cancelled", "error")) and (rest := job.text.flush()):
             job.put(rest)  # the characters held back for a stop string that did not come
@@ -262,9 +269,10 @@ class Scheduler:
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
-               limits: Limits = Limits(), batching: str = "continuous") -> FastAPI:
+               limits: Limits = Limits(), batching: str = "continuous", draft=None, k: int = 4) -> FastAPI:
+    """The app over one engine; with a draft model every decode step is a speculative round of k draft tokens."""
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
-    scheduler = Scheduler(model, eot, max_batch, batching)
+    scheduler = Scheduler(model, eot, max_batch, batching, draft, k)
     app.state.engine = scheduler
     _add_error_handlers(app)
     _add_guard(app, limits)
@@ -278,6 +286,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
 
     prepare = functools.partial(_prepare, model_name, tokenizer, model.config.block_size, limits)
     about = {"config": dataclasses.asdict(model.config), "batching": batching, "max_batch": max_batch,
+             "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
     async def run(request: Request, prompts: list, body, chat: bool):
@@ -615,7 +624,8 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "",
-          limits: Limits = Limits(), batching: str = "continuous", drain_s: float = 30.0) -> None:
+          limits: Limits = Limits(), batching: str = "continuous", drain_s: float = 30.0, draft_run: str = "",
+          k: int = 4) -> None:
     """Serve a run until SIGINT/SIGTERM; then stop taking connections and let the requests in flight (streams too)
     finish for up to drain_s seconds before the rest are ended."""
     import uvicorn
@@ -626,10 +636,18 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
         from minigpt.infer.quantize import quantize_model
 
         quantize_model(model, quantize)
+    draft = None
+    if draft_run:
+        from minigpt.infer.speculative import check_pair
+
+        draft, draft_tok, _, _ = load_run(draft_run, device)
+        check_pair(model, draft, tokenizer.get_vocab(), draft_tok.get_vocab())
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
-    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits, batching)
+    app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits, batching,
+                     draft, k)
+    spec = f", speculative with {draft_run} drafting {k} tokens a round" if draft_run else ""
     print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
-          f"http://{host}:{port}/v1 ({batching} batching, up to {max_batch} sequences at once)", flush=True)
+          f"http://{host}:{port}/v1 ({batching} batching, up to {max_batch} sequences at once{spec})", flush=True)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a quiet one here, so a
     # drained server exits 0 and says so (SIGINT keeps Python's, KeyboardInterrupt: exit 130)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
