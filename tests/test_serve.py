@@ -2,7 +2,9 @@
 8 concurrent requests batched together, bad requests answered with a 4xx JSON error."""
 
 import concurrent.futures
+import contextlib
 import json
+import time
 
 import pytest
 
@@ -23,6 +25,23 @@ def post(url: str, data: bytes | None, headers: dict | None = None, method: str 
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+@contextlib.contextmanager
+def slowed(app, seconds: float = 0.03):
+    """Each decode step of the app's engine takes at least `seconds` (a sleep on the decode thread): a request stays
+    running while the test acts, however fast or loaded the machine."""
+    engine = app.state.engine.engine
+    real = engine.step
+
+    def step():
+        time.sleep(seconds)
+        return real()
+    engine.step = step
+    try:
+        yield
+    finally:
+        del engine.step  # the class's own again
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +101,11 @@ def test_concurrent_requests_are_batched_and_the_rest_queue(client, server):
 
 def test_a_client_that_disconnects_frees_its_slot(client, server):
     engine = server["app"].state.engine
-    stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7, stream=True)
-    next(iter(stream))
-    stream.close()  # gone after the first token
+    with slowed(server["app"]):
+        stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stream.close()  # gone after the first token
     r = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=3, temperature=0.7)
     assert r.choices[0].finish_reason in ("length", "stop")
     assert engine.cancelled >= 1
@@ -168,9 +189,10 @@ def test_a_full_queue_answers_503_with_retry_after_and_frees_when_requests_end(s
     model, tok, cfg = server["parts"]
     app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=1,
                      limits=Limits(max_queue=0))
-    with serving(app) as port:
+    with serving(app) as port, slowed(app):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, stream=True)
+        stream = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, stream=True,
+                                           extra_body={"ignore_eos": True})
         next(iter(stream))  # the one slot is busy, and no request may wait
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
                                      data=b'{"model": "minigpt-test", "prompt": "a", "max_tokens": 2}',
@@ -217,18 +239,19 @@ def test_n_choices_stop_strings_and_streamed_usage(server, client):
     chunks = list(client.completions.create(model="minigpt-test", prompt="def ", max_tokens=5, temperature=0.8, n=2,
                                             stream=True, stream_options={"include_usage": True}))
     assert {ch.choices[0].index for ch in chunks if ch.choices} == {0, 1}
-    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices  # ignore_eos off: 5 each at most
+    assert 0 < chunks[-1].usage.completion_tokens <= 10 and not chunks[-1].choices  # 5 each at most (end-of-text)
 
 
 def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(server, client):
     engine = server["app"].state.engine
     alone = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
-    long = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7, stream=True,
-                                     extra_body={"ignore_eos": True})
-    it = iter(long)
-    next(it)  # the long request is decoding
-    before = len(engine.batches)
-    joined = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
+    with slowed(server["app"]):
+        long = client.completions.create(model="minigpt-test", prompt="def ", max_tokens=40, temperature=0.7, stream=True,
+                                         extra_body={"ignore_eos": True})
+        it = iter(long)
+        next(it)  # the long request is decoding
+        before = len(engine.batches)
+        joined = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
     assert engine.batches[before] == 2  # it joined the running batch, not after it
     assert joined.choices[0].text == alone.choices[0].text
     assert sum(len(ch.choices[0].text) for ch in it if ch.choices) >= 0  # the long one goes on to its end
