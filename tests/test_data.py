@@ -141,3 +141,18 @@ def test_a_given_tokenizer_json_is_used_and_checked(corpus_dir, tmp_path):
         prep(corpus_dir, tmp_path, vocab=300, tokenizer=tok_path)
     with pytest.raises(UserError, match="is not a file"):
         prep(corpus_dir, tmp_path, tokenizer=str(tmp_path / "missing.json"))
+
+
+def test_document_aligned_windows_start_after_an_end_of_text_and_a_bad_value_is_refused():
+    from minigpt.data.loader import document_starts
+
+    eot = 0
+    tokens = np.array([5, 6, 7, eot, 8, 9, 10, 11, eot, 12, 13, 14, 15, 16, 17, eot, 1, 2], dtype=np.uint16)
+    starts = document_starts(tokens, eot, seq_len=3)
+    assert starts.tolist() == [0, 4, 9]  # the last document is too short for a window of 4
+    x, y = get_batch(tokens, 64, 3, (1, 0, 0, 0), starts)
+    assert {int(r[0]) for r in x} == {5, 8, 12} and (y[:, :-1] == x[:, 1:]).all()
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        document_starts(tokens, None, 3)
+    with pytest.raises(UserError, match='choose "none"'):
+        DataConfig(align="start").validate()

@@ -158,8 +158,11 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (by a hash of their name)
     max_chars: int = 0  # 0: whole corpus; else stop reading documents after this many characters
     cache_dir: str = ""  # "": $MINIGPT_CACHE or ~/.cache/minigpt
+    align: str = "none"  # training windows start anywhere ("none") or only where a document starts ("document")
 
     def validate(self) -> None:
+        if self.align not in ("none", "document"):
+            raise UserError(f'data.align = "{self.align}": choose "none" (windows start anywhere) or "document"')
         if not self.source.strip():
             raise UserError("data.source is empty: give 'stdlib', a path, a glob or 'hf:NAME'")
         if not 0.0 < self.val_fraction < 1.0:

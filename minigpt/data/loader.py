@@ -20,15 +20,30 @@ def check_split_length(tokens: np.ndarray, split: str, seq_len: int) -> None:
         )
 
 
-def window_starts(num_tokens: int, batch_size: int, seq_len: int, key: tuple[int, ...]) -> np.ndarray:
-    """Random window starts, a pure function of `key` (seed, split, step, rank, micro-step)."""
+def window_starts(num_tokens: int, batch_size: int, seq_len: int, key: tuple[int, ...],
+                  allowed: np.ndarray | None = None) -> np.ndarray:
+    """Random window starts, a pure function of `key` (seed, split, step, rank, micro-step): anywhere, or drawn
+    from `allowed` (document starts: data.align = "document")."""
     rng = np.random.default_rng(key)
+    if allowed is not None:
+        return allowed[rng.integers(0, len(allowed), size=batch_size)]
     return rng.integers(0, num_tokens - seq_len - 1, size=batch_size)
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, key: tuple[int, ...]):
+def document_starts(tokens: np.ndarray, eot_id: int | None, seq_len: int) -> np.ndarray:
+    """Where each document begins (the token after an <|endoftext|>, and the first) with a whole window after it."""
+    if eot_id is None:
+        raise UserError('data.align = "document" needs a tokenizer with <|endoftext|> between documents')
+    starts = np.concatenate([[0], np.flatnonzero(np.asarray(tokens[:-1]) == eot_id) + 1])
+    starts = starts[starts <= len(tokens) - seq_len - 2]
+    if len(starts) == 0:
+        raise UserError(f'data.align = "document": no document starts a window of {seq_len + 1} tokens; use "none"')
+    return starts
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, key: tuple[int, ...], allowed: np.ndarray | None = None):
     """Inputs and next-token targets, each (batch_size, seq_len) int64 torch tensors on CPU."""
-    starts = window_starts(len(tokens), batch_size, seq_len, key)
+    starts = window_starts(len(tokens), batch_size, seq_len, key, allowed)
     windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     w = torch.from_numpy(windows)
     return w[:, :-1], w[:, 1:]
@@ -54,8 +69,8 @@ class BatchLoader:
     """
 
     def __init__(self, tokens: np.ndarray, micro_batch: int, seq_len: int, seed: int, rank: int, accum: int,
-                 steps: range, device: torch.device, depth: int = 2) -> None:
-        self.tokens, self.micro_batch, self.seq_len = tokens, micro_batch, seq_len
+                 steps: range, device: torch.device, depth: int = 2, allowed: np.ndarray | None = None) -> None:
+        self.tokens, self.micro_batch, self.seq_len, self.allowed = tokens, micro_batch, seq_len, allowed
         self.seed, self.rank, self.accum, self.steps, self.device = seed, rank, accum, steps, device
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -66,7 +81,7 @@ class BatchLoader:
         pin = self.device.type == "cuda"
         try:
             for step in self.steps:
-                batch = [get_batch(self.tokens, self.micro_batch, self.seq_len, key)
+                batch = [get_batch(self.tokens, self.micro_batch, self.seq_len, key, self.allowed)
                          for key in iter_train_keys(self.seed, step, self.rank, self.accum)]
                 if pin:
                     batch = [(x.pin_memory(), y.pin_memory()) for x, y in batch]

@@ -216,14 +216,16 @@ class Scheduler:
         if self.policy == "static" and self.engine.running:
             return
         taken, rows = [], self.engine.free
-        deadline = time.perf_counter() + (0.02 if self.policy == "static" else 0.0)
+        gather = 0.02 if self.policy == "static" else 0.0
+        deadline = time.perf_counter() + gather
         while rows:
             if self._held is None:
                 try:
                     self._held = self.pending.get(timeout=None if wait else max(0.0, deadline - time.perf_counter()))
                 except queue.Empty:
                     break
-                wait = False
+                if wait:  # the first arrival into an idle engine: the gathering starts now
+                    wait, deadline = False, time.perf_counter() + gather
             group = [j for j in self._held if not j.cancelled]
             if len(group) > rows:
                 break

@@ -27,6 +27,16 @@ RECIPES: dict[str, list[str]] = {
                     "model.tie_embeddings=false", 'train.schedule="wsd"', 'train.optimizer="muon"'],
 }
 RECIPES["modern+muon lr x2"] = RECIPES["modern+muon"] + ["train.lr=6e-3", "train.min_lr=6e-4"]  # the budget's lr
+# the budget's batch: half and twice the preset's 32 x 128 tokens a step (the steps that fit follow from the probe)
+RECIPES["modern+muon half batch"] = RECIPES["modern+muon"] + ["train.batch_size_tokens=2048", "train.micro_batch_size=16"]
+RECIPES["modern+muon double batch"] = RECIPES["modern+muon"] + ["train.batch_size_tokens=8192", "train.micro_batch_size=64"]
+RECIPES["modern+muon doc-aligned"] = RECIPES["modern+muon"] + ['data.align="document"']
+# leave-one-out: each switch of modern+muon taken back alone, to attribute the gain
+LEAVE_ONE_OUT = {"learned positions": 'model.pos_emb="learned"', "layernorm": 'model.norm="layernorm"',
+                 "gelu mlp": 'model.mlp="gelu"', "no qk-norm": "model.qk_norm=false", "tied head": "model.tie_embeddings=true",
+                 "cosine": 'train.schedule="cosine"'}
+for _name, _back in LEAVE_ONE_OUT.items():
+    RECIPES[f"modern+muon - {_name}"] = RECIPES["modern+muon"] + [_back]
 PROBE_STEPS = 6
 
 

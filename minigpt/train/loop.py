@@ -43,7 +43,7 @@ from minigpt.core.hardware import choose_peak, mfu_warning
 from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.core.resolve import check_same_model, init_source
 from minigpt.data import cache as data
-from minigpt.data.loader import BatchLoader, check_split_length, get_batch
+from minigpt.data.loader import BatchLoader, check_split_length, document_starts, get_batch
 from minigpt.data.tokenizer import bits_per_byte, token_bytes
 from minigpt.infer.generate import check_prompts, generate_text
 from minigpt.interop.hf import load_init_weights
@@ -296,8 +296,10 @@ def loop(run: Run, stop: StopControl) -> None:
     tokens = run.prepared.tokens("train")
     run.t_start = time.perf_counter()
     stop.graceful = True  # from here a signal finishes the step and saves
+    allowed = (document_starts(tokens, run.prepared.manifest.get("eot_id"), run.cfg.model.block_size)
+               if run.cfg.data.align == "document" else None)
     with BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed,
-                     run.plan.dp_rank(env.rank), run.layout.accum, steps, env.device) as batches:
+                     run.plan.dp_rank(env.rank), run.layout.accum, steps, env.device, allowed=allowed) as batches:
         for step, micro_batches in zip(steps, batches):
             lr = lr_at(step, tc)
             run.backend.set_lr(lr)
@@ -494,6 +496,8 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
                 f"run's tokenizer")
     for split in ("train", "val"):
         check_split_length(prepared.tokens(split), split, cfg.model.block_size)
+    if cfg.data.align == "document":  # refused now, not at the first step
+        document_starts(prepared.tokens("train"), prepared.manifest.get("eot_id"), cfg.model.block_size)
     return prepared
 
 
