@@ -134,7 +134,7 @@ def test_readers_never_fail_while_the_run_saves(tiny_cfg, tmp_path):
     t = threading.Thread(target=reader)
     t.start()
     try:
-        for step in range(3, 300):  # what a training run does at every checkpoint
+        for step in range(3, 120):  # what a training run does at every checkpoint
             tmp = checkpoint.new_checkpoint_folder(run, step)
             (tmp / WEIGHTS).write_bytes(weights)
             (tmp / checkpoint.STATE).write_bytes(state)
