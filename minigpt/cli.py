@@ -234,7 +234,7 @@ def _streamer(tokenizer, prompt: str, eot: int | None):
     def on_token(column: list[int]) -> None:
         ended[0] = ended[0] or column[0] == eot
         if not ended[0]:
-            print(text.push(column[0]), end="", flush=True)
+            print(text.push(column[0])[0], end="", flush=True)
 
     return on_token
 
@@ -488,12 +488,11 @@ def cmd_simulate(args) -> None:
 def cmd_bench_serve(args) -> None:
     from minigpt.core.atomic import atomic_write_text
     from minigpt.core.plots import check_image_path, plot_serve_sweep
-    from minigpt.measure.serve_bench import Load, bench_serve, check_load
+    from minigpt.measure.serve_bench import Load, bench_serve
 
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
     load = Load(args.url, 0.0, args.arrivals, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
                 args.seed, key)
-    check_load(load)
     if args.out:
         check_image_path(str(Path(args.out).with_suffix(".png")), "--out", make_parents=True)
     result = bench_serve(load, args.rate or [2.0])

@@ -111,7 +111,7 @@ class Engine:
             self._len.append(T)
             self._gen.append(torch.Generator(device=self.device).manual_seed(seed + i))
         tokens = self._sample(logits.expand(len(seqs), -1), seqs, self._gen[row:])
-        return self._emit(list(zip(seqs, tokens)))
+        return self._emit([(s, [t]) for s, t in zip(seqs, tokens)])
 
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, int | None]]:
@@ -131,7 +131,7 @@ class Engine:
         self._len = [x + 1 for x in self._len]
         self.steps += 1
         seqs = list(self.running)
-        return self._emit(list(zip(seqs, self._sample(logits, seqs, self._gen))))
+        return self._emit([(s, [t]) for s, t in zip(seqs, self._sample(logits, seqs, self._gen))])
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a running sequence now (a stop string, a client gone) and free its row."""
@@ -140,17 +140,22 @@ class Engine:
         if seq in self.running:
             self._remove(self.running.index(seq))
 
-    def _emit(self, drawn: list[tuple[Sequence, int]], remove: bool = True) -> list[tuple[Sequence, int | None]]:
+    def _emit(self, gained: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, int | None]]:
+        """Each row's new tokens in order (one from a plain step, several from a speculative round), up to the one that
+        finishes it: a stop token (given as None) or its max_tokens or context; finished rows leave."""
         out = []
-        for s, token in drawn:
-            if token in s.stop_ids:
-                s.finish_reason, token = "stop", None
-            else:
-                s.tokens.append(token)
-                if len(s.tokens) >= s.max_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
-                    s.finish_reason = "length"
-            out.append((s, token))
-        for s, _ in out if remove else ():
+        for s, tokens in gained:
+            for token in tokens:
+                if token in s.stop_ids:
+                    s.finish_reason, token = "stop", None
+                else:
+                    s.tokens.append(token)
+                    if len(s.tokens) >= s.max_tokens or len(s.prompt) + len(s.tokens) >= self.max_len:
+                        s.finish_reason = "length"
+                out.append((s, token))
+                if s.done:
+                    break
+        for s, _ in gained:
             if s.done:
                 self._remove(self.running.index(s))
         return out
@@ -214,7 +219,7 @@ class Engine:
             self._len[i] = int(L[i]) + j  # the verified slots: the last token and the j accepted drafts
             self.drafted, self.accepted = self.drafted + k, self.accepted + j
             gained.append((s, drafts[i, :j].tolist() + [new]))
-        return self._emit_many(gained)
+        return self._emit(gained)
 
     def _propose(self, seqs: list[Sequence], L: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft tokens per row and the draft distributions they were drawn from. The draft first (re)writes its
@@ -234,19 +239,6 @@ class Engine:
         """(n, 1, T, S): query t of row i sees the slots up to its own position pos[i, t]."""
         slots = torch.arange(self.max_len, device=self.device)
         return (slots.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)
-
-    def _emit_many(self, gained: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, int | None]]:
-        """Each row's new tokens in order, up to the one that finishes it."""
-        out = []
-        for s, tokens in gained:
-            for token in tokens:
-                out += self._emit([(s, token)], remove=False)
-                if s.done:
-                    break
-        for s, _ in gained:
-            if s.done:
-                self._remove(self.running.index(s))
-        return out
 
 
 def _race(probs: torch.Tensor, gen: torch.Generator) -> int:

@@ -1,12 +1,12 @@
 """An OpenAI-compatible HTTP server for a run: /v1/models, /v1/completions, /v1/chat/completions.
 
-FastAPI + uvicorn (the `serve` extra). Requests wait in a queue; one worker thread takes up to
-`max_batch` of them that share sampling settings and decodes them as one batch with the static KV
-cache (minigpt.generate), so concurrent requests share each forward pass. Tokens reach each
-request as they are generated: streamed as server-sent events (`"stream": true`) or gathered into
-one response. A request stops at its own max_tokens or at end-of-text; when every request of a
-batch has stopped, or its client has gone, the batch ends early and its slots are free for the
-queue. Bad requests get a 4xx with an OpenAI-style JSON error body; the server keeps serving.
+FastAPI + uvicorn (the `serve` extra). Requests wait in a queue; one decode thread runs the engine
+(minigpt.infer.engine): a request joins the running batch at the next decode step when a row of the KV cache is
+free, so concurrent requests share each forward pass, and each row stops on its own (end-of-text, a stop string,
+max_tokens, the context, its client gone) and frees its row at once (`--batching static` instead runs a batch to
+its end before the next). Tokens reach each request as they are generated: streamed as server-sent events
+(`"stream": true`) or gathered into one response. Bad requests get a 4xx with an OpenAI-style JSON error body
+before any work; the server keeps serving.
 
 Chat uses a plain template: one "role: content" line per message, then "assistant:".
 """
@@ -37,7 +37,7 @@ from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
 from minigpt.infer.engine import Engine, Sampling, Sequence
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
-from minigpt.infer.generate import filtered_probs
+from minigpt.infer.generate import IncrementalText, filtered_probs
 from minigpt.train.checkpoint import load_run
 
 
@@ -113,7 +113,7 @@ class Job:
     index: int  # the choice's index in the response
     out: asyncio.Queue  # the request's: (index, text delta) as generated, then (index, None)
     loop: asyncio.AbstractEventLoop
-    text: StopText
+    text: IncrementalText
     cancelled: bool = False  # the client went away
     ended: bool = False  # its last text and the end were handed out
     t_submit: float = 0.0  # perf_counter at submission, at the first token (metrics)
@@ -131,50 +131,16 @@ class Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
 
 
-class StopText:
-    """The text of a growing list of tokens, handed out piece by piece, that ends at the first stop string (not
-    returned, as OpenAI's `stop`). The last len(longest stop) - 1 characters are held back until they cannot start
-    a stop string; a multi-byte character split over tokens is held back until it is complete."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop, self.tokens, self.shown, self.stopped = tokenizer, stop, [], 0, False
-        self.hold = max((len(x) for x in stop), default=1) - 1
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token: (the new text that is safe to send, whether a stop string ended the text)."""
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        found = [i for i in (text.find(x, max(0, self.shown - len(x) + 1)) for x in self.stop) if i >= 0]
-        if found:
-            self.stopped = True
-            return self._take(text, min(found)), True
-        if text.endswith("\ufffd"):
-            return "", False
-        return self._take(text, len(text) - self.hold), False
-
-    def flush(self) -> str:
-        """What was held back, at the end."""
-        if self.stopped or not self.tokens:
-            return ""
-        text = self.tokenizer.decode(self.tokens)
-        return "" if text.endswith("\ufffd") else self._take(text, len(text))
-
-    def _take(self, text: str, upto: int) -> str:
-        piece = text[self.shown:max(upto, self.shown)]
-        self.shown = max(upto, self.shown)
-        return piece
-
-
 class Scheduler:
     """The queue and the one decode thread over the engine. continuous: a waiting request joins the running batch
     at the next decode step when a row is free (first come, first served). static (to compare): a batch is formed
     when the engine is empty (requests arriving within 20 ms join it) and runs until its last row ends; a finished
     row stops computing but its slot stays empty until then."""
 
-    def __init__(self, model, eot: int | None, max_batch: int, policy: str = "continuous", draft=None, k: int = 4) -> None:
+    def __init__(self, model, max_batch: int, policy: str = "continuous", draft=None, k: int = 4) -> None:
         if policy not in ("continuous", "static"):
             raise UserError(f"--batching {policy!r}: choose continuous or static")
-        self.engine, self.eot, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k), eot, max_batch, policy
+        self.engine, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k), max_batch, policy
         self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
         self.batches: list[int] = []  # rows running after each admission (tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
@@ -274,7 +240,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
                limits: Limits = Limits(), batching: str = "continuous", draft=None, k: int = 4) -> FastAPI:
     """The app over one engine; with a draft model every decode step is a speculative round of k draft tokens."""
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
-    scheduler = Scheduler(model, eot, max_batch, batching, draft, k)
+    scheduler = Scheduler(model, max_batch, batching, draft, k)
     app.state.engine = scheduler
     _add_error_handlers(app)
     _add_guard(app, limits)
@@ -291,7 +257,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
              "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
-    async def run(request: Request, prompts: list, body, chat: bool):
+    async def run(prompts: list, body, chat: bool):
         _check_choices(body.n, len(prompts), scheduler, limits)
         stops = body.stops()
         # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
@@ -300,7 +266,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         sampling = Sampling(body.temperature, body.top_k, body.top_p)
         stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
         groups = [[Job(Sequence(p, body.max_tokens, sampling, body.seed, stop_ids), i * body.n + k, out, loop,
-                       StopText(tokenizer, stops)) for k in range(body.n)] for i, p in enumerate(ids)]
+                       IncrementalText(tokenizer, stops)) for k in range(body.n)] for i, p in enumerate(ids)]
         for group in groups:
             for j in group:
                 j.seq.tag = j
@@ -323,11 +289,11 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
                 raise ApiError(400, "logprobs and echo take n = 1 and no stop strings", code=None)
             _check_model(body.model, model_name)
             return await asyncio.to_thread(_scored, model, tokenizer, model_name, prompts, body)
-        return await run(request, prompts, body, chat=False)
+        return await run(prompts, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        return await run(request, [chat_prompt(body.messages)], body, chat=True)
+        return await run([chat_prompt(body.messages)], body, chat=True)
 
     return app
 
@@ -343,9 +309,9 @@ async def _gather(jobs: list[Job]) -> list[str]:
             left -= 1
         else:
             parts[index - first].append(delta)
-    if any(j.finish_reason.startswith("error") for j in jobs):
-        raise ApiError(500, f"generation failed ({next(j.finish_reason for j in jobs if j.finish_reason.startswith('error'))})"
-                            ": see the server's log", "server_error")
+    failed = [j.finish_reason for j in jobs if j.finish_reason.startswith("error")]
+    if failed:
+        raise ApiError(500, f"generation failed ({failed[0]}): see the server's log", "server_error")
     return ["".join(p) for p in parts]
 
 
@@ -552,17 +518,10 @@ def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
 
 
 def _usage(jobs: list[Job]) -> dict:
-    prompt_tokens = sum(len(g[0].seq.prompt) for g in _groups(jobs))  # a prompt once, however many choices it has
+    prompts = {id(j.seq.prompt): len(j.seq.prompt) for j in jobs}  # the choices of a prompt share its list: counted once
     completion = sum(len(j.text.tokens) for j in jobs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _groups(jobs: list[Job]) -> list[list[Job]]:
-    """The jobs of each prompt (choices that share one prompt object)."""
-    groups: dict[int, list[Job]] = {}
-    for j in jobs:
-        groups.setdefault(id(j.seq.prompt), []).append(j)
-    return list(groups.values())
+    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompts.values()) + completion}
 
 
 def _response(rid: str, name: str, jobs: list[Job], texts: list[str], chat: bool) -> dict:

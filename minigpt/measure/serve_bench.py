@@ -178,7 +178,7 @@ def bench_serve(load: Load, rates: list[float]) -> dict:
                         f"exceed the served model's context of {context}: shorten the ranges")
     vocab = int(model.get("vocab_size") or 256)
     points = [run_load(Load(**{**asdict(load), "rate": r}), model["id"], vocab) for r in rates]
-    return {"bench": "serve", "url": load.url, "model": model["id"], "max_model_len": model.get("max_model_len"),
+    return {"bench": "serve", "url": load.url, "model": model["id"], "max_model_len": context, "vocab_size": vocab,
             "server": model.get("minigpt"), "load": {k: v for k, v in asdict(load).items() if k not in ("api_key", "url", "rate")},
             "points": points, "measured_at": time.time(), "convention": CONVENTION}
 
@@ -216,7 +216,7 @@ def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 
         for r in rates:
             for b, (_, url) in servers.items():
                 heads[b]["points"].append(run_load(Load(**{**asdict(load), "url": url, "rate": r}), heads[b]["model"],
-                                                   int((heads[b]["server"] or {}).get("config", {}).get("vocab_size", 256))))
+                                                   heads[b]["vocab_size"]))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
