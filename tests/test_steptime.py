@@ -115,3 +115,47 @@ def test_traffic_is_reported_before_overlap_and_the_exposed_part_in_the_parts():
     assert exposed["traffic_s"]["tp"] > 0 and hidden["traffic_s"]["tp"] == pytest.approx(exposed["traffic_s"]["tp"])
     assert exposed["parts_s"]["tp_comm"] == pytest.approx(exposed["traffic_s"]["tp"])
     assert hidden["parts_s"]["tp_comm"] < hidden["traffic_s"]["tp"]
+
+
+def test_a_data_parallel_group_crosses_nodes_on_the_nics_of_its_ranks():
+    from minigpt.core.hardware import collective_link_gbs
+    h100 = gpu_by_name("H100")
+    assert collective_link_gbs(h100, 8, 8)[0] == 450  # inside one node: NVLink one way
+    assert collective_link_gbs(h100, 64, 1)[0] == 50  # tp = 8: one rank per node, one NIC
+    assert collective_link_gbs(h100, 64, 4)[0] == 200  # tp = 2: four ranks, four NICs
+    assert collective_link_gbs(h100, 64, 8)[0] == 400  # eight NICs, still under NVLink's 450
+    assert collective_link_gbs(gpu_by_name("A100"), 64, 8)[0] == 200
+    # the same gradient bytes per node take the same time whether tp splits them or the NICs do
+    rates = T.gpu_rates(h100)
+    wide = step(plan=ParallelPlan(dp=64, tp=1), rates=rates, recompute="none")["traffic_s"]["dp"]
+    tall = step(plan=ParallelPlan(dp=8, tp=8), rates=rates, recompute="none")["traffic_s"]["dp"]
+    assert wide == pytest.approx(tall * (63 / 64) / (7 / 8), rel=1e-9)
+
+
+def test_a_causal_flash_kernel_computes_half_the_square():
+    setup = T.Setup(seq_len=2048, attention="flash")
+    mb = T.micro_batch_seconds(GPT_13B, ParallelPlan(), setup, A100)
+    square = T.attention_flops(GPT_13B, ParallelPlan(), 1, 2048)
+    assert mb["parts"]["attention"] == pytest.approx(40 * 3 * square / 2 / A100.attention_flops)
+
+
+def test_recompute_policies_run_again_what_they_say():
+    llama = ModelConfig(n_layer=2, n_head=32, n_kv_head=8, n_embd=4096, ffn_hidden=14336, mlp="swiglu",
+                        norm="rmsnorm", pos_emb="rope", bias=False, block_size=8192, vocab_size=128256)
+    plan, kw = ParallelPlan(), {"seq_len": 8192}
+    op = T.recomputed_gemms(llama, plan, 1, 8192, T.Setup(recompute="op", **kw))
+    assert [g.name for g in op] == ["wk", "wo", "w3"]  # torchtitan saves every other matmul: the 2nd, 4th, 6th
+    assert T.recomputed_gemms(llama, plan, 1, 8192, T.Setup(recompute="selective", **kw)) == []  # flash recomputes itself
+    sel = T.recomputed_gemms(GPT_13B, plan, 1, 2048, T.Setup(recompute="selective", seq_len=2048, attention="materialized"))
+    assert {g.name for g in sel} == {"scores", "scores_x_v"}  # Korthikanti et al.: the attention core only
+    rates = T.gpu_rates(gpu_by_name("H100"))
+    none, opt = (step(llama, plan, rates, recompute=r, seq_len=8192, global_batch=2) for r in ("none", "op"))
+    assert none["hfu"] == pytest.approx(none["mfu"]) and opt["hfu"] > opt["mfu"]
+    assert opt["step_s"] > none["step_s"]
+
+
+def test_sequence_parallelism_gathers_the_gemm_inputs_again_in_the_backward():
+    setup = T.Setup(seq_len=2048)
+    plain = T.tp_bytes_per_layer(GPT_13B, ParallelPlan(tp=8), 1, 2048, setup)
+    sp = T.tp_bytes_per_layer(GPT_13B, ParallelPlan(tp=8, sp=True), 1, 2048, setup)
+    assert sp == pytest.approx(plain * 5 / 4)

@@ -22,7 +22,7 @@ from pathlib import Path
 from minigpt.analytic import flops as F, memory as M, steptime as T
 from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
-from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
 from minigpt.core.plan import ParallelPlan, parse_keys
 
 PF_DAY = 1e15 * 86400
@@ -364,7 +364,7 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     bubble = plan.bubble_formula(m) or 0.0
     grad_bytes = 2 * F.param_counts(c).total / (plan.tp * plan.pp)
     dp_bytes = (2 * (plan.dp - 1) / plan.dp * grad_bytes) * (1.5 if plan.zero == 3 else 1) if plan.dp > 1 else 0.0
-    dp_link = s.gpu.nvlink_gbs if plan.tp * plan.dp <= GPUS_PER_NODE else s.gpu.internode_gbs
+    dp_link = collective_link_gbs(s.gpu, plan.dp, group_ranks_per_node(plan.tp, plan.dp))[0]
     p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
     p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
     dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
@@ -411,16 +411,11 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
     dp = layout["dp"]
     ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
     zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
-    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group
-    # stays inside one node only when tp x dp GPUs do; otherwise its ring crosses the inter-node
-    # links, the slowest hop, which bounds the ring's bandwidth.
+    # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group stays inside
+    # one node only when tp x dp GPUs do; otherwise its ring leaves each node on the NICs of its ranks there
+    link, link_name = collective_link_gbs(s.gpu, dp, group_ranks_per_node(layout["tp"], dp))
+    link *= 1e9
     intra = layout["tp"] * dp <= GPUS_PER_NODE
-    if intra:
-        link, link_name = s.gpu.nvlink_gbs * 1e9, f"{s.gpu.name} NVLink {s.gpu.nvlink_gbs:g} GB/s per GPU per direction (the group fits in one node)"
-    else:
-        link = s.gpu.internode_gbs * 1e9
-        link_name = (f"inter-node {s.gpu.internode_gbs:g} GB/s per GPU (assumption: the {s.gpu.name} DGX system's "
-                     f"InfiniBand, one NIC per GPU; the data-parallel group spans nodes)")
     return {
         "dp_allreduce_bytes_per_gpu_per_step": ring,
         "dp_allreduce_s_per_step": ring / link,

@@ -411,15 +411,15 @@ def backtest_lines(b: dict) -> list[str]:
                      f"{r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
     for name, s in b["summary"].items():
         lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
-    lines.append(f"model: {b['model']}; development runs were looked at while it was written; held-out runs were first "
-                 f"evaluated after it was, and the model revised once on seeing them (README, 'Predicted efficiency')")
+    lines.append(f"model: {b['model']}; development runs were looked at while it was written or revised; held-out runs "
+                 f"were added after it was frozen and evaluated once; error on throughput (+: predicted faster)")
     return lines
 
 
 def backtest_markdown(b: dict) -> str:
     rows = ["| run | set | GPUs | plan | published | predicted | error | source |", "|---|---|---:|---|---:|---:|---:|---|"]
     for r in b["runs"]:
-        unit = {"tflops_per_gpu": " TFLOP/s", "mfu": " MFU", "tokens_per_s_per_gpu": " tok/s"}[r["metric"]]
+        unit = {"tflops_per_gpu": " TFLOP/s", "mfu": " MFU", "tokens_per_s_per_gpu": " tok/s", "step_s": " s/step"}[r["metric"]]
         rows.append(f"| {r['name']} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
                     f"{r['predicted']:.4g}{unit} | {r['error']:+.1%} | {r['source']} |")
     rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"

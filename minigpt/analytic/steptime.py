@@ -3,20 +3,26 @@
 Torch-free. A training step is the sum of parts, each from counted work over an achievable rate:
 
   matmul       every GEMM of a micro-batch (per tensor-parallel rank, forward, two backward GEMMs per
-               forward one, the recomputed forward under full recompute), each at the roofline
+               forward one, the recomputed forward under full recompute, the recomputed attention core under
+               selective recompute (Korthikanti et al. 2022), every second GEMM of a layer under torchtitan's
+               op-level selective checkpointing ("op")), each at the roofline
                max(FLOPs / (achievable matmul rate x wave efficiency), bytes / HBM rate). Wave
                quantization: a GEMM runs as ceil(M/256) x ceil(N/128) output tiles spread over the SMs
                in whole waves (NVIDIA, "Matrix Multiplication Background User's Guide"); the best
                tile orientation is taken.
-  attention    materialized (scores written to HBM: two batched GEMMs plus the softmax and dropout
-               passes over b x a x s x s elements) or flash (the attention FLOPs at a cited kernel rate).
+  attention    materialized (scores written to HBM: two batched GEMMs over the full square plus the softmax
+               and dropout passes over b x a x s x s elements) or flash: a causal flash kernel skips the
+               blocks above the diagonal, so it computes half the square, at a cited kernel rate (kernel
+               benchmarks quote causal rates per computed FLOP, i.e. the square halved).
   memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits,
                embedding: counted bytes over the achievable HBM rate; the backward moves twice the
                forward's bytes.
   tp_comm      tensor-parallel all-reduces (all-gather + reduce-scatter with sequence parallelism, the
                same bytes) of b s h 16-bit values, 2 per layer forward, 2 backward, 2 in a recomputed
-               forward, ring bytes 2 (t-1)/t over NVLink (inter-node beyond 8 GPUs). Exposed unless
-               the backend overlaps them with GEMMs (Megatron-Core's tp-comm-overlap).
+               forward, ring bytes 2 (t-1)/t over NVLink (inter-node beyond 8 GPUs); with sequence
+               parallelism the backward gathers each column-parallel GEMM's input again (Megatron keeps
+               only the shard: Korthikanti et al. 2022, Sec. 4.2.2), one all-reduce's bytes a layer more.
+               Exposed unless the backend overlaps them with GEMMs (Megatron-Core's tp-comm-overlap).
   bubble       the schedule's idle fraction (plan.bubble_formula) on the busiest stage's micro-batch
                time (the last stage also holds the LM head and loss).
   pp_comm      activations / gradients between stages, b s h / t 16-bit values per micro-batch each way
@@ -24,7 +30,9 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
   dp_comm      the data-parallel gradient reduction (all-reduce, or ZeRO reduce-scatter + all-gather: the
                same bytes; ZeRO-3/FSDP gathers parameters again for the backward: 1.5x), exposed beyond
                what the backend hides behind the backward (FSDP prefetch, DDP buckets, Megatron-Core's
-               overlap-grad-reduce; Megatron-LM 2021 hid none).
+               overlap-grad-reduce; Megatron-LM 2021 hid none). Between nodes a group with g ranks in a
+               node crosses on g NICs at once (one NIC per GPU, rail-optimized as in DGX SuperPOD; NCCL
+               spreads its rings' channels over them), capped by NVLink: core.hardware.collective_link_gbs.
                Each micro-batch also adds its weight gradients into an fp32 buffer: 8 bytes a parameter.
   optimizer    the Adam update over the rank's parameter shard, 30 bytes per parameter over HBM.
 
@@ -41,13 +49,13 @@ from dataclasses import dataclass, field
 
 from minigpt.analytic import flops as F
 from minigpt.core.config import ModelConfig
-from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, group_ranks_per_node, ring_link_rate
 from minigpt.core.plan import ParallelPlan
 
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam: read+write fp32 master, m, v (24), read fp32 grad (4), write 16-bit param (2)
 GRAD_ACCUM_BYTES_PER_PARAM = 8  # per micro-batch: read and write an fp32 gradient buffer (Megatron's main_grad, .grad)
 OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (see dp_seconds)
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "op", "full")
 
 # Achievable rates of each GPU, from microbenchmarks (not from training runs). BF16/FP16 dense.
 # Matmul: Bekman, "Machine Learning Engineering", mamf-finder. Where it publishes the sustained rate (MSMF:
@@ -117,7 +125,7 @@ class Setup:
     seq_len: int
     micro_batch: int = 1
     global_batch: int = 1  # sequences per optimizer step, all data-parallel ranks together
-    recompute: str = "none"  # none | selective (memory-bound passes recomputed) | full (one more forward)
+    recompute: str = "none"  # none | selective | op | full: see `recomputed_gemms` (full: one more forward)
     attention: str = "flash"  # flash | materialized
     overlap: str = "none"  # none (Megatron-LM 2021) | backward (DDP buckets) | prefetch (FSDP) | full (Megatron-Core)
     act_bytes: int = 2  # bytes per activation element (16-bit)
@@ -232,13 +240,57 @@ def attention_flops(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float
     return 4.0 * b * s * s * c.n_head * c.head_dim / plan.tp
 
 
+def flash_attention_flops(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
+    """Forward FLOPs a causal flash kernel computes: the blocks above the diagonal are skipped, half the square."""
+    return attention_flops(c, plan, b, s) / 2
+
+
 def tp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
     """Ring bytes one rank sends for one layer's tensor-parallel collectives: 2 in the forward, 2 in the
-    backward, 2 more in a recomputed forward; each all-reduce of b s h values sends 2 (t-1)/t of them."""
+    backward, 2 more in a recomputed forward; each all-reduce of b s h values sends 2 (t-1)/t of them.
+    Sequence parallelism adds the backward's two re-gathers of a column-parallel GEMM's input (each half an
+    all-reduce's bytes)."""
     if plan.tp == 1:
         return 0.0
-    passes = 6 if setup.recompute == "full" else 4
+    passes = (6 if setup.recompute == "full" else 4) + (1 if plan.sp else 0)
     return passes * 2 * (plan.tp - 1) / plan.tp * b * s * c.n_embd * setup.act_bytes
+
+
+def unfused_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> list[Gemm]:
+    """One layer's projections one by one, in the order a PyTorch Llama/GPT block calls them (wq, wk, wv,
+    wo, then w1, w3, w2 for SwiGLU or up, down for GELU): what torchtitan's op-level checkpointing counts."""
+    t, T, h, d, f = plan.tp, b * s, c.n_embd, c.head_dim, c.ffn_hidden
+    q, kv = c.n_head * d, c.n_kv_head * d
+    out = [Gemm("wq", T, q // t, h), Gemm("wk", T, kv // t, h), Gemm("wv", T, kv // t, h), Gemm("wo", T, h, q // t)]
+    if c.mlp == "swiglu":
+        return out + [Gemm("w1", T, f // t, h), Gemm("w3", T, f // t, h), Gemm("w2", T, h, f // t)]
+    return out + [Gemm("mlp_up", T, f // t, h), Gemm("mlp_down", T, h, f // t)]
+
+
+def recomputed_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> list[Gemm]:
+    """The GEMM forwards a layer runs again in its backward, by recompute policy:
+    full: the whole forward. selective (Korthikanti et al. 2022): the attention core, i.e. the two score
+    GEMMs of materialized attention (a flash kernel's backward recomputes its scores itself, counted in
+    its backward). op (torchtitan's op-level selective checkpointing): every second projection of the layer
+    (it saves the output of every other matmul and of attention)."""
+    if setup.recompute == "full":
+        return layer_gemms(c, plan, b, s, setup.attention)
+    if setup.recompute == "selective":
+        return [g for g in layer_gemms(c, plan, b, s, setup.attention) if g.name.startswith("scores")]
+    if setup.recompute == "op":
+        return unfused_gemms(c, plan, b, s)[1::2]
+    return []
+
+
+def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
+    """Forward bytes of the memory-bound passes run again: all of them under full and op recompute; the
+    softmax and dropout over the scores under selective recompute of materialized attention."""
+    if setup.recompute in ("full", "op"):
+        return layer_memory_bytes(c, plan, b, s, setup)
+    if setup.recompute == "selective" and setup.attention == "materialized":
+        drop = 0.5 if c.dropout > 0 else 0.0
+        return b * c.n_head / plan.tp * s * s * (2 + (2 + drop if c.dropout > 0 else 0)) * setup.act_bytes
+    return 0.0
 
 
 def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
@@ -246,16 +298,13 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     b, s, el = setup.micro_batch, setup.seq_len, setup.act_bytes
     layers = c.n_layer / plan.pp
     gemms = layer_gemms(c, plan, b, s, setup.attention)
-    matmul = sum(gemm_seconds(g, r, el) for g in gemms)
-    if setup.recompute == "full":
-        matmul += sum(forward_seconds(g, r, el) for g in gemms)
+    again = recomputed_gemms(c, plan, b, s, setup)
+    matmul = sum(gemm_seconds(g, r, el) for g in gemms) + sum(forward_seconds(g, r, el) for g in again)
     attn = 0.0
     if setup.attention == "flash":
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
-        attn = passes * attention_flops(c, plan, b, s) / r.attention_flops
-    mem_fwd = layer_memory_bytes(c, plan, b, s, setup)
-    mem_passes = 3 + (1 if setup.recompute in ("full", "selective") else 0)
-    memory = mem_passes * mem_fwd / r.hbm_bytes_per_s
+        attn = passes * flash_attention_flops(c, plan, b, s) / r.attention_flops
+    memory = (3 * layer_memory_bytes(c, plan, b, s, setup) + recomputed_memory_bytes(c, plan, b, s, setup)) / r.hbm_bytes_per_s
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
@@ -263,7 +312,8 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
              "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s,
              "tp_comm": layers * tp_exposed}
-    return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp,
+    recomputed = layers * sum(g.flops for g in again)  # per rank, beyond full recompute's (counted exactly in step_time)
+    return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp, "recomputed_flops": recomputed,
             "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
 
 
@@ -287,7 +337,7 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
     reduce = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2)
     gather = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0))
-    link = r.nvlink_bytes_per_s if plan.tp * plan.dp <= GPUS_PER_NODE else r.internode_bytes_per_s
+    link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, plan.dp, group_ranks_per_node(plan.tp, plan.dp))
     total = (reduce + gather) / link
     if setup.overlap == "none":
         return total, total
@@ -329,7 +379,9 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     tokens = m * setup.micro_batch * plan.dp * setup.seq_len
     model = F.train_flops_per_token(c, setup.seq_len, "exact") * tokens
     recomputed = F.train_flops_per_token(c, setup.seq_len, "exact_recompute") * tokens - model
-    hardware = model + recomputed * (setup.recompute == "full")
+    if setup.recompute != "full":
+        recomputed = m * mb["recomputed_flops"] * plan.world
+    hardware = model + recomputed * (setup.recompute != "none")
     return {
         "step_s": step, "parts_s": parts, "micro_batches": m, "bubble_fraction": idle,
         "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,

@@ -7,7 +7,9 @@ ring collective's bandwidth term runs at what one GPU sends one way (its neighbo
 time), the unit the inter-node NIC figures below are in.
 Inter-node bandwidth per GPU is an assumption taken from each GPU's 8-GPU DGX system datasheet
 (one NIC per GPU): DGX-1 V100 4 x 100 Gb/s EDR for 8 GPUs = 6.25 GB/s; DGX A100 200 Gb/s HDR = 25 GB/s;
-DGX H100/H200/B200 400 Gb/s NDR = 50 GB/s.
+DGX H100/H200/B200 400 Gb/s NDR = 50 GB/s. The fabric is rail-optimized (DGX SuperPOD: GPU i of every
+node on NIC i's switch) and NCCL spreads a ring's channels over the group's NICs, so a collective whose
+group has g ranks in each node leaves the node on g NICs at once (`collective_link_gbs`).
 A device that matches no entry has no datasheet peak: MFU is then reported as unknown unless
 the user gives a peak (`peak_tflops`) or a measured one (`minigpt bench hardware`).
 """
@@ -49,6 +51,28 @@ GPUS: dict[str, GPUSpec] = {
     )
 }
 GPU_ALIASES = {"A100": "A100-80GB", "A100-40": "A100-40GB", "A100-80": "A100-80GB"}
+
+
+def group_ranks_per_node(tp: int, dp: int) -> int:
+    """Ranks of one data-parallel group in a node under Megatron's rank order (tensor innermost, then data)."""
+    return min(dp, max(1, GPUS_PER_NODE // tp))
+
+
+def ring_link_rate(nvlink: float, internode: float, ranks: int, per_node: int) -> float:
+    """The rule of `collective_link_gbs` on any pair of link rates (datasheet or achievable)."""
+    return nvlink if ranks <= per_node else min(nvlink, per_node * internode)
+
+
+def collective_link_gbs(gpu: GPUSpec, ranks: int, per_node: int) -> tuple[float, str]:
+    """One-way GB/s at which each rank of a ring collective over `ranks` ranks, `per_node` of them in each
+    node, sends its ring bytes, and the link in words. Within one node: NVLink. Across nodes a node's
+    share leaves on its per_node NICs at once; NVLink still carries every rank's bytes, so it caps the rate."""
+    rate = ring_link_rate(gpu.nvlink_gbs, gpu.internode_gbs, ranks, per_node)
+    if ranks <= per_node:
+        return rate, f"{gpu.name} NVLink {gpu.nvlink_gbs:g} GB/s per GPU per direction (the group fits in one node)"
+    return rate, (f"inter-node {rate:g} GB/s per rank: {per_node} of the group's GPUs per node, each on its own "
+                  f"{gpu.internode_gbs:g} GB/s NIC (assumption: the {gpu.name} DGX system, rail-optimized)"
+                  + (", capped by NVLink" if rate < per_node * gpu.internode_gbs else ""))
 
 
 def gpu_by_name(name: str) -> GPUSpec:

@@ -40,7 +40,7 @@ from minigpt.analytic.extrapolate import REFERENCE_MFU, per_gpu_bytes
 from minigpt.analytic.memory import PRECISION_BYTES
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.errors import UserError
-from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec
+from minigpt.core.hardware import GPUSpec, collective_link_gbs, group_ranks_per_node
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
@@ -317,8 +317,9 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bo
 
 def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float) -> dict:
     """Seconds the counted bytes take on the GPU's links, beside the step's compute at `mfu`."""
-    nvlink, inter = gpu.nvlink_gbs * 1e9, gpu.internode_gbs * 1e9
-    dp_link = nvlink if spec.stage_world <= GPUS_PER_NODE else inter  # tp innermost: dp groups span nodes beyond 8
+    nvlink = gpu.nvlink_gbs * 1e9
+    dp_gbs, dp_name = collective_link_gbs(gpu, spec.plan.dp, group_ranks_per_node(spec.plan.tp, spec.plan.dp))
+    dp_link = dp_gbs * 1e9  # tp innermost: a dp group spans nodes once tp x dp GPUs do
     seq = spec.seq(c)
     convention = "exact_recompute" if spec.recompute else "exact"
     flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.plan.tp
@@ -327,8 +328,7 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     tp_s, dp_s = comm["tp"] / nvlink, (comm["dp"] + comm.get("ep", 0)) / dp_link  # ep groups are dp ranks
     return {"gpu": gpu.name, "mfu": mfu, "compute_flops_per_rank": flops, "compute_s": compute_s,
             "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s per direction",
-            "dp_link": (f"NVLink {gpu.nvlink_gbs:g} GB/s per direction" if dp_link == nvlink else
-                        f"inter-node {gpu.internode_gbs:g} GB/s per GPU (assumption: DGX NICs)"),
+            "dp_link": dp_name,
             "comm_share": (tp_s + dp_s) / (tp_s + dp_s + compute_s),
             "convention": f"{convention} FLOPs at {mfu:.0%} MFU of {gpu.name} dense {dtype}; communication not "
                           "overlapped with compute (an upper bound on its share); bandwidth term only"}

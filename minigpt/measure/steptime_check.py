@@ -45,15 +45,15 @@ def gemm_seconds(m: int, n: int, k: int, batch: int = 1) -> float:
 
 
 def attention_flops_per_s(b: int, heads: int, s: int, d: int) -> float:
-    """Causal SDPA forward + backward at the model's shape, as FLOP/s of the full-square count the
-    step-time model uses (4 b s^2 heads d forward, twice that backward)."""
+    """Causal SDPA forward + backward at the model's shape, as FLOP/s of what a causal flash kernel computes
+    (the step-time model's count: half the square, 2 b s^2 heads d forward, twice that backward)."""
     q, k, v = (torch.randn(b, heads, s, d, requires_grad=True) for _ in range(3))
 
     def step():
         out = Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.sum().backward()
 
-    return 3 * 4.0 * b * s * s * heads * d / _median_time(step)
+    return 3 * 2.0 * b * s * s * heads * d / _median_time(step)
 
 
 def copy_bytes_per_s(nbytes: int) -> float:
