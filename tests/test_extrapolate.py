@@ -13,6 +13,7 @@ from minigpt.analytic.memory import model_state_bytes
 from minigpt.core.config import ModelConfig, load_config
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
+from minigpt.core.plan import ParallelPlan
 from minigpt.measure.counted import count_train_flops
 from minigpt.train.loop import train
 
@@ -75,7 +76,7 @@ def test_characterisation_gpt4_on_h100_fp8_at_28_percent():
     (10.75M H100-hours: 55 days, $21.5M on 8,192 GPUs) comes out, so only the arithmetic and the
     layout (8-way tensor x 15-way pipeline, as reported) are checked."""
     h100 = estimate("gpt4", gpu="H100", dtype="fp8", mfu=0.28, num_gpus=8192, price_per_gpu_hour=2.0,
-                    flops_convention="six_n_all")
+                    flops_convention="six_n_all", efficiency="assumed")  # the smallest split that fits
     assert h100["days"] == pytest.approx(55, rel=0.05)
     assert h100["cost_usd"] == pytest.approx(21.5e6, rel=0.05)
     lay = h100["memory"]["layout"]
@@ -239,3 +240,17 @@ def test_a_toy_moe_trains_like_the_dense_model(tiny_cfg, tmp_path):
     first = json.loads((tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert moe["val_loss"] < first - 0.5  # it learns
     assert moe["val_loss"] == pytest.approx(dense["val_loss"], abs=0.3)  # about as well as dense
+
+
+def test_the_layout_is_the_fastest_predicted_of_those_that_fit():
+    from minigpt.analytic.extrapolate import layout_ranker, suggest_layout
+    cfg = preset("gpt3-175b")
+    s = Scenario(gpu_by_name("A100"), num_gpus=1024)
+    rank = layout_ranker(cfg.model, s, 2048 * 1536)
+    fastest = suggest_layout(cfg.model, s.gpu, 1024, 2048, {}, 1, rank=rank)
+    smallest = suggest_layout(cfg.model, s.gpu, 1024, 2048, {}, 1)
+    assert "fastest predicted" in fastest["chosen_by"] and "smallest" in smallest["chosen_by"]
+    steps = [a["predicted_step_s"] for a in fastest["alternatives"]]
+    assert steps == sorted(steps) and fastest["alternatives"][0]["plan"] == fastest["plan"]
+    assert rank(ParallelPlan.parse(fastest["plan"])) <= rank(ParallelPlan.parse(smallest["plan"]))
+    assert fastest["plan"] != smallest["plan"]  # here the smallest split (tp 4 x pp 3) is not the fastest

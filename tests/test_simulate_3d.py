@@ -81,7 +81,8 @@ def test_extrapolate_shows_the_published_layout_and_why_it_prefers_its_own():
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)["published_layout"]
     assert p["published"]["plan"].startswith("dp=8,tp=8,pp=35") and p["source"].startswith("Smith et al. 2022")
-    assert p["own"]["plan"] != p["published"]["plan"] and p["reasons"][0].startswith("the search takes the smallest tp x pp")
+    assert p["own"]["plan"] != p["published"]["plan"] and p["reasons"][0].startswith("the search takes the fastest predicted")
+    assert p["own"]["predicted_step_s"] <= p["published"]["predicted_step_s"]
     assert p["published"]["p2p_bytes"] > p["own"]["p2p_bytes"] > 0
     r = run_cli("extrapolate", "--target", "mt-nlg-530b", "--gpu", "A100-80GB", "--num-gpus", "2240", "--plan", "published")
     assert r.returncode == 0 and "layout: 2,240 ranks = dp 8 (ZeRO-1) x tp 8 x pp 35" in r.stdout

@@ -127,12 +127,14 @@ def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int
 
 
 def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dict, micro_batch: int,
-                   simulator=None) -> dict:
-    """Smallest tensor x pipeline split that fits, tensor parallel first (<= 8, within a node); `fixed`
-    holds the --plan keys the user gave (tp, pp, dp, zero). The rest of the GPUs go to data parallelism.
+                   simulator=None, rank=None) -> dict:
+    """The layout to train on; `fixed` holds the --plan keys the user gave (tp, pp, dp, zero), the rest of the
+    GPUs go to data parallelism. With `rank` (plan -> predicted seconds per step): the fastest predicted of
+    the tensor x pipeline splits that fit. Without: the smallest split that fits, tensor parallel first
+    (<= 8, within a node).
 
-    With a simulator (--comm counted) a layout must also fit by the memory its simulated step
-    measured; the layouts it rejects are listed."""
+    With a simulator (--comm counted) a layout must also fit by the memory its simulated step measured;
+    candidates are simulated in order until one does, and the ones it rejects are listed."""
     zero, tp, pp = fixed.get("zero", 1), fixed.get("tp"), fixed.get("pp")
     if tp is not None and c.n_head % tp:
         raise UserError(f"--plan tp={tp} does not divide n_head = {c.n_head}; choose from "
@@ -143,26 +145,41 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     tps = [tp] if tp else [d for d in (1, 2, 4, 8) if c.n_head % d == 0]
     pps = [pp] if pp else divisors(c.n_layer)
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
-    rejected: list[dict] = []
     extra = {k: v for k, v in fixed.items() if k not in ("tp", "pp", "dp", "zero")}  # sp, ep, schedule, ...
+    fitting = []
     for t, p in candidates:
         plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // (t * p))), "tp": t, "pp": p,
                                        "zero": zero})
-        if plan.world > num_gpus:
-            continue
         mem = per_gpu_bytes(c, plan, seq, micro_batch)
-        if mem["total"] > budget:
-            continue
-        layout = {"tp": t, "pp": p, "dp": plan.dp, "zero_stage": zero, "plan": plan.spelling(),
+        if plan.world <= num_gpus and mem["total"] <= budget:
+            fitting.append((plan, mem))
+    if not fitting:
+        _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget)
+    ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
+    if rank:
+        ranked.sort(key=lambda x: (x[2], x[0].world))
+    rejected: list[dict] = []
+    for plan, mem, step_s in ranked:
+        layout = {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "zero_stage": zero, "plan": plan.spelling(),
                   "plan_description": plan.describe(), "gpus_used": plan.world, "gpus_given": num_gpus,
-                  "per_gpu_bytes": mem, "fits": True, "budget_bytes": budget}
+                  "per_gpu_bytes": mem, "fits": True, "budget_bytes": budget, **_choice(ranked, rank)}
         if simulator is None:
             return layout
         sim = simulator(c, plan)
         if sim is None or sim["memory_per_gpu_bytes"] <= budget:
             return {**layout, "simulated": sim, "rejected_by_simulation": rejected}
-        rejected.append({"tp": t, "pp": p, "dp": plan.dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
-    _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget)
+        rejected.append({"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "simulated_bytes": sim["memory_per_gpu_bytes"]})
+    raise UserError(f"no layout on {gpu.name} fits by its simulated memory (rejected: {rejected}); raise --num-gpus "
+                    f"or give --plan")
+
+
+def _choice(ranked: list, rank) -> dict:
+    """How the layout was chosen, with the runners-up when ranked by predicted step time."""
+    if not rank:
+        return {"chosen_by": "the smallest tensor x pipeline split that fits (--efficiency assumed)"}
+    return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline splits that fit "
+                         f"(step-time model, analytic/steptime.py)",
+            "alternatives": [{"plan": p.spelling(), "predicted_step_s": t} for p, _, t in ranked[:5]]}
 
 
 def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int, micro_batch: int,
@@ -280,18 +297,32 @@ def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, gbt: float) ->
     return mfu, source, predicted, num_gpus, gpus_source
 
 
-def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict:
-    """The step-time model (steptime.py) on the layout the search picks: full recompute (what the memory
-    search assumes), flash attention, Megatron-Core-style overlap of every transfer, ZeRO as planned. Its MFU is
-    re-counted in the scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
+def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) -> tuple[ParallelPlan, T.Setup]:
+    """How extrapolate assumes a layout trains: full recompute (what the memory search assumes), flash
+    attention, Megatron-Core-style overlap of every transfer, sequence parallelism with tp, ZeRO as planned."""
     seq = c.block_size
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch)
-    plan = ParallelPlan.parse(layout["plan"])
     plan = dataclasses.replace(plan, sp=plan.tp > 1)
     batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
-    setup = T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
-                    attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width)
+    return plan, T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
+                         attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width)
+
+
+def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
+    """plan -> predicted seconds per step (None under --efficiency assumed: the layout search then takes the
+    smallest split that fits)."""
+    if s.efficiency != "predicted":
+        return None
+    rates = T.gpu_rates(s.gpu, s.dtype)
+    return lambda plan: T.step_time(c, *_predict_setup(c, s, plan, gbt), rates)["step_s"]
+
+
+def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict:
+    """The step-time model (steptime.py) on the layout the search picks. Its MFU is re-counted in the
+    scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
+    seq = c.block_size
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, rank=layout_ranker(c, s, gbt))
+    plan, setup = _predict_setup(c, s, ParallelPlan.parse(layout["plan"]), gbt)
     st = T.step_time(c, plan, setup, T.gpu_rates(s.gpu, s.dtype))
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / plan.world / (
         s.gpu.tflops[s.dtype] * 1e12)
@@ -320,7 +351,7 @@ def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: floa
     p = F.param_counts(c)
     seq = c.block_size
     states = M.model_state_bytes(p.total, "bf16", 0, 1)
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator)
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator, layout_ranker(c, s, gbt))
     micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
     plan = ParallelPlan.parse(layout["plan"])
     bubble = plan.bubble_formula(micro_batches) or 0.0
@@ -356,8 +387,8 @@ def pipeline_p2p_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch
 
 def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, step_s: float) -> dict:
     """One layout's memory, bubble and traffic per step on the scenario's GPUs, and a predicted step time:
-    compute stretched by the bubble, plus the data-parallel and pipeline transfers not overlapped (an
-    upper bound; bandwidth terms only)."""
+    the step-time model's (--efficiency predicted), else compute stretched by the bubble plus the
+    data-parallel and pipeline transfers not overlapped (an upper bound; bandwidth terms only)."""
     seq = c.block_size
     mem = per_gpu_bytes(c, plan, seq, s.micro_batch)
     m = max(1, round(gbt / (seq * s.micro_batch * plan.dp)))
@@ -368,7 +399,8 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
     p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
     dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
-    predicted = step_s / (1 - bubble) + dp_s + p2p_s
+    rank = layout_ranker(c, s, gbt)
+    predicted = rank(plan) if rank else step_s / (1 - bubble) + dp_s + p2p_s
     return {"plan": plan.spelling(), "plan_description": plan.describe(), "per_gpu_bytes": mem["total"],
             "fits": mem["total"] <= s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, "micro_batches": m, "bubble": bubble,
             "dp_bytes": dp_bytes, "dp_s": dp_s, "p2p_bytes": p2p, "p2p_s": p2p_s, "predicted_step_s": predicted}
@@ -392,15 +424,23 @@ def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: di
         if not pub["fits"]:
             reasons.append(f"the published layout needs {pub['per_gpu_bytes'] / 1e9:.1f} GB per GPU, over the "
                            f"{s.gpu.memory_gb * MEMORY_HEADROOM:g} GB budget")
-        reasons.append(f"the search takes the smallest tp x pp that fits ({own_plan.tp * own_plan.pp} GPUs per replica "
-                       f"vs {per_replica}), leaving more data parallelism: bubble {mine['bubble']:.1%} vs "
-                       f"{pub['bubble']:.1%}, pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s, "
-                       f"data-parallel {mine['dp_s']:.3g} s vs {pub['dp_s']:.3g} s per step")
         faster = mine["predicted_step_s"] <= pub["predicted_step_s"]
-        reasons.append(f"predicted step {mine['predicted_step_s']:.3g} s vs {pub['predicted_step_s']:.3g} s "
-                       f"({'its own is faster' if faster else 'the published one is faster: the search optimises fit, not time'})"
-                       f"; not modelled here: overlap of communication with compute, the batch-size ramp and "
-                       f"per-GPU efficiency at smaller micro-batches, which may have decided the published choice")
+        if layout_ranker(c, s, gbt):
+            reasons.append(f"the search takes the fastest predicted step of the layouts that fit: {own_plan.tp * own_plan.pp} "
+                           f"GPUs per replica vs {per_replica}, predicted step {mine['predicted_step_s']:.3g} s vs "
+                           f"{pub['predicted_step_s']:.3g} s (step-time model; bubble {mine['bubble']:.1%} vs "
+                           f"{pub['bubble']:.1%}, pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s)"
+                           + ("" if faster else "; the published one would be faster, but it does not fit"
+                              if not pub["fits"] else "; the published one is predicted faster"))
+        else:
+            reasons.append(f"the search takes the smallest tp x pp that fits ({own_plan.tp * own_plan.pp} GPUs per replica "
+                           f"vs {per_replica}) (--efficiency assumed): bubble {mine['bubble']:.1%} vs {pub['bubble']:.1%}, "
+                           f"pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s, data-parallel "
+                           f"{mine['dp_s']:.3g} s vs {pub['dp_s']:.3g} s per step; predicted step (compute + exposed "
+                           f"transfers) {mine['predicted_step_s']:.3g} s vs {pub['predicted_step_s']:.3g} s"
+                           + ("" if faster else " (the published one is faster: this search optimises fit, not time)"))
+        reasons.append("not modelled: the batch-size ramp, failures and restarts, and what the published team "
+                       "weighed besides speed (e.g. memory headroom for longer contexts)")
     return {"published": pub, "own": mine, "source": target.published_plan_source, "reasons": reasons}
 
 

@@ -70,7 +70,7 @@ def predict(run: dict) -> dict:
     # the error is on throughput whatever the unit: positive means the model predicts faster than published
     error = published / predicted - 1 if metric == "step_s" else predicted / published - 1
     return {
-        "name": run["name"], "set": run["set"], "source": run["source"], "gpu": run["gpu"], "gpus": plan.world,
+        "name": run["name"], "set": run["set"], "family": run["family"], "source": run["source"], "gpu": run["gpu"], "gpus": plan.world,
         "plan": plan.spelling(), "params": F.param_counts(c).total, "metric": metric,
         "convention": pub.get("convention", ""), "published": published, "predicted": predicted,
         "error": error, "predicted_mfu": st["mfu"], "step_s": st["step_s"],
@@ -92,7 +92,12 @@ def backtest(path: Path = TABLE) -> dict:
         errs = [abs(r["error"]) for r in rows if name in ("all", r["set"])]
         if errs:
             summary[name] = {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
-    return {"runs": rows, "summary": summary,
+    families = {}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        errs = [abs(r["error"]) for r in rows if r["family"] == fam]
+        families[fam] = {"set": next(r["set"] for r in rows if r["family"] == fam), "runs": len(errs),
+                         "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    return {"runs": rows, "summary": summary, "by_family": families,
             "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
             "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"}
 

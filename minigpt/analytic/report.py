@@ -242,6 +242,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         f"pipeline bubble {lay['pipeline_bubble']:.1%} at {lay['micro_batches_per_step']} micro-batches per step"
         + (f", point-to-point {fmt_bytes(lay['pipeline_p2p_bytes_per_gpu_per_step'])} = "
            f"{lay['pipeline_p2p_s_per_step']:.3g} s per step ({lay['pipeline_p2p_convention']})" if lay["pp"] > 1 else ""),
+        *_choice_lines(lay),
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
         f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
         f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
@@ -402,6 +403,13 @@ def _pipeline_lines(p: dict | None) -> list[str]:
             f"  ({p['convention']}; {p['bubble_convention']})"]
 
 
+def _choice_lines(lay: dict) -> list[str]:
+    if "chosen_by" not in lay:
+        return []
+    alts = "; ".join(f"{a['plan']} {a['predicted_step_s']:.3g} s" for a in lay.get("alternatives", []))
+    return [f"  chosen: {lay['chosen_by']}" + (f"; predicted step of the fastest: {alts}" if alts else "")]
+
+
 def backtest_lines(b: dict) -> list[str]:
     """The backtest as a table: predicted vs published per run, then the error summary per set."""
     lines = [f"{'run':<46} {'set':<11} {'GPUs':>5} {'plan':<26} {'metric':<22} {'published':>10} {'predicted':>10} {'error':>7}"]
@@ -411,6 +419,9 @@ def backtest_lines(b: dict) -> list[str]:
                      f"{r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
     for name, s in b["summary"].items():
         lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
+    for name, s in b["by_family"].items():
+        lines.append(f"  {name} ({s['set']}): {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, "
+                     f"max {s['max_abs_error']:.1%}")
     lines.append(f"model: {b['model']}; development runs were looked at while it was written or revised; held-out runs "
                  f"were added after it was frozen and evaluated once; error on throughput (+: predicted faster)")
     return lines
@@ -423,5 +434,7 @@ def backtest_markdown(b: dict) -> str:
         rows.append(f"| {r['name']} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
                     f"{r['predicted']:.4g}{unit} | {r['error']:+.1%} | {r['source']} |")
     rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
-                   for name, s in b["summary"].items())]
+                   for name, s in b["summary"].items()),
+             *(f"  - {name} ({s['set']}): {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max "
+               f"{s['max_abs_error']:.1%}" for name, s in b["by_family"].items())]
     return "\n".join(rows)

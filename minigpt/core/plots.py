@@ -232,11 +232,11 @@ def plot_step_parts(rows: list[dict], path: str, title: str) -> None:
         ax.bar(range(len(rows)), values, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, values)]
     for i, r in enumerate(rows):
-        ax.text(i, 1.01, f"{r['predicted'] / r['published']:.2f}", ha="center", fontsize=7)
+        ax.text(i, 1.01, f"{1 + r['error']:.2f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("share of the predicted step")
     ax.set_ylim(0, 1.08)
-    ax.set_title(f"{title} (number above a bar: predicted / published)", fontsize=9)
+    ax.set_title(f"{title} (number above a bar: predicted / published throughput)", fontsize=9)
     ax.legend(fontsize=7, ncol=4, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
