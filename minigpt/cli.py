@@ -520,7 +520,7 @@ def cmd_bench_hardware(args) -> None:
     from minigpt.core.atomic import atomic_write_text
     from minigpt.measure.bench import bench_hardware
 
-    hw = bench_hardware(args.device, args.size, args.repeats)
+    hw = bench_hardware(args.device, args.size, args.repeats, sweep=args.sweep)
     line = json.dumps(hw)
     if args.out:
         atomic_write_text(Path(args.out), line + "\n")
@@ -531,6 +531,10 @@ def cmd_bench_hardware(args) -> None:
           + ", ".join(f"{k} {v} TFLOP/s (n={hw['matmul_size'][k]})" for k, v in hw["matmul_tflops"].items())
           + f"; copy {hw['copy_bandwidth_gbs']} GB/s (read + write)" + (f"; written to {args.out}" if args.out else ""))
     print(f"({hw['convention']})")
+    if "gemm_sweep" in hw:
+        rates = sorted(t for *_, t in hw["gemm_sweep"]["shapes"])
+        print(f"GEMM sweep ({hw['gemm_sweep']['dtype']}, {len(rates)} shapes, measured): {rates[0]:.4g} to {rates[-1]:.4g} "
+              f"TFLOP/s, median {rates[len(rates) // 2]:.4g} ({hw['gemm_sweep']['convention']})")
 
 
 def _training_context(args, cfg) -> tuple[int | None, str]:
@@ -566,6 +570,7 @@ def scenario_from_args(args, cfg):
         read_serve_bench,
         speculate_factor,
     )
+    from minigpt.core.config import read_json
     from minigpt.core.hardware import gpu_by_name
     from minigpt.core.resolve import target_config
 
@@ -601,7 +606,8 @@ def scenario_from_args(args, cfg):
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
-                    context=args.context, batch=args.batch, serve=serve, notes=notes)
+                    context=args.context, batch=args.batch, serve=serve, notes=notes,
+                    hardware=(read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None)
 
 
 def cmd_extrapolate(args) -> None:
@@ -634,7 +640,10 @@ def cmd_backtest(args) -> None:
         from minigpt.core.plots import check_image_path
 
         check_image_path(args.plot, "--plot", make_parents=True)
-    b = backtest(Path(args.table) if args.table else TABLE)
+    from minigpt.core.config import read_json
+
+    hardware = (read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None
+    b = backtest(Path(args.table) if args.table else TABLE, hardware)
     if args.plot:
         from minigpt.core.plots import plot_step_parts
 
@@ -898,7 +907,10 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--device", type=device_arg, default="auto", help="the device to measure (default: CUDA if present)")
     q.add_argument("--size", type=number(int, 0, 32768), default=0, help="matmul size (default 2048 on CPU, 8192 on GPU)")
     q.add_argument("--repeats", type=number(int, 0, 1000), default=0, help="timed repeats, best kept (default 8 on CPU)")
-    q.add_argument("--out", help="also write the JSON here (usable as train.peak_from)")
+    q.add_argument("--out", help="also write the JSON here (usable as train.peak_from, and with --sweep as "
+                                 "extrapolate/backtest --hardware)")
+    q.add_argument("--sweep", action="store_true", help="also time a grid of GEMM shapes: the efficiency curve the "
+                                                        "step-time model reads from --hardware")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_bench_hardware)
     q = bsub.add_parser("decode", parents=[threads_flag(), quantize_flag()], help="decode tokens/s (total and per sequence) against batch and context, beside the "
@@ -965,6 +977,8 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
                    help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
                         "GPU class's published reference MFU (assumed)")
+    p.add_argument("--hardware", metavar="FILE", help="the step-time model reads GEMM rates and HBM bandwidth measured on "
+                                                      "--gpu (`minigpt bench hardware --sweep --out FILE` there)")
     p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
     p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
     p.add_argument("--measure-layers", type=number(int, 0, 1000), default=0, metavar="K", help="time K full-width layers here")
@@ -1012,6 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backtest", help="the step-time model against published training runs (predicted vs published)")
     p.add_argument("--table", help="a published-runs TOML (default: the one shipped, minigpt/analytic/published_runs.toml)")
     p.add_argument("--plot", metavar="PNG", help="also draw each run's predicted step by part (stacked bars)")
+    p.add_argument("--hardware", metavar="FILE", help="GEMM rates and HBM bandwidth measured on a GPU (`minigpt bench "
+                                                      "hardware --sweep --out FILE`) for the runs on that GPU")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     out.add_argument("--markdown", action="store_true", help="a Markdown table")

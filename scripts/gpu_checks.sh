@@ -3,7 +3,9 @@
 #
 #     bash scripts/gpu_checks.sh [OUT_DIR]      (default: benchmarks)
 #
-# 1. `minigpt bench hardware`: this GPU's measured bf16/fp32 matmul peaks and copy bandwidth;
+# 1. `minigpt bench hardware --sweep`: this GPU's measured bf16/fp32 matmul peaks, copy bandwidth and the
+#    bf16 GEMM curve over 180 shapes, then `minigpt backtest --hardware` on it (the step-time model with
+#    measured GEMM rates for the runs on this GPU) beside the cited rates;
 # 2. scripts/bench_train.py on GPT-2 small (124M, bf16, T = 1024, micro-batch 16): minigpt compiled
 #    and eager beside the SDPA baseline, tokens/s and MFU against the datasheet's dense bf16 peak
 #    and the measured one (the target: >= 45% MFU compiled);
@@ -20,7 +22,13 @@ fi
 mkdir -p "$out"
 dev=$(python -c "import re, torch; n = torch.cuda.get_device_name(); m = re.search(r'[A-Z]\d{2,4}', n); print((m.group(0) if m else 'gpu').lower())")
 echo "device: $(python -c 'import torch; print(torch.cuda.get_device_name())') -> *_$dev.*" >&2
-minigpt bench hardware --out "$out/bench_hardware_$dev.json"
+minigpt bench hardware --sweep --out "$out/bench_hardware_$dev.json"
+if minigpt backtest --hardware "$out/bench_hardware_$dev.json" --markdown > "$out/backtest_measured_$dev.md"; then
+    tail -8 "$out/backtest_measured_$dev.md"
+else
+    echo "backtest --hardware: no published run on this GPU (see the error above); the sweep is kept" >&2
+    rm -f "$out/backtest_measured_$dev.md"
+fi
 python scripts/bench_train.py --config gpt2-small --steps 20 --warmup 3 --set train.micro_batch_size=16 \
     --peak-from "$out/bench_hardware_$dev.json" | tee -a "$out/bench_train_gpt2_small_$dev.jsonl"
 python scripts/bench_generate.py --config gpt2-small --dtype bf16 --batch 1 --batch 8 \

@@ -10,6 +10,7 @@ from conftest import run_cli
 from minigpt.analytic import flops as F, steptime as T
 from minigpt.analytic.published import backtest, load_runs, predict, run_inputs
 from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
 from minigpt.core.plan import ParallelPlan
 
@@ -160,3 +161,64 @@ def test_sequence_parallelism_gathers_the_gemm_inputs_again_in_the_backward():
     plain = T.tp_bytes_per_layer(GPT_13B, ParallelPlan(tp=8), 1, 2048, setup)
     sp = T.tp_bytes_per_layer(GPT_13B, ParallelPlan(tp=8, sp=True), 1, 2048, setup)
     assert sp == pytest.approx(plain * 5 / 4)
+
+
+def _sweep_file(tmp_path, gpu="H100", dtype="bf16", rate=600.0, name="sweep.json"):
+    hw = {"bench": "hardware", "device_name": f"NVIDIA {gpu} (synthetic)", "datasheet": {"name": gpu},
+          "copy_bandwidth_gbs": 3000.0,
+          "gemm_sweep": {"dtype": dtype, "shapes": [[m, n, k, rate] for m in (512, 8192) for n in (1024, 32768)
+                                                    for k in (1024, 16384)]}}
+    path = tmp_path / name
+    path.write_text(json.dumps(hw))
+    return path, hw
+
+
+def test_a_measured_gemm_table_interpolates_in_log_size_and_clamps():
+    shapes = [[m, n, k, (100.0 if m == 64 else 400.0)] for m in (64, 1024) for n in (64, 1024) for k in (64, 1024)]
+    table = T.GemmTable(shapes, "t")
+    assert table.flops_per_s(64, 64, 64) == pytest.approx(100e12)  # a grid point: as measured
+    assert table.flops_per_s(256, 100, 500) == pytest.approx(200e12)  # halfway in log m: the geometric mean
+    assert table.flops_per_s(10**6, 10**6, 10**6) == pytest.approx(400e12)  # beyond the grid: its edge
+    assert table(1024, 64, 64, batch=3) == pytest.approx(3 * 2 * 1024 * 64 * 64 / 400e12)
+    for bad in ([[64, 64, 64, "x"]], [[64, 64, 64, 1.0], [1024, 64, 64, 1.0], [64, 1024, 64, 1.0]], [[64, 64, 64, -1.0]]):
+        with pytest.raises(UserError):
+            T.GemmTable(bad, "t")
+
+
+def test_measured_rates_time_every_gemm_from_the_sweep(tmp_path):
+    _, hw = _sweep_file(tmp_path)
+    cited = T.gpu_rates(gpu_by_name("H100"))
+    measured = T.measured_rates(hw, cited, "sweep.json")
+    g = T.Gemm("qkv", 4096, 12288, 4096)
+    assert T.forward_seconds(g, measured, 2) == pytest.approx(g.flops / 600e12)
+    assert measured.hbm_bytes_per_s == 3000e9 and "measured" in measured.sources["matmul"]
+    assert step(GPT_13B, rates=measured)["step_s"] != step(GPT_13B, rates=cited)["step_s"]
+
+
+def test_backtest_and_extrapolate_read_a_sweep_only_for_its_gpu_and_dtype(tmp_path):
+    path, _ = _sweep_file(tmp_path)
+    b = json.loads(run_cli("backtest", "--hardware", str(path), "--json").stdout)
+    assert {r["gpu"] for r in b["runs"] if r["rates_measured"]} == {"H100"}
+    assert any(not r["rates_measured"] for r in b["runs"]) and str(path) in b["rates"]
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--hardware", str(path), "--json")
+    assert r.returncode == 0 and "measured" in json.loads(r.stdout)["step_time"]["sources"]["matmul"]
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--hardware", str(path))
+    assert r.returncode == 2 and "not A100-80GB" in r.stderr and r.stdout == ""
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--dtype", "fp8", "--hardware", str(path))
+    assert r.returncode == 2 and "not fp8" in r.stderr
+    cpu, _ = _sweep_file(tmp_path, gpu="V100", name="v100.json")
+    r = run_cli("backtest", "--hardware", str(cpu))
+    assert r.returncode == 2 and "no run of the table trained on it" in r.stderr
+    (tmp_path / "empty.json").write_text("{}")
+    r = run_cli("backtest", "--hardware", str(tmp_path / "empty.json"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "no GEMM sweep" in r.stderr
+
+
+def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
+    import torch
+
+    from minigpt.measure.bench import gemm_sweep
+    sweep = gemm_sweep(torch.device("cpu"), "fp32", 3, {"m": (32, 64), "n": (32,), "k": (32, 64)})
+    assert [s[:3] for s in sweep["shapes"]] == [[32, 32, 32], [32, 32, 64], [64, 32, 32], [64, 32, 64]]
+    assert all(s[3] > 0 for s in sweep["shapes"]) and "median" in sweep["convention"]
+    T.GemmTable(sweep["shapes"], "cpu sweep")  # a table the step-time model accepts

@@ -66,6 +66,7 @@ class Scenario:
     student: ModelConfig | None = None  # a distilled (smaller) model served instead, beside the target's fleet
     student_name: str = ""
     notes: list[str] = field(default_factory=list)
+    hardware: tuple | None = None  # (a `bench hardware --sweep` result, its file name): measured rates for s.gpu
     # --comm counted: (model, ParallelPlan) -> a simulated step of that layout (minigpt simulate), or
     # None when it cannot be simulated; torch-free here, supplied by the CLI
     simulator: object = field(default=None, repr=False)
@@ -86,6 +87,9 @@ def _check(s: Scenario) -> None:
         raise UserError(f"--plan zero={s.plan['zero']} must be 0, 1, 2 or 3")
     if s.dtype not in s.gpu.tflops:
         raise UserError(f"{s.gpu.name} has no datasheet {s.dtype} peak; choose from {', '.join(s.gpu.tflops)}")
+    if s.hardware:
+        T.hardware_gpu(s.hardware[0], s.hardware[1], s.gpu.name, s.dtype)
+        scenario_rates(s)  # a usable sweep, before any work
 
 
 def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float, str]:
@@ -308,12 +312,18 @@ def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) 
                          attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width)
 
 
+def scenario_rates(s: Scenario) -> T.Rates:
+    """The GPU's cited rates, or (--hardware) what was measured on it."""
+    rates = T.gpu_rates(s.gpu, s.dtype)
+    return T.measured_rates(s.hardware[0], rates, s.hardware[1]) if s.hardware else rates
+
+
 def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
     """plan -> predicted seconds per step (None under --efficiency assumed: the layout search then takes the
     smallest split that fits)."""
     if s.efficiency != "predicted":
         return None
-    rates = T.gpu_rates(s.gpu, s.dtype)
+    rates = scenario_rates(s)
     return lambda plan: T.step_time(c, *_predict_setup(c, s, plan, gbt), rates)["step_s"]
 
 
@@ -323,7 +333,7 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict
     seq = c.block_size
     layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, rank=layout_ranker(c, s, gbt))
     plan, setup = _predict_setup(c, s, ParallelPlan.parse(layout["plan"]), gbt)
-    st = T.step_time(c, plan, setup, T.gpu_rates(s.gpu, s.dtype))
+    st = T.step_time(c, plan, setup, scenario_rates(s))
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / plan.world / (
         s.gpu.tflops[s.dtype] * 1e12)
     source = (f"predicted: step-time model on {plan.spelling()} (full recompute, flash attention, overlapped transfers; "

@@ -34,7 +34,9 @@ def load_runs(path: Path = TABLE) -> list[dict]:
     return runs
 
 
-def run_inputs(run: dict) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
+def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
+    """A run's model, plan, setup and rates: cited ones, or measured (`hardware`: a sweep and its file
+    name) when the sweep was measured on the run's GPU."""
     c = ModelConfig(**run["model"])
     keys = parse_keys(run["plan"], f"published run {run['name']!r}")
     if keys.get("pp", 1) > 1 and run.get("schedule"):
@@ -47,13 +49,21 @@ def run_inputs(run: dict) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
         keys["sp"] = True
     plan = ParallelPlan.from_keys(keys)
     setup = T.Setup(global_batch=run["global_batch"], **{k: run[k] for k in SETUP_KEYS if k in run})
-    rates = T.gpu_rates(gpu_by_name(run["gpu"]), run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
+    gpu = gpu_by_name(run["gpu"])
+    rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
+    if hardware and _measured_on(hardware[0]) == gpu.name:
+        rates = T.measured_rates(hardware[0], rates, hardware[1])
     return c, plan, setup, rates
 
 
-def predict(run: dict) -> dict:
+def _measured_on(hw: dict) -> str | None:
+    sheet = hw.get("datasheet")
+    return sheet.get("name") if isinstance(sheet, dict) else None
+
+
+def predict(run: dict, hardware: tuple[dict, str] | None = None) -> dict:
     """The step-time model's figure for one run, beside the published one."""
-    c, plan, setup, rates = run_inputs(run)
+    c, plan, setup, rates = run_inputs(run, hardware)
     st = T.step_time(c, plan, setup, rates)
     pub = run["published"]
     if "tflops_per_gpu" in pub:
@@ -75,13 +85,29 @@ def predict(run: dict) -> dict:
         "convention": pub.get("convention", ""), "published": published, "predicted": predicted,
         "error": error, "predicted_mfu": st["mfu"], "step_s": st["step_s"],
         "parts_fraction": {k: v / st["step_s"] for k, v in st["parts_s"].items()}, "assumed": run["assumed"],
-        "rates": rates.sources,
+        "rates": rates.sources, "rates_measured": rates.gemm_time is not None,
     }
 
 
-def backtest(path: Path = TABLE) -> dict:
+def _check_hardware(runs: list[dict], hardware: tuple[dict, str]) -> None:
+    """A usable sweep, measured on a GPU some run trained on: checked before any prediction."""
+    T.measured_rates(hardware[0], T.gpu_rates(gpu_by_name("H100")), hardware[1])
+    on = _measured_on(hardware[0])
+    if not any(gpu_by_name(r["gpu"]).name == on for r in runs):
+        raise UserError(f"{hardware[1]} was measured on {on or hardware[0].get('device_name', 'no GPU in the table')!s:.60}; "
+                        f"no run of the table trained on it: measure on one of their GPUs or drop --hardware")
+
+
+def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> dict:
+    """Every run predicted, the errors summarised per set and per family. `hardware`: a GEMM sweep and its file
+    name, used for the runs on the GPU it was measured on (refused when no run is)."""
     try:
-        rows = [predict(run) for run in load_runs(path)]
+        runs = load_runs(path)
+        if hardware:
+            _check_hardware(runs, hardware)
+        rows = [predict(run, hardware) for run in runs]
+    except UserError:
+        raise
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e}): fix the file or drop --table") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -99,5 +125,6 @@ def backtest(path: Path = TABLE) -> dict:
                          "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
     return {"runs": rows, "summary": summary, "by_family": families,
             "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
-            "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"}
+            "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"
+                     + (f"; GEMMs and HBM measured ({hardware[1]}) for the runs on {_measured_on(hardware[0])}" if hardware else "")}
 

@@ -415,7 +415,7 @@ def backtest_lines(b: dict) -> list[str]:
     lines = [f"{'run':<46} {'set':<11} {'GPUs':>5} {'plan':<26} {'metric':<22} {'published':>10} {'predicted':>10} {'error':>7}"]
     for r in b["runs"]:
         metric = r["metric"] + (f" ({r['convention']})" if r["convention"] and r["metric"] != "mfu" else "")
-        lines.append(f"{r['name']:<46} {r['set']:<11} {r['gpus']:>5} {r['plan']:<26} {metric[:22]:<22} "
+        lines.append(f"{r['name'] + (' [measured]' if r.get('rates_measured') else ''):<46} {r['set']:<11} {r['gpus']:>5} {r['plan']:<26} {metric[:22]:<22} "
                      f"{r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
     for name, s in b["summary"].items():
         lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
@@ -431,7 +431,7 @@ def backtest_markdown(b: dict) -> str:
     rows = ["| run | set | GPUs | plan | published | predicted | error | source |", "|---|---|---:|---|---:|---:|---:|---|"]
     for r in b["runs"]:
         unit = {"tflops_per_gpu": " TFLOP/s", "mfu": " MFU", "tokens_per_s_per_gpu": " tok/s", "step_s": " s/step"}[r["metric"]]
-        rows.append(f"| {r['name']} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
+        rows.append(f"| {r['name']}{' (measured rates)' if r.get('rates_measured') else ''} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
                     f"{r['predicted']:.4g}{unit} | {r['error']:+.1%} | {r['source']} |")
     rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
                    for name, s in b["summary"].items()),

@@ -44,11 +44,15 @@ terms (bandwidth terms only), MoE routing imbalance.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from minigpt.analytic import flops as F
 from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, group_ranks_per_node, ring_link_rate
 from minigpt.core.plan import ParallelPlan
 
@@ -117,6 +121,75 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
                  "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",
                  "links": f"{LINK_EFFICIENCY[1]}; NVLink {gpu.nvlink_gbs:g} GB/s per direction, inter-node "
                           f"{gpu.internode_gbs:g} GB/s per GPU"})
+
+
+class GemmTable:
+    """A measured GEMM sweep (`minigpt bench hardware --sweep`) as a time per shape: the achieved rate
+    interpolated in log size between the grid's shapes (multilinear in log m, log n, log k of log rate),
+    clamped at its edges (a shape beyond the largest runs at the largest's rate; below the smallest, at
+    the smallest's). A batched product runs each member at its (m, n, k) rate."""
+
+    def __init__(self, shapes: list, what: str):
+        try:
+            rates = {(int(m), int(n), int(k)): float(t) * 1e12 for m, n, k, t in shapes}
+        except (TypeError, ValueError):
+            raise UserError(f"{what}: gemm_sweep.shapes must be [m, n, k, TFLOP/s] rows; re-measure with "
+                            f"`minigpt bench hardware --sweep --out FILE`") from None
+        self.axes = [sorted({key[i] for key in rates}) for i in range(3)]
+        positive = all(math.isfinite(v) and v > 0 and min(key) > 0 for key, v in rates.items())
+        if len(rates) != math.prod(len(a) for a in self.axes) or not positive:
+            raise UserError(f"{what}: gemm_sweep must time every (m, n, k) of a grid, each positive; re-measure with "
+                            f"`minigpt bench hardware --sweep --out FILE`")
+        self.rates = rates
+
+    def flops_per_s(self, m: int, n: int, k: int) -> float:
+        corners = []
+        for axis, x in zip(self.axes, (m, n, k)):
+            x = min(max(x, axis[0]), axis[-1])
+            i = min(max(bisect_right(axis, x) - 1, 0), max(len(axis) - 2, 0))
+            lo, hi = axis[i], axis[min(i + 1, len(axis) - 1)]
+            w = 0.0 if hi == lo else (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            corners.append(((lo, 1 - w), (hi, w)))
+        log_rate = sum(wa * wb * wc * math.log(self.rates[(a, b, c)])
+                       for (a, wa), (b, wb), (c, wc) in itertools.product(*corners))
+        return math.exp(log_rate)
+
+    def __call__(self, m: int, n: int, k: int, batch: int = 1) -> float:
+        return 2.0 * m * n * k * batch / self.flops_per_s(m, n, k)
+
+
+def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
+    """Refuse a sweep measured on another device or in another dtype than the one it would stand for
+    (fp16 and bf16 share their tensor-core rate on A100 and Hopper)."""
+    sheet = hw.get("datasheet") if isinstance(hw, dict) else None
+    measured_on = sheet.get("name") if isinstance(sheet, dict) else None
+    if measured_on != gpu_name:
+        raise UserError(f"{what} was measured on {hw.get('device_name', 'an unknown device')!s:.60} "
+                        f"({measured_on or 'no GPU in the table'}), not {gpu_name}: measure on a {gpu_name} "
+                        f"(`minigpt bench hardware --sweep --out FILE`) or drop --hardware")
+    swept = (hw.get("gemm_sweep") or {}).get("dtype") if isinstance(hw.get("gemm_sweep"), dict) else None
+    half = {"bf16", "fp16"}
+    if swept != dtype and not (swept in half and dtype in half):
+        raise UserError(f"{what} sweeps {swept} GEMMs, not {dtype}: re-measure in {dtype} or change --dtype")
+
+
+def measured_rates(hw: dict, base: Rates, what: str) -> Rates:
+    """`base` (a GPU's cited rates) with what `minigpt bench hardware --sweep` measured on that device: the
+    GEMM curve (every GEMM timed from it) and the copy bandwidth as the HBM rate. Links stay cited."""
+    sweep = hw.get("gemm_sweep") if isinstance(hw, dict) else None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("shapes"), list) or not sweep["shapes"]:
+        raise UserError(f"{what} has no GEMM sweep: measure one with `minigpt bench hardware --sweep --out FILE` on "
+                        f"the GPU")
+    table = GemmTable(sweep["shapes"], what)
+    copy = hw.get("copy_bandwidth_gbs")
+    hbm = float(copy) * 1e9 if isinstance(copy, (int, float)) and copy > 0 else base.hbm_bytes_per_s
+    top = max(table.rates.values())
+    device = hw.get("device_name", "?")
+    return dataclasses.replace(base, matmul_flops=top, hbm_bytes_per_s=hbm, gemm_time=table, sources={
+        **base.sources,
+        "matmul": (f"measured: {len(table.rates)} GEMM shapes on {device} ({sweep.get('dtype', '?')}, {what}), "
+                   f"{min(table.rates.values()) / 1e12:.4g}-{top / 1e12:.4g} TFLOP/s, interpolated in log size"),
+        "hbm": (f"measured: copy {copy} GB/s on {device} ({what})" if hbm != base.hbm_bytes_per_s else base.sources["hbm"])})
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """The fastest of `repeats` timed calls: a peak is what the device can reach, and slower
-    repeats are mostly interference on a shared machine."""
+def _times(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -38,7 +36,13 @@ def _best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def _best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """The fastest of `repeats` timed calls: a peak is what the device can reach, and slower
+    repeats are mostly interference on a shared machine."""
+    return min(_times(fn, device, repeats, warmup))
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -56,7 +60,40 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int, repeats: int) -> float
     return 2 * nbytes / t / 1e9
 
 
-def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None) -> dict:
+# GEMM shapes swept for the step-time model (m tokens x k in -> n out): transformer widths on a GPU, a small
+# grid on a CPU (each product there takes up to ~10 ms at 1024)
+SWEEP_GRID = {"cuda": {"m": (512, 1024, 2048, 4096, 8192, 16384), "n": (1024, 2048, 4096, 8192, 16384, 32768),
+                       "k": (1024, 2048, 4096, 8192, 16384)},
+              "cpu": {"m": (64, 256, 1024), "n": (64, 256, 1024), "k": (64, 256, 1024)}}
+
+
+def _median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """The median of `repeats` timed calls: a rate a training step keeps up, not the best burst."""
+    times = sorted(_times(fn, device, repeats, warmup))
+    return times[len(times) // 2]
+
+
+def gemm_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
+    """Achieved TFLOP/s of every (m, n, k) of the grid: the efficiency curve the step-time model reads
+    (analytic/steptime.py, `measured_rates`)."""
+    grid = grid or SWEEP_GRID["cuda" if dev.type == "cuda" else "cpu"]
+    shapes = []
+    with Progress(len(grid["m"]) * len(grid["n"]) * len(grid["k"]), "GEMM sweep", "shapes") as progress:
+        for m in grid["m"]:
+            for n in grid["n"]:
+                for k in grid["k"]:
+                    a = torch.randn(m, k, device=dev, dtype=DTYPES[dtype])
+                    b = torch.randn(k, n, device=dev, dtype=DTYPES[dtype])
+                    t = _median_time(lambda: torch.mm(a, b), dev, repeats)
+                    shapes.append([m, n, k, round(2 * m * n * k / t / 1e12, 5)])
+                    progress.update()
+    return {"dtype": dtype, "shapes": shapes,
+            "convention": f"[m, n, k, TFLOP/s]: an m x k @ k x n product, 2 m n k FLOPs over the median of {repeats} "
+                          f"timed runs (a sustained rate, not the best burst), one device alone"}
+
+
+def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None,
+                   sweep: bool = False) -> dict:
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     n = size or (8192 if gpu else 2048)
@@ -87,6 +124,8 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
             progress.update()
         result["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(dev, (1 << 30) if gpu else (256 << 20), reps), 1)
         progress.update()
+    if sweep:  # the compute dtype of training there: bf16 on a GPU, fp32 on a CPU
+        result["gemm_sweep"] = gemm_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
     if spec:
         result["fraction_of_datasheet"] = {
             d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops
