@@ -515,7 +515,44 @@ def cmd_bench_serve(args) -> None:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
+def cmd_bench_collectives(args) -> None:
+    """`bench hardware --collectives`: every rank of a torchrun job times the collectives; rank 0 reports."""
+    import torch
+
+    from minigpt.core.atomic import atomic_write_text
+    from minigpt.core.device import device_name
+    from minigpt.core.hardware import match_device
+    from minigpt.measure.collectives import collective_sweep
+    from minigpt.parallel.distributed import init_distributed, shutdown
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UserError("--collectives times collectives between ranks: run it under torchrun with 2 or more, e.g. "
+                        "torchrun --nproc-per-node 8 -m minigpt bench hardware --collectives --out coll.json")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise UserError(f"--out {args.out}: its folder does not exist; create it or choose another path")
+    env = init_distributed(args.device)
+    name = device_name(env.device)
+    spec = match_device(name) if env.device.type == "cuda" else None
+    hw = {"bench": "hardware", "device": str(env.device), "device_name": name, "torch": torch.__version__,
+          "datasheet": {"name": spec.name, "nvlink_gbs": spec.nvlink_gbs} if spec else None,
+          "collectives": collective_sweep(env, repeats=args.repeats or 10)}
+    shutdown(env)
+    if not env.is_main:
+        return
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(hw) + "\n")
+    if args.json:
+        print(json.dumps(hw))
+        return
+    for r in hw["collectives"]["results"]:
+        print(f"{r['op']:<15} {r['bytes'] / 2**20:>10.3f} MiB  {r['time_s'] * 1e3:>9.3f} ms  algbw {r['algbw_gbs']:>8.2f} GB/s  "
+              f"busbw {r['busbw_gbs']:>8.2f} GB/s (measured)")
+    print(f"({hw['collectives']['world_size']} ranks, {hw['collectives']['backend']}; {hw['collectives']['convention']})")
+
+
 def cmd_bench_hardware(args) -> None:
+    if args.collectives:
+        return cmd_bench_collectives(args)
     _threads(args)
     from minigpt.core.atomic import atomic_write_text
     from minigpt.measure.bench import bench_hardware
@@ -911,6 +948,8 @@ def _add_bench_command(sub) -> None:
                                  "extrapolate/backtest --hardware)")
     q.add_argument("--sweep", action="store_true", help="also time a grid of GEMM shapes: the efficiency curve the "
                                                         "step-time model reads from --hardware")
+    q.add_argument("--collectives", action="store_true", help="instead, under torchrun: all-reduce / all-gather / "
+                                                              "reduce-scatter bus bandwidth by size (nccl-tests' units)")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_bench_hardware)
     q = bsub.add_parser("decode", parents=[threads_flag(), quantize_flag()], help="decode tokens/s (total and per sequence) against batch and context, beside the "

@@ -34,9 +34,11 @@ python scripts/bench_train.py --config gpt2-small --steps 20 --warmup 3 --set tr
 python scripts/bench_generate.py --config gpt2-small --dtype bf16 --batch 1 --batch 8 \
     | tee -a "$out/bench_generate_gpt2_small_$dev.jsonl"
 minigpt bench decode --config gpt2-small --dtype bf16 --compile --out "$out/decode_curve_gpt2_small_$dev.json"
-# 5. with two or more GPUs: the pipeline bubble on NCCL ranks (scripts/bench_pipeline.py runs gloo on the
+# 5. with two or more GPUs: the collectives' bus bandwidth (bench hardware --collectives) and the pipeline bubble on NCCL ranks (scripts/bench_pipeline.py runs gloo on the
 #    CPU; on GPUs, a pipelined training run of GPT-2 small over 2 ranks records its step time instead)
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    torchrun --standalone --nproc_per_node "$(python -c 'import torch; print(torch.cuda.device_count())')" \
+        -m minigpt bench hardware --collectives --out "$out/bench_collectives_$dev.json"
     torchrun --standalone --nproc_per_node 2 -m minigpt train --config gpt2-small --plan pp=2 \
         --set train.max_steps=20 --set train.micro_batch_size=4 --set train.batch_size_tokens=65536 \
         --set train.out_dir="\"$out/pp2_$dev\"" --set train.eval_every=0 --set train.sample_every=0 \

@@ -125,3 +125,33 @@ def test_nvlink_is_counted_one_way_like_the_nics():
 
     assert (gpu_by_name("H100").nvlink_gbs, gpu_by_name("A100").nvlink_gbs, gpu_by_name("B200").nvlink_gbs) == (450, 300, 900)
     assert gpu_by_name("H100").internode_gbs == 400 / 8  # one 400 Gb/s NIC per GPU, one way
+
+
+def test_collectives_are_timed_between_torchrun_ranks_in_nccl_tests_units(tmp_path):
+    import subprocess
+    import sys
+    r = run_cli("bench", "hardware", "--collectives")
+    assert r.returncode == 2 and "under torchrun" in r.stderr
+    out = tmp_path / "coll.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "minigpt", "bench", "hardware", "--collectives", "--repeats", "3", "--out", str(out), "--json"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    hw = json.loads(p.stdout)
+    assert hw == json.loads(out.read_text()) and hw["collectives"]["world_size"] == 2
+    rows = hw["collectives"]["results"]
+    assert {r["op"] for r in rows} == {"all_reduce", "all_gather", "reduce_scatter"}
+    for row in rows:  # two ranks: all-reduce carries 2 (n-1)/n = 1 of its buffer, the others 1/2
+        assert row["algbw_gbs"] == pytest.approx(row["bytes"] / row["time_s"] / 1e9, rel=1e-2, abs=1e-3)
+        assert row["busbw_gbs"] == pytest.approx(row["algbw_gbs"] * (1.0 if row["op"] == "all_reduce" else 0.5), abs=2e-3)
+
+
+def test_a_collective_sweep_sets_the_nvlink_rate_only_within_one_node():
+    from minigpt.analytic import steptime as T
+    cited = T.gpu_rates(gpu_by_name("H100"))
+    coll = {"world_size": 8, "results": [{"op": "all_reduce", "bytes": 2**30, "busbw_gbs": 360.0},
+                                         {"op": "all_reduce", "bytes": 2**20, "busbw_gbs": 40.0}]}
+    assert T.measured_rates({"collectives": coll}, cited, "c").nvlink_bytes_per_s == 360e9  # the largest buffer
+    assert T.measured_rates({"collectives": {**coll, "world_size": 16}}, cited, "c") == cited  # across nodes
+    with pytest.raises(UserError):
+        T.measured_rates({"collectives": {"world_size": 8, "results": [{"op": "all_reduce"}]}}, cited, "c")

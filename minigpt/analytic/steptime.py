@@ -36,8 +36,9 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
                Each micro-batch also adds its weight gradients into an fp32 buffer: 8 bytes a parameter.
   optimizer    the Adam update over the rank's parameter shard, 30 bytes per parameter over HBM.
 
-The achievable rates (`Rates`) are cited microbenchmarks of each GPU or measured on this machine,
-never fitted to the end-to-end runs the model is judged on (see analytic/published.py and backtest).
+The achievable rates (`Rates`) are cited microbenchmarks of each GPU (`gpu_rates`), or measured on the
+device by `minigpt bench hardware --sweep / --collectives` (`measured_rates`), never fitted to the
+end-to-end runs the model is judged on (see analytic/published.py and backtest).
 Not modelled: kernel launch and host overhead, data loading, stragglers, power capping, NCCL latency
 terms (bandwidth terms only), MoE routing imbalance.
 """
@@ -167,19 +168,31 @@ def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
         raise UserError(f"{what} was measured on {hw.get('device_name', 'an unknown device')!s:.60} "
                         f"({measured_on or 'no GPU in the table'}), not {gpu_name}: measure on a {gpu_name} "
                         f"(`minigpt bench hardware --sweep --out FILE`) or drop --hardware")
-    swept = (hw.get("gemm_sweep") or {}).get("dtype") if isinstance(hw.get("gemm_sweep"), dict) else None
+    if not isinstance(hw.get("gemm_sweep"), dict):
+        return  # links only: any dtype
+    swept = hw["gemm_sweep"].get("dtype")
     half = {"bf16", "fp16"}
     if swept != dtype and not (swept in half and dtype in half):
         raise UserError(f"{what} sweeps {swept} GEMMs, not {dtype}: re-measure in {dtype} or change --dtype")
 
 
 def measured_rates(hw: dict, base: Rates, what: str) -> Rates:
-    """`base` (a GPU's cited rates) with what `minigpt bench hardware --sweep` measured on that device: the
-    GEMM curve (every GEMM timed from it) and the copy bandwidth as the HBM rate. Links stay cited."""
+    """`base` (a GPU's cited rates) with what `minigpt bench hardware` measured on that device: the GEMM
+    curve of `--sweep` (every GEMM timed from it) with the copy bandwidth as the HBM rate, and the
+    all-reduce bus bandwidth of `--collectives` (its largest buffer) as the NVLink rate when its ranks
+    shared one node. What was not measured stays cited."""
     sweep = hw.get("gemm_sweep") if isinstance(hw, dict) else None
+    coll = hw.get("collectives") if isinstance(hw, dict) else None
+    if not sweep and not coll:
+        raise UserError(f"{what} has no GEMM sweep or collective sweep: measure with `minigpt bench hardware --sweep "
+                        f"--out FILE` (or `--collectives` under torchrun) on the GPU")
+    rates = _measured_gemms(hw, sweep, base, what) if sweep else base
+    return _measured_links(coll, rates, what) if coll else rates
+
+
+def _measured_gemms(hw: dict, sweep, base: Rates, what: str) -> Rates:
     if not isinstance(sweep, dict) or not isinstance(sweep.get("shapes"), list) or not sweep["shapes"]:
-        raise UserError(f"{what} has no GEMM sweep: measure one with `minigpt bench hardware --sweep --out FILE` on "
-                        f"the GPU")
+        raise UserError(f"{what}: gemm_sweep has no shapes; re-measure with `minigpt bench hardware --sweep --out FILE`")
     table = GemmTable(sweep["shapes"], what)
     copy = hw.get("copy_bandwidth_gbs")
     hbm = float(copy) * 1e9 if isinstance(copy, (int, float)) and copy > 0 else base.hbm_bytes_per_s
@@ -187,9 +200,26 @@ def measured_rates(hw: dict, base: Rates, what: str) -> Rates:
     device = hw.get("device_name", "?")
     return dataclasses.replace(base, matmul_flops=top, hbm_bytes_per_s=hbm, gemm_time=table, sources={
         **base.sources,
-        "matmul": (f"measured: {len(table.rates)} GEMM shapes on {device} ({sweep.get('dtype', '?')}, {what}), "
+        "matmul": (f"measured: {len(table.rates)} GEMM shapes on {device!s:.60} ({sweep.get('dtype', '?')!s:.10}, {what}), "
                    f"{min(table.rates.values()) / 1e12:.4g}-{top / 1e12:.4g} TFLOP/s, interpolated in log size"),
-        "hbm": (f"measured: copy {copy} GB/s on {device} ({what})" if hbm != base.hbm_bytes_per_s else base.sources["hbm"])})
+        "hbm": (f"measured: copy {copy} GB/s on {device!s:.60} ({what})" if hbm != base.hbm_bytes_per_s else base.sources["hbm"])})
+
+
+def _measured_links(coll, base: Rates, what: str) -> Rates:
+    try:
+        n = int(coll["world_size"])
+        largest = max((r for r in coll["results"] if r["op"] == "all_reduce"), key=lambda r: float(r["bytes"]))
+        busbw = float(largest["busbw_gbs"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{what}: collectives must hold world_size and all_reduce results with bytes and busbw_gbs; "
+                        f"re-measure with `minigpt bench hardware --collectives` under torchrun") from None
+    if not (math.isfinite(busbw) and busbw > 0) or n < 2:
+        raise UserError(f"{what}: the all-reduce bus bandwidth must be positive over 2 ranks or more; re-measure")
+    if n > GPUS_PER_NODE:
+        return base  # ranks over several nodes: the NVLink rate is not what it measured
+    return dataclasses.replace(base, nvlink_bytes_per_s=busbw * 1e9, sources={
+        **base.sources, "links": (f"measured: all-reduce bus bandwidth {busbw:g} GB/s at {float(largest['bytes']) / 2**20:g} "
+                                  f"MiB over {n} ranks in one node ({what}); inter-node: {base.sources['links']}")})
 
 
 @dataclass(frozen=True)
