@@ -653,6 +653,12 @@ def cmd_extrapolate(args) -> None:
     from minigpt.core.resolve import target_config
 
     cfg = target_config(args.target)
+    if args.step_plot:
+        from minigpt.core.plots import check_image_path
+
+        check_image_path(args.step_plot, "--step-plot")
+        if args.efficiency != "predicted":
+            raise UserError("--step-plot draws the step-time model's layouts: drop --efficiency assumed")
     s = scenario_from_args(args, cfg)
     if args.comm == "counted":
         from minigpt.measure.simulate import layout_simulator
@@ -661,6 +667,11 @@ def cmd_extrapolate(args) -> None:
     r = extrapolate(cfg.model, cfg.target, s)
     if getattr(args, "_measured_layers", None):
         r["measured_layers"] = args._measured_layers
+    if args.step_plot:
+        from minigpt.core.plots import plot_layout_steps
+
+        lay = r["memory"]["layout"]
+        plot_layout_steps(lay["alternatives"], args.step_plot, f"{args.target} on {lay['gpus_given']:,} x {r['gpu']}")
     if args.json:
         print(to_json(r))
     elif args.markdown:
@@ -676,7 +687,7 @@ def cmd_backtest(args) -> None:
     if args.plot:
         from minigpt.core.plots import check_image_path
 
-        check_image_path(args.plot, "--plot", make_parents=True)
+        check_image_path(args.plot, "--plot")
     from minigpt.core.config import read_json
 
     hardware = (read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None
@@ -1018,6 +1029,8 @@ def _add_extrapolate_command(sub) -> None:
                         "GPU class's published reference MFU (assumed)")
     p.add_argument("--hardware", metavar="FILE", help="the step-time model reads GEMM rates and HBM bandwidth measured on "
                                                       "--gpu (`minigpt bench hardware --sweep --out FILE` there)")
+    p.add_argument("--step-plot", metavar="PNG", help="draw the predicted step of the five fastest layouts that fit, "
+                                                      "stacked by part (seconds)")
     p.add_argument("--from-run", help="use the MFU a minigpt run measured (its report.json)")
     p.add_argument("--from-bench", help="use the MFU in a benchmark JSON line")
     p.add_argument("--measure-layers", type=number(int, 0, 1000), default=0, metavar="K", help="time K full-width layers here")

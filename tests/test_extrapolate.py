@@ -252,5 +252,20 @@ def test_the_layout_is_the_fastest_predicted_of_those_that_fit():
     assert "fastest predicted" in fastest["chosen_by"] and "smallest" in smallest["chosen_by"]
     steps = [a["predicted_step_s"] for a in fastest["alternatives"]]
     assert steps == sorted(steps) and fastest["alternatives"][0]["plan"] == fastest["plan"]
-    assert rank(ParallelPlan.parse(fastest["plan"])) <= rank(ParallelPlan.parse(smallest["plan"]))
+    assert rank(ParallelPlan.parse(fastest["plan"]))["step_s"] <= rank(ParallelPlan.parse(smallest["plan"]))["step_s"]
+    best = fastest["alternatives"][0]
+    assert sum(best["parts_s"].values()) == pytest.approx(best["predicted_step_s"])
     assert fastest["plan"] != smallest["plan"]  # here the smallest split (tp 4 x pp 3) is not the fastest
+
+
+def test_extrapolate_draws_the_fastest_layouts_stacked_by_part(tmp_path):
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--step-plot", str(tmp_path / "missing" / "steps.png"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stdout == ""
+    png = tmp_path / "steps.png"
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--num-gpus", "64", "--step-plot", str(png), "--json")
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    alts = json.loads(r.stdout)["memory"]["layout"]["alternatives"]
+    assert 1 < len(alts) <= 5 and all(set(a["parts_s"]) >= {"matmul", "dp_comm", "bubble"} for a in alts)
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--efficiency", "assumed", "--step-plot", str(png))
+    assert r.returncode == 2 and r.stderr.startswith("error: --step-plot")

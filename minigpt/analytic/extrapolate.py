@@ -161,7 +161,7 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
         _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget)
     ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
     if rank:
-        ranked.sort(key=lambda x: (x[2], x[0].world))
+        ranked.sort(key=lambda x: (x[2]["step_s"], x[0].world))
     rejected: list[dict] = []
     for plan, mem, step_s in ranked:
         layout = {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "zero_stage": zero, "plan": plan.spelling(),
@@ -183,7 +183,8 @@ def _choice(ranked: list, rank) -> dict:
         return {"chosen_by": "the smallest tensor x pipeline split that fits (--efficiency assumed)"}
     return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline splits that fit "
                          f"(step-time model, analytic/steptime.py)",
-            "alternatives": [{"plan": p.spelling(), "predicted_step_s": t} for p, _, t in ranked[:5]]}
+            "alternatives": [{"plan": p.spelling(), "predicted_step_s": st["step_s"], "parts_s": st["parts_s"],
+                              "mfu": st["mfu"]} for p, _, st in ranked[:5]]}
 
 
 def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int, micro_batch: int,
@@ -319,12 +320,12 @@ def scenario_rates(s: Scenario) -> T.Rates:
 
 
 def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
-    """plan -> predicted seconds per step (None under --efficiency assumed: the layout search then takes the
-    smallest split that fits)."""
+    """plan -> the step-time model's predicted step (None under --efficiency assumed: the layout search then
+    takes the smallest split that fits)."""
     if s.efficiency != "predicted":
         return None
     rates = scenario_rates(s)
-    return lambda plan: T.step_time(c, *_predict_setup(c, s, plan, gbt), rates)["step_s"]
+    return lambda plan: T.step_time(c, *_predict_setup(c, s, plan, gbt), rates)
 
 
 def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict:
@@ -410,7 +411,7 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
     dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
     rank = layout_ranker(c, s, gbt)
-    predicted = rank(plan) if rank else step_s / (1 - bubble) + dp_s + p2p_s
+    predicted = rank(plan)["step_s"] if rank else step_s / (1 - bubble) + dp_s + p2p_s
     return {"plan": plan.spelling(), "plan_description": plan.describe(), "per_gpu_bytes": mem["total"],
             "fits": mem["total"] <= s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, "micro_batches": m, "bubble": bubble,
             "dp_bytes": dp_bytes, "dp_s": dp_s, "p2p_bytes": p2p, "p2p_s": p2p_s, "predicted_step_s": predicted}

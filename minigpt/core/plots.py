@@ -265,3 +265,24 @@ def plot_serve_sweep(curves: dict[str, list[dict]], path: str, title: str, user_
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_layout_steps(alternatives: list[dict], path: str, title: str) -> None:
+    """Stacked bars: the predicted step of each layout, in seconds by part, fastest first, with its MFU."""
+    plt = _pyplot()
+    parts = list(alternatives[0]["parts_s"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(alternatives)), 4.5))
+    bottom = [0.0] * len(alternatives)
+    for part in parts:
+        values = [a["parts_s"].get(part, 0.0) for a in alternatives]
+        ax.bar(range(len(alternatives)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, a in enumerate(alternatives):
+        ax.text(i, bottom[i] * 1.01, f"MFU {a['mfu']:.1%}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(alternatives)), [a["plan"].replace(",zero", "\nzero") for a in alternatives], fontsize=7)
+    ax.set_ylabel("predicted seconds per step")
+    ax.set_title(f"{title} (predicted: step-time model; fastest first)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
