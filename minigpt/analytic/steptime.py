@@ -131,9 +131,13 @@ class GemmTable:
     the smallest's). A batched product runs each member at its (m, n, k) rate."""
 
     def __init__(self, shapes: list, what: str):
+        numbers = all(isinstance(row, list) and len(row) == 4 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in shapes)
         try:
+            if not numbers:
+                raise ValueError
             rates = {(int(m), int(n), int(k)): float(t) * 1e12 for m, n, k, t in shapes}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"{what}: gemm_sweep.shapes must be [m, n, k, TFLOP/s] rows; re-measure with "
                             f"`minigpt bench hardware --sweep --out FILE`") from None
         self.axes = [sorted({key[i] for key in rates}) for i in range(3)]
