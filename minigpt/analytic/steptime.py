@@ -124,6 +124,11 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
                           f"{gpu.internode_gbs:g} GB/s per GPU"})
 
 
+def _is_row(row) -> bool:
+    return isinstance(row, list) and len(row) == 4 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+
+
 class GemmTable:
     """A measured GEMM sweep (`minigpt bench hardware --sweep`) as a time per shape: the achieved rate
     interpolated in log size between the grid's shapes (multilinear in log m, log n, log k of log rate),
@@ -131,20 +136,17 @@ class GemmTable:
     the smallest's). A batched product runs each member at its (m, n, k) rate."""
 
     def __init__(self, shapes: list, what: str):
-        numbers = all(isinstance(row, list) and len(row) == 4 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in shapes)
+        redo = "re-measure with `minigpt bench hardware --sweep --out FILE`"
+        if not all(_is_row(row) for row in shapes):
+            raise UserError(f"{what}: gemm_sweep.shapes must be [m, n, k, TFLOP/s] rows of numbers; {redo}")
         try:
-            if not numbers:
-                raise ValueError
             rates = {(int(m), int(n), int(k)): float(t) * 1e12 for m, n, k, t in shapes}
-        except (TypeError, ValueError, OverflowError):
-            raise UserError(f"{what}: gemm_sweep.shapes must be [m, n, k, TFLOP/s] rows; re-measure with "
-                            f"`minigpt bench hardware --sweep --out FILE`") from None
+        except OverflowError:
+            raise UserError(f"{what}: a gemm_sweep size is not finite; {redo}") from None
         self.axes = [sorted({key[i] for key in rates}) for i in range(3)]
         positive = all(math.isfinite(v) and v > 0 and min(key) > 0 for key, v in rates.items())
         if len(rates) != math.prod(len(a) for a in self.axes) or not positive:
-            raise UserError(f"{what}: gemm_sweep must time every (m, n, k) of a grid, each positive; re-measure with "
-                            f"`minigpt bench hardware --sweep --out FILE`")
+            raise UserError(f"{what}: gemm_sweep must time every (m, n, k) of a grid, each positive; {redo}")
         self.rates = rates
 
     def flops_per_s(self, m: int, n: int, k: int) -> float:
@@ -170,14 +172,14 @@ def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
     measured_on = sheet.get("name") if isinstance(sheet, dict) else None
     if measured_on != gpu_name:
         raise UserError(f"{what} was measured on {hw.get('device_name', 'an unknown device')!s:.60} "
-                        f"({measured_on or 'no GPU in the table'}), not {gpu_name}: measure on a {gpu_name} "
+                        f"({measured_on or 'no GPU in the table'!s:.40}), not {gpu_name}: measure on a {gpu_name} "
                         f"(`minigpt bench hardware --sweep --out FILE`) or drop --hardware")
     if not isinstance(hw.get("gemm_sweep"), dict):
         return  # links only: any dtype
     swept = hw["gemm_sweep"].get("dtype")
     half = {"bf16", "fp16"}
     if swept != dtype and not (swept in half and dtype in half):
-        raise UserError(f"{what} sweeps {swept} GEMMs, not {dtype}: re-measure in {dtype} or change --dtype")
+        raise UserError(f"{what} sweeps {swept!s:.20} GEMMs, not {dtype}: re-measure in {dtype} or change --dtype")
 
 
 def measured_rates(hw: dict, base: Rates, what: str) -> Rates:
