@@ -223,3 +223,17 @@ def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
     assert [s[:3] for s in sweep["shapes"]] == [[32, 32, 32], [32, 32, 64], [64, 32, 32], [64, 32, 64]]
     assert all(s[3] > 0 for s in sweep["shapes"]) and "median" in sweep["convention"]
     T.GemmTable(sweep["shapes"], "cpu sweep")  # a table the step-time model accepts
+
+
+def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(tmp_path):
+    from minigpt.core.config import load_config, resolve_preset
+    from minigpt.measure.steptime_check import _dp_setup, all_reduce_at
+    path = tmp_path / "coll.json"
+    rows = [{"op": op, "bytes": b, "busbw_gbs": b / 1e6} for op in ("all_reduce", "all_gather") for b in (2**12, 2**22)]
+    path.write_text(json.dumps({"collectives": {"world_size": 2, "results": rows}}))
+    assert all_reduce_at(path, 3e6) == rows[1] and all_reduce_at(path, 1e3) == rows[0]
+    cfg = load_config(resolve_preset("tiny"))
+    plan, setup = _dp_setup(cfg, 2)  # the trainer's layout on 2 ranks: half the global batch each, DDP's overlap
+    layout = plan.batch_layout(cfg.train, cfg.model.block_size)
+    assert (plan.dp, setup.micro_batch, setup.overlap) == (2, layout.micro_batch_size, "backward")
+    assert setup.global_batch * cfg.model.block_size == cfg.train.batch_size_tokens

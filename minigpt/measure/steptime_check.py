@@ -20,6 +20,7 @@ import torch.nn.functional as Fn
 
 from minigpt.analytic import steptime as T
 from minigpt.core.config import Config
+from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
 
 
@@ -91,28 +92,33 @@ SHAPES = {  # the tiny preset, and a larger shape (more of the step in GEMMs)
 }
 
 
-def measured_step_ms(cfg: Config, steps: int) -> float:
-    """Median ms per step of `minigpt train` (in-process, one process), the first steps left out."""
+def measured_step_ms(cfg: Config, steps: int, run: bool = True) -> float:
+    """Median ms per step of `minigpt train` (in-process, one process, unless `run` is False: a run already
+    made, e.g. under torchrun), the first steps left out."""
     import contextlib
     import io
     import json
 
     from minigpt.train.loop import train
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the run's final line: the benchmark prints one JSON line
-        train(cfg, log=lambda *a: None)
+    if run:
+        with contextlib.redirect_stdout(io.StringIO()):  # the run's final line: the benchmark prints one JSON line
+            train(cfg, log=lambda *a: None)
     lines = (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()
     recs = [r for r in map(json.loads, lines) if r.get("kind") == "step"]
     return statistics.median(r["ms_per_step"] for r in recs[2:steps])
 
 
+def _run_sets(name: str, overrides: list[str], root: Path, steps: int) -> list[str]:
+    return [*overrides, f'train.out_dir="{root / name}"', f"train.max_steps={steps}", "train.eval_every=0",
+            "train.checkpoint_every=0", "train.sample_every=0", "train.report=false", "train.log_every=1",
+            'train.precision="fp32"', "train.compile=false"]
+
+
 def check_shape(name: str, root, steps: int, peak_tflops: float) -> dict:
     from minigpt.core.config import load_config, resolve_preset
 
-    sets = [*SHAPES[name], f'train.out_dir="{root / name}"', f"train.max_steps={steps}", "train.eval_every=0",
-            "train.checkpoint_every=0", "train.sample_every=0", "train.report=false", "train.log_every=1",
-            'train.precision="fp32"', "train.compile=false"]
-    cfg = load_config(resolve_preset("tiny"), sets)
+    cfg = load_config(resolve_preset("tiny"), _run_sets(name, SHAPES[name], root, steps))
     rates = cpu_rates(cfg, peak_tflops)
     predicted = predict_cpu_step(cfg, rates)
     measured = measured_step_ms(cfg, steps)
@@ -121,3 +127,69 @@ def check_shape(name: str, root, steps: int, peak_tflops: float) -> dict:
             "predicted_over_measured": round(pred_ms / measured, 3),
             "predicted_parts_ms": {k: round(v * 1e3, 2) for k, v in predicted["parts_s"].items() if v > 0},
             "rates": rates.sources}
+
+
+def _torchrun(ranks: int, args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "minigpt",
+           *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"torchrun minigpt {' '.join(args[:2])} failed (exit {done.returncode}): {tail}")
+
+
+def all_reduce_at(path: Path, nbytes: float) -> dict:
+    """The measured all-reduce row (`bench hardware --collectives`) nearest `nbytes` in log size."""
+    import json
+    import math
+
+    rows = [r for r in json.loads(path.read_text())["collectives"]["results"] if r["op"] == "all_reduce"]
+    return min(rows, key=lambda r: abs(math.log(r["bytes"] / nbytes)))
+
+
+def _dp_setup(cfg: Config, ranks: int) -> tuple[ParallelPlan, T.Setup]:
+    plan = ParallelPlan(dp=ranks)
+    layout = plan.batch_layout(cfg.train, cfg.model.block_size)
+    return plan, T.Setup(seq_len=cfg.model.block_size, micro_batch=layout.micro_batch_size,
+                         global_batch=layout.tokens_per_step // cfg.model.block_size, recompute="none",
+                         attention="flash", overlap="backward", act_bytes=4, grad_bytes=4)
+
+
+def check_data_parallel(root: Path, steps: int, ranks: int = 2) -> dict:
+    """The tiny preset on `ranks` gloo ranks (DDP, one thread each, as torchrun sets) against the model: GEMMs
+    timed here on one thread, the all-reduce's bus bandwidth measured by `bench hardware --collectives` at
+    the gradients' size, DDP's bucket overlap (the reduce hides behind the last micro-batch's backward)."""
+    import dataclasses
+
+    from minigpt.analytic.flops import param_counts
+    from minigpt.core.config import load_config, resolve_preset
+
+    name, coll = f"tiny-dp{ranks}", root / "collectives.json"
+    sets = _run_sets(name, [], root, steps)
+    _torchrun(ranks, ["bench", "hardware", "--collectives", "--repeats", "20", "--out", str(coll)])
+    _torchrun(ranks, ["train", "--config", "tiny", "--plan", f"dp={ranks}", *(x for s in sets for x in ("--set", s))])
+    cfg = load_config(resolve_preset("tiny"), sets)
+    row = all_reduce_at(coll, param_counts(cfg.model).total * 4)  # the fp32 gradients DDP reduces
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran; GEMMs are timed lazily, inside step_time: predict in here
+    gemm_seconds.cache_clear()
+    try:
+        from minigpt.measure.bench import matmul_tflops
+
+        rates = cpu_rates(cfg, matmul_tflops(torch.device("cpu"), torch.float32, 1024, 5))
+        rates = dataclasses.replace(rates, nvlink_bytes_per_s=row["busbw_gbs"] * 1e9, sources={
+            **rates.sources, "links": f"measured here: gloo all-reduce bus bandwidth {row['busbw_gbs']} GB/s at "
+                                      f"{row['bytes'] / 2**20:.2f} MiB ({ranks} ranks), the size nearest the gradients'"})
+        predicted = T.step_time(cfg.model, *_dp_setup(cfg, ranks), rates)
+    finally:
+        torch.set_num_threads(threads)
+        gemm_seconds.cache_clear()
+    measured = measured_step_ms(cfg, steps, run=False)
+    pred_ms = predicted["step_s"] * 1e3
+    return {"shape": name, "overrides": [f"--plan dp={ranks}"], "predicted_ms": round(pred_ms, 2),
+            "measured_ms": round(measured, 2), "predicted_over_measured": round(pred_ms / measured, 3),
+            "predicted_parts_ms": {k: round(v * 1e3, 2) for k, v in predicted["parts_s"].items() if v > 0},
+            "dp_traffic_ms": round(predicted["traffic_s"]["dp"] * 1e3, 2), "rates": rates.sources}
