@@ -30,8 +30,11 @@ def test_a_piped_run_shows_each_step_line_as_it_is_printed(corpus_dir, data_cach
               if r["kind"] == "step"}
     arrived = {int(line.split()[1].split("/")[0]): t for t, line in proc.arrivals if line.startswith("step ")}
     assert set(arrived) == set(logged) and len(arrived) >= 6
-    for step, t in arrived.items():
-        assert t - logged[step] < 1.0, (step, t - logged[step])  # printed, then in the pipe within a second
+    # no wall-clock bound (a loaded machine may stall the reader): the order says a line was not held back in
+    # a buffer; each step's line reached the pipe before the run logged the next step it prints
+    steps = sorted(arrived)
+    for step, later in zip(steps, steps[1:]):
+        assert arrived[step] < logged[later], (step, arrived[step] - logged[later])
 
 
 def test_tensorboard_and_csv_record_the_run(tiny_cfg, tmp_path):
