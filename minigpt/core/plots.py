@@ -220,17 +220,21 @@ def plot_decode_curve(rows: list[dict], path: str, title: str, user_target: floa
     plt.close(fig)
 
 
+def _stacked_bars(ax, parts: dict[str, list[float]]) -> list[float]:
+    """One bar per position, its parts stacked in the dict's order; returns each bar's height."""
+    bottom = [0.0] * len(next(iter(parts.values())))
+    for part, values in parts.items():
+        ax.bar(range(len(values)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    return bottom
+
+
 def plot_step_parts(rows: list[dict], path: str, title: str) -> None:
     """Stacked bars: each run's predicted step split into its parts (share of the step), with the
     predicted/published ratio above each bar."""
     plt = _pyplot()
-    parts = [k for k in rows[0]["parts_fraction"]]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5))
-    bottom = [0.0] * len(rows)
-    for part in parts:
-        values = [r["parts_fraction"][part] for r in rows]
-        ax.bar(range(len(rows)), values, bottom=bottom, label=part)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    _stacked_bars(ax, {part: [r["parts_fraction"][part] for r in rows] for part in rows[0]["parts_fraction"]})
     for i, r in enumerate(rows):
         ax.text(i, 1.01, f"{1 + r['error']:.2f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
@@ -270,13 +274,9 @@ def plot_serve_sweep(curves: dict[str, list[dict]], path: str, title: str, user_
 def plot_layout_steps(alternatives: list[dict], path: str, title: str) -> None:
     """Stacked bars: the predicted step of each layout, in seconds by part, fastest first, with its MFU."""
     plt = _pyplot()
-    parts = list(alternatives[0]["parts_s"])
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(alternatives)), 4.5))
-    bottom = [0.0] * len(alternatives)
-    for part in parts:
-        values = [a["parts_s"].get(part, 0.0) for a in alternatives]
-        ax.bar(range(len(alternatives)), values, bottom=bottom, label=part)
-        bottom = [b + v for b, v in zip(bottom, values)]
+    bottom = _stacked_bars(ax, {part: [a["parts_s"].get(part, 0.0) for a in alternatives]
+                                for part in alternatives[0]["parts_s"]})
     for i, a in enumerate(alternatives):
         ax.text(i, bottom[i] * 1.01, f"MFU {a['mfu']:.1%}", ha="center", fontsize=7)
     ax.set_xticks(range(len(alternatives)), [a["plan"].replace(",zero", "\nzero") for a in alternatives], fontsize=7)
