@@ -279,7 +279,7 @@ def plot_layout_steps(alternatives: list[dict], path: str, title: str) -> None:
                                 for part in alternatives[0]["parts_s"]})
     for i, a in enumerate(alternatives):
         ax.text(i, bottom[i] * 1.01, f"MFU {a['mfu']:.1%}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(alternatives)), [a["plan"].replace(",zero", "\nzero") for a in alternatives], fontsize=7)
+    ax.set_xticks(range(len(alternatives)), [a["plan"].replace(",", "\n") for a in alternatives], fontsize=7)
     ax.set_ylabel("predicted seconds per step")
     ax.set_title(f"{title} (predicted: step-time model; fastest first)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
