@@ -125,9 +125,8 @@ class Engine:
             return self._speculate()
         last = torch.tensor([[s.tokens[-1]] for s in self.running], device=self.device)  # (n, 1)
         pos = torch.tensor(self._len, device=self.device).unsqueeze(1)  # (n, 1): each row's next slot
-        slots = torch.arange(self.max_len, device=self.device)
-        visible = (slots.unsqueeze(0) <= pos)[:, None, None, :]  # (n, 1, 1, S): a row sees its own slots only
-        logits = self.model(last, input_pos=pos, positions=pos, cache=self.cache.rows(0, n), attn_mask=visible).logits[:, -1]
+        logits = self.model(last, input_pos=pos, positions=pos, cache=self.cache.rows(0, n),
+                            attn_mask=self._visible(pos)).logits[:, -1]  # a row sees its own slots only
         self._len = [x + 1 for x in self._len]
         self.steps += 1
         seqs = list(self.running)

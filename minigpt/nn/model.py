@@ -88,18 +88,16 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as a cache of their own that shares this one's memory (a view: writes land here)."""
-        view = object.__new__(KVCache)
-        view.k = [t[start:stop] for t in self.k]
-        view.v = [t[start:stop] for t in self.v]
-        view.max_len = self.max_len
-        return view
+        return self._mapped(lambda t: t[start:stop])
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """A new cache whose row i is this one's row index[i] (rows prefilled once, given to several samples)."""
+        return self._mapped(lambda t: t.index_select(0, index))
+
+    def _mapped(self, fn) -> KVCache:
+        """A cache of the same length whose key and value tensors are fn of this one's."""
         out = object.__new__(KVCache)
-        out.k = [t.index_select(0, index) for t in self.k]
-        out.v = [t.index_select(0, index) for t in self.v]
-        out.max_len = self.max_len
+        out.k, out.v, out.max_len = [fn(t) for t in self.k], [fn(t) for t in self.v], self.max_len
         return out
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
