@@ -374,9 +374,12 @@ def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, 
     return ids
 
 
-def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    kind = "authentication_error" if status == 401 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+def _error(status: int, message: str, code: str | None = None, param: str | None = None, kind: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    kind = kind or ("authentication_error" if status == 401 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 def _add_guard(app: FastAPI, limits: Limits) -> None:
@@ -443,8 +446,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}, e.status,
-                            headers=e.headers)
+        return _error(e.status, e.message, e.code, e.param, e.kind, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -453,14 +455,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             at = first.get("loc", ["", "?"])[-1]
             return _error(400, f"the body is not valid JSON (at character {at}: {first.get('ctx', {}).get('error', '')})")
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg')}", "type": "invalid_request_error",
-                                       "param": where or None, "code": None}}, 400)
+        return _error(400, f"{where or 'body'}: {first.get('msg')}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = "the body is not valid UTF-8 JSON" if e.status_code == 400 else str(e.detail)
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                       "code": None}}, e.status_code, headers=getattr(e, "headers", None))
+        return _error(e.status_code, message, kind="invalid_request_error", headers=getattr(e, "headers", None))
 
 
 def _prompts(prompt, tokenizer) -> list[str | list[int]]:
