@@ -597,6 +597,13 @@ def _extrapolate_plan(text: str, cfg) -> dict:
     return parse_keys(cfg.target.published_plan, "target.published_plan")
 
 
+def _hardware_file(args) -> tuple[dict, str] | None:
+    """--hardware: a `bench hardware` result and its name, for the step-time model."""
+    from minigpt.core.config import read_json
+
+    return (read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None
+
+
 def scenario_from_args(args, cfg):
     from minigpt.analytic.extrapolate import (
         WORDS_PER_TOKEN,
@@ -607,7 +614,6 @@ def scenario_from_args(args, cfg):
         read_serve_bench,
         speculate_factor,
     )
-    from minigpt.core.config import read_json
     from minigpt.core.hardware import gpu_by_name
     from minigpt.core.resolve import target_config
 
@@ -644,7 +650,7 @@ def scenario_from_args(args, cfg):
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
                     plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
                     context=args.context, batch=args.batch, serve=serve, notes=notes,
-                    hardware=(read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None)
+                    hardware=_hardware_file(args))
 
 
 def cmd_extrapolate(args) -> None:
@@ -688,10 +694,7 @@ def cmd_backtest(args) -> None:
         from minigpt.core.plots import check_image_path
 
         check_image_path(args.plot, "--plot")
-    from minigpt.core.config import read_json
-
-    hardware = (read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None
-    b = backtest(Path(args.table) if args.table else TABLE, hardware)
+    b = backtest(Path(args.table) if args.table else TABLE, _hardware_file(args))
     if args.plot:
         from minigpt.core.plots import plot_step_parts
 
