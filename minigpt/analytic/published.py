@@ -98,6 +98,11 @@ def _check_hardware(runs: list[dict], hardware: tuple[dict, str]) -> None:
                         f"no run of the table trained on it: measure on one of their GPUs or drop --hardware")
 
 
+def _errors(rows: list[dict]) -> dict:
+    errs = [abs(r["error"]) for r in rows]
+    return {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+
+
 def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> dict:
     """Every run predicted, the errors summarised per set and per family. `hardware`: a GEMM sweep and its file
     name, used for the runs on the GPU it was measured on (refused when no run is)."""
@@ -113,16 +118,10 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: a run is missing or misnames a field ({type(e).__name__}: {e}); every run needs name, "
                         f"family, set, source, gpu, dtype, model, plan, global_batch, published") from None
-    summary = {}
-    for name in ("development", "held-out", "all"):
-        errs = [abs(r["error"]) for r in rows if name in ("all", r["set"])]
-        if errs:
-            summary[name] = {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
-    families = {}
-    for fam in dict.fromkeys(r["family"] for r in rows):
-        errs = [abs(r["error"]) for r in rows if r["family"] == fam]
-        families[fam] = {"set": next(r["set"] for r in rows if r["family"] == fam), "runs": len(errs),
-                         "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    summary = {name: _errors([r for r in rows if name in ("all", r["set"])])
+               for name in ("development", "held-out", "all") if any(name in ("all", r["set"]) for r in rows)}
+    families = {fam: {"set": next(r["set"] for r in rows if r["family"] == fam),
+                      **_errors([r for r in rows if r["family"] == fam])} for fam in dict.fromkeys(r["family"] for r in rows)}
     return {"runs": rows, "summary": summary, "by_family": families,
             "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
             "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"
