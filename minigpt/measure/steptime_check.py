@@ -109,6 +109,15 @@ def measured_step_ms(cfg: Config, steps: int, run: bool = True) -> float:
     return statistics.median(r["ms_per_step"] for r in recs[2:steps])
 
 
+def _row(name: str, overrides: list[str], predicted: dict, measured_ms: float, rates: T.Rates) -> dict:
+    """One shape's line: predicted beside measured, the predicted parts, the rates' sources."""
+    pred_ms = predicted["step_s"] * 1e3
+    return {"shape": name, "overrides": overrides, "predicted_ms": round(pred_ms, 2), "measured_ms": round(measured_ms, 2),
+            "predicted_over_measured": round(pred_ms / measured_ms, 3),
+            "predicted_parts_ms": {k: round(v * 1e3, 2) for k, v in predicted["parts_s"].items() if v > 0},
+            "rates": rates.sources}
+
+
 def _run_sets(name: str, overrides: list[str], root: Path, steps: int) -> list[str]:
     return [*overrides, f'train.out_dir="{root / name}"', f"train.max_steps={steps}", "train.eval_every=0",
             "train.checkpoint_every=0", "train.sample_every=0", "train.report=false", "train.log_every=1",
@@ -121,12 +130,7 @@ def check_shape(name: str, root, steps: int, peak_tflops: float) -> dict:
     cfg = load_config(resolve_preset("tiny"), _run_sets(name, SHAPES[name], root, steps))
     rates = cpu_rates(cfg, peak_tflops)
     predicted = predict_cpu_step(cfg, rates)
-    measured = measured_step_ms(cfg, steps)
-    pred_ms = predicted["step_s"] * 1e3
-    return {"shape": name, "overrides": SHAPES[name], "predicted_ms": round(pred_ms, 2), "measured_ms": round(measured, 2),
-            "predicted_over_measured": round(pred_ms / measured, 3),
-            "predicted_parts_ms": {k: round(v * 1e3, 2) for k, v in predicted["parts_s"].items() if v > 0},
-            "rates": rates.sources}
+    return _row(name, SHAPES[name], predicted, measured_step_ms(cfg, steps), rates)
 
 
 def _torchrun(ranks: int, args: list[str]) -> None:
@@ -187,9 +191,5 @@ def check_data_parallel(root: Path, steps: int, ranks: int = 2) -> dict:
     finally:
         torch.set_num_threads(threads)
         gemm_seconds.cache_clear()
-    measured = measured_step_ms(cfg, steps, run=False)
-    pred_ms = predicted["step_s"] * 1e3
-    return {"shape": name, "overrides": [f"--plan dp={ranks}"], "predicted_ms": round(pred_ms, 2),
-            "measured_ms": round(measured, 2), "predicted_over_measured": round(pred_ms / measured, 3),
-            "predicted_parts_ms": {k: round(v * 1e3, 2) for k, v in predicted["parts_s"].items() if v > 0},
-            "dp_traffic_ms": round(predicted["traffic_s"]["dp"] * 1e3, 2), "rates": rates.sources}
+    return {**_row(name, [f"--plan dp={ranks}"], predicted, measured_step_ms(cfg, steps, run=False), rates),
+            "dp_traffic_ms": round(predicted["traffic_s"]["dp"] * 1e3, 2)}
