@@ -60,13 +60,14 @@ def test_muon_flops_are_the_newton_schulz_matmuls_torch_runs():
 
 
 def test_a_modern_recipe_trains_resumes_exactly_and_says_its_optimizer(corpus_dir, data_cache, tmp_path):
-    sets = tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **MODERN, **{"train.max_steps": 4})
+    aligned = {"train.max_steps": 4, "data.align": '"document"'}  # windows start at documents, resumed exactly too
+    sets = tiny_overrides(corpus_dir, data_cache, tmp_path / "run", **MODERN, **aligned)
     r = run_cli("train", *set_args(sets), "--stop-at", "2")
     assert r.returncode == 0, r.stderr
     assert "optim    Muon (5 Newton-Schulz steps) on the blocks' matrices + AdamW on the rest" in r.stdout
     assert "wsd (warmup 2, stable, linear decay over the last 20%)" in r.stdout
     assert run_cli("train", "--resume", str(tmp_path / "run")).returncode == 0
-    whole = tiny_overrides(corpus_dir, data_cache, tmp_path / "whole", **MODERN, **{"train.max_steps": 4})
+    whole = tiny_overrides(corpus_dir, data_cache, tmp_path / "whole", **MODERN, **aligned)
     assert run_cli("train", *set_args(whole)).returncode == 0
     assert [s["loss"] for s in step_records(tmp_path / "run")] == [s["loss"] for s in step_records(tmp_path / "whole")]
     r = run_cli("train", "--resume", str(tmp_path / "run"), "--set", 'train.optimizer="adamw"', "--set", "train.max_steps=5")

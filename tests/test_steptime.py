@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 
 from minigpt.analytic import flops as F, steptime as T
-from minigpt.analytic.published import backtest, load_runs, predict, run_inputs
+from minigpt.analytic.published import TABLE, backtest, load_runs, predict, run_inputs
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
@@ -101,6 +101,12 @@ def test_backtest_is_computed_from_the_table_and_summarised_per_set():
     assert (plan.tp, plan.pp, plan.dp, plan.stages_per_rank, setup.recompute) == (8, 64, 6, 2, "full")
 
 
+def test_a_setup_refuses_settings_it_does_not_model():
+    for bad in ({"recompute": "ful"}, {"overlap": "all"}, {"attention": "sdpa"}, {"micro_batch": 0}):
+        with pytest.raises(UserError):
+            T.Setup(seq_len=8, **bad)
+
+
 def test_backtest_cli_json_and_errors(tmp_path):
     r = run_cli("backtest", "--json")
     data = json.loads(r.stdout)
@@ -109,6 +115,10 @@ def test_backtest_cli_json_and_errors(tmp_path):
     bad.write_text('[family.a]\nseq_len = 1\n[[run]]\nname = "x"\nfamily = "a"\n')
     r = run_cli("backtest", "--table", str(bad))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "plan" in r.stderr and "Traceback" not in r.stderr
+    misspelled = tmp_path / "misspelled.toml"  # a misspelled setting is an error, never silently "none"
+    misspelled.write_text(TABLE.read_text().replace('recompute = "full"', 'recompute = "ful"', 1))
+    r = run_cli("backtest", "--table", str(misspelled))
+    assert r.returncode == 2 and "recompute = 'ful'" in r.stderr and "selective" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_traffic_is_reported_before_overlap_and_the_exposed_part_in_the_parts():

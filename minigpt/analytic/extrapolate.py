@@ -219,7 +219,8 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
     sources = {"tokens": tokens_source, "seq_len": f"{seq:,} tokens: {s.seq_source}"}
     gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
-    mfu, mfu_source, predicted, num_gpus, sources["num_gpus"] = _efficiency(c, s, flops_conv / peak, gbt)
+    rank = layout_ranker(c, s, gbt)  # one per estimate: each layout's step is predicted once
+    mfu, mfu_source, predicted, num_gpus, sources["num_gpus"] = _efficiency(c, s, flops_conv / peak, rank)
     gpu_hours = flops_conv / (peak * mfu) / 3600
     sources["mfu"] = mfu_source
     price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
@@ -251,14 +252,14 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "days": gpu_hours / num_gpus / 24,
         "price_per_gpu_hour": price,
         "cost_usd": gpu_hours * price,
-        "memory": _memory(c, s, num_gpus, gbt, tokens, step_s),
+        "memory": _memory(c, s, num_gpus, gbt, tokens, step_s, rank),
         "step_time": predicted,
         "inference": _inference(c, s, ctx, peak, mfu),
         "sources": sources,
         "notes": s.notes,
     }
     if target.published_plan:
-        result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s)
+        result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s, rank)
     if s.serve:
         result.update(_serving_results(c, s, peak, mfu, price, ctx))
     return result
@@ -285,7 +286,7 @@ def _serving_results(c: ModelConfig, s: Scenario, peak: float, mfu: float, price
     return out
 
 
-def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, gbt: float) -> tuple:
+def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, rank) -> tuple:
     """(MFU, its source, the predicted step or None, GPU count, its source). Given or measured MFU first;
     else predicted by the step-time model on the layout for the GPU count (with --days: the count sized
     at the assumed MFU, then re-solved at the predicted one); else (--efficiency assumed) the reference."""
@@ -294,7 +295,7 @@ def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, gbt: float) ->
         mfu, source = REFERENCE_MFU[s.gpu.name][0], f"assumed: {REFERENCE_MFU[s.gpu.name][1]}"
     num_gpus, gpus_source = _gpu_count(s, peak_seconds / mfu / 3600)
     if s.mfu is None and s.efficiency == "predicted":
-        predicted = predict_step(c, s, num_gpus, gbt)
+        predicted = predict_step(c, s, num_gpus, rank)
         mfu, source = predicted["mfu_in_convention"], predicted["mfu_source"]
         if s.days is not None and not all(k in s.plan for k in ("dp", "tp", "pp")):
             num_gpus = math.ceil(peak_seconds / mfu / 3600 / (s.days * 24))
@@ -320,27 +321,32 @@ def scenario_rates(s: Scenario) -> T.Rates:
 
 
 def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
-    """plan -> the step-time model's predicted step (None under --efficiency assumed: the layout search then
-    takes the smallest split that fits)."""
+    """plan -> the step-time model's predicted step, each plan's computed once (None under --efficiency
+    assumed: the layout search then takes the smallest split that fits)."""
     if s.efficiency != "predicted":
         return None
-    rates = scenario_rates(s)
-    return lambda plan: T.step_time(c, *_predict_setup(c, s, plan, gbt), rates)
+    rates, steps = scenario_rates(s), {}
+
+    def rank(plan: ParallelPlan) -> dict:
+        if plan not in steps:
+            trained, setup = _predict_setup(c, s, plan, gbt)
+            steps[plan] = {**T.step_time(c, trained, setup, rates), "plan": trained.spelling()}
+        return steps[plan]
+    return rank
 
 
-def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float) -> dict:
+def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
     """The step-time model (steptime.py) on the layout the search picks. Its MFU is re-counted in the
     scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
     seq = c.block_size
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, rank=layout_ranker(c, s, gbt))
-    plan, setup = _predict_setup(c, s, ParallelPlan.parse(layout["plan"]), gbt)
-    st = T.step_time(c, plan, setup, scenario_rates(s))
-    mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / plan.world / (
-        s.gpu.tflops[s.dtype] * 1e12)
-    source = (f"predicted: step-time model on {plan.spelling()} (full recompute, flash attention, overlapped transfers; "
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, rank=rank)
+    st = rank(ParallelPlan.parse(layout["plan"]))
+    mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / layout[
+        "gpus_used"] / (s.gpu.tflops[s.dtype] * 1e12)
+    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, overlapped transfers; "
               f"backtest: minigpt backtest)" + ("" if s.flops_convention == "exact" else
                                                    f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
-    return {**st, "plan": plan.spelling(), "mfu_in_convention": mfu, "mfu_source": source}
+    return {**st, "mfu_in_convention": mfu, "mfu_source": source}
 
 
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
@@ -357,12 +363,12 @@ def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
     return DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
 
 
-def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: float, step_s: float) -> dict:
+def _memory(c: ModelConfig, s: Scenario, num_gpus: int, gbt: float, tokens: float, step_s: float, rank) -> dict:
     """Model states, the suggested layout with its pipeline bubble, and the per-step communication."""
     p = F.param_counts(c)
     seq = c.block_size
     states = M.model_state_bytes(p.total, "bf16", 0, 1)
-    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator, layout_ranker(c, s, gbt))
+    layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, s.simulator, rank)
     micro_batches = max(1, round(gbt / (seq * s.micro_batch * layout["dp"])))
     plan = ParallelPlan.parse(layout["plan"])
     bubble = plan.bubble_formula(micro_batches) or 0.0
@@ -396,7 +402,7 @@ def pipeline_p2p_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch
     return 2 * micro_batches * plan.stages_per_rank * micro_batch * seq * c.n_embd * 2 / plan.tp
 
 
-def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, step_s: float) -> dict:
+def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, step_s: float, rank) -> dict:
     """One layout's memory, bubble and traffic per step on the scenario's GPUs, and a predicted step time:
     the step-time model's (--efficiency predicted), else compute stretched by the bubble plus the
     data-parallel and pipeline transfers not overlapped (an upper bound; bandwidth terms only)."""
@@ -410,14 +416,14 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
     p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
     dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
-    rank = layout_ranker(c, s, gbt)
     predicted = rank(plan)["step_s"] if rank else step_s / (1 - bubble) + dp_s + p2p_s
     return {"plan": plan.spelling(), "plan_description": plan.describe(), "per_gpu_bytes": mem["total"],
             "fits": mem["total"] <= s.gpu.memory_gb * 1e9 * MEMORY_HEADROOM, "micro_batches": m, "bubble": bubble,
             "dp_bytes": dp_bytes, "dp_s": dp_s, "p2p_bytes": p2p, "p2p_s": p2p_s, "predicted_step_s": predicted}
 
 
-def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: dict, gbt: float, step_s: float) -> dict:
+def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: dict, gbt: float, step_s: float,
+                      rank) -> dict:
     """The target's published layout beside the one the search chose, on the same GPUs, and why the search
     prefers its own (or that it chose the published one)."""
     keys = parse_keys(target.published_plan, "target.published_plan")
@@ -425,7 +431,7 @@ def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: di
     per_replica = keys.get("tp", 1) * keys.get("pp", 1)
     pub_plan = ParallelPlan.from_keys({"zero": own["zero_stage"], **keys, "dp": max(1, world // per_replica)})
     own_plan = ParallelPlan.parse(own["plan"])
-    pub, mine = (layout_figures(c, p, s, gbt, step_s) for p in (pub_plan, own_plan))
+    pub, mine = (layout_figures(c, p, s, gbt, step_s, rank) for p in (pub_plan, own_plan))
     reasons = []
     if pub["plan"] == mine["plan"]:
         fixed = all(s.plan.get(k) == v for k, v in keys.items())
@@ -436,7 +442,7 @@ def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: di
             reasons.append(f"the published layout needs {pub['per_gpu_bytes'] / 1e9:.1f} GB per GPU, over the "
                            f"{s.gpu.memory_gb * MEMORY_HEADROOM:g} GB budget")
         faster = mine["predicted_step_s"] <= pub["predicted_step_s"]
-        if layout_ranker(c, s, gbt):
+        if rank:
             reasons.append(f"the search takes the fastest predicted step of the layouts that fit: {own_plan.tp * own_plan.pp} "
                            f"GPUs per replica vs {per_replica}, predicted step {mine['predicted_step_s']:.3g} s vs "
                            f"{pub['predicted_step_s']:.3g} s (step-time model; bubble {mine['bubble']:.1%} vs "

@@ -61,6 +61,7 @@ OPTIMIZER_BYTES_PER_PARAM = 30  # Adam: read+write fp32 master, m, v (24), read 
 GRAD_ACCUM_BYTES_PER_PARAM = 8  # per micro-batch: read and write an fp32 gradient buffer (Megatron's main_grad, .grad)
 OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (see dp_seconds)
 RECOMPUTE = ("none", "selective", "op", "full")
+ATTENTION = ("flash", "materialized")
 
 # Achievable rates of each GPU, from microbenchmarks (not from training runs). BF16/FP16 dense.
 # Matmul: Bekman, "Machine Learning Engineering", mamf-finder. Where it publishes the sustained rate (MSMF:
@@ -240,6 +241,15 @@ class Setup:
     act_bytes: int = 2  # bytes per activation element (16-bit)
     grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
+
+    def __post_init__(self):
+        for key, allowed in (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"{key} = {getattr(self, key)!r:.40} is not one of {', '.join(allowed)}: use one of them")
+        for key in ("seq_len", "micro_batch", "global_batch", "act_bytes", "grad_bytes", "param_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{key} = {value!r:.40} must be a positive whole number")
 
     @property
     def micro_batches(self) -> int:

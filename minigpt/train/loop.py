@@ -142,6 +142,7 @@ class Run:
     start_step: int
     end_step: int
     lock: RunLock | None = None
+    document_starts: np.ndarray | None = None  # the windows batches may start at (data.align = "document")
     train_loss: float | None = None
     val_loss: float | None = None
     train_bpb: float | None = None
@@ -215,7 +216,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         device_notes = configure_device(tc, env.device)  # threads first: a stored CPU peak must match them
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=torch.get_num_threads())
-        prepared = _prepare_data(cfg, env, paths, resume, say)
+        prepared, starts = _prepare_data(cfg, env, paths, resume, say)
         _check_sampling(cfg, prepared)
         backend = _build(cfg, env, plan, resume, say)
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
@@ -229,7 +230,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         raise
     metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = Run(cfg, env, say, paths, prepared, plan, layout, backend, checkpointer, metrics, state, state.step,
-              end_step, lock)
+              end_step, lock, document_starts=starts)
     run.bytes_of, run.entropy = _bytes_and_entropy(prepared, cfg, env)
     for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
@@ -296,10 +297,9 @@ def loop(run: Run, stop: StopControl) -> None:
     tokens = run.prepared.tokens("train")
     run.t_start = time.perf_counter()
     stop.graceful = True  # from here a signal finishes the step and saves
-    allowed = (document_starts(tokens, run.prepared.manifest.get("eot_id"), run.cfg.model.block_size)
-               if run.cfg.data.align == "document" else None)
     with BatchLoader(tokens, run.layout.micro_batch_size, run.cfg.model.block_size, tc.seed,
-                     run.plan.dp_rank(env.rank), run.layout.accum, steps, env.device, allowed=allowed) as batches:
+                     run.plan.dp_rank(env.rank), run.layout.accum, steps, env.device,
+                     allowed=run.document_starts) as batches:
         for step, micro_batches in zip(steps, batches):
             lr = lr_at(step, tc)
             run.backend.set_lr(lr)
@@ -477,8 +477,10 @@ def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
         raise AlreadyDone(json.dumps(summary))
 
 
-def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -> data.PreparedData:
-    """Tokens of the corpus; a resumed run is pinned to the corpus (and tokenizer) it started with."""
+def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool,
+                  say) -> tuple[data.PreparedData, np.ndarray | None]:
+    """Tokens of the corpus, and where its documents start (data.align = "document"; else None). A resumed run
+    is pinned to the corpus (and tokenizer) it started with."""
     prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
     pinned_path = paths.root / "data.json"
     if resume and pinned_path.is_file():
@@ -496,9 +498,9 @@ def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool, say) -
                 f"run's tokenizer")
     for split in ("train", "val"):
         check_split_length(prepared.tokens(split), split, cfg.model.block_size)
-    if cfg.data.align == "document":  # refused now, not at the first step
-        document_starts(prepared.tokens("train"), prepared.manifest.get("eot_id"), cfg.model.block_size)
-    return prepared
+    starts = (document_starts(prepared.tokens("train"), prepared.manifest.get("eot_id"), cfg.model.block_size)
+              if cfg.data.align == "document" else None)  # refused now, not at the first step
+    return prepared, starts
 
 
 def _bytes_and_entropy(prepared, cfg: Config, env: DistEnv) -> tuple[torch.Tensor, tuple[float, float | None]]:
