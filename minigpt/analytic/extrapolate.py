@@ -480,7 +480,7 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
         "zero3_s_per_step": zero3 / link,
         "link_bytes_per_s": link,
         "dp_group_within_node": intra,
-        "link": link_name + "; ring all-reduce, bandwidth term only, overlap with compute not modelled",
+        "link": link_name + "; ring all-reduce of bf16 gradients, bandwidth term only, no overlap",
         "compute_s_per_step": step_s,
         "steps": steps,
         "source": "formula: ring all-reduce of 2 Psi bytes / (tp pp) (ZeRO-3: 1.5x); tensor-parallel traffic not counted",

@@ -213,6 +213,8 @@ def step_time_lines(st: dict | None) -> list[str]:
     parts = ", ".join(f"{k} {v:.3g} s ({v / st['step_s']:.0%})" for k, v in st["parts_s"].items() if v > 0)
     return [f"predicted step on {st['plan']}: {st['step_s']:.3g} s = {parts}; {st['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
             f"MFU {st['mfu']:.1%}, HFU {st['hfu']:.1%} (exact FLOPs over the datasheet peak)",
+            "  transfers before overlap: " + ", ".join(f"{k} {v:.3g} s" for k, v in st["traffic_s"].items())
+            + " (the step above holds only what the backend leaves exposed: tp_comm, pp_comm, dp_comm)",
             "  rates: " + "; ".join(f"{k}: {v}" for k, v in st["sources"].items())]
 
 
@@ -245,7 +247,8 @@ def extrapolation_lines(r: dict) -> list[str]:
         *_choice_lines(lay),
         f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
         f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
-        f"{comm['compute_s_per_step']:.2f} s; {comm['link']}",
+        f"{comm['compute_s_per_step']:.2f} s; {comm['link']}" + (" (a formula cross-check: the predicted step counts "
+        "the reduction in its own dtype and what the backend hides)" if r.get("step_time") else ""),
         *_counted_lines(comm, lay),
         *_published_lines(r.get("published_layout")),
         f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "
