@@ -59,6 +59,28 @@ def test_bench_hardware_on_this_cpu_and_as_a_peak(tmp_path, tiny_cfg):
     assert (tmp_path / "run" / "report.md").read_text().startswith("# minigpt run report")
 
 
+def test_a_stored_cpu_peak_sets_the_threads_it_was_measured_with(tmp_path, monkeypatch):
+    """The default thread count follows the load; a run dividing by a stored CPU peak takes the peak's count
+    instead, so a busy moment at either end cannot make the peak and the run disagree."""
+    import torch
+
+    from minigpt.core.config import TrainConfig
+    from minigpt.core.device import configure_device
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    path = tmp_path / "hw.json"
+    try:
+        for threads, says in ((1, "1 thread(s) (the count train.peak_from's CPU peak was measured with)"),
+                              (10**6, "(default:"), ("2", "(default:")):  # not a usable count: the default rule
+            path.write_text(json.dumps({"device": "cpu", "threads": threads, "matmul_tflops": {"fp32": 0.1}}))
+            notes = configure_device(TrainConfig(peak_from=str(path)), torch.device("cpu"))
+            assert says in notes[0]
+        assert torch.get_num_threads() >= 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unknown_peak_shows_no_mfu(tiny_cfg):
     lines = []
     summary = train(tiny_cfg(**{"train.max_steps": 2}), log=lines.append)

@@ -191,7 +191,8 @@ def test_a_measured_gemm_table_interpolates_in_log_size_and_clamps():
     assert table.flops_per_s(10**6, 10**6, 10**6) == pytest.approx(400e12)  # beyond the grid: its edge
     assert table(1024, 64, 64, batch=3) == pytest.approx(3 * 2 * 1024 * 64 * 64 / 400e12)
     not_a_grid = [[64, 64, 64, 1.0], [1024, 64, 64, 1.0], [64, 1024, 64, 1.0]]
-    for bad in ([[64, 64, 64, "x"]], [[True, 64, 64, 1.0]], [[64, 64, 64]], not_a_grid, [[64, 64, 64, -1.0]]):
+    twice = [[64, 64, 64, 1.0], [64, 64, 64, 9.0]]  # one shape timed twice: which one counts is not for us to pick
+    for bad in ([[64, 64, 64, "x"]], [[True, 64, 64, 1.0]], [[64, 64, 64]], not_a_grid, [[64, 64, 64, -1.0]], twice):
         with pytest.raises(UserError):
             T.GemmTable(bad, "t")
 
@@ -204,6 +205,9 @@ def test_measured_rates_time_every_gemm_from_the_sweep(tmp_path):
     assert T.forward_seconds(g, measured, 2) == pytest.approx(g.flops / 600e12)
     assert measured.hbm_bytes_per_s == 3000e9 and "measured" in measured.sources["matmul"]
     assert step(GPT_13B, rates=measured)["step_s"] != step(GPT_13B, rates=cited)["step_s"]
+    for copy in (-1, "fast", float("nan")):  # a crafted copy bandwidth is refused, not silently replaced
+        with pytest.raises(UserError, match="copy_bandwidth_gbs"):
+            T.measured_rates({**hw, "copy_bandwidth_gbs": copy}, cited, "sweep.json")
 
 
 def test_backtest_and_extrapolate_read_a_sweep_only_for_its_gpu_and_dtype(tmp_path):

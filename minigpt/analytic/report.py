@@ -218,6 +218,14 @@ def step_time_lines(st: dict | None) -> list[str]:
             "  rates: " + "; ".join(f"{k}: {v}" for k, v in st["sources"].items())]
 
 
+def _communication_line(comm: dict, predicted: bool) -> str:
+    """The data-parallel traffic by formula, a cross-check of the predicted step's dp_comm when there is one."""
+    return (f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} "
+            f"per GPU = {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
+            f"{comm['compute_s_per_step']:.2f} s; {comm['link']}" + (" (a formula cross-check: the predicted step counts "
+            "the reduction in its own dtype and what the backend hides)" if predicted else ""))
+
+
 def extrapolation_lines(r: dict) -> list[str]:
     m, inf, lay = r["memory"], r["inference"], r["memory"]["layout"]
     comm = m["communication"]
@@ -245,10 +253,7 @@ def extrapolation_lines(r: dict) -> list[str]:
         + (f", point-to-point {fmt_bytes(lay['pipeline_p2p_bytes_per_gpu_per_step'])} = "
            f"{lay['pipeline_p2p_s_per_step']:.3g} s per step ({lay['pipeline_p2p_convention']})" if lay["pp"] > 1 else ""),
         *_choice_lines(lay),
-        f"communication per step: data-parallel gradient all-reduce {fmt_bytes(comm['dp_allreduce_bytes_per_gpu_per_step'])} per GPU "
-        f"= {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
-        f"{comm['compute_s_per_step']:.2f} s; {comm['link']}" + (" (a formula cross-check: the predicted step counts "
-        "the reduction in its own dtype and what the backend hides)" if r.get("step_time") else ""),
+        _communication_line(comm, predicted=bool(r.get("step_time"))),
         *_counted_lines(comm, lay),
         *_published_lines(r.get("published_layout")),
         f"inference (context {inf['context']}, batch {inf['batch']}): {inf['flops_per_token']:.4g} FLOPs per generated token; "

@@ -125,9 +125,12 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
                           f"{gpu.internode_gbs:g} GB/s per GPU"})
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _is_row(row) -> bool:
-    return isinstance(row, list) and len(row) == 4 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+    return isinstance(row, list) and len(row) == 4 and all(_is_number(x) for x in row)
 
 
 class GemmTable:
@@ -146,8 +149,8 @@ class GemmTable:
             raise UserError(f"{what}: a gemm_sweep size is not finite; {redo}") from None
         self.axes = [sorted({key[i] for key in rates}) for i in range(3)]
         positive = all(math.isfinite(v) and v > 0 and min(key) > 0 for key, v in rates.items())
-        if len(rates) != math.prod(len(a) for a in self.axes) or not positive:
-            raise UserError(f"{what}: gemm_sweep must time every (m, n, k) of a grid, each positive; {redo}")
+        if len(rates) != len(shapes) or len(rates) != math.prod(len(a) for a in self.axes) or not positive:
+            raise UserError(f"{what}: gemm_sweep must time every (m, n, k) of a grid once, each positive; {redo}")
         self.rates = rates
 
     def flops_per_s(self, m: int, n: int, k: int) -> float:
@@ -202,7 +205,10 @@ def _measured_gemms(hw: dict, sweep, base: Rates, what: str) -> Rates:
         raise UserError(f"{what}: gemm_sweep has no shapes; re-measure with `minigpt bench hardware --sweep --out FILE`")
     table = GemmTable(sweep["shapes"], what)
     copy = hw.get("copy_bandwidth_gbs")
-    hbm = float(copy) * 1e9 if isinstance(copy, (int, float)) and copy > 0 else base.hbm_bytes_per_s
+    if copy is not None and not (_is_number(copy) and math.isfinite(copy) and copy > 0):
+        raise UserError(f"{what}: copy_bandwidth_gbs = {copy!r:.30} is not a positive number of GB/s; re-measure with "
+                        f"`minigpt bench hardware --sweep --out FILE`")
+    hbm = float(copy) * 1e9 if copy is not None else base.hbm_bytes_per_s
     top = max(table.rates.values())
     device = hw.get("device_name", "?")
     return dataclasses.replace(base, matmul_flops=top, hbm_bytes_per_s=hbm, gemm_time=table, sources={

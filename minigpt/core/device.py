@@ -92,13 +92,29 @@ def busy_cores(samples: int = 7) -> tuple[int, str]:
     return int(load + 0.5), f"load average {load:.2f}"
 
 
-def use_threads(threads: int = 0) -> str:
-    """Set torch's intra-op threads: `threads` (a flag or train.threads) or the default rule; says which."""
+def use_threads(threads: int = 0, why: str = "--threads / train.threads") -> str:
+    """Set torch's intra-op threads: `threads` (a flag or train.threads, or `why` says where from) or the
+    default rule; says which."""
     import torch
 
-    n, why = (threads, "--threads / train.threads") if threads else default_threads()
+    n, why = (threads, why) if threads else default_threads()
     torch.set_num_threads(n)
     return f"{n} thread(s) ({why})"
+
+
+def peak_threads(tc: TrainConfig) -> int:
+    """The thread count a stored CPU peak (train.peak_from) was measured with, when nobody set one: MFU then
+    divides by a peak of the same threads, whatever the load (the default rule would pick by it). 0: none
+    usable, the default rule decides (and a mismatch is refused with the peak)."""
+    from minigpt.core.hardware import read_bench
+
+    if not tc.peak_from or os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return 0
+    data = read_bench(tc.peak_from)
+    threads = data.get("threads") if isinstance(data, dict) else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ok = isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= cores
+    return threads if ok else 0
 
 
 def configure_device(tc: TrainConfig, device: torch.device) -> list[str]:
@@ -106,7 +122,9 @@ def configure_device(tc: TrainConfig, device: torch.device) -> list[str]:
     import torch
 
     notes = []
-    threads = use_threads(tc.threads)
+    measured = peak_threads(tc) if device.type == "cpu" and not tc.threads else 0
+    threads = (use_threads(measured, "the count train.peak_from's CPU peak was measured with") if measured
+               else use_threads(tc.threads))
     if device.type == "cuda" and tc.precision == "fp32" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls on tensor cores (Ampere+)
         torch.backends.cudnn.conv.fp32_precision = "tf32"
