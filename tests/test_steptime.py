@@ -121,6 +121,25 @@ def test_backtest_cli_json_and_errors(tmp_path):
     assert r.returncode == 2 and "recompute = 'ful'" in r.stderr and "selective" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("old, new, says", [
+    ("global_batch = 512", "global_batch = 7", "not a whole number of micro-batches"),
+    ('plan = "tp=1,pp=1,dp=32"', 'plan = "tp=1,pp=48,dp=32"', "more pipeline stages than the model's 24 layers"),
+    ('plan = "tp=1,pp=1,dp=32"', 'plan = "tp=5,pp=1,dp=32"', "does not divide by the tensor-parallel degree 5"),
+    ("n_layer = 24, n_head = 24", "n_layer = 24.5, n_head = 24", "model.n_layer = 24.5 has type float"),
+    ("n_layer = 24, n_head = 24", "n_layer = 0, n_head = 24", "model.n_layer = 0 must be a positive integer"),
+    ("tflops_per_gpu = 137,", "tflops_per_gpu = -137,", "published needs one positive figure"),
+    ('set = "development"\nsource', 'set = "dev"\nsource', "set 'dev' is not one of development, held-out"),
+    ('dtype = "fp16"', 'dtype = "fp64"', "dtype 'fp64' has no A100-80GB peak"),
+])
+def test_a_crafted_published_run_is_refused_by_name_and_fix(tmp_path, old, new, says):
+    table = tmp_path / "runs.toml"
+    assert old in TABLE.read_text()
+    table.write_text(TABLE.read_text().replace(old, new, 1))
+    with pytest.raises(UserError, match="published run 'Megatron-LM 1.7B'") as e:
+        backtest(table)
+    assert says in str(e.value)
+
+
 def test_traffic_is_reported_before_overlap_and_the_exposed_part_in_the_parts():
     plan = ParallelPlan(dp=32, tp=8)
     hidden, exposed = step(plan=plan, overlap="full"), step(plan=plan)

@@ -10,17 +10,20 @@ predicts a faster step than the source measured.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 from minigpt.analytic import flops as F, steptime as T
-from minigpt.core.config import ModelConfig, tomllib
+from minigpt.core.config import ModelConfig, build_section, tomllib
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
 from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
 
 TABLE = Path(__file__).with_name("published_runs.toml")
 SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes")
+METRICS = ("tflops_per_gpu", "mfu", "step_s", "tokens_per_s_per_gpu")  # what a source may publish
+SETS = ("development", "held-out")
 
 
 def load_runs(path: Path = TABLE) -> list[dict]:
@@ -37,7 +40,7 @@ def load_runs(path: Path = TABLE) -> list[dict]:
 def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[ModelConfig, ParallelPlan, T.Setup, T.Rates]:
     """A run's model, plan, setup and rates: cited ones, or measured (`hardware`: a sweep and its file
     name) when the sweep was measured on the run's GPU."""
-    c = ModelConfig(**run["model"])
+    c = build_section(ModelConfig, "model", run["model"], f"published run {run['name']!r:.60}")
     keys = parse_keys(run["plan"], f"published run {run['name']!r}")
     if keys.get("pp", 1) > 1 and run.get("schedule"):
         looped = run["schedule"] in LOOPED
@@ -50,10 +53,36 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
     plan = ParallelPlan.from_keys(keys)
     setup = T.Setup(global_batch=run["global_batch"], **{k: run[k] for k in SETUP_KEYS if k in run})
     gpu = gpu_by_name(run["gpu"])
+    check_run(run, c, plan, setup, gpu)
     rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
     if hardware and _measured_on(hardware[0]) == gpu.name:
         rates = T.measured_rates(hardware[0], rates, hardware[1])
     return c, plan, setup, rates
+
+
+def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu) -> None:
+    """A run the model can predict as written: its shape valid, its plan fitting the shape, its batch whole
+    micro-batches on every data-parallel rank, its dtype on the GPU, one positive published figure, a known set."""
+    where = f"published run {run['name']!r:.60}"
+    try:
+        c.validate()
+        plan.check_model(c)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if setup.global_batch % (plan.dp * setup.micro_batch):
+        raise UserError(f"{where}: global_batch {setup.global_batch} is not a whole number of micro-batches of "
+                        f"{setup.micro_batch} on each of dp = {plan.dp} ranks; fix global_batch or the plan")
+    if run["dtype"] not in gpu.tflops:
+        raise UserError(f"{where}: dtype {run['dtype']!r:.20} has no {gpu.name} peak; choose from {', '.join(gpu.tflops)}")
+    figures = [v for k, v in run["published"].items() if k in METRICS]
+    if len(figures) != 1 or not all(_positive(v) for v in figures):
+        raise UserError(f"{where}: published needs one positive figure among {', '.join(METRICS)}")
+    if run["set"] not in SETS:
+        raise UserError(f"{where}: set {run['set']!r:.30} is not one of {', '.join(SETS)}")
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _measured_on(hw: dict) -> str | None:
@@ -61,9 +90,9 @@ def _measured_on(hw: dict) -> str | None:
     return sheet.get("name") if isinstance(sheet, dict) else None
 
 
-def predict(run: dict, hardware: tuple[dict, str] | None = None) -> dict:
-    """The step-time model's figure for one run, beside the published one."""
-    c, plan, setup, rates = run_inputs(run, hardware)
+def predict(run: dict, hardware: tuple[dict, str] | None = None, inputs: tuple | None = None) -> dict:
+    """The step-time model's figure for one run, beside the published one (`inputs`: its run_inputs)."""
+    c, plan, setup, rates = inputs or run_inputs(run, hardware)
     st = T.step_time(c, plan, setup, rates)
     pub = run["published"]
     if "tflops_per_gpu" in pub:
@@ -110,7 +139,8 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
         runs = load_runs(path)
         if hardware:
             _check_hardware(runs, hardware)
-        rows = [predict(run, hardware) for run in runs]
+        inputs = [run_inputs(run, hardware) for run in runs]  # every run checked before any is predicted
+        rows = [predict(run, hardware, i) for run, i in zip(runs, inputs)]
     except UserError:
         raise
     except tomllib.TOMLDecodeError as e:
@@ -119,7 +149,7 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
         raise UserError(f"{path}: a run is missing or misnames a field ({type(e).__name__}: {e}); every run needs name, "
                         f"family, set, source, gpu, dtype, model, plan, global_batch, published") from None
     summary = {name: _errors([r for r in rows if name in ("all", r["set"])])
-               for name in ("development", "held-out", "all") if any(name in ("all", r["set"]) for r in rows)}
+               for name in (*SETS, "all") if any(name in ("all", r["set"]) for r in rows)}
     families = {fam: {"set": next(r["set"] for r in rows if r["family"] == fam),
                       **_errors([r for r in rows if r["family"] == fam])} for fam in dict.fromkeys(r["family"] for r in rows)}
     return {"runs": rows, "summary": summary, "by_family": families,

@@ -404,7 +404,7 @@ def config_from_dict(raw: dict, origin: str = "config") -> Config:
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise UserError(f"{origin}: '{name}' must be a table ([{name}]), got {type(table).__name__}")
-        sections[name] = _build_section(cls, name, table, origin)
+        sections[name] = build_section(cls, name, table, origin)
     return Config(**sections).validate()
 
 
@@ -442,7 +442,7 @@ def parse_file(path: Path, what: str, parse, error: type, fmt: str):
         raise UserError(f"{what} {path} nests too deeply to be a {fmt} config: give the right file") from None
 
 
-def _build_section(cls: type, section: str, table: dict, origin: str):
+def build_section(cls: type, section: str, table: dict, origin: str):
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
