@@ -1024,7 +1024,7 @@ def _add_extrapolate_command(sub) -> None:
                                                          "Face config.json (with --tokens)")
     p.add_argument("--gpu", default="A100", help="V100, A100 (80GB), A100-40GB, H100, H200, B200")
     p.add_argument("--dtype", default="bf16", help="the peak's dtype: bf16, fp16, fp8, tf32, fp32")
-    p.add_argument("--num-gpus", type=number(int, 1), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
+    p.add_argument("--num-gpus", type=number(int, 1, 1 << 20), help="GPUs to train on (default 1024, an assumption; or solved from --days)")
     p.add_argument("--days", type=number(float, 0, lo_open=True), help="wall-clock budget: solve for the GPU count")
     p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="model FLOPs utilisation in (0, 1]")
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",

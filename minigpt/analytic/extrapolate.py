@@ -23,7 +23,7 @@ from minigpt.analytic import flops as F, memory as M, steptime as T
 from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
-from minigpt.core.plan import ParallelPlan, parse_keys
+from minigpt.core.plan import MAX_RANKS, ParallelPlan, parse_keys
 
 PF_DAY = 1e15 * 86400
 HOURS_PER_MONTH = 720
@@ -298,7 +298,7 @@ def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, rank) -> tuple
         predicted = predict_step(c, s, num_gpus, rank)
         mfu, source = predicted["mfu_in_convention"], predicted["mfu_source"]
         if s.days is not None and not all(k in s.plan for k in ("dp", "tp", "pp")):
-            num_gpus = math.ceil(peak_seconds / mfu / 3600 / (s.days * 24))
+            num_gpus = _solved_count(peak_seconds / mfu / 3600, s.days)
             gpus_source += " (at the predicted MFU, for the layout sized at the assumed one)"
     return mfu, source, predicted, num_gpus, gpus_source
 
@@ -349,6 +349,15 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
     return {**st, "mfu_in_convention": mfu, "mfu_source": source}
 
 
+def _solved_count(gpu_hours: float, days: float) -> int:
+    """GPUs that finish `gpu_hours` in `days`, within what a plan can hold."""
+    need = math.ceil(gpu_hours / (days * 24))
+    if need > MAX_RANKS:
+        raise UserError(f"--days {days:g} needs {need:,} GPUs, more than the {MAX_RANKS:,} a plan can hold: allow more "
+                        f"days (at least {gpu_hours / MAX_RANKS / 24:.3g})")
+    return need
+
+
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
     if all(k in s.plan for k in ("dp", "tp", "pp")):  # a whole layout: its GPU count
         world = s.plan["dp"] * s.plan["tp"] * s.plan["pp"]
@@ -359,7 +368,7 @@ def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
     if s.num_gpus is not None:
         return s.num_gpus, "given (--num-gpus)"
     if s.days is not None:
-        return math.ceil(gpu_hours / (s.days * 24)), f"solved for a {s.days:g}-day budget (--days)"
+        return _solved_count(gpu_hours, s.days), f"solved for a {s.days:g}-day budget (--days)"
     return DEFAULT_NUM_GPUS, f"assumption: {DEFAULT_NUM_GPUS} GPUs (give --num-gpus or --days)"
 
 
