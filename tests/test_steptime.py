@@ -32,6 +32,23 @@ def test_parts_add_up_and_mfu_is_the_exact_flops_over_the_step():
     assert st["tokens_per_s_per_gpu"] == pytest.approx(512 * 2048 / st["step_s"] / 512)
 
 
+def test_a_timed_norm_or_activation_pass_counts_where_it_is_slower_than_its_bytes():
+    c = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048)
+    plan, setup = ParallelPlan(), T.Setup(seq_len=128, micro_batch=32, global_batch=32, act_bytes=4)
+    cpu = T.Rates(name="cpu", peak_flops=1e11, matmul_flops=1e11, attention_flops=5e10, hbm_bytes_per_s=5e10,
+                  nvlink_bytes_per_s=1.0, internode_bytes_per_s=1.0)
+    base = T.step_time(c, plan, setup, cpu)["parts_s"]["memory"]
+    slow = {"norm": 1e-3, "activation": 5e-3}  # seconds forward + backward, slower than their bytes here
+    timed = T.step_time(c, plan, setup, dataclasses.replace(cpu, pass_time=lambda kind, rows, width: slow[kind]))
+    rows, h, f = 32 * 128, c.n_embd, c.ffn_hidden
+    norm_bytes_s, act_bytes_s = 3 * 2 * rows * h * 4 / 5e10, 3 * 2 * rows * f * 4 / 5e10
+    extra = c.n_layer * (2 * (1e-3 - norm_bytes_s) + (5e-3 - act_bytes_s)) + (1e-3 - norm_bytes_s)  # + the final norm
+    assert timed["parts_s"]["memory"] == pytest.approx(base + extra)
+    assert timed["step_s"] == pytest.approx(sum(timed["parts_s"].values()))
+    fast = dataclasses.replace(cpu, pass_time=lambda kind, rows, width: 1e-9)  # faster than its bytes: the bytes count
+    assert T.step_time(c, plan, setup, fast)["parts_s"]["memory"] == pytest.approx(base)
+
+
 def test_a_gemm_is_compute_bound_at_the_matmul_rate_or_memory_bound_at_hbm():
     big = T.Gemm("big", 8192, 8192, 8192)
     assert T.forward_seconds(big, A100, 2) == pytest.approx(big.flops / A100.matmul_flops, rel=0.01)
@@ -270,3 +287,14 @@ def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(
     layout = plan.batch_layout(cfg.train, cfg.model.block_size)
     assert (plan.dp, setup.micro_batch, setup.overlap) == (2, layout.micro_batch_size, "backward")
     assert setup.global_batch * cfg.model.block_size == cfg.train.batch_size_tokens
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_the_cpu_check_times_the_models_own_norm_and_activation(mlp):
+    from minigpt.measure.steptime_check import pass_timer
+
+    c = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, mlp=mlp, norm="rmsnorm")
+    timer = pass_timer(c)
+    first = timer("norm", 64, 32)
+    assert first > 0 and timer("activation", 64, c.ffn_hidden) > 0
+    assert timer("norm", 64, 32) == first and timer.cache_info().hits == 1  # each shape measured once

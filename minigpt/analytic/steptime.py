@@ -16,7 +16,8 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
                benchmarks quote causal rates per computed FLOP, i.e. the square halved).
   memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits,
                embedding: counted bytes over the achievable HBM rate; the backward moves twice the
-               forward's bytes.
+               forward's bytes. Where the rates time the norm and activation passes at their shape
+               (a CPU, whose GELU is bound by its arithmetic, not its memory), each at the larger of the two.
   tp_comm      tensor-parallel all-reduces (all-gather + reduce-scatter with sequence parallelism, the
                same bytes) of b s h 16-bit values, 2 per layer forward, 2 backward, 2 in a recomputed
                forward, ring bytes 2 (t-1)/t over NVLink (inter-node beyond 8 GPUs); with sequence
@@ -102,6 +103,8 @@ class Rates:
     internode_bytes_per_s: float
     sms: int = 0  # 0: no wave quantization (a CPU)
     gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
+    pass_time: object = None  # optional callable (kind, rows, width) -> seconds of a norm or activation pass,
+    # forward + backward, measured at that shape: where the device computes it slower than HBM moves it (a CPU)
     sources: dict = field(default_factory=dict)
 
 
@@ -407,6 +410,25 @@ def recomputed_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: 
     return []
 
 
+def measured_pass_seconds(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
+    """Seconds a layer's norm and activation passes take beyond their bytes over HBM, forward + backward, when
+    the rates time them (`Rates.pass_time`): each pass at max(bytes / HBM, measured), as a roofline."""
+    if r.pass_time is None:
+        return 0.0
+    T, f = b * s, c.ffn_hidden // plan.tp
+    act = 3 * T * f * (3 if c.mlp == "swiglu" else 2) * setup.act_bytes / r.hbm_bytes_per_s
+    return 2 * norm_pass_extra(c, plan, b, s, setup, r) + max(0.0, r.pass_time("activation", T, f) - act)
+
+
+def norm_pass_extra(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
+    """One norm's measured forward + backward beyond its bytes over HBM (0 when the rates do not time it)."""
+    if r.pass_time is None:
+        return 0.0
+    rows = b * s // (plan.tp if plan.sp else 1)
+    norm = 3 * 2 * rows * c.n_embd * setup.act_bytes / r.hbm_bytes_per_s  # read x, write y; backward twice that
+    return max(0.0, r.pass_time("norm", rows, c.n_embd) - norm)
+
+
 def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
     """Forward bytes of the memory-bound passes run again: all of them under full and op recompute; the
     softmax and dropout over the scores under selective recompute of materialized attention."""
@@ -430,12 +452,14 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
         attn = passes * flash_attention_flops(c, plan, b, s) / r.attention_flops
     memory = (3 * layer_memory_bytes(c, plan, b, s, setup) + recomputed_memory_bytes(c, plan, b, s, setup)) / r.hbm_bytes_per_s
+    memory += measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
     head = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
     parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
-             "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s,
+             "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s
+             + norm_pass_extra(c, plan, b, s, setup, r),  # the final norm
              "tp_comm": layers * tp_exposed}
     recomputed = layers * sum(g.flops for g in again)  # per rank, beyond full recompute's (counted exactly in step_time)
     return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp, "recomputed_flops": recomputed,

@@ -57,6 +57,23 @@ def attention_flops_per_s(b: int, heads: int, s: int, d: int) -> float:
     return 3 * 2.0 * b * s * s * heads * d / _median_time(step)
 
 
+def pass_timer(c):
+    """(kind, rows, width) -> median seconds of the model's own norm ("norm") or MLP activation ("activation",
+    `width` its output) forward + backward over rows x width fp32 on this CPU."""
+    from minigpt.nn.model import MLP, make_norm
+
+    norm, mlp = make_norm(c), MLP(c)
+    wide = 2 if c.mlp == "swiglu" else 1  # SwiGLU reads gate and up
+
+    @lru_cache(maxsize=64)
+    def seconds(kind: str, rows: int, width: int) -> float:
+        x = torch.randn(rows, width * (wide if kind == "activation" else 1), requires_grad=True)
+        fn = norm if kind == "norm" else mlp.activate
+        return _median_time(lambda: fn(x).sum().backward())
+
+    return seconds
+
+
 def copy_bytes_per_s(nbytes: int) -> float:
     src = torch.ones(max(1, nbytes // 4))
     dst = torch.empty_like(src)
@@ -69,7 +86,10 @@ def cpu_rates(cfg: Config, peak_tflops: float) -> T.Rates:
     att = attention_flops_per_s(b, c.n_head, s, c.head_dim)
     return T.Rates(name="cpu", peak_flops=peak_tflops * 1e12, matmul_flops=peak_tflops * 1e12, attention_flops=att,
                    hbm_bytes_per_s=hbm, nvlink_bytes_per_s=1.0, internode_bytes_per_s=1.0, gemm_time=gemm_seconds,
+                   pass_time=pass_timer(c),
                    sources={"matmul": "measured here: each GEMM shape of the model timed (fp32, median of 7)",
+                            "passes": f"measured here: the model's {c.norm} and {c.mlp} forward+backward at their "
+                                      f"shapes, where slower than their bytes over the copy rate",
                             "attention": f"measured here: SDPA forward+backward at the model's shape, {att / 1e9:.1f} GFLOP/s",
                             "hbm": f"measured here: copy at one activation's size, {hbm / 1e9:.1f} GB/s (read + write)",
                             "peak": f"measured here: {peak_tflops * 1e3:.1f} GFLOP/s fp32 matmul"})

@@ -170,16 +170,18 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, ffn_hidden or 2*ffn_hidden)
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., ffn_hidden or 2*ffn_hidden) -> (..., ffn_hidden): the elementwise pass between the projections."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.relu2:
-            h = F.relu(h).square()  # ReLU^2 (Primer)
-        else:
-            h = gelu_tanh(h)  # GPT-2's GELU
-        return self.dropout(self.c_proj(h))
+            return F.silu(gate) * up
+        if self.relu2:
+            return F.relu(h).square()  # ReLU^2 (Primer)
+        return gelu_tanh(h)  # GPT-2's GELU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, ffn_hidden or 2*ffn_hidden)
+        return self.dropout(self.c_proj(self.activate(h)))
 
 
 class MoE(nn.Module):
