@@ -418,12 +418,19 @@ def _choice_lines(lay: dict) -> list[str]:
     return [f"  chosen: {lay['chosen_by']}" + (f"; predicted step of the fastest: {alts}" if alts else "")]
 
 
+BACKTEST_UNITS = {"tflops_per_gpu": "TFLOP/s/GPU", "mfu": "MFU", "tokens_per_s_per_gpu": "tok/s/GPU", "step_s": "s/step"}
+
+
+def backtest_unit(r: dict) -> str:
+    """A backtest figure's unit, with the FLOP convention it is counted in where it has one."""
+    return BACKTEST_UNITS[r["metric"]] + (f" ({r['convention']})" if r["convention"] else "")
+
+
 def backtest_lines(b: dict) -> list[str]:
     """The backtest as a table: predicted vs published per run, then the error summary per set."""
-    lines = [f"{'run':<46} {'set':<11} {'GPUs':>5} {'plan':<26} {'metric':<22} {'published':>10} {'predicted':>10} {'error':>7}"]
+    lines = [f"{'run':<46} {'set':<11} {'GPUs':>5} {'plan':<26} {'unit':<25} {'published':>10} {'predicted':>10} {'error':>7}"]
     for r in b["runs"]:
-        metric = r["metric"] + (f" ({r['convention']})" if r["convention"] and r["metric"] != "mfu" else "")
-        lines.append(f"{r['name'] + (' [measured]' if r.get('rates_measured') else ''):<46} {r['set']:<11} {r['gpus']:>5} {r['plan']:<26} {metric[:22]:<22} "
+        lines.append(f"{r['name'] + (' [measured]' if r.get('rates_measured') else ''):<46} {r['set']:<11} {r['gpus']:>5} {r['plan']:<26} {backtest_unit(r):<25} "
                      f"{r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
     for name, s in b["summary"].items():
         lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
@@ -436,11 +443,12 @@ def backtest_lines(b: dict) -> list[str]:
 
 
 def backtest_markdown(b: dict) -> str:
-    rows = ["| run | set | GPUs | plan | published | predicted | error | source |", "|---|---|---:|---|---:|---:|---:|---|"]
+    rows = ["| run | set | GPUs | plan | unit (FLOP convention) | published | predicted | error | source |",
+            "|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in b["runs"]:
-        unit = {"tflops_per_gpu": " TFLOP/s", "mfu": " MFU", "tokens_per_s_per_gpu": " tok/s", "step_s": " s/step"}[r["metric"]]
-        rows.append(f"| {r['name']}{' (measured rates)' if r.get('rates_measured') else ''} | {r['set']} | {r['gpus']:,} | `{r['plan']}` | {r['published']:.4g}{unit} | "
-                    f"{r['predicted']:.4g}{unit} | {r['error']:+.1%} | {r['source']} |")
+        rows.append(f"| {r['name']}{' (measured rates)' if r.get('rates_measured') else ''} | {r['set']} | {r['gpus']:,} | "
+                    f"`{r['plan']}` | {backtest_unit(r)} | {r['published']:.4g} | {r['predicted']:.4g} | {r['error']:+.1%} | "
+                    f"{r['source']} |")
     rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
                    for name, s in b["summary"].items()),
              *(f"  - {name} ({s['set']}): {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max "
