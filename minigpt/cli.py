@@ -719,9 +719,10 @@ def cmd_extrapolate_plot(args) -> None:
     points = []
     for name in [*GPT3_PRESETS, "gpt4"]:
         cfg = target_config(name)
-        r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=args.mfu, mfu_source="given", num_gpus=1024))
+        given = {"mfu": args.mfu, "mfu_source": "given (--mfu)"} if args.mfu else {}  # else predicted per model
+        r = extrapolate(cfg.model, cfg.target, Scenario(gpu, num_gpus=1024, **given))
         points.append({"name": name, "params": r["params_active"], "gpu_hours": r["gpu_hours"], "kind": "extrapolated",
-                       "tokens": r["train_tokens"]})
+                       "tokens": r["train_tokens"], "mfu": r["mfu"], "mfu_source": r["mfu_source"]})
     for run in args.run:
         path = Path(run) / "summary.json"
         if not path.is_file():
@@ -736,7 +737,9 @@ def cmd_extrapolate_plot(args) -> None:
     if args.json:
         print(to_json({"plot": args.out, "points": points}))
         return
-    print(f"wrote {args.out}: training GPU-hours of {len(points)} models on {gpu.name} at an assumed {args.mfu:.0%} MFU")
+    how = (f"at a given {args.mfu:.0%} MFU" if args.mfu else "at each model's MFU predicted by the step-time model on "
+           "its fastest layout (" + ", ".join(f"{p['name']} {p['mfu']:.1%}" for p in points if "mfu" in p) + ")")
+    print(f"wrote {args.out}: training GPU-hours of {len(points)} models on 1,024 x {gpu.name} {how}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1062,7 +1065,8 @@ def _add_extrapolate_command(sub) -> None:
     p.set_defaults(func=cmd_extrapolate)
     q = xsub.add_parser("plot", help="training cost against model size, log-log")
     q.add_argument("--gpu", default="A100", help="the GPU to cost on (default A100)")
-    q.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), default=0.3, help="assumed MFU (default 0.3)")
+    q.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="one MFU for every model (default: each "
+                   "model's predicted by the step-time model)")
     q.add_argument("--run", action="append", default=[], help="a measured run directory to add")
     q.add_argument("--out", default="runs/extrapolate.png", help="the image to write (default runs/extrapolate.png)")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")

@@ -185,7 +185,11 @@ def test_extrapolate_plot(tmp_path):
     r = run_cli("extrapolate", "plot", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 10_000
-    assert len(json.loads(r.stdout)["points"]) == 9
+    points = json.loads(r.stdout)["points"]
+    assert len(points) == 9 and all(p["mfu_source"].startswith("predicted") for p in points)
+    assert len({round(p["mfu"], 3) for p in points}) > 1  # each model its own predicted efficiency
+    given = json.loads(run_cli("extrapolate", "plot", "--out", str(out), "--mfu", "0.3", "--json").stdout)["points"]
+    assert {p["mfu"] for p in given} == {0.3}
 
 
 # ---- mixture of experts -------------------------------------------------------------------

@@ -156,19 +156,22 @@ def count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def plot_costs(points: list[dict], path: str, gpu: str, mfu: float, num_gpus: int) -> None:
+def plot_costs(points: list[dict], path: str, gpu: str, mfu: float | None, num_gpus: int) -> None:
     """Training cost against parameters, log-log: extrapolated targets (at their own token counts,
-    on the stated GPUs and MFU) and runs measured here (wall-clock x processes, their tokens)."""
+    on the stated GPUs, at a given MFU or each at its predicted one) and runs measured here (wall-clock x
+    processes, their tokens)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))
-    styles = {"extrapolated": ("s", f"extrapolated: {num_gpus:,} x {gpu}, MFU {mfu:.0%} of the bf16 datasheet peak"),
+    at = f"MFU {mfu:.0%} (given)" if mfu else "MFU predicted per model (step-time model)"
+    styles = {"extrapolated": ("s", f"extrapolated: {num_gpus:,} x {gpu}, {at}, of the bf16 datasheet peak"),
               "measured": ("o", "measured here: wall-clock x processes of a minigpt run")}
     for kind, (marker, label) in styles.items():
         pts = [p for p in points if p["kind"] == kind]
         if pts:
             ax.scatter([p["params"] for p in pts], [p["gpu_hours"] for p in pts], marker=marker, s=45, label=label)
             for p in pts:
-                ax.annotate(f"{p['name']} ({count(p['tokens'])} tokens)", (p["params"], p["gpu_hours"]), fontsize=7,
+                mfu_note = f", MFU {p['mfu']:.0%}" if "mfu" in p and not mfu else ""
+                ax.annotate(f"{p['name']} ({count(p['tokens'])} tokens{mfu_note})", (p["params"], p["gpu_hours"]), fontsize=7,
                             xytext=(5, -3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -177,10 +180,10 @@ def plot_costs(points: list[dict], path: str, gpu: str, mfu: float, num_gpus: in
     ax.set_xlabel("parameters active per token (a mixture of experts: its shared weights and the experts it uses)")
     ax.set_ylabel("training cost (device-hours; each point at its own token count)")
     ax.set_title(f"Training cost against model size: GPT-3 family at 300B tokens, GPT-4 estimate at 13T\n"
-                 f"extrapolated on {gpu} at MFU {mfu:.0%}" + ("; measured runs are tiny CPU runs, on the same axis"
+                 f"extrapolated on {gpu} at {at}" + ("; measured runs are tiny CPU runs, on the same axis"
                                                               if measured else ""))
     ax.grid(alpha=0.3, which="major")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center right")  # the points run bottom left to top right
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
