@@ -949,7 +949,8 @@ def _add_simulate_command(sub) -> None:
     p.add_argument("--seq-len", type=number(int, 0), default=0, help="default: model.block_size")
     p.add_argument("--recompute", action="store_true", help="activation checkpointing per block")
     p.add_argument("--gpu", default="H100", help="GPU whose links and peak time the step (default H100)")
-    p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="compute MFU (default: the GPU's published reference)")
+    p.add_argument("--mfu", type=number(float, 0, 1, lo_open=True), help="compute MFU (default: predicted by the "
+                   "step-time model for the stage)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     p.set_defaults(func=cmd_simulate)
 

@@ -80,7 +80,7 @@ def test_table_says_its_conventions(capsys):
                 "--seq-len", "64")
     assert r.returncode == 0, r.stderr
     for text in ("4 ranks = dp 2 (ZeRO-0) x tp 2 x pp 1", "measured/predicted", "beside extrapolate's", "all 2 layers run", "counted/formula", "NVLink 450 GB/s per direction",
-                 "MFU of H100 dense bf16", "not overlapped"):
+                 "MFU of H100 dense bf16, predicted by the step-time model", "not overlapped"):
         assert text in r.stdout, text
 
 

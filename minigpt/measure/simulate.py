@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from minigpt.analytic import flops as F, memory as M
-from minigpt.analytic.extrapolate import REFERENCE_MFU, per_gpu_bytes
+from minigpt.analytic import flops as F, memory as M, steptime as T
+from minigpt.analytic.extrapolate import per_gpu_bytes
 from minigpt.analytic.memory import PRECISION_BYTES
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.errors import UserError
@@ -315,8 +315,19 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bo
     return {"dp": dp_bytes, "tp": c.n_layer * per_layer + ends if t > 1 else 0.0, "ep": c.n_layer * a2a if ep > 1 else 0.0}
 
 
-def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float) -> dict:
-    """Seconds the counted bytes take on the GPU's links, beside the step's compute at `mfu`."""
+def predicted_compute_s(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, dtype: str) -> float:
+    """One micro-batch's compute on a rank of the stage (forward + backward: matmul, attention and the
+    memory-bound passes) by the step-time model (analytic/steptime.py) on the GPU's cited rates."""
+    plan = dataclasses.replace(spec.plan, pp=1, dp=1, schedule="1f1b", stages_per_rank=1)  # one stage, one rank's work
+    setup = T.Setup(seq_len=spec.seq(c), micro_batch=spec.micro_batch, global_batch=spec.micro_batch,
+                    recompute="full" if spec.recompute else "none", act_bytes=4 if dtype == "fp32" else 2)
+    parts = T.micro_batch_seconds(c, plan, setup, T.gpu_rates(gpu, dtype))["parts"]
+    return parts["matmul"] + parts["attention"] + parts["memory"]
+
+
+def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float | None) -> dict:
+    """Seconds the counted bytes take on the GPU's links, beside the step's compute: predicted by the
+    step-time model, or at a given `mfu`."""
     nvlink = gpu.nvlink_gbs * 1e9
     dp_gbs, dp_name = collective_link_gbs(gpu, spec.plan.dp, group_ranks_per_node(spec.plan.tp, spec.plan.dp))
     dp_link = dp_gbs * 1e9  # tp innermost: a dp group spans nodes once tp x dp GPUs do
@@ -324,14 +335,19 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     convention = "exact_recompute" if spec.recompute else "exact"
     flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.plan.tp
     dtype = spec.precision if spec.precision in gpu.tflops else "bf16"
-    compute_s = flops / (gpu.tflops[dtype] * 1e12 * mfu)
+    if mfu is None:
+        compute_s = predicted_compute_s(c, spec, gpu, dtype)
+        mfu, how = flops / (gpu.tflops[dtype] * 1e12 * compute_s), "predicted by the step-time model"
+    else:
+        compute_s, how = flops / (gpu.tflops[dtype] * 1e12 * mfu), "given (--mfu)"
+    how = f"{convention} FLOPs at {mfu:.0%} MFU of {gpu.name} dense {dtype}, {how}"
     tp_s, dp_s = comm["tp"] / nvlink, (comm["dp"] + comm.get("ep", 0)) / dp_link  # ep groups are dp ranks
     return {"gpu": gpu.name, "mfu": mfu, "compute_flops_per_rank": flops, "compute_s": compute_s,
             "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s per direction",
             "dp_link": dp_name,
             "comm_share": (tp_s + dp_s) / (tp_s + dp_s + compute_s),
-            "convention": f"{convention} FLOPs at {mfu:.0%} MFU of {gpu.name} dense {dtype}; communication not "
-                          "overlapped with compute (an upper bound on its share); bandwidth term only"}
+            "convention": f"{how}; communication not overlapped with compute (an upper bound on its share); "
+                          "bandwidth term only"}
 
 
 def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = None) -> dict:
@@ -346,7 +362,6 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
     predicted = predicted_memory(stage, spec, per_rank, head)
     counted = {g: sum(r["bytes_per_rank"] for r in collectives if r["group"] == g) for g in ("dp", "tp", "ep")}
     formula = predicted_comm(stage, spec, per_rank, head)
-    mfu = mfu if mfu is not None else REFERENCE_MFU[gpu.name][0]
     return {
         "plan": plan.spelling(), "plan_description": plan.describe(), "world": plan.world, "dp": plan.dp,
         "tp": plan.tp, "pp": plan.pp, "zero": plan.zero, "stage_layers": stage.n_layer, "precision": spec.precision,
