@@ -252,7 +252,9 @@ def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(server,
         next(it)  # the long request is decoding
         before = len(engine.batches)
         joined = client.completions.create(model="minigpt-test", prompt="import ", max_tokens=10, temperature=0)
-    assert engine.batches[before] == 2  # it joined the running batch, not after it
+    # it joined the running batch, not after it (the long one's own admission may be recorded after its first token
+    # reached us, so it can be the entry at `before`)
+    assert 2 in engine.batches[before:]
     assert joined.choices[0].text == alone.choices[0].text
     assert sum(len(ch.choices[0].text) for ch in it if ch.choices) >= 0  # the long one goes on to its end
 
