@@ -298,3 +298,15 @@ def test_the_cpu_check_times_the_models_own_norm_and_activation(mlp):
     first = timer("norm", 64, 32)
     assert first > 0 and timer("activation", 64, c.ffn_hidden) > 0
     assert timer("norm", 64, 32) == first and timer.cache_info().hits == 1  # each shape measured once
+
+
+def test_a_predicted_efficiency_carries_the_backtest_of_its_gpu():
+    from minigpt.analytic.published import backtest_note
+
+    rows = [r for r in backtest()["runs"] if r["gpu"] == "H100"]
+    note = backtest_note("H100")
+    assert f"on the {len(rows)} published H100 runs" in note
+    assert f"{max(r['error'] for r in rows):+.0%}" in note and f"{min(r['error'] for r in rows):+.0%}" in note
+    assert backtest_note("B200").startswith("no published run on B200")
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--json")
+    assert note in json.loads(r.stdout)["mfu_source"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt.analytic import flops as F, memory as M, steptime as T
+from minigpt.analytic.published import backtest_note
 from minigpt.core.config import ModelConfig, TargetConfig, divisors, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
@@ -344,7 +345,7 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / layout[
         "gpus_used"] / (s.gpu.tflops[s.dtype] * 1e12)
     source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, overlapped transfers; "
-              f"backtest: minigpt backtest)" + ("" if s.flops_convention == "exact" else
+              f"{backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
                                                    f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
     return {**st, "mfu_in_convention": mfu, "mfu_source": source}
 

@@ -10,6 +10,7 @@ predicts a faster step than the source measured.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from pathlib import Path
@@ -125,6 +126,18 @@ def _check_hardware(runs: list[dict], hardware: tuple[dict, str]) -> None:
     if not any(gpu_by_name(r["gpu"]).name == on for r in runs):
         raise UserError(f"{hardware[1]} was measured on {on or hardware[0].get('device_name', 'no GPU in the table')!s:.60}; "
                         f"no run of the table trained on it: measure on one of their GPUs or drop --hardware")
+
+
+@functools.lru_cache(maxsize=16)
+def backtest_note(gpu_name: str) -> str:
+    """What the shipped backtest says of the model on one GPU: the signed error on its runs (+: predicted
+    faster), for a prediction to carry beside it."""
+    rows = [predict(run) for run in load_runs() if gpu_by_name(run["gpu"]).name == gpu_name]
+    if not rows:
+        return f"no published run on {gpu_name} to backtest against"
+    errs = sorted(r["error"] for r in rows)
+    return (f"backtest of the cited rates on the {len(rows)} published {gpu_name} runs: predicted throughput {statistics.median(errs):+.0%} "
+            f"vs published at the median, {errs[0]:+.0%} to {errs[-1]:+.0%} (minigpt backtest)")
 
 
 def _errors(rows: list[dict]) -> dict:
