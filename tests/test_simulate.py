@@ -41,6 +41,35 @@ def test_stage_3_sends_one_and_a_half_times_ddp_by_count(zero_runs):
         assert r["comm_ratio"] == pytest.approx(1.0, rel=2e-3)
 
 
+def _step_time_traffic(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> dict:
+    """The step-time model's bytes per rank for one micro-batch: tensor-parallel, and data-parallel."""
+    from minigpt.analytic import steptime as T
+
+    setup, rates = T.Setup(seq_len=s, micro_batch=b, global_batch=b * plan.dp), T.gpu_rates(gpu_by_name("H100"))
+    link = T.ring_link_rate(rates.nvlink_bytes_per_s, rates.internode_bytes_per_s, plan.dp,
+                            T.group_ranks_per_node(plan.tp, plan.dp))
+    mb = T.micro_batch_seconds(c, plan, setup, rates)
+    return {"tp": T.tp_bytes_per_layer(c, plan, b, s, setup) * c.n_layer / plan.pp,
+            "dp": T.dp_seconds(c, plan, setup, rates, mb, 1)[0] * link}
+
+
+def test_the_step_time_models_traffic_is_what_simulate_counts(zero_runs):
+    """The bytes the step-time model times are the ones the real parallel code sends, by count: data-parallel
+    for DDP, ZeRO-2 and ZeRO-3 to the byte; tensor-parallel to the byte; with tp > 1 the data-parallel bytes
+    differ only by the parameters minigpt keeps whole on every tp rank (embeddings, norms: the model splits
+    them all, as Megatron's vocabulary-parallel embedding does)."""
+    for r in zero_runs.values():
+        plan = ParallelPlan.parse(r["plan"])
+        assert r["comm_bytes_per_rank_by_group"]["dp"] == pytest.approx(_step_time_traffic(ZERO_7B5, plan, 1, 128)["dp"])
+    c, plan = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256), ParallelPlan(dp=4, tp=2, zero=1)
+    r = simulate(c, SimSpec(plan, micro_batch=2, micro_batches=1), gpu_by_name("H100"))
+    model = _step_time_traffic(c, plan, 2, 32)
+    assert r["comm_bytes_per_rank_by_group"]["tp"] == model["tp"]
+    split_evenly = r["params_total"] / plan.tp
+    assert r["comm_bytes_per_rank_by_group"]["dp"] == pytest.approx(model["dp"] * r["params_per_tp_rank"] / split_evenly)
+    assert r["comm_bytes_per_rank_by_group"]["dp"] > 1.1 * model["dp"]  # the whole embeddings: visible at this size
+
+
 def test_model_states_per_gpu_match_zero_figure_1(zero_runs):
     """ZeRO Fig. 1 (7.5B, N_d = 64): 16 Psi baseline, 2 Psi + 14 Psi/N_d for P_os+g, 16 Psi/N_d for
     P_os+g+p. torch keeps an fp32 master, so its split is 4 + 4 + 8 and ZeRO-2's 16-bit weights are

@@ -252,15 +252,18 @@ class RankParams:
     experts: float  # of the total, the experts' (already divided by ep)
 
 
+TP_SPLIT = ("c_attn.weight", "c_attn.bias", "c_fc.weight", "c_fc.bias", "c_proj.weight")  # parallel/sharding.py's plan
+
+
 def params_per_rank(c: ModelConfig, tp: int, ep: int = 1, head: bool = True) -> RankParams:
     """Column-parallel weights and biases and row-parallel weights are split tp ways; row-parallel biases
-    and everything else are replicated; experts are split ep ways. head=False: a pipeline stage without
-    the final norm and LM head."""
+    and everything else (norms, the router) are replicated; experts are split ep ways. head=False: a
+    pipeline stage without the final norm and LM head."""
     with torch.device("meta"):
         model = GPT(dataclasses.replace(c, n_layer=1))
     split = experts = 0.0
     for name, p in model.blocks[0].named_parameters():
-        n = (p.numel() if name.endswith("c_proj.bias") else p.numel() / tp) / (ep if ".experts." in name else 1)
+        n = (p.numel() / tp if name.endswith(TP_SPLIT) else p.numel()) / (ep if ".experts." in name else 1)
         split += n
         experts += n if ".experts." in name else 0
     root = sum(p.numel() for n, p in model.named_parameters()
