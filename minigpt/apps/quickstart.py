@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from minigpt.analytic.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
+from minigpt.analytic.published import backtest_note
 from minigpt.core.atomic import atomic_write_text
 from minigpt.core.device import resolve_device, resolve_precision, use_threads
 from minigpt.core.errors import UserError
@@ -93,3 +94,5 @@ def extrapolation(run_dir: str, log=print) -> None:
                 log(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
                     f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
     log("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
+    for gpu_name in ("A100", "H100"):  # how far the predicted rows can be trusted
+        log(f"   predicted on {gpu_name}: {backtest_note(gpu_by_name(gpu_name).name)}")
