@@ -10,6 +10,7 @@ autograd and kernel-launch overhead, data loading).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from functools import lru_cache
@@ -115,7 +116,6 @@ SHAPES = {  # the tiny preset, and a larger shape (more of the step in GEMMs)
 def measured_step_ms(cfg: Config, steps: int, run: bool = True) -> float:
     """Median ms per step of `minigpt train` (in-process, one process, unless `run` is False: a run already
     made, e.g. under torchrun), the first steps left out."""
-    import contextlib
     import io
     import json
 
@@ -182,9 +182,27 @@ def _dp_setup(cfg: Config, ranks: int) -> tuple[ParallelPlan, T.Setup]:
                          attention="flash", overlap="backward", act_bytes=4, grad_bytes=4)
 
 
+@contextlib.contextmanager
+def busy_companions(n: int):
+    """`n` other processes each computing one-thread fp32 matmuls until the block ends: rates timed in the block
+    see the contention the other ranks of a data-parallel run put on the shared cores, caches and memory."""
+    import subprocess
+    import sys
+
+    code = "import torch; torch.set_num_threads(1); a = torch.randn(384, 384)\nwhile True: a = (a @ a).tanh_()"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+    try:
+        time.sleep(1.0)  # past their import
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def check_data_parallel(root: Path, steps: int, ranks: int = 2) -> dict:
     """The tiny preset on `ranks` gloo ranks (DDP, one thread each, as torchrun sets) against the model: GEMMs
-    timed here on one thread, the all-reduce's bus bandwidth measured by `bench hardware --collectives` at
+    timed here on one thread beside ranks - 1 busy processes (as each rank runs beside the others), the all-reduce's bus bandwidth measured by `bench hardware --collectives` at
     the gradients' size, DDP's bucket overlap (the reduce hides behind the last micro-batch's backward)."""
     import dataclasses
 
@@ -203,11 +221,13 @@ def check_data_parallel(root: Path, steps: int, ranks: int = 2) -> dict:
     try:
         from minigpt.measure.bench import matmul_tflops
 
-        rates = cpu_rates(cfg, matmul_tflops(torch.device("cpu"), torch.float32, 1024, 5))
-        rates = dataclasses.replace(rates, nvlink_bytes_per_s=row["busbw_gbs"] * 1e9, sources={
-            **rates.sources, "links": f"measured here: gloo all-reduce bus bandwidth {row['busbw_gbs']} GB/s at "
-                                      f"{row['bytes'] / 2**20:.2f} MiB ({ranks} ranks), the size nearest the gradients'"})
-        predicted = T.step_time(cfg.model, *_dp_setup(cfg, ranks), rates)
+        with busy_companions(ranks - 1):  # as each rank ran: beside the others (GEMMs and passes are timed lazily)
+            rates = cpu_rates(cfg, matmul_tflops(torch.device("cpu"), torch.float32, 1024, 5))
+            rates = dataclasses.replace(rates, nvlink_bytes_per_s=row["busbw_gbs"] * 1e9, sources={
+                **rates.sources, "links": f"measured here: gloo all-reduce bus bandwidth {row['busbw_gbs']} GB/s at "
+                                          f"{row['bytes'] / 2**20:.2f} MiB ({ranks} ranks), the size nearest the gradients'",
+                "contention": f"rates timed on one thread while {ranks - 1} other process(es) ran one-thread matmuls"})
+            predicted = T.step_time(cfg.model, *_dp_setup(cfg, ranks), rates)
     finally:
         torch.set_num_threads(threads)
         gemm_seconds.cache_clear()
