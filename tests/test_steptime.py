@@ -310,3 +310,27 @@ def test_a_predicted_efficiency_carries_the_backtest_of_its_gpu():
     assert backtest_note("B200").startswith("no published run on B200")
     r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--json")
     assert note in json.loads(r.stdout)["mfu_source"]
+
+
+def test_the_data_parallel_check_times_its_rates_beside_busy_companions():
+    import os
+    from pathlib import Path
+
+    from minigpt.measure.steptime_check import busy_companions
+
+    def children():
+        mine, found = str(os.getpid()), []
+        for p in Path("/proc").iterdir():
+            try:  # a process may end while we look
+                if p.name.isdigit() and (p / "stat").read_text().rsplit(")", 1)[-1].split()[1] == mine:
+                    found.append(p.name)
+            except OSError:
+                pass
+        return found
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs Linux's /proc to list child processes")
+    before = len(children())
+    with busy_companions(1):
+        assert len(children()) == before + 1
+    assert len(children()) == before  # killed and reaped when the block ends
