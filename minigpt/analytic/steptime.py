@@ -172,14 +172,18 @@ class GemmTable:
         return 2.0 * m * n * k * batch / self.flops_per_s(m, n, k)
 
 
+def measured_on(hw: dict) -> str | None:
+    """The table GPU a `bench hardware` file was measured on (its datasheet entry), or None."""
+    sheet = hw.get("datasheet") if isinstance(hw, dict) else None
+    return sheet.get("name") if isinstance(sheet, dict) else None
+
+
 def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
     """Refuse a sweep measured on another device or in another dtype than the one it would stand for
     (fp16 and bf16 share their tensor-core rate on A100 and Hopper)."""
-    sheet = hw.get("datasheet") if isinstance(hw, dict) else None
-    measured_on = sheet.get("name") if isinstance(sheet, dict) else None
-    if measured_on != gpu_name:
+    if measured_on(hw) != gpu_name:
         raise UserError(f"{what} was measured on {hw.get('device_name', 'an unknown device')!s:.60} "
-                        f"({measured_on or 'no GPU in the table'!s:.40}), not {gpu_name}: measure on a {gpu_name} "
+                        f"({measured_on(hw) or 'no GPU in the table'!s:.40}), not {gpu_name}: measure on a {gpu_name} "
                         f"(`minigpt bench hardware --sweep --out FILE`) or drop --hardware")
     if not isinstance(hw.get("gemm_sweep"), dict):
         return  # links only: any dtype
@@ -351,9 +355,16 @@ def layer_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup
     elements += T * f / t * (3 if c.mlp == "swiglu" else 2)  # the activation: read (gate, up), write
     if c.pos_emb == "rope":
         elements += 2 * T * (c.n_head + c.n_kv_head) * c.head_dim / t  # rotate q and k
-    if setup.attention == "materialized":  # softmax read/write (+ dropout read/write/mask) of the scores
-        elements += b * c.n_head / t * s * s * (2 + (2 + drop if c.dropout > 0 else 0))
+    if setup.attention == "materialized":
+        elements += score_pass_elements(c, plan, b, s)
     return elements * setup.act_bytes
+
+
+def score_pass_elements(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
+    """Elements the softmax (read, write) and dropout (read, write, one-byte mask) of materialized attention
+    move over the b x a/t x s x s scores, in 16-bit element units."""
+    drop = 2.5 if c.dropout > 0 else 0.0
+    return b * c.n_head / plan.tp * s * s * (2 + drop)
 
 
 def head_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
@@ -410,23 +421,26 @@ def recomputed_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: 
     return []
 
 
-def measured_pass_seconds(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
-    """Seconds a layer's norm and activation passes take beyond their bytes over HBM, forward + backward, when
-    the rates time them (`Rates.pass_time`): each pass at max(bytes / HBM, measured), as a roofline."""
+def _timed_pass_extra(r: Rates, kind: str, rows: int, width: int, moved: int, el: int) -> float:
+    """A norm or activation pass's measured forward + backward beyond its bytes over HBM (`moved` elements
+    read and written per output element in the forward, twice that in the backward); 0 when the rates do
+    not time it (`Rates.pass_time`): the pass counts at max(bytes / HBM, measured), as a roofline."""
     if r.pass_time is None:
         return 0.0
-    T, f = b * s, c.ffn_hidden // plan.tp
-    act = 3 * T * f * (3 if c.mlp == "swiglu" else 2) * setup.act_bytes / r.hbm_bytes_per_s
-    return 2 * norm_pass_extra(c, plan, b, s, setup, r) + max(0.0, r.pass_time("activation", T, f) - act)
+    return max(0.0, r.pass_time(kind, rows, width) - 3 * rows * width * moved * el / r.hbm_bytes_per_s)
+
+
+def measured_pass_seconds(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
+    """Seconds a layer's two norms and its activation take beyond their bytes over HBM, forward + backward."""
+    act = _timed_pass_extra(r, "activation", b * s, c.ffn_hidden // plan.tp, 3 if c.mlp == "swiglu" else 2,
+                            setup.act_bytes)  # read (gate, up), write
+    return 2 * norm_pass_extra(c, plan, b, s, setup, r) + act
 
 
 def norm_pass_extra(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
-    """One norm's measured forward + backward beyond its bytes over HBM (0 when the rates do not time it)."""
-    if r.pass_time is None:
-        return 0.0
+    """One norm's measured forward + backward beyond its bytes over HBM: read x, write y."""
     rows = b * s // (plan.tp if plan.sp else 1)
-    norm = 3 * 2 * rows * c.n_embd * setup.act_bytes / r.hbm_bytes_per_s  # read x, write y; backward twice that
-    return max(0.0, r.pass_time("norm", rows, c.n_embd) - norm)
+    return _timed_pass_extra(r, "norm", rows, c.n_embd, 2, setup.act_bytes)
 
 
 def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
@@ -435,8 +449,7 @@ def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, 
     if setup.recompute in ("full", "op"):
         return layer_memory_bytes(c, plan, b, s, setup)
     if setup.recompute == "selective" and setup.attention == "materialized":
-        drop = 0.5 if c.dropout > 0 else 0.0
-        return b * c.n_head / plan.tp * s * s * (2 + (2 + drop if c.dropout > 0 else 0)) * setup.act_bytes
+        return score_pass_elements(c, plan, b, s) * setup.act_bytes
     return 0.0
 
 
