@@ -63,12 +63,17 @@ def default_threads() -> tuple[int, str]:
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     others, how = busy_cores()
     busy = min(cores - 1, others)
     if busy <= 0:
         return cores, f"default: {cores} idle core(s)"
     return cores - busy, f"default: {cores} cores, {busy} busy ({how})"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def busy_cores(samples: int = 7) -> tuple[int, str]:
@@ -112,7 +117,7 @@ def peak_threads(tc: TrainConfig) -> int:
         return 0
     data = read_bench(tc.peak_from)
     threads = data.get("threads") if isinstance(data, dict) else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     ok = isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= cores
     return threads if ok else 0
 

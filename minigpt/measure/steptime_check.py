@@ -96,14 +96,18 @@ def cpu_rates(cfg: Config, peak_tflops: float) -> T.Rates:
                             "peak": f"measured here: {peak_tflops * 1e3:.1f} GFLOP/s fp32 matmul"})
 
 
+def cpu_setup(cfg: Config, plan: ParallelPlan, overlap: str = "none") -> T.Setup:
+    """How the trainer runs cfg in fp32 on this CPU under `plan`: its micro-batch x accumulation, no recompute,
+    SDPA, fp32 gradients; `overlap` what the backend hides (DDP: "backward")."""
+    layout = plan.batch_layout(cfg.train, cfg.model.block_size)
+    return T.Setup(seq_len=cfg.model.block_size, micro_batch=layout.micro_batch_size,
+                   global_batch=layout.tokens_per_step // cfg.model.block_size, recompute="none", attention="flash",
+                   overlap=overlap, act_bytes=4, grad_bytes=4)
+
+
 def predict_cpu_step(cfg: Config, rates: T.Rates) -> dict:
     """The step-time model for one process training cfg in fp32 on this CPU."""
-    c = cfg.model
-    layout = ParallelPlan().batch_layout(cfg.train, c.block_size)  # what the trainer runs: micro-batch x accumulation
-    setup = T.Setup(seq_len=c.block_size, micro_batch=layout.micro_batch_size,
-                    global_batch=layout.tokens_per_step // c.block_size, recompute="none", attention="flash",
-                    act_bytes=4, grad_bytes=4)
-    return T.step_time(c, ParallelPlan(), setup, rates)
+    return T.step_time(cfg.model, ParallelPlan(), cpu_setup(cfg, ParallelPlan()), rates)
 
 
 SHAPES = {  # the tiny preset, and a larger shape (more of the step in GEMMs)
@@ -176,10 +180,7 @@ def all_reduce_at(path: Path, nbytes: float) -> dict:
 
 def _dp_setup(cfg: Config, ranks: int) -> tuple[ParallelPlan, T.Setup]:
     plan = ParallelPlan(dp=ranks)
-    layout = plan.batch_layout(cfg.train, cfg.model.block_size)
-    return plan, T.Setup(seq_len=cfg.model.block_size, micro_batch=layout.micro_batch_size,
-                         global_batch=layout.tokens_per_step // cfg.model.block_size, recompute="none",
-                         attention="flash", overlap="backward", act_bytes=4, grad_bytes=4)
+    return plan, cpu_setup(cfg, plan, overlap="backward")  # DDP's buckets: the last micro-batch's backward
 
 
 @contextlib.contextmanager
@@ -202,8 +203,9 @@ def busy_companions(n: int):
 
 def check_data_parallel(root: Path, steps: int, ranks: int = 2) -> dict:
     """The tiny preset on `ranks` gloo ranks (DDP, one thread each, as torchrun sets) against the model: GEMMs
-    timed here on one thread beside ranks - 1 busy processes (as each rank runs beside the others), the all-reduce's bus bandwidth measured by `bench hardware --collectives` at
-    the gradients' size, DDP's bucket overlap (the reduce hides behind the last micro-batch's backward)."""
+    timed here on one thread beside ranks - 1 busy processes (as each rank runs beside the others), the
+    all-reduce's bus bandwidth measured by `bench hardware --collectives` at the gradients' size, DDP's bucket
+    overlap (the reduce hides behind the last micro-batch's backward)."""
     import dataclasses
 
     from minigpt.analytic.flops import param_counts
