@@ -306,7 +306,8 @@ def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, rank) -> tuple
 
 def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) -> tuple[ParallelPlan, T.Setup]:
     """How extrapolate assumes a layout trains: full recompute (what the memory search assumes), flash
-    attention, Megatron-Core-style overlap of every transfer, sequence parallelism with tp, ZeRO as planned."""
+    attention, fused memory-bound kernels, Megatron-Core-style overlap of every transfer, sequence parallelism
+    with tp, ZeRO as planned."""
     seq = c.block_size
     plan = dataclasses.replace(plan, sp=plan.tp > 1)
     batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
@@ -344,8 +345,8 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
     st = rank(ParallelPlan.parse(layout["plan"]))
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / layout[
         "gpus_used"] / (s.gpu.tflops[s.dtype] * 1e12)
-    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, overlapped transfers; "
-              f"{backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
+    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, fused memory-bound "
+              f"kernels, overlapped transfers; {backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
                                                    f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
     return {**st, "mfu_in_convention": mfu, "mfu_source": source}
 

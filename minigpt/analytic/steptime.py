@@ -52,7 +52,7 @@ import math
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from minigpt.analytic import flops as F
+from minigpt.analytic import eager, flops as F
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, group_ranks_per_node, ring_link_rate
@@ -63,6 +63,7 @@ GRAD_ACCUM_BYTES_PER_PARAM = 8  # per micro-batch: read and write an fp32 gradie
 OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (see dp_seconds)
 RECOMPUTE = ("none", "selective", "op", "full")
 ATTENTION = ("flash", "materialized")
+KERNELS = ("fused", "eager")  # how the memory-bound passes run: see layer_memory_passes
 
 # Achievable rates of each GPU, from microbenchmarks (not from training runs). BF16/FP16 dense.
 # Matmul: Bekman, "Machine Learning Engineering", mamf-finder. Where it publishes the sustained rate (MSMF:
@@ -251,12 +252,13 @@ class Setup:
     recompute: str = "none"  # none | selective | op | full: see `recomputed_gemms` (full: one more forward)
     attention: str = "flash"  # flash | materialized
     overlap: str = "none"  # none (Megatron-LM 2021) | backward (DDP buckets) | prefetch (FSDP) | full (Megatron-Core)
+    kernels: str = "fused"  # fused (torch.compile, Megatron's fused kernels) | eager (one kernel per PyTorch op)
     act_bytes: int = 2  # bytes per activation element (16-bit)
     grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
 
     def __post_init__(self):
-        for key, allowed in (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS)):
+        for key, allowed in (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key} = {getattr(self, key)!r:.40} is not one of {', '.join(allowed)}: use one of them")
         for key in ("seq_len", "micro_batch", "global_batch", "act_bytes", "grad_bytes", "param_bytes"):
@@ -360,6 +362,18 @@ def layer_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup
     return elements * setup.act_bytes
 
 
+def layer_memory_passes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> tuple[float, float]:
+    """(forward, backward) bytes of one layer's memory-bound passes. Fused kernels: the backward moves twice
+    the forward's bytes (it reads the forward's inputs and the output gradient, writes the input gradient).
+    Eager: every op of the PyTorch code on its own, counted op by op (analytic/eager.py)."""
+    if setup.kernels == "fused":
+        fwd = layer_memory_bytes(c, plan, b, s, setup)
+        return fwd, 2 * fwd
+    fwd, bwd = eager.layer_bytes(c, plan.tp, plan.sp, b, s, setup.act_bytes)
+    scores = score_pass_elements(c, plan, b, s) * setup.act_bytes if setup.attention == "materialized" else 0.0
+    return fwd + scores, bwd + 2 * scores
+
+
 def score_pass_elements(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
     """Elements the softmax (read, write) and dropout (read, write, one-byte mask) of materialized attention
     move over the b x a/t x s x s scores, in 16-bit element units."""
@@ -447,7 +461,7 @@ def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, 
     """Forward bytes of the memory-bound passes run again: all of them under full and op recompute; the
     softmax and dropout over the scores under selective recompute of materialized attention."""
     if setup.recompute in ("full", "op"):
-        return layer_memory_bytes(c, plan, b, s, setup)
+        return layer_memory_passes(c, plan, b, s, setup)[0]
     if setup.recompute == "selective" and setup.attention == "materialized":
         return score_pass_elements(c, plan, b, s) * setup.act_bytes
     return 0.0
@@ -464,7 +478,7 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     if setup.attention == "flash":
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
         attn = passes * flash_attention_flops(c, plan, b, s) / r.attention_flops
-    memory = (3 * layer_memory_bytes(c, plan, b, s, setup) + recomputed_memory_bytes(c, plan, b, s, setup)) / r.hbm_bytes_per_s
+    memory = (sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)) / r.hbm_bytes_per_s
     memory += measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link

@@ -10,7 +10,7 @@
 - `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
 - `torch.testing._internal.distributed.fake_pg.FakeStore`: a fake process group of N ranks, with
   `FSDPMemTracker` (torch.distributed._tools) and a `TorchDispatchMode` that sees every collective:
-  `minigpt simulate`.
+  `minigpt simulate`; another that counts the bytes each op moves (the eager byte count's test).
 - `distributed_c10d._get_default_store`: torchrun's store, for heartbeats and naming a silent rank.
 - `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
 """
@@ -226,6 +226,29 @@ def collective_counter():
             self.records.append((kind, group.size(), getattr(group, "group_desc", ""), whole))
 
     return CollectiveCounter()
+
+
+def op_byte_counter(skip: frozenset[str]):
+    """A dispatch mode that sums, per aten op (its overload packet's name, those in `skip` left out), the bytes
+    of the tensors each call reads and writes: every tensor argument and result, numel x element size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class OpByteCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in skip:
+                moved = sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+                            if isinstance(t, torch.Tensor))
+                self.bytes[name] = self.bytes.get(name, 0) + moved
+            return out
+
+    return OpByteCounter()
 
 
 def all_to_all_autograd(x, output_split_sizes: list[int], input_split_sizes: list[int], group):
