@@ -604,6 +604,20 @@ def _hardware_file(args) -> tuple[dict, str] | None:
     return (read_json(Path(args.hardware), "--hardware"), args.hardware) if args.hardware else None
 
 
+def _kernels(args, cfg) -> str:
+    """--kernels, checked before any work: it shapes the step-time model's prediction alone, and eager counts
+    cover dense blocks without dropout or QK-norm."""
+    if args.kernels == "eager":
+        from minigpt.analytic.eager import check_covered
+
+        given = args.mfu is not None or args.from_run or args.from_bench or args.measure_layers
+        if given or args.efficiency == "assumed":
+            raise UserError("--kernels eager shapes the predicted efficiency: drop --mfu, --from-run, --from-bench, "
+                            "--measure-layers or --efficiency assumed, or drop --kernels")
+        check_covered(cfg.model, "--kernels fused")
+    return args.kernels
+
+
 def scenario_from_args(args, cfg):
     from minigpt.analytic.extrapolate import (
         WORDS_PER_TOKEN,
@@ -618,6 +632,7 @@ def scenario_from_args(args, cfg):
     from minigpt.core.resolve import target_config
 
     gpu = gpu_by_name(args.gpu)
+    kernels = _kernels(args, cfg)
     mfu, source, notes = args.mfu, "given (--mfu)" if args.mfu is not None else "", []
     if args.from_run:
         mfu, source = mfu_from_run(args.from_run, gpu)
@@ -644,7 +659,7 @@ def scenario_from_args(args, cfg):
         notes.append(cfg.target.label)
     seq_len, seq_source = _training_context(args, cfg)
     return Scenario(gpu, dtype=args.dtype, num_gpus=args.num_gpus, days=args.days, mfu=mfu, mfu_source=source,
-                    efficiency=args.efficiency, quantize=args.quantize or "",
+                    efficiency=args.efficiency, kernels=kernels, quantize=args.quantize or "",
                     student=target_config(args.distilled).model if args.distilled else None, student_name=args.distilled or "",
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
@@ -1034,6 +1049,10 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--efficiency", choices=("predicted", "assumed"), default="predicted",
                    help="without --mfu/--from-run/--from-bench: the step-time model's MFU (predicted, default) or the "
                         "GPU class's published reference MFU (assumed)")
+    p.add_argument("--kernels", choices=("fused", "eager"), default="fused",
+                   help="how the step-time model counts norms, activations and rotary embeddings: fused kernels "
+                        "(torch.compile, Megatron; default) or eager PyTorch, one kernel per op (dense blocks, "
+                        "no dropout)")
     p.add_argument("--hardware", metavar="FILE", help="the step-time model reads GEMM rates and HBM bandwidth measured on "
                                                       "--gpu (`minigpt bench hardware --sweep --out FILE` there)")
     p.add_argument("--step-plot", metavar="PNG", help="draw the predicted step of the five fastest layouts that fit, "

@@ -185,6 +185,19 @@ def test_hf_config_json_is_a_target_for_flops_memory_and_extrapolate(tmp_path):
     assert short["sources"]["seq_len"] == "64 tokens: given (--seq-len)" and short["train_flops"] < out["train_flops"]
 
 
+def test_extrapolate_predicts_an_eager_llama_slower_and_refuses_eager_experts(tmp_path):
+    transformers.LlamaConfig(**FAMILIES["llama3-8b"][1]).save_pretrained(tmp_path / "l3")
+    args = ("extrapolate", "--target", str(tmp_path / "l3"), "--tokens", "15e12", "--gpu", "H100", "--json")
+    fused, eager = (json.loads(run_cli(*args, "--kernels", k).stdout) for k in ("fused", "eager"))
+    assert "eager memory-bound kernels" in eager["mfu_source"] and "fused memory-bound" in fused["mfu_source"]
+    assert eager["mfu"] < fused["mfu"]  # fp32 RMSNorm and RoPE op by op: more bytes over the same HBM
+    transformers.MixtralConfig().save_pretrained(tmp_path / "mx")
+    r = run_cli("extrapolate", "--target", str(tmp_path / "mx"), "--tokens", "1e12", "--kernels", "eager")
+    assert r.returncode == 2 and r.stderr.startswith("error: eager kernel counts cover dense blocks") and not r.stdout
+    r = run_cli(*args, "--kernels", "eager", "--mfu", "0.4")
+    assert r.returncode == 2 and "drop --mfu" in r.stderr
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pickled code ran",))

@@ -103,6 +103,12 @@ def one_process(model: dict) -> dict:
     return {"loss": losses, "grad_norm": norms, "eval": evals, "weights": backend.full_state_dict()}
 
 
+# after 3 AdamW steps at lr 3e-3: Adam divides by sqrt(v), so a weight whose gradient is near zero turns float
+# summation-order noise (split GEMMs under tp) into update noise: up to 2.2e-5 seen on an AMD EPYC; a missing
+# or doubled reduction moves weights by ~lr = 3e-3
+WEIGHT_ATOL = 5e-5
+
+
 def assert_same(got: dict, want: dict, name: str) -> None:
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), name
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), name
@@ -110,7 +116,7 @@ def assert_same(got: dict, want: dict, name: str) -> None:
     assert got["eval"] == pytest.approx(want["eval"], rel=1e-5), name
     assert sorted(got["weights"]) == sorted(want["weights"]), name  # the ordinary layout: a tied head once
     for k, w in want["weights"].items():
-        torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=2e-5, msg=f"{name}: {k}")
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=WEIGHT_ATOL, msg=f"{name}: {k}")
 
 
 @pytest.mark.slow

@@ -78,14 +78,20 @@ def activation_bytes(c: ModelConfig, tokens: float, width: int, el: int) -> tupl
     return _moved((2 * a, el)), _moved((3 * a, el))  # gelu / gelu_backward: one kernel each
 
 
+def check_covered(c: ModelConfig, fix: str) -> None:
+    """The blocks this count covers; `fix` names the way out in the caller's words."""
+    if c.is_moe or c.dropout > 0 or c.qk_norm:
+        raise UserError(f"eager kernel counts cover dense blocks without dropout or QK-norm; this model has "
+                        f"{'experts' if c.is_moe else 'dropout' if c.dropout > 0 else 'QK-norm'}: use {fix}")
+
+
 def layer_bytes(c: ModelConfig, tp: int, sp: bool, b: int, s: int, el: int) -> tuple[float, float]:
     """(forward, backward) bytes of one layer's memory-bound eager ops on one tensor-parallel rank, for b
     sequences of s tokens: two norms, the rotary embedding, the attention output's layout copy, two residual
     adds, the activation; in the backward also the gradients' adds where branches meet, the q/k/v and
     gate/up gradients concatenated for the fused projections, the q/k/v gradients' layout copies and the
     bias gradients. Norm and residual regions are split over tp with sequence parallelism."""
-    if c.is_moe or c.dropout > 0 or c.qk_norm:
-        raise UserError("eager kernel counts cover dense blocks without dropout or QK-norm; use kernels = \"fused\"")
+    check_covered(c, 'kernels = "fused"')
     T, h = b * s, c.n_embd
     rows = T / (tp if sp else 1)
     q, kv = T * c.n_head * c.head_dim / tp, T * c.n_kv_head * c.head_dim / tp

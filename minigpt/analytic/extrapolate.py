@@ -53,6 +53,7 @@ class Scenario:
     mfu: float | None = None
     mfu_source: str = ""
     efficiency: str = "predicted"  # with no mfu: "predicted" (the step-time model) or "assumed" (REFERENCE_MFU)
+    kernels: str = "fused"  # how the step-time model counts memory-bound passes: "fused" or "eager" (Setup.kernels)
     price_per_gpu_hour: float | None = None
     tokens: float | str | None = None  # number, "chinchilla", or None (the target's)
     flops_convention: str = "exact"
@@ -306,14 +307,15 @@ def _efficiency(c: ModelConfig, s: Scenario, peak_seconds: float, rank) -> tuple
 
 def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) -> tuple[ParallelPlan, T.Setup]:
     """How extrapolate assumes a layout trains: full recompute (what the memory search assumes), flash
-    attention, fused memory-bound kernels, Megatron-Core-style overlap of every transfer, sequence parallelism
-    with tp, ZeRO as planned."""
+    attention, fused memory-bound kernels (or eager ones: --kernels), Megatron-Core-style overlap of every
+    transfer, sequence parallelism with tp, ZeRO as planned."""
     seq = c.block_size
     plan = dataclasses.replace(plan, sp=plan.tp > 1)
     batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
     return plan, T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
-                         attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width)
+                         attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width,
+                         kernels=s.kernels)
 
 
 def scenario_rates(s: Scenario) -> T.Rates:
@@ -345,7 +347,7 @@ def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
     st = rank(ParallelPlan.parse(layout["plan"]))
     mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / layout[
         "gpus_used"] / (s.gpu.tflops[s.dtype] * 1e12)
-    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, fused memory-bound "
+    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, {s.kernels} memory-bound "
               f"kernels, overlapped transfers; {backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
                                                    f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
     return {**st, "mfu_in_convention": mfu, "mfu_source": source}

@@ -44,8 +44,9 @@ from minigpt.train.checkpoint import load_run
 @dataclass(frozen=True)
 class Limits:
     """What the server refuses before any work: a missing or wrong API key (401, every endpoint but /health), a body
-    over max_body_bytes or without a length (413, 411), max_tokens, n or prompt tokens over their limits (400), more
-    requests than the queue holds (503 with Retry-After)."""
+    over max_body_bytes or without a length (413, 411; the body read and dropped up to DRAIN_BYTES first),
+    max_tokens, n or prompt tokens over their limits (400), more requests than the queue holds (503 with
+    Retry-After)."""
     api_key: str = ""  # "": no key asked (the default on 127.0.0.1)
     max_body_bytes: int = 1 << 20
     max_tokens: int = 4096
@@ -401,6 +402,7 @@ class _Guard:
         if refusal is None:
             await self.app(scope, receive, send)
         else:
+            await _drain(receive, DRAIN_BYTES)
             await refusal(scope, receive, send)
 
     def _refusal(self, scope) -> JSONResponse | None:
@@ -419,6 +421,24 @@ class _Guard:
                 return _error(413, f"the body is {int(length):,} bytes; this server takes at most "
                                    f"{limits.max_body_bytes:,} (serve --max-body-bytes)")
         return None
+
+
+# A refused request's body is read and dropped up to this many bytes before the answer goes out (as nginx's
+# lingering close): closing a connection with unread bytes makes the client's kernel see a reset, and the
+# client loses the 413 / 411 / 401 it was sent. Beyond this the connection is closed unread.
+DRAIN_BYTES = 16 << 20
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read and discard a request's body, at most `limit` bytes of it."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client went away
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
