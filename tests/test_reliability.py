@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,21 @@ def worker(proc: Proc, local_rank: int):
     return next(k for k in kids if k.environ().get("LOCAL_RANK") == str(local_rank))
 
 
+def act_when_ready(jobs: dict, actions: dict, timeout: float = 120) -> None:
+    """Run each action (name -> (ready, act)) once its job is ready, polling every job in turn; a job that exits
+    before its action ran fails the test with its error."""
+    pending, deadline = dict(actions), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for name, (ready, act) in list(pending.items()):
+            if ready():
+                act()
+                del pending[name]
+            elif jobs[name].p.poll() is not None:
+                raise AssertionError(f"{name} exited {jobs[name].p.returncode} first: {''.join(jobs[name].err)[-800:]}")
+        time.sleep(0.02)
+    assert not pending, f"timed out waiting for {', '.join(pending)}"
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_stop_together_restart_after_a_death_and_name_a_hung_rank(corpus_dir, data_cache, tmp_path):
     """Four 2-rank jobs at once: an uninterrupted reference; one whose rank 1 is killed (torchrun
@@ -275,13 +291,20 @@ def test_torchrun_ranks_stop_together_restart_after_a_death_and_name_a_hung_rank
             "killed": Proc(cmd("killed", "--max-restarts=1", **{"train.auto_resume": "true"})),
             "term": Proc(cmd("term")),
             "hung": Proc(cmd("hung", **{"train.max_steps": 3000, "train.dist_timeout_s": 5}))}
-    jobs["hung"].wait_for(lambda: logged_step(tmp_path / "hung") >= 3)
-    hung = worker(jobs["hung"], 1)
-    hung.send_signal(signal.SIGSTOP)
-    jobs["term"].wait_for(lambda: logged_step(tmp_path / "term") >= 8)
-    jobs["term"].p.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun; it passes it on
-    jobs["killed"].wait_for(lambda: logged_step(tmp_path / "killed") >= 12)
-    worker(jobs["killed"], 1).kill()
+    stopped = {}
+
+    def stop_hung():
+        stopped["hung"] = worker(jobs["hung"], 1)
+        stopped["hung"].send_signal(signal.SIGSTOP)
+
+    # each job acted on as soon as it reaches its step, whichever comes first (a job acted on late, under load,
+    # could have finished its 40 steps)
+    act_when_ready(jobs, {"hung": (lambda: logged_step(tmp_path / "hung") >= 3, stop_hung),
+                          "term": (lambda: logged_step(tmp_path / "term") >= 8,  # what a scheduler sends torchrun
+                                   lambda: jobs["term"].p.send_signal(signal.SIGTERM)),
+                          "killed": (lambda: logged_step(tmp_path / "killed") >= 12,
+                                     lambda: worker(jobs["killed"], 1).kill())})
+    hung = stopped["hung"]
     term = jobs.pop("term").finish()
     resumed = Proc([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "minigpt", "train", "--resume", str(tmp_path / "term")])
@@ -292,7 +315,8 @@ def test_torchrun_ranks_stop_together_restart_after_a_death_and_name_a_hung_rank
     jobs["hung"].wait_for(lambda: any(l.startswith("error: rank 0: rank 1") for l in jobs["hung"].err))
     hung.kill()
     results = {name: job.finish() for name, job in {**jobs, "resumed": resumed}.items()}
-    assert results["ref"][0] == 0 and results["killed"][0] == 0, results["killed"][2][-2000:]
+    assert results["ref"][0] == 0, results["ref"][2][-3000:]
+    assert results["killed"][0] == 0, (results["killed"][1][-2000:], results["killed"][2][-4000:])
     assert "torchrun restart 1" in results["killed"][1]
     assert results["resumed"][0] == 0, results["resumed"][2][-2000:]
     error = next(l for l in results["hung"][2].splitlines() if l.startswith("error: rank 0: rank 1"))

@@ -326,15 +326,17 @@ def test_bench_serve_measures_the_server_and_its_result_sizes_a_fleet(server, tm
     from conftest import run_cli
 
     out = tmp_path / "serve.json"
-    r = run_cli("bench", "serve", "--url", server["url"], "--rate", "0", "--rate", "50", "--requests", "6",
+    r = run_cli("bench", "serve", "--url", server["url"], "--rate", "0", "--rate", "50", "--requests", "7",
                 "--concurrency", "4", "--prompt-tokens", "4:8", "--output-tokens", "5:9", "--json", "--out", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["server"]["config"]["block_size"] == 64 and result["server"]["batching"] == "continuous"
     for p in result["points"]:
-        assert p["completed"] == 6 and p["failed"] == 0 and 6 * 5 <= p["output_tokens"] <= 6 * 9
+        assert p["completed"] == 7 and p["failed"] == 0 and 7 * 5 <= p["output_tokens"] <= 7 * 9, (p["errors"], p["output_tokens"])
         assert p["ttft_ms"]["p50"] <= p["e2e_ms"]["p50"] and p["tpot_ms"]["p50"] > 0
-        assert p["per_user_tokens_per_s"]["p50"] == pytest.approx(1e3 / p["tpot_ms"]["p50"], rel=0.35)
+        # the median of 1 / TPOT per request: at least 1 / the 90th percentile TPOT, the slowest tenth below it
+        speed = p["per_user_tokens_per_s"]
+        assert 1e3 / p["tpot_ms"]["p90"] <= speed["p50"] * 1.001 and speed["p10"] <= speed["p50"]
     assert out.with_suffix(".png").stat().st_size > 0
     x = run_cli("extrapolate", "--target", server["run"], "--tokens", "chinchilla", "--gpu", "A100", "--serve", "--users", "1000",
                 "--from-serve-bench", str(out), "--tokens-per-s-per-user", "1", "--json")

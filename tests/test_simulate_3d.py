@@ -25,11 +25,11 @@ H100 = gpu_by_name("H100")
 @pytest.mark.parametrize("target, spelling", [("gpt4", "dp=1,tp=8,pp=15,zero=1")])
 def test_published_layouts_simulate_in_seconds_with_p2p_on_the_formula(target, spelling):
     c = model_config(target).model
-    r = simulate(c, SimSpec(ParallelPlan.parse(spelling), micro_batches=64), H100)
+    r = simulate(c, SimSpec(ParallelPlan.parse(spelling), micro_batches=16), H100)
     p = r["pipeline"]
     assert p["p2p_ratio"] == pytest.approx(1.0, abs=0.01)
     assert p["p2p_activation_bytes_per_boundary_per_micro_batch"] == c.block_size * c.n_embd * 2  # b=1, bf16
-    assert p["bubble_formula"] == pytest.approx((r["pp"] - 1) / (64 + r["pp"] - 1))
+    assert p["bubble_formula"] == pytest.approx((r["pp"] - 1) / (16 + r["pp"] - 1))
     assert r["comm_bytes_per_rank_by_group"]["tp"] == pytest.approx(r["predicted_comm_bytes_per_rank_by_group"]["tp"],
                                                                     rel=0.01)
     assert r["stage_layers"] == -(-c.n_layer // r["pp"])  # the real split: earlier stages take the extra layer

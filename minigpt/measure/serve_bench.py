@@ -141,8 +141,11 @@ def _percentiles(values: list[float], scale: float = 1.0) -> dict | None:
 
 
 def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
-    ok = [r for r in results if r["error"] is None and r["first"] is not None]
-    tpot = [(r["end"] - r["first"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1]
+    ok = [r for r in results if r["error"] is None]
+    for r in ok:  # tokens that never became visible text (partial UTF-8 of random ids): the reader saw them at the end
+        r["first"] = r["end"] if r["first"] is None else r["first"]
+    tpot = [(r["end"] - r["first"]) / (r["output_tokens"] - 1) for r in ok
+            if r["output_tokens"] > 1 and r["first"] < r["end"]]
     speeds = [1 / t for t in tpot if t > 0]
     out_tokens = sum(r["output_tokens"] for r in ok)
     return {
@@ -165,7 +168,8 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
 
 CONVENTION = ("measured against a running server: TTFT = arrival to first streamed text; TPOT = (end-to-end - TTFT) / "
               "(output tokens - 1); per-user tokens/s = 1 / TPOT per request; output throughput = all output tokens / "
-              "wall time; token-id prompts, greedy, ignore_eos; percentiles over the completed requests")
+              "wall time; token-id prompts, greedy, ignore_eos; percentiles over the completed requests (a request whose "
+              "tokens never became visible text has its TTFT at its end and no TPOT)")
 
 
 def bench_serve(load: Load, rates: list[float]) -> dict:
