@@ -3,6 +3,7 @@ cycle anywhere. The bottom bands import no torch; DeepSpeed, FSDP2 and DTensor's
 parallel band only; no module outside it branches on a backend's name; functions stay short."""
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ TORCH_FREE_BANDS = ("core", "analytic")
 BACKEND_NAMES = {"ddp", "fsdp", "deepspeed"}
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     out = {}
     for path in PKG.rglob("*.py"):
@@ -40,7 +42,8 @@ def band_of(module: str) -> int:
     return BAND["__main__"] if module.endswith(".__main__") else BAND[module.split(".")[1]]
 
 
-def imports_of(path: Path) -> set[str]:
+@functools.cache
+def imports_of(path: Path) -> frozenset[str]:
     """Every minigpt module a file imports, at any depth (`from minigpt.x import y` counts y when y is a
     module)."""
     names = set()
@@ -51,7 +54,7 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known)
-    return names
+    return frozenset(names)
 
 
 def test_every_module_is_in_a_band():
