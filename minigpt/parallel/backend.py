@@ -87,6 +87,22 @@ class Backend:
                             f"yet; train with ep=1")
 
     @classmethod
+    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig, world_size: int) -> None:
+        """A checkpoint's state (state.pt) resumes under the engine (train.backend) that wrote it, with its
+        optimizer and pipeline layout: checked before the model and the backend are built."""
+        written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's
+        if written_by != plan.backend:
+            raise UserError(f"{run_dir} was written by the {written_by} backend; resume with --set train.backend={written_by}")
+        optimizer = state.get("optimizer_name", "adamw")  # runs before the field existed used AdamW
+        if optimizer != tc.optimizer:
+            raise UserError(f"{run_dir} was trained with train.optimizer = '{optimizer}'; resume with --set "
+                            f"train.optimizer={optimizer}")
+        pp = state.get("pipeline_parallel", 1)  # the optimizer state's layout follows the pipeline's
+        if pp != plan.pp:
+            raise UserError(f"{run_dir} was trained with pipeline_parallel = {pp}; resume with --set "
+                            f"train.pipeline_parallel={pp}")
+
+    @classmethod
     def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:
         """The batch layout this backend refuses (e.g. a schedule's micro-batch count), said before work."""
 
@@ -153,20 +169,6 @@ class Backend:
     def load_state(self, folder: Path, state: dict) -> None:
         """Collective. Restore weights and optimizer from a checkpoint folder and its state.pt."""
         raise NotImplementedError
-
-    def check_resumable(self, state: dict, run_dir: Path) -> None:
-        """A checkpoint resumes under the engine (train.backend) that wrote it."""
-        written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's
-        if written_by != self.plan.backend:
-            raise UserError(f"{run_dir} was written by the {written_by} backend; resume with --set train.backend={written_by}")
-        optimizer = state.get("optimizer_name", "adamw")  # runs before the field existed used AdamW
-        if optimizer != self.tc.optimizer:
-            raise UserError(f"{run_dir} was trained with train.optimizer = '{optimizer}'; resume with --set "
-                            f"train.optimizer={optimizer}")
-        pp = state.get("pipeline_parallel", 1)  # the optimizer state's layout follows the pipeline's
-        if pp != self.plan.pp:
-            raise UserError(f"{run_dir} was trained with pipeline_parallel = {pp}; resume with --set "
-                            f"train.pipeline_parallel={pp}")
 
     def full_state_dict(self) -> dict | None:
         """Collective. Every weight whole, on CPU, on rank 0 (None elsewhere); tied weights once."""

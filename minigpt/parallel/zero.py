@@ -156,6 +156,17 @@ class DeepSpeedBackend(Backend):
         return False, "default: off under DeepSpeed (its engine wraps the model)"
 
     @classmethod
+    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig, world_size: int) -> None:
+        """Also: DeepSpeed's partitions are of one ZeRO stage over one number of ranks."""
+        super().check_resumable(state, run_dir, plan, tc, world_size)
+        if state.get("zero_stage") != tc.zero_stage:
+            raise UserError(f"{run_dir} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
+                            f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
+        if state.get("world_size") != world_size:
+            raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
+                            f"not {world_size}: resume with the same number of processes")
+
+    @classmethod
     def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
         """minigpt's floor with the model states DeepSpeed holds under the plan's ZeRO stage."""
         n, precision = param_counts(cfg.model).total, cfg.train.precision
@@ -198,12 +209,6 @@ class DeepSpeedBackend(Backend):
         return {"zero_stage": self.tc.zero_stage}
 
     def load_state(self, folder: Path, state: dict) -> None:
-        if state.get("zero_stage") != self.tc.zero_stage:
-            raise UserError(f"{folder.parent.parent} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
-                            f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
-        if state.get("world_size") != self.env.world_size:
-            raise UserError(f"{folder.parent.parent} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
-                            f"not {self.env.world_size}: resume with the same number of processes")
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint in {folder}; it is incomplete")

@@ -294,12 +294,16 @@ class Checkpointer:
             kept = f"the last complete checkpoint (step {last}) is intact" if last is not None else "no checkpoint yet"
             raise UserError(f"{error}; {kept}: resume with --resume {self.run.root}") from None
 
-    def load(self, backend) -> dict:
-        """Restore the latest checkpoint into `backend` (which checks it may) and this rank's RNG; return
-        the training state."""
+    def latest_state(self) -> tuple[Path, dict]:
+        """The latest checkpoint's folder and its state.pt (read once: the backend's rules check it before the
+        backend is built, then `load` restores it)."""
         folder, _ = latest_checkpoint(self.run.root)
-        state = load_state(folder)
-        backend.check_resumable(state, self.run.root)
+        return folder, load_state(folder)
+
+    def load(self, backend, saved: tuple[Path, dict]) -> dict:
+        """Restore `saved` (latest_state, already checked) into `backend` and this rank's RNG; return the training
+        state."""
+        folder, state = saved
         backend.load_state(folder, state)
         rank = self.env.rank
         torch.set_rng_state(state["rng_cpu"][rank % len(state["rng_cpu"])])

@@ -216,11 +216,14 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         device_notes = configure_device(tc, env.device)  # threads first: a stored CPU peak must match them
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=torch.get_num_threads())
+        checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
+        saved = checkpointer.latest_state() if resume else None
+        if saved is not None:  # the backend's rules, before anything is built
+            backend_class(plan).check_resumable(saved[1], paths.root, plan, tc, env.world_size)
         prepared, starts = _prepare_data(cfg, env, paths, resume, say)
         _check_sampling(cfg, prepared)
         backend = _build(cfg, env, plan, resume, say)
-        checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
-        state = _restore(checkpointer, backend, plan, resume, env)
+        state = _restore(checkpointer, backend, plan, saved, env)
         _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
     except BaseException:
         if env.is_main and lock is not None:
@@ -279,14 +282,15 @@ def _teacher(cfg: Config, env: DistEnv, say) -> GPT:
     return teacher
 
 
-def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, resume: bool, env: DistEnv) -> TrainState:
-    """The training state: the checkpoint's when resuming, else fresh (dropout seeded per data-parallel
-    rank: a tensor-parallel group shares its masks; the weights are equal)."""
-    if not resume:
+def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, saved: tuple | None,
+             env: DistEnv) -> TrainState:
+    """The training state: the checkpoint's (`saved`: its folder and state) when resuming, else fresh (dropout
+    seeded per data-parallel rank: a tensor-parallel group shares its masks; the weights are equal)."""
+    if saved is None:
         torch.manual_seed(backend.tc.seed + plan.dp_rank(env.rank))
         return TrainState(backend=plan.backend, optimizer_name=backend.tc.optimizer)
-    saved = checkpointer.load(backend)
-    return TrainState(saved["step"], saved.get("skipped_steps", 0), plan.backend, backend.tc.optimizer)
+    state = checkpointer.load(backend, saved)
+    return TrainState(state["step"], state.get("skipped_steps", 0), plan.backend, backend.tc.optimizer)
 
 
 def loop(run: Run, stop: StopControl) -> None:
