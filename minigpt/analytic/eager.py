@@ -87,10 +87,10 @@ def check_covered(c: ModelConfig, fix: str) -> None:
 
 def layer_bytes(c: ModelConfig, tp: int, sp: bool, b: int, s: int, el: int) -> tuple[float, float]:
     """(forward, backward) bytes of one layer's memory-bound eager ops on one tensor-parallel rank, for b
-    sequences of s tokens: two norms, the rotary embedding, the attention output's layout copy, two residual
-    adds, the activation; in the backward also the gradients' adds where branches meet, the q/k/v and
-    gate/up gradients concatenated for the fused projections, the q/k/v gradients' layout copies and the
-    bias gradients. Norm and residual regions are split over tp with sequence parallelism."""
+    sequences of s tokens: two norms, the rotary embedding, two residual adds, the activation; in the
+    backward also the gradients' adds where branches meet, the q/k/v and gate/up gradients concatenated
+    for the fused projections, and the bias gradients (layout copies left out: see the module doc). Norm
+    and residual regions are split over tp with sequence parallelism."""
     check_covered(c, 'kernels = "fused"')
     T, h = b * s, c.n_embd
     rows = T / (tp if sp else 1)
