@@ -108,7 +108,7 @@ def predict(run: dict, hardware: tuple[dict, str] | None = None, inputs: tuple |
         "name": run["name"], "set": run["set"], "family": run["family"], "source": run["source"], "gpu": run["gpu"], "gpus": plan.world,
         "plan": plan.spelling(), "params": F.param_counts(c).total, "metric": metric,
         "convention": pub.get("convention", ""), "published": published, "predicted": predicted,
-        "error": error, "predicted_mfu": st["mfu"], "step_s": st["step_s"],
+        "error": error, "predicted_mfu": st["mfu"], "step_s": st["step_s"], "kernels": setup.kernels,
         "parts_fraction": {k: v / st["step_s"] for k, v in st["parts_s"].items()}, "assumed": run["assumed"],
         "rates": rates.sources, "rates_measured": rates.gemm_time is not None,
     }
