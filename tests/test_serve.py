@@ -280,6 +280,25 @@ def test_the_server_answers_correctly_after_a_burst_of_bad_and_oversized_request
     assert again == expected
 
 
+def test_a_refused_body_sent_slowly_or_never_is_answered_after_the_drain_bound(server, monkeypatch):
+    """An oversized body the client declares and then does not send: 413 once the drain's time bound passes."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from minigpt.infer import serve
+
+    monkeypatch.setattr(serve, "DRAIN_SECONDS", 0.3)
+    url = urlparse(server["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)  # a timeout: the server waited for the body
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10 << 20))
+    conn.endheaders(b"x" * 100)  # and nothing more
+    r = conn.getresponse()
+    assert r.status == 413 and "serve --max-body-bytes" in r.read().decode()
+    conn.close()
+
+
 def test_sigterm_lets_a_stream_in_flight_finish_then_exits(server, tmp_path):
     """`minigpt serve` in its own process: SIGTERM while a stream is running stops new connections, the stream ends
     with its last tokens and [DONE], and the process exits 0."""

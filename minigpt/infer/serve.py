@@ -44,9 +44,9 @@ from minigpt.train.checkpoint import load_run
 @dataclass(frozen=True)
 class Limits:
     """What the server refuses before any work: a missing or wrong API key (401, every endpoint but /health), a body
-    over max_body_bytes or without a length (413, 411; the body read and dropped up to DRAIN_BYTES first),
-    max_tokens, n or prompt tokens over their limits (400), more requests than the queue holds (503 with
-    Retry-After)."""
+    over max_body_bytes or without a length (413, 411; the body read and dropped first, up to DRAIN_BYTES
+    and DRAIN_SECONDS), max_tokens, n or prompt tokens over their limits (400), more requests than the queue
+    holds (503 with Retry-After)."""
     api_key: str = ""  # "": no key asked (the default on 127.0.0.1)
     max_body_bytes: int = 1 << 20
     max_tokens: int = 4096
@@ -402,7 +402,7 @@ class _Guard:
         if refusal is None:
             await self.app(scope, receive, send)
         else:
-            await _drain(receive, DRAIN_BYTES)
+            await _drain(receive, DRAIN_BYTES, DRAIN_SECONDS)
             await refusal(scope, receive, send)
 
     def _refusal(self, scope) -> JSONResponse | None:
@@ -425,20 +425,28 @@ class _Guard:
 
 # A refused request's body is read and dropped up to this many bytes before the answer goes out (as nginx's
 # lingering close): closing a connection with unread bytes makes the client's kernel see a reset, and the
-# client loses the 413 / 411 / 401 it was sent. Beyond this the connection is closed unread.
+# client loses the 413 / 411 / 401 it was sent. Beyond this many bytes or seconds (a client that declares a
+# body and sends it slowly, or not at all) the answer goes out and the connection is closed unread.
 DRAIN_BYTES = 16 << 20
+DRAIN_SECONDS = 5.0
 
 
-async def _drain(receive, limit: int) -> None:
-    """Read and discard a request's body, at most `limit` bytes of it."""
-    seen = 0
-    while seen <= limit:
-        message = await receive()
-        if message["type"] != "http.request":
-            return  # the client went away
-        seen += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+async def _drain(receive, limit: int, seconds: float) -> None:
+    """Read and discard a request's body, at most `limit` bytes of it and for at most `seconds`."""
+    async def read() -> None:
+        seen = 0
+        while seen <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except asyncio.TimeoutError:
+        pass
 
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
