@@ -147,6 +147,8 @@ def test_backtest_cli_json_and_errors(tmp_path):
     ("tflops_per_gpu = 137,", "tflops_per_gpu = -137,", "published needs one positive figure"),
     ('set = "development"\nsource', 'set = "dev"\nsource', "set 'dev' is not one of development, held-out"),
     ('dtype = "fp16"', 'dtype = "fp64"', "dtype 'fp64' has no A100-80GB peak"),
+    ("global_batch = 512", 'global_batch = 512\nkernels = "eager"', "this model has dropout: use kernels = \"fused\""),
+    ("global_batch = 512", 'global_batch = 512\nkernels = "jit"', "kernels = 'jit' is not one of fused, eager"),
 ])
 def test_a_crafted_published_run_is_refused_by_name_and_fix(tmp_path, old, new, says):
     table = tmp_path / "runs.toml"

@@ -15,7 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
-from minigpt.analytic import flops as F, steptime as T
+from minigpt.analytic import eager, flops as F, steptime as T
 from minigpt.core.config import ModelConfig, build_section, tomllib
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
@@ -52,7 +52,10 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
     if keys.get("tp", 1) > 1 and run.get("sequence_parallel"):
         keys["sp"] = True
     plan = ParallelPlan.from_keys(keys)
-    setup = T.Setup(global_batch=run["global_batch"], **{k: run[k] for k in SETUP_KEYS if k in run})
+    try:
+        setup = T.Setup(global_batch=run["global_batch"], **{k: run[k] for k in SETUP_KEYS if k in run})
+    except UserError as e:
+        raise UserError(f"published run {run['name']!r:.60}: {e}") from None
     gpu = gpu_by_name(run["gpu"])
     check_run(run, c, plan, setup, gpu)
     rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
@@ -68,6 +71,8 @@ def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu
     try:
         c.validate()
         plan.check_model(c)
+        if setup.kernels == "eager":
+            eager.check_covered(c, 'kernels = "fused"')
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     if setup.global_batch % (plan.dp * setup.micro_batch):
