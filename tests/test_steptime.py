@@ -149,6 +149,7 @@ def test_backtest_cli_json_and_errors(tmp_path):
     ('dtype = "fp16"', 'dtype = "fp64"', "dtype 'fp64' has no A100-80GB peak"),
     ("global_batch = 512", 'global_batch = 512\nkernels = "eager"', "this model has dropout: use kernels = \"fused\""),
     ("global_batch = 512", 'global_batch = 512\nkernels = "jit"', "kernels = 'jit' is not one of fused, eager"),
+    ("global_batch = 512", 'global_batch = 512\nkernal = "eager"', "unknown key 'kernal'; known: seq_len"),
 ])
 def test_a_crafted_published_run_is_refused_by_name_and_fix(tmp_path, old, new, says):
     table = tmp_path / "runs.toml"

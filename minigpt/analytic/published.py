@@ -27,9 +27,31 @@ METRICS = ("tflops_per_gpu", "mfu", "step_s", "tokens_per_s_per_gpu")  # what a 
 SETS = ("development", "held-out")
 
 
+# how a code base ran (a family's keys, or a run's own): the Setup's keys and the plan's and rates' settings
+SETTINGS = (*SETUP_KEYS, "model", "schedule", "stages_per_rank", "sequence_parallel", "flash_kernel", "hbm_tbs")
+KEYS = {"family": (*SETTINGS, "assumed"),
+        "run": (*SETTINGS, "name", "family", "set", "source", "gpu", "dtype", "plan", "global_batch", "published",
+                "assumed_run"),
+        "published": (*METRICS, "convention")}
+
+
+def _check_keys(data: dict, path: Path) -> None:
+    """Unknown keys are errors (a misspelt setting would silently take the default)."""
+    tables = [("family", f"family {name!r:.40}", fam) for name, fam in data.get("family", {}).items()]
+    for run in data.get("run", []):
+        where = f"published run {run.get('name', '?')!r:.60}"
+        tables += [("run", where, run), ("published", f"{where}, published", run.get("published", {}))]
+    for kind, where, table in [("top", "the file", data)] + tables:
+        known = KEYS.get(kind, ("family", "run"))
+        unknown = [k for k in table if k not in known] if isinstance(table, dict) else []
+        if unknown:
+            raise UserError(f"{path}: {where}: unknown key {unknown[0]!r:.40}; known: {', '.join(known)}")
+
+
 def load_runs(path: Path = TABLE) -> list[dict]:
     """Each run with its family's settings filled in (the run's own keys win)."""
     data = tomllib.loads(path.read_text())
+    _check_keys(data, path)
     runs = []
     for run in data["run"]:
         fam = data["family"][run["family"]]
