@@ -258,7 +258,8 @@ class Setup:
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
 
     def __post_init__(self):
-        for key, allowed in (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS)):
+        choices = (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS))
+        for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key} = {getattr(self, key)!r:.40} is not one of {', '.join(allowed)}: use one of them")
         for key in ("seq_len", "micro_batch", "global_batch", "act_bytes", "grad_bytes", "param_bytes"):
@@ -478,7 +479,8 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     if setup.attention == "flash":
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
         attn = passes * flash_attention_flops(c, plan, b, s) / r.attention_flops
-    memory = (sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)) / r.hbm_bytes_per_s
+    moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
+    memory = moved / r.hbm_bytes_per_s
     memory += measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
