@@ -348,13 +348,14 @@ NOT_MEMORY_PASSES = frozenset({
     "select", "empty", "zeros_like", "ones_like"})
 
 
-@pytest.mark.parametrize("shape", [
-    dict(mlp="swiglu", norm="rmsnorm", pos_emb="rope", n_kv_head=2, bias=False),
-    dict(mlp="gelu", norm="layernorm", pos_emb="learned", bias=True),
-    dict(mlp="relu2", norm="rmsnorm", pos_emb="learned", bias=False),
-    dict(mlp="gelu", norm="layernorm", pos_emb="rope", n_kv_head=4, bias=False),
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(mlp="swiglu", norm="rmsnorm", pos_emb="rope", n_kv_head=2, bias=False), "bfloat16"),
+    (dict(mlp="swiglu", norm="rmsnorm", pos_emb="rope", n_kv_head=2, bias=False), "float32"),  # no casts
+    (dict(mlp="gelu", norm="layernorm", pos_emb="learned", bias=True), "bfloat16"),
+    (dict(mlp="relu2", norm="rmsnorm", pos_emb="learned", bias=False), "bfloat16"),
+    (dict(mlp="gelu", norm="layernorm", pos_emb="rope", n_kv_head=4, bias=False), "bfloat16"),
 ])
-def test_the_eager_byte_count_matches_a_dispatch_count_of_the_real_block(shape):
+def test_the_eager_byte_count_matches_a_dispatch_count_of_the_real_block(shape, dtype):
     import torch
 
     from minigpt.analytic import eager
@@ -362,21 +363,25 @@ def test_the_eager_byte_count_matches_a_dispatch_count_of_the_real_block(shape):
     from minigpt.nn.torch_private import op_byte_counter
 
     c = ModelConfig(n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=256, dropout=0.0, **shape)
-    block, (b, s) = Block(c, 0).to(torch.bfloat16), (2, 64)
-    x = torch.randn(b, s, c.n_embd, dtype=torch.bfloat16, requires_grad=True)
+    block, (b, s), dt = Block(c, 0).to(getattr(torch, dtype)), (2, 64), getattr(torch, dtype)
+    x = torch.randn(b, s, c.n_embd, dtype=dt, requires_grad=True)
     rope = tuple(t[None, None] for t in rope_tables(c.head_dim, s)) if c.pos_emb == "rope" else None
     with op_byte_counter(NOT_MEMORY_PASSES) as forward:
         y, _ = block(x, rope)
     grad = torch.randn_like(y)
     with op_byte_counter(NOT_MEMORY_PASSES) as backward:
         y.backward(grad)
-    fwd, bwd = eager.layer_bytes(c, tp=1, sp=False, b=b, s=s, el=2)
+    fwd, bwd = eager.layer_bytes(c, tp=1, sp=False, b=b, s=s, el=dt.itemsize)
     # layout copies (`clone`) are left out of the count: they depend on the attention kernel's memory layout;
     # LayerNorm's row statistics are fp32 in the count (CUDA), bf16 on this CPU: well under 1% of the bytes
     for counted, dispatched in ((fwd, forward.bytes), (bwd, backward.bytes)):
         assert counted == pytest.approx(sum(v for k, v in dispatched.items() if k != "clone"), rel=0.005), dispatched
-    fused = T.layer_memory_bytes(c, ParallelPlan(), b, s, T.Setup(seq_len=s))
-    assert fwd + bwd > 3 * fused  # the fused count is a floor: eager moves more, most with fp32 norms and rotary
+    fused = T.layer_memory_bytes(c, ParallelPlan(), b, s, T.Setup(seq_len=s, act_bytes=dt.itemsize))
+    ratio = (fwd + bwd) / (3 * fused)  # against the fused count, forward + backward
+    if c.norm == "rmsnorm" or c.pos_emb == "rope":
+        assert ratio > 2  # RMSNorm and rotary embeddings op by op in fp32
+    else:
+        assert 1 <= ratio < 1.3  # LayerNorm and GELU are single ATen kernels: eager is about fused
 
 
 def test_eager_kernels_slow_only_the_memory_part_and_cover_dense_blocks_only():

@@ -13,7 +13,7 @@ left out (they depend on the kernel's memory layout: on this CPU with rotary emb
 
 Covered: dense blocks without dropout (LayerNorm or RMSNorm; GELU, ReLU^2 or SwiGLU; learned or rotary
 positions). LayerNorm and GELU are single ATen kernels in eager mode too. Elements times bytes per element;
-fp32 intermediates at 4 bytes. Torch-free.
+fp32 intermediates at 4 bytes; with fp32 activations the casts are no-ops and count nothing. Torch-free.
 """
 
 from __future__ import annotations
@@ -29,21 +29,26 @@ def _moved(*tensors: tuple[float, int]) -> float:
     return sum(n * el for n, el in tensors)
 
 
+def _cast(elements: float, el: int) -> float:
+    """A cast between the activation dtype and fp32 (read one, write the other); none when they are the same."""
+    return 0.0 if el == FP32 else _moved((elements, el), (elements, FP32))
+
+
 def rmsnorm_bytes(rows: float, width: int, el: int) -> tuple[float, float]:
     """(forward, backward) of an RMSNorm over rows x width computed in fp32 (ops as in the docstring)."""
     r, n, f = rows * width, rows, FP32
-    fwd = (_moved((r, el), (r, f)) + _moved((r, f), (r, f)) + _moved((r, f), (n, f))  # cast up, square, mean
+    fwd = (_cast(r, el) + _moved((r, f), (r, f)) + _moved((r, f), (n, f))  # cast up, square, mean
            + 2 * _moved((n, f), (n, f))  # + eps, rsqrt
            + _moved((r, f), (n, f), (r, f)) + _moved((r, f), (width, el), (r, f))  # x * rstd, * weight
-           + _moved((r, f), (r, el)))  # cast back
-    bwd = (_moved((r, el), (r, f))  # grad cast up
+           + _cast(r, el))  # cast back
+    bwd = (_cast(r, el)  # grad cast up
            + 2 * _moved((r, f), (r, f), (r, f)) + _moved((r, f), (width, el), (r, f))  # grad products with the weight
-           + _moved((r, f), (width, f)) + _moved((width, f), (width, el))  # the weight's gradient, cast
+           + _moved((r, f), (width, f)) + _cast(width, el)  # the weight's gradient, cast
            + _moved((r, f), (n, f), (r, f)) + _moved((r, f), (n, f))  # rstd's gradient: product, row sum
            + 2 * _moved((n, f), (n, f)) + _moved((n, f), (n, f), (n, f))  # rstd^3 and scale
            + 3 * _moved((r, f), (r, f))  # mean(x^2)'s gradient: divide, 2x, ...
            + 2 * _moved((r, f), (r, f), (r, f))  # ... times, plus the direct path
-           + _moved((r, f), (r, el)))  # cast back
+           + _cast(r, el))  # cast back
     return fwd, bwd
 
 
@@ -60,7 +65,7 @@ def rope_bytes(x: float, positions: int, head_dim: int, el: int) -> tuple[float,
     by the cos/sin tables (positions x head_dim/2 each), subtract, add, concatenate, cast back; the backward
     has a negation and two adds in place of subtract and add."""
     half, f, table = x / 2, FP32, positions * head_dim / 2
-    casts = _moved((x, el), (x, f)) + _moved((x, f), (x, el))
+    casts = 2 * _cast(x, el)
     products = 4 * _moved((half, f), (table, f), (half, f))
     cat = _moved((x, f), (x, f))
     fwd = casts + products + 2 * _moved((half, f), (half, f), (half, f)) + cat
