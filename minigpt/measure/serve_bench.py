@@ -141,9 +141,8 @@ def _percentiles(values: list[float], scale: float = 1.0) -> dict | None:
 
 
 def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
-    ok = [r for r in results if r["error"] is None]
-    for r in ok:  # tokens that never became visible text (partial UTF-8 of random ids): the reader saw them at the end
-        r["first"] = r["end"] if r["first"] is None else r["first"]
+    # tokens that never became visible text (partial UTF-8 of random ids): the reader saw them at the end
+    ok = [{**r, "first": r["end"] if r["first"] is None else r["first"]} for r in results if r["error"] is None]
     tpot = [(r["end"] - r["first"]) / (r["output_tokens"] - 1) for r in ok
             if r["output_tokens"] > 1 and r["first"] < r["end"]]
     speeds = [1 / t for t in tpot if t > 0]

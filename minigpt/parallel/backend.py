@@ -87,7 +87,7 @@ class Backend:
                             f"yet; train with ep=1")
 
     @classmethod
-    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig, world_size: int) -> None:
+    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig) -> None:
         """A checkpoint's state (state.pt) resumes under the engine (train.backend) that wrote it, with its
         optimizer and pipeline layout: checked before the model and the backend are built."""
         written_by = state.get("backend", "ddp")  # runs before the field existed were DDP's

@@ -156,15 +156,15 @@ class DeepSpeedBackend(Backend):
         return False, "default: off under DeepSpeed (its engine wraps the model)"
 
     @classmethod
-    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig, world_size: int) -> None:
+    def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig) -> None:
         """Also: DeepSpeed's partitions are of one ZeRO stage over one number of ranks."""
-        super().check_resumable(state, run_dir, plan, tc, world_size)
+        super().check_resumable(state, run_dir, plan, tc)
         if state.get("zero_stage") != tc.zero_stage:
             raise UserError(f"{run_dir} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
                             f"--set train.zero_stage={state.get('zero_stage')} (its exported weights can start a new run)")
-        if state.get("world_size") != world_size:
+        if state.get("world_size") != plan.world:
             raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
-                            f"not {world_size}: resume with the same number of processes")
+                            f"not {plan.world}: resume with the same number of processes")
 
     @classmethod
     def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:

@@ -219,7 +219,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
         saved = checkpointer.latest_state() if resume else None
         if saved is not None:  # the backend's rules, before anything is built
-            backend_class(plan).check_resumable(saved[1], paths.root, plan, tc, env.world_size)
+            backend_class(plan).check_resumable(saved[1], paths.root, plan, tc)
         prepared, starts = _prepare_data(cfg, env, paths, resume, say)
         _check_sampling(cfg, prepared)
         backend = _build(cfg, env, plan, resume, say)
