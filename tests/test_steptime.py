@@ -394,3 +394,31 @@ def test_eager_kernels_slow_only_the_memory_part_and_cover_dense_blocks_only():
     moe = dataclasses.replace(llama, n_expert=8, n_expert_active=2)
     with pytest.raises(UserError, match="kernels = .fused"):
         step(moe, plan, overlap="prefetch", global_batch=64, kernels="eager")
+
+
+def test_context_parallelism_splits_the_tokens_and_passes_keys_and_values_round_a_ring():
+    c = ModelConfig(n_layer=8, n_head=32, n_kv_head=8, n_embd=4096, ffn_hidden=14336, mlp="swiglu", norm="rmsnorm",
+                    pos_emb="rope", block_size=8192, vocab_size=32768, bias=False)
+    h100 = T.gpu_rates(gpu_by_name("H100"))
+    setup = T.Setup(seq_len=8192, global_batch=64, overlap="full", grad_bytes=4)
+    one, two = ParallelPlan(dp=4, tp=2, zero=1), ParallelPlan(dp=4, tp=2, cp=2, zero=1)
+    mb1, mb2 = T.micro_batch_seconds(c, one, setup, h100), T.micro_batch_seconds(c, two, setup, h100)
+    half = T.micro_batch_seconds(c, one, dataclasses.replace(setup, seq_len=4096), h100)
+    assert mb2["parts"]["matmul"] == pytest.approx(half["parts"]["matmul"])  # every token-linear GEMM on s / cp tokens
+    assert mb2["parts"]["memory"] == pytest.approx(half["parts"]["memory"])
+    assert mb2["parts"]["attention"] == pytest.approx(mb1["parts"]["attention"] / 2)  # half the causal square each
+    # the ring: a neighbour's keys and values forward, again with their gradients backward: 3 (cp-1) chunks a layer
+    kv = 1 * 4096 * 2 * 8 * 128 / 2 * 2  # b x s/cp tokens x (k, v) x kv heads x head dim / tp x 2 bytes
+    assert mb2["cp_traffic_s"] == pytest.approx(8 * 3 * kv / h100.nvlink_bytes_per_s) and mb1["cp_traffic_s"] == 0
+    across = T.micro_batch_seconds(c, ParallelPlan(dp=1, tp=8, cp=2), setup, h100)  # tp x cp > 8: the ring leaves the node
+    assert across["cp_traffic_s"] == pytest.approx(8 * 3 * (kv / 4) / h100.internode_bytes_per_s)
+    assert mb2["parts"]["cp_comm"] == pytest.approx(max(0.0, mb2["cp_traffic_s"] - mb2["parts"]["attention"]))
+    slow = dataclasses.replace(h100, attention_flops=1e30)  # nothing to hide under: all of it exposed
+    assert T.micro_batch_seconds(c, two, setup, slow)["parts"]["cp_comm"] == pytest.approx(mb2["cp_traffic_s"])
+    # the gradients are reduced over dp x cp ranks: as dp = 8 without cp
+    st2, st8 = T.step_time(c, two, setup, h100), T.step_time(c, ParallelPlan(dp=8, tp=2, zero=1), setup, h100)
+    assert st2["traffic_s"]["dp"] == pytest.approx(st8["traffic_s"]["dp"]) and st2["tokens_per_step"] == 64 * 8192
+    assert st2["step_s"] == pytest.approx(sum(st2["parts_s"].values()))
+    for bad, says in (({"attention": "materialized"}, "flash attention kernel"), ({"seq_len": 8190}, "divide by 4")):
+        with pytest.raises(UserError, match=says):
+            T.step_time(c, two, dataclasses.replace(setup, **bad), h100)

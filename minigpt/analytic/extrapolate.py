@@ -85,6 +85,9 @@ def _check(s: Scenario) -> None:
         raise UserError(f"--days {s.days} must be positive")
     if s.flops_convention not in F.ALL_CONVENTIONS:
         raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
+    if s.plan.get("cp", 1) != 1:
+        raise UserError(f"--plan cp={s.plan['cp']}: extrapolate does not choose or cost context parallelism yet (the "
+                        f"step-time model predicts it: minigpt backtest); drop cp")
     if s.plan.get("zero", 1) not in (0, 1, 2, 3):
         raise UserError(f"--plan zero={s.plan['zero']} must be 0, 1, 2 or 3")
     if s.dtype not in s.gpu.tflops:

@@ -214,7 +214,7 @@ def step_time_lines(st: dict | None) -> list[str]:
     return [f"predicted step on {st['plan']}: {st['step_s']:.3g} s = {parts}; {st['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
             f"MFU {st['mfu']:.1%}, HFU {st['hfu']:.1%} (exact FLOPs over the datasheet peak)",
             "  transfers before overlap: " + ", ".join(f"{k} {v:.3g} s" for k, v in st["traffic_s"].items())
-            + " (the step above holds only what the backend leaves exposed: tp_comm, pp_comm, dp_comm)",
+            + " (the step above holds only what the backend leaves exposed: tp_comm, cp_comm, pp_comm, dp_comm)",
             "  rates: " + "; ".join(f"{k}: {v}" for k, v in st["sources"].items())]
 
 

@@ -24,6 +24,13 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
                parallelism the backward gathers each column-parallel GEMM's input again (Megatron keeps
                only the shard: Korthikanti et al. 2022, Sec. 4.2.2), one all-reduce's bytes a layer more.
                Exposed unless the backend overlaps them with GEMMs (Megatron-Core's tp-comm-overlap).
+  cp_comm      context parallelism (plan cp > 1: each sequence split over cp ranks in 2 cp chunks, two per rank,
+               so causal attention's work is even; Megatron-Core / Transformer Engine): every token-linear part
+               above runs on s / cp tokens, attention on 1/cp of the causal square; keys and values go round the
+               cp ranks in a ring (Liu et al. 2023, Ring Attention): (cp-1) times a rank's b s/cp (2 kv heads x
+               head dim)/t 16-bit values per layer forward, and in the backward the keys and values again and
+               their gradients back, 3 (cp-1) in all (4 with full recompute), each exposed beyond the attention
+               kernels it passes under. The gradients are then reduced over dp x cp ranks.
   bubble       the schedule's idle fraction (plan.bubble_formula) on the busiest stage's micro-batch
                time (the last stage also holds the LM head and loss).
   pp_comm      activations / gradients between stages, b s h / t 16-bit values per micro-batch each way
@@ -469,8 +476,9 @@ def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, 
 
 
 def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
-    """The busiest (last) pipeline stage's time for one micro-batch, forward + backward, by part."""
-    b, s, el = setup.micro_batch, setup.seq_len, setup.act_bytes
+    """The busiest (last) pipeline stage's time for one micro-batch, forward + backward, by part. Under context
+    parallelism a rank holds s / cp of each sequence's tokens."""
+    b, s, el = setup.micro_batch, setup.seq_len // plan.cp, setup.act_bytes
     layers = c.n_layer / plan.pp
     gemms = layer_gemms(c, plan, b, s, setup.attention)
     again = recomputed_gemms(c, plan, b, s, setup)
@@ -478,7 +486,7 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     attn = 0.0
     if setup.attention == "flash":
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
-        attn = passes * flash_attention_flops(c, plan, b, s) / r.attention_flops
+        attn = passes * flash_attention_flops(c, plan, b, setup.seq_len) / plan.cp / r.attention_flops
     moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
     memory = moved / r.hbm_bytes_per_s
     memory += measured_pass_seconds(c, plan, b, s, setup, r)
@@ -486,13 +494,26 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
     head = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
+    # a cp ring's neighbours are tp ranks apart: NVLink within a node, else each rank's own NIC
+    cp_link = r.nvlink_bytes_per_s if plan.tp * plan.cp <= GPUS_PER_NODE else r.internode_bytes_per_s
+    cp = cp_bytes_per_layer(c, plan, b, s, setup) / cp_link
     parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
              "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s
              + norm_pass_extra(c, plan, b, s, setup, r),  # the final norm
-             "tp_comm": layers * tp_exposed}
+             "tp_comm": layers * tp_exposed, "cp_comm": layers * max(0.0, cp - attn)}
     recomputed = layers * sum(g.flops for g in again)  # per rank, beyond full recompute's (counted exactly in step_time)
     return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp, "recomputed_flops": recomputed,
-            "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
+            "cp_traffic_s": layers * cp, "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
+
+
+def cp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s_local: int, setup: Setup) -> float:
+    """Bytes one rank receives round the context-parallel ring for one layer: its neighbours' keys and values
+    (cp - 1 chunks of b s/cp tokens x 2 kv heads' widths / t) in the forward, the same again and their gradients
+    in the backward, once more in a recomputed forward."""
+    if plan.cp == 1:
+        return 0.0
+    passes = 3 + (1 if setup.recompute == "full" else 0)
+    return passes * (plan.cp - 1) * b * s_local * 2 * c.n_kv_head * c.head_dim / plan.tp * setup.act_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,19 +524,26 @@ def _local_params(c: ModelConfig, plan: ParallelPlan) -> float:
     return F.param_counts(c).total / (plan.tp * plan.pp)
 
 
+def _dp_group(plan: ParallelPlan) -> int:
+    """The ranks that hold the same parameters and reduce their gradients together: dp x cp (the cp ranks
+    of a sequence each saw part of it; Megatron's data-parallel group with context parallelism)."""
+    return plan.dp * plan.cp
+
+
 def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: dict, m: int) -> tuple[float, float]:
     """(time of the data-parallel traffic, the part of it not hidden behind compute).
 
     ZeRO 0: an all-reduce of the gradients. ZeRO 1/2: a reduce-scatter of the gradients and an all-gather
     of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
     forward and again for the backward of every micro-batch, gradients reduce-scattered."""
-    if plan.dp == 1:
+    n = _dp_group(plan)
+    if n == 1:
         return 0.0, 0.0
-    local, ring = _local_params(c, plan), (plan.dp - 1) / plan.dp
+    local, ring = _local_params(c, plan), (n - 1) / n
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
     reduce = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2)
     gather = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0))
-    link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, plan.dp, group_ranks_per_node(plan.tp, plan.dp))
+    link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(plan.tp, n))
     total = (reduce + gather) / link
     if setup.overlap == "none":
         return total, total
@@ -534,14 +562,15 @@ def pp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, m: in
     tp x dp ranks apart: on another node once that is a node's worth of GPUs."""
     if plan.pp == 1:
         return 0.0, 0.0
-    per = setup.micro_batch * setup.seq_len * c.n_embd * setup.act_bytes / plan.tp
-    link = r.internode_bytes_per_s if plan.tp * plan.dp >= GPUS_PER_NODE else r.nvlink_bytes_per_s
+    per = setup.micro_batch * setup.seq_len / plan.cp * c.n_embd * setup.act_bytes / plan.tp
+    link = r.internode_bytes_per_s if plan.tp * plan.cp * plan.dp >= GPUS_PER_NODE else r.nvlink_bytes_per_s
     total = 2 * m * plan.stages_per_rank * per / link
     return total, (0.0 if setup.overlap == "full" else total)
 
 
 def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
     """Predicted seconds per optimizer step, by part, with tokens/s/GPU, MFU and HFU."""
+    check_context_parallel(plan, setup)
     m = max(1, setup.global_batch // (setup.micro_batch * plan.dp))
     mb = micro_batch_seconds(c, plan, setup, r)
     parts = {k: m * v for k, v in mb["parts"].items()}
@@ -549,7 +578,7 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     parts["bubble"] = m * mb["total"] * idle / (1 - idle)
     pp_total, parts["pp_comm"] = pp_seconds(c, plan, setup, r, m)
     dp_total, parts["dp_comm"] = dp_seconds(c, plan, setup, r, mb, m)
-    shard = _local_params(c, plan) / (plan.dp if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
+    shard = _local_params(c, plan) / (_dp_group(plan) if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
     parts["optimizer"] = shard * OPTIMIZER_BYTES_PER_PARAM / r.hbm_bytes_per_s
     # each micro-batch's weight gradients added into the fp32 accumulation buffer: read and write 4 bytes a parameter
     parts["memory"] += m * _local_params(c, plan) * GRAD_ACCUM_BYTES_PER_PARAM / r.hbm_bytes_per_s
@@ -564,12 +593,25 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
         "step_s": step, "parts_s": parts, "micro_batches": m, "bubble_fraction": idle,
         "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,
         "mfu": model / step / plan.world / r.peak_flops, "hfu": hardware / step / plan.world / r.peak_flops,
-        "traffic_s": {"tp": m * mb["tp_traffic_s"], "pp": pp_total, "dp": dp_total},  # before any overlap
+        # each transfer before any overlap
+        "traffic_s": {"tp": m * mb["tp_traffic_s"], "cp": m * mb["cp_traffic_s"], "pp": pp_total, "dp": dp_total},
         "convention": ("predicted: parts from counted work over achievable rates (analytic/steptime.py); "
                        "MFU with the exact FLOP count (every matmul, full attention square, no recompute) over the "
                        "datasheet dense peak; HFU adds the recomputed forward"),
         "sources": r.sources,
     }
+
+
+def check_context_parallel(plan: ParallelPlan, setup: Setup) -> None:
+    """Context parallelism as Megatron-Core runs it: a flash kernel (the ring passes keys and values between its
+    blocks) and each sequence in 2 cp equal chunks."""
+    if plan.cp == 1:
+        return
+    if setup.attention != "flash":
+        raise UserError(f"context parallelism (cp={plan.cp}) runs with a flash attention kernel; use attention = \"flash\"")
+    if setup.seq_len % (2 * plan.cp):
+        raise UserError(f"cp={plan.cp} splits each sequence into {2 * plan.cp} equal chunks: the sequence length "
+                        f"{setup.seq_len} must divide by {2 * plan.cp}")
 
 
 def tflops_per_gpu(c: ModelConfig, plan: ParallelPlan, setup: Setup, step_s: float, convention: str) -> float:

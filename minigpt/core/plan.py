@@ -3,13 +3,16 @@
 A plan says how a training step is spread over ranks: the data-parallel degree `dp` and what it shards
 (`zero`, the ZeRO stage: 0 nothing, 1 optimizer state, 2 + gradients, 3 + parameters; Rajbhandari et al.
 2019), the tensor-parallel degree `tp` (Megatron-LM, Shoeybi et al. 2019), the pipeline degree `pp`
-(Narayanan et al. 2021), room for context `cp` and expert `ep` parallelism, offloads, and the engine
-that runs it (`backend`: ddp, fsdp or deepspeed; empty: the parallel band picks the one for the stage).
+(Narayanan et al. 2021), context parallelism `cp` (each sequence split over cp ranks, attention's keys
+and values passed round them; predicted by the step-time model, not trained or simulated yet), expert
+parallelism `ep`, offloads, and the engine that runs it (`backend`: ddp, fsdp or deepspeed; empty: the
+parallel band picks the one for the stage).
 
 One spelling everywhere, the same on `minigpt train`, `minigpt simulate` and `minigpt extrapolate`:
 
     --plan tp=8,pp=4,dp=32,zero=1          keys: dp tp pp zero backend offload (none|optimizer|params|all)
                                                  sp (0|1) schedule (gpipe|1f1b|interleaved-1f1b|zbv) stages_per_rank
+                                                 cp ep
 
 and the same words when printed (`describe`). Ranks are laid out pp outermost, then dp, tp innermost
 (a tensor-parallel group is a node's neighbouring GPUs): rank = (pp_i * dp + dp_i) * tp + tp_i.
@@ -27,7 +30,7 @@ from minigpt.core.config import ModelConfig, TrainConfig, divisors
 from minigpt.core.errors import UserError
 
 OFFLOADS = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "all": (True, True)}
-KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank", "ep")
+KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank", "cp", "ep")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
 LOOPED = ("interleaved-1f1b", "zbv")  # schedules with several model chunks per pipeline rank
 MAX_RANKS = 1 << 20  # a million ranks: beyond any machine, and beyond what a simulation can build
@@ -42,7 +45,7 @@ class ParallelPlan:
     backend: str = ""  # the engine: "ddp", "fsdp", "deepspeed"; "": the default for the stage
     offload_optimizer: bool = False
     offload_params: bool = False
-    cp: int = 1  # context parallelism: not run yet, must be 1
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (step-time model only; not trained or simulated yet)
     ep: int = 1  # expert parallelism: a mixture's experts split over ep of the dp ranks (simulated; not trained yet)
     sp: bool = False  # sequence parallelism with tp: norms and residuals sharded along the sequence
     schedule: str = "1f1b"  # the pipeline schedule (pp > 1)
@@ -68,8 +71,6 @@ class ParallelPlan:
         if self.sp and self.tp == 1:
             raise UserError("plan sp=1 (sequence parallelism) shards along the sequence within a tensor-parallel group: "
                             "it needs tp > 1")
-        if self.cp != 1:
-            raise UserError("context parallelism is not run yet: leave cp at 1")
         if self.world > MAX_RANKS:
             raise UserError(f"plan {self.spelling()} has {self.world:,} ranks; at most {MAX_RANKS:,}")
 
@@ -136,6 +137,8 @@ class ParallelPlan:
             parts.append(f"backend={self.backend}")
         if self.sp:
             parts.append("sp=1")
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         if self.ep > 1:
             parts.append(f"ep={self.ep}")
         if self.pp > 1 and self.schedule != "1f1b":
@@ -155,7 +158,8 @@ class ParallelPlan:
         sp = " (sequence parallel)" if self.sp else ""
         pp = f" ({self.schedule}, {self.stages_per_rank} chunks per rank)" if self.pp > 1 and self.stages_per_rank > 1 else \
             (f" ({self.schedule})" if self.pp > 1 else "")
-        return (f"{self.world:,} ranks = dp {self.dp} (ZeRO-{self.zero}{engine}{more}) x tp {self.tp}{sp} x pp "
+        cp = f" x cp {self.cp}" if self.cp > 1 else ""
+        return (f"{self.world:,} ranks = dp {self.dp} (ZeRO-{self.zero}{engine}{more}) x tp {self.tp}{sp}{cp} x pp "
                 f"{self.pp}{pp}")
 
     # building ----------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ class ParallelPlan:
             plan = plan.with_world(world, origin)
         if world is not None and plan.world != world:
             raise UserError(f"{origin} {plan.spelling()} has {plan.world:,} ranks, but {world:,} were given: make "
-                            f"dp x tp x pp = {world:,}")
+                            f"dp x tp x pp{' x cp' if plan.cp > 1 else ''} = {world:,}")
         return plan
 
     @classmethod
@@ -191,7 +195,7 @@ class ParallelPlan:
     def with_world(self, world: int, origin: str = "--plan") -> ParallelPlan:
         per_replica = self.tp * self.pp * self.cp
         if world % per_replica:
-            raise UserError(f"{origin.rstrip(':')}: tp x pp = {per_replica} must divide the {world:,} ranks; e.g. "
+            raise UserError(f"{origin.rstrip(':')}: tp x pp{' x cp' if self.cp > 1 else ''} = {per_replica} must divide the {world:,} ranks; e.g. "
                             f"--nproc_per_node {per_replica}")
         return dataclasses.replace(self, dp=world // per_replica)
 
