@@ -275,6 +275,8 @@ def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
     sweep = gemm_sweep(torch.device("cpu"), "fp32", 3, {"m": (32, 64), "n": (32,), "k": (32, 64)})
     assert [s[:3] for s in sweep["shapes"]] == [[32, 32, 32], [32, 32, 64], [64, 32, 32], [64, 32, 64]]
     assert all(s[3] > 0 for s in sweep["shapes"]) and "median" in sweep["convention"]
+    from minigpt.measure.bench import significant
+    assert significant(3.2e-6) == 3.2e-6 and significant(123.456789) == 123.46  # small rates are not rounded to 0
     T.GemmTable(sweep["shapes"], "cpu sweep")  # a table the step-time model accepts
 
 

@@ -73,6 +73,12 @@ def _median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> flo
     return times[len(times) // 2]
 
 
+def significant(x: float, digits: int = 5) -> float:
+    """A measured rate kept to `digits` significant figures: a fixed number of decimals would round a small CPU
+    GEMM's TFLOP/s (a 32^3 product under load: ~1e-6) to zero, which the step-time model would divide by."""
+    return float(f"{x:.{digits}g}")
+
+
 def gemm_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
     """Achieved TFLOP/s of every (m, n, k) of the grid: the efficiency curve the step-time model reads
     (analytic/steptime.py, `measured_rates`)."""
@@ -85,7 +91,7 @@ def gemm_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = 
                     a = torch.randn(m, k, device=dev, dtype=DTYPES[dtype])
                     b = torch.randn(k, n, device=dev, dtype=DTYPES[dtype])
                     t = _median_time(lambda: torch.mm(a, b), dev, repeats)
-                    shapes.append([m, n, k, round(2 * m * n * k / t / 1e12, 5)])
+                    shapes.append([m, n, k, significant(2 * m * n * k / t / 1e12)])
                     progress.update()
     return {"dtype": dtype, "shapes": shapes,
             "convention": f"[m, n, k, TFLOP/s]: an m x k @ k x n product, 2 m n k FLOPs over the median of {repeats} "
@@ -120,7 +126,7 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
     }
     with Progress(len(dtypes) + 1, "hardware benchmark", "measurements") as progress:
         for d in dtypes:
-            result["matmul_tflops"][d] = round(matmul_tflops(dev, DTYPES[d], result["matmul_size"][d], reps), 4)
+            result["matmul_tflops"][d] = significant(matmul_tflops(dev, DTYPES[d], result["matmul_size"][d], reps))
             progress.update()
         result["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(dev, (1 << 30) if gpu else (256 << 20), reps), 1)
         progress.update()
