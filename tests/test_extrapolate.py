@@ -1,6 +1,7 @@
 """Published figures reproduced from first principles: each computed by the tool from the model
 config and the scenario's inputs; the expected values are the papers' and reports'."""
 
+import dataclasses
 import json
 
 import pytest
@@ -273,3 +274,23 @@ def test_extrapolate_draws_the_fastest_layouts_stacked_by_part(tmp_path):
     assert 1 < len(alts) <= 5 and all(set(a["parts_s"]) >= {"matmul", "dp_comm", "bubble"} for a in alts)
     r = run_cli("extrapolate", "--target", "gpt3-13b", "--efficiency", "assumed", "--step-plot", str(png))
     assert r.returncode == 2 and r.stderr.startswith("error: --step-plot")
+
+
+def test_extrapolate_costs_a_given_context_parallel_layout():
+    from minigpt.analytic.extrapolate import per_gpu_bytes
+
+    r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "H100", "--plan", "dp=8,tp=8,pp=8,cp=2", "--seq-len",
+                "8192", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    lay, st = out["memory"]["layout"], out["step_time"]
+    assert (lay["cp"], lay["gpus_used"], out["num_gpus"]) == (2, 1024, 1024) and "cp=2" in lay["plan"]
+    assert "x cp 2" in lay["plan_description"] and st["parts_s"]["cp_comm"] > 0 < st["traffic_s"]["cp"]
+    # a rank keeps half of each sequence: the activations of cp = 2 at 8k are those of cp = 1 at 4k
+    c = dataclasses.replace(preset("gpt3-175b").model, block_size=8192)
+    two, one = ParallelPlan(dp=8, tp=8, pp=8, cp=2, zero=1), ParallelPlan(dp=8, tp=8, pp=8, zero=1)
+    assert per_gpu_bytes(c, two, 8192, 1)["activations"] == per_gpu_bytes(c, one, 4096, 1)["activations"]
+    for args, says in ((("--plan", "tp=8,pp=8,cp=3", "--seq-len", "8192"), "must divide by 6"),
+                       (("--plan", "dp=8,tp=8,pp=8,cp=2", "--num-gpus", "512"), "dp x tp x pp x cp = 1,024 GPUs")):
+        r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "H100", *args)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr, r.stderr

@@ -126,7 +126,7 @@ def test_plan_keys_are_checked_by_the_parser():
     assert r.returncode == 2 and "error:" in r.stderr and "'pq=1' is not KEY=VALUE" in r.stderr
 
 
-def test_context_parallelism_is_a_plan_dimension_that_only_the_step_time_model_runs(tmp_path):
+def test_context_parallelism_is_a_plan_dimension_that_training_and_simulate_refuse(tmp_path):
     plan = ParallelPlan.parse("tp=4,cp=2,pp=2", world=64)
     assert (plan.dp, plan.cp, plan.world) == (4, 2, 64) and ParallelPlan.parse(plan.spelling()) == plan
     assert plan.describe() == "64 ranks = dp 4 (ZeRO-0) x tp 4 x cp 2 x pp 2 (1f1b)"
@@ -137,6 +137,6 @@ def test_context_parallelism_is_a_plan_dimension_that_only_the_step_time_model_r
     with pytest.raises(UserError, match="context parallelism is predicted .* not trained yet; train with cp=1"):
         plan_overrides("dp=2,cp=2", 4)
     for cmd, says in ((("simulate", "--config", "tiny", "--plan", "dp=2,cp=2"), "not simulated yet; use cp=1"),
-                      (("extrapolate", "--plan", "tp=2,cp=2"), "does not choose or cost context parallelism yet")):
+                      (("extrapolate", "--plan", "tp=2,cp=2", "--comm", "counted"), "does not run context parallelism")):
         r = run_cli(*cmd)
         assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr and "Traceback" not in r.stderr

@@ -85,9 +85,9 @@ def _check(s: Scenario) -> None:
         raise UserError(f"--days {s.days} must be positive")
     if s.flops_convention not in F.ALL_CONVENTIONS:
         raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
-    if s.plan.get("cp", 1) != 1:
-        raise UserError(f"--plan cp={s.plan['cp']}: extrapolate does not choose or cost context parallelism yet (the "
-                        f"step-time model predicts it: minigpt backtest); drop cp")
+    if s.plan.get("cp", 1) > 1 and s.simulator is not None:
+        raise UserError(f"--plan cp={s.plan['cp']} with --comm counted: the simulated step does not run context "
+                        f"parallelism; drop one of them")
     if s.plan.get("zero", 1) not in (0, 1, 2, 3):
         raise UserError(f"--plan zero={s.plan['zero']} must be 0, 1, 2 or 3")
     if s.dtype not in s.gpu.tflops:
@@ -95,6 +95,14 @@ def _check(s: Scenario) -> None:
     if s.hardware:
         T.hardware_gpu(s.hardware[0], s.hardware[1], s.gpu.name, s.dtype)
         scenario_rates(s)  # a usable sweep, before any work
+
+
+def _check_context(c: ModelConfig, s: Scenario) -> None:
+    """A context-parallel plan splits each training sequence into 2 cp equal chunks (Megatron-Core's balance)."""
+    cp = s.plan.get("cp", 1)
+    if c.block_size % (2 * cp):
+        raise UserError(f"--plan cp={cp} splits each sequence into {2 * cp} equal chunks: the training context "
+                        f"{c.block_size:,} must divide by {2 * cp}; change cp or --seq-len")
 
 
 def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float, str]:
@@ -122,12 +130,13 @@ def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int
     paper). Activations per layer (Korthikanti et al. 2022): with full recompute each layer keeps its
     input, 2 s b h bytes, divided by tp (sequence parallelism); without, s b h (10 + 24/t) (flash
     attention: no s x s term, no sequence parallelism). A 1F1B pipeline's first stage holds pp
-    micro-batches of its L/pp layers, i.e. L layers' worth.
+    micro-batches of its L/pp layers, i.e. L layers' worth. Context parallelism (cp) keeps s/cp of each
+    sequence's tokens on a rank and shards ZeRO's states over the dp x cp ranks that share the parameters.
     """
     psi = F.param_counts(c).total / (plan.tp * plan.pp)
-    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.dp)
+    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.dp * plan.cp)
     # the layout search assumes sequence parallelism with full recompute; without recompute, none
-    per_layer = M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq, flash=True, recompute=recompute,
+    per_layer = M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq // plan.cp, flash=True, recompute=recompute,
                                                          tp=plan.tp, sequence_parallel=recompute)
     act = c.n_layer * per_layer
     return {"model_states": states.total, "activations": act, "total": states.total + act,
@@ -157,19 +166,20 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     extra = {k: v for k, v in fixed.items() if k not in ("tp", "pp", "dp", "zero")}  # sp, ep, schedule, ...
     fitting = []
     for t, p in candidates:
-        plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // (t * p))), "tp": t, "pp": p,
+        per_replica = t * p * fixed.get("cp", 1)
+        plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // per_replica)), "tp": t, "pp": p,
                                        "zero": zero})
         mem = per_gpu_bytes(c, plan, seq, micro_batch)
         if plan.world <= num_gpus and mem["total"] <= budget:
             fitting.append((plan, mem))
     if not fitting:
-        _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget)
+        _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget, fixed.get("cp", 1))
     ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
     if rank:
         ranked.sort(key=lambda x: (x[2]["step_s"], x[0].world))
     rejected: list[dict] = []
     for plan, mem, step_s in ranked:
-        layout = {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "zero_stage": zero, "plan": plan.spelling(),
+        layout = {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "cp": plan.cp, "zero_stage": zero, "plan": plan.spelling(),
                   "plan_description": plan.describe(), "gpus_used": plan.world, "gpus_given": num_gpus,
                   "per_gpu_bytes": mem, "fits": True, "budget_bytes": budget, **_choice(ranked, rank)}
         if simulator is None:
@@ -193,12 +203,12 @@ def _choice(ranked: list, rank) -> dict:
 
 
 def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int, micro_batch: int,
-               candidates: list, budget: float) -> None:
+               candidates: list, budget: float, cp: int = 1) -> None:
     """Nothing fits in num_gpus: say how many GPUs would be needed."""
     for need in (2**i for i in range(0, 24)):
         for t, p in candidates:
-            plan = ParallelPlan(dp=max(1, need // (t * p)), tp=t, pp=p, zero=zero)
-            if t * p <= need and per_gpu_bytes(c, plan, seq, micro_batch)["total"] <= budget:
+            plan = ParallelPlan(dp=max(1, need // (t * p * cp)), tp=t, pp=p, zero=zero, cp=cp)
+            if t * p * cp <= need and per_gpu_bytes(c, plan, seq, micro_batch)["total"] <= budget:
                 raise UserError(
                     f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero}, micro-batch {micro_batch}, "
                     f"full recompute); it needs at least {need} GPUs, e.g. --plan {plan.spelling()}: "
@@ -216,6 +226,7 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     _check(s)
     c = dataclasses.replace(c, block_size=s.seq_len) if s.seq_len else c
     c.validate()
+    _check_context(c, s)
     p = F.param_counts(c)
     seq = c.block_size
     tokens, tokens_source = resolve_tokens(c, target, s.tokens)
@@ -367,11 +378,12 @@ def _solved_count(gpu_hours: float, days: float) -> int:
 
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
     if all(k in s.plan for k in ("dp", "tp", "pp")):  # a whole layout: its GPU count
-        world = s.plan["dp"] * s.plan["tp"] * s.plan["pp"]
+        world = s.plan["dp"] * s.plan["tp"] * s.plan["pp"] * s.plan.get("cp", 1)
+        product = "dp x tp x pp" + (" x cp" if s.plan.get("cp", 1) > 1 else "")
         if s.num_gpus is not None and s.num_gpus != world:
-            raise UserError(f"--plan gives dp x tp x pp = {world:,} GPUs but --num-gpus is {s.num_gpus:,}: drop one, or "
+            raise UserError(f"--plan gives {product} = {world:,} GPUs but --num-gpus is {s.num_gpus:,}: drop one, or "
                             f"make them agree")
-        return world, "the plan's dp x tp x pp (--plan)"
+        return world, f"the plan's {product} (--plan)"
     if s.num_gpus is not None:
         return s.num_gpus, "given (--num-gpus)"
     if s.days is not None:
@@ -415,7 +427,7 @@ def pipeline_p2p_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch
     parallelism, assumed with full recompute: each rank sends its T/tp positions; Narayanan et al. 2021)."""
     if plan.pp == 1:
         return 0.0
-    return 2 * micro_batches * plan.stages_per_rank * micro_batch * seq * c.n_embd * 2 / plan.tp
+    return 2 * micro_batches * plan.stages_per_rank * micro_batch * seq // plan.cp * c.n_embd * 2 / plan.tp
 
 
 def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, step_s: float, rank) -> dict:
@@ -427,10 +439,11 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     m = max(1, round(gbt / (seq * s.micro_batch * plan.dp)))
     bubble = plan.bubble_formula(m) or 0.0
     grad_bytes = 2 * F.param_counts(c).total / (plan.tp * plan.pp)
-    dp_bytes = (2 * (plan.dp - 1) / plan.dp * grad_bytes) * (1.5 if plan.zero == 3 else 1) if plan.dp > 1 else 0.0
-    dp_link = collective_link_gbs(s.gpu, plan.dp, group_ranks_per_node(plan.tp, plan.dp))[0]
+    n = plan.dp * plan.cp  # the ranks that reduce the same gradients
+    dp_bytes = (2 * (n - 1) / n * grad_bytes) * (1.5 if plan.zero == 3 else 1) if n > 1 else 0.0
+    dp_link = collective_link_gbs(s.gpu, n, group_ranks_per_node(plan.tp, n))[0]
     p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
-    p2p_link = s.gpu.internode_gbs if plan.tp * plan.dp >= GPUS_PER_NODE else s.gpu.nvlink_gbs
+    p2p_link = s.gpu.internode_gbs if plan.tp * n >= GPUS_PER_NODE else s.gpu.nvlink_gbs
     dp_s, p2p_s = dp_bytes / (dp_link * 1e9), p2p / (p2p_link * 1e9)
     predicted = rank(plan)["step_s"] if rank else step_s / (1 - bubble) + dp_s + p2p_s
     return {"plan": plan.spelling(), "plan_description": plan.describe(), "per_gpu_bytes": mem["total"],
@@ -444,7 +457,7 @@ def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: di
     prefers its own (or that it chose the published one)."""
     keys = parse_keys(target.published_plan, "target.published_plan")
     world = own["gpus_used"]
-    per_replica = keys.get("tp", 1) * keys.get("pp", 1)
+    per_replica = keys.get("tp", 1) * keys.get("pp", 1) * keys.get("cp", 1)
     pub_plan = ParallelPlan.from_keys({"zero": own["zero_stage"], **keys, "dp": max(1, world // per_replica)})
     own_plan = ParallelPlan.parse(own["plan"])
     pub, mine = (layout_figures(c, p, s, gbt, step_s, rank) for p in (pub_plan, own_plan))
@@ -459,14 +472,14 @@ def compare_published(c: ModelConfig, target: TargetConfig, s: Scenario, own: di
                            f"{s.gpu.memory_gb * MEMORY_HEADROOM:g} GB budget")
         faster = mine["predicted_step_s"] <= pub["predicted_step_s"]
         if rank:
-            reasons.append(f"the search takes the fastest predicted step of the layouts that fit: {own_plan.tp * own_plan.pp} "
+            reasons.append(f"the search takes the fastest predicted step of the layouts that fit: {own_plan.tp * own_plan.pp * own_plan.cp} "
                            f"GPUs per replica vs {per_replica}, predicted step {mine['predicted_step_s']:.3g} s vs "
                            f"{pub['predicted_step_s']:.3g} s (step-time model; bubble {mine['bubble']:.1%} vs "
                            f"{pub['bubble']:.1%}, pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s)"
                            + ("" if faster else "; the published one would be faster, but it does not fit"
                               if not pub["fits"] else "; the published one is predicted faster"))
         else:
-            reasons.append(f"the search takes the smallest tp x pp that fits ({own_plan.tp * own_plan.pp} GPUs per replica "
+            reasons.append(f"the search takes the smallest tp x pp that fits ({own_plan.tp * own_plan.pp * own_plan.cp} GPUs per replica "
                            f"vs {per_replica}) (--efficiency assumed): bubble {mine['bubble']:.1%} vs {pub['bubble']:.1%}, "
                            f"pipeline transfers {mine['p2p_s']:.3g} s vs {pub['p2p_s']:.3g} s, data-parallel "
                            f"{mine['dp_s']:.3g} s vs {pub['dp_s']:.3g} s per step; predicted step (compute + exposed "
@@ -481,7 +494,7 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
     """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses;
     with --comm counted, also what the simulated step of the layout sent, and which is used."""
     grad_bytes = 2 * params / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
-    dp = layout["dp"]
+    dp = layout["dp"] * layout.get("cp", 1)  # with context parallelism the cp ranks reduce together too
     ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
     zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
     # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group stays inside

@@ -76,7 +76,7 @@ class SimSpec:
             raise UserError(f"--seq-len {self.seq_len} must be between 1 and block_size = {c.block_size}")
         if self.plan.cp > 1:
             raise UserError(f"--plan cp={self.plan.cp}: context parallelism is predicted by the step-time model "
-                            f"(minigpt backtest), not simulated yet; use cp=1")
+                            f"(minigpt extrapolate, backtest), not simulated yet; use cp=1")
         if self.plan.ep > 1 and self.plan.tp > 1:
             raise UserError(f"--plan ep={self.plan.ep} with tp={self.plan.tp}: expert parallelism is simulated with tp=1 "
                             f"(experts split over tp and ep together are not built here)")

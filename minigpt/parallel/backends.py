@@ -50,7 +50,7 @@ def plan_overrides(spelling: str, world: int) -> list[str]:
         raise UserError(f"--plan ep={plan.ep}: expert parallelism is simulated and costed (minigpt simulate), not trained "
                         f"yet; train with ep=1")
     if plan.cp > 1:
-        raise UserError(f"--plan cp={plan.cp}: context parallelism is predicted (minigpt backtest), not trained yet; "
+        raise UserError(f"--plan cp={plan.cp}: context parallelism is predicted and costed (minigpt extrapolate, backtest), not trained yet; "
                         f"train with cp=1")
     return resolve_plan(plan).train_overrides()
 
