@@ -150,6 +150,7 @@ def test_backtest_cli_json_and_errors(tmp_path):
     ("global_batch = 512", 'global_batch = 512\nkernels = "eager"', "this model has dropout: use kernels = \"fused\""),
     ("global_batch = 512", 'global_batch = 512\nkernels = "jit"', "kernels = 'jit' is not one of fused, eager"),
     ("global_batch = 512", 'global_batch = 512\nkernal = "eager"', "unknown key 'kernal'; known: seq_len"),
+    ('plan = "tp=1,pp=1,dp=32"', 'plan = "tp=1,pp=1,dp=16,cp=2"', "context parallelism (cp=2) runs with a flash"),
 ])
 def test_a_crafted_published_run_is_refused_by_name_and_fix(tmp_path, old, new, says):
     table = tmp_path / "runs.toml"

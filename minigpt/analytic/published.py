@@ -95,6 +95,7 @@ def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu
         plan.check_model(c)
         if setup.kernels == "eager":
             eager.check_covered(c, 'kernels = "fused"')
+        T.check_context_parallel(plan, setup)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     if setup.global_batch % (plan.dp * setup.micro_batch):
