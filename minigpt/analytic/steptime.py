@@ -559,7 +559,7 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
 
 def pp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, m: int) -> tuple[float, float]:
     """(time of the stage-to-stage transfers per step, the part not overlapped). Neighbouring stages are
-    tp x dp ranks apart: on another node once that is a node's worth of GPUs."""
+    tp x cp x dp ranks apart: on another node once that is a node's worth of GPUs."""
     if plan.pp == 1:
         return 0.0, 0.0
     per = setup.micro_batch * setup.seq_len / plan.cp * c.n_embd * setup.act_bytes / plan.tp

@@ -15,7 +15,8 @@ One spelling everywhere, the same on `minigpt train`, `minigpt simulate` and `mi
                                                  cp ep
 
 and the same words when printed (`describe`). Ranks are laid out pp outermost, then dp, tp innermost
-(a tensor-parallel group is a node's neighbouring GPUs): rank = (pp_i * dp + dp_i) * tp + tp_i.
+(a tensor-parallel group is a node's neighbouring GPUs): rank = (pp_i * dp + dp_i) * tp + tp_i. The step-time
+model puts context-parallel ranks between tp and dp, as Megatron-Core orders them (tp, cp, dp, pp).
 
 The batch a step trains on is part of the layout too: `batch_layout` splits train.batch_size_tokens into
 dp ranks x accumulation x micro-batches (nanochat's rule).
