@@ -294,3 +294,18 @@ def test_extrapolate_costs_a_given_context_parallel_layout():
                        (("--plan", "dp=8,tp=8,pp=8,cp=2", "--num-gpus", "512"), "dp x tp x pp x cp = 1,024 GPUs")):
         r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "H100", *args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr, r.stderr
+
+
+def test_the_layout_search_turns_to_context_parallelism_only_where_a_long_context_needs_it():
+    def run(*args):
+        r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "H100", *args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    short, long_, without = run(), run("--seq-len", "131072"), run("--seq-len", "131072", "--plan", "cp=1")
+    assert short["memory"]["layout"]["cp"] == 1  # 2k tokens: the pipeline is full without it
+    lay = long_["memory"]["layout"]
+    assert lay["cp"] > 1 and "context" in lay["chosen_by"] and without["memory"]["layout"]["cp"] == 1
+    # the search took it because the step-time model predicts it faster: fewer, fuller pipelines
+    assert long_["step_time"]["step_s"] < without["step_time"]["step_s"]
+    assert long_["step_time"]["bubble_fraction"] < without["step_time"]["bubble_fraction"]

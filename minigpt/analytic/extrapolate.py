@@ -31,6 +31,7 @@ HOURS_PER_MONTH = 720
 DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 2**20  # assumption when the target gives none
 DEFAULT_NUM_GPUS = 1024  # assumption when neither a count nor a budget in days is given
 MEMORY_HEADROOM = 0.9  # share of GPU memory a layout may plan to use (temporaries, fragmentation)
+CONTEXT_SPLITS = (1, 2, 4, 8, 16)  # context-parallel degrees the layout search tries (Dubey et al. 2024, Table 4: Llama 3 at 131,072 tokens on cp 16)
 WORDS_PER_TOKEN = 0.75  # 1000 tokens ~ 750 English words (OpenAI's rule of thumb)
 
 # Published MFU of large training runs, by GPU class (the default efficiency, cited)
@@ -148,8 +149,9 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
                    simulator=None, rank=None) -> dict:
     """The layout to train on; `fixed` holds the --plan keys the user gave (tp, pp, dp, zero), the rest of the
     GPUs go to data parallelism. With `rank` (plan -> predicted seconds per step): the fastest predicted of
-    the tensor x pipeline splits that fit. Without: the smallest split that fits, tensor parallel first
-    (<= 8, within a node).
+    the tensor x pipeline x context-parallel splits that fit (cp from CONTEXT_SPLITS where the context divides
+    into 2 cp chunks; a long context's few sequences per step leave a pipeline idle, which cp relieves).
+    Without: the smallest split that fits, cp = 1 first, tensor parallel first (<= 8, within a node).
 
     With a simulator (--comm counted) a layout must also fit by the memory its simulated step measured;
     candidates are simulated in order until one does, and the ones it rejects are listed."""
@@ -165,10 +167,12 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     candidates = sorted(((t, p) for t in tps for p in pps), key=lambda tp_pp: (tp_pp[0] * tp_pp[1], -tp_pp[0]))
     extra = {k: v for k, v in fixed.items() if k not in ("tp", "pp", "dp", "zero")}  # sp, ep, schedule, ...
     fitting = []
-    for t, p in candidates:
-        per_replica = t * p * fixed.get("cp", 1)
+    cps = [fixed["cp"]] if "cp" in fixed else [x for x in CONTEXT_SPLITS if seq % (2 * x) == 0 and (
+        x == 1 or simulator is None)]  # the simulator does not run cp
+    for (t, p), cp in ((tp_pp, x) for x in cps for tp_pp in candidates):
+        per_replica = t * p * cp
         plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // per_replica)), "tp": t, "pp": p,
-                                       "zero": zero})
+                                       "zero": zero, "cp": cp})
         mem = per_gpu_bytes(c, plan, seq, micro_batch)
         if plan.world <= num_gpus and mem["total"] <= budget:
             fitting.append((plan, mem))
@@ -195,8 +199,9 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
 def _choice(ranked: list, rank) -> dict:
     """How the layout was chosen, with the runners-up when ranked by predicted step time."""
     if not rank:
-        return {"chosen_by": "the smallest tensor x pipeline split that fits (--efficiency assumed)"}
-    return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline splits that fit "
+        return {"chosen_by": "the smallest tensor x pipeline split that fits, without context parallelism if one "
+                             "fits (--efficiency assumed)"}
+    return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline x context splits that fit "
                          f"(step-time model, analytic/steptime.py)",
             "alternatives": [{"plan": p.spelling(), "predicted_step_s": st["step_s"], "parts_s": st["parts_s"],
                               "mfu": st["mfu"]} for p, _, st in ranked[:5]]}
