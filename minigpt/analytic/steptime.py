@@ -73,17 +73,20 @@ ATTENTION = ("flash", "materialized")
 KERNELS = ("fused", "eager")  # how the memory-bound passes run: see layer_memory_passes
 
 # Achievable rates of each GPU, from microbenchmarks (not from training runs). BF16/FP16 dense.
-# Matmul: Bekman, "Machine Learning Engineering", mamf-finder. Where it publishes the sustained rate (MSMF:
-# the chip saturated at its power limit, "the rate that matches real training throughput"), that one; the
-# mean over all 8 GPUs of a node computing at once: H200 bf16 698.6 TFLOP/s (used for the H100 too: the
-# same die and 700 W limit), B200 1426.4. Else the burst ceiling (MAMF, best shape): A100 SXM 267.9
-# (optimistic for sustained training: no sustained figure is published for it).
-MAMF_SOURCE = "Bekman, ml-engineering mamf-finder"
-MAMF = {"A100-40GB": (267.9, "A100 SXM MAMF (burst; no sustained figure published)"),
-        "A100-80GB": (267.9, "A100 SXM MAMF (burst; no sustained figure published)"),
-        "H100": (698.6, "H200 MSMF, all 8 GPUs busy (same die and power limit as H100 SXM)"),
-        "H200": (698.6, "H200 MSMF, all 8 GPUs busy"),
-        "B200": (1426.4, "B200 MSMF, all 8 GPUs busy")}
+# Matmul: Bekman, "Machine Learning Engineering", the "Maximum Achievable and Sustainable Matmul FLOPS comparison
+# table" (compute/accelerator/README.md of stas00/ml-engineering at commit 0359db8, mamf-finder benchmark
+# version 4). Where it gives the sustained rate (MSMF: the chip saturated at its power limit, "use MSMF for
+# training throughput"), measured with every GPU of the node computing (the median GPU of 8), that one: H200
+# bf16 755 TFLOP/s (used for the H100 too: the same die and 700 W limit; the table has no H100 MSMF), B200
+# 1439. Else the burst ceiling (MAMF, best shape, one GPU alone): A100 SXM 271 (optimistic for sustained
+# training). An earlier version of the table gave 698.6, 1426.4 and 267.9, used here until the figures were
+# checked against the source again (README, "Predicted efficiency", gives the backtest before and after).
+MAMF_SOURCE = "Bekman, ml-engineering mamf-finder (table at commit 0359db8)"
+MAMF = {"A100-40GB": (271.0, "A100 SXM MAMF, one GPU alone (burst; the table has no A100 SXM MSMF)"),
+        "A100-80GB": (271.0, "A100 SXM MAMF, one GPU alone (burst; the table has no A100 SXM MSMF)"),
+        "H100": (755.0, "H200 MSMF, median GPU of 8 all busy (same die and power limit as H100 SXM; no H100 MSMF)"),
+        "H200": (755.0, "H200 MSMF, median GPU of 8 all busy"),
+        "B200": (1439.0, "B200 MSMF, median GPU of 8 all busy")}
 # Flash attention kernel, forward+backward (the forward's figure: the backward is slower, so optimistic):
 # A100 FlashAttention-2 50-73% of peak (Dao 2023, Fig. 4-6), middle 62%; H100 at head dim 128, 2k-4k tokens:
 # FlashAttention-2 about 365 TFLOP/s, cuDNN / FlashAttention-3 about 615-640 (Shah et al. 2024, FlashAttention-3, Fig. 5).
