@@ -79,8 +79,9 @@ KERNELS = ("fused", "eager")  # how the memory-bound passes run: see layer_memor
 # training throughput"), measured with every GPU of the node computing (the median GPU of 8), that one: H200
 # bf16 755 TFLOP/s (used for the H100 too: the same die and 700 W limit; the table has no H100 MSMF), B200
 # 1439. Else the burst ceiling (MAMF, best shape, one GPU alone): A100 SXM 271 (optimistic for sustained
-# training). An earlier version of the table gave 698.6, 1426.4 and 267.9, used here until the figures were
-# checked against the source again (README, "Predicted efficiency", gives the backtest before and after).
+# training). 698.6, 1426.4 and 267.9, read from a version of the table that no longer has them, were used here
+# until the figures were checked against the source again (README, "Predicted efficiency": the backtest
+# before and after).
 MAMF_SOURCE = "Bekman, ml-engineering mamf-finder (table at commit 0359db8)"
 MAMF = {"A100-40GB": (271.0, "A100 SXM MAMF, one GPU alone (burst; the table has no A100 SXM MSMF)"),
         "A100-80GB": (271.0, "A100 SXM MAMF, one GPU alone (burst; the table has no A100 SXM MSMF)"),
