@@ -269,6 +269,26 @@ def test_backtest_and_extrapolate_read_a_sweep_only_for_its_gpu_and_dtype(tmp_pa
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no GEMM sweep" in r.stderr
 
 
+def test_an_h200_sweep_stands_for_the_h100s_gemms_but_not_its_memory(tmp_path):
+    """The GPU lent to this project is an H200; the published runs trained on H100s (the same die and power
+    limit): its GEMM curve stands for theirs, its HBM3e bandwidth and its links do not."""
+    path, hw = _sweep_file(tmp_path, gpu="H200", name="h200.json")
+    b = json.loads(run_cli("backtest", "--hardware", str(path), "--json").stdout)
+    h100 = [r for r in b["runs"] if r["gpu"] == "H100"]
+    assert h100 and all(r["rates_measured"] for r in h100) and "GEMMs alone for those on H100" in b["rates"]
+    assert all("standing for the H100's GEMMs" in r["rates"]["matmul"] and "measured" not in r["rates"]["hbm"] for r in h100)
+    cited = T.gpu_rates(gpu_by_name("H100"))
+    twin = T.measured_rates(hw, cited, "h200.json", gemms_only=True)
+    assert twin.hbm_bytes_per_s == cited.hbm_bytes_per_s and twin.gemm_time is not None
+    assert T.measured_rates(hw, T.gpu_rates(gpu_by_name("H200")), "h200.json").hbm_bytes_per_s == 3000e9  # its own: all
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--hardware", str(path), "--json")
+    assert r.returncode == 0 and "standing for the H100" in json.loads(r.stdout)["step_time"]["sources"]["matmul"]
+    links_only = tmp_path / "links.json"
+    links_only.write_text(json.dumps({k: v for k, v in hw.items() if k != "gemm_sweep"}))
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "H100", "--hardware", str(links_only))
+    assert r.returncode == 2 and "not H100" in r.stderr
+
+
 def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
     import torch
 

@@ -340,7 +340,9 @@ def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) 
 def scenario_rates(s: Scenario) -> T.Rates:
     """The GPU's cited rates, or (--hardware) what was measured on it."""
     rates = T.gpu_rates(s.gpu, s.dtype)
-    return T.measured_rates(s.hardware[0], rates, s.hardware[1]) if s.hardware else rates
+    if not s.hardware:
+        return rates
+    return T.measured_rates(s.hardware[0], rates, s.hardware[1], gemms_only=T.stands_for(s.hardware[0], s.gpu.name) == "gemms")
 
 
 def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):

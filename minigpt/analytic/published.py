@@ -81,8 +81,9 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
     gpu = gpu_by_name(run["gpu"])
     check_run(run, c, plan, setup, gpu)
     rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
-    if hardware and T.measured_on(hardware[0]) == gpu.name:
-        rates = T.measured_rates(hardware[0], rates, hardware[1])
+    how = T.stands_for(hardware[0], gpu.name) if hardware else None
+    if how:
+        rates = T.measured_rates(hardware[0], rates, hardware[1], gemms_only=how == "gemms")
     return c, plan, setup, rates
 
 
@@ -146,7 +147,7 @@ def _check_hardware(runs: list[dict], hardware: tuple[dict, str]) -> None:
     """A usable sweep, measured on a GPU some run trained on: checked before any prediction."""
     T.measured_rates(hardware[0], T.gpu_rates(gpu_by_name("H100")), hardware[1])
     on = T.measured_on(hardware[0])
-    if not any(gpu_by_name(r["gpu"]).name == on for r in runs):
+    if not any(T.stands_for(hardware[0], gpu_by_name(r["gpu"]).name) for r in runs):
         raise UserError(f"{hardware[1]} was measured on {on or hardware[0].get('device_name', 'no GPU in the table')!s:.60}; "
                         f"no run of the table trained on it: measure on one of their GPUs or drop --hardware")
 
@@ -191,5 +192,7 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
     return {"runs": rows, "summary": summary, "by_family": families,
             "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
             "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"
-                     + (f"; GEMMs and HBM measured ({hardware[1]}) for the runs on {T.measured_on(hardware[0])}" if hardware else "")}
+                     + (f"; GEMMs and HBM measured ({hardware[1]}) for the runs on {T.measured_on(hardware[0])}"
+                        + "".join(f", GEMMs alone for those on {b} (the same compute)" for a, b in sorted(T.SAME_COMPUTE)
+                                  if a == T.measured_on(hardware[0])) if hardware else "")}
 

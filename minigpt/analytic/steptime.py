@@ -190,10 +190,25 @@ def measured_on(hw: dict) -> str | None:
     return sheet.get("name") if isinstance(sheet, dict) else None
 
 
+# A GEMM sweep measured on one of a pair stands for the other's GEMMs: the same GH100 die, 132 SMs, clocks and
+# 700 W limit (the cited rates already use the H200's sustained matmul rate for the H100). Not for its memory
+# (H200 HBM3e 4.8 TB/s, H100 HBM3 3.35) nor its links: those stay the GPU's own.
+SAME_COMPUTE = {("H200", "H100"), ("H100", "H200")}
+
+
+def stands_for(hw: dict, gpu_name: str) -> str | None:
+    """How a `bench hardware` file stands for `gpu_name`: "all" (measured on it), "gemms" (measured on a GPU
+    of the same compute: its GEMM curve only), or None."""
+    on = measured_on(hw)
+    if on == gpu_name:
+        return "all"
+    return "gemms" if (on, gpu_name) in SAME_COMPUTE and isinstance(hw.get("gemm_sweep"), dict) else None
+
+
 def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
-    """Refuse a sweep measured on another device or in another dtype than the one it would stand for
-    (fp16 and bf16 share their tensor-core rate on A100 and Hopper)."""
-    if measured_on(hw) != gpu_name:
+    """Refuse a sweep measured on another device (other than a same-compute twin's GEMMs) or in another dtype
+    than the one it would stand for (fp16 and bf16 share their tensor-core rate on A100 and Hopper)."""
+    if stands_for(hw, gpu_name) is None:
         raise UserError(f"{what} was measured on {hw.get('device_name', 'an unknown device')!s:.60} "
                         f"({measured_on(hw) or 'no GPU in the table'!s:.40}), not {gpu_name}: measure on a {gpu_name} "
                         f"(`minigpt bench hardware --sweep --out FILE`) or drop --hardware")
@@ -205,21 +220,22 @@ def hardware_gpu(hw: dict, what: str, gpu_name: str, dtype: str) -> None:
         raise UserError(f"{what} sweeps {swept!s:.20} GEMMs, not {dtype}: re-measure in {dtype} or change --dtype")
 
 
-def measured_rates(hw: dict, base: Rates, what: str) -> Rates:
+def measured_rates(hw: dict, base: Rates, what: str, gemms_only: bool = False) -> Rates:
     """`base` (a GPU's cited rates) with what `minigpt bench hardware` measured on that device: the GEMM
     curve of `--sweep` (every GEMM timed from it) with the copy bandwidth as the HBM rate, and the
     all-reduce bus bandwidth of `--collectives` (its largest buffer) as the NVLink rate when its ranks
-    shared one node. What was not measured stays cited."""
+    shared one node. What was not measured stays cited. gemms_only (a sweep of a same-compute twin,
+    `stands_for`): the GEMM curve alone."""
     sweep = hw.get("gemm_sweep") if isinstance(hw, dict) else None
-    coll = hw.get("collectives") if isinstance(hw, dict) else None
+    coll = hw.get("collectives") if isinstance(hw, dict) and not gemms_only else None
     if not sweep and not coll:
         raise UserError(f"{what} has no GEMM sweep or collective sweep: measure with `minigpt bench hardware --sweep "
                         f"--out FILE` (or `--collectives` under torchrun) on the GPU")
-    rates = _measured_gemms(hw, sweep, base, what) if sweep else base
+    rates = _measured_gemms(hw, sweep, base, what, gemms_only) if sweep else base
     return _measured_links(coll, rates, what) if coll else rates
 
 
-def _measured_gemms(hw: dict, sweep, base: Rates, what: str) -> Rates:
+def _measured_gemms(hw: dict, sweep, base: Rates, what: str, gemms_only: bool = False) -> Rates:
     if not isinstance(sweep, dict) or not isinstance(sweep.get("shapes"), list) or not sweep["shapes"]:
         raise UserError(f"{what}: gemm_sweep has no shapes; re-measure with `minigpt bench hardware --sweep --out FILE`")
     table = GemmTable(sweep["shapes"], what)
@@ -227,13 +243,14 @@ def _measured_gemms(hw: dict, sweep, base: Rates, what: str) -> Rates:
     if copy is not None and not (_is_number(copy) and math.isfinite(copy) and copy > 0):
         raise UserError(f"{what}: copy_bandwidth_gbs = {copy!r:.30} is not a positive number of GB/s; re-measure with "
                         f"`minigpt bench hardware --sweep --out FILE`")
-    hbm = float(copy) * 1e9 if copy is not None else base.hbm_bytes_per_s
+    hbm = float(copy) * 1e9 if copy is not None and not gemms_only else base.hbm_bytes_per_s
     top = max(table.rates.values())
     device = hw.get("device_name", "?")
+    twin = f", standing for the {base.name}'s GEMMs (the same die and power limit)" if gemms_only else ""
     return dataclasses.replace(base, matmul_flops=top, hbm_bytes_per_s=hbm, gemm_time=table, sources={
         **base.sources,
         "matmul": (f"measured: {len(table.rates)} GEMM shapes on {device!s:.60} ({sweep.get('dtype', '?')!s:.10}, {what}), "
-                   f"{min(table.rates.values()) / 1e12:.4g}-{top / 1e12:.4g} TFLOP/s, interpolated in log size"),
+                   f"{min(table.rates.values()) / 1e12:.4g}-{top / 1e12:.4g} TFLOP/s, interpolated in log size{twin}"),
         "hbm": (f"measured: copy {copy} GB/s on {device!s:.60} ({what})" if hbm != base.hbm_bytes_per_s else base.sources["hbm"])})
 
 
