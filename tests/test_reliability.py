@@ -134,16 +134,19 @@ def test_readers_never_fail_while_the_run_saves(tiny_cfg, tmp_path):
 
     t = threading.Thread(target=reader)
     t.start()
-    try:
-        for step in range(3, 120):  # what a training run does at every checkpoint
+    step = 3
+    try:  # save as a training run does at every checkpoint, until the reader has raced 50 of them (a busy
+        # machine slows the reader thread; the bound on saves only keeps a starved one from looping forever)
+        while reads[0] < 50 and step < 5000:
             tmp = checkpoint.new_checkpoint_folder(run, step)
             (tmp / WEIGHTS).write_bytes(weights)
             (tmp / checkpoint.STATE).write_bytes(state)
             checkpoint.commit_checkpoint(run, step, tmp)
+            step += 1
     finally:
         done.set()
         t.join()
-    assert reads[0] > 50 and errors == []
+    assert reads[0] >= 50 and errors == [], (reads[0], step, errors[:3])
     load_run(run)
 
 
