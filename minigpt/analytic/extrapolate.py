@@ -135,7 +135,7 @@ def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int
     sequence's tokens on a rank and shards ZeRO's states over the dp x cp ranks that share the parameters.
     """
     psi = F.param_counts(c).total / (plan.tp * plan.pp)
-    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.dp * plan.cp)
+    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.grad_ranks)
     # the layout search assumes sequence parallelism with full recompute; without recompute, none
     per_layer = M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq // plan.cp, flash=True, recompute=recompute,
                                                          tp=plan.tp, sequence_parallel=recompute)
@@ -169,13 +169,13 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     fitting = []
     cps = [fixed["cp"]] if "cp" in fixed else [x for x in CONTEXT_SPLITS if seq % (2 * x) == 0 and (
         x == 1 or simulator is None)]  # the simulator does not run cp
-    for (t, p), cp in ((tp_pp, x) for x in cps for tp_pp in candidates):
-        per_replica = t * p * cp
-        plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // per_replica)), "tp": t, "pp": p,
-                                       "zero": zero, "cp": cp})
-        mem = per_gpu_bytes(c, plan, seq, micro_batch)
-        if plan.world <= num_gpus and mem["total"] <= budget:
-            fitting.append((plan, mem))
+    for cp in cps:
+        for t, p in candidates:
+            plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // (t * p * cp))), "tp": t,
+                                           "pp": p, "zero": zero, "cp": cp})
+            mem = per_gpu_bytes(c, plan, seq, micro_batch)
+            if plan.world <= num_gpus and mem["total"] <= budget:
+                fitting.append((plan, mem))
     if not fitting:
         _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget, fixed.get("cp", 1))
     ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
@@ -385,7 +385,7 @@ def _solved_count(gpu_hours: float, days: float) -> int:
 
 def _gpu_count(s: Scenario, gpu_hours: float) -> tuple[int, str]:
     if all(k in s.plan for k in ("dp", "tp", "pp")):  # a whole layout: its GPU count
-        world = s.plan["dp"] * s.plan["tp"] * s.plan["pp"] * s.plan.get("cp", 1)
+        world = ParallelPlan.from_keys(s.plan).world
         product = "dp x tp x pp" + (" x cp" if s.plan.get("cp", 1) > 1 else "")
         if s.num_gpus is not None and s.num_gpus != world:
             raise UserError(f"--plan gives {product} = {world:,} GPUs but --num-gpus is {s.num_gpus:,}: drop one, or "
@@ -446,7 +446,7 @@ def layout_figures(c: ModelConfig, plan: ParallelPlan, s: Scenario, gbt: float, 
     m = max(1, round(gbt / (seq * s.micro_batch * plan.dp)))
     bubble = plan.bubble_formula(m) or 0.0
     grad_bytes = 2 * F.param_counts(c).total / (plan.tp * plan.pp)
-    n = plan.dp * plan.cp  # the ranks that reduce the same gradients
+    n = plan.grad_ranks
     dp_bytes = (2 * (n - 1) / n * grad_bytes) * (1.5 if plan.zero == 3 else 1) if n > 1 else 0.0
     dp_link = collective_link_gbs(s.gpu, n, group_ranks_per_node(plan.tp, n))[0]
     p2p = pipeline_p2p_bytes(c, plan, seq, s.micro_batch, m)
@@ -501,7 +501,7 @@ def _communication(params: int, layout: dict, s: Scenario, step_s: float, steps:
     """The data-parallel gradient all-reduce (and ZeRO-3 gathers) per step, on the link it crosses;
     with --comm counted, also what the simulated step of the layout sent, and which is used."""
     grad_bytes = 2 * params / (layout["tp"] * layout["pp"])  # bf16 gradients of one model shard
-    dp = layout["dp"] * layout.get("cp", 1)  # with context parallelism the cp ranks reduce together too
+    dp = ParallelPlan.parse(layout["plan"]).grad_ranks  # with context parallelism the cp ranks reduce together too
     ring = 2 * (dp - 1) / dp * grad_bytes if dp > 1 else 0.0  # ring all-reduce bytes sent per GPU
     zero3 = 1.5 * ring  # all-gather (forward) + all-gather (backward) + reduce-scatter
     # Megatron's rank order (tensor innermost, then data, then pipeline): a data-parallel group stays inside

@@ -545,19 +545,13 @@ def _local_params(c: ModelConfig, plan: ParallelPlan) -> float:
     return F.param_counts(c).total / (plan.tp * plan.pp)
 
 
-def _dp_group(plan: ParallelPlan) -> int:
-    """The ranks that hold the same parameters and reduce their gradients together: dp x cp (the cp ranks
-    of a sequence each saw part of it; Megatron's data-parallel group with context parallelism)."""
-    return plan.dp * plan.cp
-
-
 def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: dict, m: int) -> tuple[float, float]:
     """(time of the data-parallel traffic, the part of it not hidden behind compute).
 
     ZeRO 0: an all-reduce of the gradients. ZeRO 1/2: a reduce-scatter of the gradients and an all-gather
     of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
     forward and again for the backward of every micro-batch, gradients reduce-scattered."""
-    n = _dp_group(plan)
+    n = plan.grad_ranks
     if n == 1:
         return 0.0, 0.0
     local, ring = _local_params(c, plan), (n - 1) / n
@@ -599,7 +593,7 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     parts["bubble"] = m * mb["total"] * idle / (1 - idle)
     pp_total, parts["pp_comm"] = pp_seconds(c, plan, setup, r, m)
     dp_total, parts["dp_comm"] = dp_seconds(c, plan, setup, r, mb, m)
-    shard = _local_params(c, plan) / (_dp_group(plan) if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
+    shard = _local_params(c, plan) / (plan.grad_ranks if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
     parts["optimizer"] = shard * OPTIMIZER_BYTES_PER_PARAM / r.hbm_bytes_per_s
     # each micro-batch's weight gradients added into the fp32 accumulation buffer: read and write 4 bytes a parameter
     parts["memory"] += m * _local_params(c, plan) * GRAD_ACCUM_BYTES_PER_PARAM / r.hbm_bytes_per_s

@@ -87,6 +87,12 @@ class ParallelPlan:
         return self.dp if self.zero else 1
 
     @property
+    def grad_ranks(self) -> int:
+        """Ranks that hold the same parameters and reduce their gradients together: dp x cp (each of a
+        sequence's cp ranks saw part of it; Megatron's data-parallel group with context parallelism)."""
+        return self.dp * self.cp
+
+    @property
     def dp_replicate(self) -> int:
         """Data-parallel ranks that hold the same (shard of the) model states."""
         return self.dp // self.dp_shard
