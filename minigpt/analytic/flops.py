@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minigpt.core.blocks import numel, inventory
 from minigpt.core.config import ModelConfig
 
 
@@ -25,30 +26,23 @@ class ParamCounts:
 
 
 def param_counts(c: ModelConfig) -> ParamCounts:
-    """Parameter counts of model.GPT, analytically (a test checks them against the module).
+    """Parameter counts of model.GPT, summed over the model's inventory (core/blocks.py; a test checks them
+    against the module).
 
     Mixture of experts: memory follows the total (all experts), FLOPs the active parameters
     (the non-expert weights, n_expert_active experts and the router; Fedus et al. 2021, Switch Transformers).
     """
-    h, D, Vp = c.n_embd, c.head_dim, c.padded_vocab_size
-    norm = h * (2 if (c.norm == "layernorm" and c.bias) else 1)  # weight (+ bias)
-    qkv_out = (c.n_head + 2 * c.n_kv_head) * D
-    fc_out = 2 * c.ffn_hidden if c.mlp == "swiglu" else c.ffn_hidden
-    attn_matmul = h * qkv_out + c.n_head * D * h
-    attn_bias = (qkv_out if c.qkv_bias else 0) + (h if c.attention_bias else 0)
-    mlp_matmul = h * fc_out + c.ffn_hidden * h
-    mlp_bias = (fc_out + h) if c.mlp_bias else 0
-    n_mlp, k_mlp, router = (c.n_expert, c.n_expert_active, h * c.n_expert) if c.is_moe else (1, 1, 0)
-    qk_norm = 2 * D if c.qk_norm else 0  # the RMSNorm scales of queries and keys (head_dim each)
-    block = attn_matmul + attn_bias + n_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm + qk_norm
-    block_active = attn_matmul + attn_bias + k_mlp * (mlp_matmul + mlp_bias) + router + 2 * norm + qk_norm
-    non_embedding = c.n_layer * block + norm
-    active_non_embedding = c.n_layer * block_active + norm
-    embedding = Vp * h + (c.block_size * h if c.pos_emb == "learned" else 0) + (0 if c.tie_embeddings else Vp * h)
-    matmul = c.n_layer * (attn_matmul + n_mlp * mlp_matmul + router) + Vp * h  # the LM head, tied or not
-    active_matmul = c.n_layer * (attn_matmul + k_mlp * mlp_matmul + router) + Vp * h
-    return ParamCounts(non_embedding + embedding, non_embedding, embedding, matmul,
-                       active_non_embedding + embedding, active_non_embedding, active_matmul)
+    inv = inventory(c)
+    block = sum(p.params * p.copies for p in inv.layer)
+    block_active = sum(p.params * p.active for p in inv.layer)
+    final_norm = inv.get("ln_f").params
+    embedding = sum(p.params for p in inv.root if p.kind in ("embedding", "linear"))  # wte (+ wpe, + untied head)
+    layer_mm = sum(numel(p.shape) * p.copies for p in inv.layer if p.is_matmul)
+    layer_mm_active = sum(numel(p.shape) * p.active for p in inv.layer if p.is_matmul)
+    head = numel(inv.get("lm_head").shape)  # the LM head multiplies activations, tied or not
+    non_embedding, active_non_embedding = c.n_layer * block + final_norm, c.n_layer * block_active + final_norm
+    return ParamCounts(non_embedding + embedding, non_embedding, embedding, c.n_layer * layer_mm + head,
+                       active_non_embedding + embedding, active_non_embedding, c.n_layer * layer_mm_active + head)
 
 
 def forward_matmul_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = False) -> float:
@@ -179,10 +173,6 @@ def muon_flops_per_step(c: ModelConfig, ns_steps: int = 5) -> float:
     quintic iterations per matrix): for an m x n matrix with a = min(m, n), b = max(m, n), each iteration
     forms A = X X^T (2 a^2 b), B = beta A + gamma A A (2 a^3) and alpha X + B X (2 a^2 b). Every matrix of
     every block (all experts, the router); not part of the model FLOPs that MFU counts."""
-    D = c.head_dim
-    fc_out = 2 * c.ffn_hidden if c.mlp == "swiglu" else c.ffn_hidden
-    shapes = [((c.n_head + 2 * c.n_kv_head) * D, c.n_embd), (c.n_embd, c.n_head * D)]
-    mlp = [(fc_out, c.n_embd), (c.n_embd, c.ffn_hidden)]
-    shapes += mlp * (c.n_expert if c.is_moe else 1) + ([(c.n_expert, c.n_embd)] if c.is_moe else [])
+    shapes = [p.shape for p in inventory(c).layer if p.is_matmul for _ in range(p.copies)]
     per_layer = sum(ns_steps * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
     return float(c.n_layer * per_layer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from minigpt.analytic.flops import param_counts
+from minigpt.core.blocks import inventory, numel
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
 
@@ -110,101 +111,31 @@ def korthikanti_activation_bytes_per_layer(c: ModelConfig, batch: int, seq_len: 
 
 def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",
                      recompute: bool = False) -> dict[str, float]:
-    """Bytes minigpt's GPT keeps for the backward pass of one micro-batch, tensor by tensor.
+    """Bytes minigpt's GPT keeps for the backward pass of one micro-batch, tensor by tensor: the sum of
+    every part's `saves` in the model's inventory (core/blocks.py says what each part keeps and why; the
+    tests check the sum against PyTorch's MemTracker by category, across features and precisions).
 
-    Worked out from what autograd saves in model.py (checked against PyTorch's MemTracker by the
-    tests). n = batch x seq_len tokens; e = bytes of a matmul input (4 in fp32, 2 under
-    bf16/fp16 autocast); the residual stream, norms and the loss stay fp32. Per layer:
-      two norms: input (+ normalised output for RMSNorm) and statistics;
-      QKV projection input n h e; q, k, v (one fused buffer) n (H + 2G) D e; RoPE's rotated
-      q and k n (H + G) D e; attention output n H D e (also the output projection's input) and
-      log-sum-exp n H x 4 (fused SDPA kernel: no T x T matrix is kept);
-      MLP input n h e; GELU: its input and output, 2 n d_ff e; SwiGLU: the fused gate/up buffer,
-      silu(gate) and the product, 4 n d_ff e; a mixture of experts: see _mlp_bytes;
-      under autocast, the 16-bit copy of every weight matrix (Linear saves it for backward).
-    Dropout > 0 sends CPU attention to the math path (see _attention_core_bytes) and keeps the
-    residual dropout masks (2 n h e) and the embedding dropout's (n h x 4).
-    Head: final norm; the fused LM-head cross-entropy computes its gradients in forward and keeps
-    them, d_h (n h x 4) and d_W (Vp h x 4), instead of the logits (it never holds n x V).
-    Once: learned position ids (8 T) or the RoPE cos/sin rows (T D x 4), the loss scalar.
-    recompute=True (activation checkpointing): each block keeps only its input, n h x 4.
+    e = bytes of a matmul input (4 in fp32, 2 under bf16/fp16 autocast); the residual stream, norms and
+    the loss stay fp32. recompute=True (activation checkpointing): each block keeps only its input, n h x 4.
     """
     if batch <= 0 or seq_len <= 0:
         raise UserError(f"batch {batch} and sequence length {seq_len} must be positive")
-    n = batch * seq_len
-    h, H, G, D, ff = c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden
-    e = PRECISION_BYTES[precision]
-    autocast = precision != "fp32"
-    f = 4  # fp32: residual stream, norms, softmax statistics, loss
-    act = (4 * ff if c.mlp == "swiglu" else 2 * ff) * e  # per token through one MLP
-    layer = (
-        2 * _norm_bytes(c, n)
-        + n * h * e  # QKV projection input
-        + _attention_core_bytes(c, batch, seq_len, e, autocast)
-        + n * H * D * e  # attention output (the output projection's input)
-        + _mlp_bytes(c, n, e, act)
-    )
-    if c.pos_emb == "rope":
-        # rotated q and k are new (B, H, T, D)-contiguous tensors; SDPA then returns its output in
-        # that layout, so the transpose before the output projection makes one more copy
-        layer += n * (H + G) * D * e + n * H * D * e
-    if autocast:  # the 16-bit copy of every weight matrix, every expert's and the router's
-        layer += _matrix_params_per_layer(c) * e
-    if c.dropout > 0:
-        layer += 2 * n * h * e  # the residual dropout masks of attention and MLP
+    inv, n, e = inventory(c), batch * seq_len, PRECISION_BYTES[precision]
+    layer = sum(s.bytes(n, seq_len, e) for p in inv.layer for s in p.saves)
     if recompute:
-        layer = n * h * f
-    head = _norm_bytes(c, n) + n * h * 4 + c.padded_vocab_size * h * 4 + 4  # d_h, d_W, the token count
-    once = (8 * seq_len if c.pos_emb == "learned" else seq_len * D * 4) + 4
-    if c.dropout > 0:
-        once += n * h * f  # the embedding dropout's mask, on the fp32 residual stream
+        layer = n * c.n_embd * 4
+    head = sum(s.bytes(n, seq_len, e) for p in inv.root for s in p.saves)
     return {
         "per_layer": layer,
         "layers": layer * c.n_layer,
-        "head_and_loss": head + once,
-        "total": layer * c.n_layer + head + once,
+        "head_and_loss": head,
+        "total": layer * c.n_layer + head,
     }
-
-
-def _norm_bytes(c: ModelConfig, n: int) -> int:
-    """What one norm saves for n tokens: its fp32 input (+ the normalised input for RMSNorm) and statistics."""
-    if c.norm == "rmsnorm":
-        return 2 * n * c.n_embd * 4 + n * 4  # input, normalised input, rstd
-    return n * c.n_embd * 4 + 2 * n * 4  # input, mean, rstd
 
 
 def _matrix_params_per_layer(c: ModelConfig) -> int:
     """Weights of one block's matrices: QKV, the output projection, every expert's MLP and the router."""
-    h, H, G, D, ff = c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden
-    mlp = h * (2 * ff if c.mlp == "swiglu" else ff) + ff * h
-    experts = c.n_expert if c.is_moe else 1
-    return h * (H + 2 * G) * D + H * D * h + experts * mlp + (h * c.n_expert if c.is_moe else 0)
-
-
-def _attention_core_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, autocast: bool) -> float:
-    """What attention saves between its projections. Fused SDPA (no dropout): q, k, v (one buffer)
-    and the log-sum-exp. Dropout > 0 on CPU takes the math path, which works in fp32 under
-    autocast: q, k, v upcast (k, v expanded to n_head heads), and three B H T^2 fp32 tensors (the
-    softmax, the dropout mask, the dropped probabilities)."""
-    n, H, G, D = batch * seq_len, c.n_head, c.n_kv_head, c.head_dim
-    if c.dropout == 0:
-        return n * (H + 2 * G) * D * e + n * H * 4
-    qkv = 3 * n * H * D * 4 if autocast else n * (H + 2 * G) * D * e
-    return qkv + 3 * batch * H * seq_len * seq_len * 4
-
-
-def _mlp_bytes(c: ModelConfig, n: int, e: int, act: int) -> float:
-    """What the MLP saves. Dense: its input and the activation's tensors. A mixture of experts (each
-    token to k of E experts): the router's input, probabilities (n E fp32), top-k indices and
-    renormalised weights; per routed token copy (n k of them) the expert's input, its activation
-    tensors, its output (kept for the weighting) and the weighted output index_add_ keeps, and the
-    token and slot indices (int64)."""
-    h = c.n_embd
-    if not c.is_moe:
-        return n * h * e + n * act
-    k = c.n_expert_active
-    router = n * h * e + n * c.n_expert * 4 + n * k * (8 + 4) + n * 4
-    return router + n * k * (3 * h * e + act + 16)
+    return sum(numel(p.shape) * p.copies for p in inventory(c).layer if p.is_matmul)
 
 
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_el: int = 2) -> int:

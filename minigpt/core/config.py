@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from minigpt.core.blocks import LORA_TARGETS
 from minigpt.core.errors import UserError
 
 
@@ -206,7 +207,7 @@ class TrainConfig:
     # LoRA (Hu et al. 2021) on top of init_from: rank 0 is off; only the adapters train and are saved
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
-    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # the blocks' Linears
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the blocks' Linears
     # distillation (Hinton et al. 2015): a trained run (or HF folder) whose soft targets the student learns,
     # mixed with the data loss: (1 - distill_alpha) CE + distill_alpha T^2 KL(teacher_T || student_T)
     distill_from: str = ""
@@ -258,9 +259,9 @@ class TrainConfig:
         if self.lora_rank and not self.init_from:
             raise UserError("train.lora_rank > 0 adapts a trained model: set train.init_from = RUN (a minigpt run; "
                             "an HF folder: minigpt convert --from-hf DIR --out RUN first)")
-        bad = sorted(set(self.lora_targets) - {"c_attn", "c_proj", "c_fc"})
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if bad or not self.lora_targets:
-            raise UserError(f"train.lora_targets = {self.lora_targets!r}: choose from c_attn, c_proj, c_fc")
+            raise UserError(f"train.lora_targets = {self.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise UserError(f"train.distill_alpha = {self.distill_alpha} must be in [0, 1] and train.distill_temperature "
                             f"= {self.distill_temperature} positive")

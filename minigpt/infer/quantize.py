@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.core.blocks import inventory
 from minigpt.core.errors import UserError
 from minigpt.nn import torch_private as P
 
@@ -106,8 +107,10 @@ def check_quantizable(model: nn.Module, mode: str, group: int = INT4_GROUP) -> N
 
 
 def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The Linears the model's inventory marks for quantization (core/blocks.py: never the router)."""
+    inv = inventory(model.config)
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not n.endswith("router")]
+            if isinstance(m, nn.Linear) and (part := inv.find(n)) is not None and part.quantize]
 
 
 def quantize_model(model: nn.Module, mode: str, group: int = INT4_GROUP) -> nn.Module:

@@ -28,6 +28,7 @@ import torch
 from minigpt.analytic.flops import param_counts
 from minigpt.analytic.memory import model_bytes
 from minigpt.core.atomic import atomic_write_text
+from minigpt.core.blocks import inventory
 from minigpt.core.config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, config_from_json
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
@@ -47,42 +48,39 @@ IGNORED_SUFFIXES = (".attn.masked_bias", "rotary_emb.inv_freq")  # buffers old c
 
 
 def layout(c: ModelConfig, family: str) -> list[tuple[str, list[tuple[str, tuple]], str]]:
-    """(minigpt name, [(HF name, HF shape), ...], how): how is "copy", "T" (Conv1D) or "cat" (dim 0)."""
-    h, V, ff, H, G, D = c.n_embd, c.vocab_size, c.ffn_hidden, c.n_head, c.n_kv_head, c.head_dim
-    if family == "gpt2":
-        out = [("wte.weight", [("transformer.wte.weight", (V, h))], "copy"),
-               ("wpe.weight", [("transformer.wpe.weight", (c.block_size, h))], "copy")]
-        for i in range(c.n_layer):
-            p, q = f"transformer.h.{i}.", f"blocks.{i}."
-            for ln in ("ln_1", "ln_2"):
-                out += [(f"{q}{ln}.{w}", [(f"{p}{ln}.{w}", (h,))], "copy") for w in ("weight", "bias")]
-            for ours, hf, n_in, n_out in (("attn.c_attn", "attn.c_attn", h, 3 * h), ("attn.c_proj", "attn.c_proj", h, h),
-                                          ("mlp.c_fc", "mlp.c_fc", h, ff), ("mlp.c_proj", "mlp.c_proj", ff, h)):
-                out += [(f"{q}{ours}.weight", [(f"{p}{hf}.weight", (n_in, n_out))], "T"),
-                        (f"{q}{ours}.bias", [(f"{p}{hf}.bias", (n_out,))], "copy")]
-        out += [(f"ln_f.{w}", [(f"transformer.ln_f.{w}", (h,))], "copy") for w in ("weight", "bias")]
+    """(minigpt name, [(HF name, HF shape), ...], how), read from the `hf` names of the model's inventory
+    (core/blocks.py): how is "copy", "T" (GPT-2's Conv1D stores (in, out)) or "cat" (a fused weight's
+    blocks, concatenated along dim 0). GPT-2 has every bias; one the model lacks is written as zeros."""
+    inv, out = inventory(c), []
+    before = [p for p in inv.root if p.kind == "embedding"]
+    after = [p for p in inv.root if p.kind != "embedding"]
+    for part in before:
+        out += _part_layout(c, part, family, "")
+    for i in range(c.n_layer):
+        for part in inv.layer:
+            out += _part_layout(c, part, family, f"blocks.{i}.", i)
+    for part in after:
+        out += _part_layout(c, part, family, "")
+    return out
+
+
+def _part_layout(c: ModelConfig, part, family: str, prefix: str, i: int = 0) -> list:
+    names = [n.format(i=i) for n in part.hf.get(family, ())]
+    if not names or not part.shape:
+        return []
+    rows = c.vocab_size if part.hf_rows else part.shape[0]
+    if len(names) > 1:  # a fused weight: its blocks are separate HF tensors
+        weight = ([(f"{n}.weight", (r, part.shape[1])) for n, r in zip(names, part.fused)], "cat")
+        bias = [(f"{n}.bias", (r,)) for n, r in zip(names, part.fused)]
+    elif family == "gpt2" and part.kind == "linear" and part.name != "lm_head":
+        weight = ([(f"{names[0]}.weight", (part.shape[1], rows))], "T")
+        bias = [(f"{names[0]}.bias", (rows,))]
     else:
-        out = [("wte.weight", [("model.embed_tokens.weight", (V, h))], "copy")]
-        for i in range(c.n_layer):
-            p, q = f"model.layers.{i}.", f"blocks.{i}."
-            qkv = [(f"{p}self_attn.{n}_proj", rows) for n, rows in (("q", H * D), ("k", G * D), ("v", G * D))]
-            gate_up = [(f"{p}mlp.{n}_proj", ff) for n in ("gate", "up")]
-            out += [(f"{q}ln_1.weight", [(f"{p}input_layernorm.weight", (h,))], "copy"),
-                    (f"{q}ln_2.weight", [(f"{p}post_attention_layernorm.weight", (h,))], "copy"),
-                    (f"{q}attn.c_attn.weight", [(f"{n}.weight", (r, h)) for n, r in qkv], "cat"),
-                    (f"{q}attn.c_proj.weight", [(f"{p}self_attn.o_proj.weight", (h, H * D))], "copy"),
-                    (f"{q}mlp.c_fc.weight", [(f"{n}.weight", (r, h)) for n, r in gate_up], "cat"),
-                    (f"{q}mlp.c_proj.weight", [(f"{p}mlp.down_proj.weight", (h, ff))], "copy")]
-            if c.qkv_bias:
-                out.append((f"{q}attn.c_attn.bias", [(f"{n}.bias", (r,)) for n, r in qkv], "cat"))
-            if c.attention_bias:
-                out.append((f"{q}attn.c_proj.bias", [(f"{p}self_attn.o_proj.bias", (h,))], "copy"))
-            if c.mlp_bias:
-                out += [(f"{q}mlp.c_fc.bias", [(f"{n}.bias", (r,)) for n, r in gate_up], "cat"),
-                        (f"{q}mlp.c_proj.bias", [(f"{p}mlp.down_proj.bias", (h,))], "copy")]
-        out.append(("ln_f.weight", [("model.norm.weight", (h,))], "copy"))
-    if not c.tie_embeddings:
-        out.append(("lm_head.weight", [("lm_head.weight", (V, h))], "copy"))
+        weight = ([(f"{names[0]}.weight", (rows,) + tuple(part.shape[1:]))], "copy")
+        bias = [(f"{names[0]}.bias", (rows,))]
+    out = [(f"{prefix}{part.name}.weight", *weight)]
+    if part.bias or (family == "gpt2" and part.kind in ("norm", "linear") and part.name != "lm_head"):
+        out.append((f"{prefix}{part.name}.bias", bias, "cat" if len(bias) > 1 else "copy"))
     return out
 
 

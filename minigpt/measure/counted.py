@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt.analytic import flops as F, memory as M
+from minigpt.core.blocks import Inventory, inventory
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
@@ -69,38 +70,38 @@ def _check_shape(c: ModelConfig, batch_size: int, seq_len: int) -> None:
         raise UserError(f"batch size {batch_size} and sequence length {seq_len} must be positive")
 
 
-def _classify(module_path: str) -> str | None:
-    if module_path.endswith("attn.c_attn"):
-        return "qkv_proj"
-    if module_path.endswith("attn.c_proj"):
-        return "attn_out_proj"
-    if ".mlp" in module_path and (module_path.endswith(".c_fc") or module_path.endswith(".c_proj")):
-        return "mlp"  # a dense MLP or one of the experts of a mixture
-    if module_path.endswith("mlp.router"):
-        return "router"
-    if module_path.endswith("lm_head"):
-        return "lm_head"
-    return None
+WRAPPERS = ("_checkpoint_wrapped_module", "_orig_mod")  # what activation checkpointing and compile insert
 
 
-def _components(counts: dict[str, dict]) -> dict[str, int]:
+def _classify(inv: Inventory, module_path: str) -> str | None:
+    """The component a counted module's FLOPs are booked under: its inventory part's (core/blocks.py), for
+    the parts that own a matmul; None for every other module. The counter's paths start at the model's
+    class name (`GPT.blocks.0.attn.c_attn`)."""
+    bits = [b for b in module_path.split(".")[1:] if b not in WRAPPERS]
+    part = inv.find(".".join(bits)) if bits else None
+    return part.component if part is not None and part.is_matmul else None
+
+
+def _components(inv: Inventory, counts: dict[str, dict]) -> dict[str, int]:
     """FLOPs by component from FlopCounterMode's per-module counts.
 
-    Only the modules named in _classify and the attention modules are read: in backward the
+    Only the modules _classify books and the attention modules are read: in backward the
     counter also books FLOPs under the dropout modules (a quirk of its module tracker, whose
     backward scopes open there), but the counts of the matmul-owning modules and their parents are
     exact, forward and backward (without activation checkpointing); a test checks they add up to
     the total.
     """
     components = dict.fromkeys(COMPONENTS, 0)
+    projections = [p.leaf for p in inv.layer if p.is_matmul and p.name.startswith("attn.")]
     for path, ops in counts.items():
-        kind = _classify(path)
+        kind = _classify(inv, path)
         if kind:
             components[kind] += sum(ops.values())
         elif path.endswith(".attn"):
-            # what the attention module does beyond its two projections: QK^T and AV, equal halves
+            # what the attention module does beyond its projections (the `attn.core` part): QK^T and AV,
+            # equal halves
             inner = sum(ops.values()) - sum(
-                sum(counts.get(f"{path}.{child}", {}).values()) for child in ("c_attn", "c_proj")
+                sum(counts.get(f"{path}.{child}", {}).values()) for child in projections
             )
             components["attn_scores"] += inner // 2
             components["attn_values"] += inner - inner // 2
@@ -127,6 +128,7 @@ def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str
     if recompute:
         apply_activation_checkpointing(model)
     model.train()
+    inv = inventory(c)
     x = torch.randint(0, c.vocab_size, (batch_size, seq_len), device=dev) if dev.type != "meta" else \
         torch.zeros(batch_size, seq_len, dtype=torch.long, device=dev)
     with math_attention():
@@ -137,10 +139,10 @@ def count_train_flops(c: ModelConfig, batch_size: int, seq_len: int, device: str
             logits = model(x).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), x.reshape(-1))
             forward = counter.get_total_flops()
-            components = _components(counter.get_flop_counts())
+            components = _components(inv, counter.get_flop_counts())
             loss.backward()
     total = counter.get_total_flops()
-    train = _components(counter.get_flop_counts())
+    train = _components(inv, counter.get_flop_counts())
     if sum(train.values()) != total:
         # with activation checkpointing the tracker books part of the recomputed forward twice;
         # a breakdown that does not add up is not reported

@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from minigpt.analytic import flops as F, memory as M, steptime as T
 from minigpt.analytic.extrapolate import per_gpu_bytes
 from minigpt.analytic.memory import PRECISION_BYTES
+from minigpt.core.blocks import inventory
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUSpec, collective_link_gbs, group_ranks_per_node
@@ -255,23 +256,15 @@ class RankParams:
     experts: float  # of the total, the experts' (already divided by ep)
 
 
-TP_SPLIT = ("c_attn.weight", "c_attn.bias", "c_fc.weight", "c_fc.bias", "c_proj.weight")  # parallel/sharding.py's plan
-
-
 def params_per_rank(c: ModelConfig, tp: int, ep: int = 1, head: bool = True) -> RankParams:
-    """Column-parallel weights and biases and row-parallel weights are split tp ways; row-parallel biases
-    and everything else (norms, the router) are replicated; experts are split ep ways. head=False: a
-    pipeline stage without the final norm and LM head."""
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(c, n_layer=1))
-    split = experts = 0.0
-    for name, p in model.blocks[0].named_parameters():
-        n = (p.numel() / tp if name.endswith(TP_SPLIT) else p.numel()) / (ep if ".experts." in name else 1)
-        split += n
-        experts += n if ".experts." in name else 0
-    root = sum(p.numel() for n, p in model.named_parameters()
-               if not n.startswith("blocks.") and (head or not n.startswith(("ln_f.", "lm_head."))))
-    return RankParams(c.n_layer * split + root, split, root, c.n_layer * experts)
+    """What each part of the model's inventory leaves on one rank (Part.params_per_rank: column-parallel
+    weights and biases and row-parallel weights split tp ways, row-parallel biases, norms and the router
+    replicated, experts split ep ways). head=False: a pipeline stage without the final norm and LM head."""
+    inv = inventory(c)
+    block = sum(p.params_per_rank(tp, ep) for p in inv.layer)
+    experts = sum(p.params_per_rank(tp, ep) for p in inv.layer if p.ep)
+    root = sum(p.params for p in inv.root if head or p.name not in ("ln_f", "lm_head"))
+    return RankParams(c.n_layer * block + root, block, root, c.n_layer * experts)
 
 
 def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bool = True) -> dict:

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.core.blocks import LORA_TARGETS, inventory
 from minigpt.core.errors import UserError
 
-TARGETS = ("c_attn", "c_proj", "c_fc")  # attention's QKV and output, the MLP's input and output (the router never)
+TARGETS = LORA_TARGETS  # the model's inventory names them (core/blocks.py)
 
 
 class LoRALinear(nn.Linear):
@@ -48,8 +49,10 @@ class LoRALinear(nn.Linear):
 
 
 def _targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """The Linears the model's inventory marks as LoRA targets (core/blocks.py) whose own name is in `targets`."""
+    inv = inventory(model.config)
     return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and n.startswith("blocks.") and n.rsplit(".", 1)[-1] in targets]
+            if type(m) is nn.Linear and (part := inv.find(n)) is not None and part.lora and part.leaf in targets]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

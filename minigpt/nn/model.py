@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.core.blocks import Part, inventory
 from minigpt.core.config import ModelConfig
 from minigpt.nn.ops import activation_dtype, linear_cross_entropy
 
@@ -36,6 +37,11 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T or 1, V) when no targets are given
     loss: torch.Tensor | None  # mean cross-entropy in nats over the targets, when given
     aux_loss: torch.Tensor | None  # mixture of experts: load-balancing loss summed over layers
+
+
+def linear(part: Part) -> nn.Linear:
+    """The Linear an inventory part describes (core/blocks.py: its (out, in) shape and bias)."""
+    return nn.Linear(part.shape[1], part.shape[0], bias=bool(part.bias))
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -111,10 +117,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # one fused projection for queries (H heads) and keys/values (G heads each)
-        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.attention_bias)
+        inv = inventory(config)
+        self.c_attn = linear(inv.get("attn.c_attn"))  # one fused projection: queries (H heads), keys, values (G each)
+        self.c_proj = linear(inv.get("attn.c_proj"))
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         # QK-norm: each head's queries and keys RMS-normalised (learned scale), bounding the attention logits
@@ -161,13 +166,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "mlp.") -> None:
+        """prefix: where the inventory lists this MLP's Linears ("mlp." dense, "mlp.experts.*." an expert)."""
         super().__init__()
         self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         # SwiGLU (Shazeer 2020): silu(x W1) * (x W3), fused here as one matrix of 2*ffn_hidden outputs
-        fc_out = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
-        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
-        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.mlp_bias)
+        inv = inventory(config)
+        self.c_fc = linear(inv.get(prefix + "c_fc"))
+        self.c_proj = linear(inv.get(prefix + "c_proj"))
         self.dropout = nn.Dropout(config.dropout)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
@@ -199,8 +205,8 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_expert, self.k = config.n_expert, config.n_expert_active
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.router = linear(inventory(config).get("mlp.router"))
+        self.experts = nn.ModuleList(MLP(config, "mlp.experts.*.") for _ in range(config.n_expert))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from minigpt.core.blocks import inventory
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan, check_tensor_parallel
@@ -43,20 +44,24 @@ from minigpt.parallel.distributed import DistEnv
 # functions that shard: it costs ~0.7 s of start-up that a one-process or DDP run does not need.
 
 
-def tp_plan(sequence_parallel: bool = False) -> dict:
-    """A block's tensor-parallel plan (parallelize_module styles by submodule)."""
+def tp_plan(c: ModelConfig, sequence_parallel: bool = False) -> dict:
+    """A dense block's tensor-parallel plan (parallelize_module styles by submodule), from the `tp` of each
+    part of the model's inventory (core/blocks.py): column- and row-parallel Linears; under sequence
+    parallelism the norms run on sequence shards, the row-parallel outputs are reduce-scattered along the
+    sequence, and attention and the MLP gather their input whole first."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
-    if not sequence_parallel:
-        return {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-                "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
-    seq, full = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
-    return {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
-            "attn": PrepareModuleInput(input_layouts=seq, desired_input_layouts=full),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1))}
+    row = {"output_layouts": Shard(1)} if sequence_parallel else {}
+    styles = {"column": ColwiseParallel, "row": lambda: RowwiseParallel(**row)}
+    if sequence_parallel:
+        styles["sequence"] = SequenceParallel
+    plan = {p.name: styles[p.tp]() for p in inventory(c).layer if p.shape and p.tp in styles and not p.ep}
+    if sequence_parallel:
+        seq, full = (Shard(1), None, None, None, None), (Replicate(), None, None, None, None)
+        plan["attn"] = PrepareModuleInput(input_layouts=seq, desired_input_layouts=full)
+        plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
 
 
 def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -70,14 +75,13 @@ def layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _row_order(c: ModelConfig, name: str, tp: int) -> torch.Tensor | None:
-    """Row permutation of a fused weight that makes each of tp contiguous slices whole for one rank."""
-    if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-        D = c.head_dim
-        sizes = [c.n_head * D, c.n_kv_head * D, c.n_kv_head * D]  # q, k, v
-    elif c.mlp == "swiglu" and (name.endswith("mlp.c_fc.weight") or name.endswith("mlp.c_fc.bias")):
-        sizes = [c.ffn_hidden, c.ffn_hidden]  # gate, up
-    else:
+    """Row permutation of a fused weight (the inventory's `fused` blocks: q, k, v; gate, up) that makes each
+    of tp contiguous slices whole for one rank."""
+    module = name[name.find("blocks."):].rsplit(".", 1)[0] if "blocks." in name else ""
+    part = inventory(c).find(module)
+    if part is None or len(part.fused) < 2:
         return None
+    sizes = part.fused
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     order = [torch.arange(s + r * n // tp, s + (r + 1) * n // tp) for r in range(tp) for s, n in zip(starts, sizes)]
     return torch.cat(order)
@@ -131,24 +135,26 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, reorder: bool = True,
                 p.copy_(p[order.to(p.device)])
     blocks = layers(model)
     for block in blocks:
-        parallelize_module(block, tp_mesh, _block_plan(block, sequence_parallel))
+        parallelize_module(block, tp_mesh, _block_plan(block, c, sequence_parallel))
         block.attn.n_head, block.attn.n_kv_head = c.n_head // tp, c.n_kv_head // tp
     if sequence_parallel:
         _shard_sequence_ends(model, blocks, tp_mesh)
     return model
 
 
-def _block_plan(block, sequence_parallel: bool) -> dict:
+def _block_plan(block, c: ModelConfig, sequence_parallel: bool) -> dict:
     """The block's tensor-parallel plan; a mixture of experts splits each expert's MLP as the dense MLP
-    is split (Megatron's expert tensor parallelism: one all-reduce per expert and sublayer)."""
+    is split (Megatron's expert tensor parallelism: one all-reduce per expert and sublayer), by the
+    inventory's `tp` of the expert parts."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    plan = tp_plan(sequence_parallel)
-    if not hasattr(block.mlp, "experts"):
+    plan = tp_plan(c, sequence_parallel)
+    if not c.is_moe:
         return plan
     attn = {k: v for k, v in plan.items() if k.startswith("attn")}
-    experts = {f"mlp.experts.{e}.{name}": style for e in range(len(block.mlp.experts))
-               for name, style in (("c_fc", ColwiseParallel()), ("c_proj", RowwiseParallel()))}
+    styles = {"column": ColwiseParallel, "row": RowwiseParallel}
+    experts = {p.name.replace("*", str(e)): styles[p.tp]() for p in inventory(c).layer if p.ep
+               for e in range(p.copies)}
     return {**attn, **experts}
 
 
