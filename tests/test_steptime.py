@@ -196,7 +196,8 @@ def test_recompute_policies_run_again_what_they_say():
                         norm="rmsnorm", pos_emb="rope", bias=False, block_size=8192, vocab_size=128256)
     plan, kw = ParallelPlan(), {"seq_len": 8192}
     op = T.recomputed_gemms(llama, plan, 1, 8192, T.Setup(recompute="op", **kw))
-    assert [g.name for g in op] == ["wk", "wo", "w3"]  # torchtitan saves every other matmul: the 2nd, 4th, 6th
+    # torchtitan saves every other matmul: the 2nd, 4th, 6th (wk, wo, w3: blocks of the fused q/k/v and gate/up)
+    assert [g.name for g in op] == ["attn.c_attn[1]", "attn.c_proj", "mlp.c_fc[1]"]
     assert T.recomputed_gemms(llama, plan, 1, 8192, T.Setup(recompute="selective", **kw)) == []  # flash recomputes itself
     sel = T.recomputed_gemms(GPT_13B, plan, 1, 2048, T.Setup(recompute="selective", seq_len=2048, attention="materialized"))
     assert {g.name for g in sel} == {"scores", "scores_x_v"}  # Korthikanti et al.: the attention core only

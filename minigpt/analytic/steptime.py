@@ -60,6 +60,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from minigpt.analytic import eager, flops as F
+from minigpt.core.blocks import inventory
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, group_ranks_per_node, ring_link_rate
@@ -317,25 +318,24 @@ class Gemm:
 
 
 def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: str) -> list[Gemm]:
-    """One layer's forward GEMMs on one tensor-parallel rank for a micro-batch of b sequences of s tokens.
-    A mixture routes each token to k experts: the expert GEMMs see T k / E tokens each, E / tp experts
-    (experts split over tp as in simulate)."""
-    t, T, h, d = plan.tp, b * s, c.n_embd, c.head_dim
-    q, kv = c.n_head * d, c.n_kv_head * d
-    out = [Gemm("qkv", T, (q + 2 * kv) // t, h), Gemm("attn_out", T, h, q // t)]
-    if attention == "materialized":
-        heads = b * c.n_head // t
-        out += [Gemm("scores", s, s, d, heads), Gemm("scores_x_v", s, d, s, heads)]
-    f = c.ffn_hidden
-    up = 2 * f if c.mlp == "swiglu" else f
-    if c.is_moe:
-        per = max(1, T * c.n_expert_active // c.n_expert)
-        experts = max(1, c.n_expert // t)
-        out += [Gemm("router", T, c.n_expert, h), Gemm("expert_up", per, up, h, experts),
-                Gemm("expert_down", per, h, f, experts)]
-    else:
-        out += [Gemm("mlp_up", T, up // t, h), Gemm("mlp_down", T, h, f // t)]
+    """One layer's forward GEMMs on one tensor-parallel rank for a micro-batch of b sequences of s tokens: one
+    per matmul part of the model's inventory (core/blocks.py), split by its `tp` (column: outputs / t; row:
+    inputs / t) as training and simulate split it. A mixture routes each token to k experts: each expert's
+    GEMMs see T k / E tokens (Megatron's expert tensor parallelism splits every expert like the dense MLP)."""
+    out = [_split_gemm(part, plan.tp, b * s, part.shape[0]) for part in inventory(c).layer if part.is_matmul]
+    if attention == "materialized":  # the score GEMMs of the attention core, after the attention projections
+        heads, d = b * c.n_head // plan.tp, c.head_dim
+        at = sum(1 for g in out if g.name.startswith("attn."))
+        out[at:at] = [Gemm("scores", s, s, d, heads), Gemm("scores_x_v", s, d, s, heads)]
     return out
+
+
+def _split_gemm(part, t: int, T: int, n_out: int) -> Gemm:
+    """The forward GEMM of a matmul part (or of n_out of its output rows) on one tensor-parallel rank."""
+    n_in = part.shape[1]
+    n_out, n_in = (n_out // t, n_in) if part.tp == "column" else (n_out, n_in // t) if part.tp == "row" else (n_out, n_in)
+    rows = T if part.copies == 1 else max(1, T * part.active // part.copies)
+    return Gemm(part.name, rows, n_out, n_in, part.copies)
 
 
 def gemm_seconds(g: Gemm, r: Rates, el: int) -> float:
@@ -428,25 +428,31 @@ def flash_attention_flops(c: ModelConfig, plan: ParallelPlan, b: int, s: int) ->
 
 
 def tp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:
-    """Ring bytes one rank sends for one layer's tensor-parallel collectives: 2 in the forward, 2 in the
-    backward, 2 more in a recomputed forward; each all-reduce of b s h values sends 2 (t-1)/t of them.
-    Sequence parallelism adds the backward's two re-gathers of a column-parallel GEMM's input (each half an
-    all-reduce's bytes)."""
+    """Ring bytes one rank sends for one layer's tensor-parallel collectives: each row-parallel part of the
+    inventory all-reduces its output in the forward (a mixture: each of the k experts a token visits, over
+    that expert's tokens), its column-parallel partner the input gradient in the backward, and a recomputed
+    forward repeats the forward's; each all-reduce of b s h values sends 2 (t-1)/t of them. Dense: 2 + 2 (+ 2),
+    a mixture 2 + 2k, as simulate counts. Sequence parallelism adds the backward's re-gathers of each
+    column-parallel GEMM's input (each half an all-reduce's bytes)."""
     if plan.tp == 1:
         return 0.0
-    passes = (6 if setup.recompute == "full" else 4) + (1 if plan.sp else 0)
+    per_pass = sum(p.active for p in inventory(c).layer if p.tp == "row" and p.is_matmul)  # dense 2, mixture 1 + k
+    passes = per_pass * (3 if setup.recompute == "full" else 2) + (per_pass / 2 if plan.sp else 0)
     return passes * 2 * (plan.tp - 1) / plan.tp * b * s * c.n_embd * setup.act_bytes
 
 
 def unfused_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> list[Gemm]:
     """One layer's projections one by one, in the order a PyTorch Llama/GPT block calls them (wq, wk, wv,
-    wo, then w1, w3, w2 for SwiGLU or up, down for GELU): what torchtitan's op-level checkpointing counts."""
-    t, T, h, d, f = plan.tp, b * s, c.n_embd, c.head_dim, c.ffn_hidden
-    q, kv = c.n_head * d, c.n_kv_head * d
-    out = [Gemm("wq", T, q // t, h), Gemm("wk", T, kv // t, h), Gemm("wv", T, kv // t, h), Gemm("wo", T, h, q // t)]
-    if c.mlp == "swiglu":
-        return out + [Gemm("w1", T, f // t, h), Gemm("w3", T, f // t, h), Gemm("w2", T, h, f // t)]
-    return out + [Gemm("mlp_up", T, f // t, h), Gemm("mlp_down", T, h, f // t)]
+    wo, then w1, w3, w2 for SwiGLU or up, down for GELU): the inventory's Linears with each fused weight cut
+    into its blocks. What torchtitan's op-level checkpointing counts."""
+    out = []
+    for part in inventory(c).layer:
+        if part.kind == "linear":
+            blocks = part.fused or part.shape[:1]
+            for j, rows in enumerate(blocks):  # named part[j] for the j-th block of a fused weight
+                g = _split_gemm(part, plan.tp, b * s, rows)
+                out.append(dataclasses.replace(g, name=f"{part.name}[{j}]" if len(blocks) > 1 else part.name))
+    return out
 
 
 def recomputed_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> list[Gemm]:

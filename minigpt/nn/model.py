@@ -255,6 +255,22 @@ class Block(nn.Module):
         return x + y, aux
 
 
+def embed_tokens(wte: nn.Embedding, wpe: nn.Embedding | None, drop: nn.Module, idx, positions) -> torch.Tensor:
+    """(B, T) token ids -> (B, T, C): token (+ learned position) embeddings, then dropout. The GPT's forward
+    and a pipeline's first stage both call it, with the GPT's own modules."""
+    x = wte(idx)
+    if wpe is not None:
+        x = x + wpe(positions)
+    return drop(x)
+
+
+def rope_rows(module: nn.Module, positions) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cos/sin rows of `positions` (B|1, 1, T, D/2) from a module holding the RoPE tables, or None."""
+    if getattr(module, "rope_cos", None) is None:
+        return None
+    return module.rope_cos[positions].unsqueeze(1), module.rope_sin[positions].unsqueeze(1)
+
+
 class LMHead(nn.Linear):
     """The output projection; given targets it returns the cross-entropy instead of the logits.
 
@@ -351,13 +367,8 @@ class GPT(nn.Module):
         if cache is not None and attn_mask is None:
             slots = torch.arange(cache.max_len, device=idx.device)
             attn_mask = (slots.unsqueeze(0) <= input_pos.unsqueeze(1))[None, None]  # (1, 1, T, S)
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        rope = None
-        if self.config.pos_emb == "rope":
-            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, D/2)
-        x = self.drop(x)
+        x = embed_tokens(self.wte, self.wpe, self.drop, idx, positions)  # (B, T, C)
+        rope = rope_rows(self, positions)  # (B|1, 1, T, D/2), or None
         aux_loss = None
         for block in self.blocks:
             x, aux = block(x, rope, cache, input_pos, attn_mask)

@@ -33,7 +33,7 @@ from torch import nn
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.nn.model import GPT
+from minigpt.nn.model import GPT, embed_tokens, rope_rows
 from minigpt.nn.optim import DTYPES, StepResult, autocast_context
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
@@ -96,11 +96,8 @@ class Stage(nn.Module):
             T = x.size(1) * (1 if self.first else self.seq_shards)
             positions = torch.arange(T, device=x.device).unsqueeze(0)
             if self.first:
-                x = self.wte(x) + (self.wpe(positions) if self.wpe is not None else 0)
-                x = self.drop(x)
-            rope = None
-            if self.config.pos_emb == "rope":
-                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+                x = embed_tokens(self.wte, self.wpe, self.drop, x, positions)
+            rope = rope_rows(self, positions)
             for block in self.blocks.values():
                 x, _ = block(x, rope, None, None, None)
             if self.last:
