@@ -127,7 +127,7 @@ def cmd_train(args) -> int:
 
     overrides = list(args.set) + ([f"train.threads={args.threads}"] if args.threads else [])
     if args.plan:  # the plan's [train] keys, after --set (the plan spelling wins over a --set of the same key)
-        from minigpt.parallel.backends import plan_overrides
+        from minigpt.parallel.registry import plan_overrides
 
         overrides += plan_overrides(args.plan, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = train_config(args.config, overrides, args.resume)
@@ -136,9 +136,9 @@ def cmd_train(args) -> int:
 
 
 def _quantize(model, args) -> None:
-    """--quantize int8|int4: the run's Linears swapped for weight-only quantized ones (infer/quantize.py)."""
+    """--quantize int8|int4: the run's Linears swapped for weight-only quantized ones (nn/quantize.py)."""
     if getattr(args, "quantize", None):
-        from minigpt.infer.quantize import quantize_model
+        from minigpt.nn.quantize import quantize_model
 
         quantize_model(model, args.quantize)
 
@@ -158,7 +158,7 @@ def cmd_generate(args) -> None:
 
     from minigpt.core.device import resolve_device
     from minigpt.infer.generate import generate_text
-    from minigpt.train.checkpoint import load_run
+    from minigpt.run.load import load_run
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device, args.step)
@@ -269,7 +269,7 @@ def cmd_eval(args) -> None:
     _threads(args)
     from minigpt.core.device import resolve_device
     from minigpt.infer.evaluate import SPLITS, evaluate_text, run_split_tokens, text_tokens
-    from minigpt.train.checkpoint import load_run
+    from minigpt.run.load import load_run
 
     if args.tasks and args.quantize:
         raise UserError("--quantize scores --data with a quantized model; lm-eval tasks (--tasks) load the run themselves "
@@ -429,7 +429,7 @@ def cmd_bench_decode(args) -> None:
     from minigpt.apps.decode_bench import decode_bench
     from minigpt.core.device import resolve_device
     from minigpt.nn.model import GPT
-    from minigpt.train.checkpoint import load_run
+    from minigpt.run.load import load_run
 
     device = resolve_device(args.device)
     if args.run:

@@ -17,7 +17,7 @@ import torch
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
 from minigpt.measure.compress import compare
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """A student distilled from a teacher run beside the same student trained from scratch on the same tokens;
-one JSON line (minigpt/measure/distill_bench.py says how).
+one JSON line (minigpt/apps/distill_bench.py says how).
 
     python scripts/bench_distill.py --teacher RUN [--steps 300] [--seeds 1337,1338] [--set KEY=VALUE ...]
 """
@@ -17,7 +17,7 @@ import torch
 
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
-from minigpt.measure.distill_bench import STUDENT, compare
+from minigpt.apps.distill_bench import STUDENT, compare
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from minigpt.core.device import device_name, resolve_device
 from minigpt.measure.bench import bench_decode, bench_hardware
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import DTYPES
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 from minigpt.analytic.flops import param_counts
 from minigpt.core.device import device_name
 from minigpt.infer.speculative import bench_speculative, check_pair
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "if __name__", "# ", "self."]
 

@@ -1,5 +1,5 @@
 """The CPU speedrun: recipes trained for a fixed wall-clock budget, scored in validation bits per byte;
-one JSON line (minigpt/measure/speedrun.py says how).
+one JSON line (minigpt/apps/speedrun.py says how).
 
     python scripts/bench_speedrun.py [--budget 120] [--seeds 1337,1338] [--recipes tiny,modern+muon]
                                      [--eval-iters 40] [--set KEY=VALUE ...]
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minigpt.core.device import busy_cores, device_name
-from minigpt.measure.speedrun import RECIPES, speedrun
+from minigpt.apps.speedrun import RECIPES, speedrun
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The step-time model's prediction beside a measured `minigpt train` step on this CPU, one JSON line
-(minigpt/measure/steptime_check.py says how).
+(minigpt/apps/steptime_check.py says how).
 
     python scripts/bench_steptime.py [--steps 12] [--shapes tiny,wide] [--dp 2]
 """
@@ -17,7 +17,7 @@ import torch
 
 from minigpt.core.device import busy_cores, device_name
 from minigpt.measure.bench import matmul_tflops
-from minigpt.measure.steptime_check import SHAPES, check_data_parallel, check_shape
+from minigpt.apps.steptime_check import SHAPES, check_data_parallel, check_shape
 
 
 def main() -> None:

@@ -131,7 +131,7 @@ def final_weights(run_dir) -> dict:
     from safetensors.torch import load_file
 
     from minigpt.nn.weights import WEIGHTS
-    from minigpt.train import checkpoint
+    from minigpt.run import files as checkpoint
 
     folder, _ = checkpoint.latest_checkpoint(run_dir)
     return load_file(str(folder / WEIGHTS))

@@ -11,7 +11,7 @@ from conftest import run_cli, set_args, tiny_overrides
 
 from minigpt.core.errors import UserError
 from minigpt.nn.weights import WEIGHTS
-from minigpt.train import checkpoint
+from minigpt.run import files as checkpoint
 from minigpt.train.loop import train
 
 

@@ -14,7 +14,7 @@ from conftest import run_cli
 from minigpt.data.sources import Document
 from minigpt.data.tokenizer import EOT, bits_per_byte, token_bytes, train_bpe
 from minigpt.infer.evaluate import Windows, evaluate_text
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 TEXT = "def naïve(x):\n    return x ** 2  # «squared» — ünïcödé, 日本語, emoji 🙂\n" * 40
 

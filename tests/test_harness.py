@@ -100,7 +100,7 @@ def test_lm_evals_local_completions_scores_a_running_minigpt_serve(good_run, tas
 
     from minigpt.infer.harness import MinigptLM
     from minigpt.infer.serve import create_app
-    from minigpt.train.checkpoint import load_run
+    from minigpt.run.load import load_run
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

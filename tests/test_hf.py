@@ -14,7 +14,7 @@ from minigpt.analytic.flops import param_counts
 from minigpt.core.hf_config import model_from_hf
 from minigpt.infer.generate import generate_ids
 from minigpt.nn.model import GPT
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 transformers = pytest.importorskip("transformers", reason="transformers (the [hf]/dev extra) verifies the conversion")
 

@@ -17,8 +17,12 @@ BANDS = [
     ("core", "analytic"),  # torch-free: config, plan, errors, formats, hardware; formulas, extrapolation
     ("nn", "data"),  # the model and its ops; corpus -> tokens -> batches
     ("parallel",),  # plan applied: torchrun, parallelize, backends
-    ("train", "infer", "measure", "interop"),  # the loop and runs; generation and serving; counting; HF
-    ("apps",),  # orchestration reusable from Python: quickstart, benchmarks assembled
+    ("run",),  # a run directory read and verified (load_run): below everything that reads runs
+    ("interop",),  # Hugging Face folders <-> runs
+    ("infer",),  # generation, serving, evaluation
+    ("measure",),  # counted FLOPs, tracked memory, simulated ranks, benchmarks of the parts
+    ("train",),  # the loop, checkpointer, metrics
+    ("apps",),  # orchestration reusable from Python: quickstart, experiments that train, benchmarks assembled
     ("cli", "__main__"),  # flags and dispatch
 ]
 BAND = {name: i for i, names in enumerate(BANDS) for name in names}
@@ -48,13 +52,23 @@ def imports_of(path: Path) -> frozenset[str]:
     module)."""
     names = set()
     known = modules()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
+            continue
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known)
     return frozenset(names)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def test_every_module_is_in_a_band():

@@ -13,7 +13,7 @@ from minigpt.core.errors import UserError
 from minigpt.nn.lora import LoRALinear, apply_lora, lora_memory, merge_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import make_optimizer
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=256)
 

@@ -28,7 +28,7 @@ from pipeline_worker import config, global_batches
 
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
-from minigpt.parallel.backends import make_backend
+from minigpt.parallel.registry import make_backend
 from minigpt.parallel.distributed import DistEnv
 
 TRAIN = {"precision": "fp32", "micro_batch_size": 2, "batch_size_tokens": 256, "lr": 3e-3, "grad_clip": 0.5,
@@ -182,7 +182,7 @@ def test_expert_parallel_dispatch_on_gloo_equals_the_dense_mixture(pipeline_runs
 ])
 def test_bad_pipeline_plans_are_one_line(plan, message):
     from minigpt.core.errors import UserError
-    from minigpt.parallel.backends import resolve_plan
+    from minigpt.parallel.registry import resolve_plan
 
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve_plan(ParallelPlan.parse(plan, 2 if "dp" not in plan else None))

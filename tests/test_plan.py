@@ -65,7 +65,7 @@ def test_train_keys_say_the_plan_and_build_it_back():
 
 
 def test_the_engines_rules_resolve_a_plan():
-    from minigpt.parallel.backends import backend_class, resolve_plan
+    from minigpt.parallel.registry import backend_class, resolve_plan
 
     assert resolve_plan(ParallelPlan(dp=4, zero=3)).backend == "fsdp"
     assert resolve_plan(ParallelPlan(dp=4, zero=2)).backend == "deepspeed"
@@ -132,7 +132,7 @@ def test_context_parallelism_is_a_plan_dimension_that_training_and_simulate_refu
     assert plan.describe() == "64 ranks = dp 4 (ZeRO-0) x tp 4 x cp 2 x pp 2 (1f1b)"
     with pytest.raises(UserError, match="tp x pp x cp = 16 must divide the 24 ranks"):
         ParallelPlan.parse("tp=4,pp=2,cp=2", world=24)
-    from minigpt.parallel.backends import plan_overrides
+    from minigpt.parallel.registry import plan_overrides
 
     with pytest.raises(UserError, match="context parallelism is predicted .* not trained yet; train with cp=1"):
         plan_overrides("dp=2,cp=2", 4)

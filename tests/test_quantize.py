@@ -1,4 +1,4 @@
-"""Weight-only quantization (infer/quantize.py): close to full precision, smaller, refused where it cannot
+"""Weight-only quantization (nn/quantize.py): close to full precision, smaller, refused where it cannot
 run, and reachable from generate / eval / bench decode."""
 
 import copy
@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
-from minigpt.infer.quantize import QuantizedLinear, quantize_int4, quantize_int8, quantize_model, weight_bytes
+from minigpt.nn.quantize import QuantizedLinear, quantize_int4, quantize_int8, quantize_model, weight_bytes
 from minigpt.nn.model import GPT
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=512)
@@ -94,8 +94,8 @@ def test_extrapolate_serves_quantized_weights_beside_the_full_fleet():
 
 
 def test_a_quantized_run_saves_reloads_and_refuses_training_and_export(good_run, tmp_path):
-    from minigpt.infer.quantize import quantize_model
-    from minigpt.train.checkpoint import load_run
+    from minigpt.nn.quantize import quantize_model
+    from minigpt.run.load import load_run
 
     out = tmp_path / "q8"
     r = run_cli("convert", "--quantize-run", str(good_run), "--quantize", "int8", "--out", str(out))

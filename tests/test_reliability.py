@@ -17,8 +17,9 @@ from conftest import REPO, Proc, run_cli, set_args, tiny_overrides
 from minigpt.core.config import DataConfig, ModelConfig
 from minigpt.data import cache as data
 from minigpt.nn.weights import WEIGHTS, load_weights
-from minigpt.train import checkpoint
-from minigpt.train.checkpoint import RunLock, load_run
+from minigpt.run import files as checkpoint
+from minigpt.run.load import load_run
+from minigpt.train.checkpoint import RunLock
 from minigpt.train.loop import train
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, set_args, tiny_overrides
 
-from minigpt.train import checkpoint
+from minigpt.run import files as checkpoint
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def server(tmp_path_factory, corpus_dir, data_cache):
 
     from minigpt.core.config import load_config
     from minigpt.infer.serve import create_app
-    from minigpt.train.checkpoint import load_run
+    from minigpt.run.load import load_run
     from minigpt.train.loop import train
 
     out = tmp_path_factory.mktemp("serve") / "run"

@@ -304,7 +304,7 @@ def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
 
 def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(tmp_path):
     from minigpt.core.config import load_config, resolve_preset
-    from minigpt.measure.steptime_check import _dp_setup, all_reduce_at
+    from minigpt.apps.steptime_check import _dp_setup, all_reduce_at
     path = tmp_path / "coll.json"
     rows = [{"op": op, "bytes": b, "busbw_gbs": b / 1e6} for op in ("all_reduce", "all_gather") for b in (2**12, 2**22)]
     path.write_text(json.dumps({"collectives": {"world_size": 2, "results": rows}}))
@@ -318,7 +318,7 @@ def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(
 
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_the_cpu_check_times_the_models_own_norm_and_activation(mlp):
-    from minigpt.measure.steptime_check import pass_timer
+    from minigpt.apps.steptime_check import pass_timer
 
     c = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, mlp=mlp, norm="rmsnorm")
     timer = pass_timer(c)
@@ -343,7 +343,7 @@ def test_the_data_parallel_check_times_its_rates_beside_busy_companions():
     import os
     from pathlib import Path
 
-    from minigpt.measure.steptime_check import busy_companions
+    from minigpt.apps.steptime_check import busy_companions
 
     def children():
         mine, found = str(os.getpid()), []

@@ -11,8 +11,8 @@ from minigpt.core.plan import batch_layout
 from minigpt.infer.generate import generate_text
 from minigpt.nn.optim import lr_at
 from minigpt.nn.weights import WEIGHTS
-from minigpt.train import checkpoint
-from minigpt.train.checkpoint import load_run
+from minigpt.run import files as checkpoint
+from minigpt.run.load import load_run
 from minigpt.train.loop import train
 
 
@@ -158,7 +158,7 @@ def test_a_training_step_never_reads_the_device(tiny_cfg, monkeypatch):
     import minigpt
     from minigpt.core.plan import ParallelPlan
     from minigpt.nn.model import GPT
-    from minigpt.parallel.backends import make_backend
+    from minigpt.parallel.registry import make_backend
     from minigpt.parallel.distributed import init_distributed
 
     cfg = tiny_cfg(**{"train.batch_size_tokens": 256, "train.precision": '"fp32"'})

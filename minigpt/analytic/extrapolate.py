@@ -678,7 +678,7 @@ def _efficiency_at(eff: dict[int, float], batch: int) -> float:
     return eff[max(below)] if below else eff[min(eff)]
 
 
-QUANTIZED_BYTES_PER_WEIGHT = {  # weight-only quantization (infer/quantize.py): values plus their scales
+QUANTIZED_BYTES_PER_WEIGHT = {  # weight-only quantization (nn/quantize.py): values plus their scales
     "int8": (1.0, "int8: 1 byte a weight (one bf16 scale per output row, negligible)"),
     "int4": (0.625, "int4 in groups of 32: half a byte a weight plus a bf16 scale and zero per 32 = 0.625 bytes"),
 }

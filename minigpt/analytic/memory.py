@@ -97,16 +97,40 @@ def korthikanti_activation_bytes_per_layer(c: ModelConfig, batch: int, seq_len: 
     activation checkpointing, only the layer input (2 s b h) is kept. Tensor parallelism over tp ranks
     splits the attention and MLP parts, s b h (10 + (24 + 5 a s / h) / tp); with sequence parallelism the
     rest too, s b h (34 + 5 a s / h) / tp, and the kept layer input of full recompute, 2 s b h / tp.
+    A mixture of experts: the formula's MLP share (its input and dropout mask 3 s b h, whole on each rank
+    without sequence parallelism, and the 16 s b h of its hidden activations, split) is replaced by what the
+    inventory says the router and the k experts a token visits keep (moe_mlp_activation_bytes).
     """
     s, b, h, a = seq_len, batch, c.n_embd, c.n_head
     if recompute:
         return 2 * s * b * h / (tp if sequence_parallel else 1)
     attention = 0 if flash else 5 * a * s / h
     if tp == 1:
-        return s * b * h * (34 + attention)
-    if sequence_parallel:
-        return s * b * h * (34 + attention) / tp
-    return s * b * h * (10 + (24 + attention) / tp)
+        out = s * b * h * (34 + attention)
+    elif sequence_parallel:
+        out = s * b * h * (34 + attention) / tp
+    else:
+        out = s * b * h * (10 + (24 + attention) / tp)
+    if c.is_moe:
+        dense_mlp = (3 + 16 / tp) if not sequence_parallel else 19 / tp
+        out += moe_mlp_activation_bytes(c, batch, seq_len, tp, sequence_parallel) - s * b * h * dense_mlp
+    return out
+
+
+def moe_mlp_activation_bytes(c: ModelConfig, batch: int, seq_len: int, tp: int = 1,
+                             sequence_parallel: bool = False, act_bytes: int = 2) -> float:
+    """Bytes a mixture's MLP keeps for backward per micro-batch on one tensor-parallel rank, from the model's
+    inventory (core/blocks.py): the router's input, probabilities and top-k choice, and per routed token copy
+    the expert's input, output and weighted output, its hidden activations (split over tp: each expert is
+    split like the dense MLP) and the indices; 16-bit where the model computes in 16 bits."""
+    n, total = batch * seq_len, 0.0
+    for part in inventory(c).layer:
+        if part.name.startswith("mlp."):
+            for saved in part.saves:
+                if saved.scale == "token":
+                    split = saved.tp_split or sequence_parallel
+                    total += saved.bytes(n, seq_len, act_bytes) / (tp if split else 1)
+    return total
 
 
 def activation_bytes(c: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",

@@ -436,7 +436,7 @@ def tp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup
     column-parallel GEMM's input (each half an all-reduce's bytes)."""
     if plan.tp == 1:
         return 0.0
-    per_pass = sum(p.active for p in inventory(c).layer if p.tp == "row" and p.is_matmul)  # dense 2, mixture 1 + k
+    per_pass = inventory(c).row_parallel_outputs()  # dense 2, a mixture 1 + k
     passes = per_pass * (3 if setup.recompute == "full" else 2) + (per_pass / 2 if plan.sp else 0)
     return passes * 2 * (plan.tp - 1) / plan.tp * b * s * c.n_embd * setup.act_bytes
 

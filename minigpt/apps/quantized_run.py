@@ -1,10 +1,10 @@
 """`minigpt convert --quantize-run RUN --quantize int8|int4 --out DIR`: a run's weights quantized into a new run
-(orchestration over infer/quantize.py and the run-directory helpers of train/checkpoint.py)."""
+(orchestration over nn/quantize.py and the run-directory helpers of run/files.py)."""
 
 from __future__ import annotations
 
 from minigpt.core.errors import UserError
-from minigpt.infer.quantize import quantize_model, weight_bytes
+from minigpt.nn.quantize import quantize_model, weight_bytes
 
 
 def save_quantized_run(run_dir: str, mode: str, out: str) -> dict:
@@ -17,7 +17,8 @@ def save_quantized_run(run_dir: str, mode: str, out: str) -> dict:
 
     from minigpt.core.atomic import atomic_write_text
     from minigpt.nn.weights import WEIGHTS, save_weights
-    from minigpt.train.checkpoint import commit_checkpoint, load_run, new_checkpoint_folder
+    from minigpt.run.files import commit_checkpoint, new_checkpoint_folder
+    from minigpt.run.load import load_run
 
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):

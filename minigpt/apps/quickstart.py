@@ -20,7 +20,7 @@ from minigpt.core.plots import plot_runs
 from minigpt.core.resolve import run_config, target_config
 from minigpt.infer.generate import generate_text
 from minigpt.measure.bench import bench_hardware
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 from minigpt.train.loop import train
 
 

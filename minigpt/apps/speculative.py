@@ -8,7 +8,7 @@ from typing import Iterator
 
 from minigpt.infer.generate import generate_ids
 from minigpt.infer.speculative import check_pair, speculative_generate
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 
 def compare_speculative(target, tokenizer, cfg, device, draft_dir: str, prompts: list[str], k: int,

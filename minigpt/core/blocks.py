@@ -4,8 +4,8 @@ Every reader of the model's shape takes it from here: `nn/model.py` builds its L
 shapes, `analytic/flops.py` sums the parameters and FLOPs, `analytic/memory.py` sums the tensors autograd
 saves, `measure/counted.py` books the counted FLOPs by `component`, `measure/simulate.py` and
 `parallel/sharding.py` split by `tp`, `interop/hf.py` maps the `hf` names, `nn/lora.py` and
-`infer/quantize.py` take their targets from `lora` / `quantize`. Torch-free and config-free at import
-(annotations only name ModelConfig), so core/config.py can read LORA_TARGETS. A new block feature is one `Part` here
+`nn/quantize.py` take their targets from `lora` / `quantize`. Torch-free, and config-free at run time
+(ModelConfig is imported for annotations only), so core/config.py can read LORA_TARGETS. A new block feature is one `Part` here
 plus its module in model.py; tests/test_blocks.py fails when a part is not costed by every reader or
 when the built model holds a parameter this inventory does not name.
 
@@ -21,6 +21,10 @@ E = n_expert, k = n_expert_active, Vp = the padded vocabulary, T = the sequence 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: core/config.py reads LORA_TARGETS from here
+    from minigpt.core.config import ModelConfig
 
 TP_STYLES = ("column", "row", "replicate", "sequence")  # see Part.tp
 # the Linears LoRA may wrap, by their own name: attention's QKV and output, the MLP's (every expert's) two;
@@ -38,13 +42,17 @@ class Saved:
     elements: per token of the micro-batch ("token"), per token times the sequence length ("token_seq": a
     T x T attention matrix), per sequence position ("seq"), or once ("once": a weight's 16-bit copy).
     dtype: "act" is the matmul-input dtype (fp32, or the 16-bit autocast dtype); "fp32" and "int64" stay so.
-    when: saved in every precision, in fp32 only, or under 16-bit autocast only."""
+    when: saved in every precision, in fp32 only, or under 16-bit autocast only.
+    tp_split: tensor parallelism splits it (a head's or a hidden unit's values live on one rank); the rest
+    (norm and projection inputs, the router's tensors) is whole on every rank unless sequence parallelism
+    splits it along the sequence."""
 
     what: str
     elements: float
     dtype: str = "act"
     scale: str = "token"
     when: str = "always"
+    tp_split: bool = False  # divided among tensor-parallel ranks (heads, hidden units); else whole on each
 
     def bytes(self, n_tokens: int, seq_len: int, act_bytes: int) -> float:
         autocast = act_bytes != 4
@@ -147,6 +155,12 @@ class Inventory:
                 return p
         raise KeyError(name)
 
+    def row_parallel_outputs(self) -> int:
+        """All-reduces of b s h values one layer's forward makes under tensor parallelism: one per row-parallel
+        matmul a token passes through (attention's output projection, the MLP's second Linear or, in a
+        mixture, each of the k experts' over its own tokens). Dense 2; a mixture 1 + k."""
+        return sum(p.active for p in self.layer if p.tp == "row" and p.is_matmul)
+
     def find(self, module_path: str) -> Part | None:
         """The part a module of the built model is (`blocks.3.mlp.experts.1.c_fc` -> `mlp.experts.*.c_fc`)."""
         bits = module_path.split(".")
@@ -203,9 +217,9 @@ def _attention(c: ModelConfig) -> list[Part]:
     if qkn:  # QK-norm: RMSNorm over each head's D channels of q and of k (learned scale, shared by heads)
         parts += [_qk_norm(c, "attn.q_norm", q, H), _qk_norm(c, "attn.k_norm", kv, G)]
     if rope:  # the rotated q and k are new tensors (no weights: RoFormer, Su et al. 2021)
-        parts.append(Part("attn.rope", "op", saves=(Saved("rotated q, k", q + kv),)))
+        parts.append(Part("attn.rope", "op", saves=(Saved("rotated q, k", q + kv, tp_split=True),)))
     parts.append(Part("attn.core", "op", flops=4 * H * D, component="attention", saves=_core_saves(c)))
-    out_saves = _linear_saves(c, q, h) + ((Saved("residual dropout mask", h),) if drop else ())
+    out_saves = _linear_saves(c, q, h, split_input=True) + ((Saved("residual dropout mask", h),) if drop else ())
     parts.append(Part("attn.c_proj", "linear", (h, q), h if c.attention_bias else 0, flops=2 * q * h,
                       component="attn_out_proj", tp="row",
                       hf={"gpt2": ("transformer.h.{i}.attn.c_proj",), "llama": (f"{layer}o_proj",)},
@@ -213,9 +227,11 @@ def _attention(c: ModelConfig) -> list[Part]:
     return parts
 
 
-def _linear_saves(c: ModelConfig, n_in: int, n_out: int, what: str = "input") -> tuple[Saved, ...]:
-    """A Linear keeps its input (n_in per token, in the matmul dtype) and, under autocast, its weight's 16-bit copy."""
-    return (Saved(what, n_in), Saved("16-bit weight copy", n_in * n_out, scale="once", when="autocast"))
+def _linear_saves(c: ModelConfig, n_in: int, n_out: int, split_input: bool = False) -> tuple[Saved, ...]:
+    """A Linear keeps its input (n_in per token, in the matmul dtype; split over tp ranks for a row-parallel
+    one) and, under autocast, its weight's 16-bit copy."""
+    return (Saved("input", n_in, tp_split=split_input),
+            Saved("16-bit weight copy", n_in * n_out, scale="once", when="autocast", tp_split=True))
 
 
 def _qk_norm(c: ModelConfig, name: str, width: int, heads: int) -> Part:
@@ -223,11 +239,11 @@ def _qk_norm(c: ModelConfig, name: str, width: int, heads: int) -> Part:
     (strided) input and the rstd; under autocast the 16-bit input meets an fp32 scale, so torch takes the
     composite path, which keeps the input upcast to fp32 and the normalised fp32 tensor. Without RoPE its
     output is what SDPA keeps (with RoPE the rotation keeps only its cos/sin tables)."""
-    saves = [Saved("contiguous input", width, "fp32", when="fp32"),
-             Saved("fp32 input, normalised input", 2 * width, "fp32", when="autocast"),
-             Saved("rstd", heads, "fp32")]
+    saves = [Saved("contiguous input", width, "fp32", when="fp32", tp_split=True),
+             Saved("fp32 input, normalised input", 2 * width, "fp32", when="autocast", tp_split=True),
+             Saved("rstd", heads, "fp32", tp_split=True)]
     if c.pos_emb != "rope":
-        saves.append(Saved("normalised output (SDPA's input)", width))
+        saves.append(Saved("normalised output (SDPA's input)", width, tp_split=True))
     return Part(name, "norm", (c.head_dim,), 0, tp="replicate", saves=tuple(saves))
 
 
@@ -238,11 +254,12 @@ def _core_saves(c: ModelConfig) -> tuple[Saved, ...]:
     fp32 under autocast: q, k, v upcast (k, v expanded to n_head heads), and three B H T^2 fp32 tensors (the
     softmax, the dropout mask, the dropped probabilities)."""
     H, G, D = c.n_head, c.n_kv_head, c.head_dim
-    fresh = (Saved("output copy (B, H, T, D) -> (B, T, H D)", H * D),) if (c.pos_emb == "rope" or c.qk_norm) else ()
+    fresh = (Saved("output copy (B, H, T, D) -> (B, T, H D)", H * D, tp_split=True),) if (c.pos_emb == "rope" or c.qk_norm) else ()
     if c.dropout == 0:
-        return (Saved("q, k, v buffer", (H + 2 * G) * D), Saved("log-sum-exp", H, "fp32")) + fresh
-    return (Saved("q, k, v buffer", (H + 2 * G) * D, when="fp32"), Saved("q, k, v upcast", 3 * H * D, "fp32", when="autocast"),
-            Saved("softmax, dropout mask, dropped probabilities", 3 * H, "fp32", scale="token_seq")) + fresh
+        return (Saved("q, k, v buffer", (H + 2 * G) * D, tp_split=True), Saved("log-sum-exp", H, "fp32", tp_split=True)) + fresh
+    return (Saved("q, k, v buffer", (H + 2 * G) * D, when="fp32", tp_split=True),
+            Saved("q, k, v upcast", 3 * H * D, "fp32", when="autocast", tp_split=True),
+            Saved("softmax, dropout mask, dropped probabilities", 3 * H, "fp32", scale="token_seq", tp_split=True)) + fresh
 
 
 def _activation_width(c: ModelConfig) -> int:
@@ -260,7 +277,7 @@ def _mlp(c: ModelConfig) -> list[Part]:
     fc_hf = {"gpt2": ("transformer.h.{i}.mlp.c_fc",), "llama": (f"{llama}gate_proj", f"{llama}up_proj")}
     proj_hf = {"gpt2": ("transformer.h.{i}.mlp.c_proj",), "llama": (f"{llama}down_proj",)}
     if not c.is_moe:
-        act = Saved("activation tensors", _activation_width(c))
+        act = Saved("activation tensors", _activation_width(c), tp_split=True)
         return [Part("mlp.c_fc", "linear", (fc_out, h), fc_out if c.mlp_bias else 0, flops=2 * h * fc_out,
                      component="mlp", tp="column", fused=fused, hf=fc_hf, quantize=True,
                      saves=_linear_saves(c, h, fc_out) + (act,)),
@@ -274,17 +291,17 @@ def _mlp(c: ModelConfig) -> list[Part]:
                          Saved("16-bit weight copy", E * h, scale="once", when="autocast")))
     # per routed token copy (k per token): the expert's input, its activation tensors, its output (kept for the
     # weighting), the gathered weight, the weighted output index_add_ keeps, and the token and slot indices
-    routed = (Saved("expert input, output, weighted output", 3 * k * h), Saved("activation tensors", k * _activation_width(c)),
+    routed = (Saved("expert input, output, weighted output", 3 * k * h), Saved("activation tensors", k * _activation_width(c), tp_split=True),
               Saved("gathered routing weight", k), Saved("token and slot indices", 2 * k, "int64"))
     copy = ("16-bit weight copy", "once", "autocast")
     expert_drop = (Saved("expert dropout masks", k * h),) if c.dropout > 0 else ()  # each routed copy's own
     return [router,
             Part("mlp.experts.*.c_fc", "linear", (fc_out, h), fc_out if c.mlp_bias else 0, copies=E, active=k,
                  flops=2 * h * fc_out, component="mlp", tp="column", ep=True, fused=fused, quantize=True,
-                 saves=routed + (Saved(copy[0], E * h * fc_out, scale=copy[1], when=copy[2]),)),
+                 saves=routed + (Saved(copy[0], E * h * fc_out, scale=copy[1], when=copy[2], tp_split=True),)),
             Part("mlp.experts.*.c_proj", "linear", (h, ff), h if c.mlp_bias else 0, copies=E, active=k,
                  flops=2 * ff * h, component="mlp", tp="row", ep=True, quantize=True,
-                 saves=(Saved(copy[0], E * ff * h, scale=copy[1], when=copy[2]),) + expert_drop)]
+                 saves=(Saved(copy[0], E * ff * h, scale=copy[1], when=copy[2], tp_split=True),) + expert_drop)]
 
 
 def _head(c: ModelConfig) -> list[Part]:

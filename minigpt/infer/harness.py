@@ -28,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from minigpt.core.device import resolve_device
 from minigpt.data.tokenizer import EOT
 from minigpt.infer.generate import generate_ids
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 
 @register_model("minigpt")

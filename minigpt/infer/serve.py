@@ -38,7 +38,7 @@ from minigpt.core.errors import UserError
 from minigpt.infer.engine import Engine, Sampling, Sequence
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
 from minigpt.infer.generate import IncrementalText, filtered_probs
-from minigpt.train.checkpoint import load_run
+from minigpt.run.load import load_run
 
 
 @dataclass(frozen=True)
@@ -622,7 +622,7 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
     check_address(host, port)
     model, tokenizer, cfg, step = load_run(run_dir, device)
     if quantize:
-        from minigpt.infer.quantize import quantize_model
+        from minigpt.nn.quantize import quantize_model
 
         quantize_model(model, quantize)
     draft = None

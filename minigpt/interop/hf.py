@@ -35,14 +35,8 @@ from minigpt.core.errors import UserError
 from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
 from minigpt.data.tokenizer import read_tokenizer
 from minigpt.nn.weights import WEIGHTS, save_weights
-from minigpt.train.checkpoint import (
-    check_tokenizer,
-    commit_checkpoint,
-    latest_checkpoint,
-    load_latest,
-    load_run_weights,
-    new_checkpoint_folder,
-)
+from minigpt.run.files import commit_checkpoint, latest_checkpoint, load_latest, new_checkpoint_folder
+from minigpt.run.load import check_tokenizer, load_run_weights
 
 IGNORED_SUFFIXES = (".attn.masked_bias", "rotary_emb.inv_freq")  # buffers old checkpoints saved
 

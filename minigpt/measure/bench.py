@@ -147,7 +147,7 @@ def decode_bound(c, batch: int, context: int, bandwidth_gbs: float, bytes_per_el
                  weight_bytes: float | None = None) -> dict:
     """The memory-bandwidth bound of one decode step: every weight and the batch's KV cache up to
     `context` are read once per step; tokens/s <= batch x bandwidth / those bytes. `weight_bytes`: what
-    a quantized model reads (infer/quantize.weight_bytes), else every parameter at bytes_per_el."""
+    a quantized model reads (nn/quantize.weight_bytes), else every parameter at bytes_per_el."""
     weights = weight_bytes if weight_bytes is not None else param_counts(c).total * bytes_per_el
     kv = batch * context * kv_cache_bytes_per_token(c, bytes_per_el)
     step_s = (weights + kv) / (bandwidth_gbs * 1e9)
@@ -163,7 +163,7 @@ def _decode_point(model, batch: int, context: int, new_tokens: int, compile: boo
     best = min(runs[1:], key=lambda g: g.decode_s)
     weights = None
     if getattr(model, "quantization", None):
-        from minigpt.infer.quantize import weight_bytes
+        from minigpt.nn.quantize import weight_bytes
 
         weights = weight_bytes(model)["read_per_decode_step_bytes"]
     return best, decode_bound(c, batch, context + new_tokens // 2, bandwidth_gbs, model.wte.weight.element_size(), weights)

@@ -12,7 +12,7 @@ import torch
 
 from minigpt.infer.evaluate import evaluate_text, run_split_tokens
 from minigpt.infer.generate import generate_ids
-from minigpt.infer.quantize import quantize_model, weight_bytes
+from minigpt.nn.quantize import quantize_model, weight_bytes
 
 VARIANTS = ("fp32", "int8", "int4")
 

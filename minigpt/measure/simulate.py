@@ -1,7 +1,7 @@
 """One training step on N simulated ranks: memory and communication counted from the real parallel code.
 
 The model is built on fake tensors (shapes, no storage) and parallelised by the same functions
-training uses (minigpt/sharding.py: DTensor tensor parallelism, FSDP2 fully_shard) over a fake
+training uses (minigpt/parallel/sharding.py: DTensor tensor parallelism, FSDP2 fully_shard) over a fake
 process group of N ranks, of which this process is rank 0. One forward, backward and AdamW step
 runs; torch's FSDPMemTracker measures memory by category, and a dispatch mode records every
 collective (kind, group, bytes). Both sit beside the formulas the extrapolation uses.
@@ -272,7 +272,7 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: 
     Adam m, v (4 + 4 + 8 bytes per parameter); gathered 16-bit copies (zero2: all, kept until
     backward; zero3: the root unit and one block); Korthikanti et al. 2022's activations with
     tensor parallelism, s b h (10 + 24/t) per layer (fused attention: no 5 a s^2 b / t term;
-    recompute: 2 s b h), plus minigpt's LM-head/loss term (memory.activation_bytes) when the stage
+    recompute: 2 s b h; a mixture's MLP share from the model's inventory), plus minigpt's LM-head/loss term (memory.activation_bytes) when the stage
     has the head. Experts (split over ep) are sharded over the dp/ep ranks that hold them."""
     plan = spec.plan
     n, n_e = plan.dp_shard, max(1, plan.dp_shard // plan.ep)
@@ -282,7 +282,7 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: 
                                                                                 half * (per_rank.root + per_rank.block))
     s, b = spec.seq(c), spec.micro_batch
     per_layer = M.korthikanti_activation_bytes_per_layer(c, b, s, flash=True, recompute=spec.recompute, tp=plan.tp,
-                                                         sequence_parallel=plan.sp)
+                                                         sequence_parallel=plan.sp)  # a mixture's MLP from the inventory
     loss = M.activation_bytes(c, b, s, spec.precision)["head_and_loss"] if head else 0
     out = {"params": 4 * states, "grads": 4 * states, "optimizer": 8 * states, "gathered_params": gathered,
            "activations_peak": c.n_layer * per_layer + loss}
@@ -308,7 +308,8 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bo
     dp_bytes = {0: 2 * ring * g_b, 1: ring * (p_b + g_b), 2: ring * (p_b + g_b)}.get(plan.zero, ring * (2 * p_b + g_b))
     s, b = spec.seq(c), spec.micro_batch
     k = c.n_expert_active if c.is_moe else 1
-    per_layer = (1.5 if spec.recompute else 1) * (2 + 2 * k) * 2 * (t - 1) / t * b * s * c.n_embd * p_b
+    all_reduces = 2 * inventory(c).row_parallel_outputs()  # forward and backward: dense 4, a mixture 2 + 2k
+    per_layer = (1.5 if spec.recompute else 1) * all_reduces * 2 * (t - 1) / t * b * s * c.n_embd * p_b
     ends = (1 + head) * (t - 1) / t * b * s * c.n_embd * p_b if plan.sp else 0.0
     a2a = (6 if spec.recompute else 4) * (ep - 1) / ep * k * b * s * c.n_embd * p_b
     return {"dp": dp_bytes, "tp": c.n_layer * per_layer + ends if t > 1 else 0.0, "ep": c.n_layer * a2a if ep > 1 else 0.0}

@@ -13,7 +13,7 @@ or sampling.
 The model is stateless: incremental decoding passes a static `KVCache` and the cache slots of
 the new tokens (`input_pos`), as gpt-fast does, so a decode step has fixed shapes. Training
 techniques (activation checkpointing, torch.compile, data/tensor parallelism) are applied from
-outside (minigpt/parallel.py); nothing here knows about them.
+outside (minigpt/parallel/parallelize.py); nothing here knows about them.
 
 Shape letters: B batch, T query length, S key length (cache slots), C = n_embd, H = n_head,
 G = n_kv_head, D = head_dim = C / H, V = vocab_size, Vp = padded vocab.

@@ -19,7 +19,7 @@ the fused rows would give rank 0 only queries. Before sharding, their rows are r
 rank's contiguous slice holds its own heads' q, k, v (gate, up); state dicts are converted back
 (`from_tp_layout`), so checkpoints and exported weights have the ordinary layout.
 
-The same functions build the simulated runs of minigpt/simulate.py on a fake process group.
+The same functions build the simulated runs of minigpt/measure/simulate.py on a fake process group.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision, behind the same Backend
-interface as the torch backend (minigpt/parallel.py). The one module that imports deepspeed,
+interface as the torch backend (minigpt/parallel/ddp.py). The one module that imports deepspeed,
 lazily, so the rest of minigpt works without it.
 
 The DeepSpeed config is generated from minigpt's TOML (one source of truth) and written into the

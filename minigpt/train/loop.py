@@ -51,7 +51,7 @@ from minigpt.nn.lora import apply_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.backend import Backend
-from minigpt.parallel.backends import backend_class, check_memory, make_backend, resolve_plan
+from minigpt.parallel.registry import backend_class, check_memory, make_backend, resolve_plan
 from minigpt.parallel.distributed import (
     DistEnv,
     StopControl,
@@ -66,18 +66,9 @@ from minigpt.parallel.distributed import (
     silent_ranks_error,
 )
 from minigpt.parallel.parallelize import eager, parallelize
-from minigpt.train.checkpoint import (
-    Checkpointer,
-    RunDir,
-    RunLock,
-    check_tokenizer,
-    clear_run_dir,
-    file_digest,
-    foreign_entries,
-    latest_checkpoint,
-    refuse_links,
-    remove_temporaries,
-)
+from minigpt.run.files import file_digest, latest_checkpoint, refuse_links
+from minigpt.run.load import check_tokenizer
+from minigpt.train.checkpoint import Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, remove_temporaries
 from minigpt.train.distill import Distiller, load_teacher
 from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks
 

@@ -1,0 +1,85 @@
+"""A run's model, for every reader (generate, serve, eval, bench decode, convert, the quickstart): the
+checkpoint verified, the tokenizer checked against the run's record, a LoRA run merged into its base, a
+quantized run's modules swapped in before its tensors load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minigpt.analytic.flops import param_counts
+from minigpt.analytic.memory import model_bytes
+from minigpt.core.config import Config, config_from_json, read_json
+from minigpt.core.device import check_fits
+from minigpt.core.errors import UserError
+from minigpt.data.tokenizer import read_tokenizer
+from minigpt.nn.lora import apply_lora, load_adapters, merge_lora
+from minigpt.nn.model import GPT
+from minigpt.nn.quantize import quantize_model
+from minigpt.nn.weights import load_weights, read_weights
+from minigpt.run.files import file_digest, latest_checkpoint, load_latest
+
+
+def check_tokenizer(run_dir: Path) -> None:
+    """The run's tokenizer.json is the one it was trained with: its SHA-256 as data.json recorded it (runs
+    from before the record are not checked)."""
+    run_dir = Path(run_dir)
+    pinned = run_dir / "data.json"
+    if not pinned.is_file() or not (run_dir / "tokenizer.json").is_file():
+        return
+    expected = read_json(pinned, "the run's pinned corpus").get("tokenizer_sha256")
+    if expected and file_digest(run_dir / "tokenizer.json")["sha256"] != expected:
+        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer the run was trained with (its SHA-256 differs "
+                        f"from data.json's record): restore the run's own tokenizer.json")
+
+
+def load_run_weights(model: GPT, folder: Path, cfg: Config) -> None:
+    """A checkpoint folder's weights into `model` (a GPT of cfg.model). A LoRA run saves its adapters only:
+    its base (train.init_from, a run) is read again, the adapters put on and merged, so `model` stays a
+    plain GPT."""
+    tc = cfg.train
+    if not tc.lora_rank:
+        load_weights(model, folder)
+        return
+    base = Path(tc.init_from)
+    base_cfg = config_from_json(base / "config.json")
+    load_latest(base, lambda f: load_run_weights(model, f, base_cfg))
+    apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+    load_adapters(model, read_weights(folder), str(folder))
+    merge_lora(model)
+    model.requires_grad_(True)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> tuple[GPT, object, Config, int]:
+    """Model (eval mode, on `device`), tokenizer, config and step of a run's latest checkpoint, or of
+    the kept checkpoint of `step` (train.keep_checkpoints keeps several).
+
+    Safe while the run is training: a checkpoint replaced mid-read is read again (load_latest). A LoRA
+    run's adapters come merged into its base (load_run_weights).
+    """
+    run_dir = Path(run_dir)
+    latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
+    cfg = config_from_json(run_dir / "config.json")
+    check_tokenizer(run_dir)
+    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
+                                                            f"damaged; copy the tokenizer the run was trained with there")
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
+        raise UserError(f"{run_dir}/tokenizer.json has {tokenizer.get_vocab_size():,} tokens, more than the model's "
+                        f"vocab_size {cfg.model.vocab_size:,}: it is not the run's tokenizer; restore the run's own")
+    check_fits(model_bytes(cfg.model), device, f"loading the model of {run_dir} ({param_counts(cfg.model).total:,} "
+               f"parameters)", "use a machine with more memory, or check that its config.json is the run's own")
+    model = GPT(cfg.model)
+    if cfg.model.quantization:  # a quantized run: the quantized modules first, then their saved tensors
+        quantize_model(model, cfg.model.quantization)
+    if step is None:
+        _, step = load_latest(run_dir, lambda folder: load_run_weights(model, folder, cfg))
+    else:
+        folder = run_dir / "checkpoints" / f"step_{step:07d}"
+        if not folder.is_dir():
+            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
+            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
+                            f"sets how many are kept)")
+        load_run_weights(model, folder, cfg)
+    model.to(device).eval()
+    return model, tokenizer, cfg, step
