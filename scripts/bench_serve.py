@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.analytic.extrapolate import best_at_user_speed
+from minigpt.analytic.serving import best_at_user_speed
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
 from minigpt.core.plots import plot_serve_sweep

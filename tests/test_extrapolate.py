@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from minigpt.analytic.extrapolate import Scenario, extrapolate
+from minigpt.analytic.scenario import Scenario
+from minigpt.analytic.extrapolate import extrapolate
 from minigpt.analytic.flops import param_counts, train_flops_per_token
 from minigpt.analytic.memory import model_state_bytes
 from minigpt.core.config import ModelConfig, load_config
@@ -248,7 +249,7 @@ def test_a_toy_moe_trains_like_the_dense_model(tiny_cfg, tmp_path):
 
 
 def test_the_layout_is_the_fastest_predicted_of_those_that_fit():
-    from minigpt.analytic.extrapolate import layout_ranker, suggest_layout
+    from minigpt.analytic.layout import layout_ranker, suggest_layout
     cfg = preset("gpt3-175b")
     s = Scenario(gpu_by_name("A100"), num_gpus=1024)
     rank = layout_ranker(cfg.model, s, 2048 * 1536)
@@ -277,7 +278,7 @@ def test_extrapolate_draws_the_fastest_layouts_stacked_by_part(tmp_path):
 
 
 def test_extrapolate_costs_a_given_context_parallel_layout():
-    from minigpt.analytic.extrapolate import per_gpu_bytes
+    from minigpt.analytic.layout import per_gpu_bytes
 
     r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "H100", "--plan", "dp=8,tp=8,pp=8,cp=2", "--seq-len",
                 "8192", "--json")

@@ -23,7 +23,7 @@ BANDS = [
     ("measure",),  # counted FLOPs, tracked memory, simulated ranks, benchmarks of the parts
     ("train",),  # the loop, checkpointer, metrics
     ("apps",),  # orchestration reusable from Python: quickstart, experiments that train, benchmarks assembled
-    ("cli", "__main__"),  # flags and dispatch
+    ("cli", "commands", "__main__"),  # flags and dispatch
 ]
 BAND = {name: i for i, names in enumerate(BANDS) for name in names}
 TORCH_FREE_BANDS = ("core", "analytic")

@@ -78,7 +78,8 @@ def test_generate_and_eval_take_quantize(good_run):
 
 
 def test_extrapolate_serves_quantized_weights_beside_the_full_fleet():
-    from minigpt.analytic.extrapolate import Scenario, extrapolate
+    from minigpt.analytic.scenario import Scenario
+    from minigpt.analytic.extrapolate import extrapolate
     from minigpt.core.hardware import gpu_by_name
     from minigpt.core.resolve import target_config
 

@@ -144,7 +144,7 @@ def test_extrapolate_takes_counted_communication_and_memory():
 def test_layouts_whose_simulated_memory_does_not_fit_are_rejected():
     """The layout search asks the simulator; a layout it measures over the budget is skipped and
     listed (a stand-in simulator here: the real one is exercised above)."""
-    from minigpt.analytic.extrapolate import suggest_layout
+    from minigpt.analytic.layout import suggest_layout
 
     c = ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257)
     asked = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minigpt.core.blocks import numel, inventory
+from minigpt.core.blocks import inventory, numel
 from minigpt.core.config import ModelConfig
 
 

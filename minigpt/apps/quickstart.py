@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from minigpt.analytic.extrapolate import REFERENCE_MFU, Scenario, extrapolate, mfu_from_run
+from minigpt.analytic.extrapolate import extrapolate
+from minigpt.analytic.measured_mfu import mfu_from_run
 from minigpt.analytic.published import backtest_note
+from minigpt.analytic.scenario import REFERENCE_MFU, Scenario
 from minigpt.core.atomic import atomic_write_text
 from minigpt.core.device import resolve_device, resolve_precision, use_threads
 from minigpt.core.errors import UserError

@@ -155,3 +155,13 @@ def next_logprobs(model, ids: list[int]) -> torch.Tensor:
     """Log-probabilities of the token after `ids`, from the last block_size of them (one forward pass)."""
     x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long).unsqueeze(0).to(model.wte.weight.device)
     return torch.log_softmax(model(x).logits.float()[0, -1], dim=-1).cpu()
+
+
+def completion_logprobs(model, tokenizer, prompt_ids: list[int], new_ids: list[int], top: int) -> dict:
+    """The log-probabilities of a generated completion (OpenAI's `logprobs` shape): each new token's, and the
+    `top` most likely tokens at each position, scored by one forward pass over prompt + completion."""
+    lps, tops = token_logprobs(model, prompt_ids + new_ids, top)
+    n = len(prompt_ids)
+    return {"tokens": [tokenizer.decode([t]) for t in new_ids], "token_logprobs": lps[n:],
+            "top_logprobs": [{tokenizer.decode([k]): v for k, v in (d or {}).items()} for d in tops[n:]],
+            "convention": "natural log of the model's probability (before temperature/top-k)"}

@@ -75,3 +75,20 @@ def collective_sweep(env: DistEnv, sizes: tuple[int, ...] | None = None, repeats
             "convention": (f"nccl-tests: size = the whole buffer, algbw = size / time, busbw = algbw x 2(n-1)/n "
                            f"(all_reduce) or (n-1)/n (all_gather, reduce_scatter); time = mean of {repeats} "
                            f"back-to-back calls after 2 warm-ups, the slowest of the {n} ranks")}
+
+
+def bench_collectives(device: str, repeats: int = 10) -> dict | None:
+    """`bench hardware --collectives` on every rank of a torchrun job: the sweep, with the device and its
+    datasheet links; the record on the main rank, None on the others."""
+    from minigpt.core.device import device_name
+    from minigpt.core.hardware import match_device
+    from minigpt.parallel.distributed import init_distributed, shutdown
+
+    env = init_distributed(device)
+    name = device_name(env.device)
+    spec = match_device(name) if env.device.type == "cuda" else None
+    hw = {"bench": "hardware", "device": str(env.device), "device_name": name, "torch": torch.__version__,
+          "datasheet": {"name": spec.name, "nvlink_gbs": spec.nvlink_gbs} if spec else None,
+          "collectives": collective_sweep(env, repeats=repeats)}
+    shutdown(env)
+    return hw if env.is_main else None

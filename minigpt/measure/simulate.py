@@ -36,7 +36,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from minigpt.analytic import flops as F, memory as M, steptime as T
-from minigpt.analytic.extrapolate import per_gpu_bytes
+from minigpt.analytic.layout import per_gpu_bytes
 from minigpt.analytic.memory import PRECISION_BYTES
 from minigpt.core.blocks import inventory
 from minigpt.core.config import ModelConfig, TrainConfig

@@ -1,0 +1,1 @@
+"""The CLI's subcommands, one module per job; minigpt/cli.py assembles and dispatches them."""

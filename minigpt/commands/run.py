@@ -1,0 +1,114 @@
+"""Commands that make and train runs: prepare, train, convert, plot, quickstart."""
+
+from __future__ import annotations
+
+import os
+
+from minigpt.commands.flags import STOP_EXIT, add_train_flags, apply_threads, config_flags, log_for, threads_flag
+from minigpt.core.errors import UserError
+from minigpt.core.fmt import to_json
+
+
+def cmd_prepare(args) -> None:
+    from minigpt.core.config import load_config, resolve_preset
+    from minigpt.data import cache as data
+
+    cfg = load_config(resolve_preset(args.config), args.set)
+    prepared = data.prepare_data(cfg.data, cfg.model, log=(lambda *a, **k: None) if args.json else print)
+    if args.json:
+        print(to_json({"event": "prepared", "path": str(prepared.path), **prepared.manifest}))
+        return
+    for line in prepared.summary_lines():
+        print(line)
+    print(f"cache    {prepared.path}")
+
+
+def cmd_train(args) -> int:
+    from minigpt.core.resolve import train_config
+    from minigpt.train.loop import train
+
+    overrides = list(args.set) + ([f"train.threads={args.threads}"] if args.threads else [])
+    if args.plan:  # the plan's [train] keys, after --set (the plan spelling wins over a --set of the same key)
+        from minigpt.parallel.registry import plan_overrides
+
+        overrides += plan_overrides(args.plan, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = train_config(args.config, overrides, args.resume)
+    summary = train(cfg, resume=bool(args.resume), stop_at=args.stop_at, overwrite=args.overwrite, log=log_for(args))
+    return STOP_EXIT.get(summary.get("stopped"), 0)
+
+
+def cmd_quickstart(args) -> int:
+    """The main job on the embedded default: prepare stdlib text, train the tiny model, sample."""
+    from minigpt.apps.quickstart import quickstart
+
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    summary = quickstart(args.config, [*args.set, *threads], args.out_dir, log=log_for(args))
+    return STOP_EXIT.get(summary.get("stopped"), 0)
+
+
+def cmd_convert(args) -> None:
+    apply_threads(args)
+    from minigpt.interop.hf import export_hf, import_hf
+
+    if args.quantize_run or args.quantize:
+        if not (args.quantize_run and args.quantize):
+            raise UserError("minigpt convert --quantize-run RUN --quantize int8|int4 --out DIR: give both")
+        from minigpt.apps.quantized_run import save_quantized_run
+
+        info = save_quantized_run(args.quantize_run, args.quantize, args.out)
+        print(f"wrote run directory {args.out}: {args.quantize_run} (step {info['step']}) with {args.quantize} weights, "
+              f"{info['total_bytes']:,} bytes of weights; try: minigpt generate --run {args.out} --prompt \"...\"")
+    elif args.from_hf:
+        info = import_hf(args.from_hf, args.out)
+        print(f"wrote run directory {args.out}: {info['model_type']} ({info['params']:,} parameters) from {args.from_hf}; "
+              f"try: minigpt generate --run {args.out} --prompt \"...\"")
+    else:
+        info = export_hf(args.to_hf, args.out)
+        print(f"wrote {args.out}: {info['architectures'][0]} from {args.to_hf} (step {info['step']}); it loads with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+
+
+def cmd_plot(args) -> None:
+    from minigpt.core.plots import check_image_path, plot_runs
+
+    check_image_path(args.out)
+    runs = plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}")
+
+
+def add_parsers(sub) -> None:
+    """prepare, train, convert, plot, quickstart."""
+    p = sub.add_parser("prepare", help="tokenize a corpus (cached) and report its size and unigram entropy")
+    config_flags(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (the manifest), nothing else")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", parents=[threads_flag()], help="train a model (single process, or under torchrun)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+    p = sub.add_parser("convert", parents=[threads_flag()], help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR", help="an HF folder: config.json, *.safetensors, tokenizer.json")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="a minigpt run directory (its latest checkpoint)")
+    way.add_argument("--quantize-run", metavar="RUN_DIR", help="a run's latest weights, weight-only quantized, as a new run "
+                                                               "(with --quantize int8|int4)")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="with --quantize-run: the format")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plot", help="training and validation loss of runs against tokens seen and wall time (PNG)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, overlaid")
+    p.add_argument("--out", default="loss.png", help="the PNG to write (default: loss.png)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("quickstart", parents=[threads_flag()], help="the main job: prepare stdlib text, train the tiny GPT, sample")
+    p.add_argument("--config", default="tiny-modern", help="the preset or TOML to train (default: tiny-modern, the "
+                                                           "speedrun's best recipe on the tiny shape)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set train.max_steps=100)")
+    p.add_argument("--out-dir", default="runs/quickstart", help="the run directory (default: runs/quickstart)")
+    p.add_argument("--json", action="store_true", help="every line on stderr; stdout holds only the training summary "
+                                                   "object")
+    p.set_defaults(func=cmd_quickstart)
