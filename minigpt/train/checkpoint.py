@@ -22,6 +22,7 @@ import torch
 from minigpt.core.errors import UserError, write_error
 from minigpt.nn.lora import adapter_state
 from minigpt.nn.weights import WEIGHTS, save_weights
+from minigpt.parallel.distributed import DistEnv, all_gather_objects, barrier
 from minigpt.parallel.registry import run_file_names
 from minigpt.run.files import (
     LATEST,
@@ -32,7 +33,6 @@ from minigpt.run.files import (
     new_checkpoint_folder,
     partial_folder,
 )
-from minigpt.parallel.distributed import DistEnv, all_gather_objects, barrier
 
 # ----------------------------------------------------------------------------------------------
 # a run directory and its checkpointer

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import traceback
@@ -27,50 +26,52 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from minigpt.analytic.flops import (
-    forward_matmul_flops_per_token,
-    muon_flops_per_step,
-    param_counts,
-    train_flops_per_token,
-)
+from minigpt.analytic.flops import param_counts
 from minigpt.analytic.report import per_rank_memory_table
-from minigpt.core.atomic import atomic_write_text, read_jsonl
-from minigpt.core.config import Config, config_from_json, read_json
+from minigpt.core.atomic import atomic_write_text
+from minigpt.core.config import Config
 from minigpt.core.device import configure_device, device_name, peak_memory_bytes, resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak, mfu_warning
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.core.resolve import check_same_model, init_source
 from minigpt.data import cache as data
-from minigpt.data.loader import BatchLoader, check_split_length, document_starts, get_batch
-from minigpt.data.tokenizer import bits_per_byte, token_bytes
-from minigpt.infer.generate import check_prompts, generate_text
+from minigpt.data.loader import BatchLoader, get_batch
+from minigpt.data.tokenizer import bits_per_byte
+from minigpt.infer.generate import generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.lora import apply_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.backend import Backend
-from minigpt.parallel.registry import backend_class, check_memory, make_backend, resolve_plan
 from minigpt.parallel.distributed import (
     DistEnv,
     StopControl,
     StopSignal,
     all_reduce_mean,
-    barrier,
     heartbeat,
     init_distributed,
     on_main,
-    on_main_first,
     shutdown,
     silent_ranks_error,
 )
 from minigpt.parallel.parallelize import eager, parallelize
-from minigpt.run.files import file_digest, latest_checkpoint, refuse_links
-from minigpt.run.load import check_tokenizer
-from minigpt.train.checkpoint import Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, remove_temporaries
+from minigpt.parallel.registry import backend_class, check_memory, make_backend, resolve_plan
+from minigpt.train.checkpoint import Checkpointer, RunDir, RunLock
 from minigpt.train.distill import Distiller, load_teacher
-from minigpt.train.metrics import CsvSink, MetricsLogger, check_sinks, make_sinks
+from minigpt.train.metrics import MetricsLogger, check_sinks
+from minigpt.train.opening import opening_lines, teacher_flops_per_step
+from minigpt.train.run_dir import (
+    AlreadyDone,
+    bytes_and_entropy,
+    check_not_done,
+    check_sampling,
+    claim,
+    make_metrics,
+    prepare_run_data,
+    resume_or_fresh,
+    write_run_files,
+)
 
 
 @dataclass
@@ -105,12 +106,6 @@ def evaluate(backend: Backend, tokens, cfg: Config, env: DistEnv, dp_rank: int, 
     return nats / count, bits_per_byte(nats, num_bytes)
 
 
-def corpus_bytes_per_token(tokens: np.ndarray, bytes_of: np.ndarray) -> float:
-    """Mean bytes of text per token of a split (a histogram: memory does not grow with the corpus)."""
-    counts = np.bincount(np.asarray(tokens), minlength=len(bytes_of))[: len(bytes_of)]
-    return float((counts * bytes_of).sum() / max(1, len(tokens)))
-
-
 # ----------------------------------------------------------------------------------------------
 # a run
 
@@ -142,10 +137,6 @@ class Run:
     bytes_of: torch.Tensor | None = None  # bytes of text per token id, on the device: bits per byte
     entropy: tuple[float, float | None] = (0.0, None)  # the corpus's unigram entropy: nats/token, bits/byte
     t_start: float = 0.0
-
-
-class AlreadyDone(Exception):
-    """Resuming a run that is at its last step: nothing to do, nothing written."""
 
 
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,
@@ -197,11 +188,11 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     say = log if env.is_main else (lambda *a, **k: None)
     plan, layout, compile_why = _plan(cfg, env, stop_at)
     paths = RunDir(tc.out_dir)
-    lock, created = on_main(env, lambda: _claim(paths)) or (None, False)
+    lock, created = on_main(env, lambda: claim(paths)) or (None, False)
     try:
-        resume = _resume_or_fresh(cfg, paths, resume, overwrite, say)
+        resume = resume_or_fresh(cfg, paths, resume, overwrite, say)
         end_step = stop_at if stop_at is not None else tc.max_steps
-        _check_not_done(paths, resume, end_step, say)
+        check_not_done(paths, resume, end_step, say)
         check_memory(cfg, env, plan, layout)
         check_sinks(tc.log_to)
         device_notes = configure_device(tc, env.device)  # threads first: a stored CPU peak must match them
@@ -211,22 +202,22 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         saved = checkpointer.latest_state() if resume else None
         if saved is not None:  # the backend's rules, before anything is built
             backend_class(plan).check_resumable(saved[1], paths.root, plan, tc)
-        prepared, starts = _prepare_data(cfg, env, paths, resume, say)
-        _check_sampling(cfg, prepared)
+        prepared, starts = prepare_run_data(cfg, env, paths, resume, say)
+        check_sampling(cfg, prepared)
         backend = _build(cfg, env, plan, resume, say)
         state = _restore(checkpointer, backend, plan, saved, env)
-        _write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
+        write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
     except BaseException:
         if env.is_main and lock is not None:
             lock.release()
             if created:
                 shutil.rmtree(paths.root, ignore_errors=True)
         raise
-    metrics = _metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
+    metrics = make_metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = Run(cfg, env, say, paths, prepared, plan, layout, backend, checkpointer, metrics, state, state.step,
               end_step, lock, document_starts=starts)
-    run.bytes_of, run.entropy = _bytes_and_entropy(prepared, cfg, env)
-    for line in _opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
+    run.bytes_of, run.entropy = bytes_and_entropy(prepared, cfg, env)
+    for line in opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
     return run
 
@@ -421,198 +412,3 @@ def _report(run: Run, summary: dict) -> dict:
 # run directory and opening lines
 
 
-def _claim(paths: RunDir) -> tuple[RunLock, bool]:
-    """Create the run directory if needed and take its lock (rank 0): one trainer per run."""
-    created = not paths.root.exists()
-    paths.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(paths.root)
-    try:
-        lock.acquire()
-        refuse_links(paths.root)
-    except UserError:
-        lock.release()
-        if created:
-            shutil.rmtree(paths.root, ignore_errors=True)
-        raise
-    return lock, created
-
-
-def _resume_or_fresh(cfg: Config, paths: RunDir, resume: bool, overwrite: bool, say) -> bool:
-    """Whether this start resumes (asked, or train.auto_resume over a checkpoint); checks a fresh
-    start may use the directory."""
-    if not resume and cfg.train.auto_resume and paths.has_checkpoint():
-        check_same_model(config_from_json(paths.config), cfg, paths.root)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        say(f"resume   train.auto_resume: continuing the run in {paths.root} (torchrun restart {restart})")
-        return True
-    if resume:
-        return True
-    if paths.has_checkpoint() and not overwrite:
-        raise UserError(f"{paths.root} already holds a run; continue it with --resume {paths.root}, replace it with "
-                        f"--overwrite, or set train.out_dir to a new directory")
-    foreign = foreign_entries(paths.root)
-    if foreign:
-        raise UserError(f"{paths.root} is not a minigpt run directory (it holds {', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}); give an empty or new train.out_dir")
-    return False
-
-
-def _check_not_done(paths: RunDir, resume: bool, end_step: int, say) -> None:
-    """Resuming a run already at its end changes nothing (no file is rewritten)."""
-    if not resume:
-        return
-    _, at = latest_checkpoint(paths.root)  # verified: a damaged run is reported, even when it is done
-    if at > end_step:
-        raise UserError(f"{paths.root} is at step {at}, past the requested end at step {end_step}; "
-                        f"raise train.max_steps (--set train.max_steps=N) to train further")
-    if at == end_step:
-        say(f"nothing to do: {paths.root} is already at step {at} of {end_step}; raise train.max_steps "
-            f"(--set train.max_steps=N) to train further")
-        summary = read_json(paths.summary, "run summary") if paths.summary.is_file() else {"step": at}
-        raise AlreadyDone(json.dumps(summary))
-
-
-def _prepare_data(cfg: Config, env: DistEnv, paths: RunDir, resume: bool,
-                  say) -> tuple[data.PreparedData, np.ndarray | None]:
-    """Tokens of the corpus, and where its documents start (data.align = "document"; else None). A resumed run
-    is pinned to the corpus (and tokenizer) it started with."""
-    prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
-    pinned_path = paths.root / "data.json"
-    if resume and pinned_path.is_file():
-        pinned = read_json(pinned_path, "the run's pinned corpus")
-        check_tokenizer(paths.root)
-        if prepared.manifest["inputs_sha256"] != pinned["inputs_sha256"]:
-            change = data.describe_change(pinned, prepared.manifest)
-            if not cfg.train.allow_new_data:
-                raise UserError(f"the corpus of {paths.root} changed since the run started ({change}); restore it, or "
-                                f"resume with --set train.allow_new_data=true to continue on the new data with the "
-                                f"run's tokenizer")
-            cfg.data.tokenizer = str(paths.tokenizer.resolve())  # the run's tokenizer, not one retrained
-            prepared = on_main_first(env, lambda: data.prepare_data(cfg.data, cfg.model, log=say, show_progress=env.is_main))
-            say(f"data     continuing on a changed corpus (train.allow_new_data): {change}; tokenized with the "
-                f"run's tokenizer")
-    for split in ("train", "val"):
-        check_split_length(prepared.tokens(split), split, cfg.model.block_size)
-    starts = (document_starts(prepared.tokens("train"), prepared.manifest.get("eot_id"), cfg.model.block_size)
-              if cfg.data.align == "document" else None)  # refused now, not at the first step
-    return prepared, starts
-
-
-def _bytes_and_entropy(prepared, cfg: Config, env: DistEnv) -> tuple[torch.Tensor, tuple[float, float | None]]:
-    """Bytes per token id (on the device) and the unigram entropy in nats/token and bits/byte (the train
-    split's entropy over its mean bytes per token: comparable across tokenizers)."""
-    table = token_bytes(prepared.load_tokenizer(), cfg.model.padded_vocab_size)
-    nats = prepared.manifest["unigram_entropy_nats"]
-    per_token = corpus_bytes_per_token(prepared.tokens("train"), table)
-    return torch.from_numpy(table).to(env.device), (nats, nats / (math.log(2) * per_token) if per_token else None)
-
-
-def _check_sampling(cfg: Config, prepared) -> None:
-    """The run samples sample.prompt during and after training: a prompt the model cannot continue is
-    found now, before the first step, not after the last (with the same rule generate applies)."""
-    ids = prepared.load_tokenizer().encode(cfg.sample.prompt).ids
-    try:
-        check_prompts([ids], cfg.model.block_size, cfg.sample.max_new_tokens, cfg.model.pos_emb == "rope")
-    except UserError as e:
-        raise UserError(f"sample.prompt ({len(ids)} tokens) cannot be sampled from this model: {e} (or raise "
-                        f"model.block_size = {cfg.model.block_size})") from None
-
-
-def _write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
-                     env: DistEnv) -> None:
-    """A fresh run clears what an earlier attempt left (no checkpoint, or --overwrite) and writes
-    config.json (resolved), tokenizer.json, data.json (the corpus it is pinned to) and the
-    backend's own config. A resumed run removes temporaries a kill left, keeps its tokenizer,
-    and drops the metrics records past its checkpoint (those steps are about to be redone)."""
-    if not env.is_main:
-        barrier(env)
-        return
-    if resumed_at is None:
-        clear_run_dir(paths.root)
-        shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
-    else:
-        remove_temporaries(paths.root)
-        kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
-        atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
-        if (paths.root / "metrics.csv").is_file():  # the CSV follows the records kept
-            (paths.root / "metrics.csv").unlink()
-            csv_sink = CsvSink(paths.root / "metrics.csv")
-            for r in kept:
-                csv_sink.write(r)
-            csv_sink.close()
-    atomic_write_text(paths.config, cfg.to_json())
-    m = prepared.manifest
-    pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
-    pinned["tokenizer_sha256"] = file_digest(paths.tokenizer)["sha256"]  # checked again by every reader
-    atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
-    for name, text in backend.run_files().items():
-        atomic_write_text(paths.root / name, text)
-    barrier(env)
-
-
-def _metrics(cfg: Config, env: DistEnv, say, paths: RunDir, layout: BatchLayout, peak, resumed_at: int | None,
-             end_step: int) -> MetricsLogger:
-    c, tc = cfg.model, cfg.train
-    sinks = make_sinks(tc.log_to, paths.root, resumed_at, cfg.to_dict()) if env.is_main else []
-    start_step = resumed_at or 0
-    tokens = layout.tokens_per_step
-    hw = train_flops_per_token(c, c.block_size, "exact_recompute") * tokens if tc.activation_checkpointing else None
-    return MetricsLogger(sinks, env, say, tokens_per_step=tokens,
-                         flops_per_step=train_flops_per_token(c, c.block_size, "exact") * tokens, hw_flops_per_step=hw,
-                         peak=peak, precision=tc.precision, log_every=tc.log_every, start_step=start_step,
-                         end_step=end_step)
-
-
-def _opening_lines(run: Run, device_notes: list[str], compile_note: str, resume: bool) -> list[str]:
-    cfg, env, layout, m = run.cfg, run.env, run.layout, run.metrics
-    c, tc = cfg.model, cfg.train
-    counts = param_counts(c)
-    lines = run.prepared.summary_lines() + [
-        f"model    {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), "
-        f"{c.n_layer} layers x {c.n_embd} wide, block {c.block_size}",
-        f"train    {env.world_size} process(es) on {env.device} ({', '.join(device_notes) or 'defaults'}), "
-        f"{tc.precision}, {run.backend.describe()}" + (", activation checkpointing" if tc.activation_checkpointing else ""),
-        f"plan     {run.plan.describe()} (--plan {run.plan.spelling()})",
-        f"compile  {compile_note}",
-        f"batch    {layout.micro_batch_size} seq x {c.block_size} tok x {layout.accum} accum x {run.plan.dp} data-parallel ranks "
-        f"= {layout.tokens_per_step:,} tokens/step, steps {run.start_step}->{run.end_step} of {tc.max_steps}"
-        + (f" (resumed from step {run.start_step})" if resume else ""),
-    ]
-    if layout.note:
-        lines.append(f"note     {layout.note}")
-    if tc.warmup_steps >= tc.max_steps:
-        lines.append(f"note     train.warmup_steps = {tc.warmup_steps} >= train.max_steps = {tc.max_steps}: the whole run is "
-                     f"warm-up, the learning rate never reaches train.lr")
-    peak = m.peak
-    lines.append(f"mfu      model FLOPs {m.flops / layout.tokens_per_step:,.0f}/token (exact matmul count, 3x forward, "
-                 f"full attention square, no recompute) per device / peak: {peak.source}"
-                 + (f" = {peak.tflops:g} TFLOP/s" if peak.known else " (no MFU; set train.peak_tflops or train.peak_from)"))
-    return lines + _optimizer_lines(cfg, m.flops / env.world_size) + _teacher_lines(cfg, m.flops, layout)
-
-
-def teacher_flops_per_step(cfg: Config, tokens_per_step: int) -> float:
-    """The teacher's forward FLOPs (exact matmul count) over one step's tokens."""
-    teacher = init_source(cfg.train.distill_from, "train.distill_from")[1]
-    return forward_matmul_flops_per_token(teacher, cfg.model.block_size) * tokens_per_step
-
-
-def _teacher_lines(cfg: Config, student_flops: float, layout: BatchLayout) -> list[str]:
-    """Distillation's extra work: the teacher's forward on every micro-batch (not in the student's MFU)."""
-    if not cfg.train.distill_from:
-        return []
-    per_step = teacher_flops_per_step(cfg, layout.tokens_per_step)
-    return [f"teacher  forward {per_step / layout.tokens_per_step:,.0f} FLOPs/token = {per_step:.4g} per step "
-            f"({per_step / student_flops:.1%} of the student's training FLOPs; counted here, not in the student's MFU)"]
-
-
-def _optimizer_lines(cfg: Config, device_flops: float) -> list[str]:
-    """What train.optimizer and train.schedule are, and Muon's extra FLOPs (not in the model FLOPs)."""
-    tc = cfg.train
-    schedule = (f"wsd (warmup {tc.warmup_steps}, stable, linear decay over the last {tc.decay_fraction:.0%})"
-                if tc.schedule == "wsd" else f"cosine (warmup {tc.warmup_steps})")
-    if tc.optimizer != "muon":
-        return [f"optim    AdamW, lr {tc.lr:g} -> {tc.min_lr:g}, {schedule}"]
-    extra = muon_flops_per_step(cfg.model)
-    return [f"optim    Muon (5 Newton-Schulz steps) on the blocks' matrices + AdamW on the rest, lr {tc.lr:g} -> "
-            f"{tc.min_lr:g}, {schedule}; Newton-Schulz adds {extra:,.0f} FLOPs per step on every rank ({extra / device_flops:.1%} "
-            f"of the step's model FLOPs per device, not in MFU)"]
