@@ -24,10 +24,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from minigpt.core.config import Config, ModelConfig, TrainConfig
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT, MoE
-from minigpt.parallel.registry import make_backend, resolve_plan
 from minigpt.parallel.distributed import all_reduce_mean, init_distributed
 from minigpt.parallel.expert import ExpertParallelMoE
 from minigpt.parallel.parallelize import parallelize
+from minigpt.parallel.registry import make_backend, resolve_plan
 
 
 def global_batches(c: ModelConfig, tc: TrainConfig, step: int, count: int) -> list:

@@ -28,9 +28,10 @@ def damaged(good_run, tmp_path, how):
             def __reduce__(self):
                 return (print, ("pwned",))
         torch.save({"x": Evil()}, folder / checkpoint.STATE)
-        pointer = json.loads((run / "latest.json").read_text())
-        pointer["files"][checkpoint.STATE] = checkpoint.file_digest(folder / checkpoint.STATE)
-        (run / "latest.json").write_text(json.dumps(pointer))
+        for record in (run / "latest.json", folder / "files.json"):  # both records agree: a consistent forgery
+            pointer = json.loads(record.read_text())
+            pointer["files"][checkpoint.STATE] = checkpoint.file_digest(folder / checkpoint.STATE)
+            record.write_text(json.dumps(pointer))
     elif how == "pointer":
         (run / "latest.json").write_text("[1, 2")
     elif how == "no latest":
@@ -68,7 +69,7 @@ CONFIG_ROWS = [  # (--set overrides of `minigpt train`, what the error names)
     (["sample.top_p=0"], "sample.top_p = 0.0 must be in (0, 1]"),
     (["data.source=/nonexistent/corpus"], "matches no file"),
     (["data.val_fraction=1.5"], "data.val_fraction = 1.5 must be in (0, 1)"),
-    (["train.peak_from=/nonexistent/hw.json"], "cannot read hardware benchmark"),
+    (["train.peak_from=/nonexistent/hw.json"], "hardware benchmark /nonexistent/hw.json does not exist"),
     (["nosuch.key=1"], "unknown table [nosuch]"),
     (['train.log_to=["jsonl", "wandb"]'], "train.log_to has 'wandb' but the wandb package is not installed"),
     (['train.log_to=["mlflow"]'], "train.log_to has 'mlflow'; choose from jsonl, tensorboard, csv, wandb"),

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minigpt.analytic import flops as F
-from minigpt.core.blocks import LORA_TARGETS, SAVE_DTYPES, SAVE_SCALES, SAVE_WHEN, TP_STYLES, inventory, numel
-from minigpt.core.config import ModelConfig
+from minigpt.core.blocks import SAVE_DTYPES, SAVE_SCALES, SAVE_WHEN, TP_STYLES, inventory, numel
+from minigpt.core.config import LORA_TARGETS, ModelConfig
 from minigpt.measure.counted import COMPONENTS, _classify, count_train_flops, memory_report
 from minigpt.measure.simulate import params_per_rank
 from minigpt.nn.model import GPT

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from minigpt.analytic.scenario import Scenario
 from minigpt.analytic.extrapolate import extrapolate
 from minigpt.analytic.flops import param_counts, train_flops_per_token
 from minigpt.analytic.memory import model_state_bytes
+from minigpt.analytic.scenario import Scenario
 from minigpt.core.config import ModelConfig, load_config
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name

@@ -28,8 +28,8 @@ from pipeline_worker import config, global_batches
 
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
-from minigpt.parallel.registry import make_backend
 from minigpt.parallel.distributed import DistEnv
+from minigpt.parallel.registry import make_backend
 
 TRAIN = {"precision": "fp32", "micro_batch_size": 2, "batch_size_tokens": 256, "lr": 3e-3, "grad_clip": 0.5,
          "compile": False}  # 4 micro-batches of 2 x 32 tokens per step; clipping at 0.5 acts

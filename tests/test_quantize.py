@@ -10,8 +10,8 @@ from conftest import run_cli
 
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
-from minigpt.nn.quantize import QuantizedLinear, quantize_int4, quantize_int8, quantize_model, weight_bytes
 from minigpt.nn.model import GPT
+from minigpt.nn.quantize import QuantizedLinear, quantize_int4, quantize_int8, quantize_model, weight_bytes
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=512)
 
@@ -78,8 +78,8 @@ def test_generate_and_eval_take_quantize(good_run):
 
 
 def test_extrapolate_serves_quantized_weights_beside_the_full_fleet():
-    from minigpt.analytic.scenario import Scenario
     from minigpt.analytic.extrapolate import extrapolate
+    from minigpt.analytic.scenario import Scenario
     from minigpt.core.hardware import gpu_by_name
     from minigpt.core.resolve import target_config
 

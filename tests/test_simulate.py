@@ -173,8 +173,9 @@ def test_gpt4_shaped_mixture_activations_and_tensor_parallel_traffic_agree(n_exp
     predicted with the mixture's MLP from the inventory are within 5% of what the stage holds (the dense
     formula said 1.94x less on the whole preset); the tensor-parallel bytes simulate counts are the step-time
     model's, 2 + 2k all-reduces a layer for the mixture, to the byte."""
-    from minigpt.core.config import load_config
     from conftest import REPO
+
+    from minigpt.core.config import load_config
 
     sets = ["model.n_layer=4", f"model.n_expert={n_expert}"]
     c = load_config(REPO / "configs" / "gpt4.toml", sets).model

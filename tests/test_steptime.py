@@ -303,8 +303,8 @@ def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
 
 
 def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(tmp_path):
-    from minigpt.core.config import load_config, resolve_preset
     from minigpt.apps.steptime_check import _dp_setup, all_reduce_at
+    from minigpt.core.config import load_config, resolve_preset
     path = tmp_path / "coll.json"
     rows = [{"op": op, "bytes": b, "busbw_gbs": b / 1e6} for op in ("all_reduce", "all_gather") for b in (2**12, 2**22)]
     path.write_text(json.dumps({"collectives": {"world_size": 2, "results": rows}}))

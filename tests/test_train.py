@@ -158,8 +158,8 @@ def test_a_training_step_never_reads_the_device(tiny_cfg, monkeypatch):
     import minigpt
     from minigpt.core.plan import ParallelPlan
     from minigpt.nn.model import GPT
-    from minigpt.parallel.registry import make_backend
     from minigpt.parallel.distributed import init_distributed
+    from minigpt.parallel.registry import make_backend
 
     cfg = tiny_cfg(**{"train.batch_size_tokens": 256, "train.precision": '"fp32"'})
     env = init_distributed("cpu")

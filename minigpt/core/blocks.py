@@ -4,8 +4,7 @@ Every reader of the model's shape takes it from here: `nn/model.py` builds its L
 shapes, `analytic/flops.py` sums the parameters and FLOPs, `analytic/memory.py` sums the tensors autograd
 saves, `measure/counted.py` books the counted FLOPs by `component`, `measure/simulate.py` and
 `parallel/sharding.py` split by `tp`, `interop/hf.py` maps the `hf` names, `nn/lora.py` and
-`nn/quantize.py` take their targets from `lora` / `quantize`. Torch-free, and config-free at run time
-(ModelConfig is imported for annotations only), so core/config.py can read LORA_TARGETS. A new block feature is one `Part` here
+`nn/quantize.py` take their targets from `lora` / `quantize`. Torch-free. A new block feature is one `Part` here
 plus its module in model.py; tests/test_blocks.py fails when a part is not costed by every reader or
 when the built model holds a parameter this inventory does not name.
 
@@ -21,15 +20,10 @@ E = n_expert, k = n_expert_active, Vp = the padded vocabulary, T = the sequence 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: core/config.py reads LORA_TARGETS from here
-    from minigpt.core.config import ModelConfig
+from minigpt.core.config import LORA_TARGETS, ModelConfig
 
 TP_STYLES = ("column", "row", "replicate", "sequence")  # see Part.tp
-# the Linears LoRA may wrap, by their own name: attention's QKV and output, the MLP's (every expert's) two;
-# never the router (its choices are discrete) or the LM head. Part.lora reads it.
-LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 SAVE_DTYPES = ("act", "fp32", "int64")
 SAVE_SCALES = ("token", "token_seq", "seq", "once")
 SAVE_WHEN = ("always", "fp32", "autocast")
@@ -79,7 +73,8 @@ class Part:
     fused: row blocks of a fused weight (q, k, v; gate, up): tensor parallelism slices each block.
     hf: Hugging Face tensor names (without .weight/.bias; {i} the layer) by family; several names are
     concatenated along dim 0 in `fused` order. hf_rows: the HF tensor has vocab_size rows, not Vp.
-    quantize: a target of weight-only quantization (`lora`: of LoRA adapters, by LORA_TARGETS).
+    quantize: a target of weight-only quantization. `lora`: a Linear whose own name is one of the names
+    `train.lora_targets` accepts (config.LORA_TARGETS): so never the router or the LM head.
     tied: the weight is another part's (the LM head tied to the embedding): counted once."""
 
     name: str

@@ -27,8 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from minigpt.core.blocks import LORA_TARGETS
 from minigpt.core.errors import UserError
+from minigpt.core.files import read_regular
 
 
 @dataclass
@@ -172,6 +172,9 @@ class DataConfig:
             raise UserError(f"data.max_chars = {self.max_chars} must be >= 0 (0 means the whole corpus)")
 
 
+# the Linears LoRA may wrap, by their own name: attention's QKV and output, the MLP's (every expert's) two;
+# never the router (its choices are discrete) or the LM head. core/blocks.py marks its parts by it.
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 LOG_SINKS = ("jsonl", "tensorboard", "csv", "wandb")  # metrics.jsonl is always written
 
 
@@ -423,13 +426,7 @@ MAX_CONFIG_BYTES = 16 << 20  # a config or target file larger than 16 MiB is not
 def parse_file(path: Path, what: str, parse, error: type, fmt: str):
     """A config-like file read defensively: missing, unreadable, too large, not UTF-8, not valid `fmt`, or
     nested too deeply for the parser each give one line naming the file."""
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UserError(f"{what} {path} is {path.stat().st_size:,} bytes; a {fmt} config is under "
-                            f"{MAX_CONFIG_BYTES >> 20} MiB: give the right file")
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    data = read_regular(path, what, MAX_CONFIG_BYTES)  # a regular file under the limit: never a FIFO or a device
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from minigpt.core.errors import UserError
+from minigpt.core.files import read_regular
 from minigpt.data.sources import BYTE_ALPHABET, Document
 
 EOT = "<|endoftext|>"
@@ -35,15 +37,20 @@ def train_bpe(docs: list[Document], vocab_size: int):
     return tok
 
 
-def read_tokenizer(path: Path, missing: str, name: str = ""):
-    """A tokenizer.json; UserError with `missing` (the fix) when absent, one line when invalid
-    (naming it `name`, default the path)."""
+MAX_TOKENIZER_BYTES = 1 << 30  # the largest tokenizer.json read (a 256k-token vocabulary's is ~30 MB)
+
+
+def read_tokenizer(path: Path, missing: str, name: str = "", data: bytes | None = None):
+    """A tokenizer.json (or its bytes, already read and checked); UserError with `missing` (the fix) when
+    absent, one line when not a regular file or invalid (naming it `name`, default the path)."""
     from tokenizers import Tokenizer
 
-    if not Path(path).is_file():
-        raise UserError(missing)
+    if data is None:
+        if not os.path.lexists(path):
+            raise UserError(missing)
+        data = read_regular(Path(path), "tokenizer", MAX_TOKENIZER_BYTES)
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:
         raise UserError(f"{name or path} is not a valid tokenizer.json: {str(e).splitlines()[0][:160]}") from None
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.core.blocks import LORA_TARGETS, inventory
+from minigpt.core.blocks import inventory
+from minigpt.core.config import LORA_TARGETS
 from minigpt.core.errors import UserError
 
 TARGETS = LORA_TARGETS  # the model's inventory names them (core/blocks.py)

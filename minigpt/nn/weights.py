@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load, save_file
 
 from minigpt.core.errors import UserError
+from minigpt.core.files import read_verified
 
 WEIGHTS = "model.safetensors"
 
@@ -27,20 +28,32 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights as a name -> CPU tensor dict (a tied matrix once)."""
+    """A committed checkpoint's weights as a name -> CPU tensor dict (a tied matrix once), from the very bytes
+    its record's size and SHA-256 were checked on (core/files.read_verified)."""
+    data = read_verified(folder, WEIGHTS)
     try:
-        return load_file(str(Path(folder) / WEIGHTS))
+        return load(data)
     except Exception as e:
         raise UserError(f"cannot load weights from {folder}: {str(e).splitlines()[0]}") from None
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    try:
-        missing, unexpected = load_model(model, str(Path(folder) / WEIGHTS), strict=False)
-    except Exception as e:
-        raise UserError(f"cannot load weights from {folder}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
+    """A committed checkpoint's weights into `model`; a tied matrix is stored once, under its first name."""
+    assign_weights(model, read_weights(folder), str(folder))
+
+
+def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Copy `tensors` into the model's parameters and persistent buffers; every one must be there, with its
+    shape (a second name of a tied matrix excepted), and nothing else."""
+    first_names = set(dict(model.named_parameters()))  # a tied matrix under its first name only
+    state = model.state_dict()
+    aliases = {k for k in state if k not in first_names and k in dict(model.named_parameters(remove_duplicate=False))}
+    missing = sorted(k for k in state if k not in tensors and k not in aliases)
+    unexpected = sorted(k for k in tensors if k not in state)
+    wrong = sorted(k for k in tensors if k in state and tuple(tensors[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
         raise UserError(
-            f"weights in {folder} do not fit the model (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}): the checkpoint was written for another model config"
+            f"weights in {origin} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}, other "
+            f"shapes {wrong[:3]}): the checkpoint was written for another model config"
         )
+    model.load_state_dict({k: v for k, v in tensors.items()}, strict=False)

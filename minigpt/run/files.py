@@ -22,7 +22,7 @@ and `convert` write them through commit_checkpoint.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import re
@@ -35,18 +35,15 @@ import torch
 from minigpt.core.atomic import atomic_write_text, fsync_dir
 from minigpt.core.config import read_json
 from minigpt.core.errors import UserError
+from minigpt.core.files import LATEST, RECORD, check_record, digest_file, folder_record, read_verified
 from minigpt.nn.weights import WEIGHTS
 
-LATEST = "latest.json"
 STATE = "state.pt"
 
 
 def file_digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    """Size and SHA-256 of a regular file (never a link, a FIFO or a device)."""
+    return digest_file(path, "file")
 
 
 def partial_folder(run_dir: Path, step: int) -> Path:
@@ -76,10 +73,12 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int = 1) -> Pat
     ckpt_root = run_dir / "checkpoints"
     name = f"step_{step:07d}"
     files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file() and p.relative_to(tmp) != Path(RECORD)):
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(tmp))] = file_digest(path)
+    # the folder's own record, so a kept older step is verified as the latest is (core/files.read_verified)
+    atomic_write_text(tmp / RECORD, json.dumps({"step": step, "files": files}, indent=2))
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         fsync_dir(d)
     final = ckpt_root / name
@@ -93,7 +92,7 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int = 1) -> Pat
     return final
 
 
-CHECKPOINT_FILES = {WEIGHTS, STATE, "deepspeed"}  # what a checkpoint folder holds (deepspeed/: that backend's shards)
+CHECKPOINT_FILES = {WEIGHTS, STATE, RECORD, "deepspeed"}  # what a checkpoint folder holds (deepspeed/: that backend's shards)
 
 
 def prune(ckpt_root: Path, keep: int, newest: str) -> None:
@@ -129,9 +128,22 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
     except UserError as e:
         raise UserError(f"{pointer_path} is corrupt ({str(e).split(': ', 1)[-1]}); the run cannot be loaded from it") from None
     folder, step, files = _checked_pointer(run_dir, pointer)
-    for fname, expected in files.items() if verify else ():
+    if verify:
+        verify_checkpoint(run_dir, folder, files)
+    return folder, step
+
+
+def verify_checkpoint(run_dir: Path, folder: Path, files: dict) -> None:
+    """Every file of a checkpoint's record present, a regular file of its size and SHA-256; nothing on the
+    way a symbolic link. Before any work: what is then loaded is verified again on its own bytes."""
+    for link in [run_dir / "checkpoints", folder] + [folder.joinpath(*PurePosixPath(f).parts[:i + 1])
+                                                    for f in files for i in range(len(PurePosixPath(f).parts))]:
+        if link.is_symlink():
+            raise UserError(f"{link.relative_to(run_dir)} in {run_dir} is a symbolic link; a run's checkpoints never "
+                            f"are: it was not followed (remove the link)")
+    for fname, expected in files.items():
         path = folder / fname
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UserError(f"checkpoint {folder} is incomplete: {fname} is missing; it cannot be loaded")
         found = file_digest(path)
         if found != expected:
@@ -139,7 +151,22 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
                 f"checkpoint file {path} is corrupt ({found['bytes']:,} bytes, expected "
                 f"{expected['bytes']:,} with a different SHA-256); it was not loaded"
             )
-    return folder, step
+
+
+def kept_checkpoint(run_dir: Path, step: int) -> Path:
+    """The kept checkpoint of `step` (train.keep_checkpoints), verified as the latest is: by its own record."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints" / f"step_{step:07d}"
+    refuse_links(run_dir)
+    if not folder.is_dir() or folder.is_symlink():
+        kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
+        raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
+                        f"sets how many are kept)")
+    files = folder_record(folder)
+    if WEIGHTS not in files:
+        raise UserError(f"checkpoint {folder}'s record lists no {WEIGHTS}; it cannot be loaded")
+    verify_checkpoint(run_dir, folder, files)
+    return folder
 
 
 MAX_STEP = 10**12
@@ -157,21 +184,7 @@ def _checked_pointer(run_dir: Path, pointer: dict) -> tuple[Path, int, dict]:
                         f"cannot be loaded from it")
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise UserError(f"{where} is corrupt: it lists no {WEIGHTS}; the run cannot be loaded from it")
-    for fname, digest in files.items():
-        parts = PurePosixPath(fname).parts if isinstance(fname, str) else ()
-        if not parts or fname.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in fname:
-            raise UserError(f"{where} is corrupt: it lists a file outside its checkpoint folder; the run cannot be "
-                            f"loaded from it")
-        if not (isinstance(digest, dict) and isinstance(digest.get("bytes"), int) and digest["bytes"] >= 0
-                and isinstance(digest.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", digest["sha256"])):
-            raise UserError(f"{where} is corrupt: the record of {fname} is not a size and a SHA-256")
-    folder = run_dir / name
-    for link in [run_dir / "checkpoints", folder] + [folder.joinpath(*PurePosixPath(f).parts[:i + 1])
-                                                    for f in files for i in range(len(PurePosixPath(f).parts))]:
-        if link.is_symlink():
-            raise UserError(f"{link.relative_to(run_dir)} in {run_dir} is a symbolic link; a run's checkpoints never "
-                            f"are: it was not followed (remove the link)")
-    return folder, step, files
+    return run_dir / name, step, check_record(files, str(where))
 
 
 def refuse_links(root: Path) -> None:
@@ -189,9 +202,11 @@ def refuse_links(root: Path) -> None:
 
 
 def load_state(folder: Path, device: torch.device | str = "cpu") -> dict:
-    """state.pt, unpickled with weights_only=True: tensors and plain containers, never code."""
+    """state.pt, unpickled with weights_only=True (tensors and plain containers, never code), from the bytes
+    the checkpoint's record verified."""
+    data = read_verified(folder, STATE)
     try:
-        return torch.load(Path(folder) / STATE, map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain data
         raise UserError(f"{Path(folder) / STATE} is not a minigpt training state ({str(e).splitlines()[0][:160]}); "
                         f"it was not loaded") from None

@@ -4,6 +4,7 @@ quantized run's modules swapped in before its tensors load."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,25 +14,39 @@ from minigpt.analytic.memory import model_bytes
 from minigpt.core.config import Config, config_from_json, read_json
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
-from minigpt.data.tokenizer import read_tokenizer
+from minigpt.core.files import digest, read_regular
+from minigpt.data.tokenizer import MAX_TOKENIZER_BYTES, read_tokenizer
 from minigpt.nn.lora import apply_lora, load_adapters, merge_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.quantize import quantize_model
 from minigpt.nn.weights import load_weights, read_weights
-from minigpt.run.files import file_digest, latest_checkpoint, load_latest
+from minigpt.run.files import kept_checkpoint, latest_checkpoint, load_latest
 
 
-def check_tokenizer(run_dir: Path) -> None:
-    """The run's tokenizer.json is the one it was trained with: its SHA-256 as data.json recorded it (runs
-    from before the record are not checked)."""
+def check_tokenizer(run_dir: Path, data: bytes | None = None) -> None:
+    """The run's tokenizer.json (or its bytes, as read) is the one it was trained with or converted with: its
+    SHA-256 as data.json recorded it (runs from before the record are not checked)."""
     run_dir = Path(run_dir)
-    pinned = run_dir / "data.json"
-    if not pinned.is_file() or not (run_dir / "tokenizer.json").is_file():
+    pinned, path = run_dir / "data.json", run_dir / "tokenizer.json"
+    if not os.path.lexists(pinned) or (data is None and not os.path.lexists(path)):
         return
     expected = read_json(pinned, "the run's pinned corpus").get("tokenizer_sha256")
-    if expected and file_digest(run_dir / "tokenizer.json")["sha256"] != expected:
+    if data is None:
+        data = read_regular(path, "tokenizer", MAX_TOKENIZER_BYTES)
+    if expected and digest(data)["sha256"] != expected:
         raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer the run was trained with (its SHA-256 differs "
                         f"from data.json's record): restore the run's own tokenizer.json")
+
+
+def run_tokenizer(run_dir: Path):
+    """The run's tokenizer, read once: the bytes checked against data.json's pin are the ones parsed."""
+    path = Path(run_dir) / "tokenizer.json"
+    if not os.path.lexists(path):
+        raise UserError(f"{run_dir} has no tokenizer.json: the run directory is damaged; copy the tokenizer the run "
+                        f"was trained with there")
+    data = read_regular(path, "tokenizer", MAX_TOKENIZER_BYTES)
+    check_tokenizer(run_dir, data)
+    return read_tokenizer(path, "", data=data)
 
 
 def load_run_weights(model: GPT, folder: Path, cfg: Config) -> None:
@@ -61,9 +76,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     run_dir = Path(run_dir)
     latest_checkpoint(run_dir, verify=False)  # a clear error when it is no run
     cfg = config_from_json(run_dir / "config.json")
-    check_tokenizer(run_dir)
-    tokenizer = read_tokenizer(run_dir / "tokenizer.json", f"{run_dir} has no tokenizer.json: the run directory is "
-                                                            f"damaged; copy the tokenizer the run was trained with there")
+    tokenizer = run_tokenizer(run_dir)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise UserError(f"{run_dir}/tokenizer.json has {tokenizer.get_vocab_size():,} tokens, more than the model's "
                         f"vocab_size {cfg.model.vocab_size:,}: it is not the run's tokenizer; restore the run's own")
@@ -75,11 +88,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     if step is None:
         _, step = load_latest(run_dir, lambda folder: load_run_weights(model, folder, cfg))
     else:
-        folder = run_dir / "checkpoints" / f"step_{step:07d}"
-        if not folder.is_dir():
-            kept = sorted(int(f.name[5:]) for f in (run_dir / "checkpoints").glob("step_*") if f.name[5:].isdigit())
-            raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {kept} (train.keep_checkpoints "
-                            f"sets how many are kept)")
-        load_run_weights(model, folder, cfg)
+        load_run_weights(model, kept_checkpoint(run_dir, step), cfg)
     model.to(device).eval()
     return model, tokenizer, cfg, step

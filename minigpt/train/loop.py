@@ -21,9 +21,8 @@ import math
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from minigpt.analytic.flops import param_counts
@@ -35,7 +34,6 @@ from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak, mfu_warning
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.data import cache as data
 from minigpt.data.loader import BatchLoader, get_batch
 from minigpt.data.tokenizer import bits_per_byte
 from minigpt.infer.generate import generate_text
@@ -57,9 +55,9 @@ from minigpt.parallel.distributed import (
 )
 from minigpt.parallel.parallelize import eager, parallelize
 from minigpt.parallel.registry import backend_class, check_memory, make_backend, resolve_plan
-from minigpt.train.checkpoint import Checkpointer, RunDir, RunLock
+from minigpt.train.checkpoint import Checkpointer, RunDir
 from minigpt.train.distill import Distiller, load_teacher
-from minigpt.train.metrics import MetricsLogger, check_sinks
+from minigpt.train.metrics import check_sinks
 from minigpt.train.opening import opening_lines, teacher_flops_per_step
 from minigpt.train.run_dir import (
     AlreadyDone,
@@ -72,16 +70,7 @@ from minigpt.train.run_dir import (
     resume_or_fresh,
     write_run_files,
 )
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint carries beside the weights, the optimizer and the RNG."""
-
-    step: int = 0  # optimizer steps done
-    skipped_steps: int = 0  # fp16 updates skipped (overflow) so far
-    backend: str = "ddp"  # the engine that wrote it (train.backend): a checkpoint resumes under it
-    optimizer_name: str = "adamw"  # train.optimizer: a checkpoint's optimizer state resumes under the same one
+from minigpt.train.state import Run, TrainState
 
 
 @torch.no_grad()
@@ -108,35 +97,6 @@ def evaluate(backend: Backend, tokens, cfg: Config, env: DistEnv, dp_rank: int, 
 
 # ----------------------------------------------------------------------------------------------
 # a run
-
-
-@dataclass
-class Run:
-    """Everything one training run holds, from start to finish."""
-
-    cfg: Config
-    env: DistEnv
-    say: object
-    paths: RunDir
-    prepared: data.PreparedData
-    plan: ParallelPlan
-    layout: BatchLayout
-    backend: Backend
-    checkpointer: Checkpointer
-    metrics: MetricsLogger
-    state: TrainState
-    start_step: int
-    end_step: int
-    lock: RunLock | None = None
-    document_starts: np.ndarray | None = None  # the windows batches may start at (data.align = "document")
-    train_loss: float | None = None
-    val_loss: float | None = None
-    train_bpb: float | None = None
-    val_bpb: float | None = None
-    stopped: str | None = None  # "SIGTERM", "SIGINT" or "max_minutes" when the run stopped early
-    bytes_of: torch.Tensor | None = None  # bytes of text per token id, on the device: bits per byte
-    entropy: tuple[float, float | None] = (0.0, None)  # the corpus's unigram entropy: nats/token, bits/byte
-    t_start: float = 0.0
 
 
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,

@@ -3,15 +3,11 @@ measured against, the optimizer's and a teacher's costs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the run being opened (loop.Run), for annotations only
-    from minigpt.train.loop import Run
-
 from minigpt.analytic.flops import forward_matmul_flops_per_token, muon_flops_per_step, param_counts
 from minigpt.core.config import Config
 from minigpt.core.plan import BatchLayout
 from minigpt.core.resolve import init_source
+from minigpt.train.state import Run
 
 
 def opening_lines(run: Run, device_notes: list[str], compile_note: str, resume: bool) -> list[str]:
