@@ -24,6 +24,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tes
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# ------------------------------------------------------------------------------------------------
+# liveness bounds: how long a command may take before the test says it hung. They scale with how busy this
+# machine is (the load average per core, read when the bound is set), and a bound that runs out fails in one
+# line that says the load, not with a wall of tracebacks: a timeout on a busy machine is not a defect.
+
+
+def load_scale() -> float:
+    """MINIGPT_TEST_TIMEOUT_SCALE if set, else 1 + the 1-minute load average per core beyond the first, in [1, 4]."""
+    if os.environ.get("MINIGPT_TEST_TIMEOUT_SCALE"):
+        return float(os.environ["MINIGPT_TEST_TIMEOUT_SCALE"])
+    try:
+        per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 1.0
+    return min(4.0, max(1.0, 1.0 + (per_core - 1.0)))
+
+
+def liveness(seconds: float) -> float:
+    return seconds * load_scale()
+
+
+def busy_timeout(what: str, seconds: float):
+    """Fail the test in one line: `what` outlived its liveness bound, with the machine's load beside it."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    pytest.fail(f"{what} did not finish within {seconds:.0f} s (a liveness bound, x{load_scale():.1f} for load); the "
+                f"1-minute load average is {load:.1f} on {os.cpu_count()} cores: if the machine was busy, that is the "
+                f"cause; rerun it alone", pytrace=False)
+
+
+def _run(cmd, what: str, timeout: float, **kw):
+    bound = liveness(timeout)
+    try:
+        return subprocess.run(cmd, timeout=bound, **kw)
+    except subprocess.TimeoutExpired:
+        busy_timeout(what, bound)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """About 200 KB of real Python source copied from the standard library."""
@@ -109,8 +149,8 @@ def run_cli(*args: str) -> Result:
 def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """`python -m minigpt ARGS` in a fresh process: for what only a process shows (exit, imports)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "minigpt", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=full_env, timeout=timeout)
+    return _run([sys.executable, "-m", "minigpt", *args], f"minigpt {' '.join(args[:2])}", timeout, capture_output=True,
+                text=True, cwd=cwd or REPO, env=full_env)
 
 
 def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 300, module: str = "minigpt"):
@@ -118,7 +158,8 @@ def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
            *(["train"] if module == "minigpt" else []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout)
+    return _run(cmd, f"torchrun x{nproc} {' '.join(args[:3])}", timeout, capture_output=True, text=True, cwd=REPO,
+                env=full_env)
 
 
 def step_records(run_dir) -> list[dict]:
@@ -165,7 +206,12 @@ def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int
                                                    cwd=REPO, env=env))
         name = next(iter(running))
         cmd, proc = running.pop(name)
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=liveness(timeout))
+        except subprocess.TimeoutExpired:
+            for _, other in [(cmd, proc), *running.values()]:
+                other.kill()
+            busy_timeout(f"job {name!r} of {len(jobs)} run side by side", liveness(timeout))
         done[name] = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     return done
 
@@ -190,6 +236,7 @@ class Proc:
             arrivals.append((time.time(), line))
 
     def wait_for(self, predicate, timeout=120):
+        timeout = liveness(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
@@ -198,10 +245,14 @@ class Proc:
                 said = [l for l in self.err if l.startswith("error") or "Error" in l][:5]
                 raise AssertionError(f"exited {self.p.returncode} first: {said} {''.join(self.err)[-800:]}")
             time.sleep(0.02)
-        raise AssertionError("timed out")
+        busy_timeout("waiting for the process's line", timeout)
 
     def finish(self, timeout=120):
-        self.p.wait(timeout=timeout)
+        try:
+            self.p.wait(timeout=liveness(timeout))
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            busy_timeout("the process", liveness(timeout))
         for t in self.threads:
             t.join()
         return self.p.returncode, "".join(self.out), "".join(self.err)

@@ -129,3 +129,20 @@ def test_a_new_feature_is_one_entry():
     assert {p.name for p in on.parts()} - {p.name for p in off.parts()} == {"attn.q_norm", "attn.k_norm"}
     c = config("qk_norm")
     assert F.param_counts(c).total - F.param_counts(dataclasses.replace(c, qk_norm=False)).total == 2 * c.n_layer * c.head_dim
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_the_step_time_model_times_every_matmul_part(name):
+    """One GEMM per matmul part, with the part's FLOPs (split over tp as the part says)."""
+    from minigpt.analytic import steptime as T
+    from minigpt.core.plan import ParallelPlan
+
+    c = config(name)
+    b, s = 2, 16
+    for tp in (1, 2):
+        gemms = {g.name: g for g in T.layer_gemms(c, ParallelPlan(tp=tp), b, s, "flash")}
+        for part in inventory(c).layer:
+            if part.is_matmul:
+                split = tp if part.tp in ("column", "row") else 1
+                want = part.flops * part.active * b * s / split
+                assert gemms[part.name].flops == pytest.approx(want, rel=0.02), (part.name, tp)

@@ -125,7 +125,7 @@ def test_chinchilla_tokens():
     (dict(mfu=0.3, plan={"tp": 5}), "does not divide n_head"),
     (dict(mfu=0.3, plan={"pp": 97}), "is more than the 96 layers"),
     (dict(mfu=0.3, plan={"dp": 2, "tp": 8, "pp": 8}, num_gpus=1024), "--plan gives dp x tp x pp = 128 GPUs"),
-    (dict(mfu=0.3, price_per_gpu_hour=-1), "must be >= 0"),
+    (dict(mfu=0.3, price_per_gpu_hour=-1), "must be between 0 and"),
     (dict(mfu=0.3, tokens=-5), "must be positive"),
     (dict(mfu=0.3, flops_convention="7n"), "unknown FLOP convention"),
 ])

@@ -333,7 +333,8 @@ def test_sigterm_lets_a_stream_in_flight_finish_then_exits(server, tmp_path):
         rest = r.read().decode()
         assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
         assert proc.wait(timeout=30) == 0
-        assert "stopped: 0 requests unfinished" in proc.stdout.read()
+        import re  # the stream may end before the drain starts (uvicorn looks at the signal every 0.1 s): 0 or 1
+        assert re.search(r"stopped: ([01]) requests in flight at the signal, \1 finished, 0 cut", proc.stdout.read())
     finally:
         proc.kill()
 

@@ -103,6 +103,17 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s, rank)
     if s.serve:
         result.update(serving_results(c, s, peak, mfu, price, ctx))
+    return _finite(result)
+
+
+def _finite(result: dict) -> dict:
+    """A guard on the headline figures: the inputs are bounded, so a non-finite one names a combination no check
+    foresaw."""
+    bad = [k for k in ("gpu_hours", "days", "cost_usd", "mfu") if not math.isfinite(result[k])]
+    if bad:
+        raise UserError(f"the inputs give no finite {', '.join(bad)} (tokens {result['train_tokens']:g}, "
+                        f"{result['num_gpus']:,} GPUs, price {result['price_per_gpu_hour']:g}): give smaller --tokens "
+                        f"or --price")
     return result
 
 

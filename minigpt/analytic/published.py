@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from minigpt.analytic import eager, flops as F, steptime as T
-from minigpt.core.config import ModelConfig, build_section, tomllib
+from minigpt.core.config import ModelConfig, build_section, parse_file, tomllib
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
 from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
@@ -50,7 +50,8 @@ def _check_keys(data: dict, path: Path) -> None:
 
 def load_runs(path: Path = TABLE) -> list[dict]:
     """Each run with its family's settings filled in (the run's own keys win)."""
-    data = tomllib.loads(path.read_text())
+    # a table from anyone: a regular file under the size limit, and nesting too deep for a table is one line
+    data = parse_file(Path(path), "published-runs table", tomllib.loads, tomllib.TOMLDecodeError, "TOML")
     _check_keys(data, path)
     runs = []
     for run in data["run"]:

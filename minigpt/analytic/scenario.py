@@ -74,15 +74,22 @@ class Scenario:
     simulator: object = field(default=None, repr=False)
 
 
+# bounds on what a scenario may be given, far beyond any run so far, so that every figure stays finite and
+# meaningful (GPT-4's estimated 13T tokens; a GPU-hour costs dollars, not millions; a budget of minutes to centuries)
+MAX_TOKENS = 1e18
+MAX_PRICE_PER_GPU_HOUR = 1e6
+DAYS_RANGE = (1e-3, 1e5)
+
+
 def check_scenario(s: Scenario) -> None:
     if s.mfu is not None and not 0 < s.mfu <= 1:
         raise UserError(f"MFU {s.mfu} must be in (0, 1], e.g. --mfu 0.35")
-    if s.price_per_gpu_hour is not None and s.price_per_gpu_hour < 0:
-        raise UserError(f"price {s.price_per_gpu_hour} per GPU-hour must be >= 0")
+    if s.price_per_gpu_hour is not None and not 0 <= s.price_per_gpu_hour <= MAX_PRICE_PER_GPU_HOUR:
+        raise UserError(f"price {s.price_per_gpu_hour:g} per GPU-hour must be between 0 and {MAX_PRICE_PER_GPU_HOUR:g}")
     if s.num_gpus is not None and s.num_gpus < 1:
         raise UserError(f"GPU count {s.num_gpus} must be a positive integer")
-    if s.days is not None and s.days <= 0:
-        raise UserError(f"--days {s.days} must be positive")
+    if s.days is not None and not DAYS_RANGE[0] <= s.days <= DAYS_RANGE[1]:
+        raise UserError(f"--days {s.days:g} must be between {DAYS_RANGE[0]:g} (about 90 s) and {DAYS_RANGE[1]:g}")
     if s.flops_convention not in F.ALL_CONVENTIONS:
         raise UserError(f"unknown FLOP convention {s.flops_convention!r}; choose from {', '.join(F.ALL_CONVENTIONS)}")
     if s.plan.get("cp", 1) > 1 and s.simulator is not None:
@@ -111,8 +118,9 @@ def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float,
         return 20 * n, "Chinchilla-optimal: 20 tokens per (active) parameter (Hoffmann et al. 2022)"
     if tokens is not None:
         value = float(tokens)
-        if value <= 0:
-            raise UserError(f"--tokens {tokens} must be positive, or 'chinchilla'")
+        if not 0 < value <= MAX_TOKENS:
+            raise UserError(f"--tokens {tokens} must be positive and at most {MAX_TOKENS:g} (GPT-4's estimate is 1.3e13), "
+                            f"or 'chinchilla'")
         return value, "given (--tokens)"
     if target.train_tokens <= 0:
         raise UserError("this target has no token count: give --tokens N (or --tokens chinchilla), or target.train_tokens")

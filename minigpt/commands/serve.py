@@ -19,10 +19,19 @@ def cmd_serve(args) -> None:
     from minigpt.infer.serve import Limits
 
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
+    check_api_key(key)
     serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
           Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                  max_queue=args.max_queue, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens),
           args.batching, args.drain_seconds, args.draft or "", args.speculate)
+
+
+def check_api_key(key: str) -> None:
+    """An API key an HTTP header can carry the same way from every client: printable ASCII, no spaces (clients
+    encode other characters differently, so such a key could never match)."""
+    if key and not all(33 <= ord(ch) < 127 for ch in key):
+        raise UserError("--api-key (or MINIGPT_API_KEY) has a character outside printable ASCII or a space: an "
+                        "Authorization header cannot carry it reliably; use letters, digits and punctuation")
 
 
 def cmd_bench_serve(args) -> None:

@@ -6,7 +6,6 @@ over the target (rename is atomic on POSIX), and the directory entry is fsync'ed
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,15 +45,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file written by appends; a last line cut short by a kill is
-    skipped. A missing file has no records."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    """The JSON-object records of a JSON-lines file written by appends (core/files.iter_jsonl: streamed, a
+    line cut short by a kill or damaged skipped, a FIFO or link refused). A missing file has no records."""
+    from minigpt.core.files import iter_jsonl
+
+    return list(iter_jsonl(path, "records file"))

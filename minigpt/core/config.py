@@ -94,6 +94,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_choices("model", self, self.CHOICES)
+        counts = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "ffn_hidden", "n_expert",
+                  "n_expert_active", "head_dim", "pad_vocab_multiple")
+        for key in counts:  # a config from JSON (a run's, an HF config.json) can carry any type
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UserError(f"model.{key} = {value!r:.40} must be a whole number")
         for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size", "ffn_hidden"):
             if getattr(self, key) <= 0:
                 raise UserError(f"model.{key} = {getattr(self, key)} must be a positive integer")

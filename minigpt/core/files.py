@@ -29,10 +29,10 @@ MAX_RECORD_BYTES = 16 << 20  # a checkpoint's file list (DeepSpeed's shards: tho
 MAX_CHECKPOINT_FILE = 1 << 44  # 16 TiB: a bound on a weights file's size, so a crafted record cannot ask for more
 
 
-def read_regular(path: Path, what: str, max_bytes: int) -> bytes:
-    """The bytes of `path`, a regular file of at most `max_bytes`; one line naming it otherwise (missing, a
-    symbolic link, a FIFO, device or folder, too large, unreadable). Never blocks on a FIFO."""
-    path = Path(path)
+def _open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of `path`, opened without following a link and without blocking (a FIFO opens at
+    once and is refused here), in blocking mode again; one line naming the file when it is missing, a link, or not
+    a regular file."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -43,15 +43,25 @@ def read_regular(path: Path, what: str, max_bytes: int) -> bytes:
             raise UserError(f"{what} {path} is a symbolic link; minigpt reads it only as a regular file: replace the "
                             f"link with the file") from None
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or socket"
+        raise UserError(f"{what} {path} is {kind}, not a regular file: it was not read (replace it with the file)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `max_bytes`; one line naming it otherwise (missing, a
+    symbolic link, a FIFO, device or folder, too large, unreadable). Never blocks on a FIFO."""
+    path = Path(path)
+    fd = _open_regular(path, what)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "a device or socket"
-            raise UserError(f"{what} {path} is {kind}, not a regular file: it was not read (replace it with the file)")
-        if st.st_size > max_bytes:
-            raise UserError(f"{what} {path} is {st.st_size:,} bytes, over the {max_bytes:,} such a file can be: it was "
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise UserError(f"{what} {path} is {size:,} bytes, over the {max_bytes:,} such a file can be: it was "
                             f"not read (give the right file)")
-        os.set_blocking(fd, True)
         return _read_fd(fd, max_bytes, f"{what} {path}")
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
@@ -69,19 +79,17 @@ def _read_fd(fd: int, max_bytes: int, name: str) -> bytes:
     return b"".join(chunks)
 
 
+def check_regular(path: Path, what: str) -> None:
+    """Refuse, in one line and without blocking, a path that is not a regular file (a link, FIFO, device or
+    folder): for large files a library then reads by path itself."""
+    os.close(_open_regular(Path(path), what))
+
+
 def digest_file(path: Path, what: str) -> dict:
     """The size and SHA-256 of a regular file, read in blocks (a check before work; what is loaded later is
     verified again on its own bytes)."""
-    path = Path(path)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = _open_regular(Path(path), what)
     try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise UserError(f"{what} {path} cannot be read ({e.strerror}); it was not loaded") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{what} {path} is not a regular file: it was not read (replace it with the file)")
-        os.set_blocking(fd, True)
         h, size = hashlib.sha256(), 0
         while block := os.read(fd, 1 << 20):
             h.update(block)
@@ -154,3 +162,26 @@ def read_verified(folder: Path, name: str, record: dict | None = None) -> bytes:
         raise UserError(f"checkpoint file {folder / name} is corrupt ({found['bytes']:,} bytes, expected "
                         f"{expected['bytes']:,} with a different SHA-256); it was not loaded")
     return data
+
+
+MAX_JSONL_LINE = 1 << 20  # a metrics record is a few hundred bytes; a longer line is damage, skipped
+
+
+def iter_jsonl(path: Path, what: str):
+    """The JSON-object records of a JSON-lines file, streamed line by line (a file of any size in constant
+    memory); a line that is not a JSON object (a last line cut short by a kill, damage) is skipped. A missing
+    file has none; a link, FIFO, device or folder is refused in one line."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    fd = _open_regular(path, what)
+    with os.fdopen(fd, "rb") as f:
+        for line in f:
+            if len(line) > MAX_JSONL_LINE:
+                continue
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                continue
+            if isinstance(record, dict):
+                yield record

@@ -33,14 +33,21 @@ def is_hf_config(raw: dict) -> bool:
 def model_from_hf(raw: dict, origin: str = "config.json", for_weights: bool = False) -> ModelConfig:
     """The minigpt ModelConfig of an HF config.json (a dict), validated."""
     family = raw.get("model_type")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise UserError(f"{origin}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)} "
                         f"({', '.join(ARCHITECTURES.values())})")
     if for_weights and family == "mixtral":
         raise UserError(f"{origin}: converting Mixtral weights is not supported (its config works as a target "
                         f"for flops, memory and extrapolate)")
-    c = _gpt2(raw, origin, for_weights) if family == "gpt2" else _llama_like(raw, family, origin, for_weights)
-    c.validate()
+    try:
+        c = _gpt2(raw, origin, for_weights) if family == "gpt2" else _llama_like(raw, family, origin, for_weights)
+        c.validate()
+    except UserError as e:
+        raise UserError(f"{origin}: {e}") from None
+    except KeyError as e:
+        raise UserError(f"{origin}: {e.args[0]!r} is missing: a {family} config.json gives it") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type met arithmetic
+        raise UserError(f"{origin}: a value has the wrong type for a {family} config ({str(e)[:120]})") from None
     return c
 
 

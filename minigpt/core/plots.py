@@ -4,11 +4,13 @@ and ticks that show the values a reader needs."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
-from minigpt.core.atomic import read_jsonl
 from minigpt.core.config import read_json
 from minigpt.core.errors import UserError
+from minigpt.core.files import iter_jsonl
 
 
 def _pyplot():
@@ -24,18 +26,38 @@ def read_run_curves(run_dir: Path) -> dict:
     """Step and eval records of a run (metrics.jsonl), with tokens seen and minutes since start."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"{run_dir} has no metrics.jsonl: give a run directory written by 'minigpt train'")
-    records = read_jsonl(path)
+    records = [_curve_point(r) for r in iter_jsonl(path, "metrics")]  # streamed, each kept small
+    records = [r for r in records if r is not None]
     summary = read_json(run_dir / "summary.json", "run summary") if (run_dir / "summary.json").is_file() else {}
     data = read_json(run_dir / "data.json", "run corpus record") if (run_dir / "data.json").is_file() else {}
     t0 = min((r["time"] for r in records if "time" in r), default=None)
     for r in records:
         r.setdefault("kind", "step" if "loss" in r else "eval")
         r["minutes"] = (r["time"] - t0) / 60 if t0 is not None and "time" in r else None
-    return {"name": run_dir.name, "steps": [r for r in records if r["kind"] == "step" and "tokens" in r],
-            "evals": [r for r in records if r["kind"] == "eval" and "tokens" in r],
-            "entropy": summary.get("unigram_entropy_nats") or data.get("unigram_entropy_nats")}
+    entropy = summary.get("unigram_entropy_nats") or data.get("unigram_entropy_nats")
+    return {"name": run_dir.name, "steps": [r for r in records if r["kind"] == "step" and "tokens" in r and "loss" in r],
+            "evals": [r for r in records if r["kind"] == "eval" and "tokens" in r and "val_loss" in r],
+            "entropy": entropy if isinstance(entropy, (int, float)) and math.isfinite(entropy) else None}
+
+
+CURVE_FIELDS = ("kind", "step", "tokens", "time", "loss", "val_loss", "val_bpb", "train_bpb", "bpb")
+
+
+def _curve_point(r: dict) -> dict | None:
+    """The fields a loss curve reads, each a finite number (kind a string); None for a damaged record."""
+    out = {}
+    for k in CURVE_FIELDS:
+        v = r.get(k)
+        if v is None:
+            continue
+        ok = isinstance(v, str) if k == "kind" else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and math.isfinite(v))
+        if not ok:
+            return None
+        out[k] = v
+    return out
 
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")

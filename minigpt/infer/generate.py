@@ -56,7 +56,10 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     is greedy, a one-hot of the argmax."""
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted by the maximum before the division: a vanishing temperature (1e-40) then tends to the greedy
+    # one-hot (0 for the best, -inf for the rest) instead of overflowing to inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

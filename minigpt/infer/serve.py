@@ -14,9 +14,11 @@ Chat uses a plain template: one "role: content" line per message, then "assistan
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import hmac
+import itertools
 import json
 import queue
 import signal
@@ -148,7 +150,27 @@ class Scheduler:
         self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
         self.metrics = None  # a ServeMetrics when prometheus-client is installed
         self._held: list[Job] | None = None  # the next group, waiting for rows
-        threading.Thread(target=self._run, daemon=True, name="minigpt-decode").start()
+        self.ended_by: dict[str, int] = {}  # requests ended, by how (stop, length, cancelled, error, shutdown)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="minigpt-decode")
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """End the decode thread after its current step (never mid-step: a thread still in a torch op at interpreter
+        exit aborts the process), and end every request left, running or queued; returns how many were left."""
+        self._stopping = True
+        self.pending.put([])  # wakes an idle decode thread
+        self._thread.join(timeout)
+        left = [s.tag for s in list(self.engine.running)] + (self._held or [])
+        while True:
+            try:
+                left += self.pending.get_nowait()
+            except queue.Empty:
+                break
+        left = [j for j in left if not j.ended]
+        for job in left:
+            self._end(job, "shutdown")
+        return len(left)
 
     def submit(self, group: list[Job]) -> None:
         now = time.perf_counter()
@@ -165,7 +187,7 @@ class Scheduler:
         return len(self.open_jobs)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 self._admit(wait=not self.engine.running)
                 for seq in [s for s in self.engine.running if s.tag.cancelled]:
@@ -229,10 +251,15 @@ class Scheduler:
 
     def _end(self, job: Job, reason: str) -> None:
         job.ended = True
+        kind = reason.split(":")[0]
+        self.ended_by[kind] = self.ended_by.get(kind, 0) + 1
         self.engine.finish(job.seq, reason)
-        if not reason.startswith(("cancelled", "error")) and (rest := job.text.flush()):
-            job.put(rest)  # the characters held back for a stop string that did not come
-        job.put(None)
+        try:
+            if not reason.startswith(("cancelled", "error", "shutdown")) and (rest := job.text.flush()):
+                job.put(rest)  # the characters held back for a stop string that did not come
+            job.put(None)
+        except RuntimeError:  # its event loop is closed: the server has stopped, nobody reads it
+            pass
         if self.metrics is not None:
             self.metrics.finished(job)
 
@@ -254,6 +281,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
                                             "minigpt": about}]}
 
     prepare = functools.partial(_prepare, model_name, tokenizer, model.config.block_size, limits)
+    scorer = Scorer(model, tokenizer, model_name, limits)
     about = {"config": dataclasses.asdict(model.config), "batching": batching, "max_batch": max_batch,
              "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
@@ -284,12 +312,8 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     async def completions(request: Request, body: CompletionRequest):
         prompts = _prompts(body.prompt, tokenizer)
         if body.logprobs is not None or body.echo:
-            if body.stream:
-                raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
-            if body.n != 1 or body.stop:
-                raise ApiError(400, "logprobs and echo take n = 1 and no stop strings", code=None)
-            _check_model(body.model, model_name)
-            return await asyncio.to_thread(_scored, model, tokenizer, model_name, prompts, body)
+            _check_choices(body.n, len(prompts), scheduler, limits)
+            return await scorer.score(prompts, body)
         return await run(prompts, body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -297,6 +321,38 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         return await run([chat_prompt(body.messages)], body, chat=True)
 
     return app
+
+
+class Scorer:
+    """The logprobs/echo path: under the same limits as generation (model, max_tokens, prompt tokens: at most one
+    scoring window, block_size + 1 tokens, what lm-eval's API client sends; the queue), and scored one at a time
+    on a thread of its own, never the tokenizing pool; at most max_queue wait, beyond that a 503."""
+
+    def __init__(self, model, tokenizer, model_name: str, limits: Limits) -> None:
+        self.model, self.tokenizer, self.model_name, self.limits = model, tokenizer, model_name, limits
+        self.lock, self.waiting = asyncio.Lock(), 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minigpt-score")
+
+    async def score(self, prompts: list, body) -> dict:
+        if body.stream:
+            raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
+        if body.n != 1 or body.stop:
+            raise ApiError(400, "logprobs and echo take n = 1 and no stop strings", code=None)
+        if body.max_tokens > MAX_SCORED_NEW:
+            raise ApiError(400, f"max_tokens {body.max_tokens} with logprobs/echo: at most {MAX_SCORED_NEW}", code=None)
+        block = self.model.config.block_size
+        ids = await asyncio.to_thread(lambda: [_prepare(self.model_name, self.tokenizer, block + 2, self.limits,
+                                                        body.model, p, body.max_tokens, context=False) for p in prompts])
+        if self.waiting >= self.limits.max_queue:
+            raise ApiError(503, f"{self.waiting} logprobs/echo requests wait to be scored: retry shortly",
+                           "server_error", "queue_full", {"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            async with self.lock:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.pool, _scored, self.model, self.tokenizer, self.model_name, ids, prompts, body)
+        finally:
+            self.waiting -= 1
 
 
 async def _gather(jobs: list[Job]) -> list[str]:
@@ -322,6 +378,10 @@ def _check_choices(n: int, prompts: int, scheduler: Scheduler, limits: Limits) -
     if n > most:
         raise ApiError(400, f"n = {n}: this server gives at most {most} choices a request (serve --max-n, "
                             f"--max-batch)", param="n")
+    if n * prompts > scheduler.max_batch + limits.max_queue:  # can never fit: retrying cannot help
+        raise ApiError(400, f"{prompts} prompt(s) x n = {n} is {n * prompts} sequences; this server holds at most "
+                            f"{scheduler.max_batch + limits.max_queue} at once (running batch {scheduler.max_batch} + "
+                            f"queue {limits.max_queue}): send fewer prompts or a smaller n", param="n")
     if scheduler.unfinished() + n * prompts > scheduler.max_batch + limits.max_queue:
         raise ApiError(503, f"the queue is full ({limits.max_queue} requests wait beyond the running batch of "
                             f"{scheduler.max_batch}): retry shortly", "server_error", "queue_full", {"Retry-After": "1"})
@@ -356,12 +416,19 @@ def _check_model(name: str, model_name: str) -> None:
 
 
 def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, prompt: str | list[int],
-             max_tokens: int) -> list[int]:
-    """The prompt's tokens (a text tokenized, or token ids as given), or the 4xx that refuses it."""
+             max_tokens: int, context: bool = True) -> list[int]:
+    """The prompt's tokens (a text tokenized, or token ids as given), or the 4xx that refuses it. context=False:
+    prompt + max_tokens may pass `block` (scoring slides a window; its work is bounded by max_tokens)."""
     _check_model(name, model_name)
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {limits.max_tokens} "
                             f"(serve --max-tokens-limit)", param="max_tokens")
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"the prompt is not valid Unicode text ({e.reason} at character {e.start}): send UTF-8 "
+                                f"text", param="prompt") from None
     ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt).ids
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
@@ -369,7 +436,7 @@ def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, 
     if len(ids) > most:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {most} (context {block}): "
                             f"shorten it", code="context_length_exceeded", param="prompt")
-    if len(ids) + max_tokens > block:
+    if context and len(ids) + max_tokens > block:
         raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
                        code="context_length_exceeded", param="max_tokens")
     return ids
@@ -485,6 +552,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
         return _error(400, f"{where or 'body'}: {first.get('msg')}", param=where or None)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):  # a bug or a broken model: still OpenAI's shape
+        return _error(500, f"the server failed on this request ({type(e).__name__}); it keeps serving others",
+                      code="internal_error", kind="server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = "the body is not valid UTF-8 JSON" if e.status_code == 400 else str(e.detail)
@@ -507,27 +579,24 @@ def _prompts(prompt, tokenizer) -> list[str | list[int]]:
     return list(prompt)
 
 
-MAX_SCORED_TOKENS = 1 << 16  # prompt tokens a logprobs/echo request may ask to score
 MAX_SCORED_NEW = 256  # tokens it may generate (each is one forward pass without the KV cache)
 
 
-def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
+def _scored(model, tokenizer, name: str, ids_list: list[list[int]], prompts: list, body) -> dict:
     """A completion with the legacy API's logprobs (and echo): each token's log-probability under the model
-    (raw: before temperature), the top-N per position, the prompt's own with echo. Scored without the KV
-    cache: one forward pass per new token (next_logprobs), then one per window to score (token_logprobs); greedy
-    at temperature 0."""
+    (raw: before temperature), the top-N per position, the prompt's own with echo. The prompts come tokenized and
+    checked (Scorer): at most one window each, so the work is a forward pass per new token (next_logprobs) and a
+    window or two to score; greedy at temperature 0."""
     generator = torch.Generator().manual_seed(body.seed if body.seed is not None else int(time.time()))
     choices, used = [], [0, 0]
-    if body.max_tokens > MAX_SCORED_NEW:
-        raise ApiError(400, f"max_tokens {body.max_tokens} with logprobs/echo: at most {MAX_SCORED_NEW}", code=None)
-    for i, prompt in enumerate(prompts):
-        ids = prompt if isinstance(prompt, list) else (tokenizer.encode(prompt).ids or [0])
+    for i, (ids, prompt) in enumerate(zip(ids_list, prompts)):
         text = tokenizer.decode(ids) if isinstance(prompt, list) else prompt
-        if len(ids) > MAX_SCORED_TOKENS:
-            raise ApiError(400, f"a prompt of {len(ids):,} tokens: at most {MAX_SCORED_TOKENS:,} are scored", code=None)
         new = []
         for _ in range(body.max_tokens):
             probs = filtered_probs(next_logprobs(model, ids + new).unsqueeze(0), body.temperature, 0, body.top_p)
+            if not torch.isfinite(probs).all():
+                raise ApiError(500, "the model's probabilities are not finite (NaN weights?): it cannot be sampled",
+                               "server_error", "model_error")
             new.append(int(probs.argmax(-1)) if body.temperature == 0 else int(torch.multinomial(probs, 1, generator=generator)))
         lps, tops = token_logprobs(model, ids + new, max(body.logprobs or 0, 1))
         keep = slice(0, None) if body.echo else slice(len(ids), None)
@@ -536,7 +605,7 @@ def _scored(model, tokenizer, name: str, prompts: list[str], body) -> dict:
             "tokens": tokens, "token_logprobs": lps[keep],
             "top_logprobs": [None if d is None else {tokenizer.decode([k]): v for k, v in list(d.items())[:max(body.logprobs, 1)]}
                              for d in tops[keep]],
-            "text_offset": [sum(len(s) for s in tokens[:j]) for j in range(len(tokens))]}
+            "text_offset": list(itertools.accumulate((len(s) for s in tokens[:-1]), initial=0)) if tokens else []}
         choices.append({"index": i, "text": (text if body.echo else "") + tokenizer.decode(new), "logprobs": logprobs,
                         "finish_reason": "length"})
         used = [used[0] + len(ids), used[1] + len(new)]
@@ -640,8 +709,30 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a quiet one here, so a
     # drained server exits 0 and says so (SIGINT keeps Python's, KeyboardInterrupt: exit 130)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    engine, drain = app.state.engine, {}
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            drain["in_flight"], drain["ended"] = engine.unfinished(), dict(engine.ended_by)
+            await super().shutdown(sockets)
+
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_s)
+        DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                      timeout_graceful_shutdown=drain_s)).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"stopped: {app.state.engine.unfinished()} requests unfinished after the drain", flush=True)
+    engine.stop()
+    print(drain_summary(drain, engine.ended_by, drain_s), flush=True)
+
+
+def drain_summary(drain: dict, ended_by: dict, drain_s: float) -> str:
+    """What the drain did: the requests in flight when it began, how many finished, how many were cut (their
+    stream ended by the drain's limit, or by the stop after it)."""
+    if not drain:
+        return "stopped: 0 requests in flight"
+    before = drain["ended"]
+    since = {k: ended_by.get(k, 0) - before.get(k, 0) for k in ended_by}
+    finished = since.get("stop", 0) + since.get("length", 0)
+    cut = since.get("cancelled", 0) + since.get("shutdown", 0) + since.get("error", 0)
+    return (f"stopped: {drain['in_flight']} requests in flight at the signal, {finished} finished, {cut} cut "
+            f"(the drain's limit is {drain_s:g} s)")

@@ -27,14 +27,15 @@ import torch
 
 from minigpt.analytic.flops import param_counts
 from minigpt.analytic.memory import model_bytes
-from minigpt.core.atomic import atomic_write_text
+from minigpt.core.atomic import atomic_write, atomic_write_text
 from minigpt.core.blocks import inventory
 from minigpt.core.config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, config_from_json
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
+from minigpt.core.files import check_regular, digest, read_regular
 from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
-from minigpt.data.tokenizer import read_tokenizer
-from minigpt.nn.weights import WEIGHTS, save_weights
+from minigpt.data.tokenizer import MAX_TOKENIZER_BYTES, read_tokenizer
+from minigpt.nn.weights import WEIGHTS, read_weights, save_weights
 from minigpt.run.files import commit_checkpoint, latest_checkpoint, load_latest, new_checkpoint_folder
 from minigpt.run.load import check_tokenizer, load_run_weights
 
@@ -105,6 +106,7 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
                         f"model.safetensors.index.json, or pytorch_model.bin")
     tensors = {}
     for f in files:
+        check_regular(f, "weights file")  # never a FIFO or a link: safetensors and torch.load read by path
         tensors.update(load_file(str(f)) if f.suffix == ".safetensors" else _load_bin(f))
     return tensors
 
@@ -216,7 +218,11 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
     tmp = _output_folder(out)
     try:
         atomic_write_text(tmp / "config.json", cfg.to_json())
-        shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        tok_bytes = read_regular(src / "tokenizer.json", "tokenizer", MAX_TOKENIZER_BYTES)
+        atomic_write(tmp / "tokenizer.json", lambda p: p.write_bytes(tok_bytes))
+        # the tokenizer pinned, as training pins its own: every reader checks it (run/load.check_tokenizer)
+        atomic_write_text(tmp / "data.json", json.dumps({"tokenizer_sha256": digest(tok_bytes)["sha256"],
+                                                         "source": f"converted from {src.resolve()}"}, indent=2))
         info = {"from": str(src.resolve()), "model_type": raw["model_type"], "architectures": raw.get("architectures"),
                 "eos_token_id": eos, "params": sum(t.numel() for t in state.values())}
         atomic_write_text(tmp / "imported.json", json.dumps(info, indent=2))
@@ -244,7 +250,6 @@ def _check_fits(c: ModelConfig, state: dict) -> None:
 
 def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     """A minigpt run's latest checkpoint -> an HF folder that transformers' Auto classes load."""
-    from safetensors.torch import load_file
 
     run_dir, out = Path(run_dir), Path(out)
     folder, step = latest_checkpoint(run_dir)
@@ -262,7 +267,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     tok = _hf_tokenizer(run_dir, c.vocab_size)
     eos = tok.token_to_id(cfg.sample.stop_token)
     hf_config = hf_from_model(c, eos, eos)
-    state = minigpt_to_hf(c, _run_weights(folder, cfg) if cfg.train.lora_rank else load_file(str(folder / WEIGHTS)))
+    state = minigpt_to_hf(c, _run_weights(folder, cfg) if cfg.train.lora_rank else read_weights(folder))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size,
                   **({"eos_token": cfg.sample.stop_token, "bos_token": cfg.sample.stop_token} if eos is not None else {})}
     tmp = _output_folder(out)

@@ -31,8 +31,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A committed checkpoint's weights as a name -> CPU tensor dict (a tied matrix once), from the very bytes
     its record's size and SHA-256 were checked on (core/files.read_verified)."""
     data = read_verified(folder, WEIGHTS)
-    try:
-        return load(data)
+    try:  # sorted by name: safetensors' `load` gives no fixed order, and ranks must walk the tensors alike
+        return dict(sorted(load(data).items()))
     except Exception as e:
         raise UserError(f"cannot load weights from {folder}: {str(e).splitlines()[0]}") from None
 

@@ -230,3 +230,44 @@ def load_latest(run_dir: Path, load, attempts: int = 5):
             if not moved or attempt == attempts - 1:
                 raise
             time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run depends on, pinned: a LoRA run's base, a distillation's teacher
+
+DEPENDS = "depends.json"
+PINNED_SOURCES = ("init_from", "distill_from")
+
+
+def source_pin(source: str) -> dict:
+    """What `source` (a minigpt run, or a Hugging Face folder) is now: a run's latest step and the SHA-256 of its
+    weights (from its checkpoint record), or an HF folder's config and weight files' SHA-256."""
+    src = Path(source)
+    if os.path.lexists(src / LATEST):
+        folder, step = latest_checkpoint(src, verify=False)
+        return {"path": str(src.resolve()), "step": step, "weights_sha256": folder_record(folder)[WEIGHTS]["sha256"]}
+    files = sorted(p for p in src.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    return {"path": str(src.resolve()), "files": {p.name: digest_file(p, "file")["sha256"] for p in files}}
+
+
+def pin_sources(run_dir: Path, train_cfg) -> None:
+    """depends.json: the pins of train.init_from and train.distill_from as they are when the run starts."""
+    pins = {key: source_pin(getattr(train_cfg, key)) for key in PINNED_SOURCES if getattr(train_cfg, key)}
+    atomic_write_text(Path(run_dir) / DEPENDS, json.dumps(pins, indent=2))
+
+
+def check_pinned(run_dir: Path, key: str, source: str, what: str) -> None:
+    """Refuse, naming it, a source that changed since the run pinned it (a base trained further, a teacher
+    swapped). Runs from before pins are not checked."""
+    path = Path(run_dir) / DEPENDS
+    if not os.path.lexists(path):
+        return
+    pinned = read_json(path, "the run's pinned sources").get(key)
+    if pinned is None:
+        return
+    now = source_pin(source)
+    if {k: v for k, v in now.items() if k != "path"} != {k: v for k, v in pinned.items() if k != "path"}:  # moved is fine
+        was = f"step {pinned.get('step')}" if "step" in pinned else "its files"
+        raise UserError(f"{what} {source} is not the one {run_dir} was trained with: it changed since ({was} then, "
+                        f"{'step ' + str(now.get('step')) if 'step' in now else 'other files'} now); restore it, or "
+                        f"start a new run from it")

@@ -20,7 +20,7 @@ from minigpt.nn.lora import apply_lora, load_adapters, merge_lora
 from minigpt.nn.model import GPT
 from minigpt.nn.quantize import quantize_model
 from minigpt.nn.weights import load_weights, read_weights
-from minigpt.run.files import kept_checkpoint, latest_checkpoint, load_latest
+from minigpt.run.files import check_pinned, kept_checkpoint, latest_checkpoint, load_latest
 
 
 def check_tokenizer(run_dir: Path, data: bytes | None = None) -> None:
@@ -49,17 +49,24 @@ def run_tokenizer(run_dir: Path):
     return read_tokenizer(path, "", data=data)
 
 
-def load_run_weights(model: GPT, folder: Path, cfg: Config) -> None:
+MAX_LORA_CHAIN = 8  # a LoRA run on a LoRA run on ...: deeper is a loop or a mistake
+
+
+def load_run_weights(model: GPT, folder: Path, cfg: Config, depth: int = 0) -> None:
     """A checkpoint folder's weights into `model` (a GPT of cfg.model). A LoRA run saves its adapters only:
-    its base (train.init_from, a run) is read again, the adapters put on and merged, so `model` stays a
-    plain GPT."""
+    its base (train.init_from, a run) is read again, checked to be the one the run pinned when it started (not
+    trained further since), the adapters put on and merged, so `model` stays a plain GPT."""
     tc = cfg.train
     if not tc.lora_rank:
         load_weights(model, folder)
         return
-    base = Path(tc.init_from)
+    run_dir, base = Path(folder).parent.parent, Path(tc.init_from)
+    if depth >= MAX_LORA_CHAIN or (base.exists() and base.resolve() == run_dir.resolve()):
+        raise UserError(f"{run_dir}: train.init_from = {tc.init_from} is this run itself (or a chain of LoRA runs "
+                        f"{MAX_LORA_CHAIN} deep): a LoRA run's base is another run; fix its config.json")
+    check_pinned(run_dir, "init_from", tc.init_from, "LoRA base")
     base_cfg = config_from_json(base / "config.json")
-    load_latest(base, lambda f: load_run_weights(model, f, base_cfg))
+    load_latest(base, lambda f: load_run_weights(model, f, base_cfg, depth + 1))
     apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
     load_adapters(model, read_weights(folder), str(folder))
     merge_lora(model)

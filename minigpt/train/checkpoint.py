@@ -14,6 +14,7 @@ import fcntl
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -132,7 +133,7 @@ LOCK = ".lock"
 RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
              "quantized.json",
              LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
-             "data.json", "imported.json", LOCK} | run_file_names()  # + what the backends write (their `files`)
+             "data.json", "imported.json", "depends.json", LOCK} | run_file_names()  # + what the backends write (their `files`)
 
 
 class RunLock:
@@ -144,12 +145,18 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
             raise UserError(f"{self.path} is a symbolic link; minigpt never follows links in a run directory (writing "
                             f"the lock would overwrite the file it points to): remove it") from None
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(self.fd)
+            self.fd = None
+            what = "has another name (a hard link)" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+            raise UserError(f"{self.path} {what}: writing the lock would overwrite that file too; remove {self.path}")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -64,6 +64,7 @@ from minigpt.train.run_dir import (
     bytes_and_entropy,
     check_not_done,
     check_sampling,
+    check_sources,
     claim,
     make_metrics,
     prepare_run_data,
@@ -75,14 +76,15 @@ from minigpt.train.state import Run, TrainState
 
 @torch.no_grad()
 def evaluate(backend: Backend, tokens, cfg: Config, env: DistEnv, dp_rank: int, split_id: int,
-             bytes_of: torch.Tensor) -> tuple[float, float | None]:
+             bytes_of: torch.Tensor, micro_batch: int) -> tuple[float, float | None]:
     """(mean loss in nats/token, bits per byte) over eval_iters micro-batches at fixed positions (the same
     at every evaluation); each data-parallel rank reads its own, a tensor-parallel group the same.
-    bytes_of: bytes of text per token id (data.tokenizer.token_bytes), the denominator of bits per byte."""
+    bytes_of: bytes of text per token id (data.tokenizer.token_bytes), the denominator of bits per byte.
+    micro_batch: sequences per forward pass, the batch layout's (never more than training's)."""
     model = backend.model
     was_training = model.training
     model.eval()
-    batches = [tuple(t.to(env.device) for t in get_batch(tokens, cfg.train.micro_batch_size, cfg.model.block_size,
+    batches = [tuple(t.to(env.device) for t in get_batch(tokens, micro_batch, cfg.model.block_size,
                                                           (cfg.train.seed, split_id, i, dp_rank)))
                for i in range(cfg.train.eval_iters)]
     with eager():
@@ -151,6 +153,8 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     lock, created = on_main(env, lambda: claim(paths)) or (None, False)
     try:
         resume = resume_or_fresh(cfg, paths, resume, overwrite, say)
+        if resume:  # what the run was started from is what it continues with: a changed base or teacher refused
+            check_sources(paths.root, tc)
         end_step = stop_at if stop_at is not None else tc.max_steps
         check_not_done(paths, resume, end_step, say)
         check_memory(cfg, env, plan, layout)
@@ -266,10 +270,11 @@ def _after_step(run: Run, loss: torch.Tensor) -> None:
     synced = False
     if not run.stopped and ((tc.eval_every and step % tc.eval_every == 0) or step == run.end_step):
         dp_rank, bytes_of = run.plan.dp_rank(run.env.rank), run.bytes_of
+        micro = run.layout.micro_batch_size  # the layout's: train.micro_batch_size clamped to the batch
         run.val_loss, run.val_bpb = evaluate(run.backend, run.prepared.tokens("val"), run.cfg, run.env, dp_rank,
-                                             1, bytes_of)
+                                             1, bytes_of, micro)
         run.train_loss, run.train_bpb = evaluate(run.backend, run.prepared.tokens("train"), run.cfg, run.env,
-                                                 dp_rank, 2, bytes_of)
+                                                 dp_rank, 2, bytes_of, micro)
         run.metrics.log_eval(step, (run.train_loss, run.train_bpb), (run.val_loss, run.val_bpb), run.entropy)
         synced = True
     if not run.stopped and tc.sample_every and step % tc.sample_every == 0 and step != run.end_step:

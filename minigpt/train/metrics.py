@@ -40,11 +40,20 @@ SCALARS = ("loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "tflops_per
 
 class JsonlSink:
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "a")
+        self.path = path
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise UserError(f"cannot append to {path}: {e.strerror}; free space or fix its permissions, then resume "
+                            f"(the last checkpoint is intact)") from None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot append to {self.path}: {e.strerror}; free space, then resume (the last "
+                            f"checkpoint is intact)") from None
 
     def close(self) -> None:
         self.file.close()

@@ -8,14 +8,16 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from minigpt.analytic.flops import train_flops_per_token
-from minigpt.core.atomic import atomic_write_text, read_jsonl
+from minigpt.core.atomic import atomic_write, atomic_write_text
 from minigpt.core.config import Config, config_from_json, read_json
 from minigpt.core.errors import UserError
+from minigpt.core.files import iter_jsonl
 from minigpt.core.plan import BatchLayout
 from minigpt.core.resolve import check_same_model
 from minigpt.data import cache as data
@@ -24,7 +26,7 @@ from minigpt.data.tokenizer import token_bytes
 from minigpt.infer.generate import check_prompts
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.distributed import DistEnv, barrier, on_main_first
-from minigpt.run.files import file_digest, latest_checkpoint, refuse_links
+from minigpt.run.files import check_pinned, file_digest, latest_checkpoint, pin_sources, refuse_links
 from minigpt.run.load import check_tokenizer
 from minigpt.train.checkpoint import RunDir, RunLock, clear_run_dir, foreign_entries, remove_temporaries
 from minigpt.train.metrics import CsvSink, MetricsLogger, make_sinks
@@ -127,6 +129,35 @@ def check_sampling(cfg: Config, prepared) -> None:
                         f"model.block_size = {cfg.model.block_size})") from None
 
 
+def check_sources(run_dir: Path, tc) -> None:
+    """On resume: a LoRA run's base and a distillation's teacher are still the ones the run pinned."""
+    if tc.lora_rank and tc.init_from:
+        check_pinned(run_dir, "init_from", tc.init_from, "train.init_from (the LoRA base)")
+    if tc.distill_from:
+        check_pinned(run_dir, "distill_from", tc.distill_from, "the teacher (train.distill_from)")
+
+
+def keep_records_until(paths: RunDir, step: int) -> None:
+    """metrics.jsonl (and metrics.csv) rewritten with the records up to `step`, streamed: a file of any size
+    in constant memory; damaged lines dropped."""
+    def kept():
+        for r in iter_jsonl(paths.metrics, "metrics"):
+            if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step:
+                yield r
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            for r in kept():
+                f.write(json.dumps(r) + "\n")
+    atomic_write(paths.metrics, write)
+    if (paths.root / "metrics.csv").is_file():  # the CSV follows the records kept
+        (paths.root / "metrics.csv").unlink()
+        csv_sink = CsvSink(paths.root / "metrics.csv")
+        for r in kept():
+            csv_sink.write(r)
+        csv_sink.close()
+
+
 def write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
                      env: DistEnv) -> None:
     """A fresh run clears what an earlier attempt left (no checkpoint, or --overwrite) and writes
@@ -139,16 +170,10 @@ def write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resu
     if resumed_at is None:
         clear_run_dir(paths.root)
         shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
+        pin_sources(paths.root, cfg.train)
     else:
         remove_temporaries(paths.root)
-        kept = [r for r in read_jsonl(paths.metrics) if r.get("step", 0) <= resumed_at]
-        atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in kept))
-        if (paths.root / "metrics.csv").is_file():  # the CSV follows the records kept
-            (paths.root / "metrics.csv").unlink()
-            csv_sink = CsvSink(paths.root / "metrics.csv")
-            for r in kept:
-                csv_sink.write(r)
-            csv_sink.close()
+        keep_records_until(paths, resumed_at)
     atomic_write_text(paths.config, cfg.to_json())
     m = prepared.manifest
     pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
