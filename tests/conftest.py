@@ -178,11 +178,23 @@ def final_weights(run_dir) -> dict:
     return load_file(str(folder / WEIGHTS))
 
 
+DOC_PAGES = ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
+
+
+def doc_torchrun_lines() -> list[str]:
+    """Every torchrun line in a code block of the README and the docs pages."""
+    out = []
+    for page in DOC_PAGES:
+        blocks = (REPO / page).read_text().split("```")[1::2]
+        out += [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
+    return out
+
+
 def readme_torchrun_lines(sharded: bool = False, pipeline: bool = False) -> list[str]:
-    """The torchrun commands of the README's code blocks: DDP/DeepSpeed ones, (sharded=True) the FSDP /
-    tensor-parallel ones, which tests/test_sharding.py runs, or (pipeline=True) the pipelined ones
-    (tests/test_pipeline.py)."""
-    blocks = (REPO / "README.md").read_text().split("```")[1::2]
+    """The torchrun commands of the scale-out page's code blocks (docs/scale-out.md; the README shows some of
+    them again, checked to be the same lines): DDP/DeepSpeed ones, (sharded=True) the FSDP / tensor-parallel
+    ones, which tests/test_sharding.py runs, or (pipeline=True) the pipelined ones (tests/test_pipeline.py)."""
+    blocks = (REPO / "docs" / "scale-out.md").read_text().split("```")[1::2]
     lines = [l.strip() for b in blocks for l in b.splitlines() if l.strip().startswith("torchrun ")]
     if pipeline:
         return [l for l in lines if "pp=" in l]

@@ -58,6 +58,9 @@ def test_unknown_key_in_a_file(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("[train]\nstpes = 10\n")
     with pytest.raises(UserError, match=r"unknown key train.stpes; valid keys in \[train\]: out_dir"):
+        load_config(p)  # nothing close: every key named
+    p.write_text("[train]\nmax_stpes = 10\n")
+    with pytest.raises(UserError, match=r"unknown key train.max_stpes; did you mean train.max_steps\?"):
         load_config(p)
 
 

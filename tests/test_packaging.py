@@ -44,3 +44,41 @@ def test_an_installed_wheel_runs_from_an_empty_directory(site, tmp_path, corpus_
     r = run_installed(site, empty, "train", "--config", "tiny", *set_args(sets))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
+
+
+def test_every_torchrun_line_of_the_readme_and_docs_is_one_the_suite_runs():
+    """The torchrun commands users paste are the ones tests/test_distributed, test_sharding and test_pipeline
+    run (as written, made small): docs/scale-out.md's; the README and the other pages only repeat them."""
+    from conftest import doc_torchrun_lines, readme_torchrun_lines
+
+    tested = set(readme_torchrun_lines()) | set(readme_torchrun_lines(sharded=True)) | set(readme_torchrun_lines(pipeline=True))
+    shown = set(doc_torchrun_lines())
+    assert shown <= tested, shown - tested
+
+
+def test_the_docs_site_builds_in_strict_mode(tmp_path):
+    """mkdocs build --strict: a broken link or a page left out of the nav fails the suite."""
+    import subprocess
+    import sys
+
+    import pytest
+    from conftest import REPO
+
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / "serve" / "index.html").is_file()
+
+
+def test_the_readme_is_short_and_links_only_to_pages_that_exist():
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    for target in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (REPO / target).is_file(), target

@@ -43,7 +43,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
         return set_args(tiny_overrides(corpus_dir, data_cache, root / name, **{**COMMON, **extra}))
 
     fsdp_line, tp_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
-    assert fsdp_line.endswith("--plan dp=2,zero=3") and tp_line.endswith("--plan tp=2")
+    assert "--plan dp=2,zero=3 " in fsdp_line and "--plan tp=2 " in tp_line
     jobs = {
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
         "tp": readme_cmd(tp_line, sets("tp")),

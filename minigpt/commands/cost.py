@@ -3,6 +3,7 @@ analytic Scenario (analytic/scenario.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from minigpt.commands.flags import device_arg, number, plan_arg, tokens_arg
@@ -18,6 +19,8 @@ def _training_context(args, cfg) -> tuple[int | None, str]:
     if getattr(args, "seq_len", None):
         return args.seq_len, "given (--seq-len)"
     target = Path(getattr(args, "target", "") or "")
+    if target.is_dir() and (target / "latest.json").exists():  # a minigpt run
+        return None, f"the run's model.block_size ({cfg.model.block_size:,}), the context it trained at"
     if target.suffix == ".json" or target.is_dir():
         return None, (f"the HF config's max_position_embeddings ({cfg.model.block_size:,}), its longest context, not "
                       f"necessarily the one it trained at: give --seq-len")
@@ -145,6 +148,7 @@ def cmd_backtest(args) -> None:
         from minigpt.core.plots import plot_step_parts
 
         plot_step_parts(b["runs"], args.plot, "minigpt backtest: predicted step by part")
+        print(f"wrote {args.plot}: each run's predicted step by part", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(to_json(b))
     elif args.markdown:

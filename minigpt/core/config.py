@@ -446,6 +446,16 @@ def parse_file(path: Path, what: str, parse, error: type, fmt: str):
         raise UserError(f"{what} {path} nests too deeply to be a {fmt} config: give the right file") from None
 
 
+def _did_you_mean(name: str, fields: list[str], section: str) -> str:
+    """'did you mean section.x?' for a near miss (a typo), else the valid keys."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {section}.{close[0]}?"
+    return f"valid keys in [{section}]: {', '.join(fields)}"
+
+
 def build_section(cls: type, section: str, table: dict, origin: str):
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
@@ -453,7 +463,7 @@ def build_section(cls: type, section: str, table: dict, origin: str):
     for key, value in table.items():
         if key not in fields:
             raise UserError(
-                f"{origin}: unknown key {section}.{key}; valid keys in [{section}]: {', '.join(fields)}"
+                f"{origin}: unknown key {section}.{key}; {_did_you_mean(key, fields, section)}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
     return cls(**kwargs)
@@ -500,7 +510,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise UserError(f"--set {item!r}: unknown table [{section}]; valid tables: {', '.join(Config.SECTIONS)}")
     fields = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[section])]
     if name not in fields:
-        raise UserError(f"--set {item!r}: unknown key {section}.{name}; valid keys in [{section}]: {', '.join(fields)}")
+        raise UserError(f"--set {item!r}: unknown key {section}.{name}; {_did_you_mean(name, fields, section)}")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:

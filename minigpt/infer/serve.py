@@ -20,10 +20,8 @@ import functools
 import hmac
 import itertools
 import json
-import queue
 import signal
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,9 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
-from minigpt.infer.engine import Engine, Sampling, Sequence
+from minigpt.infer.engine import Sampling, Sequence
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
 from minigpt.infer.generate import IncrementalText, filtered_probs
+from minigpt.infer.scheduler import Job, Scheduler
 from minigpt.run.load import load_run
 
 
@@ -107,161 +106,6 @@ class ApiError(Exception):
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
-
-
-@dataclass(eq=False)
-class Job:
-    """One choice of a request: a sequence on the engine, its text, and the request's queue it writes to."""
-    seq: Sequence
-    index: int  # the choice's index in the response
-    out: asyncio.Queue  # the request's: (index, text delta) as generated, then (index, None)
-    loop: asyncio.AbstractEventLoop
-    text: IncrementalText
-    cancelled: bool = False  # the client went away
-    ended: bool = False  # its last text and the end were handed out
-    t_submit: float = 0.0  # perf_counter at submission, at the first token (metrics)
-    t_first: float = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.seq.done
-
-    @property
-    def finish_reason(self) -> str:
-        return self.seq.finish_reason or "length"
-
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
-
-
-class Scheduler:
-    """The queue and the one decode thread over the engine. continuous: a waiting request joins the running batch
-    at the next decode step when a row is free (first come, first served). static (to compare): a batch is formed
-    when the engine is empty (requests arriving within 20 ms join it) and runs until its last row ends; a finished
-    row stops computing but its slot stays empty until then."""
-
-    def __init__(self, model, max_batch: int, policy: str = "continuous", draft=None, k: int = 4) -> None:
-        if policy not in ("continuous", "static"):
-            raise UserError(f"--batching {policy!r}: choose continuous or static")
-        self.engine, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k), max_batch, policy
-        self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
-        self.batches: list[int] = []  # rows running after each admission (tests and logs)
-        self.cancelled = 0  # requests whose client went away before they finished
-        self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
-        self.metrics = None  # a ServeMetrics when prometheus-client is installed
-        self._held: list[Job] | None = None  # the next group, waiting for rows
-        self.ended_by: dict[str, int] = {}  # requests ended, by how (stop, length, cancelled, error, shutdown)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, daemon=True, name="minigpt-decode")
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """End the decode thread after its current step (never mid-step: a thread still in a torch op at interpreter
-        exit aborts the process), and end every request left, running or queued; returns how many were left."""
-        self._stopping = True
-        self.pending.put([])  # wakes an idle decode thread
-        self._thread.join(timeout)
-        left = [s.tag for s in list(self.engine.running)] + (self._held or [])
-        while True:
-            try:
-                left += self.pending.get_nowait()
-            except queue.Empty:
-                break
-        left = [j for j in left if not j.ended]
-        for job in left:
-            self._end(job, "shutdown")
-        return len(left)
-
-    def submit(self, group: list[Job]) -> None:
-        now = time.perf_counter()
-        for j in group:
-            j.t_submit = now
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(group[0].seq.prompt))
-        self.open_jobs.extend(group)
-        self.pending.put(group)
-
-    def unfinished(self) -> int:
-        """Choices taken and not finished (decoding or queued); the finished are forgotten here."""
-        self.open_jobs = [j for j in self.open_jobs if not (j.done or j.cancelled)]
-        return len(self.open_jobs)
-
-    def _run(self) -> None:
-        while not self._stopping:
-            try:
-                self._admit(wait=not self.engine.running)
-                for seq in [s for s in self.engine.running if s.tag.cancelled]:
-                    self.cancelled += 1
-                    self._end(seq.tag, "cancelled")
-                self._deliver(self.engine.step())
-            except Exception as e:  # a bug: end the requests with it rather than leave them waiting
-                for seq in list(self.engine.running):
-                    self._end(seq.tag, f"error: {type(e).__name__}")
-
-    def _admit(self, wait: bool) -> None:
-        """Start the waiting groups that fit in the free rows, first come first served (a group waits for rows and no
-        later one passes it). static: only into an empty engine, after gathering for up to 20 ms (concurrent requests
-        form one batch), and none until it is empty again."""
-        if self.policy == "static" and self.engine.running:
-            return
-        taken, rows = [], self.engine.free
-        gather = 0.02 if self.policy == "static" else 0.0
-        deadline = time.perf_counter() + gather
-        while rows:
-            if self._held is None:
-                try:
-                    self._held = self.pending.get(timeout=None if wait else max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if wait:  # the first arrival into an idle engine: the gathering starts now
-                    wait, deadline = False, time.perf_counter() + gather
-            group = [j for j in self._held if not j.cancelled]
-            if len(group) > rows:
-                break
-            self._held, rows = None, rows - len(group)
-            taken.append(group)
-        for group in taken:
-            try:
-                self._deliver(self.engine.add([j.seq for j in group]) if group else [])
-            except Exception as e:  # validated before the queue: a bug; end the group with it
-                for j in group:
-                    self._end(j, f"error: {type(e).__name__}: {e}")
-            self.batches.append(len(self.engine.running))
-
-    def _deliver(self, emitted) -> None:
-        """Each new token's text to its request; a stop string ends the sequence; a finished one ends its request."""
-        last = {id(seq): i for i, (seq, _) in enumerate(emitted)}  # a speculative step gives a row several tokens
-        for i, (seq, token) in enumerate(emitted):
-            job: Job = seq.tag
-            if job.ended:  # a stop string ended it earlier in this step
-                continue
-            if token is not None:
-                job.t_first = job.t_first or time.perf_counter()
-                piece, stopped = job.text.push(token)
-                if piece:
-                    job.put(piece)
-                if stopped:
-                    self.engine.finish(seq, "stop")
-                    self._end(job, "stop")
-                    continue
-            if seq.done and last[id(seq)] == i:
-                self._end(job, seq.finish_reason)
-        if self.metrics is not None:
-            self.metrics.running.set(len(self.engine.running))
-
-    def _end(self, job: Job, reason: str) -> None:
-        job.ended = True
-        kind = reason.split(":")[0]
-        self.ended_by[kind] = self.ended_by.get(kind, 0) + 1
-        self.engine.finish(job.seq, reason)
-        try:
-            if not reason.startswith(("cancelled", "error", "shutdown")) and (rest := job.text.flush()):
-                job.put(rest)  # the characters held back for a stop string that did not come
-            job.put(None)
-        except RuntimeError:  # its event loop is closed: the server has stopped, nobody reads it
-            pass
-        if self.metrics is not None:
-            self.metrics.finished(job)
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
