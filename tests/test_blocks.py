@@ -76,6 +76,16 @@ def test_every_part_is_costed_by_every_reader(name):
             assert part.quantize == (part.kind == "linear"), part.name  # the router stays in full precision
         if part.lora:
             assert part.leaf in LORA_TARGETS and part.kind == "linear" and part in inv.layer
+    # the eager kernel count costs every part, or refuses the model naming the part it does not cost
+    from minigpt.analytic import eager
+    from minigpt.core.errors import UserError
+
+    uncosted = [p.name for p in inv.layer if p.name not in eager.COSTED_PARTS]
+    if uncosted:
+        with pytest.raises(UserError, match=uncosted[0].replace(".", r"\.")):
+            eager.check_covered(c, "kernels fused")
+    else:
+        eager.check_covered(c, "kernels fused")
     # simulate's per-rank parameters add up to the model's at tp = ep = 1, and halve the split parts at tp = 2
     assert params_per_rank(c, 1).total == F.param_counts(c).total
     split = sum(p.params * p.copies for p in inv.layer if p.tp in ("column", "row"))
