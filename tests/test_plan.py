@@ -140,3 +140,18 @@ def test_context_parallelism_is_a_plan_dimension_that_training_and_simulate_refu
                       (("extrapolate", "--plan", "tp=2,cp=2", "--comm", "counted"), "does not run context parallelism")):
         r = run_cli(*cmd)
         assert r.returncode == 2 and r.stderr.startswith("error:") and says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_given_plan_that_does_not_fit_says_what_one_gpu_would_hold():
+    """A plan with its dp given that cannot hold the model: what one GPU would need beside what it has (the search
+    used to run dp past the rank limit and name a 2,097,152-rank plan nobody gave)."""
+    r = run_cli("extrapolate", "--target", "gpt3-175b", "--gpu", "A100", "--plan", "dp=124,tp=8,pp=1,zero=1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--plan dp=124,tp=8,pp=1,zero=1 needs" in r.stderr and "GiB per GPU" in r.stderr and "2,097,152" not in r.stderr
+
+
+def test_backend_ddp_means_zero_0_unless_a_stage_is_given():
+    r = run_cli("simulate", "--config", "tiny", "--plan", "dp=2,backend=ddp")
+    assert r.returncode == 0 and "(ZeRO-0, ddp)" in r.stdout and "ZeRO-3, ddp" not in r.stdout
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=1024,backend=ddp")
+    assert r.returncode == 2 and "zero=0 needs" in r.stderr and "at most 1,048,576" not in r.stderr

@@ -12,7 +12,7 @@ from minigpt.analytic.scenario import CONTEXT_SPLITS, MEMORY_HEADROOM, Scenario,
 from minigpt.core.config import ModelConfig, divisors
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
-from minigpt.core.plan import ParallelPlan
+from minigpt.core.plan import MAX_RANKS, ParallelPlan, default_zero
 
 
 def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int, recompute: bool = True) -> dict:
@@ -46,7 +46,7 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
 
     With a simulator (--comm counted) a layout must also fit by the memory its simulated step measured;
     candidates are simulated in order until one does, and the ones it rejects are listed."""
-    zero, tp, pp = fixed.get("zero", 1), fixed.get("tp"), fixed.get("pp")
+    zero, tp, pp = default_zero(fixed, 1), fixed.get("tp"), fixed.get("pp")
     if tp is not None and c.n_head % tp:
         raise UserError(f"--plan tp={tp} does not divide n_head = {c.n_head}; choose from "
                         f"{[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
@@ -62,13 +62,15 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
         x == 1 or simulator is None)]  # the simulator does not run cp
     for cp in cps:
         for t, p in candidates:
-            plan = ParallelPlan.from_keys({**extra, "dp": fixed.get("dp", max(1, num_gpus // (t * p * cp))), "tp": t,
-                                           "pp": p, "zero": zero, "cp": cp})
+            dp = fixed.get("dp", max(1, num_gpus // (t * p * cp)))
+            if dp * t * p * cp > min(num_gpus, MAX_RANKS):  # more ranks than given (a fixed dp): not a candidate
+                continue
+            plan = ParallelPlan.from_keys({**extra, "dp": dp, "tp": t, "pp": p, "zero": zero, "cp": cp})
             mem = per_gpu_bytes(c, plan, seq, micro_batch)
             if plan.world <= num_gpus and mem["total"] <= budget:
                 fitting.append((plan, mem))
     if not fitting:
-        _too_small(c, gpu, num_gpus, seq, zero, micro_batch, candidates, budget, fixed.get("cp", 1))
+        _too_small(c, gpu, num_gpus, seq, fixed, micro_batch, candidates, budget)
     ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
     if rank:
         ranked.sort(key=lambda x: (x[2]["step_s"], x[0].world))
@@ -98,19 +100,33 @@ def _choice(ranked: list, rank) -> dict:
                               "mfu": st["mfu"]} for p, _, st in ranked[:5]]}
 
 
-def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, zero: int, micro_batch: int,
-               candidates: list, budget: float, cp: int = 1) -> None:
-    """Nothing fits in num_gpus: say how many GPUs would be needed."""
-    for need in (2**i for i in range(0, 24)):
+def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dict, micro_batch: int,
+               candidates: list, budget: float) -> None:
+    """Nothing fits: say why. A plan whose dp was given: what one of its GPUs would hold beside the GPU's memory.
+    Else the fewest GPUs (a power of two, at most MAX_RANKS) that would hold the model, with a plan."""
+    zero, cp = default_zero(fixed, 1), fixed.get("cp", 1)
+    if "dp" in fixed:
+        t, p = candidates[0]
+        plan = ParallelPlan.from_keys({"dp": fixed["dp"], "tp": t, "pp": p, "zero": zero, "cp": cp})
+        need = per_gpu_bytes(c, plan, seq, micro_batch)["total"]
+        if plan.world > num_gpus:
+            raise UserError(f"--plan {plan.spelling()} is {plan.world:,} GPUs, more than the {num_gpus:,} given: raise "
+                            f"--num-gpus or lower dp")
+        raise UserError(f"--plan {plan.spelling()} needs {need / 2**30:,.1f} GiB per GPU (full recompute, micro-batch "
+                        f"{micro_batch}), over the {budget / 2**30:,.1f} GiB a {gpu.name} offers: raise tp or pp, or zero")
+    for need in (2**i for i in range(0, MAX_RANKS.bit_length())):
         for t, p in candidates:
+            if t * p * cp > need:
+                continue
             plan = ParallelPlan(dp=max(1, need // (t * p * cp)), tp=t, pp=p, zero=zero, cp=cp)
-            if t * p * cp <= need and per_gpu_bytes(c, plan, seq, micro_batch)["total"] <= budget:
+            if per_gpu_bytes(c, plan, seq, micro_batch)["total"] <= budget:
                 raise UserError(
                     f"{num_gpus} x {gpu.name} cannot hold this model (ZeRO-{zero}, micro-batch {micro_batch}, "
                     f"full recompute); it needs at least {need} GPUs, e.g. --plan {plan.spelling()}: "
                     f"raise --num-gpus to {need} or more"
                 )
-    raise UserError(f"no layout on {gpu.name} holds this model; give --plan tp=..,pp=.. or a GPU with more memory")
+    raise UserError(f"no layout on {gpu.name} holds this model at any GPU count up to {MAX_RANKS:,}; give --plan "
+                    f"tp=..,pp=.. with more splits, a higher zero, or a GPU with more memory")
 
 
 def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) -> tuple[ParallelPlan, T.Setup]:

@@ -50,6 +50,27 @@ def flops_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def report_summary(flops: dict, memory: dict, performance: dict, report_path: str) -> list[str]:
+    """The run report in four lines (the whole of it is in report.md): counted FLOPs beside the formulas, the
+    achieved rate and MFU with its peak, memory measured beside predicted, and where the rest is."""
+    ratios = flops["ratios_to_counted"]
+    conv = ", ".join(f"{k} {ratios[k]:.3f}" for k in ("kaplan_6n", "palm", "megatron_72") if k in ratios)
+    mfu = f"{performance['mfu']:.1%}" if performance["mfu"] is not None else "n/a (no peak)"
+    m, pr = memory["measured"], memory["predicted"]
+    cats = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(m[k])}" for k in ("parameters", "gradients", "optimizer_state",
+                                                                          "activations") if k in m)
+    act = memory["ratios"].get("activations")
+    return [
+        f"report   FLOPs counted {fmt_flops(flops['counted_train_flops_per_token'])}/token for training; exact formula "
+        f"{flops['exact_ratio_to_counted']:.3f} of it, {conv} (formula/counted)",
+        f"report   {performance['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step, MFU {mfu} "
+        f"(peak: {performance['peak_source']})",
+        f"report   memory of one step (fake-tensor replay): {cats}; activations measured/predicted "
+        f"{act:.3f}" if act else f"report   memory of one step: {cats}",
+        f"report   every formula and category: {report_path} (train.report_full = true prints them here)",
+    ] if pr else []
+
+
 def memory_table(r: dict) -> str:
     lines = [
         f"memory of one training step: {r['params_total']:,} params, micro-batch {r['batch_size']} x seq {r['seq_len']}, "

@@ -30,7 +30,7 @@ def quickstart(config: str, overrides: list[str], out_dir: str, log=print) -> di
     """Run the whole job; returns the training summary."""
     cfg = run_config(config, [f"train.out_dir={out_dir}", *overrides])
     # the threads once, pinned for the run: its measured peak and its steps must use the same number
-    log(f"== threads: {use_threads(cfg.train.threads)}")
+    log(f"== threads: {use_threads(cfg.train.threads)}, pinned as train.threads for the peak measurement and the run")
     cfg.train.threads = torch.get_num_threads()
     # a measured matmul peak of this device in the training dtype: an honest MFU denominator on a CPU
     precision = cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))

@@ -77,7 +77,7 @@ def apply_threads(args) -> str:
     """Apply --threads (or the default rule) before a command runs torch; what was chosen, for its output."""
     from minigpt.core.device import use_threads
 
-    return use_threads(args.threads)
+    return use_threads(args.threads, "--threads")
 
 
 def log_for(args):

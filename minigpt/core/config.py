@@ -244,6 +244,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # peak for MFU; 0: the datasheet peak of a known GPU, else unknown
     peak_from: str = ""  # a `minigpt bench hardware --out FILE` result to use as the peak instead
     report: bool = True  # write report.json/.md (FLOPs counted vs formulas, MFU, memory) at the end
+    report_full: bool = False  # also print the whole report at the end (by default: four lines and its path)
     moe_aux_loss_coef: float = 0.01  # weight of the mixture-of-experts load-balancing loss
     keep_checkpoints: int = 1  # complete checkpoints kept (the newest K)
     max_minutes: float = 0.0  # wall-clock budget: stop and checkpoint after this many minutes; 0: none

@@ -97,7 +97,7 @@ def busy_cores(samples: int = 7) -> tuple[int, str]:
     return int(load + 0.5), f"load average {load:.2f}"
 
 
-def use_threads(threads: int = 0, why: str = "--threads / train.threads") -> str:
+def use_threads(threads: int = 0, why: str = "train.threads, set") -> str:
     """Set torch's intra-op threads: `threads` (a flag or train.threads, or `why` says where from) or the
     default rule; says which."""
     import torch

@@ -340,7 +340,7 @@ def finish(run: Run) -> dict:
 def _report(run: Run, summary: dict) -> dict:
     """The run report (report.md/.json): the run's own figures, then FLOPs counted vs formulas, MFU
     at the median step, and memory in a labelled fake-tensor replay of one step."""
-    from minigpt.analytic.report import flops_table, memory_table, run_report, write_report
+    from minigpt.analytic.report import flops_table, memory_table, report_summary, run_report, write_report
     from minigpt.measure.counted import flops_report, memory_report
 
     cfg = run.cfg
@@ -362,14 +362,18 @@ def _report(run: Run, summary: dict) -> dict:
                         run.metrics.peak, run.env.device.type, figures)
     write_report(run.paths.root, report)
     p = report["performance"]
-    run.say("== report (also report.md / report.json in the run directory)")
-    run.say(flops_table(flops))
-    run.say(f"achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step; "
-            f"{tc.precision} MFU " + (f"{p['mfu']:.2%}" if p["mfu"] is not None else "n/a") + f" (peak: {p['peak_source']})")
+    if tc.report_full:
+        run.say("== report (also report.md / report.json in the run directory)")
+        run.say(flops_table(flops))
+        run.say(f"achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s per device at the median step; "
+                f"{tc.precision} MFU " + (f"{p['mfu']:.2%}" if p["mfu"] is not None else "n/a") + f" (peak: {p['peak_source']})")
+        run.say(memory_table(memory))
+    else:  # one screen: four lines, the rest in report.md
+        for line in report_summary(flops, memory, p, str(run.paths.root / "report.md")):
+            run.say(line)
     warning = mfu_warning(p["mfu"], p["peak_source"])
     if warning:
         run.say(warning)
-    run.say(memory_table(memory))
     return {"mfu": p["mfu"], "achieved_tflops_per_device": p["achieved_tflops_per_device"]}
 
 
