@@ -154,4 +154,4 @@ def test_backend_ddp_means_zero_0_unless_a_stage_is_given():
     r = run_cli("simulate", "--config", "tiny", "--plan", "dp=2,backend=ddp")
     assert r.returncode == 0 and "(ZeRO-0, ddp)" in r.stdout and "ZeRO-3, ddp" not in r.stdout
     r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=1024,backend=ddp")
-    assert r.returncode == 2 and "zero=0 needs" in r.stderr and "at most 1,048,576" not in r.stderr
+    assert r.returncode == 0 and "at most 1,048,576" not in r.stderr  # the search stays within the ranks given

@@ -12,7 +12,7 @@ from minigpt.analytic.scenario import CONTEXT_SPLITS, MEMORY_HEADROOM, Scenario,
 from minigpt.core.config import ModelConfig, divisors
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
-from minigpt.core.plan import MAX_RANKS, ParallelPlan, default_zero
+from minigpt.core.plan import MAX_RANKS, ParallelPlan
 
 
 def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int, recompute: bool = True) -> dict:
@@ -46,7 +46,7 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
 
     With a simulator (--comm counted) a layout must also fit by the memory its simulated step measured;
     candidates are simulated in order until one does, and the ones it rejects are listed."""
-    zero, tp, pp = default_zero(fixed, 1), fixed.get("tp"), fixed.get("pp")
+    zero, tp, pp = fixed.get("zero", 1), fixed.get("tp"), fixed.get("pp")
     if tp is not None and c.n_head % tp:
         raise UserError(f"--plan tp={tp} does not divide n_head = {c.n_head}; choose from "
                         f"{[d for d in divisors(c.n_head) if d <= GPUS_PER_NODE]}")
@@ -104,7 +104,7 @@ def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dic
                candidates: list, budget: float) -> None:
     """Nothing fits: say why. A plan whose dp was given: what one of its GPUs would hold beside the GPU's memory.
     Else the fewest GPUs (a power of two, at most MAX_RANKS) that would hold the model, with a plan."""
-    zero, cp = default_zero(fixed, 1), fixed.get("cp", 1)
+    zero, cp = fixed.get("zero", 1), fixed.get("cp", 1)
     if "dp" in fixed:
         t, p = candidates[0]
         plan = ParallelPlan.from_keys({"dp": fixed["dp"], "tp": t, "pp": p, "zero": zero, "cp": cp})

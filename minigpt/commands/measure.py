@@ -117,7 +117,7 @@ def cmd_bench_decode(args) -> None:
 def cmd_simulate(args) -> None:
     from minigpt.analytic.report import simulate_table
     from minigpt.core.hardware import gpu_by_name
-    from minigpt.core.plan import ParallelPlan, default_zero
+    from minigpt.core.plan import ParallelPlan
     from minigpt.measure.simulate import SimSpec, simulate
 
     cfg = load_cli_config(args)
@@ -125,6 +125,8 @@ def cmd_simulate(args) -> None:
     if "dp" not in keys and args.world is None:
         raise UserError("simulate needs the data-parallel degree: give dp in --plan (e.g. --plan dp=64,tp=8,zero=3) or "
                         "--world N (dp = N / (tp x pp))")
+    from minigpt.parallel.registry import default_zero
+
     keys.setdefault("zero", default_zero(keys, 3))
     spec = SimSpec(ParallelPlan.from_keys(keys, args.world), args.precision, args.reduce_precision or "",
                    args.micro_batch, args.seq_len, args.recompute, args.micro_batches)

@@ -235,12 +235,6 @@ class ParallelPlan:
         return batch_layout(tc, block_size, self.dp)
 
 
-def default_zero(keys: dict, fallback: int) -> int:
-    """The ZeRO stage a plan means when it names none: 0 with backend=ddp (DDP replicates model states), else
-    the command's own default (`fallback`)."""
-    return keys.get("zero", 0 if keys.get("backend") == "ddp" else fallback)
-
-
 def parse_keys(text: str, origin: str = "--plan") -> dict:
     """`tp=8,pp=4,dp=32,zero=1` -> {"tp": 8, ...}, every key and value checked."""
     keys: dict = {}

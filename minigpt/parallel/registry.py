@@ -27,6 +27,12 @@ def default_engine(zero: int) -> str:
     return {0: TorchBackend.name, 1: DeepSpeedBackend.name, 2: DeepSpeedBackend.name, 3: ShardedBackend.name}[zero]
 
 
+def default_zero(keys: dict, fallback: int) -> int:
+    """The ZeRO stage a plan's keys mean when they name none: the engine's own when it has one stage (DDP
+    replicates model states: 0), else the command's default (`fallback`)."""
+    return keys.get("zero", 0 if keys.get("backend") == TorchBackend.name else fallback)
+
+
 def backend_class(plan: ParallelPlan) -> type[Backend]:
     """The backend that runs `plan`: its engine (or the default for its stage); pipeline parallelism runs on
     the pipeline backend, tensor parallelism on the sharded one, whatever the engine of the data-parallel part."""
