@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from minigpt.apps.distill_bench import STUDENT, compare
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
-from minigpt.apps.distill_bench import STUDENT, compare
 
 
 def main() -> None:

@@ -53,7 +53,11 @@ def main() -> None:
         sys.exit(2)
     busy, how = busy_cores()
     try:
-        sweeps = compare_batching(args.run, load, rates, args.max_batch)
+        print(f"bench serve: {args.run}, static then continuous batching at each of {len(rates)} rates, "
+              f"{args.requests} requests each (progress on stderr; the result is one JSON line on stdout)",
+              file=sys.stderr, flush=True)
+        sweeps = compare_batching(args.run, load, rates, args.max_batch,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from minigpt.core.device import busy_cores, device_name
 from minigpt.apps.speedrun import RECIPES, speedrun
+from minigpt.core.device import busy_cores, device_name
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from minigpt.apps.steptime_check import SHAPES, check_data_parallel, check_shape
 from minigpt.core.device import busy_cores, device_name
 from minigpt.measure.bench import matmul_tflops
-from minigpt.apps.steptime_check import SHAPES, check_data_parallel, check_shape
 
 
 def main() -> None:

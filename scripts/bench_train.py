@@ -41,9 +41,9 @@ from minigpt.core.hardware import choose_peak
 from minigpt.core.plan import ParallelPlan, batch_layout
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, lr_at
-from minigpt.parallel.registry import backend_class, make_backend, resolve_plan
 from minigpt.parallel.distributed import init_distributed
 from minigpt.parallel.parallelize import parallelize
+from minigpt.parallel.registry import backend_class, make_backend, resolve_plan
 
 
 class BaselineGPT(nn.Module):

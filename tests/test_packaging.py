@@ -82,3 +82,20 @@ def test_the_readme_is_short_and_links_only_to_pages_that_exist():
     assert len(text.splitlines()) <= 300
     for target in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (REPO / target).is_file(), target
+
+
+def test_plot_compares_runs_with_different_tokenizers_in_bits_per_byte(good_run, tmp_path):
+    """Nats per token do not compare across tokenizers; bits per byte do: `minigpt plot` switches and says so."""
+    import shutil
+
+    from conftest import run_cli
+
+    other = tmp_path / "other"
+    shutil.copytree(good_run, other)
+    data = json.loads((other / "data.json").read_text())
+    data["tokenizer_sha256"] = "0" * 64  # another tokenizer, as far as the plot is concerned
+    (other / "data.json").write_text(json.dumps(data))
+    same = run_cli("plot", str(good_run), str(good_run), "--out", str(tmp_path / "same.png"))
+    assert same.returncode == 0 and "in nats per token" in same.stdout
+    r = run_cli("plot", str(good_run), str(other), "--out", str(tmp_path / "two.png"))
+    assert r.returncode == 0 and "bits per byte" in r.stdout and (tmp_path / "two.png").stat().st_size > 10_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minigpt.commands.flags import device_arg, number, plan_arg, tokens_arg
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import to_json
+from minigpt.core.fmt import fit, to_json
 from minigpt.core.plan import parse_keys
 
 
@@ -132,7 +132,7 @@ def cmd_extrapolate(args) -> None:
     elif args.markdown:
         print(extrapolation_markdown(r, f"minigpt extrapolation: {args.target} on {r['gpu']}"))
     else:
-        print("\n".join(extrapolation_lines(r)))
+        print(fit(extrapolation_lines(r)))
 
 
 def cmd_backtest(args) -> None:
@@ -154,7 +154,7 @@ def cmd_backtest(args) -> None:
     elif args.markdown:
         print(backtest_markdown(b))
     else:
-        print("\n".join(backtest_lines(b)))
+        print(fit(backtest_lines(b)))
 
 
 def cmd_extrapolate_plot(args) -> None:

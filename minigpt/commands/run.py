@@ -73,7 +73,9 @@ def cmd_plot(args) -> None:
 
     check_image_path(args.out)
     runs = plot_runs(args.runs, args.out)
-    print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}")
+    units = ("bits per byte of the evaluations (the runs' tokenizers differ)" if len({r["tokenizer"] for r in runs}) > 1
+             else "nats per token")
+    print(f"wrote {args.out}: loss against tokens seen and wall time for {', '.join(r['name'] for r in runs)}, in {units}")
 
 
 def add_parsers(sub) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from minigpt.commands.flags import apply_threads, device_arg, number, quantize_flag, threads_flag
@@ -44,7 +45,7 @@ def cmd_bench_serve(args) -> None:
                 args.seed, key)
     if args.out:
         check_image_path(str(Path(args.out).with_suffix(".png")), "--out", make_parents=True)
-    result = bench_serve(load, args.rate or [2.0])
+    result = bench_serve(load, args.rate or [2.0], progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.out:
         atomic_write_text(Path(args.out), to_json(result) + "\n")
         plot_serve_sweep({result["model"]: result["points"]}, str(Path(args.out).with_suffix(".png")),

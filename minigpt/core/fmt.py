@@ -39,3 +39,22 @@ def fmt_flops(n: float) -> str:
 
 def fmt_usd(x: float) -> str:
     return f"${x / 1e6:,.2f}M" if x >= 1e6 else f"${x:,.0f}"
+
+
+TERMINAL_COLUMNS = 120
+
+
+def fit(lines: list[str] | str, width: int = TERMINAL_COLUMNS) -> str:
+    """Human-readable lines wrapped at `width` columns, at spaces, each continuation indented: what a terminal
+    holds. Table rows already under the width stay as they are."""
+    import textwrap
+
+    out = []
+    for line in (lines.split("\n") if isinstance(lines, str) else lines):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        lead = len(line) - len(line.lstrip(" "))
+        out += textwrap.wrap(line, width, initial_indent="", subsequent_indent=" " * (lead + 4),
+                             break_long_words=False, break_on_hyphens=False) or [line]
+    return "\n".join(out)

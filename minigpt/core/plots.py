@@ -39,10 +39,11 @@ def read_run_curves(run_dir: Path) -> dict:
     entropy = summary.get("unigram_entropy_nats") or data.get("unigram_entropy_nats")
     return {"name": run_dir.name, "steps": [r for r in records if r["kind"] == "step" and "tokens" in r and "loss" in r],
             "evals": [r for r in records if r["kind"] == "eval" and "tokens" in r and "val_loss" in r],
-            "entropy": entropy if isinstance(entropy, (int, float)) and math.isfinite(entropy) else None}
+            "entropy": entropy if isinstance(entropy, (int, float)) and math.isfinite(entropy) else None,
+            "tokenizer": data.get("tokenizer_sha256")}
 
 
-CURVE_FIELDS = ("kind", "step", "tokens", "time", "loss", "val_loss", "val_bpb", "train_bpb", "bpb")
+CURVE_FIELDS = ("kind", "step", "tokens", "time", "loss", "val_loss", "val_bpb", "train_bpb", "train_loss")
 
 
 def _curve_point(r: dict) -> dict | None:
@@ -75,6 +76,27 @@ def check_image_path(out: str, flag: str = "--out", make_parents: bool = False) 
         raise UserError(f"{flag} {out}: the folder {path.parent} does not exist; create it or write elsewhere")
 
 
+def _plot_run(ax, run: dict, x: str, c, bpb: bool, shared: bool) -> None:
+    """One run's curves on one axis: step losses and validation in nats per token, or (bpb) the evaluations'
+    train and validation bits per byte."""
+    evals = [r for r in run["evals"] if r.get(x) is not None]
+    if bpb:
+        pts = [r for r in evals if r.get("val_bpb") is not None]
+        ax.plot([r[x] for r in pts], [r.get("train_bpb") for r in pts], "s--", color=c, ms=3, alpha=0.6,
+                label=f"{run['name']}: train (evaluation batches)")
+        ax.plot([r[x] for r in pts], [r["val_bpb"] for r in pts], "o-", color=c, ms=4, label=f"{run['name']}: validation")
+        return
+    steps = [r for r in run["steps"] if r.get(x) is not None]
+    ax.plot([r[x] for r in steps], [r["loss"] for r in steps], color=c, lw=1, alpha=0.6,
+            label=f"{run['name']}: train (step batches)")
+    if evals:  # a run stopped before its first evaluation has no validation curve to list
+        ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=c, ms=4,
+                label=f"{run['name']}: validation")
+    if run["entropy"] and not shared:
+        ax.axhline(run["entropy"], color=c, ls="--", lw=0.9,
+                   label=f"{run['name']}: unigram entropy {run['entropy']:.2f} (a model ignoring context)")
+
+
 def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
     """Train and validation loss against tokens seen and against wall time, runs overlaid."""
     from matplotlib.ticker import EngFormatter
@@ -87,34 +109,28 @@ def plot_runs(run_dirs: list[str], out: str) -> list[dict]:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     entropies = {round(r["entropy"], 6) for r in runs if r["entropy"]}
     shared = len(entropies) == 1 and all(r["entropy"] for r in runs)  # one corpus: one reference line
-    if shared:
+    if shared and len({r["tokenizer"] for r in runs}) <= 1:
         for ax in axes:
             ax.axhline(runs[0]["entropy"], color="gray", ls="--", lw=1,
                        label=f"unigram entropy {runs[0]['entropy']:.2f} of the corpus (a model ignoring context)")
+    # runs with different tokenizers: nats per token do not compare, bits per byte do (the evaluations')
+    bpb = len({r["tokenizer"] for r in runs}) > 1
     for i, run in enumerate(runs):
         c = colors[i % len(colors)]
         for ax, x in zip(axes, ("tokens", "minutes")):
-            steps = [r for r in run["steps"] if r.get(x) is not None]
-            evals = [r for r in run["evals"] if r.get(x) is not None]
-            ax.plot([r[x] for r in steps], [r["loss"] for r in steps], color=c, lw=1, alpha=0.6,
-                    label=f"{run['name']}: train (step batches)")
-            if evals:  # a run stopped before its first evaluation has no validation curve to list
-                ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", color=c, ms=4,
-                        label=f"{run['name']}: validation")
-            if run["entropy"] and not shared:
-                ax.axhline(run["entropy"], color=c, ls="--", lw=0.9,
-                           label=f"{run['name']}: unigram entropy {run['entropy']:.2f} (a model ignoring context)")
+            _plot_run(ax, run, x, c, bpb, shared)
     axes[0].set_xlabel("tokens seen")
     axes[0].xaxis.set_major_formatter(EngFormatter(sep=""))
     axes[1].set_xlabel("wall-clock time since the run's first record (minutes)")
-    axes[0].set_ylabel("cross-entropy (nats per token)")
+    axes[0].set_ylabel("bits per byte (evaluations)" if bpb else "cross-entropy (nats per token)")
     axes[0].set_title("Loss against tokens seen")
     axes[1].set_title("Loss against wall-clock time")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
     axes[1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"minigpt training curves: {', '.join(r['name'] for r in runs)}")
+    fig.suptitle(f"minigpt training curves: {', '.join(r['name'] for r in runs)}"
+                 + ("\n(their tokenizers differ, so nats per token would not compare: bits per byte)" if bpb else ""))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

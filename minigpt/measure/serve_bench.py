@@ -171,8 +171,9 @@ CONVENTION = ("measured against a running server: TTFT = arrival to first stream
               "tokens never became visible text has its TTFT at its end and no TPOT)")
 
 
-def bench_serve(load: Load, rates: list[float]) -> dict:
-    """A sweep over arrival rates against one server: one point (summarize) per rate."""
+def bench_serve(load: Load, rates: list[float], progress=None) -> dict:
+    """A sweep over arrival rates against one server: one point (summarize) per rate. `progress(line)` hears of
+    each point as it is measured (a sweep takes minutes)."""
     check_load(load)
     model = server_model(load)
     context = model.get("max_model_len")
@@ -180,7 +181,10 @@ def bench_serve(load: Load, rates: list[float]) -> dict:
         raise UserError(f"--prompt-tokens up to {load.prompt_tokens[1]} + --output-tokens up to {load.output_tokens[1]} "
                         f"exceed the served model's context of {context}: shorten the ranges")
     vocab = int(model.get("vocab_size") or 256)
-    points = [run_load(Load(**{**asdict(load), "rate": r}), model["id"], vocab) for r in rates]
+    points = []
+    for r in rates:
+        points.append(run_load(Load(**{**asdict(load), "rate": r}), model["id"], vocab))
+        _said(progress, "", r, points[-1], len(points), len(rates))
     return {"bench": "serve", "url": load.url, "model": model["id"], "max_model_len": context, "vocab_size": vocab,
             "server": model.get("minigpt"), "load": {k: v for k, v in asdict(load).items() if k not in ("api_key", "url", "rate")},
             "points": points, "measured_at": time.time(), "convention": CONVENTION}
@@ -210,16 +214,25 @@ def start_server(run: str, batching: str, max_batch: int, threads: int) -> tuple
     raise UserError(f"minigpt serve --run {run} did not answer within a minute")
 
 
-def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 8, threads: int = 1) -> dict:
+def _said(progress, label: str, rate: float, point: dict, done: int, total: int) -> None:
+    if progress is not None:
+        tps = point.get("output_throughput_tokens_per_s")
+        progress(f"bench serve: {done}/{total} {label}rate {rate:g}/s"
+                 f"{' (all at once)' if rate == 0 else ''}: {tps if tps is not None else '?'} output tokens/s (measured)")
+
+
+def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 8, threads: int = 1,
+                     progress=None) -> dict:
     """The same load against `serve --batching static` and `--batching continuous` (one build, two processes), the
     rates interleaved (static then continuous at each) so a change in the machine's load falls on both."""
     servers = {b: start_server(run, b, max_batch, threads) for b in ("static", "continuous")}
     try:
         heads = {b: bench_serve(Load(**{**asdict(load), "url": url}), []) for b, (_, url) in servers.items()}
-        for r in rates:
+        for i, r in enumerate(rates):
             for b, (_, url) in servers.items():
                 heads[b]["points"].append(run_load(Load(**{**asdict(load), "url": url, "rate": r}), heads[b]["model"],
                                                    heads[b]["vocab_size"]))
+                _said(progress, f"{b} batching, ", r, heads[b]["points"][-1], i + 1, len(rates))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
