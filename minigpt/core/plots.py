@@ -201,19 +201,22 @@ def plot_costs(points: list[dict], path: str, gpu: str, mfu: float | None, num_g
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))
     at = f"MFU {mfu:.0%} (given)" if mfu else "MFU predicted per model (step-time model)"
-    styles = {"extrapolated": ("s", f"extrapolated: {num_gpus:,} x {gpu}, {at}, of the bf16 datasheet peak"),
+    styles = {"extrapolated": ("s", f"extrapolated: {num_gpus:,} x {gpu} (bf16 datasheet peak)"),
               "measured": ("o", "measured here: wall-clock x processes of a minigpt run")}
     for kind, (marker, label) in styles.items():
         pts = [p for p in points if p["kind"] == kind]
         if pts:
             ax.scatter([p["params"] for p in pts], [p["gpu_hours"] for p in pts], marker=marker, s=45, label=label)
-            for p in pts:
+            for i, p in enumerate(sorted(pts, key=lambda q: q["params"])):
                 mfu_note = f", MFU {p['mfu']:.0%}" if "mfu" in p and not mfu else ""
+                # neighbours' labels alternate right-below and left-above their points: close sizes never overlap
+                right = i % 2 == 0
                 ax.annotate(f"{p['name']} ({count(p['tokens'])} tokens{mfu_note})", (p["params"], p["gpu_hours"]), fontsize=7,
-                            xytext=(5, -3), textcoords="offset points")
+                            xytext=(6, -9) if right else (-6, 5), textcoords="offset points",
+                            ha="left" if right else "right")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(right=max(p["params"] for p in points) * 30)  # room for the largest point's label
+    ax.set_xlim(left=min(p["params"] for p in points) / 12, right=max(p["params"] for p in points) * 30)  # labels' room
     measured = any(p["kind"] == "measured" for p in points)
     ax.set_xlabel("parameters active per token (a mixture of experts: its shared weights and the experts it uses)")
     ax.set_ylabel("training cost (device-hours; each point at its own token count)")
@@ -221,7 +224,7 @@ def plot_costs(points: list[dict], path: str, gpu: str, mfu: float | None, num_g
                  f"extrapolated on {gpu} at {at}" + ("; measured runs are tiny CPU runs, on the same axis"
                                                               if measured else ""))
     ax.grid(alpha=0.3, which="major")
-    ax.legend(fontsize=8, loc="center right")  # the points run bottom left to top right
+    ax.legend(fontsize=8, loc="lower right")  # the points run bottom left to top right: that corner is empty
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -271,20 +274,26 @@ def _stacked_bars(ax, parts: dict[str, list[float]]) -> list[float]:
 
 
 def plot_step_parts(rows: list[dict], path: str, title: str) -> None:
-    """Stacked bars: each run's predicted step split into its parts (share of the step), with the
-    predicted/published ratio above each bar."""
+    """Horizontal stacked bars, one run a row (readable whatever the count): each run's predicted step split into its
+    parts (share of the step), the predicted/published ratio at the end of each bar, the legend above the bars."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5))
-    _stacked_bars(ax, {part: [r["parts_fraction"][part] for r in rows] for part in rows[0]["parts_fraction"]})
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.24 * len(rows)))
+    parts = list(rows[0]["parts_fraction"])
+    left = [0.0] * len(rows)
+    for part in parts:
+        values = [r["parts_fraction"][part] for r in rows]
+        ax.barh(range(len(rows)), values, left=left, label=part, height=0.75)
+        left = [a + v for a, v in zip(left, values)]
     for i, r in enumerate(rows):
-        ax.text(i, 1.01, f"{1 + r['error']:.2f}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("share of the predicted step")
-    ax.set_ylim(0, 1.08)
-    ax.set_title(f"{title} (number above a bar: predicted / published throughput)", fontsize=9)
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+        ax.text(1.01, i, f"{1 + r['error']:.2f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the table's order, top to bottom, no empty margin
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("share of the predicted step; the number after a bar: predicted / published throughput")
+    ax.set_title(title, fontsize=10, pad=34)
+    ax.legend(fontsize=7, ncol=min(5, len(parts)), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -293,13 +302,16 @@ def plot_serve_sweep(curves: dict[str, list[dict]], path: str, title: str, user_
     server (e.g. continuous and static batching), each point labelled with its rate; the reader's speed marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    for label, points in curves.items():
+    for n, (label, points) in enumerate(curves.items()):
         pts = [p for p in points if p.get("per_user_tokens_per_s")]
         x = [p["per_user_tokens_per_s"]["p50"] for p in pts]
         y = [p["output_throughput_tokens_per_s"] for p in pts]
         ax.plot(x, y, "o-", label=label)
         for xi, yi, p in zip(x, y, pts):
-            ax.annotate(f"{p['rate_requests_per_s'] or 'all'}/s", (xi, yi), fontsize=7, xytext=(3, 3),
+            # each curve labels its points on its own side (the first right-above, the next left-below): the curves
+            # run close together, so shared offsets overlap
+            ax.annotate(f"{p['rate_requests_per_s'] or 'all'}/s", (xi, yi), fontsize=7,
+                        xytext=(4, 4) if n % 2 == 0 else (-4, -11), ha="left" if n % 2 == 0 else "right",
                         textcoords="offset points")
     ax.axvline(user_target, color="grey", linestyle=":", label=f"{user_target:g} tokens/s a reader needs")
     ax.set_xlabel("tokens/s per user (median request, measured: 1 / time per output token)")
