@@ -17,7 +17,7 @@ from minigpt.commands.flags import (
     threads_flag,
 )
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import to_json
+from minigpt.core.fmt import fit, to_json
 
 
 def cmd_generate(args) -> None:
@@ -159,9 +159,9 @@ def cmd_eval(args) -> None:
     if args.json:
         print(to_json(record))
         return
-    print(f"eval {args.run} (step {step}) on {what}: {r['tokens_scored']:,} tokens = {r['bytes_scored']:,} bytes scored "
+    print(fit(f"eval {args.run} (step {step}) on {what}: {r['tokens_scored']:,} tokens = {r['bytes_scored']:,} bytes scored "
           f"with a {r['context_tokens']}-token window advancing {r['stride_tokens']} (at least {r['min_history_tokens']} "
-          f"tokens of history)")
+          f"tokens of history)"))
     print(f"loss {r['loss_nats_per_token']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
           f"{r['bits_per_byte']:.4f} bits/byte (comparable across tokenizers)")
 

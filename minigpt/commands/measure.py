@@ -21,7 +21,7 @@ from minigpt.commands.flags import (
 )
 from minigpt.commands.serve import cmd_bench_serve
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import to_json
+from minigpt.core.fmt import fit, to_json
 from minigpt.core.plan import KEYS as PLAN_KEYS, parse_keys
 
 
@@ -32,7 +32,7 @@ def cmd_flops(args) -> None:
 
     cfg = load_cli_config(args)
     r = flops_report(cfg.model, args.batch_size, args.seq_len or cfg.model.block_size, device=args.device)
-    print(to_json(r) if args.json else flops_table(r))
+    print(to_json(r) if args.json else fit(flops_table(r)))
 
 
 def cmd_flops_sweep(args) -> None:
@@ -68,7 +68,7 @@ def cmd_memory(args) -> None:
             return
         print(f"model states per GPU for {args.params:.4g} parameters, {precision}, dp={args.dp} (ZeRO paper layout):")
         print("\n".join(zero_stage_lines(table)))
-        print("\n".join(deepspeed_estimate_lines(table, ds)))
+        print(fit(deepspeed_estimate_lines(table, ds)))
         return
     import torch
 
@@ -81,7 +81,7 @@ def cmd_memory(args) -> None:
     precision = args.precision or resolve_precision(cfg.train.precision, torch.device(args.device))
     r = memory_report(cfg.model, args.batch_size or cfg.train.micro_batch_size, args.seq_len or cfg.model.block_size,
                       precision, device=args.device, fake=args.fake, dp=args.dp, recompute=args.recompute)
-    print(to_json(r) if args.json else memory_table(r))
+    print(to_json(r) if args.json else fit(memory_table(r)))
 
 
 def cmd_bench_decode(args) -> None:
@@ -131,7 +131,7 @@ def cmd_simulate(args) -> None:
     spec = SimSpec(ParallelPlan.from_keys(keys, args.world), args.precision, args.reduce_precision or "",
                    args.micro_batch, args.seq_len, args.recompute, args.micro_batches)
     r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
-    print(to_json(r) if args.json else simulate_table(r))
+    print(to_json(r) if args.json else fit(simulate_table(r)))
 
 
 def cmd_bench_collectives(args) -> None:
