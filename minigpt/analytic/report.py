@@ -394,7 +394,10 @@ def simulate_table(r: dict) -> str:
               f"memory per GPU, simulated {fmt_bytes(g['simulated_bytes'])} beside extrapolate's "
               f"{fmt_bytes(g['extrapolate_bytes'])} for the same plan (states {fmt_bytes(g['extrapolate_model_states_bytes'])}, "
               f"activations {fmt_bytes(g['extrapolate_activations_bytes'])}): simulated/extrapolate "
-              + (f"{q:.3f}" if q is not None else "-"), f"  ({g['convention']})", "",
+              + (f"{q:.3f}" if q is not None else "-"), f"  ({g['convention']})",
+              (f"  fits one {g['gpu']} ({fmt_bytes(g['gpu_memory_bytes'])})" if g.get("fits", True) else
+               f"  DOES NOT FIT one {g['gpu']} ({fmt_bytes(g['gpu_memory_bytes'])}): shard more (a larger dp with zero=3, "
+               f"or more tp or pp)"), "",
               f"{'collectives per rank per step':<32}{'group':>10}{'count':>8}{'bytes sent per rank (ring)':>30}"]
     for c in r["collectives"]:
         lines.append(f"{c['op']:<32}{c['group'] + ' of ' + str(c['group_size']):>10}{c['count']:>8,}"
@@ -409,7 +412,8 @@ def simulate_table(r: dict) -> str:
     total_ratio = f"{r['comm_ratio']:.4f}" if r["comm_ratio"] is not None else "-"
     lines += [f"  all: counted {fmt_bytes(r['comm_bytes_per_rank'])}, formula {fmt_bytes(r['predicted_comm_bytes_per_rank'])}, "
               f"counted/formula {total_ratio}", "",
-              f"time per step on {t['gpu']}: compute {t['compute_s']:.3f} s, tensor-parallel traffic {t['tp_comm_s']:.3f} s "
+              f"time of one micro-batch on {t['gpu']} (and the step's data-parallel reduction): compute {t['compute_s']:.3f} s, "
+              f"tensor-parallel traffic {t['tp_comm_s']:.3f} s "
               f"({t['tp_link']}), data-parallel (and expert all-to-all) {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
               f"{t['comm_share']:.0%} of the step",
               f"  ({t['convention']})", *_pipeline_lines(r.get("pipeline")), f"simulated in {r['elapsed_s']:.1f} s"]

@@ -9,7 +9,6 @@ import re
 import sys
 
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import fit
 
 STOP_EXIT = {"SIGTERM": 128 + 15, "SIGINT": 128 + 2}
 
@@ -82,14 +81,11 @@ def apply_threads(args) -> str:
 
 
 def log_for(args):
-    """Where a long command's lines go: stdout, or with --json stderr (stdout then holds the one summary object);
-    wrapped at 120 columns (core/fmt.fit), what a terminal holds."""
-    out = sys.stderr if getattr(args, "json", False) else None
-
-    def log(*a, **k):
-        sep = k.pop("sep", " ")
-        print(fit(sep.join(str(x) for x in a)), **{**k, "file": out or k.get("file") or sys.stdout})
-    return log
+    """Where a long command's lines go: stdout, or with --json stderr (stdout then holds the one summary object).
+    Not wrapped: a run's lines hold commands to paste whole (`resume with: minigpt train --resume DIR`)."""
+    if getattr(args, "json", False):
+        return lambda *a, **k: print(*a, **{**k, "file": sys.stderr})
+    return print
 
 
 def quantize_loaded(model, args) -> None:

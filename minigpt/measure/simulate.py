@@ -280,6 +280,8 @@ def predicted_memory(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: 
     half = PRECISION_BYTES[spec.precision]
     gathered = {0: 0.0, 1: half * per_rank.total, 2: half * per_rank.total}.get(plan.zero,
                                                                                 half * (per_rank.root + per_rank.block))
+    if plan.zero >= 3 and n == 1:  # nothing is sharded over one rank, so nothing is gathered (measured: 0)
+        gathered = 0.0
     s, b = spec.seq(c), spec.micro_batch
     per_layer = M.korthikanti_activation_bytes_per_layer(c, b, s, flash=True, recompute=spec.recompute, tp=plan.tp,
                                                          sequence_parallel=plan.sp)  # a mixture's MLP from the inventory
@@ -370,7 +372,7 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
         "params_total": F.param_counts(c).total, "params_per_tp_rank": per_rank.total,
         "memory_per_rank": memory, "predicted_memory_per_rank": predicted,
         "memory_ratio": {k: _ratio(memory[k], predicted[k]) for k in MEMORY_KEYS},
-        "memory_per_gpu": _memory_per_gpu(c, spec, memory),
+        "memory_per_gpu": _memory_per_gpu(c, spec, memory, gpu),
         "collectives": collectives,
         "comm_bytes_per_rank": sum(counted.values()), "comm_bytes_per_rank_by_group": counted,
         "predicted_comm_bytes_per_rank": sum(formula.values()), "predicted_comm_bytes_per_rank_by_group": formula,
@@ -422,13 +424,14 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _memory_per_gpu(c: ModelConfig, spec: SimSpec, memory: dict) -> dict:
+def _memory_per_gpu(c: ModelConfig, spec: SimSpec, memory: dict, gpu: GPUSpec) -> dict:
     """The simulated stage's memory with the activations a 1F1B first stage keeps in flight (pp
     micro-batches), beside extrapolate's per-GPU estimate for the same model and plan."""
     pp = spec.plan.pp
     simulated = memory["total"] + (pp - 1) * memory["activations_peak"]
     predicted = per_gpu_bytes(c, spec.plan, spec.seq(c), spec.micro_batch, recompute=spec.recompute)
     return {"simulated_bytes": simulated, "extrapolate_bytes": predicted["total"],
+            "gpu": gpu.name, "gpu_memory_bytes": gpu.memory_gb * 1e9, "fits": simulated <= gpu.memory_gb * 1e9,
             "extrapolate_model_states_bytes": predicted["model_states"],
             "extrapolate_activations_bytes": predicted["activations"],
             "simulated_over_extrapolate": _ratio(simulated, predicted["total"]),
