@@ -16,6 +16,7 @@ import torch
 
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
+from minigpt.core.progress import note
 from minigpt.measure.compress import compare
 from minigpt.run.load import load_run
 
@@ -32,6 +33,8 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     busy, how = busy_cores()
+    note(f"bench_compress: {args.run} in fp32, int8 and int4: weight bytes, decode speed ({args.rounds} rounds of "
+         f"{args.new_tokens} tokens), validation bpb; the result is one JSON line on stdout")
     rows = compare(args.run, model, tokenizer, cfg, new_tokens=args.new_tokens, rounds=args.rounds)
     print(json.dumps({"bench": "compress", "run": args.run, "step": step, "params": model.num_params(),
                       "device_name": device_name(torch.device("cpu")), "cpu_cores": os.cpu_count(),

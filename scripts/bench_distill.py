@@ -18,6 +18,7 @@ import torch
 from minigpt.apps.distill_bench import STUDENT, compare
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
+from minigpt.core.progress import note
 
 
 def main() -> None:
@@ -31,6 +32,8 @@ def main() -> None:
     busy, how = busy_cores()
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            note(f"bench_distill: students from scratch and distilled from {args.teacher}, {args.steps} steps per seed "
+                 f"{args.seeds}; a line per training, the result one JSON line on stdout")
             rows = compare(Path(tmp), args.teacher, args.steps, [int(s) for s in args.seeds.split(",")],
                            args.eval_iters, args.set)
     except UserError as e:

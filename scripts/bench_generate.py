@@ -18,6 +18,7 @@ import torch
 
 from minigpt.core.config import load_config, resolve_preset
 from minigpt.core.device import device_name, resolve_device
+from minigpt.core.progress import note
 from minigpt.measure.bench import bench_decode, bench_hardware
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import DTYPES
@@ -41,6 +42,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(load_config(resolve_preset(args.config)).model).to(device).eval()
     model.to(DTYPES[args.dtype])
+    note(f"bench_generate: the copy bandwidth, then decode at batch {args.batch or [1, 8]}, eager and compiled "
+         f"(compiling takes a while); the result is one JSON line on stdout")
     hw = bench_hardware(str(device), dtypes=["fp32"])
     rows = bench_decode(model, args.batch or [1, 8], args.prompt_tokens, args.new_tokens, [False, True],
                         hw["copy_bandwidth_gbs"])

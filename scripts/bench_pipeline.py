@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from minigpt.core.config import ModelConfig
 from minigpt.core.device import busy_cores, device_name
+from minigpt.core.progress import note
 from minigpt.measure.bubble import run_rank
 
 
@@ -41,6 +42,8 @@ def main() -> None:
     busy, how = busy_cores()
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
+    note(f"bench_pipeline: {args.ranks} gloo ranks time schedules {args.schedules} at micro-batches {ms}, "
+         f"{args.steps} steps each; the result is one JSON line on stdout")
     mp.start_processes(run_rank, args=(args.ranks, port, c, args.schedules.split(","), ms, 4, args.steps, results),
                        nprocs=args.ranks, start_method="spawn")
     rows = [r for _ in range(args.ranks) for r in results.get()]

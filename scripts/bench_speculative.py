@@ -18,6 +18,7 @@ import torch
 
 from minigpt.analytic.flops import param_counts
 from minigpt.core.device import device_name
+from minigpt.core.progress import note
 from minigpt.infer.speculative import bench_speculative, check_pair
 from minigpt.run.load import load_run
 
@@ -37,6 +38,8 @@ def main() -> None:
     draft, dtok, dcfg, dstep = load_run(args.draft)
     check_pair(target, draft, tok.get_vocab(), dtok.get_vocab())
     prompts = [tok.encode(t).ids for t in PROMPTS]
+    note(f"bench_speculative: plain and speculative decoding at K = {args.k or [2, 4, 6]}, {args.repeats} repeats of "
+         f"{len(prompts)} prompts, interleaved; the result is one JSON line on stdout")
     rows = bench_speculative(target, draft, prompts, args.new_tokens, args.k or [2, 4, 6], args.temperature, args.repeats)
     describe = lambda c, s: {"params": param_counts(c.model).total, "n_layer": c.model.n_layer,  # noqa: E731
                              "n_embd": c.model.n_embd, "step": s}

@@ -18,6 +18,7 @@ import torch
 
 from minigpt.apps.speedrun import RECIPES, speedrun
 from minigpt.core.device import busy_cores, device_name
+from minigpt.core.progress import note
 
 
 def main() -> None:
@@ -35,6 +36,8 @@ def main() -> None:
         sys.exit(2)
     busy, how = busy_cores()
     with tempfile.TemporaryDirectory() as tmp:
+        note(f"bench_speedrun: {len(recipes)} recipes x seeds {args.seeds}, {args.budget:g} s of training each; a line "
+             f"per training, the result one JSON line on stdout")
         result = speedrun(Path(tmp), recipes, [int(s) for s in args.seeds.split(",")], args.budget, args.eval_iters,
                           args.set)
     print(json.dumps({"bench": "speedrun", "budget_s": args.budget, "eval_iters": args.eval_iters,

@@ -17,6 +17,7 @@ import torch
 
 from minigpt.apps.steptime_check import SHAPES, check_data_parallel, check_shape
 from minigpt.core.device import busy_cores, device_name
+from minigpt.core.progress import note
 from minigpt.measure.bench import matmul_tflops
 
 
@@ -34,7 +35,10 @@ def main() -> None:
     busy, how = busy_cores()
     peak = matmul_tflops(torch.device("cpu"), torch.float32, 1024, 10)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [check_shape(s, Path(tmp), args.steps, peak) for s in shapes]
+        rows = []
+        for i, s in enumerate(shapes):
+            note(f"bench_steptime: {i + 1}/{len(shapes)} {s}: a {args.steps}-step minigpt train run, timed")
+            rows.append(check_shape(s, Path(tmp), args.steps, peak))
         if args.dp > 1:
             rows.append(check_data_parallel(Path(tmp), args.steps, args.dp))
     print(json.dumps({"bench": "steptime_cpu", "device_name": device_name(torch.device("cpu")),

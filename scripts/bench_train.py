@@ -39,6 +39,7 @@ from minigpt.core.device import configure_device, device_name, resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import choose_peak
 from minigpt.core.plan import ParallelPlan, batch_layout
+from minigpt.core.progress import Progress, note
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, lr_at
 from minigpt.parallel.distributed import init_distributed
@@ -146,7 +147,11 @@ def main() -> None:
                 "baseline": baseline_step(cfg, env.device, False), "baseline_compiled": baseline_step(cfg, env.device, True)}
     times = {k: [] for k in variants}
     order = random.Random(0)
+    note(f"bench_train: {len(variants)} step variants x {args.warmup + args.steps} rounds ({args.warmup} warmup), "
+         f"interleaved; progress every few seconds, the result one JSON line on stdout")
+    progress = Progress(args.warmup + args.steps, "bench_train", "rounds")
     for i in range(args.warmup + args.steps):
+        progress.update()
         names = list(variants)
         order.shuffle(names)  # no variant always runs right after the same one
         for name in names:

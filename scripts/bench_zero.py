@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from minigpt.core.device import device_name
+from minigpt.core.progress import note
 
 SETTINGS = [
     ("ddp", []),
@@ -46,7 +47,8 @@ def main() -> None:
         env["DS_ACCELERATOR"] = "cpu"
     ddp_ms = None
     wanted = set(args.only.split(",")) if args.only else None
-    for name, sets in SETTINGS:
+    for i, (name, sets) in enumerate(SETTINGS):
+        note(f"bench_zero: {i + 1}/{len(SETTINGS)} {name}: a torchrun training run")
         if wanted and name not in wanted:
             continue
         with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from minigpt.core.config import load_config, resolve_preset
+from minigpt.core.progress import note
 
 STUDENT = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"]
 
@@ -33,4 +34,9 @@ def _run(root: Path, name: str, teacher: str, steps: int, seed: int, eval_iters:
 
 
 def compare(root: Path, teacher: str, steps: int, seeds: list[int], eval_iters: int, extra: list[str]) -> list[dict]:
-    return [_run(root, name, teacher, steps, seed, eval_iters, extra) for seed in seeds for name in ("scratch", "distilled")]
+    jobs = [(seed, name) for seed in seeds for name in ("scratch", "distilled")]
+    out = []
+    for i, (seed, name) in enumerate(jobs):
+        note(f"distill bench: {i + 1}/{len(jobs)} the {name} student, seed {seed}, {steps} steps")
+        out.append(_run(root, name, teacher, steps, seed, eval_iters, extra))
+    return out

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from minigpt.core.config import load_config, resolve_preset
+from minigpt.core.progress import note
 
 RECIPES: dict[str, list[str]] = {
     "tiny": [],  # the preset: learned positions, LayerNorm, GELU, tied head, AdamW, cosine
@@ -75,7 +76,11 @@ def run_recipe(name: str, root: Path, budget_s: float, seed: int, eval_iters: in
 def speedrun(root: Path, recipes: list[str], seeds: list[int], budget_s: float, eval_iters: int,
              extra: list[str]) -> dict:
     """Every recipe at every seed, recipes back to back within a seed; the mean bpb and spread per recipe."""
-    runs = [run_recipe(name, root, budget_s, seed, eval_iters, extra) for seed in seeds for name in recipes]
+    jobs = [(seed, name) for seed in seeds for name in recipes]
+    runs = []
+    for i, (seed, name) in enumerate(jobs):
+        note(f"speedrun: {i + 1}/{len(jobs)} {name}, seed {seed}, {budget_s:g} s of training")
+        runs.append(run_recipe(name, root, budget_s, seed, eval_iters, extra))
     table = []
     for name in recipes:
         bpb = [r["val_bpb"] for r in runs if r["recipe"] == name]

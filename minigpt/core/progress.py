@@ -55,3 +55,9 @@ class Progress:
         elif self.enabled and self.done and time.monotonic() - self.start >= self.every:
             sys.stderr.write(f"{self.desc}: {self.done:,.0f} {self.unit} in {time.monotonic() - self.start:.1f} s\n")
             sys.stderr.flush()
+
+
+def note(what: str) -> None:
+    """One progress line on stderr (a benchmark's stdout holds its one JSON line)."""
+    sys.stderr.write(what + "\n")
+    sys.stderr.flush()
