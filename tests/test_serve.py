@@ -354,6 +354,10 @@ def test_bench_serve_measures_the_server_and_its_result_sizes_a_fleet(server, tm
     for p in result["points"]:
         assert p["completed"] == 7 and p["failed"] == 0 and 7 * 5 <= p["output_tokens"] <= 7 * 9, (p["errors"], p["output_tokens"])
         assert p["ttft_ms"]["p50"] <= p["e2e_ms"]["p50"] and p["tpot_ms"]["p50"] > 0
+        # ITL pools every gap between streamed pieces: each is at most a request's whole decode; goodput counts
+        # only requests inside both targets, so never more than the completed requests' rate
+        assert 0 <= p["itl_ms"]["p50"] <= p["e2e_ms"]["p99"] and p["itl_ms"]["p99"] >= p["itl_ms"]["p50"]
+        assert 0 <= p["goodput_requests_per_s"] <= p["request_throughput_per_s"] and p["goodput_slo"]["tpot_ms"] > 0
         # the median of 1 / TPOT per request: at least 1 / the 90th percentile TPOT, the slowest tenth below it
         speed = p["per_user_tokens_per_s"]
         assert 1e3 / p["tpot_ms"]["p90"] <= speed["p50"] * 1.001 and speed["p10"] <= speed["p50"]

@@ -283,6 +283,10 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--output-tokens", type=span_arg, default=(32, 64), help="max_tokens range LO:HI (default 32:64)")
     q.add_argument("--seed", type=number(int, 0), default=0, help="seed of the lengths, prompts and gaps")
     q.add_argument("--api-key", help="the server's key (default: $MINIGPT_API_KEY)")
+    q.add_argument("--ttft-slo-ms", type=number(float, 0, 1e7, lo_open=True), default=1000.0,
+                   help="goodput's time-to-first-token target (default 1000 ms)")
+    q.add_argument("--tpot-slo-ms", type=number(float, 0, 1e7, lo_open=True), default=1000 / 30,
+                   help="goodput's time-per-output-token target (default 33.3 ms: 30 tokens/s, a reader's pace)")
     q.add_argument("--out", help="also write the JSON here, the plot beside it (.png)")
     q.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     q.set_defaults(func=cmd_bench_serve)

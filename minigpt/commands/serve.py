@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minigpt.commands.flags import apply_threads, device_arg, number, quantize_flag, threads_flag
 from minigpt.core.errors import UserError
-from minigpt.core.fmt import to_json
+from minigpt.core.fmt import fit, to_json
 
 
 def cmd_serve(args) -> None:
@@ -42,7 +42,7 @@ def cmd_bench_serve(args) -> None:
 
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
     load = Load(args.url, 0.0, args.arrivals, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
-                args.seed, key)
+                args.seed, key, ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=args.tpot_slo_ms / 1e3)
     if args.out:
         check_image_path(str(Path(args.out).with_suffix(".png")), "--out", make_parents=True)
     result = bench_serve(load, args.rate or [2.0], progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -59,8 +59,10 @@ def cmd_bench_serve(args) -> None:
         print(f"{rate}: {p['completed']}/{p['requests']} completed, "
               f"{p['output_throughput_tokens_per_s']:,.1f} output tokens/s; per user {u.get('p50', 0):.1f} tokens/s "
               f"(median), {u.get('p10', 0):.1f} (slowest tenth); TTFT p50 {t.get('p50', 0):.0f} ms, p99 {t.get('p99', 0):.0f} "
-              f"ms (measured)")
-    print(f"convention: {result['convention']}")
+              f"ms; ITL p50 {(p['itl_ms'] or {}).get('p50', 0):.1f} ms; goodput {p['goodput_requests_per_s']:g} "
+              f"requests/s within TTFT {p['goodput_slo']['ttft_ms']:g} ms and TPOT {p['goodput_slo']['tpot_ms']:.1f} ms "
+              f"(measured)")
+    print(fit(f"convention: {result['convention']}"))
     if args.out:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 

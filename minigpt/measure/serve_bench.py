@@ -41,6 +41,8 @@ class Load:
     seed: int = 0
     api_key: str = ""
     timeout_s: float = 300.0
+    ttft_slo_s: float = 1.0  # goodput's targets (vLLM's --goodput): the first text within a second,
+    tpot_slo_s: float = 1 / 30  # and at least 30 tokens/s after it, a reader's pace
 
 
 def check_load(load: Load) -> None:
@@ -88,15 +90,18 @@ def _one(load: Load, model: str, prompt: list[int], max_tokens: int, t_arrive: f
     """One streamed completion: its arrival, first text, end, output tokens, and error (None when it succeeded)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    out = {"arrive": t_arrive, "first": None, "end": None, "prompt_tokens": len(prompt), "output_tokens": 0, "error": None}
+    out = {"arrive": t_arrive, "first": None, "end": None, "prompt_tokens": len(prompt), "output_tokens": 0, "error": None,
+           "chunks": []}  # the arrival time of every streamed piece of text (ITL: the gaps between them)
     try:
         with urllib.request.urlopen(_request(load, "/completions", body), timeout=load.timeout_s) as r:
             for line in r:
                 if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                     continue
                 event = json.loads(line[6:])
-                if out["first"] is None and any(c.get("text") for c in event.get("choices", [])):
-                    out["first"] = time.perf_counter()
+                if any(c.get("text") for c in event.get("choices", [])):
+                    out["chunks"].append(time.perf_counter())
+                    if out["first"] is None:
+                        out["first"] = out["chunks"][-1]
                 if event.get("usage"):
                     out["output_tokens"] = event["usage"]["completion_tokens"]
         out["end"] = time.perf_counter()
@@ -147,6 +152,9 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
             if r["output_tokens"] > 1 and r["first"] < r["end"]]
     speeds = [1 / t for t in tpot if t > 0]
     out_tokens = sum(r["output_tokens"] for r in ok)
+    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]  # every gap, pooled (vLLM's ITL)
+    good = [r for r in ok if r["first"] - r["arrive"] <= load.ttft_slo_s and (
+        r["output_tokens"] <= 1 or (r["end"] - r["first"]) / (r["output_tokens"] - 1) <= load.tpot_slo_s)]
     return {
         "rate_requests_per_s": load.rate or None, "arrivals": load.arrivals if load.rate else "all at once",
         "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
@@ -158,6 +166,9 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
         "ttft_ms": _percentiles([r["first"] - r["arrive"] for r in ok], 1e3),
         "tpot_ms": _percentiles(tpot, 1e3),
         "e2e_ms": _percentiles([r["end"] - r["arrive"] for r in ok], 1e3),
+        "itl_ms": _percentiles(itl, 1e3),
+        "goodput_requests_per_s": round(len(good) / wall_s, 4),
+        "goodput_slo": {"ttft_ms": round(load.ttft_slo_s * 1e3, 3), "tpot_ms": round(load.tpot_slo_s * 1e3, 3)},
         # the reader's speed: p50 is the typical request, p10 the slowest tenth (the 90th percentile of TPOT)
         "per_user_tokens_per_s": None if not speeds else {
             "p50": round(statistics.median(speeds), 2),
@@ -166,7 +177,9 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
 
 
 CONVENTION = ("measured against a running server: TTFT = arrival to first streamed text; TPOT = (end-to-end - TTFT) / "
-              "(output tokens - 1); per-user tokens/s = 1 / TPOT per request; output throughput = all output tokens / "
+              "(output tokens - 1); ITL = every gap between streamed pieces of text, pooled over requests; goodput = "
+              "requests meeting both goodput_slo targets (TTFT, TPOT) / wall time (vLLM's definitions); "
+              "per-user tokens/s = 1 / TPOT per request; output throughput = all output tokens / "
               "wall time; token-id prompts, greedy, ignore_eos; percentiles over the completed requests (a request whose "
               "tokens never became visible text has its TTFT at its end and no TPOT)")
 
