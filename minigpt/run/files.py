@@ -133,14 +133,19 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> tuple[Path, int]:
     return folder, step
 
 
-def verify_checkpoint(run_dir: Path, folder: Path, files: dict) -> None:
-    """Every file of a checkpoint's record present, a regular file of its size and SHA-256; nothing on the
-    way a symbolic link. Before any work: what is then loaded is verified again on its own bytes."""
+def _refuse_record_links(run_dir: Path, folder: Path, files: dict) -> None:
+    """Nothing on the way to a recorded file is a symbolic link (the checkpoints folder, the step folder, each
+    part of each listed name): no file outside the run is read, hashed or named."""
     for link in [run_dir / "checkpoints", folder] + [folder.joinpath(*PurePosixPath(f).parts[:i + 1])
                                                     for f in files for i in range(len(PurePosixPath(f).parts))]:
         if link.is_symlink():
             raise UserError(f"{link.relative_to(run_dir)} in {run_dir} is a symbolic link; a run's checkpoints never "
                             f"are: it was not followed (remove the link)")
+
+
+def verify_checkpoint(run_dir: Path, folder: Path, files: dict) -> None:
+    """Every file of a checkpoint's record present, a regular file of its size and SHA-256. Before any work: what
+    is then loaded is verified again on its own bytes."""
     for fname, expected in files.items():
         path = folder / fname
         if not os.path.lexists(path):
@@ -165,6 +170,7 @@ def kept_checkpoint(run_dir: Path, step: int) -> Path:
     files = folder_record(folder)
     if WEIGHTS not in files:
         raise UserError(f"checkpoint {folder}'s record lists no {WEIGHTS}; it cannot be loaded")
+    _refuse_record_links(run_dir, folder, files)
     verify_checkpoint(run_dir, folder, files)
     return folder
 
@@ -184,7 +190,9 @@ def _checked_pointer(run_dir: Path, pointer: dict) -> tuple[Path, int, dict]:
                         f"cannot be loaded from it")
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise UserError(f"{where} is corrupt: it lists no {WEIGHTS}; the run cannot be loaded from it")
-    return run_dir / name, step, check_record(files, str(where))
+    files = check_record(files, str(where))
+    _refuse_record_links(run_dir, run_dir / name, files)  # with or without verify, as before the records split
+    return run_dir / name, step, files
 
 
 def refuse_links(root: Path) -> None:
