@@ -185,8 +185,8 @@ class Scorer:
         if body.max_tokens > MAX_SCORED_NEW:
             raise ApiError(400, f"max_tokens {body.max_tokens} with logprobs/echo: at most {MAX_SCORED_NEW}", code=None)
         block = self.model.config.block_size
-        ids = await asyncio.to_thread(lambda: [_prepare(self.model_name, self.tokenizer, block + 2, self.limits,
-                                                        body.model, p, body.max_tokens, context=False) for p in prompts])
+        ids = await asyncio.to_thread(lambda: [_prepare(self.model_name, self.tokenizer, block, self.limits,
+                                                        body.model, p, body.max_tokens, scoring=True) for p in prompts])
         if self.waiting >= self.limits.max_queue:
             raise ApiError(503, f"{self.waiting} logprobs/echo requests wait to be scored: retry shortly",
                            "server_error", "queue_full", {"Retry-After": "1"})
@@ -260,9 +260,10 @@ def _check_model(name: str, model_name: str) -> None:
 
 
 def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, prompt: str | list[int],
-             max_tokens: int, context: bool = True) -> list[int]:
-    """The prompt's tokens (a text tokenized, or token ids as given), or the 4xx that refuses it. context=False:
-    prompt + max_tokens may pass `block` (scoring slides a window; its work is bounded by max_tokens)."""
+             max_tokens: int, scoring: bool = False) -> list[int]:
+    """The prompt's tokens (a text tokenized, or token ids as given), or the 4xx that refuses it. scoring: the prompt
+    may fill one scoring window (block + 1 tokens) and prompt + max_tokens may pass `block` (scoring slides a window;
+    its work is bounded by max_tokens)."""
     _check_model(name, model_name)
     if max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {limits.max_tokens} "
@@ -276,11 +277,12 @@ def _prepare(model_name: str, tokenizer, block: int, limits: Limits, name: str, 
     ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt).ids
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
-    most = min(limits.max_prompt_tokens or block - 1, block - 1)
+    window = block + 1 if scoring else block - 1  # scoring: one window of block + 1 tokens (the last needs no forward)
+    most = min(limits.max_prompt_tokens or window, window)
     if len(ids) > most:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most {most} (context {block}): "
                             f"shorten it", code="context_length_exceeded", param="prompt")
-    if context and len(ids) + max_tokens > block:
+    if not scoring and len(ids) + max_tokens > block:
         raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}",
                        code="context_length_exceeded", param="max_tokens")
     return ids

@@ -46,8 +46,9 @@ def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ori
     """Copy `tensors` into the model's parameters and persistent buffers; every one must be there, with its
     shape (a second name of a tied matrix excepted), and nothing else."""
     first_names = set(dict(model.named_parameters()))  # a tied matrix under its first name only
+    every_name = set(dict(model.named_parameters(remove_duplicate=False)))
     state = model.state_dict()
-    aliases = {k for k in state if k not in first_names and k in dict(model.named_parameters(remove_duplicate=False))}
+    aliases = (every_name - first_names) & set(state)
     missing = sorted(k for k in state if k not in tensors and k not in aliases)
     unexpected = sorted(k for k in tensors if k not in state)
     wrong = sorted(k for k in tensors if k in state and tuple(tensors[k].shape) != tuple(state[k].shape))
@@ -56,4 +57,4 @@ def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ori
             f"weights in {origin} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}, other "
             f"shapes {wrong[:3]}): the checkpoint was written for another model config"
         )
-    model.load_state_dict({k: v for k, v in tensors.items()}, strict=False)
+    model.load_state_dict(tensors, strict=False)
