@@ -42,11 +42,3 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON-object records of a JSON-lines file written by appends (core/files.iter_jsonl: streamed, a
-    line cut short by a kill or damaged skipped, a FIFO or link refused). A missing file has no records."""
-    from minigpt.core.files import iter_jsonl
-
-    return list(iter_jsonl(path, "records file"))
