@@ -22,13 +22,15 @@ from minigpt.core.hardware import gpu_by_name
 from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
 
 TABLE = Path(__file__).with_name("published_runs.toml")
-SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes", "kernels")
+SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes", "kernels",
+              "first_stage_layers", "last_stage_layers")
 METRICS = ("tflops_per_gpu", "mfu", "step_s", "tokens_per_s_per_gpu")  # what a source may publish
 SETS = ("development", "held-out")
 
 
 # how a code base ran (a family's keys, or a run's own): the Setup's keys and the plan's and rates' settings
-SETTINGS = (*SETUP_KEYS, "model", "schedule", "stages_per_rank", "sequence_parallel", "flash_kernel", "hbm_tbs")
+SETTINGS = (*SETUP_KEYS, "model", "schedule", "stages_per_rank", "sequence_parallel", "flash_kernel", "hbm_tbs",
+            "internode_gbs")
 KEYS = {"family": (*SETTINGS, "assumed"),
         "run": (*SETTINGS, "name", "family", "set", "source", "gpu", "dtype", "plan", "global_batch", "published",
                 "assumed_run"),
@@ -69,7 +71,12 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
     if keys.get("pp", 1) > 1 and run.get("schedule"):
         looped = run["schedule"] in LOOPED
         chunks = run.get("stages_per_rank", 2)
-        even = looped and (c.n_layer // keys["pp"]) % chunks == 0 and c.n_layer % keys["pp"] == 0
+        try:  # more stages than layers: check_run says so
+            counts = [c.n_layer] if keys["pp"] > c.n_layer else T.stage_layers(c.n_layer, keys["pp"], run.get("first_stage_layers", 0), run.get("last_stage_layers", 0))
+        except UserError as e:
+            raise UserError(f"published run {run['name']!r:.60}: {e}") from None
+        even = looped and max(counts) % chunks == 0 and (c.n_layer % keys["pp"] == 0 or "first_stage_layers" in run
+                                                         or "last_stage_layers" in run)
         keys = {**keys, "schedule": run["schedule"] if even or not looped else "1f1b",
                 **({"stages_per_rank": chunks} if even else {})}
     if keys.get("tp", 1) > 1 and run.get("sequence_parallel"):
@@ -81,7 +88,7 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
         raise UserError(f"published run {run['name']!r:.60}: {e}") from None
     gpu = gpu_by_name(run["gpu"])
     check_run(run, c, plan, setup, gpu)
-    rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"))
+    rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"), run.get("internode_gbs"))
     how = T.stands_for(hardware[0], gpu.name) if hardware else None
     if how:
         rates = T.measured_rates(hardware[0], rates, hardware[1], gemms_only=how == "gemms")
@@ -103,6 +110,9 @@ def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu
     if setup.global_batch % (plan.dp * setup.micro_batch):
         raise UserError(f"{where}: global_batch {setup.global_batch} is not a whole number of micro-batches of "
                         f"{setup.micro_batch} on each of dp = {plan.dp} ranks; fix global_batch or the plan")
+    for key in ("hbm_tbs", "internode_gbs"):
+        if key in run and not _positive(run[key]):
+            raise UserError(f"{where}: {key} = {run[key]!r:.30} must be a positive number")
     if run["dtype"] not in gpu.tflops:
         raise UserError(f"{where}: dtype {run['dtype']!r:.20} has no {gpu.name} peak; choose from {', '.join(gpu.tflops)}")
     figures = [v for k, v in run["published"].items() if k in METRICS]

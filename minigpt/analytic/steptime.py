@@ -121,9 +121,13 @@ class Rates:
     sources: dict = field(default_factory=dict)
 
 
-def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: float | None = None) -> Rates:
+def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: float | None = None,
+              internode_gbs: float | None = None) -> Rates:
     """A GPU's achievable rates from cited microbenchmarks. `flash`: "fast" (cuDNN / FlashAttention-3
-    class kernels) or "fa2" (FlashAttention-2, e.g. PyTorch's SDPA flash backend in 2024)."""
+    class kernels) or "fa2" (FlashAttention-2, e.g. PyTorch's SDPA flash backend in 2024). `internode_gbs`:
+    the GB/s per GPU per direction between nodes when not the GPU's DGX default (one NIC per GPU)."""
+    if internode_gbs is not None:
+        gpu = dataclasses.replace(gpu, internode_gbs=float(internode_gbs))
     peak = gpu.tflops[dtype] * 1e12
     mamf, mamf_what = MAMF.get(gpu.name, (0.0, ""))
     matmul = (mamf / gpu.tflops["bf16"]) * peak if mamf else 0.8 * peak
@@ -285,6 +289,10 @@ class Setup:
     act_bytes: int = 2  # bytes per activation element (16-bit)
     grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
+    first_stage_layers: int = 0  # layers on the first / last pipeline stage (Megatron's --decoder-first/last-
+    last_stage_layers: int = 0  # pipeline-num-layers); 0: the rest spread evenly (see stage_layers)
+    capacity_factor: float = 0.0  # a mixture's expert capacity over its even share (Fedus et al. 2021); 0: dropless
+    expert_imbalance: float = 1.0  # dropless: the busiest expert-parallel rank's tokens over the mean
 
     def __post_init__(self):
         choices = (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS))
@@ -295,6 +303,20 @@ class Setup:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{key} = {value!r:.40} must be a positive whole number")
+        for key in ("first_stage_layers", "last_stage_layers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{key} = {value!r:.40} must be a whole number >= 0 (0: an even split)")
+        if not (self.capacity_factor == 0 or 1 <= self.capacity_factor <= 64):
+            raise UserError(f"capacity_factor = {self.capacity_factor!r:.20} must be 0 (dropless) or between 1 and 64")
+        if not 1 <= self.expert_imbalance <= 64:
+            raise UserError(f"expert_imbalance = {self.expert_imbalance!r:.20} must be between 1 (even) and 64")
+
+    @property
+    def expert_load(self) -> float:
+        """Tokens the busiest expert-parallel rank computes over its even share: the capacity when one is set
+        (tokens padded to it, the rest dropped), else the imbalance."""
+        return self.capacity_factor or self.expert_imbalance
 
     @property
     def micro_batches(self) -> int:
@@ -317,12 +339,15 @@ class Gemm:
         return (self.m * self.k + self.k * self.n + self.m * self.n) * self.batch * el
 
 
-def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: str) -> list[Gemm]:
+def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: str, load: float = 1.0) -> list[Gemm]:
     """One layer's forward GEMMs on one tensor-parallel rank for a micro-batch of b sequences of s tokens: one
     per matmul part of the model's inventory (core/blocks.py), split by its `tp` (column: outputs / t; row:
     inputs / t) as training and simulate split it. A mixture routes each token to k experts: each expert's
-    GEMMs see T k / E tokens (Megatron's expert tensor parallelism splits every expert like the dense MLP)."""
-    out = [_split_gemm(part, plan.tp, b * s, part.shape[0]) for part in inventory(c).layer if part.is_matmul]
+    GEMMs see T k / E tokens (Megatron's expert tensor parallelism splits every expert like the dense MLP);
+    over ep expert-parallel ranks a rank runs E / ep experts on the tokens of all ep ranks, T k ep / E each,
+    times `load` (Setup.expert_load: the busiest rank's tokens over its even share)."""
+    out = [_split_gemm(part, plan.tp, b * s, part.shape[0], plan.ep, load)
+           for part in inventory(c).layer if part.is_matmul]
     if attention == "materialized":  # the score GEMMs of the attention core, after the attention projections
         heads, d = b * c.n_head // plan.tp, c.head_dim
         at = sum(1 for g in out if g.name.startswith("attn."))
@@ -330,12 +355,15 @@ def layer_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, attention: s
     return out
 
 
-def _split_gemm(part, t: int, T: int, n_out: int) -> Gemm:
+def _split_gemm(part, t: int, T: int, n_out: int, ep: int = 1, load: float = 1.0) -> Gemm:
     """The forward GEMM of a matmul part (or of n_out of its output rows) on one tensor-parallel rank."""
     n_in = part.shape[1]
     n_out, n_in = (n_out // t, n_in) if part.tp == "column" else (n_out, n_in // t) if part.tp == "row" else (n_out, n_in)
-    rows = T if part.copies == 1 else max(1, T * part.active // part.copies)
-    return Gemm(part.name, rows, n_out, n_in, part.copies)
+    if part.copies == 1:
+        return Gemm(part.name, T, n_out, n_in)
+    split = ep if part.ep else 1
+    rows = max(1, round(T * split * part.active * load / part.copies))
+    return Gemm(part.name, rows, n_out, n_in, part.copies // split)
 
 
 def gemm_seconds(g: Gemm, r: Rates, el: int) -> float:
@@ -502,12 +530,47 @@ def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, 
     return 0.0
 
 
+def stage_layers(n_layer: int, pp: int, first: int = 0, last: int = 0) -> list[int]:
+    """Layers per pipeline stage: `first` and `last` where given (Megatron's --decoder-first/last-pipeline-num-
+    layers; Llama 3 puts one layer fewer on each: Dubey et al. 2024, Sec. 3.3.2), the rest spread evenly over the
+    other stages, one more on the earliest of them when they do not divide (torchtitan's split)."""
+    if pp == 1:
+        return [n_layer]
+    fixed = {0: first, pp - 1: last}
+    free = [i for i in range(pp) if not fixed.get(i)]
+    rest = n_layer - sum(fixed.values())
+    if (free and rest < len(free)) or (not free and rest != 0) or rest < 0:
+        raise UserError(f"first_stage_layers = {first} and last_stage_layers = {last} leave {rest} of the {n_layer} layers "
+                        f"for {len(free)} other stage(s) of pp = {pp}: each stage needs at least one layer and the "
+                        f"stages must hold every layer; change them (0: an even split)")
+    per, extra = divmod(rest, len(free)) if free else (0, 0)
+    return [fixed[i] if fixed.get(i) else per + (1 if free.index(i) < extra else 0) for i in range(pp)]
+
+
 def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
-    """The busiest (last) pipeline stage's time for one micro-batch, forward + backward, by part. Under context
+    """The busiest pipeline stage's time for one micro-batch, forward + backward, by part: the stage whose layers
+    (and, on the last, the LM head and loss) take longest (uneven stages: stage_layers). Under context
     parallelism a rank holds s / cp of each sequence's tokens."""
     b, s, el = setup.micro_batch, setup.seq_len // plan.cp, setup.act_bytes
-    layers = c.n_layer / plan.pp
-    gemms = layer_gemms(c, plan, b, s, setup.attention)
+    layer = _layer_seconds(c, plan, setup, r)
+    head_gemm = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
+    head = {"matmul": gemm_seconds(head_gemm, r, el),
+            "memory": head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s + norm_pass_extra(c, plan, b, s, setup, r)}
+    per_layer = sum(layer["parts"].values())
+    counts = stage_layers(c.n_layer, plan.pp, setup.first_stage_layers, setup.last_stage_layers)
+    last = len(counts) - 1
+    busiest = max(range(len(counts)), key=lambda i: (counts[i] * per_layer + (sum(head.values()) if i == last else 0), i))
+    layers = counts[busiest]
+    parts = {k: layers * v + (head.get(k, 0.0) if busiest == last else 0.0) for k, v in layer["parts"].items()}
+    return {"parts": parts, "total": sum(parts.values()), "stage_layers": counts, "busiest_stage": busiest,
+            **{k: layers * v for k, v in layer["traffic_s"].items()}, "recomputed_flops": layers * layer["recomputed_flops"],
+            "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
+
+
+def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
+    """One layer's forward + backward on one rank, by part, with its transfers before any overlap."""
+    b, s, el = setup.micro_batch, setup.seq_len // plan.cp, setup.act_bytes
+    gemms = layer_gemms(c, plan, b, s, setup.attention, setup.expert_load)
     again = recomputed_gemms(c, plan, b, s, setup)
     matmul = sum(gemm_seconds(g, r, el) for g in gemms) + sum(forward_seconds(g, r, el) for g in again)
     attn = 0.0
@@ -515,22 +578,43 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
         passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
         attn = passes * flash_attention_flops(c, plan, b, setup.seq_len) / plan.cp / r.attention_flops
     moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
-    memory = moved / r.hbm_bytes_per_s
-    memory += measured_pass_seconds(c, plan, b, s, setup, r)
+    memory = moved / r.hbm_bytes_per_s + measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
     tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
-    head = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
     # a cp ring's neighbours are tp ranks apart: NVLink within a node, else each rank's own NIC
     cp_link = r.nvlink_bytes_per_s if plan.tp * plan.cp <= GPUS_PER_NODE else r.internode_bytes_per_s
     cp = cp_bytes_per_layer(c, plan, b, s, setup) / cp_link
-    parts = {"matmul": layers * matmul + gemm_seconds(head, r, el), "attention": layers * attn,
-             "memory": layers * memory + head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s
-             + norm_pass_extra(c, plan, b, s, setup, r),  # the final norm
-             "tp_comm": layers * tp_exposed, "cp_comm": layers * max(0.0, cp - attn)}
-    recomputed = layers * sum(g.flops for g in again)  # per rank, beyond full recompute's (counted exactly in step_time)
-    return {"parts": parts, "total": sum(parts.values()), "tp_traffic_s": layers * tp, "recomputed_flops": recomputed,
-            "cp_traffic_s": layers * cp, "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
+    ep = all_to_all_seconds(c, plan, setup, r)
+    parts = {"matmul": matmul, "attention": attn, "memory": memory, "tp_comm": tp_exposed,
+             "cp_comm": max(0.0, cp - attn), "ep_comm": ep}
+    return {"parts": parts, "traffic_s": {"tp_traffic_s": tp, "cp_traffic_s": cp, "ep_traffic_s": ep},
+            "recomputed_flops": sum(g.flops for g in again)}
+
+
+A2A_PER_LAYER = (4, "dispatch and combine in the forward, their transposes in the backward (6 with a recomputed "
+                    "forward); exposed: Megatron-Core 2024 does not overlap them (DeepSeek-V3's DualPipe does)")
+
+
+def all_to_all_bytes(c: ModelConfig, plan: ParallelPlan, setup: Setup) -> tuple[float, float]:
+    """(bytes one rank sends to ranks of its own node, bytes it sends to other nodes) in one MoE layer's
+    expert-parallel all-to-alls, forward + backward: each of its tokens (b s / cp, / tp with sequence
+    parallelism) goes to k experts, (ep - 1) / ep of them on other ranks, padded to the capacity or, dropless,
+    as loaded as the busiest rank (Setup.expert_load). The ep ranks are tp x cp ranks apart (the experts'
+    mesh puts ep innermost of dp): those within a node on NVLink, the rest through the rank's own NIC."""
+    if plan.ep == 1 or not c.is_moe:
+        return 0.0, 0.0
+    tokens = setup.micro_batch * setup.seq_len / plan.cp / (plan.tp if plan.sp else 1)
+    per = tokens * c.n_expert_active * c.n_embd * setup.act_bytes * setup.expert_load
+    count = A2A_PER_LAYER[0] + (2 if setup.recompute == "full" else 0)
+    in_node = max(1, min(plan.ep, GPUS_PER_NODE // (plan.tp * plan.cp)))
+    return count * per * (in_node - 1) / plan.ep, count * per * (plan.ep - in_node) / plan.ep
+
+
+def all_to_all_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> float:
+    """One MoE layer's all-to-alls: the in-node and the cross-node shares go at once, each on its link."""
+    near, far = all_to_all_bytes(c, plan, setup)
+    return max(near / r.nvlink_bytes_per_s, far / r.internode_bytes_per_s)
 
 
 def cp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s_local: int, setup: Setup) -> float:
@@ -547,8 +631,25 @@ def cp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s_local: int,
 # the step
 
 
+def expert_params(c: ModelConfig) -> int:
+    """Parameters of the experts of every layer (the parts expert parallelism splits)."""
+    return c.n_layer * sum(p.params * p.copies for p in inventory(c).layer if p.ep) if c.is_moe else 0
+
+
+def _grad_groups(c: ModelConfig, plan: ParallelPlan) -> list[tuple[float, int]]:
+    """(parameters one rank holds, ranks that reduce their gradients together): the non-expert weights over
+    the data-parallel (x cp) ranks; a mixture's experts, split over ep, over the grad_ranks / ep ranks that hold
+    the same experts."""
+    experts = expert_params(c)
+    shard = plan.tp * plan.pp
+    groups = [((F.param_counts(c).total - experts) / shard, plan.grad_ranks)]
+    if experts:
+        groups.append((experts / (shard * plan.ep), plan.grad_ranks // plan.ep))
+    return groups
+
+
 def _local_params(c: ModelConfig, plan: ParallelPlan) -> float:
-    return F.param_counts(c).total / (plan.tp * plan.pp)
+    return sum(n for n, _ in _grad_groups(c, plan))
 
 
 def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: dict, m: int) -> tuple[float, float]:
@@ -556,17 +657,19 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
 
     ZeRO 0: an all-reduce of the gradients. ZeRO 1/2: a reduce-scatter of the gradients and an all-gather
     of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
-    forward and again for the backward of every micro-batch, gradients reduce-scattered."""
-    n = plan.grad_ranks
-    if n == 1:
-        return 0.0, 0.0
-    local, ring = _local_params(c, plan), (n - 1) / n
+    forward and again for the backward of every micro-batch, gradients reduce-scattered. A mixture's
+    experts reduce over their own (smaller) group (_grad_groups)."""
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
-    reduce = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2)
-    gather = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0))
-    link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(plan.tp, n))
-    total = (reduce + gather) / link
-    if setup.overlap == "none":
+    reduce = gather = total = 0.0
+    for local, n in _grad_groups(c, plan):
+        if n == 1:
+            continue
+        ring = (n - 1) / n
+        link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(plan.tp, n))
+        red = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2) / link
+        gat = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0)) / link
+        reduce, gather, total = reduce + red, gather + gat, total + red + gat
+    if total == 0.0 or setup.overlap == "none":
         return total, total
     if setup.overlap == "prefetch":  # each layer's gather prefetched under the previous layer's compute
         return total, max(0.0, total - m * mb["total"]) + total / (m * c.n_layer)
@@ -575,7 +678,7 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
         return total, max(0.0, total - backward)
     # Megatron-Core --overlap-grad-reduce --overlap-param-gather: the reduce under the last micro-batch's backward,
     # the parameter gather under the next step's first forward
-    return total, max(0.0, reduce / link - backward) + max(0.0, gather / link - (mb["total"] - backward))
+    return total, max(0.0, reduce - backward) + max(0.0, gather - (mb["total"] - backward))
 
 
 def pp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, m: int) -> tuple[float, float]:
@@ -599,7 +702,8 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     parts["bubble"] = m * mb["total"] * idle / (1 - idle)
     pp_total, parts["pp_comm"] = pp_seconds(c, plan, setup, r, m)
     dp_total, parts["dp_comm"] = dp_seconds(c, plan, setup, r, mb, m)
-    shard = _local_params(c, plan) / (plan.grad_ranks if plan.zero >= 1 or setup.overlap == "prefetch" else 1)
+    sharded = plan.zero >= 1 or setup.overlap == "prefetch"
+    shard = sum(local / (n if sharded else 1) for local, n in _grad_groups(c, plan))
     parts["optimizer"] = shard * OPTIMIZER_BYTES_PER_PARAM / r.hbm_bytes_per_s
     # each micro-batch's weight gradients added into the fp32 accumulation buffer: read and write 4 bytes a parameter
     parts["memory"] += m * _local_params(c, plan) * GRAD_ACCUM_BYTES_PER_PARAM / r.hbm_bytes_per_s
@@ -615,7 +719,9 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
         "tokens_per_step": tokens, "tokens_per_s_per_gpu": tokens / step / plan.world,
         "mfu": model / step / plan.world / r.peak_flops, "hfu": hardware / step / plan.world / r.peak_flops,
         # each transfer before any overlap
-        "traffic_s": {"tp": m * mb["tp_traffic_s"], "cp": m * mb["cp_traffic_s"], "pp": pp_total, "dp": dp_total},
+        "traffic_s": {"tp": m * mb["tp_traffic_s"], "cp": m * mb["cp_traffic_s"], "ep": m * mb["ep_traffic_s"],
+                      "pp": pp_total, "dp": dp_total},
+        "stage_layers": mb["stage_layers"], "busiest_stage": mb["busiest_stage"],
         "convention": ("predicted: parts from counted work over achievable rates (analytic/steptime.py); "
                        "MFU with the exact FLOP count (every matmul, full attention square, no recompute) over the "
                        "datasheet dense peak; HFU adds the recomputed forward"),
