@@ -201,7 +201,8 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
     families = {fam: {"set": next(r["set"] for r in rows if r["family"] == fam),
                       **_errors([r for r in rows if r["family"] == fam])} for fam in dict.fromkeys(r["family"] for r in rows)}
     return {"runs": rows, "summary": summary, "by_family": families,
-            "model": "analytic/steptime.py, rates from cited microbenchmarks (none fitted to these runs)",
+            "model": (f"analytic/steptime.py, rates from cited microbenchmarks and one fitted constant (the sustained share "
+                      f"{T.SUSTAINED[0]:g} of the matmul and attention rates, chosen on the development runs alone)"),
             "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"
                      + (f"; GEMMs and HBM measured ({hardware[1]}) for the runs on {T.measured_on(hardware[0])}"
                         + "".join(f", GEMMs alone for those on {b} (the same compute)" for a, b in sorted(T.SAME_COMPUTE)
