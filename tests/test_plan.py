@@ -154,4 +154,7 @@ def test_backend_ddp_means_zero_0_unless_a_stage_is_given():
     r = run_cli("simulate", "--config", "tiny", "--plan", "dp=2,backend=ddp")
     assert r.returncode == 0 and "(ZeRO-0, ddp)" in r.stdout and "ZeRO-3, ddp" not in r.stdout
     r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=1024,backend=ddp")
-    assert r.returncode == 0 and "at most 1,048,576" not in r.stderr  # the search stays within the ranks given
+    # DDP replicates 16 bytes a parameter on every rank: said not to fit at ZeRO-0, within the ranks given
+    assert r.returncode == 2 and "zero=0,backend=ddp needs" in r.stderr and "at most 1,048,576" not in r.stderr
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=128,tp=8,backend=ddp", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["memory"]["layout"]["zero_stage"] == 0

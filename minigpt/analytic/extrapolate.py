@@ -59,15 +59,12 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
     flops_6n = F.train_flops_per_token(c, seq, "six_n_all") * tokens  # 6 x (active) params x tokens
     flops_conv = F.train_flops_per_token(c, seq, s.flops_convention) * tokens
     sources = {"tokens": tokens_source, "seq_len": f"{seq:,} tokens: {s.seq_source}"}
-    gbt = target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
+    gbt = s.global_batch_tokens or target.global_batch_tokens or DEFAULT_GLOBAL_BATCH_TOKENS
     rank = layout_ranker(c, s, gbt)  # one per estimate: each layout's step is predicted once
     mfu, mfu_source, predicted, num_gpus, sources["num_gpus"] = _efficiency(c, s, flops_conv / peak, rank)
     gpu_hours = flops_conv / (peak * mfu) / 3600
     sources["mfu"] = mfu_source
-    price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
-    sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
-                        else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
-    sources["global_batch_tokens"] = "the target's config" if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens"
+    price = _price_and_batch_sources(s, target, gbt, sources)
     step_s = gbt * F.train_flops_per_token(c, seq, s.flops_convention) / (peak * mfu * num_gpus)
     ctx = s.context if s.context is not None else seq // 2
     result = {
@@ -99,11 +96,54 @@ def extrapolate(c: ModelConfig, target: TargetConfig, s: Scenario) -> dict:
         "sources": sources,
         "notes": s.notes,
     }
+    if predicted and "band" in predicted:
+        result["band"] = _band(predicted["band"], mfu, result)
+    if c.is_moe:
+        result["experts"] = _experts(c, result)
     if target.published_plan:
         result["published_layout"] = compare_published(c, target, s, result["memory"]["layout"], gbt, step_s, rank)
     if s.serve:
         result.update(serving_results(c, s, peak, mfu, price, ctx))
     return _finite(result)
+
+
+def _price_and_batch_sources(s: Scenario, target: TargetConfig, gbt: float, sources: dict) -> float:
+    """The price per GPU-hour; where it and the global batch come from, into `sources`."""
+    price = s.price_per_gpu_hour if s.price_per_gpu_hour is not None else s.gpu.price_usd_per_hour
+    sources["price"] = ("given (--price)" if s.price_per_gpu_hour is not None
+                        else f"assumption: ${price:g}/GPU-hour, a typical cloud rate for {s.gpu.name} (override with --price)")
+    sources["global_batch_tokens"] = ("given (--global-batch-tokens)" if s.global_batch_tokens else "the target's config"
+                                      if target.global_batch_tokens else f"assumption: {gbt:,.0f} tokens")
+    return price
+
+
+def _band(band: dict, mfu: float, r: dict) -> dict:
+    """The prediction's band (band.py) on MFU, and what it makes of GPU-hours, days and cost (inversely: the
+    same FLOPs on the same GPUs)."""
+    low, high = band["mfu"]
+    span = lambda key: [r[key] * mfu / high, r[key] * mfu / low]  # noqa: E731
+    return {"mfu": [low, high], "gpu_hours": span("gpu_hours"), "days": span("days"), "cost_usd": span("cost_usd"),
+            "settings_tried": band["settings_tried"], "backtest_error": band["backtest_error"],
+            "convention": band["convention"]}
+
+
+def _experts(c: ModelConfig, r: dict) -> dict:
+    """A mixture's expert parallelism on the chosen layout: expert states per GPU, the all-to-all bytes a GPU sends
+    per step and their time (the predicted step), beside simulate's count when --comm counted ran it."""
+    lay, st = r["memory"]["layout"], r.get("step_time") or {}
+    plan = ParallelPlan.parse(lay["plan"])
+    comm = r["memory"]["communication"]
+    predicted = st.get("ep_bytes_per_step")
+    counted = comm.get("counted_ep_bytes_per_gpu_per_step")
+    return {"ep": plan.ep, "n_expert": c.n_expert, "experts_per_gpu": c.n_expert // plan.ep,
+            "expert_states_bytes_per_gpu": lay["per_gpu_bytes"]["expert_states"],
+            "all_to_all_bytes_per_gpu_per_step": predicted, "all_to_all_s_per_step": st.get("traffic_s", {}).get("ep"),
+            "all_to_all_exposed_s_per_step": st.get("parts_s", {}).get("ep_comm"),
+            "counted_all_to_all_bytes_per_gpu_per_step": counted,
+            "counted_over_predicted": counted / predicted if counted is not None and predicted else None,
+            "convention": "predicted: the step-time model's all-to-alls (4 per MoE layer, 6 with full recompute; each "
+                          "rank's tokens x k x h, (ep-1)/ep leaving it) on the busiest stage; expert states 16 bytes a "
+                          "parameter over tp x pp x ep, ZeRO over dp / ep; counted: minigpt simulate's fake process group"}
 
 
 def _finite(result: dict) -> dict:
@@ -263,6 +303,7 @@ def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, for
     if sim is None:
         return {"source": "formula (--comm counted: this layout could not be simulated, see notes)"}
     tp_bytes = sim["tp_bytes"] * micro_batches
+    ep_bytes = sim.get("ep_bytes", 0) * micro_batches
     pp_bytes = 2 * sim.get("pp_bytes_per_micro_batch", 0) * micro_batches * sim.get("stages_per_rank", 1)
     nvlink = s.gpu.nvlink_gbs * 1e9
     return {
@@ -273,6 +314,7 @@ def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, for
         "counted_tp_bytes_per_gpu_per_step": tp_bytes,
         "counted_dp_s_per_step": sim["dp_bytes"] / link,
         "counted_tp_s_per_step": tp_bytes / nvlink,
+        "counted_ep_bytes_per_gpu_per_step": ep_bytes,
         "counted_over_formula_dp": sim["dp_bytes"] / formula if formula else None,
         "simulated_memory_per_gpu_bytes": sim["memory_per_gpu_bytes"],
     }

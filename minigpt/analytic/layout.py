@@ -5,10 +5,11 @@ Korthikanti et al. 2022), the search over (dp, tp, pp, cp, zero) that fit, ranke
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
-from minigpt.analytic import flops as F, memory as M, steptime as T
-from minigpt.analytic.published import backtest_note
-from minigpt.analytic.scenario import CONTEXT_SPLITS, MEMORY_HEADROOM, Scenario, scenario_rates
+from minigpt.analytic import band as B, flops as F, memory as M, steptime as T
+from minigpt.analytic.published import backtest_note, error_range
+from minigpt.analytic.scenario import CONTEXT_SPLITS, EXPERT_SPLITS, MEMORY_HEADROOM, Scenario, scenario_rates, setting
 from minigpt.core.config import ModelConfig, divisors
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
@@ -24,15 +25,22 @@ def per_gpu_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int
     attention: no s x s term, no sequence parallelism). A 1F1B pipeline's first stage holds pp
     micro-batches of its L/pp layers, i.e. L layers' worth. Context parallelism (cp) keeps s/cp of each
     sequence's tokens on a rank and shards ZeRO's states over the dp x cp ranks that share the parameters.
+    A mixture's experts are split over ep as well (expert parallelism), sharded by ZeRO over dp / ep.
     """
-    psi = F.param_counts(c).total / (plan.tp * plan.pp)
-    states = M.model_state_bytes(psi, "bf16", plan.zero, plan.grad_ranks)
+    experts = T.expert_params(c)
+    dense = (F.param_counts(c).total - experts) / (plan.tp * plan.pp)
+    states = M.model_state_bytes(dense, "bf16", plan.zero, plan.grad_ranks).total
+    # a mixture's experts split over ep too, their ZeRO shards over the grad_ranks / ep ranks that hold the same ones
+    expert_states = M.model_state_bytes(experts / (plan.tp * plan.pp * plan.ep), "bf16", plan.zero,
+                                        plan.grad_ranks // plan.ep).total if experts else 0.0
     # the layout search assumes sequence parallelism with full recompute; without recompute, none
     per_layer = M.korthikanti_activation_bytes_per_layer(c, micro_batch, seq // plan.cp, flash=True, recompute=recompute,
                                                          tp=plan.tp, sequence_parallel=recompute)
     act = c.n_layer * per_layer
-    return {"model_states": states.total, "activations": act, "total": states.total + act,
-            "convention": "16 bytes/param (ZeRO paper) split over tp x pp, ZeRO-%d over dp; Korthikanti activations, %s"
+    return {"model_states": states + expert_states, "expert_states": expert_states, "activations": act,
+            "total": states + expert_states + act,
+            "convention": "16 bytes/param (ZeRO paper) split over tp x pp (experts also over ep), ZeRO-%d over dp (experts: "
+                          "dp / ep); Korthikanti activations (a mixture's MLP from its inventory), %s"
                           % (plan.zero, "full recompute (2sbh/t per layer)" if recompute else "no recompute, s*b*h*(10+24/t)")}
 
 
@@ -60,15 +68,17 @@ def suggest_layout(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed:
     fitting = []
     cps = [fixed["cp"]] if "cp" in fixed else [x for x in CONTEXT_SPLITS if seq % (2 * x) == 0 and (
         x == 1 or simulator is None)]  # the simulator does not run cp
-    for cp in cps:
-        for t, p in candidates:
-            dp = fixed.get("dp", max(1, num_gpus // (t * p * cp)))
-            if dp * t * p * cp > min(num_gpus, MAX_RANKS):  # more ranks than given (a fixed dp): not a candidate
-                continue
-            plan = ParallelPlan.from_keys({**extra, "dp": dp, "tp": t, "pp": p, "zero": zero, "cp": cp})
-            mem = per_gpu_bytes(c, plan, seq, micro_batch)
-            if plan.world <= num_gpus and mem["total"] <= budget:
-                fitting.append((plan, mem))
+    # a mixture's experts over ep of the dp ranks (the simulator runs ep with tp 1 only: it keeps the plan's)
+    eps = [fixed["ep"]] if "ep" in fixed else [e for e in EXPERT_SPLITS if c.is_moe and c.n_expert % e == 0
+                                               and (e == 1 or simulator is None)] or [1]
+    for cp, ep, (t, p) in itertools.product(cps, eps, candidates):
+        dp = fixed.get("dp", max(1, num_gpus // (t * p * cp)))
+        if dp * t * p * cp > min(num_gpus, MAX_RANKS) or dp % ep:  # more ranks than given, or ep not dividing dp
+            continue
+        plan = ParallelPlan.from_keys({**extra, "dp": dp, "tp": t, "pp": p, "zero": zero, "cp": cp, "ep": ep})
+        mem = per_gpu_bytes(c, plan, seq, micro_batch)
+        if plan.world <= num_gpus and mem["total"] <= budget:
+            fitting.append((plan, mem))
     if not fitting:
         _too_small(c, gpu, num_gpus, seq, fixed, micro_batch, candidates, budget)
     ranked = [(plan, mem, rank(plan) if rank else None) for plan, mem in fitting]
@@ -94,7 +104,7 @@ def _choice(ranked: list, rank) -> dict:
     if not rank:
         return {"chosen_by": "the smallest tensor x pipeline split that fits, without context parallelism if one "
                              "fits (--efficiency assumed)"}
-    return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline x context splits that fit "
+    return {"chosen_by": f"the fastest predicted step of the {len(ranked)} tensor x pipeline x context (x expert) splits that fit "
                          f"(step-time model, analytic/steptime.py)",
             "alternatives": [{"plan": p.spelling(), "predicted_step_s": st["step_s"], "parts_s": st["parts_s"],
                               "mfu": st["mfu"]} for p, _, st in ranked[:5]]}
@@ -105,9 +115,10 @@ def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dic
     """Nothing fits: say why. A plan whose dp was given: what one of its GPUs would hold beside the GPU's memory.
     Else the fewest GPUs (a power of two, at most MAX_RANKS) that would hold the model, with a plan."""
     zero, cp = fixed.get("zero", 1), fixed.get("cp", 1)
+    extra = {k: v for k, v in fixed.items() if k not in ("tp", "pp", "dp", "zero", "cp")}  # ep, sp, schedule, ...
     if "dp" in fixed:
         t, p = candidates[0]
-        plan = ParallelPlan.from_keys({"dp": fixed["dp"], "tp": t, "pp": p, "zero": zero, "cp": cp})
+        plan = ParallelPlan.from_keys({**extra, "dp": fixed["dp"], "tp": t, "pp": p, "zero": zero, "cp": cp})
         need = per_gpu_bytes(c, plan, seq, micro_batch)["total"]
         if plan.world > num_gpus:
             raise UserError(f"--plan {plan.spelling()} is {plan.world:,} GPUs, more than the {num_gpus:,} given: raise "
@@ -129,27 +140,37 @@ def _too_small(c: ModelConfig, gpu: GPUSpec, num_gpus: int, seq: int, fixed: dic
                     f"tp=..,pp=.. with more splits, a higher zero, or a GPU with more memory")
 
 
-def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float) -> tuple[ParallelPlan, T.Setup]:
-    """How extrapolate assumes a layout trains: full recompute (what the memory search assumes), flash
-    attention, fused memory-bound kernels (or eager ones: --kernels), Megatron-Core-style overlap of every
-    transfer, sequence parallelism with tp, ZeRO as planned."""
-    seq = c.block_size
-    plan = dataclasses.replace(plan, sp=plan.tp > 1)
-    batch = max(plan.dp * s.micro_batch, round(gbt / seq / (plan.dp * s.micro_batch)) * plan.dp * s.micro_batch)
+def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float, vary: dict | None = None
+                   ) -> tuple[ParallelPlan, T.Setup]:
+    """How extrapolate assumes a layout trains: the settings the user gave (--recompute, --overlap, ...), the rest
+    at their defaults (scenario.SETTINGS: full recompute, as the memory search assumes, flash attention,
+    Megatron-Core-style overlap, an fp32 reduce), fused memory-bound kernels (or eager ones: --kernels), sequence
+    parallelism with tp, ZeRO as planned. `vary`: settings (and micro_batch) the band tries instead."""
+    vary = vary or {}
+    get = lambda key: vary.get(key, setting(s, key))  # noqa: E731
+    seq, micro = c.block_size, vary.get("micro_batch", s.micro_batch)
+    plan = dataclasses.replace(plan, sp=plan.tp > 1, **{k: vary[k] for k in ("schedule", "stages_per_rank") if k in vary})
+    batch = max(plan.dp * micro, round(gbt / seq / (plan.dp * micro)) * plan.dp * micro)
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
-    return plan, T.Setup(seq_len=seq, micro_batch=s.micro_batch, global_batch=batch, recompute="full",
-                         attention="flash", overlap="full", grad_bytes=4, act_bytes=width, param_bytes=width,
-                         kernels=s.kernels)
+    return plan, T.Setup(seq_len=seq, micro_batch=micro, global_batch=batch, recompute=get("recompute"),
+                         attention=get("attention"), overlap=get("overlap"), act_bytes=width, param_bytes=width,
+                         grad_bytes=4 if get("reduce_dtype") == "fp32" else 2, kernels=s.kernels,
+                         first_stage_layers=get("first_stage_layers"), last_stage_layers=get("last_stage_layers"),
+                         capacity_factor=get("capacity_factor"), expert_imbalance=get("expert_imbalance"))
 
 
 def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
     """plan -> the step-time model's predicted step, each plan's computed once (None under --efficiency
-    assumed: the layout search then takes the smallest split that fits)."""
+    assumed: the layout search then takes the smallest split that fits). rank(plan, vary): the step with some
+    settings varied (band.py), not cached."""
     if s.efficiency != "predicted":
         return None
     rates, steps = scenario_rates(s), {}
 
-    def rank(plan: ParallelPlan) -> dict:
+    def rank(plan: ParallelPlan, vary: dict | None = None) -> dict:
+        if vary:
+            trained, setup = _predict_setup(c, s, plan, gbt, vary)
+            return T.step_time(c, trained, setup, scenario_rates(s, vary.get("flash_kernel")))
         if plan not in steps:
             trained, setup = _predict_setup(c, s, plan, gbt)
             steps[plan] = {**T.step_time(c, trained, setup, rates), "plan": trained.spelling()}
@@ -157,18 +178,33 @@ def layout_ranker(c: ModelConfig, s: Scenario, gbt: float):
     return rank
 
 
+def settings_said(s: Scenario) -> str:
+    """The step settings a prediction used, each given or its default."""
+    from minigpt.analytic.scenario import SETTINGS
+
+    return ", ".join(f"{k} {setting(s, k)}" + ("" if k in s.settings else " (default)") for k in SETTINGS
+                     if k in s.settings or k in ("recompute", "attention", "overlap", "reduce_dtype"))
+
+
 def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:
-    """The step-time model (steptime.py) on the layout the search picks. Its MFU is re-counted in the
-    scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
+    """The step-time model (steptime.py) on the layout the search picks, with its band (band.py). Its MFU is
+    re-counted in the scenario's FLOP convention, so that GPU-hours = FLOPs / (peak x MFU) stays one formula."""
     seq = c.block_size
     layout = suggest_layout(c, s.gpu, num_gpus, seq, s.plan, s.micro_batch, rank=rank)
-    st = rank(ParallelPlan.parse(layout["plan"]))
-    mfu = F.train_flops_per_token(c, seq, s.flops_convention) * st["tokens_per_step"] / st["step_s"] / layout[
-        "gpus_used"] / (s.gpu.tflops[s.dtype] * 1e12)
-    source = (f"predicted: step-time model on {st['plan']} (full recompute, flash attention, {s.kernels} memory-bound "
-              f"kernels, overlapped transfers; {backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
-                                                   f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
-    return {**st, "mfu_in_convention": mfu, "mfu_source": source}
+    plan = ParallelPlan.parse(layout["plan"])
+    st = rank(plan)
+    convert = F.train_flops_per_token(c, seq, s.flops_convention) / F.train_flops_per_token(c, seq, "exact")
+    mfu = st["mfu"] * convert
+    source = (f"predicted: step-time model on {st['plan']} ({settings_said(s)}; {s.kernels} memory-bound kernels; "
+              f"{backtest_note(s.gpu.name)})" + ("" if s.flops_convention == "exact" else
+                                                 f", MFU {st['mfu']:.1%} exact = {mfu:.1%} {s.flops_convention}"))
+    tried = {label: rank(plan, vary)["mfu"] * convert for label, vary in B.variants(s, plan, c.is_moe)}
+    err = error_range(s.gpu.name)
+    low, high = B.widen((min([mfu, *tried.values()]), max([mfu, *tried.values()])), err)
+    band = {"mfu": [low, high], "settings_tried": tried, "backtest_error": err,
+            "convention": "settings not given tried one at a time (their lowest and highest MFU), then divided by 1 + "
+                          "the largest and smallest backtest error of the development runs on this GPU class"}
+    return {**st, "mfu_in_convention": mfu, "mfu_source": source, "band": band}
 
 
 def pipeline_p2p_bytes(c: ModelConfig, plan: ParallelPlan, seq: int, micro_batch: int, micro_batches: int) -> float:

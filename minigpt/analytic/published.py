@@ -15,7 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
-from minigpt.analytic import eager, flops as F, steptime as T
+from minigpt.analytic import band as B, eager, flops as F, steptime as T
 from minigpt.core.config import ModelConfig, build_section, parse_file, tomllib
 from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
@@ -31,7 +31,7 @@ SETS = ("development", "held-out")
 # how a code base ran (a family's keys, or a run's own): the Setup's keys and the plan's and rates' settings
 SETTINGS = (*SETUP_KEYS, "model", "schedule", "stages_per_rank", "sequence_parallel", "flash_kernel", "hbm_tbs",
             "internode_gbs")
-KEYS = {"family": (*SETTINGS, "assumed"),
+KEYS = {"family": (*SETTINGS, "assumed", "unknown"),
         "run": (*SETTINGS, "name", "family", "set", "source", "gpu", "dtype", "plan", "global_batch", "published",
                 "assumed_run"),
         "published": (*METRICS, "convention")}
@@ -175,9 +175,52 @@ def backtest_note(gpu_name: str) -> str:
             f"vs published at the median, {errs[0]:+.0%} to {errs[-1]:+.0%} (minigpt backtest)")
 
 
+def check_run_plan_fits(run: dict) -> bool:
+    """A variant of a run the model can predict (its micro-batches whole on every rank, its setup valid)."""
+    try:
+        run_inputs(run)
+    except UserError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _development_errors() -> tuple[tuple[str, str, float], ...]:
+    return tuple((r["name"], B.gpu_class(gpu_by_name(r["gpu"]).name), predict(r)["error"])
+                 for r in load_runs() if r["set"] == "development")
+
+
+def error_range(gpu_name: str, leave_out: str = "") -> dict:
+    """The signed throughput errors (+: predicted faster) of the development runs on `gpu_name`'s class, without
+    the run named `leave_out` (a development run's own band must not hold its own error)."""
+    rows = [(name, cls, e) for name, cls, e in _development_errors() if name != leave_out]
+    cls = B.gpu_class(gpu_name)
+    own = [e for _, c, e in rows if c == cls]
+    errs, what = (own, f"the {len(own)} development runs on {cls}") if own else (
+        [e for *_, e in rows], f"all {len(rows)} development runs (none on {cls})")
+    return {"low": min(errs), "high": max(errs), "runs": len(errs), "source": f"minigpt backtest: {what}"}
+
+
+def run_band(run: dict, error: float) -> dict:
+    """A published run's band: its prediction's error and those of its unknown settings' other values (lowest and
+    highest), then the development runs' errors on its GPU class (without its own): the published figure lies
+    inside when the lowest variant error is at most the largest development error and the highest at least the
+    smallest (published = predicted / (1 + error))."""
+    errs = [error]
+    for variant in B.run_variants(run):
+        if check_run_plan_fits(variant):
+            errs.append(predict(variant)["error"])
+    dev = error_range(gpu_by_name(run["gpu"]).name, leave_out=run["name"])
+    return {"settings_error": [min(errs), max(errs)], "variants": len(errs) - 1, "development_error": [dev["low"], dev["high"]],
+            "covered": min(errs) <= dev["high"] and max(errs) >= dev["low"]}
+
+
 def _errors(rows: list[dict]) -> dict:
     errs = [abs(r["error"]) for r in rows]
-    return {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    out = {"runs": len(errs), "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    if all("band" in r for r in rows):
+        out["band_coverage"] = sum(r["band"]["covered"] for r in rows) / len(rows)
+    return out
 
 
 def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> dict:
@@ -189,6 +232,9 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
             _check_hardware(runs, hardware)
         inputs = [run_inputs(run, hardware) for run in runs]  # every run checked before any is predicted
         rows = [predict(run, hardware, i) for run, i in zip(runs, inputs)]
+        if not hardware and path == TABLE:  # the band's development errors are the shipped table's, on cited rates
+            for run, row in zip(runs, rows):
+                row["band"] = run_band(run, row["error"])
     except UserError:
         raise
     except tomllib.TOMLDecodeError as e:

@@ -232,10 +232,14 @@ def step_time_lines(st: dict | None) -> list[str]:
     if not st:
         return []
     parts = ", ".join(f"{k} {v:.3g} s ({v / st['step_s']:.0%})" for k, v in st["parts_s"].items() if v > 0)
-    return [f"predicted step on {st['plan']}: {st['step_s']:.3g} s = {parts}; {st['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
-            f"MFU {st['mfu']:.1%}, HFU {st['hfu']:.1%} (exact FLOPs over the datasheet peak)",
+    counts = st.get("stage_layers", [])
+    uneven = ([f"  pipeline stages hold {', '.join(map(str, counts))} layers: the busiest, stage {st['busiest_stage']}, "
+               f"is timed"] if len(set(counts)) > 1 else [])
+    return [f"predicted time of one optimizer step ({st['micro_batches']} micro-batches) on {st['plan']}: "
+            f"{st['step_s']:.3g} s = {parts}; {st['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+            f"MFU {st['mfu']:.1%}, HFU {st['hfu']:.1%} (exact FLOPs over the datasheet peak)", *uneven,
             "  transfers before overlap: " + ", ".join(f"{k} {v:.3g} s" for k, v in st["traffic_s"].items())
-            + " (the step above holds only what the backend leaves exposed: tp_comm, cp_comm, pp_comm, dp_comm)",
+            + " (the step above holds only what the backend leaves exposed: tp_comm, cp_comm, ep_comm, pp_comm, dp_comm)",
             "  rates: " + "; ".join(f"{k}: {v}" for k, v in st["sources"].items())]
 
 
@@ -245,6 +249,33 @@ def _communication_line(comm: dict, predicted: bool) -> str:
             f"per GPU = {comm['dp_allreduce_s_per_step']:.3g} s (ZeRO-3 gathers {comm['zero3_s_per_step']:.3g} s) vs compute "
             f"{comm['compute_s_per_step']:.2f} s; {comm['link']}" + (" (a formula cross-check: the predicted step counts "
             "the reduction in its own dtype and what the backend hides)" if predicted else ""))
+
+
+def expert_lines(e: dict | None) -> list[str]:
+    """A mixture's expert parallelism: states per GPU, the all-to-all per step, and simulate's count beside it."""
+    if not e:
+        return []
+    line = (f"experts: {e['n_expert']} over ep {e['ep']} ({e['experts_per_gpu']} per GPU), expert states "
+            f"{fmt_bytes(e['expert_states_bytes_per_gpu'])} per GPU")
+    if e["all_to_all_bytes_per_gpu_per_step"] is not None:
+        line += (f"; all-to-all {fmt_bytes(e['all_to_all_bytes_per_gpu_per_step'])} per GPU per step = "
+                 f"{e['all_to_all_s_per_step']:.3g} s, exposed {e['all_to_all_exposed_s_per_step']:.3g} s (predicted)")
+    if e["counted_over_predicted"] is not None:
+        line += (f"; simulate counted {fmt_bytes(e['counted_all_to_all_bytes_per_gpu_per_step'])}, counted/predicted "
+                 f"{e['counted_over_predicted']:.4f}")
+    return [line]
+
+
+def band_lines(b: dict | None) -> list[str]:
+    """The prediction's band: MFU, days, GPU-hours and cost low-high, and where the band comes from."""
+    if not b:
+        return []
+    e = b["backtest_error"]
+    tried = ", ".join(f"{k} {v:.1%}" for k, v in b["settings_tried"].items()) or "none (every setting given)"
+    return [f"band: MFU {b['mfu'][0]:.1%}-{b['mfu'][1]:.1%}, {b['days'][0]:,.1f}-{b['days'][1]:,.1f} days, "
+            f"{b['gpu_hours'][0]:,.0f}-{b['gpu_hours'][1]:,.0f} GPU-hours, {fmt_usd(b['cost_usd'][0])}-"
+            f"{fmt_usd(b['cost_usd'][1])} (settings not given, tried one at a time: {tried}; then the backtest's "
+            f"error on {e['source'].split(': ', 1)[-1]}, {e['low']:+.0%} to {e['high']:+.0%})"]
 
 
 def extrapolation_lines(r: dict) -> list[str]:
@@ -264,6 +295,8 @@ def extrapolation_lines(r: dict) -> list[str]:
         *step_time_lines(r.get("step_time")),
         f"time and cost: {r['gpu_hours']:,.0f} GPU-hours ({r['node_hours_8_gpus']:,.0f} 8-GPU node-hours), "
         f"{r['days']:,.1f} days, {fmt_usd(r['cost_usd'])} at ${r['price_per_gpu_hour']:g}/GPU-hour ({r['sources']['price']})",
+        *band_lines(r.get("band")),
+        *expert_lines(r.get("experts")),
         f"memory: model states {fmt_bytes(m['model_states_bytes'])} ({m['model_states_convention']}); at least "
         f"{m['min_gpus']:,} GPUs to hold them ({m['min_gpus_convention']})",
         f"layout: {lay['plan_description']} (--plan {lay['plan']})"
@@ -414,8 +447,9 @@ def simulate_table(r: dict) -> str:
               f"counted/formula {total_ratio}", "",
               f"time of one micro-batch on {t['gpu']} (and the step's data-parallel reduction): compute {t['compute_s']:.3f} s, "
               f"tensor-parallel traffic {t['tp_comm_s']:.3f} s "
-              f"({t['tp_link']}), data-parallel (and expert all-to-all) {t['dp_comm_s']:.3f} s ({t['dp_link']}): communication "
-              f"{t['comm_share']:.0%} of the step",
+              f"({t['tp_link']}), data-parallel {t['dp_comm_s']:.3f} s ({t['dp_link']}; expert replicas on their own "
+              f"group's), expert all-to-all {t.get('ep_comm_s', 0.0):.3f} s ({t.get('ep_link', '-')}): communication "
+              f"{t['comm_share']:.0%} of the micro-batch",
               f"  ({t['convention']})", *_pipeline_lines(r.get("pipeline")), f"simulated in {r['elapsed_s']:.1f} s"]
     return "\n".join(lines)
 
@@ -458,25 +492,38 @@ def backtest_lines(b: dict) -> list[str]:
     for r in b["runs"]:
         lines.append(f"{r['name'] + (' [measured]' if r.get('rates_measured') else ''):<46.46} {r['gpus']:>5} "
                      f"{backtest_unit(r):<25} {r['published']:>10.4g} {r['predicted']:>10.4g} {r['error']:>+7.1%}")
-        lines.append(f"    {r['plan']} ({r['set']})")
+        lines.append(f"    {r['plan']} ({r['set']})" + _band_said(r.get("band")))
     for name, s in b["summary"].items():
-        lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}")
+        lines.append(f"{name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
+                     + (f", published inside the band {s['band_coverage']:.0%}" if "band_coverage" in s else ""))
     for name, s in b["by_family"].items():
         lines.append(f"  {name} ({s['set']}): {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, "
                      f"max {s['max_abs_error']:.1%}")
     lines.append(f"model: {b['model']}; development runs were looked at while it was written or revised; held-out runs "
-                 f"were added after it was frozen and evaluated once; error on throughput (+: predicted faster)")
+                 f"were added after it was frozen and evaluated once; error on throughput (+: predicted faster); band: "
+                 f"the errors of the run's unknown settings at their other values, against the development runs' errors "
+                 f"on its GPU class (analytic/band.py)")
     return lines
 
 
+def _band_said(band: dict | None) -> str:
+    if not band:
+        return ""
+    (lo, hi), (dlo, dhi) = band["settings_error"], band["development_error"]
+    return (f"; band: {'inside' if band['covered'] else 'OUTSIDE'} (settings {lo:+.0%} to {hi:+.0%} over "
+            f"{band['variants']} variants, development {dlo:+.0%} to {dhi:+.0%})")
+
+
 def backtest_markdown(b: dict) -> str:
-    rows = ["| run | set | GPUs | plan | unit (FLOP convention) | published | predicted | error | source |",
-            "|---|---|---:|---|---|---:|---:|---:|---|"]
+    rows = ["| run | set | GPUs | plan | unit (FLOP convention) | published | predicted | error | in band | source |",
+            "|---|---|---:|---|---|---:|---:|---:|---|---|"]
     for r in b["runs"]:
+        inside = ("yes" if r["band"]["covered"] else "no") if "band" in r else "-"
         rows.append(f"| {r['name']}{' (measured rates)' if r.get('rates_measured') else ''} | {r['set']} | {r['gpus']:,} | "
                     f"`{r['plan']}` | {backtest_unit(r)} | {r['published']:.4g} | {r['predicted']:.4g} | {r['error']:+.1%} | "
-                    f"{r['source']} |")
+                    f"{inside} | {r['source']} |")
     rows += ["", *(f"- {name}: {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}"
+                   + (f", published inside the band {s['band_coverage']:.0%}" if "band_coverage" in s else "")
                    for name, s in b["summary"].items()),
              *(f"  - {name} ({s['set']}): {s['runs']} runs, median |error| {s['median_abs_error']:.1%}, max "
                f"{s['max_abs_error']:.1%}" for name, s in b["by_family"].items())]

@@ -30,7 +30,26 @@ MEMORY_HEADROOM = 0.9  # share of GPU memory a layout may plan to use (temporari
 CONTEXT_SPLITS = (1, 2, 4, 8, 16)  # context-parallel degrees the layout search tries (Dubey et al. 2024, Table 4: Llama 3 at 131,072 tokens on cp 16)
 
 
+EXPERT_SPLITS = (1, 2, 4, 8, 16)  # expert-parallel degrees the layout search tries for a mixture (dividing n_expert and dp)
+
+
 WORDS_PER_TOKEN = 0.75  # 1000 tokens ~ 750 English words (OpenAI's rule of thumb)
+
+
+# How a predicted step runs, beyond the layout: each setting's default (what extrapolate assumes when the user
+# does not say) and the values the band tries when it is not given (band.py). Megatron-Core's defaults at scale.
+SETTINGS = {
+    "recompute": ("full", "full activation recompute (what the memory search assumes)", ("selective", "full")),
+    "attention": ("flash", "a flash attention kernel", ()),
+    "overlap": ("full", "Megatron-Core's overlap of every transfer", ("backward", "full")),
+    "reduce_dtype": ("fp32", "fp32 gradient reduction", ("bf16", "fp32")),
+    "flash_kernel": ("fast", "cuDNN / FlashAttention-3-class attention", ("fast", "fa2")),
+    "first_stage_layers": (0, "an even split of the layers over the pipeline stages", ()),
+    "last_stage_layers": (0, "an even split of the layers over the pipeline stages", ()),
+    "internode_gbs": (None, "the GPU's DGX network: one NIC per GPU", ()),
+    "capacity_factor": (0.0, "dropless routing", ()),
+    "expert_imbalance": (1.0, "an even load over the expert-parallel ranks", (1.0, 1.25)),
+}
 
 
 # Published MFU of large training runs, by GPU class (the default efficiency, cited)
@@ -61,6 +80,9 @@ class Scenario:
     seq_len: int | None = None  # training context; None: the model's block_size
     seq_source: str = "the model's block_size"
     micro_batch: int = 1
+    micro_batch_given: bool = True  # False: the default 1, and the band tries 2
+    settings: dict = field(default_factory=dict)  # SETTINGS given by the user (the rest take their defaults)
+    global_batch_tokens: float | None = None  # tokens per optimizer step; None: the target's (or the default)
     context: int | None = None  # inference context length (default: block_size / 2)
     batch: int = 1  # inference batch for the decode bound
     serve: dict | None = None  # users, requests_per_hour, tokens_per_request, utilisation
@@ -104,8 +126,24 @@ def check_scenario(s: Scenario) -> None:
         scenario_rates(s)  # a usable sweep, before any work
 
 
+def setting(s: Scenario, key: str):
+    """A step setting: the user's, else its default (SETTINGS)."""
+    return s.settings.get(key, SETTINGS[key][0])
+
+
+def check_stage_layers(c: ModelConfig, s: Scenario) -> None:
+    """--stage-layers places layers on a given pipeline: it needs --plan pp, and must leave each stage a layer."""
+    first, last = setting(s, "first_stage_layers"), setting(s, "last_stage_layers")
+    if not (first or last):
+        return
+    if s.plan.get("pp", 1) < 2:
+        raise UserError("--stage-layers places layers on the first and last pipeline stages: give --plan pp=N (N >= 2)")
+    T.stage_layers(c.n_layer, s.plan["pp"], first, last)
+
+
 def check_context(c: ModelConfig, s: Scenario) -> None:
     """A context-parallel plan splits each training sequence into 2 cp equal chunks (Megatron-Core's balance)."""
+    check_stage_layers(c, s)
     cp = s.plan.get("cp", 1)
     if c.block_size % (2 * cp):
         raise UserError(f"--plan cp={cp} splits each sequence into {2 * cp} equal chunks: the training context "
@@ -127,9 +165,9 @@ def resolve_tokens(c: ModelConfig, target: TargetConfig, tokens) -> tuple[float,
     return target.train_tokens, "the target's config (target.train_tokens)"
 
 
-def scenario_rates(s: Scenario) -> T.Rates:
+def scenario_rates(s: Scenario, flash_kernel: str | None = None) -> T.Rates:
     """The GPU's cited rates, or (--hardware) what was measured on it."""
-    rates = T.gpu_rates(s.gpu, s.dtype)
+    rates = T.gpu_rates(s.gpu, s.dtype, flash_kernel or setting(s, "flash_kernel"), internode_gbs=setting(s, "internode_gbs"))
     if not s.hardware:
         return rates
     return T.measured_rates(s.hardware[0], rates, s.hardware[1], gemms_only=T.stands_for(s.hardware[0], s.gpu.name) == "gemms")

@@ -601,9 +601,10 @@ def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -
     cp_link = r.nvlink_bytes_per_s if plan.tp * plan.cp <= GPUS_PER_NODE else r.internode_bytes_per_s
     cp = cp_bytes_per_layer(c, plan, b, s, setup) / cp_link
     ep = all_to_all_seconds(c, plan, setup, r)
+    ep_bytes = sum(all_to_all_bytes(c, plan, setup))
     parts = {"matmul": matmul, "attention": attn, "memory": memory, "tp_comm": tp_exposed,
              "cp_comm": max(0.0, cp - attn), "ep_comm": ep}
-    return {"parts": parts, "traffic_s": {"tp_traffic_s": tp, "cp_traffic_s": cp, "ep_traffic_s": ep},
+    return {"parts": parts, "traffic_s": {"tp_traffic_s": tp, "cp_traffic_s": cp, "ep_traffic_s": ep, "ep_bytes": ep_bytes},
             "recomputed_flops": sum(g.flops for g in again)}
 
 
@@ -736,6 +737,7 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
         # each transfer before any overlap
         "traffic_s": {"tp": m * mb["tp_traffic_s"], "cp": m * mb["cp_traffic_s"], "ep": m * mb["ep_traffic_s"],
                       "pp": pp_total, "dp": dp_total},
+        "ep_bytes_per_step": m * mb["ep_bytes"],  # all-to-all bytes one rank sends per step (in and beyond its node)
         "stage_layers": mb["stage_layers"], "busiest_stage": mb["busiest_stage"],
         "convention": ("predicted: parts from counted work over achievable rates (analytic/steptime.py); "
                        "MFU with the exact FLOP count (every matmul, full attention square, no recompute) over the "

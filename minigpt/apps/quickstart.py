@@ -58,6 +58,25 @@ def quickstart(config: str, overrides: list[str], out_dir: str, log=print) -> di
     return summary
 
 
+def _cost_rows(cfg, gpu, target: str, run_dir: str, log) -> None:
+    """One target on one GPU: predicted (with its band), assumed, and measured here."""
+    try:
+        measured = mfu_from_run(run_dir, gpu)[0]
+    except UserError:
+        measured = None
+    choices = [("predicted (step-time model)", None),
+               (f"assumed: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0])]
+    if measured:
+        choices.append(("measured here (CPU, load-bound)", measured))
+    for label, mfu in choices:
+        r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
+        band = r.get("band")
+        spread = (f"{band['days'][0]:>6,.1f}-{band['days'][1]:<7,.1f} {fmt_usd(band['cost_usd'][0]):>8}-"
+                  f"{fmt_usd(band['cost_usd'][1]):<8}" if band else "")
+        log(f"   {target:<10} {gpu.name:<10} {r['mfu']:>6.1%}  {label[:30]:<30} {r['gpu_hours']:>11,.0f} "
+            f"{r['days']:>6,.1f} {fmt_usd(r['cost_usd']):>9}  {spread}")
+
+
 def samples(run_dir: str, log=print) -> dict:
     """Three samples from the trained run; their generation statistics."""
     model, tokenizer, cfg, step = load_run(run_dir)
@@ -72,29 +91,21 @@ def samples(run_dir: str, log=print) -> dict:
 
 
 def extrapolation(run_dir: str, log=print) -> None:
-    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100."""
+    """The quickstart's last step: what GPT-3 175B and GPT-4 would cost on A100 and H100, the step-time model's
+    prediction first with its band, then a published reference MFU and the CPU run's own (for comparison only)."""
     log("== extrapolation to full scale (minigpt extrapolate --help for every option)")
-    log("   measured here: the MFU of the run above (this device against its own measured matmul peak)")
-    log("   validated by counting: the FLOP formula (exact = every matmul; GPT-3 175B counted on meta in seconds)")
-    log("   predicted: the MFU of the step-time model on the layout chosen (minigpt backtest checks it on published runs)")
-    log("   assumptions: 1024 GPUs; prices per GPU-hour; published reference MFUs (cited); GPT-4's shape is an estimate")
-    log(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<34} {'GPU-hours':>13} {'days':>8} {'cost':>10}")
+    log("   predicted: the MFU of the step-time model on the layout chosen, with its band (unknown settings and the "
+        "backtest's error on that GPU class; minigpt backtest)")
+    log("   assumed: a published reference MFU (cited); measured here: this CPU run's MFU, which moves with the load "
+        "of this machine (shown for comparison, not a GPU figure)")
+    log("   validated by counting: the FLOP formula (exact = every matmul); assumptions: 1024 GPUs, prices per "
+        "GPU-hour, GPT-4's shape (an estimate)")
+    log(f"   {'target':<10} {'GPU':<10} {'MFU':>6}  {'MFU from':<30} {'GPU-hours':>11} {'days':>6} {'cost':>9}  "
+        f"{'band: days':>14} {'cost':>17}")
     for target in ("gpt3-175b", "gpt4"):
         cfg = target_config(target)
         for gpu_name in ("A100", "H100"):
-            gpu = gpu_by_name(gpu_name)
-            try:
-                measured = mfu_from_run(run_dir, gpu)[0]
-            except UserError:
-                measured = None
-            choices = [("measured here (CPU)", measured)] if measured else []
-            choices.append(("predicted (step-time model)", None))
-            choices.append((f"assumed: {REFERENCE_MFU[gpu.name][1].split(',')[0]}", REFERENCE_MFU[gpu.name][0]))
-            for label, mfu in choices:
-                r = extrapolate(cfg.model, cfg.target, Scenario(gpu, mfu=mfu, mfu_source=label, num_gpus=1024))
-                mfu = r["mfu"]
-                log(f"   {target:<10} {gpu.name:<10} {mfu:>6.1%}  {label[:34]:<34} {r['gpu_hours']:>13,.0f} "
-                    f"{r['days']:>8,.1f} {fmt_usd(r['cost_usd']):>10}")
+            _cost_rows(cfg, gpu_by_name(gpu_name), target, run_dir, log)
     log("   (gpt4 = GPT-4 ESTIMATE: unofficial shape from industry reports)")
     for gpu_name in ("A100", "H100"):  # how far the predicted rows can be trusted
         log(f"   predicted on {gpu_name}: {backtest_note(gpu_by_name(gpu_name).name)}")

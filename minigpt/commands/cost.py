@@ -28,9 +28,15 @@ def _training_context(args, cfg) -> tuple[int | None, str]:
 
 
 def _extrapolate_plan(text: str, cfg) -> dict:
-    """extrapolate --plan: its keys, or with `published` the target's published layout's."""
+    """extrapolate --plan: its keys (a plan naming an engine with one ZeRO stage means that stage), or with
+    `published` the target's published layout's."""
     if text != "published":
-        return parse_keys(text)
+        keys = parse_keys(text)
+        if "backend" not in keys:
+            return keys
+        from minigpt.parallel.registry import default_zero  # the engines' rules (imports torch)
+
+        return {**keys, "zero": default_zero(keys, 1)}
     if not cfg.target.published_plan:
         raise UserError("--plan published: this target has no published layout (target.published_plan); give the keys, "
                         "e.g. --plan tp=8,pp=8")
@@ -97,7 +103,9 @@ def scenario_from_args(args, cfg):
                     student=target_config(args.distilled).model if args.distilled else None, student_name=args.distilled or "",
                     seq_len=seq_len, seq_source=seq_source,
                     price_per_gpu_hour=args.price, tokens=tokens, flops_convention=args.flops_convention,
-                    plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch,
+                    plan=_extrapolate_plan(args.plan, cfg), micro_batch=args.micro_batch or 1,
+                    micro_batch_given=args.micro_batch is not None, settings=step_settings(args),
+                    global_batch_tokens=args.global_batch_tokens,
                     context=args.context, batch=args.batch, serve=serve, notes=notes,
                     hardware=_hardware_file(args))
 
@@ -197,6 +205,50 @@ def _add_serving_flags(p) -> None:
                    help="with --serve: also size the fleet for a distilled student (a preset, TOML or config.json) instead")
 
 
+def _add_step_settings(p) -> None:
+    """How the predicted step runs (analytic/scenario.SETTINGS): each defaults to Megatron-Core's way at scale, and
+    each not given is tried at its other values for the band."""
+    g = p.add_argument_group("step settings (default: Megatron-Core's at scale; those not given widen the band)")
+    g.add_argument("--recompute", choices=("none", "selective", "op", "full"), help="activation recompute (default full)")
+    g.add_argument("--attention", choices=("flash", "materialized"), help="attention kernel (default flash)")
+    g.add_argument("--flash-kernel", choices=("fast", "fa2"), help="flash kernel rate on H100/H200: cuDNN/FA3-class "
+                   "(default) or FlashAttention-2")
+    g.add_argument("--overlap", choices=("none", "backward", "prefetch", "full"),
+                   help="what the backend hides: none, backward (DDP buckets), prefetch (FSDP), full (Megatron-Core; default)")
+    g.add_argument("--reduce-dtype", choices=("bf16", "fp32"), help="gradient reduction dtype (default fp32)")
+    g.add_argument("--stage-layers", type=_stage_layers, metavar="FIRST,LAST",
+                   help="layers on the first and last pipeline stages (Megatron's; default an even split)")
+    g.add_argument("--internode-gbs", type=number(float, 0, 1e4, lo_open=True),
+                   help="GB/s per GPU per direction between nodes (default: the GPU's DGX network)")
+    g.add_argument("--global-batch-tokens", type=number(float, 1, 1e10),
+                   help="tokens per optimizer step (default: the target's, else 4,194,304)")
+    g.add_argument("--capacity-factor", type=number(float, 0, 64), help="a mixture's expert capacity (default 0: dropless)")
+    g.add_argument("--expert-imbalance", type=number(float, 1, 64),
+                   help="dropless: the busiest expert-parallel rank's tokens over the mean (default 1; the band tries 1.25)")
+
+
+def _stage_layers(text: str) -> tuple[int, int]:
+    import argparse
+
+    first, sep, last = text.partition(",")
+    try:
+        values = (int(first), int(last))
+    except ValueError:
+        values = ()
+    if not sep or len(values) != 2 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r:.40} is not FIRST,LAST (two whole numbers >= 0, e.g. 7,7)")
+    return values
+
+
+def step_settings(args) -> dict:
+    """The step settings given on the command line, by SETTINGS name."""
+    given = {key: getattr(args, key) for key in ("recompute", "attention", "flash_kernel", "overlap", "reduce_dtype",
+                                                  "internode_gbs", "capacity_factor", "expert_imbalance")}
+    if args.stage_layers:
+        given["first_stage_layers"], given["last_stage_layers"] = args.stage_layers
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _add_extrapolate_command(sub) -> None:
     p = sub.add_parser("extrapolate", help="training and serving cost of a target (GPT-3, GPT-4, a TOML) on a GPU")
     xsub = p.add_subparsers(dest="extrapolate_command")
@@ -234,7 +286,9 @@ def _add_extrapolate_command(sub) -> None:
     p.add_argument("--comm", choices=["formula", "counted"], default="formula",
                    help="counted: simulate the suggested layout on fake ranks (minigpt simulate) for its communication "
                         "and per-GPU memory; layouts whose simulated memory does not fit are rejected")
-    p.add_argument("--micro-batch", type=number(int, 1), default=1, help="sequences per GPU per micro-step (memory, bubble)")
+    p.add_argument("--micro-batch", type=number(int, 1), help="sequences per GPU per micro-step (memory, bubble; default 1, "
+                   "and the band tries 2)")
+    _add_step_settings(p)
     p.add_argument("--seq-len", type=number(int, 1, 1 << 22), help="training context in tokens (default: the preset's "
                    "block_size; for an HF config.json its max_position_embeddings, said as such)")
     p.add_argument("--context", type=number(int, 1), help="inference context (default: block_size / 2)")

@@ -128,8 +128,15 @@ def cmd_simulate(args) -> None:
     from minigpt.parallel.registry import default_zero
 
     keys.setdefault("zero", default_zero(keys, 3))
-    spec = SimSpec(ParallelPlan.from_keys(keys, args.world), args.precision, args.reduce_precision or "",
-                   args.micro_batch, args.seq_len, args.recompute, args.micro_batches)
+    plan = ParallelPlan.from_keys(keys, args.world)
+    m, m_source = args.micro_batches, ""
+    gbt = cfg.target.global_batch_tokens if getattr(cfg, "target", None) else 0
+    if not m and gbt and plan.pp > 1:  # as extrapolate counts them: the target's batch over dp micro-batches
+        m = max(1, round(gbt / ((args.seq_len or cfg.model.block_size) * args.micro_batch * plan.dp)))
+        m_source = (f"the target's global batch ({gbt:,.0f} tokens, target.global_batch_tokens) over dp x micro-batch, "
+                    f"as extrapolate counts them")
+    spec = SimSpec(plan, args.precision, args.reduce_precision or "", args.micro_batch, args.seq_len, args.recompute,
+                   m, m_source)
     r = simulate(cfg.model, spec, gpu_by_name(args.gpu), args.mfu)
     print(to_json(r) if args.json else fit(simulate_table(r)))
 

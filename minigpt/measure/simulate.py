@@ -41,7 +41,7 @@ from minigpt.analytic.memory import PRECISION_BYTES
 from minigpt.core.blocks import inventory
 from minigpt.core.config import ModelConfig, TrainConfig
 from minigpt.core.errors import UserError
-from minigpt.core.hardware import GPUSpec, collective_link_gbs, group_ranks_per_node
+from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, group_ranks_per_node
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
@@ -65,6 +65,7 @@ class SimSpec:
     seq_len: int = 0  # 0: block_size
     recompute: bool = False
     micro_batches: int = 0  # pipeline micro-batches per step (m); 0: 4 x pp, an assumption said in the output
+    micro_batches_source: str = ""  # where a given m comes from ("": --micro-batches)
 
     @property
     def m(self) -> int:
@@ -327,12 +328,14 @@ def predicted_compute_s(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, dtype: str)
     return parts["matmul"] + parts["attention"] + parts["memory"]
 
 
-def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float | None) -> dict:
-    """Seconds the counted bytes take on the GPU's links, beside the step's compute: predicted by the
-    step-time model, or at a given `mfu`."""
+def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: float | None,
+               collectives: list[dict] | None = None) -> dict:
+    """Seconds the counted bytes take on the GPU's links, beside the step's compute (one micro-batch's): predicted
+    by the step-time model, or at a given `mfu`. Each data-parallel collective on its own group's link (a
+    mixture's expert replicas reduce over dp / ep ranks, ep x tp ranks apart); the all-to-all on each rank's own
+    share: NVLink to the ep ranks in its node, its own NIC to the others, at once."""
     nvlink = gpu.nvlink_gbs * 1e9
     dp_gbs, dp_name = collective_link_gbs(gpu, spec.plan.dp, group_ranks_per_node(spec.plan.tp, spec.plan.dp))
-    dp_link = dp_gbs * 1e9  # tp innermost: a dp group spans nodes once tp x dp GPUs do
     seq = spec.seq(c)
     convention = "exact_recompute" if spec.recompute else "exact"
     flops = F.train_flops_per_token(c, seq, convention) * spec.micro_batch * seq / spec.plan.tp
@@ -343,13 +346,40 @@ def step_times(c: ModelConfig, spec: SimSpec, comm: dict, gpu: GPUSpec, mfu: flo
     else:
         compute_s, how = flops / (gpu.tflops[dtype] * 1e12 * mfu), "given (--mfu)"
     how = f"{convention} FLOPs at {mfu:.0%} MFU of {gpu.name} dense {dtype}, {how}"
-    tp_s, dp_s = comm["tp"] / nvlink, (comm["dp"] + comm.get("ep", 0)) / dp_link  # ep groups are dp ranks
+    tp_s, dp_s = comm["tp"] / nvlink, _dp_seconds(spec, gpu, comm, collectives)
+    ep_s = _all_to_all_seconds(spec, gpu, comm.get("ep", 0.0))
     return {"gpu": gpu.name, "mfu": mfu, "compute_flops_per_rank": flops, "compute_s": compute_s,
-            "tp_comm_s": tp_s, "dp_comm_s": dp_s, "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s per direction",
-            "dp_link": dp_name,
-            "comm_share": (tp_s + dp_s) / (tp_s + dp_s + compute_s),
-            "convention": f"{how}; communication not overlapped with compute (an upper bound on its share); "
-                          "bandwidth term only"}
+            "tp_comm_s": tp_s, "dp_comm_s": dp_s, "ep_comm_s": ep_s,
+            "tp_link": f"NVLink {gpu.nvlink_gbs:g} GB/s per direction", "dp_link": dp_name,
+            "ep_link": "each rank's own share: NVLink to the ep ranks in its node, its own NIC beyond",
+            "comm_share": (tp_s + dp_s + ep_s) / (tp_s + dp_s + ep_s + compute_s),
+            "convention": f"time of one micro-batch: {how}; communication not overlapped with compute (an upper bound "
+                          f"on its share); bandwidth term only"}
+
+
+def _dp_seconds(spec: SimSpec, gpu: GPUSpec, comm: dict, collectives: list[dict] | None) -> float:
+    """The data-parallel bytes on their groups' links: the whole dp group's, or a mixture's expert replicas
+    (dp / ep ranks, ep x tp ranks apart) on theirs."""
+    plan = spec.plan
+    rows = [r for r in collectives or [] if r["group"] == "dp"]
+    if not rows:
+        return comm["dp"] / (collective_link_gbs(gpu, plan.dp, group_ranks_per_node(plan.tp, plan.dp))[0] * 1e9)
+    total = 0.0
+    for r in rows:
+        n = r["group_size"]
+        stride = plan.tp if n == plan.dp else plan.tp * plan.ep
+        total += r["bytes_per_rank"] / (collective_link_gbs(gpu, n, group_ranks_per_node(stride, n))[0] * 1e9)
+    return total
+
+
+def _all_to_all_seconds(spec: SimSpec, gpu: GPUSpec, sent: float) -> float:
+    """Bytes a rank sends in all-to-alls, split between the ep ranks in its node (NVLink) and the others (its NIC)."""
+    ep = spec.plan.ep
+    if ep == 1 or not sent:
+        return 0.0
+    in_node = max(1, min(ep, GPUS_PER_NODE // spec.plan.tp))
+    near, far = sent * (in_node - 1) / (ep - 1), sent * (ep - in_node) / (ep - 1)
+    return max(near / (gpu.nvlink_gbs * 1e9), far / (gpu.internode_gbs * 1e9))
 
 
 def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = None) -> dict:
@@ -377,7 +407,7 @@ def simulate(c: ModelConfig, spec: SimSpec, gpu: GPUSpec, mfu: float | None = No
         "comm_bytes_per_rank": sum(counted.values()), "comm_bytes_per_rank_by_group": counted,
         "predicted_comm_bytes_per_rank": sum(formula.values()), "predicted_comm_bytes_per_rank_by_group": formula,
         "comm_ratio": _ratio(sum(counted.values()), sum(formula.values())),
-        "time_per_step": step_times(stage, spec, counted, gpu, mfu),
+        "time_per_step": step_times(stage, spec, counted, gpu, mfu, collectives),
         "pipeline": pipeline_report(c, spec, collectives, memory, gpu) if plan.pp > 1 else None,
         "notes": _notes(plan),
         "method": f"fake process group of {spec.stage_world} ranks (one pipeline stage, {stage.n_layer} layers), fake "
@@ -402,8 +432,8 @@ def pipeline_report(c: ModelConfig, spec: SimSpec, collectives: list[dict], memo
     link = gpu.internode_gbs * 1e9  # tp x dp ranks fill the nodes first: neighbouring stages sit on different nodes
     return {
         "schedule": plan.schedule, "stages": plan.stages, "stages_per_rank": plan.stages_per_rank,
-        "micro_batches": m, "micro_batches_source": "given (--micro-batches)" if spec.micro_batches else
-        "assumption: 4 x pp (give --micro-batches)",
+        "micro_batches": m, "micro_batches_source": (spec.micro_batches_source or "given (--micro-batches)")
+        if spec.micro_batches else "assumption: 4 x pp (give --micro-batches)",
         "p2p_activation_bytes_per_boundary_per_micro_batch": counted,
         "p2p_formula_bytes_per_boundary_per_micro_batch": formula, "p2p_ratio": _ratio(counted, formula),
         "p2p_bytes_per_rank_per_step": per_step, "p2p_s_per_step": per_step / link,
@@ -470,6 +500,7 @@ def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
             return None
         return {"memory_per_gpu_bytes": r["memory_per_gpu"]["simulated_bytes"],
                 "dp_bytes": r["comm_bytes_per_rank_by_group"]["dp"], "tp_bytes": r["comm_bytes_per_rank_by_group"]["tp"],
+                "ep_bytes": r["comm_bytes_per_rank_by_group"]["ep"],
                 "pp_bytes_per_micro_batch": (r["pipeline"] or {}).get("p2p_activation_bytes_per_boundary_per_micro_batch", 0),
                 "stages_per_rank": plan.stages_per_rank,
                 "plan": plan.spelling(), "elapsed_s": r["elapsed_s"],

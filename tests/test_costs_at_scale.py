@@ -1,0 +1,115 @@
+"""Costs at scale a user can trust (issue 40): expert parallelism costed in step time and memory, the step's
+settings given or banded, uneven pipeline stages, the backtest's band and its coverage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from conftest import REPO, run_cli
+
+from minigpt.analytic import band as B, published as P, steptime as T
+from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
+from minigpt.core.hardware import gpu_by_name
+from minigpt.core.plan import ParallelPlan
+from minigpt.measure.simulate import SimSpec, simulate
+
+H100 = T.gpu_rates(gpu_by_name("H100"))
+MOE = ModelConfig(n_layer=4, n_head=8, n_embd=512, block_size=1024, vocab_size=4096, n_expert=8, n_expert_active=2)
+
+
+def _extrapolate(*args: str) -> dict:
+    r = run_cli("extrapolate", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_uneven_stages_time_the_busiest_and_bad_counts_are_refused():
+    assert T.stage_layers(126, 16, 7, 7) == [7] + [8] * 14 + [7]  # Llama 3 (Dubey et al. 2024)
+    assert T.stage_layers(126, 16) == [8] * 14 + [7] * 2  # torchtitan's split: the earliest stages one more
+    c = dataclasses.replace(MOE, n_expert=0, n_layer=10)
+    setup = T.Setup(seq_len=1024, global_batch=8)
+    even = T.step_time(c, ParallelPlan(pp=2), setup, H100)
+    uneven = T.step_time(c, ParallelPlan(pp=2), dataclasses.replace(setup, first_stage_layers=7), H100)
+    assert uneven["stage_layers"] == [7, 3] and uneven["busiest_stage"] == 0
+    assert uneven["step_s"] > even["step_s"]  # 7 layers a micro-batch on the busiest stage instead of 5 (+ head)
+    with pytest.raises(UserError, match="each stage needs at least one layer"):
+        T.stage_layers(10, 4, 5, 5)
+
+
+def test_all_to_all_and_expert_states_follow_ep_and_equal_what_simulate_counts():
+    """The step-time model's all-to-all bytes are the ones the real expert-parallel code sends on a fake process
+    group (4 per MoE layer with no recompute, (ep-1)/ep of each rank's k routed tokens), to the byte."""
+    plan = ParallelPlan(dp=4, ep=4)
+    setup = T.Setup(seq_len=MOE.block_size, micro_batch=1, global_batch=4)
+    near, far = T.all_to_all_bytes(MOE, plan, setup)
+    r = simulate(MOE, SimSpec(plan, micro_batch=1, micro_batches=1), gpu_by_name("H100"))
+    assert near + far == pytest.approx(r["comm_bytes_per_rank_by_group"]["ep"] / MOE.n_layer, rel=1e-9)
+    assert T.all_to_all_bytes(MOE, ParallelPlan(dp=4), setup) == (0.0, 0.0)
+    # ep within a node goes on NVLink; over 2 nodes (ep 16 at tp 1: 8 in a node) half the peers are on the NIC
+    near16, far16 = T.all_to_all_bytes(MOE, ParallelPlan(dp=16, ep=16), setup)
+    assert far == 0 and near16 / far16 == pytest.approx(7 / 8)
+    # capacity factor and imbalance scale the busiest rank's expert GEMMs and its all-to-all
+    loaded = T.all_to_all_bytes(MOE, plan, dataclasses.replace(setup, expert_imbalance=1.5))
+    assert sum(loaded) == pytest.approx(1.5 * (near + far))
+
+
+def test_extrapolate_costs_expert_parallelism_for_gpt4():
+    rows = {ep: _extrapolate("--target", "gpt4", "--gpu", "H100", "--plan", f"dp=16,tp=8,pp=15,ep={ep}")["experts"]
+            for ep in (2, 8)}
+    assert rows[8]["expert_states_bytes_per_gpu"] < rows[2]["expert_states_bytes_per_gpu"]
+    assert rows[8]["all_to_all_bytes_per_gpu_per_step"] > rows[2]["all_to_all_bytes_per_gpu_per_step"]  # (ep-1)/ep
+    assert rows[8]["all_to_all_exposed_s_per_step"] > 0
+
+
+def test_extrapolate_prints_simulates_all_to_all_count_beside_its_own(tmp_path):
+    """GPT-4's width and experts on 8 layers: the all-to-all bytes simulate counts on the chosen layout equal the
+    step-time model's (the step's micro-batches of one stage, full recompute: 6 a MoE layer)."""
+    text = (REPO / "configs" / "gpt4.toml").read_text().replace("n_layer = 120", "n_layer = 8").replace(
+        'published_plan = "tp=8,pp=15"', 'published_plan = "tp=1,pp=2"')
+    target = tmp_path / "gpt4-8-layers.toml"
+    target.write_text(text)
+    r = _extrapolate("--target", str(target), "--gpu", "H200", "--plan", "dp=8,tp=1,pp=4,ep=4,zero=3",
+                     "--num-gpus", "32", "--comm", "counted", "--tokens", "1e9")
+    assert r["experts"]["ep"] == 4 and r["experts"]["counted_over_predicted"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_band_holds_the_prediction_and_moves_days_and_cost_inversely():
+    r = _extrapolate("--target", "gpt3-175b", "--gpu", "H100", "--num-gpus", "1024")
+    band = r["band"]
+    assert band["mfu"][0] < r["mfu"] < band["mfu"][1]
+    assert band["days"][0] < r["days"] < band["days"][1] and band["cost_usd"][0] < r["cost_usd"] < band["cost_usd"][1]
+    assert band["days"][1] / r["days"] == pytest.approx(r["mfu"] / band["mfu"][0])
+    assert {"recompute=selective", "overlap=backward", "reduce_dtype=bf16"} <= set(band["settings_tried"])
+    given = _extrapolate("--target", "gpt3-175b", "--gpu", "H100", "--num-gpus", "1024", "--recompute", "selective",
+                         "--overlap", "full", "--reduce-dtype", "bf16", "--micro-batch", "1")
+    assert not any(k.startswith(("recompute", "overlap", "reduce_dtype", "micro_batch")) for k in given["band"]["settings_tried"])
+    assert given["mfu"] == pytest.approx(band["settings_tried"]["recompute=selective"], rel=0.05)
+    assert "recompute selective" in given["mfu_source"] and "recompute full (default)" in r["mfu_source"]
+
+
+def test_settings_are_checked_before_work():
+    r = run_cli("extrapolate", "--target", "gpt3-175b", "--stage-layers", "7,7")
+    assert r.returncode == 2 and "give --plan pp=N" in r.stderr
+    r = run_cli("extrapolate", "--target", "gpt3-175b", "--recompute", "sometimes")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = run_cli("extrapolate", "--target", "gpt3-13b", "--gpu", "A100", "--num-gpus", "64", "--plan", "backend=ddp", "--json")
+    assert json.loads(r.stdout)["memory"]["layout"]["zero_stage"] == 0  # DDP replicates model states
+
+
+def test_backtest_band_coverage_is_counted_and_variants_move_the_prediction():
+    b = P.backtest()
+    held = b["summary"]["held-out"]
+    assert held["band_coverage"] >= 0.8  # issue 40: on held-out runs
+    opt = next(r for r in b["runs"] if r["name"].startswith("OPT-175B"))
+    lo, hi = opt["band"]["settings_error"]
+    assert lo < opt["error"] < hi and opt["band"]["variants"] >= 3  # micro-batch, recompute, attention, reduce dtype
+    run = next(r for r in P.load_runs() if r["name"].startswith("OPT-175B"))
+    assert {v.get("micro_batch") for v in B.run_variants(run)} >= {2, 4, 8}
+
+
+def test_the_fitted_share_is_said_where_the_prediction_is():
+    assert "fitted" in H100.sources["sustained"] and H100.sustained == T.SUSTAINED[0]
+    assert "one fitted constant" in P.backtest()["model"]
