@@ -84,7 +84,7 @@ def test_lora_and_distill_refusals(good_run, corpus_dir, data_cache, tmp_path):
         (["train.lora_rank=4"], "init_from"),
         ([f'train.init_from="{good_run}"', "train.lora_rank=4", 'train.lora_targets=["wte"]'], "lora_targets"),
         ([f'train.init_from="{good_run}"', "train.lora_rank=4", 'train.backend="deepspeed"'], "DeepSpeed"),
-        ([f'train.distill_from="{good_run}"', f'train.init_from="{good_run}"'], "distill_from"),
+        ([f'train.distill_from="{good_run}"', f'train.init_from="{good_run}"', "train.lora_rank=4"], "distill_from"),
         (["train.distill_from=\"/nonexistent\""], "distill_from"),
         ([f'train.distill_from="{good_run}"', "train.distill_alpha=1.5"], "distill_alpha"),
     ]

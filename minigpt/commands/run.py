@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from minigpt.commands.flags import STOP_EXIT, add_train_flags, apply_threads, config_flags, log_for, threads_flag
+from minigpt.commands.flags import STOP_EXIT, add_train_flags, apply_threads, config_flags, log_for, number, threads_flag
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 
@@ -68,6 +68,21 @@ def cmd_convert(args) -> None:
               f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
 
 
+def cmd_prune(args) -> None:
+    apply_threads(args)
+    from minigpt.apps.pruned_run import save_pruned_run
+
+    info = save_pruned_run(args.run, args.heads, args.mlp, args.layers, args.out, args.calibration_batches)
+    if args.json:
+        print(to_json(info))
+        return
+    k = info["kept"]
+    print(f"wrote run directory {args.out}: {args.run} (step {info['step']}) pruned from {info['params_before']:,} to "
+          f"{info['params_after']:,} parameters ({info['params_after'] / info['params_before']:.1%}): {k['n_layer']} layers, "
+          f"{k['n_head']} heads ({k['n_kv_head']} key/value), MLP {k['ffn_hidden']} channels ({info['criterion']}); "
+          f"recover it with a short training: --set train.init_from={args.out} (and train.distill_from={args.run})")
+
+
 def cmd_plot(args) -> None:
     from minigpt.core.plots import check_image_path, plot_runs
 
@@ -99,6 +114,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--quantize", choices=("int8", "int4"), help="with --quantize-run: the format")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("prune", parents=[threads_flag()],
+                       help="remove attention heads, MLP channels and layers by importance; write the smaller model as a run")
+    p.add_argument("--run", required=True, help="the run to prune (its latest checkpoint; it is left untouched)")
+    p.add_argument("--heads", type=number(float, 0, 0.99), default=0.0,
+                   help="fraction of attention heads to remove (whole key/value groups; default 0)")
+    p.add_argument("--mlp", type=number(float, 0, 0.99), default=0.0,
+                   help="fraction of MLP channels to remove (default 0)")
+    p.add_argument("--layers", type=number(int, 0, 4096), default=0, help="whole layers to remove (default 0)")
+    p.add_argument("--calibration-batches", type=number(int, 1, 1024), default=8,
+                   help="batches of 8 validation windows the importance is measured on (default 8)")
+    p.add_argument("--out", required=True, help="the new run's folder (must not exist, or be empty)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (the pruning record), nothing else")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("plot", help="training and validation loss of runs against tokens seen and wall time (PNG)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, overlaid")

@@ -210,6 +210,10 @@ class TrainConfig:
     zero_stage: int = 0  # deepspeed: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned
     offload_optimizer: bool = False  # deepspeed, stages 1-3: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed stage 3, or fsdp on CUDA: parameters in CPU memory
+    # where deepspeed puts what is offloaded: "cpu" memory, or "nvme": files in nvme_path on a fast local disk
+    # (ZeRO-Infinity, Rajbhandari et al. 2021; stage 3; DeepSpeed's async I/O op, which needs libaio-dev)
+    offload_device: str = "cpu"
+    nvme_path: str = ""  # the swap folder for offload_device = "nvme"; "": <out_dir>/nvme-swap
     # start a new run from these weights (and their tokenizer), with a fresh optimizer: a minigpt run
     # directory or a Hugging Face folder; [model] comes from the weights
     init_from: str = ""
@@ -256,6 +260,7 @@ class TrainConfig:
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "precision": ("auto", "fp32", "bf16", "fp16"),
         "backend": ("ddp", "fsdp", "deepspeed"),
+        "offload_device": ("cpu", "nvme"),
         "pipeline_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
         "optimizer": ("adamw", "muon"),
         "schedule": ("cosine", "wsd"),
@@ -275,9 +280,9 @@ class TrainConfig:
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise UserError(f"train.distill_alpha = {self.distill_alpha} must be in [0, 1] and train.distill_temperature "
                             f"= {self.distill_temperature} positive")
-        if self.distill_from and (self.init_from or self.lora_rank):
-            raise UserError("train.distill_from trains a fresh student; it does not combine with train.init_from or "
-                            "train.lora_rank here: drop one")
+        if self.distill_from and self.lora_rank:
+            raise UserError("train.distill_from trains a whole student (fresh, or from train.init_from: a pruned run "
+                            "recovering); it does not combine with train.lora_rank here: drop one")
 
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)

@@ -31,7 +31,8 @@ from minigpt.core.config import ModelConfig, TrainConfig, divisors
 from minigpt.core.errors import UserError
 
 OFFLOADS = {"none": (False, False), "optimizer": (True, False), "params": (False, True), "all": (True, True)}
-KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "sp", "schedule", "stages_per_rank", "cp", "ep")
+KEYS = ("dp", "tp", "pp", "zero", "backend", "offload", "offload_to", "sp", "schedule", "stages_per_rank", "cp", "ep")
+OFFLOAD_DEVICES = ("cpu", "nvme")  # where offloaded states go: CPU memory, or files on a fast disk (ZeRO-Infinity)
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zbv")
 LOOPED = ("interleaved-1f1b", "zbv")  # schedules with several model chunks per pipeline rank
 MAX_RANKS = 1 << 20  # a million ranks: beyond any machine, and beyond what a simulation can build
@@ -46,6 +47,7 @@ class ParallelPlan:
     backend: str = ""  # the engine: "ddp", "fsdp", "deepspeed"; "": the default for the stage
     offload_optimizer: bool = False
     offload_params: bool = False
+    offload_to: str = "cpu"  # "cpu" | "nvme": DeepSpeed ZeRO-3 swaps the offloaded states to train.nvme_path
     cp: int = 1  # context parallelism: each sequence split over cp ranks (step-time model only; not trained or simulated yet)
     ep: int = 1  # expert parallelism: a mixture's experts split over ep of the dp ranks (simulated; not trained yet)
     sp: bool = False  # sequence parallelism with tp: norms and residuals sharded along the sequence
@@ -69,6 +71,11 @@ class ParallelPlan:
         if (self.schedule in LOOPED) != (self.stages_per_rank > 1) or (self.schedule == "zbv" and self.stages_per_rank != 2):
             raise UserError(f"plan schedule={self.schedule} with stages_per_rank={self.stages_per_rank}: gpipe and 1f1b "
                             f"run 1 chunk per rank, interleaved-1f1b 2 or more, zbv exactly 2")
+        if self.offload_to not in OFFLOAD_DEVICES:
+            raise UserError(f"plan offload_to={self.offload_to!r} is not one of {', '.join(OFFLOAD_DEVICES)}")
+        if self.offload_to == "nvme" and (self.zero != 3 or not (self.offload_optimizer or self.offload_params)):
+            raise UserError("offload_to=nvme swaps what ZeRO-3 offloads to files (ZeRO-Infinity): give zero=3 and "
+                            "offload=optimizer, params or all, with backend=deepspeed")
         if self.sp and self.tp == 1:
             raise UserError("plan sp=1 (sequence parallelism) shards along the sequence within a tensor-parallel group: "
                             "it needs tp > 1")
@@ -155,13 +162,15 @@ class ParallelPlan:
         offload = next(k for k, v in OFFLOADS.items() if v == (self.offload_optimizer, self.offload_params))
         if offload != "none":
             parts.append(f"offload={offload}")
+        if self.offload_to != "cpu":
+            parts.append(f"offload_to={self.offload_to}")
         return ",".join(parts)
 
     def describe(self) -> str:
         """One line, the same on every command: `8 ranks = dp 2 (ZeRO-3, fsdp) x tp 2 x pp 2`."""
         engine = (f", {self.backend}" if self.backend else "") + (f", experts over ep {self.ep}" if self.ep > 1 else "")
         offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
-        more = f", offload {'+'.join(offload)}" if offload else ""
+        more = f", offload {'+'.join(offload)} to {self.offload_to}" if offload else ""
         sp = " (sequence parallel)" if self.sp else ""
         pp = f" ({self.schedule}, {self.stages_per_rank} chunks per rank)" if self.pp > 1 and self.stages_per_rank > 1 else \
             (f" ({self.schedule})" if self.pp > 1 else "")
@@ -194,7 +203,8 @@ class ParallelPlan:
     def from_train(cls, tc: TrainConfig, c: ModelConfig, world: int | None = None) -> ParallelPlan:
         """The plan [train] describes for model `c` on `world` ranks (dp = world / (tp x pp); dp 1 without)."""
         plan = cls(tp=tc.tensor_parallel, pp=tc.pipeline_parallel, zero=tc.zero_stage, backend=tc.backend,
-                   offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params, sp=tc.sequence_parallel,
+                   offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params,
+                   offload_to=tc.offload_device, sp=tc.sequence_parallel,
                    schedule=tc.pipeline_schedule, stages_per_rank=tc.pipeline_stages_per_rank)
         plan.check_model(c)
         return plan if world is None else plan.with_world(world, "train.tensor_parallel x train.pipeline_parallel:")
@@ -210,7 +220,7 @@ class ParallelPlan:
         """The [train] keys that say this plan (`--set` strings): what `minigpt train --plan` records."""
         return [f"train.tensor_parallel={self.tp}", f"train.pipeline_parallel={self.pp}",
                 f"train.zero_stage={self.zero}", f"train.offload_optimizer={str(self.offload_optimizer).lower()}",
-                f"train.offload_params={str(self.offload_params).lower()}"] + \
+                f"train.offload_params={str(self.offload_params).lower()}", f'train.offload_device="{self.offload_to}"'] + \
                [f"train.sequence_parallel={str(self.sp).lower()}", f'train.pipeline_schedule="{self.schedule}"',
                 f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
                ([f'train.backend="{self.backend}"'] if self.backend else [])
@@ -268,6 +278,10 @@ def _value(key: str, value: str, origin: str):
     if key == "offload":
         if value not in OFFLOADS:
             raise UserError(f"{origin}: offload={value!r} is not one of {', '.join(OFFLOADS)}")
+        return value
+    if key == "offload_to":
+        if value not in OFFLOAD_DEVICES:
+            raise UserError(f"{origin}: offload_to={value!r} is not one of {', '.join(OFFLOAD_DEVICES)}")
         return value
     try:
         return int(value)

@@ -47,6 +47,7 @@ class Backend:
 
     name: ClassVar[str] = ""
     files: ClassVar[tuple[str, ...]] = ()  # run-directory entries this backend writes (besides checkpoints)
+    scratch: ClassVar[tuple[str, ...]] = ()  # of those, working folders it fills while it is built (kept by a fresh start)
     runs_muon: ClassVar[bool] = False  # whether train.optimizer = "muon" runs here (it needs whole matrices)
     runs_lora: ClassVar[bool] = False  # whether train.lora_rank > 0 runs here (frozen base, adapters trained and saved)
     distiller = None  # train.distill_from: set from outside (train/distill.py); asked for the loss to backpropagate

@@ -239,6 +239,8 @@ class ShardedBackend(Backend):
             raise UserError("offload=optimizer needs backend=deepspeed (FSDP2 offloads parameters with their state)")
         if plan.offload_params and not fsdp:
             raise UserError("offload=params needs backend=fsdp or backend=deepspeed")
+        if plan.offload_to == "nvme":
+            raise UserError("offload_to=nvme swaps to files through DeepSpeed (ZeRO-Infinity): use backend=deepspeed")
         if not fsdp and plan.dp > 1:
             raise UserError(f"tp={plan.tp} with dp={plan.dp} shards the data-parallel part with FSDP2: use backend=fsdp "
                             f"(zero=3)")

@@ -1,4 +1,4 @@
-"""The DeepSpeed backend: ZeRO stages 0-3, CPU offload, mixed precision, behind the same Backend
+"""The DeepSpeed backend: ZeRO stages 0-3, offload to CPU memory or NVMe files, mixed precision, behind the same Backend
 interface as the torch backend (minigpt/parallel/ddp.py). The one module that imports deepspeed,
 lazily, so the rest of minigpt works without it.
 
@@ -39,6 +39,8 @@ OWNED = {
     "zero_optimization.stage": "train.zero_stage",
     "zero_optimization.offload_optimizer.device": "train.offload_optimizer",
     "zero_optimization.offload_param.device": "train.offload_params",
+    "zero_optimization.offload_optimizer.nvme_path": "train.nvme_path",
+    "zero_optimization.offload_param.nvme_path": "train.nvme_path",
 }
 
 
@@ -70,15 +72,55 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def nvme_folder(tc: TrainConfig) -> Path:
+    """Where NVMe offload swaps: train.nvme_path, or <out_dir>/nvme-swap (scratch, not part of a checkpoint)."""
+    return Path(tc.nvme_path) if tc.nvme_path else Path(tc.out_dir) / "nvme-swap"
+
+
+# DeepSpeed's async I/O settings for NVMe offload (its docs' defaults; one thread: this is a CPU's disk, not 8 NVMe
+# drives): 1 MiB blocks, 8 requests in flight, reads and writes overlapped
+AIO = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}
+
+
+NVME_SUB_GROUP = 10_000_000  # fp32 elements the optimizer swaps in at once (DeepSpeed's default 1e9 would hold
+# 4 buffers of 4 GB in memory: ZeRO-Infinity's docs lower sub_group_size for NVMe so the swap buffers stay small)
+
+
+def _offload(cfg: Config) -> dict:
+    """zero_optimization's offload entries: to CPU memory, or the optimizer state swapped to files in the NVMe folder
+    (in sub-groups of NVME_SUB_GROUP elements, so its swap buffers stay small)."""
+    tc, out = cfg.train, {}
+    if tc.offload_device == "nvme":
+        out["offload_optimizer"] = {"device": "nvme", "nvme_path": str(nvme_folder(tc).resolve()), "pin_memory": False}
+        out["sub_group_size"] = NVME_SUB_GROUP
+        return out
+    if tc.offload_optimizer:
+        out["offload_optimizer"] = {"device": "cpu"}
+    if tc.offload_params:
+        out["offload_param"] = {"device": "cpu"}
+    return out
+
+
+def check_nvme(tc: TrainConfig) -> None:
+    """NVMe offload needs DeepSpeed's async I/O op (libaio's headers to build it) and a folder to swap into."""
+    require_deepspeed()
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise UserError("offload_to=nvme needs DeepSpeed's async I/O op, which builds against libaio: install it "
+                        "(Debian/Ubuntu: apt-get install libaio-dev; `ds_report` then shows async_io [OKAY]), or "
+                        "offload to cpu")
+    folder = nvme_folder(tc)
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"train.nvme_path {folder}: no writable folder to swap into; give a folder on a fast local disk")
+
+
 def build_config(cfg: Config, layout: BatchLayout) -> dict:
     """DeepSpeed's JSON config from minigpt's, merged with the user's override file if any."""
     tc = cfg.train
     micro, accum = layout.micro_batch_size, layout.accum
-    zero: dict = {"stage": tc.zero_stage}
-    if tc.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if tc.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
+    zero: dict = {"stage": tc.zero_stage, **_offload(cfg)}
     ds = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -94,6 +136,8 @@ def build_config(cfg: Config, layout: BatchLayout) -> dict:
     if tc.offload_optimizer or tc.offload_params:
         # minigpt hands DeepSpeed a torch AdamW; DeepSpeedCPUAdam would need a compiled extension
         ds["zero_force_ds_cpu_optimizer"] = False
+    if tc.offload_device == "nvme":
+        ds["aio"] = dict(AIO)
     if not tc.deepspeed_config:
         return ds
     path = Path(tc.deepspeed_config)
@@ -110,11 +154,28 @@ def build_config(cfg: Config, layout: BatchLayout) -> dict:
     return _merge(ds, user)
 
 
+def _single_process_env() -> None:
+    """Outside torchrun, the environment of a one-rank job (DeepSpeed would otherwise look for MPI, and it reads
+    LOCAL_RANK again while it saves): set for the rest of the process."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     deepspeed = require_deepspeed()
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
     try:
+        _single_process_env()
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    except (ValueError, AssertionError) as e:
+    except (ValueError, AssertionError, ZeRORuntimeException) as e:
         raise UserError(f"DeepSpeed rejected the config: {str(e).splitlines()[0]}") from None
     return engine, ds_optimizer
 
@@ -129,7 +190,8 @@ class DeepSpeedBackend(Backend):
     """
 
     name = "deepspeed"
-    files = ("deepspeed_config.json",)
+    files = ("deepspeed_config.json", "nvme-swap")
+    scratch = ("nvme-swap",)  # NVMe offload's swap files (the default train.nvme_path): DeepSpeed's, not a checkpoint
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
@@ -140,6 +202,12 @@ class DeepSpeedBackend(Backend):
             raise UserError("offload=params needs zero=3 (only stage 3 partitions parameters)")
         if plan.offload_optimizer and plan.zero == 0:
             raise UserError("offload=optimizer needs zero >= 1 (stage 0 keeps the optimizer whole)")
+        if plan.offload_to == "nvme" and plan.offload_params:
+            # measured with deepspeed 0.19.8 on the CPU accelerator: its parameter swapper fails once a weight is
+            # large enough to swap (fp32: swapped back as bf16; bf16: "Not enough buffers 0 for swapping 1")
+            raise UserError("offload_to=nvme swaps the optimizer state (offload=optimizer: 12 of the 16 bytes a "
+                            "parameter); DeepSpeed's NVMe parameter swapper fails here, so offload=params and all are "
+                            "refused with nvme")
         return dataclasses.replace(plan, backend=cls.name)
 
     @classmethod
@@ -147,6 +215,8 @@ class DeepSpeedBackend(Backend):
         cls.check_techniques(cfg, plan)
         if cfg.train.precision == "fp16" and device.type != "cuda":
             raise UserError("train.precision = 'fp16' under DeepSpeed needs CUDA; on CPU use 'bf16' or 'fp32'")
+        if plan.offload_to == "nvme":
+            check_nvme(cfg.train)
 
     @classmethod
     def compile_rule(cls, tc: TrainConfig, device: torch.device, steps: int) -> tuple[bool, str]:
@@ -165,6 +235,11 @@ class DeepSpeedBackend(Backend):
         if state.get("world_size") != plan.world:
             raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
                             f"not {plan.world}: resume with the same number of processes")
+        if state.get("offload_to") == "nvme" or plan.offload_to == "nvme":
+            # measured on deepspeed 0.19.8 (tests/test_offload.py): its NVMe checkpoint restores the swapped optimizer
+            # state stale (the first step after resume differs) and fails outright with offloaded parameters
+            raise UserError(f"{run_dir}: a run with offload_to=nvme does not resume exactly (DeepSpeed restores NVMe-"
+                            f"swapped states stale); start a new run from its weights: --set train.init_from={run_dir}")
 
     @classmethod
     def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
@@ -179,6 +254,8 @@ class DeepSpeedBackend(Backend):
     def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, plan: ParallelPlan) -> None:
         self.tc, self.env, self.cfg, self.plan = cfg.train, env, cfg, plan
         self.ds_config = build_config(cfg, plan.batch_layout(cfg.train, cfg.model.block_size))
+        if plan.offload_to == "nvme":  # DeepSpeed's swapper writes into it; its first use builds the async I/O op
+            nvme_folder(self.tc).mkdir(parents=True, exist_ok=True)
         self.model = model
         self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config)
         self.held: dict = {}
@@ -206,7 +283,7 @@ class DeepSpeedBackend(Backend):
 
     def save_state(self, folder: Path) -> dict:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
-        return {"zero_stage": self.tc.zero_stage}
+        return {"zero_stage": self.tc.zero_stage, "offload_to": self.plan.offload_to}
 
     def load_state(self, folder: Path, state: dict) -> None:
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="deepspeed")

@@ -131,7 +131,7 @@ class Checkpointer:
 
 LOCK = ".lock"
 RUN_FILES = {"config.json", "tokenizer.json", "metrics.jsonl", "metrics.csv", "tensorboard", "wandb", "summary.json",
-             "quantized.json",
+             "quantized.json", "pruned.json",
              LATEST, "checkpoints", "report.json", "report.md", "loss.png", "memory_per_rank.json",
              "data.json", "imported.json", "depends.json", LOCK} | run_file_names()  # + what the backends write (their `files`)
 
@@ -185,11 +185,11 @@ def foreign_entries(root: Path) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
 
 
-def clear_run_dir(root: Path) -> None:
+def clear_run_dir(root: Path, keep: tuple[str, ...] = ()) -> None:
     """Delete a run's files (for --overwrite, or a start over a run that died before its first
-    checkpoint), keeping the lock that this process holds."""
+    checkpoint), keeping the lock that this process holds and `keep` (the backend's working folders, just built)."""
     for p in Path(root).iterdir():
-        if p.name != LOCK:
+        if p.name != LOCK and p.name not in keep:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()  # a link goes, not its target
 
 

@@ -168,7 +168,7 @@ def write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resu
         barrier(env)
         return
     if resumed_at is None:
-        clear_run_dir(paths.root)
+        clear_run_dir(paths.root, keep=type(backend).scratch)
         shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
         pin_sources(paths.root, cfg.train)
     else:
