@@ -8,13 +8,11 @@ the standard library's email package), and each int8; each on the domain's held-
 Prints one JSON line (minigpt/apps/compress_bench.py does the work)."""
 
 import argparse
-import json
-import os
 import sysconfig
 import tempfile
 from pathlib import Path
 
-from minigpt.apps.compress_bench import STUDENTS, cost_summary, domain_rows, train_run
+from minigpt.apps.compress_bench import STUDENTS, cost_summary, domain_rows, emit, train_run
 
 DOMAIN = str(Path(sysconfig.get_paths()["stdlib"]) / "email" / "**" / "*.py")
 
@@ -31,16 +29,11 @@ def main() -> None:
         root = Path(tmp)
         teacher = Path(args.run) if args.run else train_run(root / "teacher", args.teacher_steps, {})
         rows = domain_rows(root, teacher, args.domain, args.steps, {})
-    line = json.dumps({"bench": "domain", "domain": args.domain, "students": STUDENTS, "distill_steps": args.steps,
-                       "rows": rows, "cost": cost_summary(rows),
-                       "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
-                       "convention": "measured here: bits per byte by minigpt eval on each held-out split (the domain's "
-                                     "validation files, the general run's); cost per token = decode time per token at "
-                                     "batch 16 relative to the general run (a price per hour cancels)"})
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
-
+    emit({"bench": "domain", "domain": args.domain, "students": STUDENTS, "distill_steps": args.steps, "rows": rows,
+          "cost": cost_summary(rows),
+          "convention": "measured here: bits per byte by minigpt eval on each held-out split (the domain's validation "
+                        "files, the general run's); cost per token = decode time per token at batch 16 relative to the "
+                        "general run (a price per hour cancels)"}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -8,12 +8,10 @@ that int8: parameters, weight bytes, greedy decode tokens/s at batch 1 and 16, h
 Prints one JSON line (minigpt/apps/compress_bench.py does the work)."""
 
 import argparse
-import json
-import os
 import tempfile
 from pathlib import Path
 
-from minigpt.apps.compress_bench import PRUNE, prune_rows, train_run
+from minigpt.apps.compress_bench import PRUNE, emit, prune_rows, train_run
 
 
 def main() -> None:
@@ -27,13 +25,9 @@ def main() -> None:
         root = Path(tmp)
         teacher = Path(args.run) if args.run else train_run(root / "teacher", args.teacher_steps, {})
         rows = prune_rows(root, teacher, args.steps, {})
-    line = json.dumps({"bench": "prune", "pruned": PRUNE, "recovery_steps": args.steps, "rows": rows,
-                       "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
-                       "convention": "measured here: bits per byte by minigpt eval on the teacher's held-out split; "
-                                     "decode greedy tokens/s (median of 3) at batch 1 and 16 on this CPU"})
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
+    emit({"bench": "prune", "pruned": PRUNE, "recovery_steps": args.steps, "rows": rows,
+          "convention": "measured here: bits per byte by minigpt eval on the teacher's held-out split; decode greedy "
+                        "tokens/s (median of 3) at batch 1 and 16 on this CPU"}, args.out)
 
 
 if __name__ == "__main__":

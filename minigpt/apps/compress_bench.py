@@ -48,7 +48,7 @@ def decode_tokens_per_s(model, batch: int, new_tokens: int = 64) -> float:
 
 def measure(run: Path, held_out: dict[str, object]) -> dict:
     """One run: parameters, weight bytes, decode speed, bits per byte on each held-out token set."""
-    model, tokenizer, cfg, _ = load_run(str(run))
+    model, tokenizer, _, _ = load_run(str(run))
     torch.manual_seed(0)
     row = {"run": run.name, "params": param_counts(model.config).total,  # quantized matrices count as their shapes
            "weight_bytes": weight_bytes(model)["total_bytes"],
@@ -106,3 +106,14 @@ def cost_summary(rows: list[dict]) -> dict:
                          "bpb_general_change": r["bpb_general"] / base["bpb_general"] - 1,
                          "weight_bytes_vs_teacher": r["weight_bytes"] / base["weight_bytes"]}
     return out
+
+
+def emit(result: dict, out: str | None) -> None:
+    """The benchmark's one JSON line, with the machine and its load, on stdout (and into `out`)."""
+    import json
+    import os
+
+    line = json.dumps({**result, "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]}})
+    if out:
+        Path(out).write_text(line + "\n")
+    print(line)

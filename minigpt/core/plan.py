@@ -170,7 +170,8 @@ class ParallelPlan:
         """One line, the same on every command: `8 ranks = dp 2 (ZeRO-3, fsdp) x tp 2 x pp 2`."""
         engine = (f", {self.backend}" if self.backend else "") + (f", experts over ep {self.ep}" if self.ep > 1 else "")
         offload = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
-        more = f", offload {'+'.join(offload)} to {self.offload_to}" if offload else ""
+        more = (f", offload {'+'.join(offload)}" + (f" to {self.offload_to}" if self.offload_to != "cpu" else "")
+                if offload else "")
         sp = " (sequence parallel)" if self.sp else ""
         pp = f" ({self.schedule}, {self.stages_per_rank} chunks per rank)" if self.pp > 1 and self.stages_per_rank > 1 else \
             (f" ({self.schedule})" if self.pp > 1 else "")
