@@ -51,6 +51,13 @@ class ModelConfig:
     dropout: float = 0.0
     n_expert: int = 0  # 0 or 1: dense MLP; > 1: mixture of n_expert MLPs per block
     n_expert_active: int = 0  # top-k experts per token; 0: 2 (or 1 with n_expert = 1)
+    # a mixture's expert capacity: each expert takes at most ceil(factor x tokens x k / n_expert) of a micro-batch's
+    # routed slots, in token order, the rest dropped (their slot adds nothing; Fedus et al. 2021); 0: dropless
+    moe_capacity_factor: float = 0.0
+    # auxiliary-loss-free balancing (DeepSeek-V3, Liu et al. 2024, Sec. 2.1.2): a per-expert bias added to the router's
+    # scores to choose the top k (not to weight them), moved by this rate after each step toward an even load
+    # (down for an expert above the mean, up below); 0: off (no bias). DeepSeek-V3 uses 0.001
+    moe_bias_update_rate: float = 0.0
     head_dim: int | None = None  # None: n_embd / n_head; set it for PaLM/Gemma-style shapes
     rope_theta: float = 10000.0  # RoPE base frequency (RoFormer 10,000; Llama 3 500,000)
     norm_eps: float = 1e-5
@@ -135,6 +142,12 @@ class ModelConfig:
         if self.n_expert < 0 or self.n_expert_active < 0:
             raise UserError(f"model.n_expert = {self.n_expert} and model.n_expert_active = {self.n_expert_active} must be "
                             f">= 0 (n_expert 0 or 1 is a dense MLP; n_expert_active 0 picks 2)")
+        if not (self.moe_capacity_factor == 0 or 0.25 <= self.moe_capacity_factor <= 64):
+            raise UserError(f"model.moe_capacity_factor = {self.moe_capacity_factor} must be 0 (dropless) or between 0.25 "
+                            f"and 64 (Switch Transformer uses 1.0-2.0)")
+        if not 0 <= self.moe_bias_update_rate <= 1:
+            raise UserError(f"model.moe_bias_update_rate = {self.moe_bias_update_rate} must be in [0, 1] (0: off; "
+                            f"DeepSeek-V3 uses 0.001)")
         if self.is_moe and not 1 <= self.n_expert_active <= self.n_expert:
             raise UserError(
                 f"model.n_expert_active = {self.n_expert_active} must be between 1 and model.n_expert = {self.n_expert}"

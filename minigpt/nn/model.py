@@ -194,19 +194,26 @@ class MoE(nn.Module):
     """Top-k mixture of expert MLPs with a learned router (Shazeer et al. 2017; Fedus et al. 2021).
 
     Each token goes to its n_expert_active highest-probability experts; their outputs are mixed
-    with the router probabilities renormalised over the chosen k. Dispatch is capacity-free (no
-    token is dropped): a loop over experts gathers each one's tokens. Returns the output and the
-    load-balancing loss of Switch Transformer (eq. 4), generalised to top-k: E * sum_e f_e * P_e,
-    with f_e the share of routed slots that went to expert e and P_e its mean router probability;
-    1.0 when balanced. On the meta device or fake tensors (no data, so no routing), each expert
-    gets an equal share of the N*k slots: the FLOPs are the same for any routing.
+    with the router probabilities renormalised over the chosen k. Dispatch is dropless unless
+    model.moe_capacity_factor sets a capacity (each expert takes its first ceil(factor x N k / E) slots in
+    token order; a dropped slot adds nothing, the token keeps its residual: Switch Transformer). A loop over
+    experts gathers each one's tokens. Returns the output and the load-balancing loss of Switch Transformer
+    (eq. 4), generalised to top-k: E * sum_e f_e * P_e, with f_e the share of routed slots that went to expert
+    e and P_e its mean router probability; 1.0 when balanced. `stats` keeps the last training forward's
+    routing (per-expert share of the slots, the share dropped, the router's mean entropy in nats), detached,
+    for the step logs. On the meta device or fake tensors (no data, so no routing), each expert gets an equal
+    share of the N*k slots: the FLOPs are the same for any routing.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_expert, self.k = config.n_expert, config.n_expert_active
+        self.n_expert, self.k, self.capacity_factor = config.n_expert, config.n_expert_active, config.moe_capacity_factor
         self.router = linear(inventory(config).get("mlp.router"))
         self.experts = nn.ModuleList(MLP(config, "mlp.experts.*.") for _ in range(config.n_expert))
+        self.stats: dict[str, torch.Tensor] = {}
+        self.bias_rate = config.moe_bias_update_rate
+        if self.bias_rate:  # saved with the weights: training state the next step's routing depends on
+            self.register_buffer("router_bias", torch.zeros(config.n_expert))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -214,22 +221,59 @@ class MoE(nn.Module):
         flat = x.reshape(-1, C)  # (N, C)
         N = flat.size(0)
         probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
-        weights, chosen = probs.topk(k, dim=-1)  # (N, k)
+        if self.bias_rate:  # the bias picks the experts; the weights stay the router's (DeepSeek-V3)
+            chosen = (probs + self.router_bias).topk(k, dim=-1).indices
+            weights = probs.gather(1, chosen)
+        else:
+            weights, chosen = probs.topk(k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros(N, C, device=flat.device, dtype=activation_dtype(flat))
         symbolic = has_no_data(flat)
+        capacity = math.ceil(self.capacity_factor * N * k / E) if self.capacity_factor else None
+        kept = flat.new_zeros((), dtype=torch.long)
         for e, expert in enumerate(self.experts):
             if symbolic:  # balanced shares of the N*k slots (see the class docstring)
                 count = N * k // E + (1 if e < N * k % E else 0)
                 token_idx = torch.arange(count, device=flat.device) % N
                 slot = torch.zeros_like(token_idx)
             else:
-                token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+                token_idx, slot = (chosen == e).nonzero(as_tuple=True)  # in token order
+                if capacity is not None:
+                    token_idx, slot = token_idx[:capacity], slot[:capacity]
+            kept = kept + token_idx.numel()
             y = expert(flat[token_idx])  # (n_e, C), in the autocast dtype under mixed precision
             out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
         routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
         aux = E * (routed * probs.mean(dim=0)).sum()
+        if self.training and not symbolic and not torch.compiler.is_compiling():
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+            self.stats = {"load": routed.detach(), "dropped": 1 - kept.float() / (N * k), "entropy": entropy.detach()}
         return out.view(B, T, C), aux
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, average=None) -> None:
+    """After a step: each MoE layer's bias moves by its rate toward an even load, down for an expert above the mean
+    load and up below (DeepSeek-V3). `average`: averages a tensor over data-parallel ranks, so every replica moves
+    its biases alike."""
+    for m in model.modules():
+        if isinstance(m, MoE) and m.bias_rate and m.stats:
+            load = m.stats["load"] if average is None else average(m.stats["load"].clone())
+            m.router_bias += m.bias_rate * torch.sign(load.mean() - load)
+
+
+def routing_stats(model: nn.Module) -> dict | None:
+    """The last training forward's routing over every MoE layer: each expert's share of the slots (mean over
+    layers), the busiest expert's share over the even 1/E, the share of slots dropped, the router's entropy."""
+    layers = [m.stats for m in model.modules() if isinstance(m, MoE) and m.stats]
+    if not layers:
+        return None
+    load = torch.stack([s["load"] for s in layers]).float()  # (layers, E)
+    busiest = load.max(dim=1).values * load.size(1)  # per layer, over the even share
+    return {"expert_load": [round(x, 4) for x in load.mean(dim=0).tolist()],
+            "max_over_mean_load": round(float(busiest.max()), 4),
+            "dropped": round(float(torch.stack([s["dropped"] for s in layers]).mean()), 6),
+            "router_entropy_nats": round(float(torch.stack([s["entropy"] for s in layers]).mean()), 4)}
 
 
 def has_no_data(t: torch.Tensor) -> bool:

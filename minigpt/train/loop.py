@@ -39,7 +39,7 @@ from minigpt.data.tokenizer import bits_per_byte
 from minigpt.infer.generate import generate_text
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.lora import apply_lora
-from minigpt.nn.model import GPT
+from minigpt.nn.model import GPT, routing_stats, update_router_bias
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.distributed import (
@@ -254,8 +254,10 @@ def loop(run: Run, stop: StopControl) -> None:
             lr = lr_at(step, tc)
             run.backend.set_lr(lr)
             loss, result = run.backend.step(micro_batches)
+            if run.cfg.model.moe_bias_update_rate:  # DeepSeek-V3's balancing, alike on every data-parallel rank
+                update_router_bias(run.backend.model, lambda t: all_reduce_mean(t, env))
             state.step = step + 1
-            run.metrics.log_step(state.step, loss, result, lr)
+            run.metrics.log_step(state.step, loss, result, lr, routing=lambda: routing_stats(run.backend.model))
             heartbeat(env, state.step)
             run.stopped = stop.requested()
             _after_step(run, loss)

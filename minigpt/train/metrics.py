@@ -175,7 +175,8 @@ class MetricsLogger:
         """Start timing after `step` (after an evaluation, sample or checkpoint, which synced)."""
         self.t_last, self.step_last = time.perf_counter(), step
 
-    def log_step(self, step: int, loss: torch.Tensor, result: StepResult, lr: float) -> dict | None:
+    def log_step(self, step: int, loss: torch.Tensor, result: StepResult, lr: float, routing=None) -> dict | None:
+        """routing: () -> a mixture's routing stats (nn/model.routing_stats) or None, read when the step is logged."""
         self.skipped += result.skipped
         if not self.due(step):
             return None
@@ -207,6 +208,11 @@ class MetricsLogger:
         recent = self.window_ms[-5:] or [dt * 1e3]
         eta = (self.end_step - step) * statistics.mean(recent) / 1e3
         note = " (first step: includes one-off setup and compilation)" if first else ""
+        moe = routing() if routing else None
+        if moe:
+            record["moe"] = moe
+            util += (f" | experts busiest/mean {moe['max_over_mean_load']:.2f}, dropped {moe['dropped']:.1%}, "
+                     f"router entropy {moe['router_entropy_nats']:.2f} nats")
         self.say(f"step {step:>6}/{self.end_step} | loss {value:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
                  f"{dt * 1e3:7.1f} ms | {self.tokens_per_step / dt:9,.0f} tok/s | {tflops:.3g} TFLOP/s | {util} | "
                  f"{memory_note(self.env.device)} | ETA {format_duration(eta)}{note}")

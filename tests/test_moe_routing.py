@@ -1,0 +1,93 @@
+"""Routing a user can steer and see (issue 43, part): a capacity factor that drops slots, DeepSeek-V3's
+auxiliary-loss-free bias, and per-expert load, dropped slots and router entropy in the step logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli, set_args, step_records, tiny_overrides
+
+from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
+from minigpt.nn.model import MoE, routing_stats, update_router_bias
+
+
+def _moe(**kw) -> MoE:
+    c = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, n_expert_active=1, **kw)
+    c.validate()
+    torch.manual_seed(0)
+    m = MoE(c).train()
+    with torch.no_grad():  # every token prefers expert 0, each by its own margin over the others
+        m.router.weight.normal_(0, 1.0)
+        m.router.weight[0, 0] = 8.0
+    return m
+
+
+def _x() -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 16)
+    x[..., 0] = x[..., 0].abs() + 2  # feature 0 positive and large: expert 0's score highest for every token
+    return x
+
+
+def test_a_capacity_drops_the_slots_past_it_in_token_order():
+    x = _x()
+    dropless = _moe()
+    dropless(x)
+    assert float(dropless.stats["dropped"]) == 0 and float(dropless.stats["load"][0]) == 1.0
+    capped = _moe(moe_capacity_factor=1.0)  # each expert takes ceil(16 x 1 / 4) = 4 of the 16 slots
+    out, _ = capped(x)
+    assert float(capped.stats["dropped"]) == pytest.approx(12 / 16)
+    flat = out.reshape(16, -1)
+    assert flat[:4].abs().sum() > 0 and flat[4:].abs().sum() == 0  # the first 4 tokens kept, the rest dropped
+
+
+def test_the_bias_evens_the_load_without_touching_the_weights():
+    """A router that sends about half the tokens to one expert, fixed: the bias alone, moved after each forward,
+    brings every expert to within a few tokens of an even share (DeepSeek-V3's sign update)."""
+    c = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, n_expert_active=1,
+                    moe_bias_update_rate=0.01)
+    c.validate()
+    torch.manual_seed(0)
+    m = MoE(c).train()
+    with torch.no_grad():
+        m.router.weight.normal_(0, 1.0)
+        m.router.weight[0, 0] = 2.0
+    torch.manual_seed(1)
+    x = torch.randn(4, 32, 16)
+    x[..., 0] = x[..., 0].abs() + 1
+    router = m.router.weight.clone()
+    m(x)
+    before = float(m.stats["load"].max()) * 4
+    for _ in range(300):
+        m(x)
+        update_router_bias(m)
+    m(x)
+    after = float(m.stats["load"].max()) * 4
+    assert before > 1.9 and after < 1.2 and torch.equal(m.router.weight, router)
+    stats = routing_stats(m)
+    assert stats["max_over_mean_load"] == pytest.approx(after, abs=1e-4) and len(stats["expert_load"]) == 4
+    assert "router_bias" in m.state_dict()  # saved with the weights: the next step's routing depends on it
+    assert "router_bias" not in _moe().state_dict()  # no bias, nothing new in a plain mixture's weights
+
+
+def test_settings_are_checked():
+    for kw, says in ((dict(moe_capacity_factor=0.1), "moe_capacity_factor"), (dict(moe_bias_update_rate=2.0), "rate")):
+        with pytest.raises(UserError, match=says):
+            ModelConfig(n_expert=4, **kw).validate()
+
+
+def test_the_step_logs_carry_the_routing(corpus_dir, data_cache, tmp_path):
+    out = tmp_path / "moe"
+    sets = tiny_overrides(corpus_dir, data_cache, out, **{"model.n_expert": 4, "model.n_expert_active": 2,
+                                                          "model.moe_capacity_factor": 1.0, "train.max_steps": 2,
+                                                          "model.moe_bias_update_rate": 0.001})
+    r = run_cli("train", "--config", "tiny", *set_args(sets))
+    assert r.returncode == 0, r.stderr[-2000:]
+    moe = step_records(out)[-1]["moe"]
+    assert len(moe["expert_load"]) == 4 and sum(moe["expert_load"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= moe["dropped"] < 1 and moe["router_entropy_nats"] > 0 and moe["max_over_mean_load"] >= 1
+    assert "busiest/mean" in r.stdout and json.loads((out / "config.json").read_text())["model"]["moe_capacity_factor"] == 1.0
+    assert run_cli("generate", "--run", str(out), "--prompt", "def", "--max-new-tokens", "2").returncode == 0
