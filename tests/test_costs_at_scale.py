@@ -113,3 +113,14 @@ def test_backtest_band_coverage_is_counted_and_variants_move_the_prediction():
 def test_the_fitted_share_is_said_where_the_prediction_is():
     assert "fitted" in H100.sources["sustained"] and H100.sustained == T.SUSTAINED[0]
     assert "one fitted constant" in P.backtest()["model"]
+
+
+def test_a_slower_network_is_one_setting_every_figure_reads():
+    """--internode-gbs (BLOOM's Omni-Path gave 6.25 GB/s per GPU) slows the predicted step and the transfers printed
+    beside it alike."""
+    base = _extrapolate("--target", "gpt3-175b", "--gpu", "A100", "--num-gpus", "1024", "--plan", "tp=8,pp=8")
+    slow = _extrapolate("--target", "gpt3-175b", "--gpu", "A100", "--num-gpus", "1024", "--plan", "tp=8,pp=8",
+                        "--internode-gbs", "6.25")
+    assert slow["mfu"] < base["mfu"]
+    assert slow["memory"]["communication"]["link_bytes_per_s"] < base["memory"]["communication"]["link_bytes_per_s"]
+    assert slow["step_time"]["traffic_s"]["dp"] > base["step_time"]["traffic_s"]["dp"]

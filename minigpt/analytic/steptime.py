@@ -652,20 +652,20 @@ def expert_params(c: ModelConfig) -> int:
     return c.n_layer * sum(p.params * p.copies for p in inventory(c).layer if p.ep) if c.is_moe else 0
 
 
-def _grad_groups(c: ModelConfig, plan: ParallelPlan) -> list[tuple[float, int]]:
-    """(parameters one rank holds, ranks that reduce their gradients together): the non-expert weights over
-    the data-parallel (x cp) ranks; a mixture's experts, split over ep, over the grad_ranks / ep ranks that hold
-    the same experts."""
+def _grad_groups(c: ModelConfig, plan: ParallelPlan) -> list[tuple[float, int, int]]:
+    """(parameters one rank holds, ranks that reduce their gradients together, the rank stride between them): the
+    non-expert weights over the data-parallel (x cp) ranks, tp apart; a mixture's experts, split over ep, over the
+    grad_ranks / ep ranks that hold the same experts, tp x ep apart (the experts' mesh puts ep innermost of dp)."""
     experts = expert_params(c)
     shard = plan.tp * plan.pp
-    groups = [((F.param_counts(c).total - experts) / shard, plan.grad_ranks)]
+    groups = [((F.param_counts(c).total - experts) / shard, plan.grad_ranks, plan.tp)]
     if experts:
-        groups.append((experts / (shard * plan.ep), plan.grad_ranks // plan.ep))
+        groups.append((experts / (shard * plan.ep), plan.grad_ranks // plan.ep, plan.tp * plan.ep))
     return groups
 
 
 def _local_params(c: ModelConfig, plan: ParallelPlan) -> float:
-    return sum(n for n, _ in _grad_groups(c, plan))
+    return sum(n for n, _, _ in _grad_groups(c, plan))
 
 
 def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: dict, m: int) -> tuple[float, float]:
@@ -677,11 +677,11 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
     experts reduce over their own (smaller) group (_grad_groups)."""
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
     reduce = gather = total = 0.0
-    for local, n in _grad_groups(c, plan):
+    for local, n, stride in _grad_groups(c, plan):
         if n == 1:
             continue
         ring = (n - 1) / n
-        link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(plan.tp, n))
+        link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(stride, n))
         red = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2) / link
         gat = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0)) / link
         reduce, gather, total = reduce + red, gather + gat, total + red + gat
@@ -719,7 +719,7 @@ def step_time(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dic
     pp_total, parts["pp_comm"] = pp_seconds(c, plan, setup, r, m)
     dp_total, parts["dp_comm"] = dp_seconds(c, plan, setup, r, mb, m)
     sharded = plan.zero >= 1 or setup.overlap == "prefetch"
-    shard = sum(local / (n if sharded else 1) for local, n in _grad_groups(c, plan))
+    shard = sum(local / (n if sharded else 1) for local, n, _ in _grad_groups(c, plan))
     parts["optimizer"] = shard * OPTIMIZER_BYTES_PER_PARAM / r.hbm_bytes_per_s
     # each micro-batch's weight gradients added into the fp32 accumulation buffer: read and write 4 bytes a parameter
     parts["memory"] += m * _local_params(c, plan) * GRAD_ACCUM_BYTES_PER_PARAM / r.hbm_bytes_per_s

@@ -72,6 +72,10 @@ def scenario_from_args(args, cfg):
     from minigpt.core.resolve import target_config
 
     gpu = gpu_by_name(args.gpu)
+    if args.internode_gbs is not None:  # the network every figure uses: step time, transfers, simulate's links
+        import dataclasses
+
+        gpu = dataclasses.replace(gpu, internode_gbs=args.internode_gbs)
     kernels = _kernels(args, cfg)
     mfu, source, notes = args.mfu, "given (--mfu)" if args.mfu is not None else "", []
     if args.from_run:
