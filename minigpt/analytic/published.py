@@ -175,13 +175,13 @@ def backtest_note(gpu_name: str) -> str:
             f"vs published at the median, {errs[0]:+.0%} to {errs[-1]:+.0%} (minigpt backtest)")
 
 
-def check_run_plan_fits(run: dict) -> bool:
-    """A variant of a run the model can predict (its micro-batches whole on every rank, its setup valid)."""
+def predictable_inputs(run: dict) -> tuple | None:
+    """A variant's run_inputs, or None when the model cannot predict it (its micro-batches not whole on every rank,
+    its setup invalid)."""
     try:
-        run_inputs(run)
+        return run_inputs(run)
     except UserError:
-        return False
-    return True
+        return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -208,8 +208,9 @@ def run_band(run: dict, error: float) -> dict:
     smallest (published = predicted / (1 + error))."""
     errs = [error]
     for variant in B.run_variants(run):
-        if check_run_plan_fits(variant):
-            errs.append(predict(variant)["error"])
+        inputs = predictable_inputs(variant)
+        if inputs is not None:  # each variant's inputs built once
+            errs.append(predict(variant, inputs=inputs)["error"])
     dev = error_range(gpu_by_name(run["gpu"]).name, leave_out=run["name"])
     return {"settings_error": [min(errs), max(errs)], "variants": len(errs) - 1, "development_error": [dev["low"], dev["high"]],
             "covered": min(errs) <= dev["high"] and max(errs) >= dev["low"]}
