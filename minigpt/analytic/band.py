@@ -24,6 +24,11 @@ def gpu_class(name: str) -> str:
     return GPU_CLASS.get(name, name)
 
 
+def has_kernel_choice(gpu_name: str) -> bool:
+    """Whether the flash-attention kernel is a choice on this GPU (the FlashAttention-2 rate is cited for Hopper)."""
+    return gpu_class(gpu_name) == "H100"
+
+
 def widen(throughput: tuple[float, float], err: dict) -> tuple[float, float]:
     """A throughput range (settings) widened by the backtest's errors: published = predicted / (1 + error)."""
     return throughput[0] / (1 + err["high"]), throughput[1] / (1 + err["low"])
@@ -37,7 +42,7 @@ def variants(s, plan, is_moe: bool) -> list[tuple[str, dict]]:
            if key not in s.settings and alts for alt in alts if alt != default]
     if not is_moe:
         out = [v for v in out if "expert_imbalance" not in v[1]]
-    if s.gpu.name not in ("H100", "H200"):
+    if not has_kernel_choice(s.gpu.name):
         out = [v for v in out if "flash_kernel" not in v[1]]
     if not s.micro_batch_given:
         out.append(("micro_batch=2", {"micro_batch": 2}))
@@ -56,6 +61,8 @@ def run_variants(run: dict) -> list[dict]:
     """A published run at each other value of each setting its source does not state (one at a time)."""
     out = []
     for key in run.get("unknown", []):
+        if key == "flash_kernel" and not has_kernel_choice(run["gpu"]):
+            continue
         for alt in RUN_ALTERNATIVES[key]:
             if run.get(key) == alt or (key == "stages_per_rank" and "pp=1" in run["plan"].replace(" ", "")):
                 continue
@@ -64,7 +71,5 @@ def run_variants(run: dict) -> list[dict]:
             variant = {**run, key: alt}
             if key == "stages_per_rank":
                 variant["schedule"] = "1f1b" if alt == 1 else "interleaved-1f1b"
-            if key == "flash_kernel" and run["gpu"] not in ("H100", "H200"):
-                continue
             out.append(variant)
     return out
