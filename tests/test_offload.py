@@ -73,6 +73,15 @@ def test_nvme_offload_trains_the_steps_of_no_offload_and_swaps_to_files(corpus_d
     assert "train.init_from" in r.stderr
 
 
+def test_a_stopped_nvme_run_is_not_told_to_resume():
+    from minigpt.parallel.registry import backend_class
+
+    nvme = ParallelPlan.parse("zero=3,offload=optimizer,offload_to=nvme,backend=deepspeed")
+    assert "does not resume exactly" in backend_class(nvme).cannot_resume(nvme)
+    cpu = ParallelPlan.parse("zero=3,offload=optimizer,backend=deepspeed")
+    assert backend_class(cpu).cannot_resume(cpu) is None
+
+
 def test_the_ci_script_builds_what_the_nvme_test_needs_and_runs_the_readmes_test_command():
     text = (REPO / ".ci" / "run").read_text()
     assert "libaio-dev" in text and "build_aio.py" in text

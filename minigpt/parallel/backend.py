@@ -88,6 +88,12 @@ class Backend:
                             f"yet; train with ep=1")
 
     @classmethod
+    def cannot_resume(cls, plan: ParallelPlan) -> str | None:
+        """Why a run of this plan never resumes exactly under this backend (None: it does), said where a stop
+        suggests resuming and where a resume is refused."""
+        return None
+
+    @classmethod
     def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig) -> None:
         """A checkpoint's state (state.pt) resumes under the engine (train.backend) that wrote it, with its
         optimizer and pipeline layout: checked before the model and the backend are built."""

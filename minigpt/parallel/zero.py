@@ -82,6 +82,9 @@ def nvme_folder(tc: TrainConfig) -> Path:
 AIO = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}
 
 
+# measured on deepspeed 0.19.8 (tests/test_offload.py): its NVMe checkpoint restores the swapped optimizer state
+# stale (the first step after a resume differs from the uninterrupted run's) and fails outright with parameters
+NVME_NO_RESUME = "a run with offload_to=nvme does not resume exactly (DeepSpeed restores NVMe-swapped states stale)"
 NVME_SUB_GROUP = 10_000_000  # fp32 elements the optimizer swaps in at once (DeepSpeed's default 1e9 would hold
 # 4 buffers of 4 GB in memory: ZeRO-Infinity's docs lower sub_group_size for NVMe so the swap buffers stay small)
 
@@ -236,10 +239,11 @@ class DeepSpeedBackend(Backend):
             raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
                             f"not {plan.world}: resume with the same number of processes")
         if state.get("offload_to") == "nvme" or plan.offload_to == "nvme":
-            # measured on deepspeed 0.19.8 (tests/test_offload.py): its NVMe checkpoint restores the swapped optimizer
-            # state stale (the first step after resume differs) and fails outright with offloaded parameters
-            raise UserError(f"{run_dir}: a run with offload_to=nvme does not resume exactly (DeepSpeed restores NVMe-"
-                            f"swapped states stale); start a new run from its weights: --set train.init_from={run_dir}")
+            raise UserError(f"{run_dir}: {NVME_NO_RESUME}; start a new run from its weights: --set train.init_from={run_dir}")
+
+    @classmethod
+    def cannot_resume(cls, plan: ParallelPlan) -> str | None:
+        return NVME_NO_RESUME if plan.offload_to == "nvme" else None
 
     @classmethod
     def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:

@@ -312,7 +312,10 @@ def finish(run: Run) -> dict:
     wall = time.perf_counter() - run.t_start
     run.metrics.close()
     if run.stopped:
-        run.say(f"stopped by {run.stopped} at step {run.state.step}; resume with: minigpt train --resume {paths.root}")
+        why = type(run.backend).cannot_resume(run.plan)
+        next_step = (f"{why}: start a new run from its weights with --set train.init_from={paths.root}" if why
+                     else f"resume with: minigpt train --resume {paths.root}")
+        run.say(f"stopped by {run.stopped} at step {run.state.step}; {next_step}")
     else:
         sample(run, run.end_step)
     summary = {
