@@ -66,7 +66,7 @@ def test_stop_tokens_and_finish_free_rows_and_the_others_go_on(model):
         engine.step()
     first = greedy.index(greedy[3])
     assert stopper.finish_reason == "stop" and stopper.tokens == greedy[:first]
-    assert quitter.finish_reason == "cancelled" and len(quitter.tokens) == 2
+    assert quitter.finish_reason == "cancelled" and len(quitter.tokens) == 1  # the step that prefilled it drew one
     assert stayer.tokens == generate_ids(model, [PROMPTS[3]], 10, temperature=0).new_tokens[0]
 
 
@@ -127,3 +127,91 @@ def test_speculative_rows_of_a_batch_give_the_targets_greedy_tokens_and_seeded_d
     crowd[1] = Sequence([1, 2, 3], 10, sampling, seed=3)
     generate_all(Engine(target, 4, draft=draft, k=3), crowd)
     assert crowd[1].tokens == one.tokens
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_the_decodes_and_gives_the_tokens_of_decoding_alone(model):
+    """prefill_chunk 4: a 30-token newcomer takes 8 steps to prefill, and the running row gains a token in each of
+    them (it is not stalled); both give the greedy tokens of decoding alone."""
+    long_prompt = list(range(40, 70))
+    alone = {tuple(p): generate_ids(model, [p], 10, temperature=0).new_tokens[0] for p in (PROMPTS[1], long_prompt)}
+    engine = Engine(model, max_batch=2, prefill_chunk=4)
+    first, second = Sequence(PROMPTS[1], 10, Sampling(0)), Sequence(long_prompt, 10, Sampling(0))
+    engine.add([first])
+    while not first.tokens:  # 7 prompt tokens: two steps
+        engine.step()
+    engine.add([second])
+    gained = []
+    while not second.tokens:
+        before = len(first.tokens)
+        engine.step()
+        gained.append(len(first.tokens) - before)
+    assert len(gained) == 8 and gained == [1] * 8  # ceil(30 / 4) steps, a decode in every one
+    while engine.running:
+        engine.step()
+    assert first.tokens == alone[tuple(PROMPTS[1])] and second.tokens == alone[tuple(long_prompt)]
+
+
+def test_the_flat_batch_of_decodes_and_chunks_gives_each_rows_own_logits(model):
+    """One ragged forward (two decoding rows, one prompt chunk starting mid-prompt) equals running each row alone."""
+    from minigpt.nn.ragged import make_ragged
+
+    torch.manual_seed(0)
+    prompts = [list(range(1, 9)), list(range(20, 31)), list(range(50, 62))]
+    cache = model.make_cache(3, 48)
+    for r, p in enumerate(prompts[:2]):  # rows 0 and 1 hold their prompts but the last token
+        model(torch.tensor([p[:-1]]), input_pos=torch.arange(len(p) - 1), cache=cache.rows(r, r + 1))
+    model(torch.tensor([prompts[2][:5]]), input_pos=torch.arange(5), cache=cache.rows(2, 3))  # row 2: 5 of 12
+    batch = make_ragged([(0, 7), (1, 10)], [(2, 5, 7)], [0, 1, 8], "cpu")
+    ids = torch.tensor([[prompts[0][-1], prompts[1][-1]] + prompts[2][5:]])
+    flat = model(ids, input_pos=batch, positions=batch.slots.unsqueeze(0), cache=cache).logits[0]
+    for i, p in enumerate(prompts):
+        ref = model(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(flat[i], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_the_prefix_cache_copies_shared_blocks_instead_of_computing_them(model):
+    """Prompts sharing 32 tokens: the later ones find two 16-token blocks (the hit counted), compute only the rest,
+    and still give the greedy tokens of decoding alone; an unrelated prompt finds nothing."""
+    shared = [(7 * i) % 90 + 1 for i in range(32)]
+    prompts = [shared + [3, 4], shared + [5], shared[:20] + [9, 9], [60, 61, 62]]
+    alone = [generate_ids(model, [p], 6, temperature=0).new_tokens[0] for p in prompts]
+    engine = Engine(model, max_batch=1, prefix_rows=2, prefill_chunk=8)
+    steps = []
+    for p in prompts:
+        before = engine.steps
+        s = generate_all(engine, [Sequence(p, 6, Sampling(0))])[0]
+        steps.append(engine.steps - before)
+        assert s.tokens == alone[prompts.index(p)]
+    st = engine.prefix.stats()
+    assert st["lookups"] == 4 and st["hits"] == 2 and st["hit_tokens"] == 32 + 16
+    assert st["hit_rate"] == round(48 / sum(len(p) for p in prompts), 4)
+    assert steps[1] < steps[0]  # 34 prompt tokens in 5 chunks of 8, then 1 token: one chunk
+
+
+def test_a_group_prefilling_in_chunks_goes_on_when_its_first_sample_is_cancelled(model):
+    prompt = list(range(1, 21))
+    alone = generate_ids(model, [prompt], 5, temperature=0).new_tokens[0]
+    engine = Engine(model, 3, prefill_chunk=6)
+    group = [Sequence(prompt, 5, Sampling(0)) for _ in range(3)]
+    engine.add(group)
+    engine.step()  # 6 of 20 prompt tokens in group[0]'s row
+    engine.finish(group[0], "cancelled")
+    while engine.running:
+        engine.step()
+    assert group[0].tokens == [] and group[1].tokens == alone and group[2].tokens == alone
+
+
+def test_a_server_model_with_packed_linears_gives_the_greedy_tokens_of_the_dense_model(model):
+    """serve packs the blocks' Linears for oneDNN (nn/torch_private.prepack_linears): the same tokens as the dense
+    model decoding alone."""
+    import copy
+
+    from minigpt.nn.torch_private import prepack_linears
+
+    packed = copy.deepcopy(model)
+    if prepack_linears(packed) == 0:
+        pytest.skip("this torch has no oneDNN (mkldnn): nothing to pack")
+    assert not any(type(m) is torch.nn.Linear for m in packed.blocks.modules())
+    alone = [generate_ids(model, [p], 12, temperature=0).new_tokens[0] for p in PROMPTS]
+    seqs = generate_all(Engine(packed, 3), [Sequence(p, 12, Sampling(0)) for p in PROMPTS])
+    assert [s.tokens for s in seqs] == alone

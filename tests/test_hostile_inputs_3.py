@@ -497,7 +497,7 @@ def test_stopping_the_scheduler_mid_decode_ends_the_thread_between_steps_and_cou
     import time as _time
 
     from minigpt.infer.engine import Sampling, Sequence
-    from minigpt.infer.generate import IncrementalText
+    from minigpt.infer.detokenize import IncrementalText
     from minigpt.infer.serve import Job, Scheduler
 
     model = server["model"]

@@ -57,7 +57,9 @@ def server(tmp_path_factory, corpus_dir, data_cache):
     train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, out, **{
         "train.max_steps": 2, "model.block_size": 64})), log=lambda *a: None)
     model, tok, cfg, _ = load_run(out)
-    app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8)
+    # prompts prefilled 16 tokens a step (long ones in chunks) and a prefix cache, as `minigpt serve` runs by default
+    app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8,
+                     engine={"prefill_chunk": 16, "prefix_rows": 8})
     with serving(app) as port:
         yield {"url": f"http://127.0.0.1:{port}/v1", "app": app, "parts": (model, tok, cfg), "run": str(out)}
 
@@ -226,6 +228,20 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert value("minigpt_prompt_tokens_total") >= 1 and value("minigpt_generation_tokens_total") >= 1
     assert value("minigpt_time_to_first_token_seconds_count") >= 1 and value("minigpt_queue_depth") is not None
     assert value("minigpt_time_per_output_token_seconds_count") >= 1 and value("minigpt_running_batch") is not None
+
+
+def test_a_repeated_long_prompt_is_found_in_the_prefix_cache_and_answers_the_same(server, client):
+    import re
+    import urllib.request
+
+    prompt = "def parse(self, text):\n    return [line.strip() for line in text.splitlines()]\n"  # 17 to 62 tokens
+    answers = [client.completions.create(model="minigpt-test", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+               for _ in range(2)]
+    with urllib.request.urlopen(server["url"].removesuffix("/v1") + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    hits = float(re.search(r"^minigpt_prefix_cache_hits_tokens ([0-9.e+]+)$", text, re.M).group(1))
+    assert answers[0] == answers[1] and hits >= 16  # at least one 16-token block the second time
+    assert 0 < float(re.search(r"^minigpt_prefix_cache_hit_rate ([0-9.e+]+)$", text, re.M).group(1)) <= 1
 
 
 def test_n_choices_stop_strings_and_streamed_usage(server, client):

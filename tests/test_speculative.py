@@ -8,7 +8,8 @@ from conftest import run_cli
 
 from minigpt.core.config import ModelConfig
 from minigpt.core.errors import UserError
-from minigpt.infer.generate import filtered_probs, generate_ids
+from minigpt.infer.generate import generate_ids
+from minigpt.infer.sampler import filtered_probs
 from minigpt.infer.speculative import check_pair, speculative_generate
 from minigpt.nn.model import GPT
 

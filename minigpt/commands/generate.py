@@ -93,7 +93,7 @@ def _prompts(args, default: str) -> list[str]:
 
 def _streamer(tokenizer, prompt: str, eot: int | None):
     """An on_token callback printing one sample's text as it grows, up to end-of-text."""
-    from minigpt.infer.generate import IncrementalText
+    from minigpt.infer.detokenize import IncrementalText
 
     text, ended = IncrementalText(tokenizer), [False]
     print(prompt, end="", flush=True)

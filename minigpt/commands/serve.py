@@ -24,7 +24,9 @@ def cmd_serve(args) -> None:
     serve(args.run, args.host, args.port, args.max_batch, args.device, args.quantize or "",
           Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                  max_queue=args.max_queue, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens),
-          args.batching, args.drain_seconds, args.draft or "", args.speculate)
+          args.batching, args.drain_seconds, args.draft or "", args.speculate,
+          {"prefill_chunk": args.prefill_chunk,
+           "prefix_rows": args.max_batch if args.prefix_cache_rows is None else args.prefix_cache_rows})
 
 
 def check_api_key(key: str) -> None:
@@ -95,5 +97,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--draft", metavar="RUN", help="a smaller run with the same tokenizer: every decode step becomes a "
                                                   "speculative round for the whole batch")
     p.add_argument("--speculate", type=number(int, 1, 64), default=4, help="with --draft: draft tokens a round (default 4)")
+    p.add_argument("--prefill-chunk", type=number(int, 1, 1 << 20), default=256,
+                   help="prompt tokens prefilled a step, in the same forward pass as the running decodes (default 256: "
+                        "a long prompt delays the others by one chunk a step)")
+    p.add_argument("--prefix-cache-rows", type=number(int, 0, 1024), default=None,
+                   help="contexts the prefix cache keeps (default: --max-batch; 0: off): a prompt that starts with "
+                        "16-token blocks another prompt prefilled copies them instead of computing them")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)

@@ -1,24 +1,28 @@
-"""The serving engine: the rows of one static KV cache, batched continuously.
+"""The serving engine: the rows of one static KV cache, batched continuously, prompts prefilled in chunks.
 
-Each running sequence owns one row of a preallocated cache (max_batch rows x max_len slots). A new
-sequence joins between two decode steps: its prompt is prefilled alone into a free row (its slots
-written, its first token sampled), and from the next step on it decodes with the others: one forward
-pass per step over every running row, each row writing its own slot at its own position and attending
-to its own slots only (iteration-level scheduling, Yu et al. 2022 "Orca"; vLLM and nanochat schedule
-the same way). A row that finishes (a stop token, its max_tokens, the end of its context, or `finish`
-from outside) leaves at once: the last running row moves into its place, so the running rows are always
-0..n-1 and a step computes only them. The n samples of one prompt are prefilled once and the row copied.
-Each sequence samples with its own settings and its own generator (seeded per sequence), so a request
-gets the same tokens whatever else runs beside it.
+Each running sequence owns one row of a preallocated cache (max_batch rows x max_len slots). A new sequence takes a
+free row at once; its prompt is prefilled over the following steps, at most `prefill_chunk` prompt tokens a step,
+riding in the same forward pass as the running rows' decodes (a flat batch, nn/ragged.py: the weights are read once
+for both, and a long newcomer delays the others by one chunk a step, not by its whole prompt; Agrawal et al. 2024
+"Sarathi-Serve"). The step that ends a prompt samples its first token; from the next step on it decodes with the
+others: one forward pass per step over every running row, each row writing its own slot at its own position and
+attending to its own slots only (iteration-level scheduling, Yu et al. 2022 "Orca"; vLLM and nanochat schedule the
+same way). A row that finishes (a stop token, its max_tokens, the end of its context, or `finish` from outside)
+leaves at once: the last running row moves into its place, so the running rows are always 0..n-1. The n samples
+of one prompt are prefilled once and the row copied. With a prefix cache (infer/prefix.py) a prompt that starts
+with blocks another prompt prefilled copies their slots instead of computing them.
 
-With a draft model (speculative decoding, Leviathan et al. 2023; Chen et al. 2023) a step is a round for
-every running row at once: the draft, on its own cache of the same rows, proposes k tokens per row from each
-row's own distribution q; the target scores all k + 1 positions of every row in one forward pass; each row
-accepts draft d_i with probability min(1, p_i(d_i) / q_i(d_i)) (its own generator), at the first rejection
-draws from norm(max(0, p_i - q_i)), and after k acceptances draws one more from p_{k+1}: every token is
-distributed as the target's own sampling, and at temperature 0 it is the target's greedy token. Rows accept
-different counts and go on at their own positions; rejected slots need no undo (a row never attends past its
-length, and the next round writes over them).
+A row holds a whole context, so the cache never runs out mid-sequence: admission waits for a free row (no
+preemption is needed). Each sequence samples with its own settings and its own generator (seeded per sequence,
+infer/sampler.py), so a request gets the same tokens whatever else runs beside it.
+
+With a draft model (speculative decoding, Leviathan et al. 2023; Chen et al. 2023) a prompt is prefilled whole when
+it is added (into both caches), and a step is a round for every running row at once: the draft, on its own cache of
+the same rows, proposes k tokens per row from each row's own distribution q; the target scores all k + 1 positions
+of every row in one forward pass; each row keeps the drafts the acceptance rule keeps (sampler.accept): every token
+is distributed as the target's own sampling, and at temperature 0 it is the target's greedy token. Rows accept
+different counts and go on at their own positions; rejected slots need no undo (a row never attends past its length,
+and the next round writes over them).
 
 Not thread-safe: one thread (the server's decode thread) calls `add`, `step` and `finish`.
 """
@@ -31,15 +35,14 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt.core.errors import UserError
-from minigpt.infer.generate import filtered_probs
+from minigpt.infer.prefix import PrefixCache
+from minigpt.infer.sampler import Sampling, accept, draw, row_probs
 from minigpt.nn.model import GPT
+from minigpt.nn.ragged import make_ragged
 
+__all__ = ["Engine", "Sampling", "Sequence", "generate_all"]
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+PREFILL_CHUNK = 256  # prompt tokens that ride with each step's decodes, at most
 
 
 @dataclass(eq=False)
@@ -60,7 +63,7 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: GPT, max_batch: int, max_len: int | None = None, draft: GPT | None = None,
-                 k: int = 4) -> None:
+                 k: int = 4, prefill_chunk: int = PREFILL_CHUNK, prefix_rows: int = 0) -> None:
         self.model = model.eval()
         self.max_batch = max_batch
         blocks = [model.config.block_size] + ([draft.config.block_size] if draft is not None else [])
@@ -70,6 +73,10 @@ class Engine:
         self.running: list[Sequence] = []  # row i of the cache is running[i]
         self._len: list[int] = []  # tokens held in each row's cache: its context less the last token
         self._gen: list[torch.Generator] = []  # each row's sampler
+        self._filling: list[list[Sequence]] = []  # groups prefilling, in order; group[0]'s row is the one filled
+        if prefill_chunk < 1:
+            raise UserError(f"--prefill-chunk {prefill_chunk}: give at least 1 prompt token a step")
+        self.prefill_chunk = prefill_chunk
         self.steps = self.prefills = 0
         self.draft, self.k = (draft.eval() if draft is not None else None), k
         if draft is not None:
@@ -77,6 +84,8 @@ class Engine:
                 raise UserError(f"speculative decoding needs k >= 1 (got {k}) and a draft with the target's vocab_size")
             self.draft_cache = draft.make_cache(max_batch, self.max_len)
         self.drafted = self.accepted = 0  # speculative: draft tokens proposed and accepted, over every row
+        # a speculative row's draft cache would need the prefix too: the prefix cache serves plain decoding only
+        self.prefix = PrefixCache(model, prefix_rows, self.max_len) if prefix_rows and draft is None else None
 
     @property
     def free(self) -> int:
@@ -89,55 +98,112 @@ class Engine:
 
     @torch.no_grad()
     def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, int | None]]:
-        """Start sequences that share one prompt (the n samples of a request): one prefill into a free row, the
-        row copied to the others, each samples its first token. Returns the tokens emitted, as `step` does."""
+        """Start sequences that share one prompt (the n samples of a request): each takes a row now; the prompt is
+        prefilled once, into the first one's row, over the next steps (at once with a draft), then copied to the
+        others. Returns the tokens emitted (none but with a draft: the first tokens), as `step` does."""
         prompt = seqs[0].prompt
         if any(s.prompt != prompt for s in seqs) or len(seqs) > self.free:
             raise ValueError(f"add takes 1 to {self.free} sequences of one prompt")
         self.check(prompt)
-        row, T = len(self.running), len(prompt)
-        ids = torch.tensor([prompt], device=self.device)
-        logits = self.model(ids, input_pos=torch.arange(T, device=self.device), cache=self.cache.rows(row, row + 1),
-                            last_only=True).logits[:, -1]
-        if self.draft is not None:
-            self.draft(ids, input_pos=torch.arange(T, device=self.device), cache=self.draft_cache.rows(row, row + 1),
-                       last_only=True)
-        self.prefills += 1
+        row = len(self.running)
         seed = seqs[0].seed if seqs[0].seed is not None else random.getrandbits(62)
         for i, s in enumerate(seqs):  # sample i uses seed + i: alone with that seed it would draw the same
-            if i:
-                self._copy_row(row, row + i, T)
             self.running.append(s)
-            self._len.append(T)
+            self._len.append(0)
             self._gen.append(torch.Generator(device=self.device).manual_seed(seed + i))
-        tokens = self._sample(logits.expand(len(seqs), -1), seqs, self._gen[row:])
-        return self._emit([(s, [t]) for s, t in zip(seqs, tokens)])
+        if self.prefix is not None:
+            src, hit = self.prefix.lookup(prompt)
+            if hit:
+                self.prefix.load(src, hit, self.cache, row)
+                self._len[row] = hit
+        self._filling.append(list(seqs))
+        self.prefills += 1
+        if self.draft is None:
+            return []
+        logits = self._forward([], [(row, 0, len(prompt))], [len(prompt) - 1])
+        self._forward([], [(row, 0, len(prompt))], [len(prompt) - 1], self.draft, self.draft_cache)
+        self._len[row] = len(prompt)
+        return self._emit(self._prefilled(self._filling.pop(0), logits[0]))
 
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, int | None]]:
-        """One decode step for every running row: each writes its last token at its own next slot and samples
-        the next. Returns (sequence, token) for each row, token None when it was a stop token; finished
+        """One step for every running row: each decoding row writes its last token at its own next slot and samples
+        the next; up to prefill_chunk prompt tokens of the prefilling rows ride along, and a row whose prompt ends
+        samples its first token. Returns (sequence, token) for each, token None when it was a stop token; finished
         sequences (finish_reason set) have left their rows."""
-        n = len(self.running)
-        if n == 0:
+        if not self.running:
             return []
         if self.draft is not None:
             return self._speculate()
-        last = torch.tensor([[s.tokens[-1]] for s in self.running], device=self.device)  # (n, 1)
-        pos = torch.tensor(self._len, device=self.device).unsqueeze(1)  # (n, 1): each row's next slot
-        logits = self.model(last, input_pos=pos, positions=pos, cache=self.cache.rows(0, n),
-                            attn_mask=self._visible(pos)).logits[:, -1]  # a row sees its own slots only
-        self._len = [x + 1 for x in self._len]
+        decodes = [(i, self._len[i]) for i, s in enumerate(self.running) if s.tokens]
+        chunks, ending, budget = [], [], self.prefill_chunk
+        for group in self._filling:
+            if budget == 0:
+                break
+            row = self.running.index(group[0])
+            start = self._len[row]
+            n = min(budget, len(group[0].prompt) - start)
+            chunks.append((row, start, n))
+            budget -= n
+            if start + n == len(group[0].prompt):
+                ending.append(group)
+        ends = [len(decodes) + sum(n for _, _, n in chunks[:j + 1]) - 1 for j in range(len(ending))]
+        logits = self._forward(decodes, chunks, list(range(len(decodes))) + ends)
+        for i, _ in decodes:
+            self._len[i] += 1
+        for row, start, n in chunks:
+            self._len[row] = start + n
         self.steps += 1
-        seqs = list(self.running)
-        return self._emit([(s, [t]) for s, t in zip(seqs, self._sample(logits, seqs, self._gen))])
+        seqs = [self.running[i] for i, _ in decodes]
+        gens = [self._gen[i] for i, _ in decodes]
+        tokens = draw(row_probs(logits[:len(decodes)], [s.sampling for s in seqs]), [s.sampling for s in seqs], gens)
+        gained = [(s, [t]) for s, t in zip(seqs, tokens.tolist())]
+        for j, group in enumerate(ending):
+            self._filling.remove(group)
+            gained += self._prefilled(group, logits[len(decodes) + j])
+        return self._emit(gained)
+
+    def _forward(self, decodes, chunks, wanted, model=None, cache=None) -> torch.Tensor:
+        """One flat forward pass (nn/ragged.py): the decoding rows' last tokens, then the prompt chunks; the logits
+        (len(wanted), V) of the wanted tokens."""
+        ids = [self.running[i].tokens[-1] for i, _ in decodes]
+        for row, start, n in chunks:
+            ids += self.running[row].prompt[start:start + n]
+        batch = make_ragged(decodes, chunks, wanted, self.device)
+        x = torch.tensor([ids], device=self.device)
+        return (model or self.model)(x, input_pos=batch, positions=batch.slots.unsqueeze(0),
+                                     cache=cache or self.cache).logits[0]
+
+    def _prefilled(self, group: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, list[int]]]:
+        """A prompt's prefill has ended in its first row: keep its blocks (prefix cache), copy the row to the
+        group's other rows, and draw each one's first token from the prompt's last logits."""
+        row, T = self.running.index(group[0]), len(group[0].prompt)
+        if self.prefix is not None:
+            self.prefix.store(group[0].prompt, self.cache, row)
+        rows = [row] + [self.running.index(s) for s in group[1:]]
+        for r in rows[1:]:
+            self._copy_row(row, r, T)
+            self._len[r] = T
+        settings = [s.sampling for s in group]
+        tokens = draw(row_probs(logits.expand(len(group), -1), settings), settings, [self._gen[r] for r in rows])
+        return [(s, [t]) for s, t in zip(group, tokens.tolist())]
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a running sequence now (a stop string, a client gone) and free its row."""
+        """End a running sequence now (a stop string, a client gone) and free its row. A group still prefilling goes
+        on for its other samples (the first one's slots are copied to the next)."""
         if not seq.done:
             seq.finish_reason = reason
-        if seq in self.running:
-            self._remove(self.running.index(seq))
+        if seq not in self.running:
+            return
+        for group in [g for g in self._filling if seq in g]:
+            if group[0] is seq and len(group) > 1:
+                old, new = self.running.index(seq), self.running.index(group[1])
+                self._copy_row(old, new, self._len[old])
+                self._len[new] = self._len[old]
+            group.remove(seq)
+            if not group:
+                self._filling.remove(group)
+        self._remove(self.running.index(seq))
 
     def _emit(self, gained: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, int | None]]:
         """Each row's new tokens in order (one from a plain step, several from a speculative round), up to the one that
@@ -174,92 +240,47 @@ class Engine:
         if self.draft is not None:
             self.draft_cache.copy_row(src, dst, length)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], gens: list[torch.Generator]) -> list[int]:
-        return self._draw(self._probs(logits, seqs), seqs, gens).tolist()
-
-    @staticmethod
-    def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Each row's distribution (n, ..., V) under its own settings (one-hot at temperature 0); rows that share
-        settings are filtered together."""
-        groups: dict[Sampling, list[int]] = {}
-        for i, s in enumerate(seqs):
-            groups.setdefault(s.sampling, []).append(i)
-        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        for sampling, rows in groups.items():
-            out[rows] = filtered_probs(logits[rows], sampling.temperature, sampling.top_k, sampling.top_p)
-        return out
-
-    @staticmethod
-    def _draw(probs: torch.Tensor, seqs: list[Sequence], gens: list[torch.Generator]) -> torch.Tensor:
-        """One token per row (n, V) -> (n,): greedy rows by argmax, the others by the exponential race (argmax p / E,
-        E ~ Exp(1)) drawn from the row's own generator."""
-        out = probs.argmax(dim=-1)
-        for i, s in enumerate(seqs):
-            if s.sampling.temperature > 0:
-                out[i] = _race(probs[i], gens[i])
-        return out
-
     @torch.no_grad()
     def _speculate(self) -> list[tuple[Sequence, int | None]]:
         """One speculative round for every running row (see the module doc); the tokens each row gained."""
         seqs = list(self.running)
         L = torch.tensor([len(s.prompt) + len(s.tokens) for s in seqs], device=self.device)  # each row's context
         k = min(self.k, int((self.max_len - L).min()))  # no row writes past its context
-        drafts, q = self._propose(seqs, L, k)  # (n, k), (n, k, V)
+        S = min(self.max_len, int(L.max()) + k)  # the slots this round reads and writes, at most
+        settings = [s.sampling for s in seqs]
+        drafts, q = self._propose(seqs, L, k, S)  # (n, k), (n, k, V)
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = (L - 1).unsqueeze(1) + torch.arange(k + 1, device=self.device)  # (n, k + 1)
-        logits = self.model(torch.cat([last, drafts], 1), input_pos=pos, positions=pos, cache=self.cache.rows(0, len(seqs)),
-                            attn_mask=self._visible(pos)).logits
-        p = self._probs(logits, seqs)  # (n, k + 1, V)
+        logits = self.model(torch.cat([last, drafts], 1), input_pos=pos, positions=pos,
+                            cache=self.cache.rows(0, len(seqs)).slots(S), attn_mask=self._visible(pos, S)).logits
+        p = row_probs(logits, settings)  # (n, k + 1, V)
         self.steps += 1
         gained = []
         for i, s in enumerate(seqs):
-            j, new = _accept(drafts[i], q[i], p[i], self._gen[i], s.sampling.temperature == 0)
+            j, new = accept(drafts[i], q[i], p[i], self._gen[i], s.sampling.temperature == 0)
             self._len[i] = int(L[i]) + j  # the verified slots: the last token and the j accepted drafts
             self.drafted, self.accepted = self.drafted + k, self.accepted + j
             gained.append((s, drafts[i, :j].tolist() + [new]))
         return self._emit(gained)
 
-    def _propose(self, seqs: list[Sequence], L: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propose(self, seqs: list[Sequence], L: torch.Tensor, k: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft tokens per row and the draft distributions they were drawn from. The draft first (re)writes its
         last two context tokens: after a round that accepted every draft it has not seen the last one."""
-        n, cache = len(seqs), self.draft_cache.rows(0, len(seqs))
+        n, cache, settings = len(seqs), self.draft_cache.rows(0, len(seqs)).slots(S), [s.sampling for s in seqs]
         ids = torch.tensor([(s.prompt + s.tokens)[-2:] for s in seqs], device=self.device)
         pos = (L - 2).unsqueeze(1) + torch.arange(2, device=self.device)
         drafts, qs = [], []
         for j in range(k):
-            logits = self.draft(ids, input_pos=pos, positions=pos, cache=cache, attn_mask=self._visible(pos)).logits[:, -1]
-            qs.append(self._probs(logits, seqs))
-            drafts.append(self._draw(qs[-1], seqs, self._gen[:n]))
+            logits = self.draft(ids, input_pos=pos, positions=pos, cache=cache, attn_mask=self._visible(pos, S)).logits[:, -1]
+            qs.append(row_probs(logits, settings))
+            drafts.append(draw(qs[-1], settings, self._gen[:n]))
             ids, pos = drafts[-1].unsqueeze(1), (L + j).unsqueeze(1)
         return torch.stack(drafts, 1), torch.stack(qs, 1)
 
-    def _visible(self, pos: torch.Tensor) -> torch.Tensor:
+    def _visible(self, pos: torch.Tensor, S: int) -> torch.Tensor:
         """(n, 1, T, S): query t of row i sees the slots up to its own position pos[i, t]."""
-        slots = torch.arange(self.max_len, device=self.device)
+        slots = torch.arange(S, device=self.device)
         return (slots.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)
-
-
-def _race(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """A draw from probs (V,) by the exponential race, argmax p / E with E ~ Exp(1) from gen."""
-    return int((probs / torch.empty_like(probs).exponential_(1.0, generator=gen)).argmax())
-
-
-def _accept(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, gen: torch.Generator, greedy: bool) -> tuple[int, int]:
-    """(accepted count j, the token after them) for one row: drafts (k,), draft distributions q (k, V), target
-    distributions p (k + 1, V). Greedy: the drafts that equal the target's argmax, then the target's own token."""
-    k = drafts.numel()
-    if greedy:
-        best = p.argmax(dim=-1).tolist()
-        j = next((i for i in range(k) if int(drafts[i]) != best[i]), k)
-        return j, best[j]
-    for i in range(k):
-        d = int(drafts[i])
-        if torch.rand((), generator=gen, device=p.device).item() < min(1.0, (p[i, d] / q[i, d]).item()):
-            continue
-        residual = (p[i] - q[i]).clamp(min=0)
-        return i, _race(residual / residual.sum() if residual.sum() > 0 else p[i], gen)
-    return k, _race(p[k], gen)
 
 
 def generate_all(engine: Engine, seqs: list[Sequence]) -> list[Sequence]:

@@ -7,7 +7,7 @@ the slots of the new tokens (`input_pos`), so every decode step has the same sha
 `compile=True` the step is compiled once (with CUDA graphs on a GPU) and replayed. Sampling needs
 no host round trip per token (exponential race instead of multinomial; end-of-text is cut after).
 With `use_cache=False` every step recomputes the whole sequence; a test checks that both give
-the same tokens.
+the same tokens. Sampling is infer/sampler.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from minigpt.analytic.memory import inference_bytes, model_bytes
 from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
+from minigpt.infer.sampler import sample_next
 from minigpt.nn.model import GPT, KVCache
 from minigpt.nn.torch_private import mark_static_address
 
@@ -48,41 +49,6 @@ class Generation:
             "capped_at_block_size": self.capped,
             "sliding_window_past_block_size": self.windowed,
         }
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """logits (..., V) -> the distribution sampling draws from: softmax(logits / temperature) over the
-    top_k most likely tokens and the nucleus of mass top_p (Holtzman et al. 2020); temperature 0
-    is greedy, a one-hot of the argmax."""
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = logits.float()
-    # shifted by the maximum before the division: a vanishing temperature (1e-40) then tends to the greedy
-    # one-hot (0 for the best, -inf for the rest) instead of overflowing to inf - inf = NaN
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the smallest set whose mass reaches top_p
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already enough
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(dim=-1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 are off.
-
-    Draws with the exponential race, argmax(p / E) with E ~ Exp(1), which picks each token with
-    probability p and, unlike torch.multinomial, never waits for the host.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, temperature, top_k, top_p)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
 
 
 def decode_logits(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
@@ -228,40 +194,6 @@ def _compiled_decode(device: torch.device):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class IncrementalText:
-    """The text of a growing list of tokens, handed out piece by piece (streaming), ending at the first stop string
-    (not returned, as OpenAI's `stop`). Decoded whole each time: a multi-byte character split over tokens is held
-    back until it is complete, and the last len(longest stop) - 1 characters until they cannot start a stop string."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop, self.tokens, self.shown, self.stopped = tokenizer, stop, [], 0, False
-        self.hold = max((len(x) for x in stop), default=1) - 1
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token: (the new text that is safe to show, whether a stop string ended the text)."""
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        found = [i for i in (text.find(x, max(0, self.shown - len(x) + 1)) for x in self.stop) if i >= 0]
-        if found:
-            self.stopped = True
-            return self._take(text, min(found)), True
-        if text.endswith("\ufffd"):
-            return "", False
-        return self._take(text, len(text) - self.hold), False
-
-    def flush(self) -> str:
-        """What was held back, at the end."""
-        if self.stopped or not self.tokens:
-            return ""
-        text = self.tokenizer.decode(self.tokens)
-        return "" if text.endswith("\ufffd") else self._take(text, len(text))
-
-    def _take(self, text: str, upto: int) -> str:
-        piece = text[self.shown:max(upto, self.shown)]
-        self.shown = max(upto, self.shown)
-        return piece
 
 
 def generate_text(model: GPT, tokenizer, prompts: list[str], eot_id: int | None = None, **kw) -> tuple[list[str], Generation]:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the server (prometheus-client, the `serve` extra): requests, tokens in and out,
-queue depth, running batch, time to first token and time per output token (the figures `vllm bench serve`
-reports). One registry per app, so several apps in one process (the tests) do not collide."""
+queue depth, running batch, the prefix cache's hits, time to first token and time per output token (the figures
+`vllm bench serve` reports). One registry per app, so several apps in one process (the tests) do not collide."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class ServeMetrics:
         queue = Gauge("minigpt_queue_depth", "requests waiting for a batch slot", registry=r)
         queue.set_function(lambda: engine.pending.qsize())
         self.running = Gauge("minigpt_running_batch", "requests in the batch being decoded", registry=r)
+        prefix = engine.engine.prefix  # the prefix cache's reuse in prompt tokens (vLLM's prefix_cache_queries/hits)
+        for name, what, read in (("minigpt_prefix_cache_queries_tokens", "prompt tokens looked up in the prefix cache",
+                                  lambda: prefix.prompt_tokens if prefix else 0),
+                                 ("minigpt_prefix_cache_hits_tokens", "prompt tokens found there (not computed)",
+                                  lambda: prefix.hit_tokens if prefix else 0),
+                                 ("minigpt_prefix_cache_hit_rate", "hits / queries, in prompt tokens (0 before any)",
+                                  lambda: (prefix.hit_tokens / prefix.prompt_tokens) if prefix and prefix.prompt_tokens else 0)):
+            Gauge(name, what, registry=r).set_function(read)
         self.ttft = Histogram("minigpt_time_to_first_token_seconds", "submission to first token", registry=r,
                               buckets=LATENCY_BUCKETS)
         self.tpot = Histogram("minigpt_time_per_output_token_seconds", "mean time between tokens after the first",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from minigpt.core.errors import UserError
 from minigpt.infer.engine import Engine, Sequence
-from minigpt.infer.generate import IncrementalText
+from minigpt.infer.detokenize import IncrementalText
 
 
 @dataclass(eq=False)
@@ -35,8 +35,12 @@ class Job:
     def finish_reason(self) -> str:
         return self.seq.finish_reason or "length"
 
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
+
+
+def _hand_out(items: list[tuple[Job, object]]) -> None:
+    """On the event loop: a step's text pieces and ends, to their requests' queues."""
+    for job, item in items:
+        job.out.put_nowait((job.index, item))
 
 
 class Scheduler:
@@ -45,16 +49,18 @@ class Scheduler:
     when the engine is empty (requests arriving within 20 ms join it) and runs until its last row ends; a finished
     row stops computing but its slot stays empty until then."""
 
-    def __init__(self, model, max_batch: int, policy: str = "continuous", draft=None, k: int = 4) -> None:
+    def __init__(self, model, max_batch: int, policy: str = "continuous", draft=None, k: int = 4, **engine) -> None:
+        """engine: the Engine's prefill_chunk and prefix_rows."""
         if policy not in ("continuous", "static"):
             raise UserError(f"--batching {policy!r}: choose continuous or static")
-        self.engine, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k), max_batch, policy
+        self.engine, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k, **engine), max_batch, policy
         self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
         self.batches: list[int] = []  # rows running after each admission (tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
         self.open_jobs: list[Job] = []  # submitted, for the queue limit (event-loop side only)
         self.metrics = None  # a ServeMetrics when prometheus-client is installed
         self._held: list[Job] | None = None  # the next group, waiting for rows
+        self._outbox: list[tuple[Job, object]] = []  # a step's pieces, handed to the event loop in one call
         self.ended_by: dict[str, int] = {}  # requests ended, by how (stop, length, cancelled, error, shutdown)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="minigpt-decode")
@@ -75,6 +81,7 @@ class Scheduler:
         left = [j for j in left if not j.ended]
         for job in left:
             self._end(job, "shutdown")
+        self._flush()
         return len(left)
 
     def submit(self, group: list[Job]) -> None:
@@ -102,6 +109,7 @@ class Scheduler:
             except Exception as e:  # a bug: end the requests with it rather than leave them waiting
                 for seq in list(self.engine.running):
                     self._end(seq.tag, f"error: {type(e).__name__}")
+            self._flush()
 
     def _admit(self, wait: bool) -> None:
         """Start the waiting groups that fit in the free rows, first come first served (a group waits for rows and no
@@ -144,7 +152,7 @@ class Scheduler:
                 job.t_first = job.t_first or time.perf_counter()
                 piece, stopped = job.text.push(token)
                 if piece:
-                    job.put(piece)
+                    self._outbox.append((job, piece))
                 if stopped:
                     self.engine.finish(seq, "stop")
                     self._end(job, "stop")
@@ -154,6 +162,18 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.running.set(len(self.engine.running))
 
+    def _flush(self) -> None:
+        """Hand the step's pieces to each event loop in one call (one wake-up a step, not one a token)."""
+        items, self._outbox = self._outbox, []
+        loops: dict = {}
+        for job, item in items:
+            loops.setdefault(job.loop, []).append((job, item))
+        for loop, batch in loops.items():
+            try:
+                loop.call_soon_threadsafe(_hand_out, batch)
+            except RuntimeError:  # its event loop is closed: the server has stopped, nobody reads it
+                pass
+
     def _end(self, job: Job, reason: str) -> None:
         job.ended = True
         kind = reason.split(":")[0]
@@ -161,8 +181,8 @@ class Scheduler:
         self.engine.finish(job.seq, reason)
         try:
             if not reason.startswith(("cancelled", "error", "shutdown")) and (rest := job.text.flush()):
-                job.put(rest)  # the characters held back for a stop string that did not come
-            job.put(None)
+                self._outbox.append((job, rest))  # the characters held back for a stop string that did not come
+            self._outbox.append((job, None))
         except RuntimeError:  # its event loop is closed: the server has stopped, nobody reads it
             pass
         if self.metrics is not None:

@@ -37,7 +37,9 @@ from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
 from minigpt.infer.engine import Sampling, Sequence
 from minigpt.infer.evaluate import next_logprobs, token_logprobs
-from minigpt.infer.generate import IncrementalText, filtered_probs
+from minigpt.infer.detokenize import IncrementalText
+from minigpt.infer.sampler import filtered_probs
+from minigpt.nn.torch_private import prepack_linears
 from minigpt.infer.scheduler import Job, Scheduler
 from minigpt.run.load import load_run
 
@@ -109,10 +111,12 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
-               limits: Limits = Limits(), batching: str = "continuous", draft=None, k: int = 4) -> FastAPI:
-    """The app over one engine; with a draft model every decode step is a speculative round of k draft tokens."""
+               limits: Limits = Limits(), batching: str = "continuous", draft=None, k: int = 4,
+               engine: dict | None = None) -> FastAPI:
+    """The app over one engine; with a draft model every decode step is a speculative round of k draft tokens.
+    engine: the Engine's prefill_chunk and prefix_rows (infer/engine.py)."""
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
-    scheduler = Scheduler(model, max_batch, batching, draft, k)
+    scheduler = Scheduler(model, max_batch, batching, draft, k, **(engine or {}))
     app.state.engine = scheduler
     _add_error_handlers(app)
     _add_guard(app, limits)
@@ -529,7 +533,7 @@ def check_address(host: str, port: int) -> None:
 
 def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu", quantize: str = "",
           limits: Limits = Limits(), batching: str = "continuous", drain_s: float = 30.0, draft_run: str = "",
-          k: int = 4) -> None:
+          k: int = 4, engine: dict | None = None) -> None:
     """Serve a run until SIGINT/SIGTERM; then stop taking connections and let the requests in flight (streams too)
     finish for up to drain_s seconds before the rest are ended."""
     import uvicorn
@@ -540,16 +544,23 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
         from minigpt.nn.quantize import quantize_model
 
         quantize_model(model, quantize)
+    if model.wte.weight.device.type == "cpu":  # a server's model only serves: its Linears packed for oneDNN once
+        prepack_linears(model)
     draft = None
     if draft_run:
         from minigpt.infer.speculative import check_pair
 
         draft, draft_tok, _, _ = load_run(draft_run, device)
         check_pair(model, draft, tokenizer.get_vocab(), draft_tok.get_vocab())
+        if draft.wte.weight.device.type == "cpu":
+            prepack_linears(draft)
     name = f"minigpt-{run_dir.rstrip('/').split('/')[-1]}"
     app = create_app(model, tokenizer, name, tokenizer.token_to_id(cfg.sample.stop_token), max_batch, limits, batching,
-                     draft, k)
+                     draft, k, engine)
     spec = f", speculative with {draft_run} drafting {k} tokens a round" if draft_run else ""
+    eng = app.state.engine.engine
+    spec += (f"; prompts prefilled {eng.prefill_chunk} tokens a step beside the decodes, prefix cache "
+             + (f"{eng.prefix.cache.k[0].size(0)} contexts" if eng.prefix is not None else "off"))
     print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
           f"http://{host}:{port}/v1 ({batching} batching, up to {max_batch} sequences at once{spec})", flush=True)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a quiet one here, so a

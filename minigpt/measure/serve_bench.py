@@ -12,11 +12,13 @@ figures `vllm bench serve` reports (its definitions). Standard library only; no 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import random
 import socket
 import statistics
+import tempfile
 import threading
 import time
 import urllib.error
@@ -43,6 +45,7 @@ class Load:
     timeout_s: float = 300.0
     ttft_slo_s: float = 1.0  # goodput's targets (vLLM's --goodput): the first text within a second,
     tpot_slo_s: float = 1 / 30  # and at least 30 tokens/s after it, a reader's pace
+    texts: tuple[str, ...] = ()  # text prompts, in turn (any server takes them); none: random token ids
 
 
 def check_load(load: Load) -> None:
@@ -86,12 +89,14 @@ def _request(load: Load, path: str, body: dict | None = None) -> urllib.request.
     return urllib.request.Request(load.url.rstrip("/") + path, data, headers)
 
 
-def _one(load: Load, model: str, prompt: list[int], max_tokens: int, t_arrive: float) -> dict:
+def _one(load: Load, model: str, prompt: list[int] | str, max_tokens: int, t_arrive: float) -> dict:
     """One streamed completion: its arrival, first text, end, output tokens, and error (None when it succeeded)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}}
+    if not isinstance(prompt, str):  # token ids: random, so the lengths asked are kept (a text load ends where it ends)
+        body["ignore_eos"] = True
     out = {"arrive": t_arrive, "first": None, "end": None, "prompt_tokens": len(prompt), "output_tokens": 0, "error": None,
-           "chunks": []}  # the arrival time of every streamed piece of text (ITL: the gaps between them)
+           "chunks": [], "text": ""}  # the arrival time of every streamed piece of text (ITL: the gaps between them)
     try:
         with urllib.request.urlopen(_request(load, "/completions", body), timeout=load.timeout_s) as r:
             for line in r:
@@ -100,10 +105,12 @@ def _one(load: Load, model: str, prompt: list[int], max_tokens: int, t_arrive: f
                 event = json.loads(line[6:])
                 if any(c.get("text") for c in event.get("choices", [])):
                     out["chunks"].append(time.perf_counter())
+                    out["text"] += "".join(c.get("text") or "" for c in event["choices"])
                     if out["first"] is None:
                         out["first"] = out["chunks"][-1]
                 if event.get("usage"):
                     out["output_tokens"] = event["usage"]["completion_tokens"]
+                    out["prompt_tokens"] = event["usage"].get("prompt_tokens", out["prompt_tokens"])
         out["end"] = time.perf_counter()
     except (OSError, ValueError) as e:
         out["error"] = f"{type(e).__name__}: {getattr(e, 'code', '')} {e}"[:200]
@@ -113,21 +120,22 @@ def _one(load: Load, model: str, prompt: list[int], max_tokens: int, t_arrive: f
 def run_load(load: Load, model: str, vocab: int = 256) -> dict:
     """Send the load; the figures of its requests (see the module doc)."""
     rng = random.Random(load.seed)
-    plan = [([rng.randrange(1, vocab) for _ in range(rng.randint(*load.prompt_tokens))], rng.randint(*load.output_tokens))
-            for _ in range(load.requests)]
+    plan = [(load.texts[i % len(load.texts)] if load.texts else
+             [rng.randrange(1, vocab) for _ in range(rng.randint(*load.prompt_tokens))], rng.randint(*load.output_tokens))
+            for i in range(load.requests)]
     gaps = [0.0 if load.rate == 0 else rng.expovariate(load.rate) if load.arrivals == "poisson" else 1 / load.rate
             for _ in plan]
     slots, results, threads = threading.Semaphore(load.concurrency), [], []
     start = time.perf_counter()
     due = start
-    for (prompt, max_tokens), gap in zip(plan, gaps):
+    for i, ((prompt, max_tokens), gap) in enumerate(zip(plan, gaps)):
         due += gap
         time.sleep(max(0.0, due - time.perf_counter()))
         slots.acquire()  # the concurrency cap: an arrival waits for a free client
 
-        def send(prompt=prompt, max_tokens=max_tokens, arrive=time.perf_counter()):
+        def send(prompt=prompt, max_tokens=max_tokens, arrive=time.perf_counter(), i=i):
             try:
-                results.append(_one(load, model, prompt, max_tokens, arrive))
+                results.append({**_one(load, model, prompt, max_tokens, arrive), "index": i})
             finally:
                 slots.release()
         threads.append(threading.Thread(target=send, daemon=True))
@@ -155,6 +163,7 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
     itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]  # every gap, pooled (vLLM's ITL)
     good = [r for r in ok if r["first"] - r["arrive"] <= load.ttft_slo_s and (
         r["output_tokens"] <= 1 or (r["end"] - r["first"]) / (r["output_tokens"] - 1) <= load.tpot_slo_s)]
+    texts = [r["text"] for r in sorted(results, key=lambda r: r.get("index", 0))]
     return {
         "rate_requests_per_s": load.rate or None, "arrivals": load.arrivals if load.rate else "all at once",
         "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
@@ -162,6 +171,9 @@ def summarize(results: list[dict], wall_s: float, load: Load) -> dict:
         "duration_s": round(wall_s, 3),
         "request_throughput_per_s": round(len(ok) / wall_s, 4),
         "output_tokens": out_tokens,
+        "prompt_tokens_mean": round(statistics.fmean(r["prompt_tokens"] for r in ok), 1) if ok else None,
+        # the answers in request order, hashed: two servers of the same weights (greedy) give the same
+        "answers_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16],
         "output_throughput_tokens_per_s": round(out_tokens / wall_s, 2),
         "ttft_ms": _percentiles([r["first"] - r["arrive"] for r in ok], 1e3),
         "tpot_ms": _percentiles(tpot, 1e3),
@@ -205,26 +217,39 @@ def bench_serve(load: Load, rates: list[float], progress=None) -> dict:
 
 def start_server(run: str, batching: str, max_batch: int, threads: int) -> tuple:
     """`minigpt serve` on a free port of 127.0.0.1 in its own process; (process, Load URL) once it answers."""
-    import subprocess
     import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--batching",
-                             batching, "--max-batch", str(max_batch), "--threads", str(threads)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
+    cmd = [sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--batching", batching,
+           "--max-batch", str(max_batch), "--threads", str(threads)]
+    return launch(cmd, url, f"minigpt serve --run {run}", None, threads, 60.0), url
+
+
+def launch(cmd: list[str], url: str, name: str, cpu: int | None = None, threads: int = 1, wait_s: float = 180.0):
+    """Start a server process (one torch thread, pinned to `cpu` when given); the process once /models answers."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server that logs every request never blocks on it
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=pin, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.perf_counter() + wait_s
+    while time.perf_counter() < deadline:
         try:
             server_model(Load(url))
-            return proc, url
+            return proc
         except UserError:
             if proc.poll() is not None:
-                raise UserError(f"minigpt serve --run {run} did not start: {proc.stderr.read().strip()[-300:]}") from None
-            time.sleep(0.1)
+                log.seek(0)
+                raise UserError(f"{name} did not start: {log.read().strip()[-400:]}") from None
+            time.sleep(0.25)
     proc.kill()
-    raise UserError(f"minigpt serve --run {run} did not answer within a minute")
+    raise UserError(f"{name} did not answer within {wait_s:g} s")
 
 
 def _said(progress, label: str, rate: float, point: dict, done: int, total: int) -> None:

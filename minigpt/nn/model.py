@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from minigpt.core.blocks import Part, inventory
 from minigpt.core.config import ModelConfig
 from minigpt.nn.ops import activation_dtype, linear_cross_entropy
+from minigpt.nn.ragged import Ragged, ragged_attention
 
 
 class ModelOutput(NamedTuple):
@@ -100,10 +101,15 @@ class KVCache:
         """A new cache whose row i is this one's row index[i] (rows prefilled once, given to several samples)."""
         return self._mapped(lambda t: t.index_select(0, index))
 
-    def _mapped(self, fn) -> KVCache:
-        """A cache of the same length whose key and value tensors are fn of this one's."""
+    def slots(self, length: int) -> KVCache:
+        """The first `length` slots of every row as a cache of their own (a view): a batch whose rows all end
+        before `length` attends over these instead of the whole max_len."""
+        return self._mapped(lambda t: t[:, :, :length], length)
+
+    def _mapped(self, fn, max_len: int | None = None) -> KVCache:
+        """A cache (of max_len slots, default this one's) whose key and value tensors are fn of this one's."""
         out = object.__new__(KVCache)
-        out.k, out.v, out.max_len = [fn(t) for t in self.k], [fn(t) for t in self.v], self.max_len
+        out.k, out.v, out.max_len = [fn(t) for t in self.k], [fn(t) for t in self.v], max_len or self.max_len
         return out
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
@@ -137,6 +143,9 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(input_pos, Ragged):  # a serving step's flat batch of decodes and prefill chunks
+            y = ragged_attention(q, k, v, cache, self.layer, input_pos, G != H)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * D)))
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, S, D), S = cache slots
         y = F.scaled_dot_product_attention(
@@ -396,7 +405,8 @@ class GPT(nn.Module):
 
         targets (B, T): next-token ids, -1 where ignored: returns the mean cross-entropy (nats)
         and no logits. input_pos (T,): the cache slots of these tokens, also their positions
-        (default 0..T-1), or (B, T) each row's own slots (then give positions and attn_mask);
+        (default 0..T-1), or (B, T) each row's own slots (then give positions and attn_mask), or a Ragged
+        flat batch (B = 1) over the cache's rows (nn/ragged.py; give positions; logits of its `out` tokens);
         positions (B, T): per-row positions when they differ from input_pos (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
         (B|1, 1, T, S) bool, True = may attend (default: causal, or every cache slot up to the
         query's own); last_only: logits of the last position only.
@@ -408,7 +418,8 @@ class GPT(nn.Module):
             input_pos = torch.arange(T, device=idx.device)
         if positions is None:
             positions = input_pos.unsqueeze(0)  # (1, T)
-        if cache is not None and attn_mask is None:
+        ragged = isinstance(input_pos, Ragged)
+        if cache is not None and attn_mask is None and not ragged:
             slots = torch.arange(cache.max_len, device=idx.device)
             attn_mask = (slots.unsqueeze(0) <= input_pos.unsqueeze(1))[None, None]  # (1, 1, T, S)
         x = embed_tokens(self.wte, self.wpe, self.drop, idx, positions)  # (B, T, C)
@@ -423,6 +434,8 @@ class GPT(nn.Module):
             return ModelOutput(None, self.lm_head(x, targets), aux_loss)
         if last_only:
             x = x[:, -1:, :]
+        elif ragged:  # the tokens whose next token is wanted
+            x = x[:, input_pos.out]
         return ModelOutput(self.lm_head(x), None, aux_loss)
 
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
