@@ -85,8 +85,9 @@ def ratios(result: dict) -> dict:
 
 
 def table(line: dict) -> str:
-    rows = ["| load | server | output tok/s (median; runs) | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | per-user tok/s p50 "
-            "| goodput req/s | prompt tok (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| load | server | output tok/s (median; runs) | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | per-user tok/s p50 "
+            "| goodput req/s | prompt tok (mean) |")
+    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
     for load in line["loads"]:
         for name, by_load in line["results"].items():
             if load in by_load:

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 
 from minigpt.core.errors import UserError
-from minigpt.infer.engine import Engine, Sequence
 from minigpt.infer.detokenize import IncrementalText
+from minigpt.infer.engine import Engine, Sequence
 
 
 @dataclass(eq=False)

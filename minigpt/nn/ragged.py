@@ -45,7 +45,8 @@ def make_ragged(decodes: list[tuple[int, int]], chunks: list[tuple[int, int, int
         last = torch.zeros(R, dtype=torch.long)  # a row that does not decode now sees slot 0 (its output is dropped)
         last[[r for r, _ in decodes]] = torch.tensor([s for _, s in decodes])
         mask = (torch.arange(S).view(1, -1) <= last.view(-1, 1)).view(R, 1, 1, S).to(device)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
     return Ragged(as_tensor(rows), as_tensor(slots), [r for r, _ in decodes], mask, chunks, as_tensor(wanted))
 
 
