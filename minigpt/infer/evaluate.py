@@ -150,13 +150,6 @@ def token_logprobs(model, ids: list[int], top: int = 0) -> tuple[list, list]:
     return logps, tops
 
 
-@torch.no_grad()
-def next_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """Log-probabilities of the token after `ids`, from the last block_size of them (one forward pass)."""
-    x = torch.tensor(ids[-model.config.block_size:], dtype=torch.long).unsqueeze(0).to(model.wte.weight.device)
-    return torch.log_softmax(model(x).logits.float()[0, -1], dim=-1).cpu()
-
-
 def completion_logprobs(model, tokenizer, prompt_ids: list[int], new_ids: list[int], top: int) -> dict:
     """The log-probabilities of a generated completion (OpenAI's `logprobs` shape): each new token's, and the
     `top` most likely tokens at each position, scored by one forward pass over prompt + completion."""

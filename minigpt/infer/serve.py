@@ -20,6 +20,7 @@ import functools
 import hmac
 import itertools
 import json
+import math
 import signal
 import socket
 import time
@@ -36,9 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
 from minigpt.infer.engine import Sampling, Sequence
-from minigpt.infer.evaluate import next_logprobs, token_logprobs
+from minigpt.infer.evaluate import token_logprobs
 from minigpt.infer.detokenize import IncrementalText
-from minigpt.infer.sampler import filtered_probs
 from minigpt.nn.torch_private import prepack_linears
 from minigpt.infer.scheduler import Job, Scheduler
 from minigpt.run.load import load_run
@@ -134,11 +134,8 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
              "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
-    async def run(prompts: list, body, chat: bool):
-        _check_choices(body.n, len(prompts), scheduler, limits)
-        stops = body.stops()
-        # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
-        ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
+    def submit(ids: list[list[int]], body, stops: tuple[str, ...]) -> list[Job]:
+        """The request's choices (n per prompt) onto the engine's queue; each job streams its text as it comes."""
         out, loop = asyncio.Queue(), asyncio.get_running_loop()
         sampling = Sampling(body.temperature, body.top_k, body.top_p)
         stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
@@ -148,7 +145,23 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
             for j in group:
                 j.seq.tag = j
             scheduler.submit(group)
-        jobs = [j for g in groups for j in g]
+        return [j for g in groups for j in g]
+
+    async def generate(ids: list[list[int]], body) -> list[Job]:
+        """The logprobs path's tokens: generated on the engine as every request's are, awaited whole. A prompt the
+        engine's context cannot hold with max_tokens more (a scoring window is block_size + 1 tokens) continues from
+        its last tokens that fit, as a sliding window would."""
+        room = max(1, scheduler.engine.max_len - body.max_tokens)
+        jobs = submit([p[-room:] for p in ids], body, ())
+        await _gather(jobs)
+        return jobs
+
+    async def run(prompts: list, body, chat: bool):
+        _check_choices(body.n, len(prompts), scheduler, limits)
+        stops = body.stops()
+        # tokenizing is CPU work: off the event loop, so a large prompt does not stall every other client
+        ids = await asyncio.to_thread(lambda: [prepare(body.model, p, body.max_tokens) for p in prompts])
+        jobs = submit(ids, body, stops)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -161,7 +174,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         prompts = _prompts(body.prompt, tokenizer)
         if body.logprobs is not None or body.echo:
             _check_choices(body.n, len(prompts), scheduler, limits)
-            return await scorer.score(prompts, body)
+            return await scorer.score(prompts, body, generate)
         return await run(prompts, body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -181,7 +194,8 @@ class Scorer:
         self.lock, self.waiting = asyncio.Lock(), 0
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minigpt-score")
 
-    async def score(self, prompts: list, body) -> dict:
+    async def score(self, prompts: list, body, generate) -> dict:
+        """generate(ids, body): the engine's finished jobs for the prompts; then each is scored here."""
         if body.stream:
             raise ApiError(400, "logprobs and echo are answered whole: set stream to false", code=None)
         if body.n != 1 or body.stop:
@@ -196,9 +210,10 @@ class Scorer:
                            "server_error", "queue_full", {"Retry-After": "1"})
         self.waiting += 1
         try:
+            jobs = await generate(ids, body)
             async with self.lock:
                 return await asyncio.get_running_loop().run_in_executor(
-                    self.pool, _scored, self.model, self.tokenizer, self.model_name, ids, prompts, body)
+                    self.pool, _scored, self.model, self.tokenizer, self.model_name, ids, jobs, prompts, body)
         finally:
             self.waiting -= 1
 
@@ -429,26 +444,21 @@ def _prompts(prompt, tokenizer) -> list[str | list[int]]:
     return list(prompt)
 
 
-MAX_SCORED_NEW = 256  # tokens it may generate (each is one forward pass without the KV cache)
+MAX_SCORED_NEW = 256  # tokens a logprobs/echo request may generate (then scored in one window)
 
 
-def _scored(model, tokenizer, name: str, ids_list: list[list[int]], prompts: list, body) -> dict:
-    """A completion with the legacy API's logprobs (and echo): each token's log-probability under the model
-    (raw: before temperature), the top-N per position, the prompt's own with echo. The prompts come tokenized and
-    checked (Scorer): at most one window each, so the work is a forward pass per new token (next_logprobs) and a
-    window or two to score; greedy at temperature 0."""
-    generator = torch.Generator().manual_seed(body.seed if body.seed is not None else int(time.time()))
+def _scored(model, tokenizer, name: str, ids_list: list[list[int]], jobs: list[Job], prompts: list, body) -> dict:
+    """A completion with the legacy API's logprobs (and echo): the engine's tokens, each scored under the model
+    (raw: before temperature) with the top-N per position, the prompt's own with echo. The prompts come tokenized and
+    checked (Scorer): at most one window each, so scoring is one forward pass over prompt + completion."""
     choices, used = [], [0, 0]
-    for i, (ids, prompt) in enumerate(zip(ids_list, prompts)):
+    for i, (ids, job, prompt) in enumerate(zip(ids_list, jobs, prompts)):
+        new = job.seq.tokens
         text = tokenizer.decode(ids) if isinstance(prompt, list) else prompt
-        new = []
-        for _ in range(body.max_tokens):
-            probs = filtered_probs(next_logprobs(model, ids + new).unsqueeze(0), body.temperature, 0, body.top_p)
-            if not torch.isfinite(probs).all():
-                raise ApiError(500, "the model's probabilities are not finite (NaN weights?): it cannot be sampled",
-                               "server_error", "model_error")
-            new.append(int(probs.argmax(-1)) if body.temperature == 0 else int(torch.multinomial(probs, 1, generator=generator)))
         lps, tops = token_logprobs(model, ids + new, max(body.logprobs or 0, 1))
+        if not all(math.isfinite(x) for x in lps[1:]):
+            raise ApiError(500, "the model's log-probabilities are not finite (NaN weights?): it cannot be scored",
+                           "server_error", "model_error")
         keep = slice(0, None) if body.echo else slice(len(ids), None)
         tokens = [tokenizer.decode([t]) for t in (ids + new)[keep]]
         logprobs = None if body.logprobs is None else {
@@ -457,7 +467,7 @@ def _scored(model, tokenizer, name: str, ids_list: list[list[int]], prompts: lis
                              for d in tops[keep]],
             "text_offset": list(itertools.accumulate((len(s) for s in tokens[:-1]), initial=0)) if tokens else []}
         choices.append({"index": i, "text": (text if body.echo else "") + tokenizer.decode(new), "logprobs": logprobs,
-                        "finish_reason": "length"})
+                        "finish_reason": job.finish_reason})
         used = [used[0] + len(ids), used[1] + len(new)]
     return {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()), "model": name,
             "choices": choices, "usage": {"prompt_tokens": used[0], "completion_tokens": used[1],
