@@ -134,27 +134,8 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
              "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
-    def submit(ids: list[list[int]], body, stops: tuple[str, ...]) -> list[Job]:
-        """The request's choices (n per prompt) onto the engine's queue; each job streams its text as it comes."""
-        out, loop = asyncio.Queue(), asyncio.get_running_loop()
-        sampling = Sampling(body.temperature, body.top_k, body.top_p)
-        stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
-        groups = [[Job(Sequence(p, body.max_tokens, sampling, body.seed, stop_ids), i * body.n + k, out, loop,
-                       IncrementalText(tokenizer, stops)) for k in range(body.n)] for i, p in enumerate(ids)]
-        for group in groups:
-            for j in group:
-                j.seq.tag = j
-            scheduler.submit(group)
-        return [j for g in groups for j in g]
-
-    async def generate(ids: list[list[int]], body) -> list[Job]:
-        """The logprobs path's tokens: generated on the engine as every request's are, awaited whole. A prompt the
-        engine's context cannot hold with max_tokens more (a scoring window is block_size + 1 tokens) continues from
-        its last tokens that fit, as a sliding window would."""
-        room = max(1, scheduler.engine.max_len - body.max_tokens)
-        jobs = submit([p[-room:] for p in ids], body, ())
-        await _gather(jobs)
-        return jobs
+    submit = functools.partial(_submit, scheduler, tokenizer, eot)
+    generate = functools.partial(_generate_whole, scheduler, tokenizer, eot)
 
     async def run(prompts: list, body, chat: bool):
         _check_choices(body.n, len(prompts), scheduler, limits)
@@ -182,6 +163,31 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
         return await run([chat_prompt(body.messages)], body, chat=True)
 
     return app
+
+
+def _submit(scheduler: Scheduler, tokenizer, eot: int | None, ids: list[list[int]], body,
+            stops: tuple[str, ...]) -> list[Job]:
+    """The request's choices (n per prompt) onto the engine's queue; each job streams its text as it comes."""
+    out, loop = asyncio.Queue(), asyncio.get_running_loop()
+    sampling = Sampling(body.temperature, body.top_k, body.top_p)
+    stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
+    groups = [[Job(Sequence(p, body.max_tokens, sampling, body.seed, stop_ids), i * body.n + k, out, loop,
+                   IncrementalText(tokenizer, stops)) for k in range(body.n)] for i, p in enumerate(ids)]
+    for group in groups:
+        for j in group:
+            j.seq.tag = j
+        scheduler.submit(group)
+    return [j for g in groups for j in g]
+
+
+async def _generate_whole(scheduler: Scheduler, tokenizer, eot: int | None, ids: list[list[int]], body) -> list[Job]:
+    """The logprobs path's tokens: generated on the engine as every request's are, awaited whole. A prompt the
+    engine's context cannot hold with max_tokens more (a scoring window is block_size + 1 tokens) continues from
+    its last tokens that fit, as a sliding window would."""
+    room = max(1, scheduler.engine.max_len - body.max_tokens)
+    jobs = _submit(scheduler, tokenizer, eot, [p[-room:] for p in ids], body, ())
+    await _gather(jobs)
+    return jobs
 
 
 class Scorer:
