@@ -35,6 +35,8 @@ python scripts/bench_train.py --config gpt2-small --steps 20 --warmup 3 --set tr
 python scripts/bench_generate.py --config gpt2-small --dtype bf16 --batch 1 --batch 8 \
     | tee -a "$out/bench_generate_gpt2_small_$dev.jsonl"
 minigpt bench decode --config gpt2-small --dtype bf16 --compile --out "$out/decode_curve_gpt2_small_$dev.json"
+# the experts as grouped GEMMs against the loop over experts (model.moe_grouped_mm), bf16
+python scripts/bench_moe.py --device cuda --n-embd 1024 --n-expert 8 --k 2 --tokens 16384 --out "$out/bench_moe_$dev.jsonl"
 # 5. with two or more GPUs: the collectives' bus bandwidth (bench hardware --collectives) and the pipeline bubble on NCCL ranks (scripts/bench_pipeline.py runs gloo on the
 #    CPU; on GPUs, a pipelined training run of GPT-2 small over 2 ranks records its step time instead)
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

@@ -15,7 +15,7 @@ from minigpt.nn.model import MoE, routing_stats, update_router_bias
 
 
 def _moe(**kw) -> MoE:
-    c = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, n_expert_active=1, **kw)
+    c = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=4, **{"n_expert_active": 1, **kw})
     c.validate()
     torch.manual_seed(0)
     m = MoE(c).train()
@@ -91,3 +91,57 @@ def test_the_step_logs_carry_the_routing(corpus_dir, data_cache, tmp_path):
     assert 0 <= moe["dropped"] < 1 and moe["router_entropy_nats"] > 0 and moe["max_over_mean_load"] >= 1
     assert "busiest/mean" in r.stdout and json.loads((out / "config.json").read_text())["model"]["moe_capacity_factor"] == 1.0
     assert run_cli("generate", "--run", str(out), "--prompt", "def", "--max-new-tokens", "2").returncode == 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"moe_capacity_factor": 1.25, "n_expert_active": 2},
+                                {"mlp": "swiglu", "bias": True, "n_expert_active": 2}])
+def test_grouped_experts_equal_the_loop_over_experts_in_outputs_and_gradients(kw):
+    """model.moe_grouped_mm (two torch.nn.functional.grouped_mm over the tokens sorted by expert) against the loop:
+    the same outputs, load-balancing loss, dropped share and gradients."""
+    from minigpt.nn.model import grouped_experts_ok
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    grouped, loop = _moe(**kw, moe_grouped_mm=True), _moe(**kw)
+    loop.load_state_dict(grouped.state_dict())
+    assert grouped_experts_ok(grouped.experts)
+    x = torch.randn(2, 8, 16)
+    outs = []
+    for m in (grouped, loop):
+        y, aux = m(x)
+        (y.square().sum() + aux).backward()
+        outs.append((y, aux, m.stats["dropped"], {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
+    assert float(outs[0][1]) == pytest.approx(float(outs[1][1])) and float(outs[0][2]) == float(outs[1][2])
+    for name, g in outs[1][3].items():
+        torch.testing.assert_close(outs[0][3][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_experts_that_are_not_plain_linears_take_the_loop():
+    from minigpt.nn.model import grouped_experts_ok
+
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA-adapted or quantized Linear
+        pass
+
+    m = _moe(moe_grouped_mm=True)
+    old = m.experts[1].c_fc
+    m.experts[1].c_fc = Adapted(old.in_features, old.out_features, bias=old.bias is not None)
+    assert not grouped_experts_ok(m.experts)
+    m(torch.randn(1, 8, 16))  # runs, by the loop
+
+
+def test_the_flop_counter_counts_grouped_experts_as_it_counts_the_loop():
+    """The grouped matrix multiplies have a FLOP formula (nn/torch_private.flop_counter): forward and backward count
+    what the loop over experts counts."""
+    from minigpt.nn.torch_private import flop_counter
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    counts = []
+    for grouped in (True, False):
+        m, x = _moe(n_expert_active=2, moe_grouped_mm=grouped), torch.randn(2, 8, 16)
+        with flop_counter() as fc:
+            y, aux = m(x)
+            (y.square().sum() + aux).backward()
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] > 0

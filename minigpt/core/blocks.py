@@ -286,17 +286,22 @@ def _mlp(c: ModelConfig) -> list[Part]:
                          Saved("16-bit weight copy", E * h, scale="once", when="autocast")))
     # per routed token copy (k per token): the expert's input, its activation tensors, its output (kept for the
     # weighting), the gathered weight, the weighted output index_add_ keeps, and the token and slot indices
-    routed = (Saved("expert input, output, weighted output", 3 * k * h), Saved("activation tensors", k * _activation_width(c), tp_split=True),
-              Saved("gathered routing weight", k), Saved("token and slot indices", 2 * k, "int64"))
-    copy = ("16-bit weight copy", "once", "autocast")
+    # (the input and activation tensors with c_fc, what follows c_proj with it)
+    routed_in = (Saved("expert input", k * h), Saved("activation tensors", k * _activation_width(c), tp_split=True))
+    routed_out = (Saved("expert output, weighted output", 2 * k * h), Saved("gathered routing weight", k),
+                  Saved("token and slot indices", 2 * k, "int64"))
+    # autocast keeps each expert Linear's 16-bit weight copy for the backward; the grouped matrix multiplies
+    # (model.moe_grouped_mm, widths multiples of 8) keep the weights themselves and cast again in the backward
+    grouped = c.moe_grouped_mm and not (h % 8 or ff % 8 or fc_out % 8)
+    copy = lambda n: () if grouped else (Saved("16-bit weight copy", n, scale="once", when="autocast", tp_split=True),)  # noqa: E731
     expert_drop = (Saved("expert dropout masks", k * h),) if c.dropout > 0 else ()  # each routed copy's own
     return [router,
             Part("mlp.experts.*.c_fc", "linear", (fc_out, h), fc_out if c.mlp_bias else 0, copies=E, active=k,
                  flops=2 * h * fc_out, component="mlp", tp="column", ep=True, fused=fused, quantize=True,
-                 saves=routed + (Saved(copy[0], E * h * fc_out, scale=copy[1], when=copy[2], tp_split=True),)),
+                 saves=routed_in + copy(E * h * fc_out)),
             Part("mlp.experts.*.c_proj", "linear", (h, ff), h if c.mlp_bias else 0, copies=E, active=k,
                  flops=2 * ff * h, component="mlp", tp="row", ep=True, quantize=True,
-                 saves=(Saved(copy[0], E * ff * h, scale=copy[1], when=copy[2], tp_split=True),) + expert_drop)]
+                 saves=routed_out + copy(E * ff * h) + expert_drop)]
 
 
 def _head(c: ModelConfig) -> list[Part]:

@@ -58,6 +58,11 @@ class ModelConfig:
     # scores to choose the top k (not to weight them), moved by this rate after each step toward an even load
     # (down for an expert above the mean, up below); 0: off (no bias). DeepSeek-V3 uses 0.001
     moe_bias_update_rate: float = 0.0
+    # true: the experts as two grouped matrix multiplies over all their tokens (torch.nn.functional.grouped_mm), where
+    # torch has it (on a GPU in bf16); false, or where it cannot (adapted or sharded experts): a loop over the experts,
+    # the same results. Off by default: on the CPU torch's grouped_mm measured slower than the loop
+    # (benchmarks/bench_moe_cpu.jsonl); a GPU's grouped GEMM is not measured here yet
+    moe_grouped_mm: bool = False
     head_dim: int | None = None  # None: n_embd / n_head; set it for PaLM/Gemma-style shapes
     rope_theta: float = 10000.0  # RoPE base frequency (RoFormer 10,000; Llama 3 500,000)
     norm_eps: float = 1e-5

@@ -205,8 +205,9 @@ class MoE(nn.Module):
     Each token goes to its n_expert_active highest-probability experts; their outputs are mixed
     with the router probabilities renormalised over the chosen k. Dispatch is dropless unless
     model.moe_capacity_factor sets a capacity (each expert takes its first ceil(factor x N k / E) slots in
-    token order; a dropped slot adds nothing, the token keeps its residual: Switch Transformer). A loop over
-    experts gathers each one's tokens. Returns the output and the load-balancing loss of Switch Transformer
+    token order; a dropped slot adds nothing, the token keeps its residual: Switch Transformer). With
+    model.moe_grouped_mm the experts run as two grouped matrix multiplies over their tokens sorted by expert
+    (where torch's grouped_mm can), else as a loop over experts that gathers each one's tokens. Returns the output and the load-balancing loss of Switch Transformer
     (eq. 4), generalised to top-k: E * sum_e f_e * P_e, with f_e the share of routed slots that went to expert
     e and P_e its mean router probability; 1.0 when balanced. `stats` keeps the last training forward's
     routing (per-expert share of the slots, the share dropped, the router's mean entropy in nats), detached,
@@ -221,6 +222,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(config, "mlp.experts.*.") for _ in range(config.n_expert))
         self.stats: dict[str, torch.Tensor] = {}
         self.bias_rate = config.moe_bias_update_rate
+        self.grouped = config.moe_grouped_mm
         if self.bias_rate:  # saved with the weights: training state the next step's routing depends on
             self.register_buffer("router_bias", torch.zeros(config.n_expert))
 
@@ -239,6 +241,38 @@ class MoE(nn.Module):
         out = torch.zeros(N, C, device=flat.device, dtype=activation_dtype(flat))
         symbolic = has_no_data(flat)
         capacity = math.ceil(self.capacity_factor * N * k / E) if self.capacity_factor else None
+        cuda_ok = flat.device.type != "cuda" or activation_dtype(flat) == torch.bfloat16  # its CUDA kernel: bf16
+        if self.grouped and not symbolic and cuda_ok and grouped_experts_ok(self.experts):
+            kept = self._grouped(flat, chosen, weights, capacity, out)
+        else:
+            kept = self._loop(flat, chosen, weights, capacity, out, symbolic)
+        routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
+        aux = E * (routed * probs.mean(dim=0)).sum()
+        if self.training and not symbolic and not torch.compiler.is_compiling():
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+            self.stats = {"load": routed.detach(), "dropped": 1 - kept.float() / (N * k), "entropy": entropy.detach()}
+        return out.view(B, T, C), aux
+
+    def _grouped(self, flat, chosen, weights, capacity, out) -> torch.Tensor:
+        """Every expert at once: the routed slots sorted by expert (stable: token order within one, as the loop
+        takes them), past-capacity slots dropped, then two grouped matrix multiplies. Adds into out; returns the
+        slots kept."""
+        k, E = self.k, self.n_expert
+        expert_of = chosen.reshape(-1)
+        order = torch.argsort(expert_of, stable=True)  # slot ids (token * k + j), by expert then token
+        counts = torch.bincount(expert_of, minlength=E)
+        if capacity is not None:
+            first = torch.cumsum(counts, 0) - counts  # each expert's first position in `order`
+            rank = torch.arange(order.numel(), device=order.device) - first[expert_of[order]]
+            order, counts = order[rank < capacity], counts.clamp(max=capacity)
+        token_idx, slot = order // k, order % k
+        y = grouped_mlp(self.experts, flat[token_idx], counts)
+        out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
+        return counts.sum()
+
+    def _loop(self, flat, chosen, weights, capacity, out, symbolic: bool) -> torch.Tensor:
+        """One expert at a time (the fallback, and the meta/fake path); adds into out; returns the slots kept."""
+        N, k, E = chosen.size(0), self.k, self.n_expert
         kept = flat.new_zeros((), dtype=torch.long)
         for e, expert in enumerate(self.experts):
             if symbolic:  # balanced shares of the N*k slots (see the class docstring)
@@ -252,12 +286,62 @@ class MoE(nn.Module):
             kept = kept + token_idx.numel()
             y = expert(flat[token_idx])  # (n_e, C), in the autocast dtype under mixed precision
             out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype))
-        routed = F.one_hot(chosen, E).sum(dim=(0, 1)).float() / (N * k)  # f_e
-        aux = E * (routed * probs.mean(dim=0)).sum()
-        if self.training and not symbolic and not torch.compiler.is_compiling():
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            self.stats = {"load": routed.detach(), "dropped": 1 - kept.float() / (N * k), "entropy": entropy.detach()}
-        return out.view(B, T, C), aux
+        return kept
+
+
+def grouped_experts_ok(experts: nn.ModuleList) -> bool:
+    """Whether the experts can run as grouped matrix multiplies: torch has grouped_mm, and every expert is a plain
+    MLP of plain Linears with plain-tensor weights (not adapted by LoRA, quantized, pruned to its own width, or a
+    DTensor shard), their widths multiples of 8."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    first = experts[0]
+    for e in experts:
+        for lin, ref in ((e.c_fc, first.c_fc), (e.c_proj, first.c_proj)):
+            if type(lin) is not nn.Linear or type(lin.weight.data) is not torch.Tensor or lin.weight.shape != ref.weight.shape:
+                return False
+            if lin.in_features % 8 or lin.out_features % 8:  # the kernel wants rows of whole 16-byte units
+                return False
+    return True
+
+
+def grouped_mlp(experts: nn.ModuleList, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (n, C), its rows sorted by expert, counts (E,) rows per expert -> the experts' MLP outputs (n, C): each
+    projection one grouped matrix multiply over the experts' weights (GroupedLinear), in the autocast dtype."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    which = torch.repeat_interleave(torch.arange(len(experts), device=x.device), counts)  # each row's expert
+    h = x.to(activation_dtype(x))
+    for name in ("c_fc", "c_proj"):
+        lins = [getattr(e, name) for e in experts]
+        h = GroupedLinear.apply(h, offs, *[lin.weight for lin in lins])
+        if lins[0].bias is not None:
+            h = h + torch.stack([lin.bias for lin in lins]).to(h.dtype)[which]
+        if name == "c_fc":
+            h = experts[0].activate(h)
+    return experts[0].dropout(h)
+
+
+class GroupedLinear(torch.autograd.Function):
+    """y = x_g W_e^T for the rows of each group e, as one torch.nn.functional.grouped_mm. The experts' weights are
+    stacked for the multiply and stacked again in the backward: saved as themselves, so the backward keeps no copy
+    of them (stacking in autograd would keep one per layer until the backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, offs, *weights)
+        w = torch.stack(weights).to(x.dtype)  # (E, out, in)
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, offs, *weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = F.grouped_mm(grad, torch.stack(weights).to(grad.dtype), offs=offs)  # (n, out) x (E, out, in)
+        gw = F.grouped_mm(grad.t(), x, offs=offs)  # (out, n) x (n, in), n jagged -> (E, out, in)
+        return (gx, None, *[g.to(wt.dtype) for g, wt in zip(gw.unbind(0), weights)])
 
 
 @torch.no_grad()

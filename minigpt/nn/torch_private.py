@@ -5,7 +5,7 @@
 - `torch._subclasses.fake_tensor.FakeTensorMode`: tensors with shapes and no storage, to run a
   model far too big for the machine.
 - `torch.utils.flop_counter`'s SDPA formulas, to give the CPU flash-attention kernel (which has
-  none, so it would count as zero) the formula of the CUDA kernels.
+  none, so it would count as zero) the formula of the CUDA kernels; a formula for `aten._grouped_mm` too.
 - `torch._dynamo.mark_static_address`: a KV cache that CUDA graphs may replay over in place.
 - `torch._dynamo.config.capture_dynamic_output_shape_ops`: the MoE dispatch compiles as one graph.
 - `torch.testing._internal.distributed.fake_pg.FakeStore`: a fake process group of N ranks, with
@@ -47,13 +47,24 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _grouped_mm(a_shape, b_shape, *args, **kwargs) -> int:
+    """aten._grouped_mm: 2 x (rows, inner, cols) summed over the groups. (M, K) x (E, K, N), rows jagged: 2 M K N;
+    (K, M) x (M, N), the inner dimension jagged (a weight's gradient): 2 K M N; (E, M, K) x (E, K, N): 2 E M K N."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts the CPU flash-attention kernels: torch 2.13 has no FLOP formula for
-    aten._scaled_dot_product_flash_attention_for_cpu (and its backward), which would count as zero."""
+    """FlopCounterMode that also counts the CPU flash-attention kernels and the experts' grouped matrix multiplies:
+    torch 2.13 has no FLOP formula for aten._scaled_dot_product_flash_attention_for_cpu (and its backward) or for
+    aten._grouped_mm, which would count as zero."""
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_forward
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward
+    if hasattr(aten, "_grouped_mm"):
+        mapping[aten._grouped_mm] = _grouped_mm
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
