@@ -215,3 +215,21 @@ def test_a_server_model_with_packed_linears_gives_the_greedy_tokens_of_the_dense
     alone = [generate_ids(model, [p], 12, temperature=0).new_tokens[0] for p in PROMPTS]
     seqs = generate_all(Engine(packed, 3), [Sequence(p, 12, Sampling(0)) for p in PROMPTS])
     assert [s.tokens for s in seqs] == alone
+
+
+def test_prompts_admitted_together_share_the_prefix_the_first_of_them_prefills(model):
+    """Three prompts with one 40-token prefix, admitted at once, prefilled 16 tokens a step: the first computes the
+    prefix; the others ask the prefix cache when their first chunk comes and find its first two blocks (kept as its
+    chunks end), and all give the greedy tokens of decoding alone."""
+    shared = [(5 * i) % 90 + 1 for i in range(40)]
+    prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
+    alone = [generate_ids(model, [p], 5, temperature=0).new_tokens[0] for p in prompts]
+    engine = Engine(model, max_batch=3, prefix_rows=4, prefill_chunk=16)
+    seqs = [Sequence(p, 5, Sampling(0)) for p in prompts]
+    for s in seqs:
+        engine.add([s])
+    while engine.running:
+        engine.step()
+    assert [s.tokens for s in seqs] == alone
+    st = engine.prefix.stats()
+    assert st["lookups"] == 3 and st["hits"] == 2 and st["hit_tokens"] >= 2 * 32

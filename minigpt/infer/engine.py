@@ -86,6 +86,7 @@ class Engine:
         self.drafted = self.accepted = 0  # speculative: draft tokens proposed and accepted, over every row
         # a speculative row's draft cache would need the prefix too: the prefix cache serves plain decoding only
         self.prefix = PrefixCache(model, prefix_rows, self.max_len) if prefix_rows and draft is None else None
+        self._unlooked: set[int] = set()  # groups whose prompt the prefix cache has not been asked about yet
 
     @property
     def free(self) -> int:
@@ -111,12 +112,9 @@ class Engine:
             self.running.append(s)
             self._len.append(0)
             self._gen.append(torch.Generator(device=self.device).manual_seed(seed + i))
-        if self.prefix is not None:
-            src, hit = self.prefix.lookup(prompt)
-            if hit:
-                self.prefix.load(src, hit, self.cache, row)
-                self._len[row] = hit
         self._filling.append(list(seqs))
+        if self.prefix is not None:
+            self._unlooked.add(id(seqs[0]))  # the prefix cache is asked when its first chunk comes
         self.prefills += 1
         if self.draft is None:
             return []
@@ -141,6 +139,7 @@ class Engine:
             if budget == 0:
                 break
             row = self.running.index(group[0])
+            self._look_up(group[0], row)
             start = self._len[row]
             n = min(budget, len(group[0].prompt) - start)
             chunks.append((row, start, n))
@@ -153,6 +152,8 @@ class Engine:
             self._len[i] += 1
         for row, start, n in chunks:
             self._len[row] = start + n
+            if self.prefix is not None and start + n < len(self.running[row].prompt):  # a long prompt's blocks so far:
+                self.prefix.store(self.running[row].prompt[:start + n], self.cache, row)  # a newcomer may share them
         self.steps += 1
         seqs = [self.running[i] for i, _ in decodes]
         gens = [self._gen[i] for i, _ in decodes]
@@ -162,6 +163,18 @@ class Engine:
             self._filling.remove(group)
             gained += self._prefilled(group, logits[len(decodes) + j])
         return self._emit(gained)
+
+    def _look_up(self, seq: Sequence, row: int) -> None:
+        """Before a prompt's first chunk (not at admission: a prompt admitted with others that share its prefix finds
+        the blocks the first of them has prefilled by then), copy the longest cached prefix into its row."""
+        if id(seq) not in self._unlooked:
+            return
+        self._unlooked.discard(id(seq))
+        if self.prefix is not None:
+            src, hit = self.prefix.lookup(seq.prompt)
+            if hit:
+                self.prefix.load(src, hit, self.cache, row)
+                self._len[row] = hit
 
     def _forward(self, decodes, chunks, wanted, model=None, cache=None) -> torch.Tensor:
         """One flat forward pass (nn/ragged.py): the decoding rows' last tokens, then the prompt chunks; the logits
@@ -200,9 +213,12 @@ class Engine:
                 old, new = self.running.index(seq), self.running.index(group[1])
                 self._copy_row(old, new, self._len[old])
                 self._len[new] = self._len[old]
+                if id(seq) in self._unlooked:
+                    self._unlooked.add(id(group[1]))
             group.remove(seq)
             if not group:
                 self._filling.remove(group)
+        self._unlooked.discard(id(seq))
         self._remove(self.running.index(seq))
 
     def _emit(self, gained: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, int | None]]:

@@ -2,9 +2,11 @@
 
 A prompt is cut into full blocks of BLOCK tokens; block i is named by a hash of every token up to its end (a chain:
 two prompts share block i's name only when they share all of blocks 0..i, vLLM's automatic prefix caching). When a
-row has prefilled its prompt, its full blocks are copied into a row of this pool (the least recently used one) and
-their names point there. A newcomer whose prompt starts with named blocks gets their slots copied from the pool
-into its own row and prefills only the rest: the copy is a memory move, the prefill a forward pass.
+row has prefilled its prompt, or a chunk of a long one, its full blocks so far are copied into a row of this pool
+(the least recently used one) and their names point there. A prompt whose first chunk comes after that (the engine
+asks at the first chunk, not at admission, so prompts admitted together share what the first of them prefilled)
+and that starts with named blocks gets their slots copied from the pool into its own row and prefills only the
+rest: the copy is a memory move, the prefill a forward pass.
 
 Rows of the engine's cache are whole contexts (not pages), so the pool holds its own copies; its size is
 `rows` contexts. Hits, lookups and the prompt tokens they saved are counted for /metrics.
