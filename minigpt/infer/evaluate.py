@@ -65,26 +65,53 @@ def text_tokens(source: str, tokenizer, max_tokens: int, cache_dir: str = "") ->
     return np.asarray(ids[:max_tokens], dtype=np.int64), len(docs)
 
 
+@dataclass
+class Scored:
+    logprobs: torch.Tensor  # (T,) fp32: the log-probability of each target under the model (before any sampling)
+    greedy: torch.Tensor  # (T,) bool: each target was the model's most likely token
+    top: list[dict[int, float]] | None  # per position, the `top` most likely tokens {id: log-probability}
+
+
+@torch.no_grad()
+def row_logprobs(model, rows: list[list[int]], targets: list[list[int]], top: int = 0) -> list[Scored]:
+    """The one scorer every log-probability comes from (the eval's bits per byte, the server's logprobs and echo,
+    `generate --logprobs`, lm-eval's loglikelihoods): rows of token ids (each at most block_size), right-padded
+    into one forward pass; targets[i][t] is the token scored after rows[i][:t + 1] (as long as the row)."""
+    device = model.wte.weight.device
+    width = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        x[i, :len(r)], y[i, :len(t)] = torch.as_tensor(r, dtype=torch.long), torch.as_tensor(t, dtype=torch.long)
+    logp = torch.log_softmax(model(x.to(device)).logits.float(), dim=-1).cpu()
+    picked = logp.gather(2, y.unsqueeze(-1)).squeeze(-1)
+    greedy = logp.argmax(dim=-1) == y
+    out = []
+    for i, r in enumerate(rows):
+        tops = None
+        if top:
+            values, idx = logp[i, :len(r)].topk(top, dim=-1)
+            tops = [dict(zip(a.tolist(), b.tolist())) for a, b in zip(idx, values)]
+        out.append(Scored(picked[i, :len(r)], greedy[i, :len(r)], tops))
+    return out
+
+
 @torch.no_grad()
 def score(model, tokens: np.ndarray, bytes_of: np.ndarray, context: int, stride: int, batch: int = 8,
           show: bool = True) -> dict:
     """Summed nats, scored tokens and their bytes over `tokens` with a sliding window."""
-    device = model.wte.weight.device
     windows = list(Windows(len(tokens), context, stride))
     nats = count = num_bytes = 0.0
     special = bytes_of == 0
     with Progress(len(windows), "eval", "windows", enabled=show) as progress:
         for i in range(0, len(windows), batch):
             group = windows[i:i + batch]
-            width = max(end - start for start, end, _ in group)
-            x = torch.zeros(len(group), width, dtype=torch.long)
-            for row, (start, end, _) in enumerate(group):
-                x[row, : end - start] = torch.from_numpy(tokens[start:end])
-            logp = torch.log_softmax(model(x.to(device)).logits.float(), dim=-1).cpu()
+            scored = row_logprobs(model, [tokens[start:end].tolist() for start, end, _ in group],
+                                  [tokens[start + 1:end + 1].tolist() for start, end, _ in group])
             for row, (start, end, first) in enumerate(group):
                 y = torch.from_numpy(tokens[start + 1 + first:end + 1])
                 keep = ~torch.from_numpy(special[y.numpy()])
-                picked = logp[row, first:end - start].gather(1, y.unsqueeze(1)).squeeze(1)
+                picked = scored[row].logprobs[first:]
                 nats -= picked[keep].double().sum().item()
                 count += keep.sum().item()
                 num_bytes += float(bytes_of[y.numpy()][keep.numpy()].sum())
@@ -133,20 +160,14 @@ def token_logprobs(model, ids: list[int], top: int = 0) -> tuple[list, list]:
     the longest history a sliding window of block_size allows (exactly a single forward pass when `ids` fits
     block_size + 1, as lm-eval's `hf` model scores), and the `top` most probable tokens at each position
     ({id: log-probability})."""
-    block, device = model.config.block_size, model.wte.weight.device
-    n = len(ids)
-    tokens = np.asarray(ids, dtype=np.int64)
+    block, n = model.config.block_size, len(ids)
     logps: list = [None] * n
     tops: list = [None] * n
     for start, end, first in Windows(n, block, max(1, block // 2)) if n > 1 else []:
-        x = torch.from_numpy(tokens[start:end]).unsqueeze(0).to(device)
-        lp = torch.log_softmax(model(x).logits.float()[0], dim=-1).cpu()
-        for k in range(first, end - start):
-            target = int(tokens[start + k + 1])
-            logps[start + k + 1] = lp[k, target].item()
-            if top:
-                values, idx = lp[k].topk(top)
-                tops[start + k + 1] = dict(zip(idx.tolist(), values.tolist()))
+        scored = row_logprobs(model, [ids[start:end]], [ids[start + 1:end + 1]], top)[0]
+        logps[start + first + 1:end + 1] = scored.logprobs[first:].tolist()
+        if top:
+            tops[start + first + 1:end + 1] = scored.top[first:]
     return logps, tops
 
 

@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from minigpt.core.device import resolve_device
 from minigpt.data.tokenizer import EOT
+from minigpt.infer.evaluate import row_logprobs
 from minigpt.infer.generate import generate_ids
 from minigpt.run.load import load_run
 
@@ -62,17 +63,10 @@ class MinigptLM(TemplateLM):
         return out
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
-        x = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-        for j, r in enumerate(rows):
-            x[j, :len(r)] = torch.tensor(r)
-        logp = torch.log_softmax(self.model(x.to(self._device)).logits.float(), dim=-1).cpu()
-        result = []
-        for j, ((_, cont), r) in enumerate(zip(pairs, rows)):
-            target = torch.tensor(cont)
-            lp = logp[j, len(r) - len(cont):len(r)]
-            result.append((lp.gather(1, target.unsqueeze(1)).sum().item(), bool((lp.argmax(-1) == target).all())))
-        return result
+        whole = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in pairs]
+        scored = row_logprobs(self.model, [w[:-1] for w in whole], [w[1:] for w in whole])
+        return [(s.logprobs[-len(cont):].sum().item(), bool(s.greedy[-len(cont):].all()))
+                for s, (_, cont) in zip(scored, pairs)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
