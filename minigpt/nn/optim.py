@@ -54,6 +54,42 @@ class Optimizers:
         for name, o in self.optimizers.items():
             o.load_state_dict(state[name])
 
+    def __iter__(self):
+        """The optimizers themselves: torch.distributed.checkpoint's state-dict helpers take an iterable of them."""
+        return iter(self.optimizers.values())
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon whose matrices may be DTensor shards (FSDP2, tensor parallelism): the momentum stays
+    sharded; each step's update is gathered whole (`full_tensor`), orthogonalised on every rank alike, and each
+    rank keeps its own shard of the result (gather-orthogonalise-scatter; the scatter is a local slice). On whole
+    matrices it computes what torch.optim.Muon computes, op for op (its own Newton-Schulz step and lr rule)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        from minigpt.nn.torch_private import muon_adjusted_lr, muon_orthogonalize
+
+        for group in self.param_groups:
+            for p in [q for q in group["params"] if q.grad is not None]:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                sharded = isinstance(update, DTensor)
+                whole = update.full_tensor() if sharded else update
+                ortho = muon_orthogonalize(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if sharded:
+                    mesh = update.device_mesh
+                    ortho = DTensor.from_local(ortho, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, update.placements)
+                lr = float(group["lr"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(ortho, alpha=-muon_adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        return None
+
 
 def hidden_matrices(model: torch.nn.Module) -> set[int]:
     """ids of the blocks' 2-D weights: the parameters Muon orthogonalises."""
@@ -73,8 +109,8 @@ def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False):
     params = [p for p in model.parameters() if p.requires_grad]
     if getattr(cfg, "optimizer", "adamw") == "muon":
         hidden = hidden_matrices(model)
-        muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
+        muon = ShardedMuon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           adjust_lr_fn="match_rms_adamw")
         params = [p for p in params if id(p) not in hidden]
         return Optimizers(adamw=_adamw(params, cfg, fused), muon=muon)
     return _adamw(params, cfg, fused)

@@ -13,6 +13,8 @@
   `minigpt simulate`; another that counts the bytes each op moves (the eager byte count's test).
 - `distributed_c10d._get_default_store`: torchrun's store, for heartbeats and naming a silent rank.
 - `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
+- `torch.optim._muon`'s Newton-Schulz iteration and learning-rate adjustment: Muon on sharded (DTensor)
+  matrices (nn/optim.ShardedMuon) computes exactly what torch.optim.Muon computes on whole ones.
 - `torch.utils.mkldnn.MkldnnLinear`: a Linear whose weight oneDNN has packed once for inference on a CPU
   (`prepack_linears`; serving: a decode step's batched matmuls run ~1.25-1.5x faster).
 """
@@ -325,3 +327,17 @@ def prepack_linears(model: torch.nn.Module) -> int:
                 setattr(parent, name, PackedLinear(child))
                 packed += 1
     return packed
+
+
+def muon_orthogonalize(update: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz orthogonalisation of a whole 2-D update."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
+
+
+def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's learning rate for a matrix of this (whole) shape."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)

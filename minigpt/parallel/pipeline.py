@@ -170,6 +170,8 @@ class PipelineBackend(ShardedBackend):
     """pp > 1: a torch.distributed.pipelining schedule over this rank's chunks, each tensor-parallel
     and FSDP2-sharded (engine fsdp) or replicated (engine ddp) as the plan says."""
 
+    runs_muon = False  # not tried with a pipeline's stages
+
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
         if plan.backend == "deepspeed":

@@ -228,6 +228,7 @@ class ShardedBackend(Backend):
 
     name = "fsdp"
     runs_lora = True  # with FSDP2 alone: tensor and pipeline parallelism refuse it (Backend.check)
+    runs_muon = True  # with FSDP2 alone (nn/optim.ShardedMuon gathers each matrix whole); tensor parallelism refuses it
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
