@@ -100,8 +100,6 @@ def test_grouped_experts_equal_the_loop_over_experts_in_outputs_and_gradients(kw
     the same outputs, load-balancing loss, dropped share and gradients."""
     from minigpt.nn.model import grouped_experts_ok
 
-    if not hasattr(torch.nn.functional, "grouped_mm"):
-        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     grouped, loop = _moe(**kw, moe_grouped_mm=True), _moe(**kw)
     loop.load_state_dict(grouped.state_dict())
     assert grouped_experts_ok(grouped.experts)
@@ -135,8 +133,6 @@ def test_the_flop_counter_counts_grouped_experts_as_it_counts_the_loop():
     what the loop over experts counts."""
     from minigpt.nn.torch_private import flop_counter
 
-    if not hasattr(torch.nn.functional, "grouped_mm"):
-        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     counts = []
     for grouped in (True, False):
         m, x = _moe(n_expert_active=2, moe_grouped_mm=grouped), torch.randn(2, 8, 16)
