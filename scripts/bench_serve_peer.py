@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--shared-prefix-tokens", type=int, default=256)
     p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both servers run (fp32 weights)")
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--out", default="benchmarks/bench_serve_peer_cpu.jsonl")
     args = p.parse_args()

@@ -35,6 +35,13 @@ python scripts/bench_train.py --config gpt2-small --steps 20 --warmup 3 --set tr
 python scripts/bench_generate.py --config gpt2-small --dtype bf16 --batch 1 --batch 8 \
     | tee -a "$out/bench_generate_gpt2_small_$dev.jsonl"
 minigpt bench decode --config gpt2-small --dtype bf16 --compile --out "$out/decode_curve_gpt2_small_$dev.json"
+# minigpt serve against transformers serve --continuous-batching on the same export, both on the GPU (fp32), on a
+# 6 x 384 run trained briefly here (docs/serve.md: "Against transformers serve")
+minigpt train --config tiny --set model.n_layer=6 --set model.n_head=6 --set model.n_embd=384 --set model.block_size=512 \
+    --set train.max_steps=30 --set train.micro_batch_size=4 --set train.batch_size_tokens=2048 \
+    --set train.out_dir="\"$out/serve-6x384_$dev\"" > /dev/null
+python scripts/bench_serve_peer.py --run "$out/serve-6x384_$dev" --device cuda --rounds 3 --out "$out/bench_serve_peer_$dev.jsonl"
+rm -rf "$out/serve-6x384_$dev"
 # the experts as grouped GEMMs against the loop over experts (model.moe_grouped_mm), bf16
 python scripts/bench_moe.py --device cuda --n-embd 1024 --n-expert 8 --k 2 --tokens 16384 --out "$out/bench_moe_$dev.jsonl"
 # 5. with two or more GPUs: the collectives' bus bandwidth (bench hardware --collectives) and the pipeline bubble on NCCL ranks (scripts/bench_pipeline.py runs gloo on the

@@ -26,8 +26,10 @@ def peer_benchmark(args, progress=print) -> dict:
     from minigpt.run.load import run_tokenizer
 
     run = Path(args.run)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; run it on a GPU machine or leave --device cpu")
     if not (run / "latest.json").is_file():
-        raise UserError(f"--run {run} is not a run directory: train one (docs/serving.md shows the 6 x 384 run)")
+        raise UserError(f"--run {run} is not a run directory: train one (docs/serve.md shows the 6 x 384 run)")
     cfg, tok = config_from_json(run / "config.json"), run_tokenizer(run)
     export = Path(args.export or run / "hf-export")
     if not (export / "config.json").is_file():
@@ -48,7 +50,7 @@ def peer_benchmark(args, progress=print) -> dict:
     flags = {"minigpt serve": []}
     if shared in loads:
         flags["minigpt serve, prefix cache off"] = ["--prefix-cache-rows", "0"]
-    commands = servers(str(run), str(export), args.port, args.concurrency, flags)
+    commands = servers(str(run), str(export), args.port, args.concurrency, flags, args.device)
     which = {name: [k for k in loads if name != "minigpt serve, prefix cache off" or k == shared] for name in commands}
     cpus = set(range(os.cpu_count() or 1)) - {args.server_cpu}
     os.sched_setaffinity(0, cpus or {args.server_cpu})  # the client beside the server, not on its core
@@ -57,7 +59,7 @@ def peer_benchmark(args, progress=print) -> dict:
     result = compare(commands, loads, which, args.rounds, args.server_cpu, progress)
     line = {"bench": "serve_peer", "run": str(run), "params": param_counts(cfg.model).total,
             "model": {k: getattr(cfg.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
-            "device_name": device_name(torch.device("cpu")), "cpu_cores": os.cpu_count(), "server_threads": 1,
+            "device_name": device_name(torch.device(args.device)), "cpu_cores": os.cpu_count(), "server_threads": 1,
             "server_cpu": args.server_cpu, "busy_cores_before": busy, "load_source": how, "torch": torch.__version__,
             "transformers": transformers.__version__, "rounds": args.rounds, "wall_s": round(time.perf_counter() - t0, 1),
             "loads": {k: {"requests": v.requests, "concurrency": v.concurrency, "prompt_tokens": args.prompt_tokens,
@@ -66,7 +68,7 @@ def peer_benchmark(args, progress=print) -> dict:
             "results": result, "minigpt_over_peer": ratios(result),
             "convention": "measured; medians over rounds; output tokens/s = all output tokens / wall time; TTFT, TPOT "
                           "and ITL as `vllm bench serve` defines them (minigpt/measure/serve_bench.py); greedy, text "
-                          "prompts, fp32 weights, one torch thread per server pinned to one core"}
+                          "prompts, fp32 weights, one torch thread per server pinned to one core, both servers on " + args.device}
     line["table"] = table(line)
     return line
 

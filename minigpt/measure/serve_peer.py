@@ -35,17 +35,19 @@ def text_prompts(tokenizer, texts: list[str], n: int, tokens: int, seed: int = 0
     return tuple(out)
 
 
-def servers(run: str, export: str, port: int, max_batch: int, minigpt_flags: dict[str, list[str]]) -> dict:
-    """name -> (command, URL): each minigpt configuration named in minigpt_flags, and the peer."""
+def servers(run: str, export: str, port: int, max_batch: int, minigpt_flags: dict[str, list[str]],
+            device: str = "cpu") -> dict:
+    """name -> (command, URL): each minigpt configuration named in minigpt_flags, and the peer; both on `device`
+    (cpu or cuda), fp32 weights."""
     exe = shutil.which("transformers")
     if exe is None:
         raise UserError("the peer needs transformers' CLI: pip install 'transformers[serving]'")
     out = {}
     for i, (name, flags) in enumerate(minigpt_flags.items()):
         out[name] = ([sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port + i), "--max-batch",
-                      str(max_batch), "--threads", "1", *flags], f"http://127.0.0.1:{port + i}/v1")
+                      str(max_batch), "--threads", "1", "--device", device, *flags], f"http://127.0.0.1:{port + i}/v1")
     p = port + len(minigpt_flags)
-    out["transformers serve"] = ([exe, "serve", export, "--continuous-batching", "--device", "cpu", "--dtype",
+    out["transformers serve"] = ([exe, "serve", export, "--continuous-batching", "--device", device, "--dtype",
                                   "float32", "--host", "127.0.0.1", "--port", str(p)], f"http://127.0.0.1:{p}/v1")
     return out
 
