@@ -232,3 +232,32 @@ def test_prompts_admitted_together_share_the_prefix_the_first_of_them_prefills(m
     assert [s.tokens for s in seqs] == alone
     st = engine.prefix.stats()
     assert st["lookups"] == 3 and st["hits"] == 2 and st["hit_tokens"] >= 2 * 32
+
+
+def test_edge_cases_of_chunks_and_the_prefix_cache_give_the_tokens_of_decoding_alone(model):
+    """A prompt one short of the context (one token, then the end), a prompt that is a cached prompt again (found but
+    its last token computed), a seeded group of three behind a prefix hit, and a lone prompt cancelled mid-prefill:
+    every other sequence still gets the tokens it gets alone."""
+    edge = list(range(1, 48))  # 47 tokens: the context is 48
+    again = [(3 * i) % 90 + 1 for i in range(32)]  # exactly two blocks
+    engine = Engine(model, max_batch=6, prefix_rows=3, prefill_chunk=5)
+    first = generate_all(engine, [Sequence(again, 4, Sampling(0))])[0]
+    seqs = [Sequence(edge, 5, Sampling(0)), Sequence(again, 4, Sampling(0))]
+    group = [Sequence(again + [7], 6, Sampling(1.0), seed=11) for _ in range(3)]
+    lone = Sequence(list(range(60, 90)), 4, Sampling(0))
+    for s in seqs + [lone]:
+        engine.add([s])
+    engine.add(group)
+    engine.step()
+    engine.finish(lone, "cancelled")  # mid-prefill: 5 of its 30 tokens or none yet
+    while engine.running:
+        engine.step()
+    assert seqs[0].tokens == generate_ids(model, [edge], 1, temperature=0).new_tokens[0]
+    assert seqs[0].finish_reason == "length" and len(seqs[0].tokens) == 1
+    assert seqs[1].tokens == first.tokens == generate_ids(model, [again], 4, temperature=0).new_tokens[0]
+    for i, s in enumerate(group):
+        assert s.tokens == generate_all(Engine(model, 1), [Sequence(again + [7], 6, Sampling(1.0), seed=11 + i)])[0].tokens
+    assert lone.finish_reason == "cancelled" and not engine._unlooked and not engine._filling
+    # `again` again: one block (its last token is computed, so the second block is not whole); the group: two blocks,
+    # one lookup for its three samples
+    assert engine.prefix.stats()["hit_tokens"] == 16 + 32
