@@ -258,6 +258,6 @@ def test_edge_cases_of_chunks_and_the_prefix_cache_give_the_tokens_of_decoding_a
     for i, s in enumerate(group):
         assert s.tokens == generate_all(Engine(model, 1), [Sequence(again + [7], 6, Sampling(1.0), seed=11 + i)])[0].tokens
     assert lone.finish_reason == "cancelled" and not engine._unlooked and not engine._filling
-    # `again` again: one block (its last token is computed, so the second block is not whole); the group: two blocks,
-    # one lookup for its three samples
-    assert engine.prefix.stats()["hit_tokens"] == 16 + 32
+    # `again` again: its 32 tokens found, all but the last copied (its logits give the first token: 31); the group: two
+    # blocks, one lookup for its three samples
+    assert engine.prefix.stats()["hit_tokens"] == 31 + 32

@@ -37,15 +37,15 @@ class PrefixCache:
         self.lookups = self.hits = self.prompt_tokens = self.hit_tokens = 0
 
     def lookup(self, prompt: list[int]) -> tuple[int, int]:
-        """(pool row, tokens) of the longest cached prefix of the prompt in whole blocks, leaving at least one
-        prompt token to compute (its logits give the first new token); (-1, 0) when none."""
+        """(pool row, tokens) of the longest cached prefix of the prompt in whole blocks, less the prompt's last
+        token when every token is cached (its logits give the first new token); (-1, 0) when none."""
         self.lookups += 1
         self.prompt_tokens += len(prompt)
         row, n = -1, 0
-        for i, name in enumerate(block_names(prompt[:len(prompt) - 1])):
+        for i, name in enumerate(block_names(prompt)):
             if name not in self.where:
                 break
-            row, n = self.where[name], (i + 1) * BLOCK  # that row holds blocks 0..i too: their names are in this one
+            row, n = self.where[name], min((i + 1) * BLOCK, len(prompt) - 1)  # that row holds blocks 0..i too
         if n:
             self.hits += 1
             self.hit_tokens += n
