@@ -29,6 +29,7 @@ COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_ever
           "train.grad_clip": 0.5}
 
 MUON = {"train.optimizer": '"muon"'}
+MOE = {"model.n_expert": 4}
 
 
 def readme_cmd(line: str, extra: list[str]) -> list[str]:
@@ -51,6 +52,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
         "tp": readme_cmd(tp_line, sets("tp")),
         "fsdp_muon": torchrun_cmd(2, sets("fsdp_muon", **MUON) + ["--plan", "dp=2,zero=3", "--stop-at", "3"]),
+        "tp_moe": torchrun_cmd(2, sets("tp_moe", **MOE) + ["--plan", "tp=2"]),
     }
     out = run_concurrently(jobs)
     shutil.copytree(root / "fsdp", root / "fsdp_stopped")  # for the refused-backend check
@@ -58,7 +60,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
     out["fsdp_resumed"], out["fsdp_muon_resumed"] = resumed["fsdp"], resumed["fsdp_muon"]
     for name, r in out.items():
         assert r.returncode == 0, f"{name}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
-    for name, extra in (("one", {}), ("one_muon", MUON)):
+    for name, extra in (("one", {}), ("one_muon", MUON), ("one_moe", MOE)):
         cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, root / name,
                                                                           **{**COMMON, **extra}))
         train(cfg, log=lambda *a: None)
@@ -75,6 +77,14 @@ def assert_same_training(a, b, rel=1e-5):
     assert sorted(wa) == sorted(wb)  # the ordinary layout: no TP row order, a tied head once
     for k in wb:  # Adam turns reduction-order rounding in near-zero gradients into updates of ~1e-6 (lr 3e-3)
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_under_tensor_parallelism_matches_one_process(runs):
+    """--plan tp=2 on a 4-expert model: each expert's MLP split as the dense MLP is (column, then row with its
+    all-reduce), the router replicated: the same losses, gradient norms and weights as one process."""
+    root = runs["root"]
+    assert_same_training(root / "tp_moe", root / "one_moe", rel=1e-4)
 
 
 @pytest.mark.slow
@@ -136,7 +146,8 @@ def test_a_stopped_fsdp_run_resumes_on_its_backend_only(runs):
 
 @pytest.mark.parametrize("extra, message", [
     ({"train.tensor_parallel": 2, "model.n_head": 3, "model.n_embd": 48}, "model.n_head = 3 does not divide by the tensor-parallel degree 2"),
-    ({"train.tensor_parallel": 2, "model.n_expert": 4}, "does not shard a mixture of experts"),
+    ({"train.tensor_parallel": 2, "model.n_expert": 4, "train.sequence_parallel": "true"},
+     "sequence parallelism (sp=1) does not run with a mixture of experts"),
     ({"train.tensor_parallel": 0}, "train.tensor_parallel = 0 must be a positive integer"),
     ({"train.tensor_parallel": 2}, "train.tensor_parallel x train.pipeline_parallel: tp x pp = 2 must divide the 1 ranks"),
     ({"train.pipeline_parallel": 2}, "tp x pp = 2 must divide the 1 ranks"),

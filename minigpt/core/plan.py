@@ -226,10 +226,10 @@ class ParallelPlan:
                 f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
                ([f'train.backend="{self.backend}"'] if self.backend else [])
 
-    def check_model(self, c: ModelConfig, experts_split: bool = False) -> None:
-        """Every dimension tensor parallelism splits divides by tp; the layers divide into pp stages.
-        experts_split: tensor parallelism may split each expert's MLP (simulate; training refuses it)."""
-        check_tensor_parallel(c, self.tp, experts_split)
+    def check_model(self, c: ModelConfig) -> None:
+        """Every dimension tensor parallelism splits divides by tp (a mixture's experts split as the dense MLP);
+        the layers divide into pp stages."""
+        check_tensor_parallel(c, self.tp)
         if self.sp and c.is_moe:
             raise UserError("sequence parallelism (sp=1) does not run with a mixture of experts here; use sp=0")
         if self.dp % self.ep:
@@ -290,13 +290,11 @@ def _value(key: str, value: str, origin: str):
         raise UserError(f"{origin}: {key}={value!r} is not an integer") from None
 
 
-def check_tensor_parallel(c: ModelConfig, tp: int, experts_split: bool = False) -> None:
-    """Every sharded dimension must divide by tp; one clear line when one does not."""
+def check_tensor_parallel(c: ModelConfig, tp: int) -> None:
+    """Every sharded dimension must divide by tp (each expert's MLP is split as the dense MLP is); one clear line
+    when one does not."""
     if tp == 1:
         return
-    if c.is_moe and not experts_split:
-        raise UserError("tensor parallelism (tp > 1) does not shard a mixture of experts in training; use tp=1 (minigpt "
-                        "simulate splits each expert's MLP over tp)")
     for name, n in (("model.n_head", c.n_head), ("model.n_kv_head", c.n_kv_head), ("model.ffn_hidden", c.ffn_hidden)):
         if n % tp:
             raise UserError(f"{name} = {n} does not divide by the tensor-parallel degree {tp}; choose tp from "

@@ -85,7 +85,7 @@ class SimSpec:
         if self.stage_world > MAX_SIM_RANKS:
             raise UserError(f"--plan {self.plan.spelling()} puts {self.stage_world:,} ranks in one pipeline stage; "
                             f"simulate at most {MAX_SIM_RANKS:,} (tp x dp)")
-        self.plan.check_model(c, experts_split=True)
+        self.plan.check_model(c)
 
     @property
     def stage_world(self) -> int:
