@@ -43,6 +43,8 @@ SPECS = {
     "layouts": (4, LLAMA, {"pp2_tp2": "pp=2,tp=2", "pp2_tp2_sp": "pp=2,tp=2,sp=1,schedule=interleaved-1f1b",
                            "pp2_dp2": "pp=2,dp=2", "pp2_dp2_fsdp": "pp=2,dp=2,zero=3,backend=fsdp",
                            "dp2_tp2": "dp=2,tp=2,zero=3,backend=fsdp", "dp2_tp2_sp": "dp=2,tp=2,sp=1,zero=3,backend=fsdp"}),
+    # a mixture of experts: each stage's load-balancing loss reaches its routers through AuxLossCarrier
+    "moe": (2, {**TIED, "n_expert": 4}, {"pp2_moe": "pp=2,schedule=1f1b", "pp2_moe_interleaved": "pp=2,schedule=interleaved-1f1b"}),
 }
 STEPS = 3
 CLI = {"train.max_steps": 4, "train.batch_size_tokens": 256, "train.eval_every": 4, "train.checkpoint_every": 2,

@@ -289,6 +289,23 @@ class MoE(nn.Module):
         return kept
 
 
+class AuxLossCarrier(torch.autograd.Function):
+    """x passed through unchanged; in backward, `scale` also flows into aux (Megatron-Core's MoEAuxLossAutoScaler):
+    a pipeline stage's load-balancing loss trains its routers without travelling to the last stage's loss. The
+    schedule's 1/micro-batches gradient scale then applies to it as to the data loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
+
+
 def grouped_experts_ok(experts: nn.ModuleList) -> bool:
     """Whether the experts can run as grouped matrix multiplies: torch has grouped_mm, and every expert is a plain
     MLP of plain Linears with plain-tensor weights (not adapted by LoRA, quantized, pruned to its own width, or a

@@ -51,7 +51,7 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
     mesh = make_mesh(plan, device.type) if plan.tp > 1 or plan.pp > 1 or shards_parameters(plan) else None
     if plan.pp == 1:
         return _apply(model, plan, tc, mesh)
-    ranked = split_model(model, plan, mesh["pp"].get_local_rank(), tc.precision, device)
+    ranked = split_model(model, plan, mesh["pp"].get_local_rank(), tc.precision, device, tc.moe_aux_loss_coef)
     for stage in ranked.stages:
         _apply(stage, plan, tc, mesh)
     ranked.mesh = mesh

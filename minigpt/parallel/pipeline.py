@@ -33,7 +33,7 @@ from torch import nn
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.nn.model import GPT, embed_tokens, rope_rows
+from minigpt.nn.model import AuxLossCarrier, GPT, embed_tokens, rope_rows
 from minigpt.nn.optim import DTYPES, StepResult, autocast_context
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
@@ -79,9 +79,11 @@ class Stage(nn.Module):
     travel as the rank's sequence shard (sequence parallelism). The boundary's dtype is the residual
     stream's (`boundary_dtype`)."""
 
-    def __init__(self, model: GPT, layers: range, first: bool, last: bool, precision: str, device: torch.device) -> None:
+    def __init__(self, model: GPT, layers: range, first: bool, last: bool, precision: str, device: torch.device,
+                 aux_coef: float = 0.0) -> None:
         super().__init__()
         self.config, self.precision, self.device_type = model.config, precision, device
+        self.aux_coef = aux_coef  # a mixture's load-balancing loss weight (train.moe_aux_loss_coef)
         self.first, self.last, self.seq_shards = first, last, 1
         self.wte, self.wpe = (model.wte, model.wpe) if first else (None, None)
         self.drop = model.drop
@@ -99,7 +101,9 @@ class Stage(nn.Module):
                 x = embed_tokens(self.wte, self.wpe, self.drop, x, positions)
             rope = rope_rows(self, positions)
             for block in self.blocks.values():
-                x, _ = block(x, rope, None, None, None)
+                x, aux = block(x, rope, None, None, None)
+                if aux is not None and self.aux_coef and torch.is_grad_enabled():  # its gradient rides on x's
+                    x = AuxLossCarrier.apply(x, aux, self.aux_coef)
             if self.last:
                 return self.lm_head(self.ln_f(x), None).float()
         return x  # the residual stream as it is: fp32, or 16-bit when FSDP computes in 16-bit parameters
@@ -119,16 +123,16 @@ class RankModel(nn.Module):
         self.stages = stages  # a plain list: the chunks are not registered twice
 
 
-def split_model(model: GPT, plan: ParallelPlan, pp_rank: int, precision: str, device: torch.device) -> RankModel:
-    """This pipeline rank's chunks of `model` (built whole, equal on every rank, then cut)."""
+def split_model(model: GPT, plan: ParallelPlan, pp_rank: int, precision: str, device: torch.device,
+                aux_coef: float = 0.0) -> RankModel:
+    """This pipeline rank's chunks of `model` (built whole, equal on every rank, then cut). A mixture's
+    load-balancing loss (weight aux_coef) reaches each stage's routers through AuxLossCarrier."""
     c = model.config
-    if c.is_moe:
-        raise UserError("pipeline parallelism (pp > 1) does not run a mixture of experts yet (its load-balancing "
-                        "loss is summed over every layer); train it with pp=1")
     layers = stage_layers(c.n_layer, plan.stages)
     if c.tie_embeddings:  # the last stage's head becomes a copy; its gradient is summed with the embedding's
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
-    stages = [Stage(model, layers[i], i == 0, i == plan.stages - 1, precision, device) for i in rank_stages(plan, pp_rank)]
+    stages = [Stage(model, layers[i], i == 0, i == plan.stages - 1, precision, device, aux_coef)
+              for i in rank_stages(plan, pp_rank)]
     return RankModel(stages).to(device)
 
 
@@ -189,9 +193,6 @@ class PipelineBackend(ShardedBackend):
     def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
         super().check(cfg, plan, device)
         plan.check_model(cfg.model)
-        if cfg.model.is_moe:
-            raise UserError("pipeline parallelism (pp > 1) does not run a mixture of experts yet (its load-balancing "
-                            "loss is summed over every layer); train it with train.pipeline_parallel = 1")
 
     @classmethod
     def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:
