@@ -217,15 +217,20 @@ def bench_serve(load: Load, rates: list[float], progress=None) -> dict:
 
 def start_server(run: str, batching: str, max_batch: int, threads: int) -> tuple:
     """`minigpt serve` on a free port of 127.0.0.1 in its own process; (process, Load URL) once it answers."""
-    import sys
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    cmd = [sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--batching", batching,
-           "--max-batch", str(max_batch), "--threads", str(threads)]
+    cmd = serve_command(run, port, max_batch, threads, "--batching", batching)
     return launch(cmd, url, f"minigpt serve --run {run}", None, threads, 60.0), url
+
+
+def serve_command(run: str, port: int, max_batch: int, threads: int, *flags: str) -> list[str]:
+    """`minigpt serve` on 127.0.0.1:port, in this Python."""
+    import sys
+
+    return [sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port), "--max-batch", str(max_batch),
+            "--threads", str(threads), *flags]
 
 
 def launch(cmd: list[str], url: str, name: str, cpu: int | None = None, threads: int = 1, wait_s: float = 180.0):

@@ -13,11 +13,10 @@ from __future__ import annotations
 import random
 import shutil
 import statistics
-import sys
 from dataclasses import replace
 
 from minigpt.core.errors import UserError
-from minigpt.measure.serve_bench import Load, launch, run_load, server_model
+from minigpt.measure.serve_bench import Load, launch, run_load, serve_command, server_model
 
 
 def text_prompts(tokenizer, texts: list[str], n: int, tokens: int, seed: int = 0, prefix_tokens: int = 0) -> tuple[str, ...]:
@@ -44,8 +43,7 @@ def servers(run: str, export: str, port: int, max_batch: int, minigpt_flags: dic
         raise UserError("the peer needs transformers' CLI: pip install 'transformers[serving]'")
     out = {}
     for i, (name, flags) in enumerate(minigpt_flags.items()):
-        out[name] = ([sys.executable, "-m", "minigpt", "serve", "--run", run, "--port", str(port + i), "--max-batch",
-                      str(max_batch), "--threads", "1", "--device", device, *flags], f"http://127.0.0.1:{port + i}/v1")
+        out[name] = (serve_command(run, port + i, max_batch, 1, "--device", device, *flags), f"http://127.0.0.1:{port + i}/v1")
     p = port + len(minigpt_flags)
     out["transformers serve"] = ([exe, "serve", export, "--continuous-batching", "--device", device, "--dtype",
                                   "float32", "--host", "127.0.0.1", "--port", str(p)], f"http://127.0.0.1:{p}/v1")
