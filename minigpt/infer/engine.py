@@ -134,7 +134,7 @@ class Engine:
         if self.draft is not None:
             return self._speculate()
         decodes = [(i, self._len[i]) for i, s in enumerate(self.running) if s.tokens]
-        chunks, ending, budget = [], [], self.prefill_chunk
+        chunks, ending, ends, budget, at = [], [], [], self.prefill_chunk, len(decodes)  # at: tokens laid so far
         for group in self._filling:
             if budget == 0:
                 break
@@ -143,10 +143,10 @@ class Engine:
             start = self._len[row]
             n = min(budget, len(group[0].prompt) - start)
             chunks.append((row, start, n))
-            budget -= n
-            if start + n == len(group[0].prompt):
+            budget, at = budget - n, at + n
+            if start + n == len(group[0].prompt):  # the prompt's last token: its logits give the first new one
                 ending.append(group)
-        ends = [len(decodes) + sum(n for _, _, n in chunks[:j + 1]) - 1 for j in range(len(ending))]
+                ends.append(at - 1)
         logits = self._forward(decodes, chunks, list(range(len(decodes))) + ends)
         for i, _ in decodes:
             self._len[i] += 1
@@ -156,8 +156,8 @@ class Engine:
                 self.prefix.store(self.running[row].prompt[:start + n], self.cache, row)  # a newcomer may share them
         self.steps += 1
         seqs = [self.running[i] for i, _ in decodes]
-        gens = [self._gen[i] for i, _ in decodes]
-        tokens = draw(row_probs(logits[:len(decodes)], [s.sampling for s in seqs]), [s.sampling for s in seqs], gens)
+        gens, settings = [self._gen[i] for i, _ in decodes], [s.sampling for s in seqs]
+        tokens = draw(row_probs(logits[:len(decodes)], settings), settings, gens)
         gained = [(s, [t]) for s, t in zip(seqs, tokens.tolist())]
         for j, group in enumerate(ending):
             self._filling.remove(group)
