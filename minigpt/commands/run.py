@@ -23,6 +23,18 @@ def cmd_prepare(args) -> None:
     print(f"cache    {prepared.path}")
 
 
+def cmd_task(args) -> None:
+    from minigpt.data.task import write_task
+
+    made = write_task(args.out, args.seed, args.digits, args.heldout)
+    if args.json:
+        print(to_json({"event": "task", **made}))
+        return
+    print(f"task     addition of {made['digits']}-digit numbers as chat data: {made['train_problems']:,} train and "
+          f"{made['heldout_problems']:,} held-out problems (seed {made['seed']}) in {made['out']}: {', '.join(made['files'])}")
+    print(f"next     minigpt train --config sft-tiny --set train.init_from=RUN --set train.post_data={made['out']}")
+
+
 def cmd_train(args) -> int:
     from minigpt.core.resolve import train_config
     from minigpt.train.loop import train
@@ -104,6 +116,14 @@ def add_parsers(sub) -> None:
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
+
+    p = sub.add_parser("task", help="write a synthetic chat task with verifiable answers (addition) for post-training")
+    p.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    p.add_argument("--seed", type=number(int, 0, 2**31), default=0, help="which problems are held out (default 0)")
+    p.add_argument("--digits", type=number(int, 1, 3), default=2, help="digits per number (default 2: 10,000 problems)")
+    p.add_argument("--heldout", type=number(float, 0.01, 0.49), default=0.1, help="fraction held out (default 0.1)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    p.set_defaults(func=cmd_task)
 
     p = sub.add_parser("convert", parents=[threads_flag()], help="import a Hugging Face GPT-2/Llama-family model as a run, or export a run")
     way = p.add_mutually_exclusive_group(required=True)

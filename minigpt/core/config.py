@@ -244,6 +244,19 @@ class TrainConfig:
     distill_from: str = ""
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # post-training (train/post.py): "lm" pre-trains on the corpus; "sft" | "rm" | "dpo" | "grpo" fine-tune
+    # train.init_from on the chat data of train.post_data (a folder `minigpt task` writes, or JSONL in its layout)
+    objective: str = "lm"
+    post_data: str = ""
+    dpo_beta: float = 0.1  # DPO's beta (Rafailov et al. 2023; TRL's default)
+    dpo_loss: str = "sigmoid"  # "sigmoid" (DPO) | "ipo" (Azar et al. 2023) | "hinge" (SLiC, Zhao et al. 2023)
+    dpo_nll_coef: float = 0.0  # + this x the chosen answers' NLL (RPO, Pang et al. 2024); 0: plain DPO
+    grpo_group: int = 8  # answers sampled per prompt (G)
+    grpo_clip: float = 0.2  # the ratio's clip range (PPO's epsilon)
+    kl_coef: float = 0.04  # GRPO's KL penalty to the reference (DeepSeekMath's 0.04); 0: no reference held
+    rollout_temperature: float = 1.0  # sampling temperature of GRPO's answers
+    rollout_max_tokens: int = 16  # the longest answer sampled (and generated in held-out evaluation)
+    task_eval_examples: int = 200  # held-out examples in each post-training evaluation (accuracy)
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys override the generated config
     seed: int = 1337
     max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
@@ -282,6 +295,8 @@ class TrainConfig:
         "pipeline_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zbv"),
         "optimizer": ("adamw", "muon"),
         "schedule": ("cosine", "wsd"),
+        "objective": ("lm", "sft", "rm", "dpo", "grpo"),
+        "dpo_loss": ("sigmoid", "ipo", "hinge"),
     }
 
     def _validate_techniques(self) -> None:
@@ -301,6 +316,28 @@ class TrainConfig:
         if self.distill_from and self.lora_rank:
             raise UserError("train.distill_from trains a whole student (fresh, or from train.init_from: a pruned run "
                             "recovering); it does not combine with train.lora_rank here: drop one")
+        self._validate_post()
+
+    def _validate_post(self) -> None:
+        """The post-training keys (train.objective and its settings)."""
+        if self.objective == "lm":
+            return
+        if not self.init_from or not self.post_data:
+            raise UserError(f"train.objective = '{self.objective}' fine-tunes a trained model on chat data: set "
+                            f"train.init_from = RUN and train.post_data = DIR (minigpt task --out DIR writes one)")
+        if self.distill_from:
+            raise UserError(f"train.objective = '{self.objective}' does not combine with train.distill_from: drop one")
+        if self.dpo_beta <= 0 or self.grpo_group < 2 or not 0 < self.grpo_clip < 1 or self.kl_coef < 0 \
+                or self.dpo_nll_coef < 0:
+            raise UserError(f"need train.dpo_beta > 0 (got {self.dpo_beta}), train.grpo_group >= 2 (got {self.grpo_group}: "
+                            f"advantages compare answers of one prompt), 0 < train.grpo_clip < 1 (got {self.grpo_clip}) "
+                            f"and train.kl_coef, train.dpo_nll_coef >= 0 (got {self.kl_coef}, "
+                            f"{self.dpo_nll_coef})")
+        if not 0 < self.rollout_temperature <= 10 or not 1 <= self.rollout_max_tokens <= 4096 \
+                or not 1 <= self.task_eval_examples <= 100_000:
+            raise UserError(f"need 0 < train.rollout_temperature <= 10, 1 <= train.rollout_max_tokens <= 4096 and "
+                            f"1 <= train.task_eval_examples <= 100000 (got {self.rollout_temperature}, "
+                            f"{self.rollout_max_tokens}, {self.task_eval_examples})")
 
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)

@@ -13,6 +13,7 @@ adapters are merged into the base for generate, eval, serve and convert (`merge_
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -32,11 +33,14 @@ class LoRALinear(nn.Linear):
                          device=base.weight.device, dtype=base.weight.dtype)
         self.weight, self.bias = base.weight, base.bias  # the same tensors: frozen below
         self.rank, self.scale = rank, alpha / rank
+        self.enabled = True  # adapters_off: the base alone (a post-training reference without a second copy)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     @torch.no_grad()
@@ -73,6 +77,19 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS) -> in
     for name, linear in found:
         _replace(model, name, LoRALinear(linear, rank, alpha))
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within: every LoRA layer computes its frozen base only (the model before adaptation)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -50,7 +50,9 @@ class Backend:
     scratch: ClassVar[tuple[str, ...]] = ()  # of those, working folders it fills while it is built (kept by a fresh start)
     runs_muon: ClassVar[bool] = False  # whether train.optimizer = "muon" runs here (it needs whole matrices)
     runs_lora: ClassVar[bool] = False  # whether train.lora_rank > 0 runs here (frozen base, adapters trained and saved)
-    distiller = None  # train.distill_from: set from outside (train/distill.py); asked for the loss to backpropagate
+    # set from outside: an object whose .objective(net, x, y) gives (output, loss to backpropagate): distillation
+    # (train/distill.py) or a post-training objective (train/post.py); None: the data loss
+    loss_hook = None
     model: torch.nn.Module  # the model being trained (parallelised: evaluation runs on it)
     optimizer: torch.optim.Optimizer
 
@@ -84,6 +86,10 @@ class Backend:
         if tc.distill_from and (plan.tp > 1 or plan.pp > 1 or cls.name == "deepspeed"):
             raise UserError("train.distill_from runs with backend=ddp or backend=fsdp without tensor or pipeline "
                             "parallelism (the teacher's logits meet the student's whole); drop tp/pp or the teacher")
+        if tc.objective != "lm" and (not cls.runs_lora or plan.tp > 1 or plan.pp > 1):
+            raise UserError(f"train.objective = '{tc.objective}' runs on one process, DDP or FSDP2 (backend=ddp or fsdp, "
+                            f"no tensor or pipeline parallelism) here; this plan is {plan.describe()} on the {cls.name} "
+                            f"backend")
         if plan.ep > 1:
             raise UserError(f"expert parallelism (ep={plan.ep}) is simulated and costed (minigpt simulate), not trained "
                             f"yet; train with ep=1")
@@ -153,9 +159,9 @@ class Backend:
 
     def forward_objective(self, net, x: torch.Tensor, y: torch.Tensor):
         """(the model's output, whose .loss is logged; the loss to backpropagate): the data loss (+ MoE
-        auxiliary), or with a distiller the mix of data and teacher's soft targets."""
-        if self.distiller is not None:
-            return self.distiller.objective(net, x, y)
+        auxiliary), or the loss hook's (distillation's mix of data and teacher, a post-training objective)."""
+        if self.loss_hook is not None:
+            return self.loss_hook.objective(net, x, y)
         out = net(x, y)
         return out, objective(out, self.tc)
 

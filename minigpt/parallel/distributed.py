@@ -88,6 +88,15 @@ def all_reduce_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's picklable object on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_gather_objects(obj, env: DistEnv) -> list:
     """Every rank's `obj`, in rank order, on every rank (a world of one: [obj])."""
     if not env.distributed:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 import traceback
 from dataclasses import asdict
@@ -29,11 +28,11 @@ from minigpt.analytic.flops import param_counts
 from minigpt.analytic.report import per_rank_memory_table
 from minigpt.core.atomic import atomic_write_text
 from minigpt.core.config import Config
-from minigpt.core.device import configure_device, device_name, peak_memory_bytes, resolve_precision
+from minigpt.core.device import configure_device, device_name, peak_memory_bytes
 from minigpt.core.errors import UserError
 from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak, mfu_warning
-from minigpt.core.plan import BatchLayout, ParallelPlan
+from minigpt.core.plan import ParallelPlan
 from minigpt.data.loader import BatchLoader, get_batch
 from minigpt.data.tokenizer import bits_per_byte
 from minigpt.infer.generate import generate_text
@@ -49,12 +48,11 @@ from minigpt.parallel.distributed import (
     all_reduce_mean,
     heartbeat,
     init_distributed,
-    on_main,
     shutdown,
     silent_ranks_error,
 )
 from minigpt.parallel.parallelize import eager, parallelize
-from minigpt.parallel.registry import backend_class, check_memory, make_backend, resolve_plan
+from minigpt.parallel.registry import check_memory, make_backend
 from minigpt.train.checkpoint import Checkpointer, RunDir
 from minigpt.train.distill import Distiller, load_teacher
 from minigpt.train.metrics import check_sinks
@@ -65,13 +63,16 @@ from minigpt.train.run_dir import (
     check_not_done,
     check_sampling,
     check_sources,
-    claim,
+    claimed,
     make_metrics,
+    plan_run,
     prepare_run_data,
+    restore_state,
+    resume_checked,
     resume_or_fresh,
     write_run_files,
 )
-from minigpt.train.state import Run, TrainState
+from minigpt.train.state import Run
 
 
 @torch.no_grad()
@@ -111,11 +112,16 @@ def train(cfg: Config, resume: bool = False, stop_at: int | None = None, overwri
     """
     env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     run = None
+    if cfg.train.objective == "lm":
+        begin, steps, end = start, loop, finish
+    else:  # post-training: the same loop's parts for chat data (train/post_run.py)
+        from minigpt.train import post_run
+        begin, steps, end = post_run.start, post_run.loop, post_run.finish
     try:
         with StopControl(env, cfg.train.max_minutes) as stop:
-            run = start(cfg, env, resume, stop_at, overwrite, log)
-            loop(run, stop)
-        summary = finish(run)
+            run = begin(cfg, env, resume, stop_at, overwrite, log)
+            steps(run, stop)
+        summary = end(run)
     except AlreadyDone as done:
         shutdown(env)
         return json.loads(str(done))
@@ -148,10 +154,9 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     """
     tc = cfg.train
     say = log if env.is_main else (lambda *a, **k: None)
-    plan, layout, compile_why = _plan(cfg, env, stop_at)
+    plan, layout, compile_why = plan_run(cfg, env, stop_at)
     paths = RunDir(tc.out_dir)
-    lock, created = on_main(env, lambda: claim(paths)) or (None, False)
-    try:
+    with claimed(paths, env) as lock:
         resume = resume_or_fresh(cfg, paths, resume, overwrite, say)
         if resume:  # what the run was started from is what it continues with: a changed base or teacher refused
             check_sources(paths.root, tc)
@@ -163,20 +168,12 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=torch.get_num_threads())
         checkpointer = Checkpointer(paths, env, tc.checkpoint_every, tc.keep_checkpoints)
-        saved = checkpointer.latest_state() if resume else None
-        if saved is not None:  # the backend's rules, before anything is built
-            backend_class(plan).check_resumable(saved[1], paths.root, plan, tc)
+        saved = resume_checked(checkpointer, plan, paths, tc) if resume else None
         prepared, starts = prepare_run_data(cfg, env, paths, resume, say)
         check_sampling(cfg, prepared)
         backend = _build(cfg, env, plan, resume, say)
-        state = _restore(checkpointer, backend, plan, saved, env)
+        state = restore_state(checkpointer, backend, plan, saved, env)
         write_run_files(paths, cfg, prepared, backend, state.step if resume else None, env)
-    except BaseException:
-        if env.is_main and lock is not None:
-            lock.release()
-            if created:
-                shutil.rmtree(paths.root, ignore_errors=True)
-        raise
     metrics = make_metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = Run(cfg, env, say, paths, prepared, plan, layout, backend, checkpointer, metrics, state, state.step,
               end_step, lock, document_starts=starts)
@@ -184,23 +181,6 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     for line in opening_lines(run, device_notes, f"{'on' if tc.compile else 'off'} ({compile_why})", resume):
         say(line)
     return run
-
-
-def _plan(cfg: Config, env: DistEnv, stop_at: int | None) -> tuple[ParallelPlan, BatchLayout, str]:
-    """The run's plan (built once, from [train] and the world size), its batch layout, and the choices
-    its backend's rules make: precision and compile (recorded in config.json as what ran)."""
-    tc = cfg.train
-    if stop_at is not None and not 0 < stop_at <= tc.max_steps:
-        raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
-    tc.precision = resolve_precision(tc.precision, env.device)
-    asked = ParallelPlan.from_train(tc, cfg.model)
-    rules = backend_class(asked)
-    rules.check(cfg, asked, env.device)  # the backend's keys, before the world size is asked about
-    plan = resolve_plan(asked.with_world(env.world_size, "train.tensor_parallel x train.pipeline_parallel:"))
-    tc.compile, compile_why = rules.compile_rule(tc, env.device, stop_at or tc.max_steps)
-    layout = plan.batch_layout(tc, cfg.model.block_size)
-    backend_class(plan).check_layout(plan, layout)
-    return plan, layout, compile_why
 
 
 def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> Backend:
@@ -217,7 +197,7 @@ def _build(cfg: Config, env: DistEnv, plan: ParallelPlan, resume: bool, say) -> 
             f"of {model.num_params():,} parameters ({adapters / model.num_params():.2%}); the base frozen")
     backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
     if tc.distill_from:
-        backend.distiller = Distiller(_teacher(cfg, env, say), cfg)
+        backend.loss_hook = Distiller(_teacher(cfg, env, say), cfg)
     return backend
 
 
@@ -226,17 +206,6 @@ def _teacher(cfg: Config, env: DistEnv, say) -> GPT:
     say(f"teacher  {what}; loss = {1 - cfg.train.distill_alpha:g} x data CE + {cfg.train.distill_alpha:g} x T^2 KL at "
         f"T = {cfg.train.distill_temperature:g}")
     return teacher
-
-
-def _restore(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, saved: tuple | None,
-             env: DistEnv) -> TrainState:
-    """The training state: the checkpoint's (`saved`: its folder and state) when resuming, else fresh (dropout
-    seeded per data-parallel rank: a tensor-parallel group shares its masks; the weights are equal)."""
-    if saved is None:
-        torch.manual_seed(backend.tc.seed + plan.dp_rank(env.rank))
-        return TrainState(backend=plan.backend, optimizer_name=backend.tc.optimizer)
-    state = checkpointer.load(backend, saved)
-    return TrainState(state["step"], state.get("skipped_steps", 0), plan.backend, backend.tc.optimizer)
 
 
 def loop(run: Run, stop: StopControl) -> None:

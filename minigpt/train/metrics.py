@@ -175,8 +175,10 @@ class MetricsLogger:
         """Start timing after `step` (after an evaluation, sample or checkpoint, which synced)."""
         self.t_last, self.step_last = time.perf_counter(), step
 
-    def log_step(self, step: int, loss: torch.Tensor, result: StepResult, lr: float, routing=None) -> dict | None:
-        """routing: () -> a mixture's routing stats (nn/model.routing_stats) or None, read when the step is logged."""
+    def log_step(self, step: int, loss: torch.Tensor, result: StepResult, lr: float, routing=None,
+                 extra: dict | None = None) -> dict | None:
+        """routing: () -> a mixture's routing stats (nn/model.routing_stats) or None, read when the step is logged;
+        extra: an objective's figures of the step (post-training: reward, KL, ...), averaged over ranks already."""
         self.skipped += result.skipped
         if not self.due(step):
             return None
@@ -213,6 +215,9 @@ class MetricsLogger:
             record["moe"] = moe
             util += (f" | experts busiest/mean {moe['max_over_mean_load']:.2f}, dropped {moe['dropped']:.1%}, "
                      f"router entropy {moe['router_entropy_nats']:.2f} nats")
+        if extra:
+            record["post"] = {k: round(v, 6) for k, v in extra.items()}
+            util += " | " + " ".join(f"{k} {v:.4g}" for k, v in extra.items())
         self.say(f"step {step:>6}/{self.end_step} | loss {value:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
                  f"{dt * 1e3:7.1f} ms | {self.tokens_per_step / dt:9,.0f} tok/s | {tflops:.3g} TFLOP/s | {util} | "
                  f"{memory_note(self.env.device)} | ETA {format_duration(eta)}{note}")
@@ -223,11 +228,16 @@ class MetricsLogger:
 
     def log_eval(self, step: int, train: tuple, val: tuple, entropy: tuple) -> None:
         """train, val, entropy: (nats per token, bits per byte); bits per byte compare across tokenizers."""
-        bpb = lambda x: f" ({x:.4f} bpb)" if x is not None else ""  # noqa: E731
+        bpb = lambda x: f" ({x:.4f} bpb)" if x is not None else ""
         self.say(f"eval   step {step} | train loss {train[0]:.4f}{bpb(train[1])} | val loss {val[0]:.4f}{bpb(val[1])} "
                  f"| unigram entropy {entropy[0]:.4f} nats{bpb(entropy[1])}")
         self._write({"kind": "eval", "time": round(time.time(), 3), "step": step, "tokens": step * self.tokens_per_step,
                      "train_loss": train[0], "val_loss": val[0], "train_bpb": train[1], "val_bpb": val[1]})
+
+    def log_task(self, step: int, figures: dict) -> None:
+        """A post-training evaluation: held-out task accuracy (greedy answers), held-out pair accuracy."""
+        self.say(f"eval   step {step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in figures.items()))
+        self._write({"kind": "eval", "time": round(time.time(), 3), "step": step, **figures})
 
     @property
     def skipped_total(self) -> int:

@@ -4,6 +4,7 @@ files (resolved config, data.json), and open the metrics sinks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,20 +17,23 @@ import torch
 from minigpt.analytic.flops import train_flops_per_token
 from minigpt.core.atomic import atomic_write, atomic_write_text
 from minigpt.core.config import Config, config_from_json, read_json
+from minigpt.core.device import resolve_precision
 from minigpt.core.errors import UserError
 from minigpt.core.files import iter_jsonl
-from minigpt.core.plan import BatchLayout
+from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.core.resolve import check_same_model
 from minigpt.data import cache as data
 from minigpt.data.loader import check_split_length, document_starts
 from minigpt.data.tokenizer import token_bytes
 from minigpt.infer.generate import check_prompts
 from minigpt.parallel.backend import Backend
-from minigpt.parallel.distributed import DistEnv, barrier, on_main_first
+from minigpt.parallel.distributed import DistEnv, barrier, on_main, on_main_first
+from minigpt.parallel.registry import backend_class, resolve_plan
 from minigpt.run.files import check_pinned, file_digest, latest_checkpoint, pin_sources, refuse_links
 from minigpt.run.load import check_tokenizer
-from minigpt.train.checkpoint import RunDir, RunLock, clear_run_dir, foreign_entries, remove_temporaries
+from minigpt.train.checkpoint import Checkpointer, RunDir, RunLock, clear_run_dir, foreign_entries, remove_temporaries
 from minigpt.train.metrics import CsvSink, MetricsLogger, make_sinks
+from minigpt.train.state import TrainState
 
 
 def claim(paths: RunDir) -> tuple[RunLock, bool]:
@@ -46,6 +50,28 @@ def claim(paths: RunDir) -> tuple[RunLock, bool]:
             shutil.rmtree(paths.root, ignore_errors=True)
         raise
     return lock, created
+
+
+@contextlib.contextmanager
+def claimed(paths: RunDir, env: DistEnv):
+    """Rank 0 takes the run directory's lock (yielded; None elsewhere); a start that fails inside releases it and
+    removes the directory when this start created it: nothing is left half-written."""
+    lock, created = on_main(env, lambda: claim(paths)) or (None, False)
+    try:
+        yield lock
+    except BaseException:
+        if env.is_main and lock is not None:
+            lock.release()
+            if created:
+                shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+
+
+def resume_checked(checkpointer, plan: ParallelPlan, paths: RunDir, tc) -> tuple | None:
+    """The latest checkpoint's (folder, state), checked against the backend's rules before anything is built."""
+    saved = checkpointer.latest_state()
+    backend_class(plan).check_resumable(saved[1], paths.root, plan, tc)
+    return saved
 
 
 def resume_or_fresh(cfg: Config, paths: RunDir, resume: bool, overwrite: bool, say) -> bool:
@@ -205,3 +231,31 @@ def corpus_bytes_per_token(tokens: np.ndarray, bytes_of: np.ndarray) -> float:
 
 class AlreadyDone(Exception):
     """Resuming a run that is at its last step: nothing to do, nothing written."""
+
+
+def plan_run(cfg: Config, env: DistEnv, stop_at: int | None) -> tuple[ParallelPlan, BatchLayout, str]:
+    """The run's plan (built once, from [train] and the world size), its batch layout, and the choices
+    its backend's rules make: precision and compile (recorded in config.json as what ran)."""
+    tc = cfg.train
+    if stop_at is not None and not 0 < stop_at <= tc.max_steps:
+        raise UserError(f"--stop-at {stop_at} must be between 1 and train.max_steps = {tc.max_steps}")
+    tc.precision = resolve_precision(tc.precision, env.device)
+    asked = ParallelPlan.from_train(tc, cfg.model)
+    rules = backend_class(asked)
+    rules.check(cfg, asked, env.device)  # the backend's keys, before the world size is asked about
+    plan = resolve_plan(asked.with_world(env.world_size, "train.tensor_parallel x train.pipeline_parallel:"))
+    tc.compile, compile_why = rules.compile_rule(tc, env.device, stop_at or tc.max_steps)
+    layout = plan.batch_layout(tc, cfg.model.block_size)
+    backend_class(plan).check_layout(plan, layout)
+    return plan, layout, compile_why
+
+
+def restore_state(checkpointer: Checkpointer, backend: Backend, plan: ParallelPlan, saved: tuple | None,
+             env: DistEnv) -> TrainState:
+    """The training state: the checkpoint's (`saved`: its folder and state) when resuming, else fresh (dropout
+    seeded per data-parallel rank: a tensor-parallel group shares its masks; the weights are equal)."""
+    if saved is None:
+        torch.manual_seed(backend.tc.seed + plan.dp_rank(env.rank))
+        return TrainState(backend=plan.backend, optimizer_name=backend.tc.optimizer)
+    state = checkpointer.load(backend, saved)
+    return TrainState(state["step"], state.get("skipped_steps", 0), plan.backend, backend.tc.optimizer)
