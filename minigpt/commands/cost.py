@@ -114,11 +114,26 @@ def scenario_from_args(args, cfg):
                     hardware=_hardware_file(args))
 
 
+def cmd_rlhf(args) -> None:
+    """extrapolate --rlhf: the SFT + reward model + RLHF pipeline of a target, beside DeepSpeed-Chat's times."""
+    from minigpt.analytic.rlhf import RLHFJob, rlhf_lines, rlhf_report
+    from minigpt.core.resolve import target_config
+
+    job = RLHFJob(target_config(args.target).model, target_config(args.reward_target).model, args.queries,
+                  args.prompt_tokens, args.answer_tokens, args.gen_batch_per_gpu, args.gen_tp, args.actor_lora,
+                  ppo_epochs=args.ppo_epochs, method=args.rl, group=args.group, sft_tokens=args.sft_tokens,
+                  rm_pairs=args.rm_pairs)
+    r = rlhf_report(job, args.gpu, args.num_gpus or 8, args.price, args.target)
+    print(to_json(r) if args.json else fit(rlhf_lines(r)))
+
+
 def cmd_extrapolate(args) -> None:
     from minigpt.analytic.extrapolate import extrapolate
     from minigpt.analytic.report import extrapolation_lines, extrapolation_markdown
     from minigpt.core.resolve import target_config
 
+    if args.rlhf:
+        return cmd_rlhf(args)
     cfg = target_config(args.target)
     if args.step_plot:
         from minigpt.core.plots import check_image_path
@@ -207,6 +222,26 @@ def _add_serving_flags(p) -> None:
                    help="with --serve: also size the fleet for weight-only quantized weights (1 or 0.625 bytes a weight)")
     p.add_argument("--distilled", metavar="TARGET",
                    help="with --serve: also size the fleet for a distilled student (a preset, TOML or config.json) instead")
+
+
+def _add_rlhf_flags(p) -> None:
+    g = p.add_argument_group("post-training (--rlhf; defaults: DeepSpeed-Chat's recipe and released scripts)")
+    g.add_argument("--rlhf", action="store_true", help="price SFT + reward model + RLHF (PPO) for --target instead, beside "
+                                                      "DeepSpeed-Chat's published times (default 8 GPUs)")
+    g.add_argument("--reward-target", default="gpt3-medium", help="the reward model and critic (default gpt3-medium: 350M)")
+    g.add_argument("--queries", type=number(int, 1, 10**10), default=131_900, help="RLHF prompts (default 131,900)")
+    g.add_argument("--prompt-tokens", type=number(int, 1, 1 << 20), default=256, help="tokens per prompt (default 256)")
+    g.add_argument("--answer-tokens", type=number(int, 1, 1 << 20), default=256, help="tokens per answer (default 256)")
+    g.add_argument("--gen-batch-per-gpu", type=number(int, 1, 1 << 16), default=4, help="prompts a GPU generates for "
+                                                                                       "per round (default 4)")
+    g.add_argument("--gen-tp", type=number(int, 1, 1024), default=1, help="GPUs per generating replica (default 1)")
+    g.add_argument("--actor-lora", action="store_true", help="the actor trains LoRA adapters (no weight gradients)")
+    g.add_argument("--ppo-epochs", type=number(int, 1, 100), default=1, help="PPO epochs per batch (default 1)")
+    g.add_argument("--rl", choices=("ppo", "grpo"), default="ppo", help="ppo (DeepSpeed-Chat) or grpo (no critic or "
+                                                                       "reward model; --group answers per query)")
+    g.add_argument("--group", type=number(int, 2, 1024), default=8, help="grpo: answers per query (default 8)")
+    g.add_argument("--sft-tokens", type=number(float, 0, 1e15), default=0.0, help="step 1's trained tokens (default 0)")
+    g.add_argument("--rm-pairs", type=number(float, 0, 1e13), default=0.0, help="step 2's preference pairs (default 0)")
 
 
 def _add_step_settings(p) -> None:
@@ -301,6 +336,7 @@ def _add_extrapolate_command(sub) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     fmt.add_argument("--markdown", action="store_true", help="the report as Markdown")
+    _add_rlhf_flags(p)
     p.set_defaults(func=cmd_extrapolate)
     q = xsub.add_parser("plot", help="training cost against model size, log-log")
     q.add_argument("--gpu", default="A100", help="the GPU to cost on (default A100)")
