@@ -4,7 +4,6 @@ DeepSpeed-Chat rows read and set beside predictions with their ratio, and the CL
 import json
 
 import pytest
-
 from conftest import run_cli
 
 from minigpt.analytic.flops import forward_matmul_flops_per_token
@@ -15,7 +14,7 @@ from minigpt.core.hardware import gpu_by_name
 def test_step3_flops_follow_the_phases():
     actor, reward = opt(32, 4096), opt(24, 1024)
     job = RLHFJob(actor, reward, queries=10, prompt_tokens=64, answer_tokens=64, actor_recompute=False)
-    f = lambda c: forward_matmul_flops_per_token(c, 128) * 128  # noqa: E731
+    f = lambda c: forward_matmul_flops_per_token(c, 128) * 128
     got = step3_flops(job)
     assert got["generation"] == pytest.approx(10 * f(actor))
     assert got["experience"] == pytest.approx(10 * (2 * f(actor) + 2 * f(reward)))

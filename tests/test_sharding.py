@@ -46,18 +46,19 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
     def sets(name, **extra):
         return set_args(tiny_overrides(corpus_dir, data_cache, root / name, **{**COMMON, **extra}))
 
-    fsdp_line, tp_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
-    assert "--plan dp=2,zero=3 " in fsdp_line and "--plan tp=2 " in tp_line
+    fsdp_line, tp_line, ep_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
+    assert "--plan dp=2,zero=3 " in fsdp_line and "--plan tp=2 " in tp_line and "--plan ep=2 " in ep_line
     jobs = {
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
+        "ep": readme_cmd(ep_line, sets("ep") + ["--stop-at", "3"]),
         "tp": readme_cmd(tp_line, sets("tp")),
         "fsdp_muon": torchrun_cmd(2, sets("fsdp_muon", **MUON) + ["--plan", "dp=2,zero=3", "--stop-at", "3"]),
         "tp_moe": torchrun_cmd(2, sets("tp_moe", **MOE) + ["--plan", "tp=2"]),
     }
     out = run_concurrently(jobs)
     shutil.copytree(root / "fsdp", root / "fsdp_stopped")  # for the refused-backend check
-    resumed = run_concurrently({n: torchrun_cmd(2, ["--resume", str(root / n)]) for n in ("fsdp", "fsdp_muon")})
-    out["fsdp_resumed"], out["fsdp_muon_resumed"] = resumed["fsdp"], resumed["fsdp_muon"]
+    resumed = run_concurrently({n: torchrun_cmd(2, ["--resume", str(root / n)]) for n in ("fsdp", "fsdp_muon", "ep")})
+    out["fsdp_resumed"], out["fsdp_muon_resumed"], out["ep_resumed"] = resumed["fsdp"], resumed["fsdp_muon"], resumed["ep"]
     for name, r in out.items():
         assert r.returncode == 0, f"{name}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
     for name, extra in (("one", {}), ("one_muon", MUON), ("one_moe", MOE)):
@@ -85,6 +86,29 @@ def test_a_mixture_of_experts_under_tensor_parallelism_matches_one_process(runs)
     all-reduce), the router replicated: the same losses, gradient norms and weights as one process."""
     root = runs["root"]
     assert_same_training(root / "tp_moe", root / "one_moe", rel=1e-4)
+
+
+@pytest.mark.slow
+def test_expert_parallelism_matches_one_process_across_a_resume(runs):
+    """--plan ep=2 (the docs' line): each rank holds 2 of the 4 experts, tokens go to them and back by all-to-all,
+    the experts' gradients reduced by the expert backend, DDP the rest: one process's losses, gradient norms and
+    (gathered into the ordinary layout) weights, stopped at step 3 and resumed; generate reads the run."""
+    root = runs["root"]
+    assert "4 experts over ep 2" in runs["ep"].stdout and "expert_load" in (root / "ep" / "metrics.jsonl").read_text()
+    assert_same_training(root / "ep", root / "one_moe", rel=1e-4)
+    r = run_cli("generate", "--run", str(root / "ep"), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_run_resumes_only_under_the_expert_parallelism_it_was_trained_with(tmp_path):
+    from minigpt.core.config import TrainConfig
+    from minigpt.core.errors import UserError
+    from minigpt.core.plan import ParallelPlan
+    from minigpt.parallel.backend import Backend
+
+    state = {"backend": "ddp", "optimizer_name": "adamw", "expert_parallel": 2}
+    with pytest.raises(UserError, match="expert_parallel = 2; resume with --plan ep=2"):
+        Backend.check_resumable(state, tmp_path, ParallelPlan(dp=2, backend="ddp"), TrainConfig())
 
 
 @pytest.mark.slow

@@ -114,6 +114,8 @@ def test_bad_3d_simulations_are_one_line(args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_training_refuses_expert_parallelism_before_work():
-    r = run_cli("train", "--config", "tiny", "--set", "model.n_expert=4", "--plan", "ep=2")
-    assert r.returncode == 2 and "expert parallelism is simulated and costed" in r.stderr
+def test_training_refuses_an_expert_parallel_plan_it_cannot_run_before_work(tmp_path):
+    """ep must divide the data-parallel ranks (one process here; tests/test_sharding.py trains ep=2 under torchrun)."""
+    out = f"train.out_dir={tmp_path / 'run'}"
+    r = run_cli("train", "--config", "tiny", "--set", "model.n_expert=4", "--plan", "ep=2", "--set", out)
+    assert r.returncode == 2 and "it must divide dp = 1" in r.stderr and not (tmp_path / "run").exists()

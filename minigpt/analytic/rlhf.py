@@ -28,9 +28,10 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from minigpt.analytic.flops import forward_matmul_flops_per_token, param_counts
 from minigpt.core.config import ModelConfig

@@ -220,6 +220,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (to min_lr at max_steps) | "wsd" (warmup, stable, linear decay at the end)
     decay_fraction: float = 0.2  # wsd: the share of max_steps spent decaying to min_lr
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor; heads and ffn_hidden divide by it)
+    expert_parallel: int = 1  # ranks a mixture's experts are split over (of the data-parallel ranks; --plan ep=E)
     pipeline_parallel: int = 1  # ranks per pipeline (stages of layers; torch.distributed.pipelining)
     # the pipeline schedule: "gpipe" | "1f1b" | "interleaved-1f1b" (virtual stages) | "zbv" (zero bubble, V-shaped)
     pipeline_schedule: str = "1f1b"

@@ -49,7 +49,7 @@ class ParallelPlan:
     offload_params: bool = False
     offload_to: str = "cpu"  # "cpu" | "nvme": DeepSpeed ZeRO-3 swaps the offloaded states to train.nvme_path
     cp: int = 1  # context parallelism: each sequence split over cp ranks (step-time model only; not trained or simulated yet)
-    ep: int = 1  # expert parallelism: a mixture's experts split over ep of the dp ranks (simulated; not trained yet)
+    ep: int = 1  # expert parallelism: a mixture's experts split over ep of the dp ranks (trained with DDP's dense part)
     sp: bool = False  # sequence parallelism with tp: norms and residuals sharded along the sequence
     schedule: str = "1f1b"  # the pipeline schedule (pp > 1)
     stages_per_rank: int = 0  # model chunks per pipeline rank; 0: the schedule's (1, or 2 for looped schedules)
@@ -206,8 +206,8 @@ class ParallelPlan:
         plan = cls(tp=tc.tensor_parallel, pp=tc.pipeline_parallel, zero=tc.zero_stage, backend=tc.backend,
                    offload_optimizer=tc.offload_optimizer, offload_params=tc.offload_params,
                    offload_to=tc.offload_device, sp=tc.sequence_parallel,
-                   schedule=tc.pipeline_schedule, stages_per_rank=tc.pipeline_stages_per_rank)
-        plan.check_model(c)
+                   schedule=tc.pipeline_schedule, stages_per_rank=tc.pipeline_stages_per_rank, ep=tc.expert_parallel)
+        plan.check_model(c, world_known=world is not None)
         return plan if world is None else plan.with_world(world, "train.tensor_parallel x train.pipeline_parallel:")
 
     def with_world(self, world: int, origin: str = "--plan") -> ParallelPlan:
@@ -215,7 +215,11 @@ class ParallelPlan:
         if world % per_replica:
             raise UserError(f"{origin.rstrip(':')}: tp x pp{' x cp' if self.cp > 1 else ''} = {per_replica} must divide the {world:,} ranks; e.g. "
                             f"--nproc_per_node {per_replica}")
-        return dataclasses.replace(self, dp=world // per_replica)
+        plan = dataclasses.replace(self, dp=world // per_replica)
+        if plan.dp % plan.ep:
+            raise UserError(f"plan ep={plan.ep} splits the experts over data-parallel ranks: it must divide dp = {plan.dp} "
+                            f"({world:,} ranks); e.g. --nproc_per_node {plan.ep * per_replica}")
+        return plan
 
     def train_overrides(self) -> list[str]:
         """The [train] keys that say this plan (`--set` strings): what `minigpt train --plan` records."""
@@ -224,15 +228,15 @@ class ParallelPlan:
                 f"train.offload_params={str(self.offload_params).lower()}", f'train.offload_device="{self.offload_to}"'] + \
                [f"train.sequence_parallel={str(self.sp).lower()}", f'train.pipeline_schedule="{self.schedule}"',
                 f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
-               ([f'train.backend="{self.backend}"'] if self.backend else [])
+               [f"train.expert_parallel={self.ep}"] + ([f'train.backend="{self.backend}"'] if self.backend else [])
 
-    def check_model(self, c: ModelConfig) -> None:
+    def check_model(self, c: ModelConfig, world_known: bool = True) -> None:
         """Every dimension tensor parallelism splits divides by tp (a mixture's experts split as the dense MLP);
-        the layers divide into pp stages."""
+        the layers divide into pp stages; ep divides dp (checked again by with_world when dp is not known yet)."""
         check_tensor_parallel(c, self.tp)
         if self.sp and c.is_moe:
             raise UserError("sequence parallelism (sp=1) does not run with a mixture of experts here; use sp=0")
-        if self.dp % self.ep:
+        if world_known and self.dp % self.ep:
             raise UserError(f"plan ep={self.ep} splits the experts over data-parallel ranks: it must divide dp = {self.dp}")
         if self.ep > 1 and (not c.is_moe or c.n_expert % self.ep):
             raise UserError(f"plan ep={self.ep} splits a mixture's experts: the model needs model.n_expert divisible by "

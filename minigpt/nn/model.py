@@ -375,7 +375,7 @@ def update_router_bias(model: nn.Module, average=None) -> None:
 def routing_stats(model: nn.Module) -> dict | None:
     """The last training forward's routing over every MoE layer: each expert's share of the slots (mean over
     layers), the busiest expert's share over the even 1/E, the share of slots dropped, the router's entropy."""
-    layers = [m.stats for m in model.modules() if isinstance(m, MoE) and m.stats]
+    layers = [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), dict) and "load" in m.stats]
     if not layers:
         return None
     load = torch.stack([s["load"] for s in layers]).float()  # (layers, E)

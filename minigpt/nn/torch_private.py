@@ -15,6 +15,8 @@
 - `rendezvous._create_c10d_store`: torch's env:// store, scoped per torchrun restart (`attempt_store`).
 - `torch.optim._muon`'s Newton-Schulz iteration and learning-rate adjustment: Muon on sharded (DTensor)
   matrices (nn/optim.ShardedMuon) computes exactly what torch.optim.Muon computes on whole ones.
+- `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`: DDP leaves expert parallelism's experts
+  (different on each rank) to the expert backend's own reduction (`ddp_ignore`).
 - `torch.utils.mkldnn.MkldnnLinear`: a Linear whose weight oneDNN has packed once for inference on a CPU
   (`prepack_linears`; serving: a decode step's batched matmuls run ~1.25-1.5x faster).
 """
@@ -341,3 +343,12 @@ def muon_adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> 
     from torch.optim._muon import _adjust_lr
 
     return _adjust_lr(lr, adjust_lr_fn, shape)
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """DistributedDataParallel leaves these parameters out of its gradient all-reduce (and its check that every
+    rank holds the same ones): expert parallelism's experts, different on each rank of an ep group, whose
+    gradients the expert backend reduces over its own group."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)

@@ -90,9 +90,6 @@ class Backend:
             raise UserError(f"train.objective = '{tc.objective}' runs on one process, DDP or FSDP2 (backend=ddp or fsdp, "
                             f"no tensor or pipeline parallelism) here; this plan is {plan.describe()} on the {cls.name} "
                             f"backend")
-        if plan.ep > 1:
-            raise UserError(f"expert parallelism (ep={plan.ep}) is simulated and costed (minigpt simulate), not trained "
-                            f"yet; train with ep=1")
 
     @classmethod
     def cannot_resume(cls, plan: ParallelPlan) -> str | None:
@@ -111,6 +108,10 @@ class Backend:
         if optimizer != tc.optimizer:
             raise UserError(f"{run_dir} was trained with train.optimizer = '{optimizer}'; resume with --set "
                             f"train.optimizer={optimizer}")
+        ep = state.get("expert_parallel", 1)  # each rank's optimizer state holds its own experts
+        if ep != plan.ep:
+            raise UserError(f"{run_dir} was trained with expert_parallel = {ep}; resume with --plan ep={ep} on as many ranks "
+                            f"as it had, or start a new run from its weights with --set train.init_from={run_dir}")
         pp = state.get("pipeline_parallel", 1)  # the optimizer state's layout follows the pipeline's
         if pp != plan.pp:
             raise UserError(f"{run_dir} was trained with pipeline_parallel = {pp}; resume with --set "

@@ -14,14 +14,23 @@ as the dense MoE assumes, and the count exchange (E integers) is not run.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt.core.errors import UserError
+from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import MoE, has_no_data
 from minigpt.nn.ops import activation_dtype
-from minigpt.nn.torch_private import all_to_all_autograd
+from minigpt.nn.optim import StepResult
+from minigpt.nn.torch_private import all_to_all_autograd, ddp_ignore
+from minigpt.nn.weights import assign_weights, read_weights, weights_of
+from minigpt.parallel.backend import Backend
+from minigpt.parallel.ddp import TorchBackend
 
 
 class ExpertParallelMoE(nn.Module):
@@ -35,6 +44,7 @@ class ExpertParallelMoE(nn.Module):
         self.router = moe.router
         self.experts = nn.ModuleList(moe.experts[first:first + self.local])
         self.group = ep_mesh.get_group()
+        self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -55,6 +65,9 @@ class ExpertParallelMoE(nn.Module):
         out.index_add_(0, order // self.k, (done * w.to(done.dtype)).to(out.dtype))
         routed = F.one_hot(chosen, self.n_expert).sum(dim=(0, 1)).float() / (N * self.k)
         aux = self.n_expert * (routed * probs.mean(dim=0)).sum()
+        if self.training and not has_no_data(flat):  # this rank's tokens, as the dense MoE's (nn/model.routing_stats)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+            self.stats = {"load": routed.detach(), "dropped": torch.zeros(()), "entropy": entropy.detach()}
         return out.view(B, T, C), aux
 
     def _counts(self, slot_expert: torch.Tensor, N: int) -> tuple[list[int], list[list[int]]]:
@@ -91,3 +104,130 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> nn.Module:
         if isinstance(block.mlp, MoE):
             block.mlp = ExpertParallelMoE(block.mlp, ep_mesh)
     return model
+
+
+# training ------------------------------------------------------------------------------------------------------
+
+
+def expert_mesh(plan, device_type: str):
+    """(ranks holding the same experts, the ep ranks splitting them): ep innermost, consecutive ranks (a node's
+    neighbours) exchanging tokens, as Megatron-Core and torchtitan place them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (plan.dp // plan.ep, plan.ep), mesh_dim_names=("edp", "ep"))
+
+
+EXPERT = re.compile(r"^(blocks\.\d+\.mlp\.experts\.)(\d+)(\..*)$")
+
+
+def renumber(weights: dict, offset: int) -> dict:
+    """Expert names shifted by `offset` (a rank's local expert j is the model's expert offset + j)."""
+    out = {}
+    for name, t in weights.items():
+        m = EXPERT.match(name)
+        out[f"{m[1]}{int(m[2]) + offset}{m[3]}" if m else name] = t
+    return out
+
+
+def local_experts(weights: dict, first: int, count: int) -> dict:
+    """The ordinary layout's weights with only experts first..first+count-1, renumbered from 0."""
+    out = {}
+    for name, t in weights.items():
+        m = EXPERT.match(name)
+        if m is None:
+            out[name] = t
+        elif first <= int(m[2]) < first + count:
+            out[f"{m[1]}{int(m[2]) - first}{m[3]}"] = t
+    return out
+
+
+class ExpertBackend(TorchBackend):
+    """DDP for the dense parameters, a mixture's experts split over ep ranks (train.expert_parallel, --plan ep=E).
+
+    Each rank holds n_expert / ep experts and trains on its own micro-batches; tokens reach the experts and come
+    back by all-to-all (ExpertParallelMoE). DDP all-reduces the dense gradients (mean over the dp ranks) and
+    leaves the experts out; an expert's gradient already sums every ep rank's contribution (the all-to-all's
+    backward), so it is summed over the ranks holding the same expert and divided by dp: the gradient of the
+    mean loss over all dp micro-batches, as one process accumulating them computes. The clipping norm counts
+    every expert once (their squares summed over the ep group). Checkpoints hold the ordinary layout (every
+    expert, gathered on rank 0) and each rank's optimizer state; a run resumes under the same ep and world."""
+
+    runs_muon = False
+    runs_lora = False
+
+    @classmethod
+    def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
+        if plan.zero or plan.tp > 1 or plan.pp > 1 or plan.offload_optimizer or plan.offload_params:
+            raise UserError(f"expert parallelism trains with DDP for the dense part here (ep over dp, zero=0, no tp or "
+                            f"pp, no offload); this plan is {plan.describe()}")
+        return super().resolve(plan)
+
+    @classmethod
+    def check(cls, cfg, plan: ParallelPlan, device) -> None:
+        super().check(cfg, plan, device)
+        c, tc = cfg.model, cfg.train
+        if c.moe_capacity_factor or c.moe_bias_update_rate or c.moe_grouped_mm or tc.precision == "fp16":
+            raise UserError("expert parallelism runs dropless top-k routing with the auxiliary loss in fp32/bf16 here: "
+                            "set model.moe_capacity_factor = 0, model.moe_bias_update_rate = 0, model.moe_grouped_mm = "
+                            "false and a precision other than fp16")
+        if tc.objective != "lm" or tc.distill_from:
+            raise UserError("expert parallelism pre-trains (train.objective = 'lm', no train.distill_from) here")
+
+    def __init__(self, model: torch.nn.Module, cfg, env, plan: ParallelPlan) -> None:
+        self.mesh = model.expert_mesh
+        self.expert_names = [n for n, _ in model.named_parameters() if EXPERT.match(n)]
+        if env.distributed:
+            ddp_ignore(model, self.expert_names)
+        super().__init__(model, cfg, env, plan)
+        named = dict(model.named_parameters())
+        self.experts = [named[n] for n in self.expert_names]
+        self.dense = [p for n, p in named.items() if n not in set(self.expert_names)]
+        self.first = self.mesh["ep"].get_local_rank() * (cfg.model.n_expert // plan.ep)
+
+    def optimizer_step(self) -> StepResult:
+        dp, edp = self.plan.dp, self.mesh["edp"]
+        for p in self.experts:
+            if p.grad is not None:
+                if edp.size() > 1:
+                    dist.all_reduce(p.grad, group=edp.get_group())
+                p.grad.div_(dp)
+        grads = [p.grad for p in self.experts if p.grad is not None]
+        mine = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        dist.all_reduce(mine, group=self.mesh["ep"].get_group())  # every expert once
+        dense = torch.nn.utils.get_total_norm([p.grad for p in self.dense if p.grad is not None], foreach=True)
+        norm = (dense.float().pow(2) + mine).sqrt()
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, torch.zeros((), dtype=torch.int32))
+
+    def full_state_dict(self) -> dict | None:
+        """Collective: every expert, gathered on rank 0 under its index in the model."""
+        mine = renumber(weights_of(self.model), self.first)
+        gathered = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        if not self.env.is_main:
+            return None
+        out = {}
+        for part in gathered:
+            out.update(part)
+        return dict(sorted(out.items()))
+
+    def inference_model(self) -> torch.nn.Module | None:
+        return Backend.inference_model(self)
+
+    def save_state(self, folder: Path) -> dict:
+        states = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(self.optimizer.state_dict(), states, dst=0)
+        return {"optimizer_by_rank": states, "expert_parallel": self.plan.ep} if self.env.is_main else {}
+
+    def load_state(self, folder: Path, state: dict) -> None:
+        if state.get("world_size") != self.env.world_size:
+            raise UserError(f"{folder} was written by {state.get('world_size')} expert-parallel ranks; resume on as many")
+        local = local_experts(read_weights(folder), self.first, self.cfg.model.n_expert // self.plan.ep)
+        assign_weights(self.model, local, str(folder))
+        self.optimizer.load_state_dict(state["optimizer_by_rank"][self.env.rank])
+
+    def describe(self) -> str:
+        return f"DDP over {self.env.world_size} ranks, {self.cfg.model.n_expert} experts over ep {self.plan.ep}"

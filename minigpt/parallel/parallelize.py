@@ -48,6 +48,11 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
     from minigpt.parallel.sharding import shards_parameters
 
     model = model.to(device)
+    if plan.ep > 1:  # the experts split over ep ranks before anything wraps the model (ExpertBackend's rules)
+        from minigpt.parallel.expert import apply_expert_parallel, expert_mesh
+
+        model.expert_mesh = expert_mesh(plan, device.type)
+        apply_expert_parallel(model, model.expert_mesh["ep"])
     mesh = make_mesh(plan, device.type) if plan.tp > 1 or plan.pp > 1 or shards_parameters(plan) else None
     if plan.pp == 1:
         return _apply(model, plan, tc, mesh)

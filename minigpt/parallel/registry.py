@@ -15,6 +15,7 @@ from minigpt.core.plan import BatchLayout, ParallelPlan
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
 from minigpt.parallel.distributed import DistEnv
+from minigpt.parallel.expert import ExpertBackend
 from minigpt.parallel.pipeline import PipelineBackend
 from minigpt.parallel.sharding import ShardedBackend
 from minigpt.parallel.zero import DeepSpeedBackend
@@ -39,6 +40,8 @@ def backend_class(plan: ParallelPlan) -> type[Backend]:
     cls = {b.name: b for b in BACKENDS}[plan.backend or default_engine(plan.zero)]
     if plan.pp > 1:
         return PipelineBackend
+    if plan.ep > 1:
+        return ExpertBackend
     return ShardedBackend if cls is TorchBackend and plan.tp > 1 else cls
 
 
@@ -52,9 +55,6 @@ def plan_overrides(spelling: str, world: int) -> list[str]:
     """`minigpt train --plan`: the [train] keys that say the plan, its engine named by the rules; its dp
     must match the `world` processes torchrun started."""
     plan = ParallelPlan.parse(spelling, world)
-    if plan.ep > 1:
-        raise UserError(f"--plan ep={plan.ep}: expert parallelism is simulated and costed (minigpt simulate), not trained "
-                        f"yet; train with ep=1")
     if plan.cp > 1:
         raise UserError(f"--plan cp={plan.cp}: context parallelism is predicted and costed (minigpt extrapolate, backtest), not trained yet; "
                         f"train with cp=1")
