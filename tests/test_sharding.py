@@ -96,6 +96,8 @@ def test_expert_parallelism_matches_one_process_across_a_resume(runs):
     root = runs["root"]
     assert "4 experts over ep 2" in runs["ep"].stdout and "expert_load" in (root / "ep" / "metrics.jsonl").read_text()
     assert_same_training(root / "ep", root / "one_moe", rel=1e-4)
+    for moe in (r["moe"] for r in records(root / "ep")):  # the bytes that left the rank, beside balanced routing's
+        assert 0.5 < moe["all_to_all_bytes"] / moe["all_to_all_bytes_formula"] < 1.5
     r = run_cli("generate", "--run", str(root / "ep"), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0")
     assert r.returncode == 0, r.stderr
 

@@ -380,10 +380,14 @@ def routing_stats(model: nn.Module) -> dict | None:
         return None
     load = torch.stack([s["load"] for s in layers]).float()  # (layers, E)
     busiest = load.max(dim=1).values * load.size(1)  # per layer, over the even share
-    return {"expert_load": [round(x, 4) for x in load.mean(dim=0).tolist()],
-            "max_over_mean_load": round(float(busiest.max()), 4),
-            "dropped": round(float(torch.stack([s["dropped"] for s in layers]).mean()), 6),
-            "router_entropy_nats": round(float(torch.stack([s["entropy"] for s in layers]).mean()), 4)}
+    out = {"expert_load": [round(x, 4) for x in load.mean(dim=0).tolist()],
+           "max_over_mean_load": round(float(busiest.max()), 4),
+           "dropped": round(float(torch.stack([s["dropped"] for s in layers]).mean()), 6),
+           "router_entropy_nats": round(float(torch.stack([s["entropy"] for s in layers]).mean()), 4)}
+    if "all_to_all_bytes" in layers[0]:  # expert parallelism: this rank's last micro-batch, every MoE layer
+        for key in ("all_to_all_bytes", "all_to_all_bytes_formula"):
+            out[key] = float(sum(s[key] for s in layers))
+    return out
 
 
 def has_no_data(t: torch.Tensor) -> bool:

@@ -67,8 +67,18 @@ class ExpertParallelMoE(nn.Module):
         aux = self.n_expert * (routed * probs.mean(dim=0)).sum()
         if self.training and not has_no_data(flat):  # this rank's tokens, as the dense MoE's (nn/model.routing_stats)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            self.stats = {"load": routed.detach(), "dropped": torch.zeros(()), "entropy": entropy.detach()}
+            self.stats = {"load": routed.detach(), "dropped": torch.zeros(()), "entropy": entropy.detach(),
+                          **self._traffic(send, recv, N, C * flat.element_size())}
         return out.view(B, T, C), aux
+
+    def _traffic(self, send: list[int], recv: list[int], N: int, row: int) -> dict[str, torch.Tensor]:
+        """Bytes this rank's all-to-alls sent to other ranks in this forward and its backward (the rows that left
+        for other ranks' experts and the outputs returned to theirs, both again transposed in the backward),
+        beside the formula for balanced routing: 4 N k C (ep - 1) / ep (N tokens, C wide)."""
+        me = dist.get_rank(self.group)
+        sent = (sum(send) - send[me] + sum(recv) - recv[me]) * row * 2
+        formula = 4 * N * self.k * row * (self.ep - 1) / self.ep
+        return {"all_to_all_bytes": torch.tensor(float(sent)), "all_to_all_bytes_formula": torch.tensor(formula)}
 
     def _counts(self, slot_expert: torch.Tensor, N: int) -> tuple[list[int], list[list[int]]]:
         """This rank's slots per expert (E ints), and the slots each source rank sends this rank's experts
