@@ -20,6 +20,16 @@ from minigpt.core.config import load_config
 from minigpt.data.sources import stdlib_files
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker computes on one thread: two workers on two cores, not four threads
+    fighting for them (the torchrun jobs the tests start run one thread a rank already)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what a run's train.threads = 0 takes
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -320,7 +320,15 @@ class TrainConfig:
         self._validate_post()
 
     def _validate_post(self) -> None:
-        """The post-training keys (train.objective and its settings)."""
+        """The post-training keys (train.objective and its settings), each range named, then what they need."""
+        ranges = {"dpo_beta": (0, 1e3, False), "dpo_nll_coef": (0, 1e3, True), "grpo_group": (2, 4096, True),
+                  "grpo_clip": (0, 1, False), "kl_coef": (0, 1e3, True), "rollout_temperature": (0, 10, False),
+                  "rollout_max_tokens": (1, 4096, True), "task_eval_examples": (1, 100_000, True),
+                  "expert_parallel": (1, 1 << 20, True)}
+        for key, (lo, hi, closed) in ranges.items():
+            value = getattr(self, key)
+            if not (lo <= value <= hi if closed else lo < value <= hi):
+                raise UserError(f"train.{key} = {value} must be in {'[' if closed else '('}{lo:g}, {hi:g}]")
         if self.objective == "lm":
             return
         if not self.init_from or not self.post_data:
@@ -328,17 +336,6 @@ class TrainConfig:
                             f"train.init_from = RUN and train.post_data = DIR (minigpt task --out DIR writes one)")
         if self.distill_from:
             raise UserError(f"train.objective = '{self.objective}' does not combine with train.distill_from: drop one")
-        if self.dpo_beta <= 0 or self.grpo_group < 2 or not 0 < self.grpo_clip < 1 or self.kl_coef < 0 \
-                or self.dpo_nll_coef < 0:
-            raise UserError(f"need train.dpo_beta > 0 (got {self.dpo_beta}), train.grpo_group >= 2 (got {self.grpo_group}: "
-                            f"advantages compare answers of one prompt), 0 < train.grpo_clip < 1 (got {self.grpo_clip}) "
-                            f"and train.kl_coef, train.dpo_nll_coef >= 0 (got {self.kl_coef}, "
-                            f"{self.dpo_nll_coef})")
-        if not 0 < self.rollout_temperature <= 10 or not 1 <= self.rollout_max_tokens <= 4096 \
-                or not 1 <= self.task_eval_examples <= 100_000:
-            raise UserError(f"need 0 < train.rollout_temperature <= 10, 1 <= train.rollout_max_tokens <= 4096 and "
-                            f"1 <= train.task_eval_examples <= 100000 (got {self.rollout_temperature}, "
-                            f"{self.rollout_max_tokens}, {self.task_eval_examples})")
 
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)
