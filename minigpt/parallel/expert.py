@@ -120,11 +120,23 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> nn.Module:
 
 
 def expert_mesh(plan, device_type: str):
-    """(ranks holding the same experts, the ep ranks splitting them): ep innermost, consecutive ranks (a node's
-    neighbours) exchanging tokens, as Megatron-Core and torchtitan place them."""
+    """(pipeline stages, ranks holding the same experts, the ep ranks splitting them): ep innermost, consecutive
+    ranks (a node's neighbours) exchanging tokens, as Megatron-Core and torchtitan place them."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (plan.dp // plan.ep, plan.ep), mesh_dim_names=("edp", "ep"))
+    return init_device_mesh(device_type, (plan.pp, plan.dp // plan.ep, plan.ep), mesh_dim_names=("stage", "edp", "ep"))
+
+
+def check_expert_settings(cfg) -> None:
+    """What expert parallelism runs here, said before anything is built."""
+    c, tc = cfg.model, cfg.train
+    if c.moe_capacity_factor or c.moe_bias_update_rate or c.moe_grouped_mm or tc.precision == "fp16":
+        raise UserError("expert parallelism runs dropless top-k routing with the auxiliary loss in fp32/bf16 here: "
+                        "set model.moe_capacity_factor = 0, model.moe_bias_update_rate = 0, model.moe_grouped_mm = "
+                        "false and a precision other than fp16")
+    if tc.objective != "lm" or tc.distill_from or tc.lora_rank or tc.optimizer != "adamw":
+        raise UserError("expert parallelism pre-trains with AdamW (train.objective = 'lm', no distillation, LoRA or "
+                        "Muon) here")
 
 
 EXPERT = re.compile(r"^(blocks\.\d+\.mlp\.experts\.)(\d+)(\..*)$")
@@ -151,61 +163,84 @@ def local_experts(weights: dict, first: int, count: int) -> dict:
     return out
 
 
+class ExpertGroups:
+    """A rank's expert-parallel groups and the gradient, norm and state rules every backend with ep > 1 applies:
+    an expert's gradient (already summed over the ep ranks by the all-to-all's backward) summed over the ranks
+    holding the same expert and divided by dp; squares summed over the ep group so every expert counts once;
+    state dicts gathered over the ep group into the ordinary layout (every expert under its index in the model)."""
+
+    def __init__(self, model: nn.Module, plan: ParallelPlan) -> None:
+        self.mesh, self.dp = model.expert_mesh, plan.dp
+        self.count = model.config.n_expert // plan.ep
+        self.first = self.mesh["ep"].get_local_rank() * self.count
+        self.names = {n for n, _ in model.named_parameters() if EXPERT.match(n)}
+        self.params = [p for n, p in model.named_parameters() if n in self.names]
+
+    def reduce_grads(self) -> None:
+        edp = self.mesh["edp"]
+        for p in self.params:
+            if p.grad is not None:
+                if edp.size() > 1:
+                    dist.all_reduce(p.grad, group=edp.get_group())
+                p.grad.div_(self.dp)
+
+    def square(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        mine = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        dist.all_reduce(mine, group=self.mesh["ep"].get_group())
+        return mine
+
+    def gather(self, named: dict) -> dict | None:
+        """Collective over the ep group: a name-keyed dict of this rank's (local expert names) merged with the
+        other ep ranks' in the ordinary layout, on the group's first rank (None elsewhere)."""
+        parts = [None] * self.mesh["ep"].size() if self.mesh["ep"].get_local_rank() == 0 else None
+        dist.gather_object(renumber(named, self.first), parts, group=self.mesh["ep"].get_group(), group_dst=0)
+        if parts is None:
+            return None
+        return dict(sorted({k: v for part in parts for k, v in part.items()}.items()))
+
+    def local(self, named: dict) -> dict:
+        return local_experts(named, self.first, self.count)
+
+    def local_names(self, names: list[str]) -> list[str]:
+        return list(self.local(dict.fromkeys(names)))
+
+
 class ExpertBackend(TorchBackend):
     """DDP for the dense parameters, a mixture's experts split over ep ranks (train.expert_parallel, --plan ep=E).
 
     Each rank holds n_expert / ep experts and trains on its own micro-batches; tokens reach the experts and come
     back by all-to-all (ExpertParallelMoE). DDP all-reduces the dense gradients (mean over the dp ranks) and
-    leaves the experts out; an expert's gradient already sums every ep rank's contribution (the all-to-all's
-    backward), so it is summed over the ranks holding the same expert and divided by dp: the gradient of the
-    mean loss over all dp micro-batches, as one process accumulating them computes. The clipping norm counts
-    every expert once (their squares summed over the ep group). Checkpoints hold the ordinary layout (every
-    expert, gathered on rank 0) and each rank's optimizer state; a run resumes under the same ep and world."""
+    leaves the experts to ExpertGroups' rules: the gradient of the mean loss over all dp micro-batches, as one
+    process accumulating them computes. Checkpoints hold the ordinary layout (every expert, gathered on rank 0)
+    and each rank's optimizer state; a run resumes under the same ep and world."""
 
     runs_muon = False
     runs_lora = False
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
-        if plan.zero or plan.tp > 1 or plan.pp > 1 or plan.offload_optimizer or plan.offload_params:
-            raise UserError(f"expert parallelism trains with DDP for the dense part here (ep over dp, zero=0, no tp or "
-                            f"pp, no offload); this plan is {plan.describe()}")
+        if plan.zero or plan.tp > 1 or plan.offload_optimizer or plan.offload_params:
+            raise UserError(f"expert parallelism trains with DDP for the dense part here (ep over dp, zero=0, no tp, no "
+                            f"offload; with pp, the pipeline's replicas); this plan is {plan.describe()}")
         return super().resolve(plan)
 
     @classmethod
     def check(cls, cfg, plan: ParallelPlan, device) -> None:
         super().check(cfg, plan, device)
-        c, tc = cfg.model, cfg.train
-        if c.moe_capacity_factor or c.moe_bias_update_rate or c.moe_grouped_mm or tc.precision == "fp16":
-            raise UserError("expert parallelism runs dropless top-k routing with the auxiliary loss in fp32/bf16 here: "
-                            "set model.moe_capacity_factor = 0, model.moe_bias_update_rate = 0, model.moe_grouped_mm = "
-                            "false and a precision other than fp16")
-        if tc.objective != "lm" or tc.distill_from:
-            raise UserError("expert parallelism pre-trains (train.objective = 'lm', no train.distill_from) here")
+        check_expert_settings(cfg)
 
     def __init__(self, model: torch.nn.Module, cfg, env, plan: ParallelPlan) -> None:
-        self.mesh = model.expert_mesh
-        self.expert_names = [n for n, _ in model.named_parameters() if EXPERT.match(n)]
+        self.groups = ExpertGroups(model, plan)
         if env.distributed:
-            ddp_ignore(model, self.expert_names)
+            ddp_ignore(model, sorted(self.groups.names))
         super().__init__(model, cfg, env, plan)
-        named = dict(model.named_parameters())
-        self.experts = [named[n] for n in self.expert_names]
-        self.dense = [p for n, p in named.items() if n not in set(self.expert_names)]
-        self.first = self.mesh["ep"].get_local_rank() * (cfg.model.n_expert // plan.ep)
+        self.dense = [p for n, p in model.named_parameters() if n not in self.groups.names]
 
     def optimizer_step(self) -> StepResult:
-        dp, edp = self.plan.dp, self.mesh["edp"]
-        for p in self.experts:
-            if p.grad is not None:
-                if edp.size() > 1:
-                    dist.all_reduce(p.grad, group=edp.get_group())
-                p.grad.div_(dp)
-        grads = [p.grad for p in self.experts if p.grad is not None]
-        mine = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        dist.all_reduce(mine, group=self.mesh["ep"].get_group())  # every expert once
+        self.groups.reduce_grads()
         dense = torch.nn.utils.get_total_norm([p.grad for p in self.dense if p.grad is not None], foreach=True)
-        norm = (dense.float().pow(2) + mine).sqrt()
+        norm = (dense.float().pow(2) + self.groups.square()).sqrt()
         if self.tc.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=True)
         self.optimizer.step()
@@ -214,15 +249,8 @@ class ExpertBackend(TorchBackend):
 
     def full_state_dict(self) -> dict | None:
         """Collective: every expert, gathered on rank 0 under its index in the model."""
-        mine = renumber(weights_of(self.model), self.first)
-        gathered = [None] * self.env.world_size if self.env.is_main else None
-        dist.gather_object(mine, gathered, dst=0)
-        if not self.env.is_main:
-            return None
-        out = {}
-        for part in gathered:
-            out.update(part)
-        return dict(sorted(out.items()))
+        merged = self.groups.gather(weights_of(self.model))
+        return merged if self.env.is_main else None
 
     def inference_model(self) -> torch.nn.Module | None:
         return Backend.inference_model(self)
@@ -235,8 +263,7 @@ class ExpertBackend(TorchBackend):
     def load_state(self, folder: Path, state: dict) -> None:
         if state.get("world_size") != self.env.world_size:
             raise UserError(f"{folder} was written by {state.get('world_size')} expert-parallel ranks; resume on as many")
-        local = local_experts(read_weights(folder), self.first, self.cfg.model.n_expert // self.plan.ep)
-        assign_weights(self.model, local, str(folder))
+        assign_weights(self.model, self.groups.local(read_weights(folder)), str(folder))
         self.optimizer.load_state_dict(state["optimizer_by_rank"][self.env.rank])
 
     def describe(self) -> str:

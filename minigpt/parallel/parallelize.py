@@ -60,6 +60,8 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
     for stage in ranked.stages:
         _apply(stage, plan, tc, mesh)
     ranked.mesh = mesh
+    if plan.ep > 1:
+        ranked.expert_mesh = model.expert_mesh
     return ranked
 
 

@@ -33,11 +33,12 @@ from torch import nn
 from minigpt.core.config import Config, ModelConfig
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.nn.model import AuxLossCarrier, GPT, embed_tokens, rope_rows
+from minigpt.nn.model import GPT, AuxLossCarrier, embed_tokens, rope_rows
 from minigpt.nn.optim import DTYPES, StepResult, autocast_context
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
 from minigpt.parallel.distributed import DistEnv
+from minigpt.parallel.expert import ExpertGroups, check_expert_settings
 from minigpt.parallel.sharding import (
     ShardedBackend,
     from_tp_layout,
@@ -178,6 +179,9 @@ class PipelineBackend(ShardedBackend):
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
+        if plan.ep > 1 and (plan.tp > 1 or plan.zero or plan.backend == "fsdp"):
+            raise UserError(f"expert parallelism with pipeline stages runs on the pipeline's replicas (backend=ddp, "
+                            f"zero=0, no tp) here; this plan is {plan.describe()}")
         if plan.backend == "deepspeed":
             raise UserError(f"pipeline parallelism (pp={plan.pp}) runs on the torch engines: use backend=ddp (zero=0) "
                             f"or backend=fsdp (zero=3) for its data-parallel part")
@@ -192,7 +196,9 @@ class PipelineBackend(ShardedBackend):
     @classmethod
     def check(cls, cfg: Config, plan: ParallelPlan, device: torch.device) -> None:
         super().check(cfg, plan, device)
-        plan.check_model(cfg.model)
+        plan.check_model(cfg.model, world_known=False)
+        if plan.ep > 1:
+            check_expert_settings(cfg)
 
     @classmethod
     def check_layout(cls, plan: ParallelPlan, layout: BatchLayout) -> None:
@@ -225,11 +231,15 @@ class PipelineBackend(ShardedBackend):
         self.schedule = schedule(stages if plan.stages_per_rank > 1 else stages[0], n_microbatches=self.micro_batches,
                                  loss_fn=_cross_entropy)
         self.tied_group = self._tied_group() if cfg.model.tie_embeddings else None
+        self.experts = ExpertGroups(model, plan) if plan.ep > 1 else None  # each stage's experts over ep replicas
 
     def _all_reduce_replicas(self) -> None:
         """Engine ddp, dp > 1: the replicas' gradients averaged in one flat bucket after the schedule (DDP's
         reducer does not accept a schedule's interleaved backwards in torch 2.13; no overlap with them)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        experts = self.experts.names if self.experts else set()
+        grads = [p.grad for n, p in self.model.named_parameters() if p.grad is not None and n not in experts]
+        if self.experts:
+            self.experts.reduce_grads()
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.dp_group)
         flat /= self.plan.dp
@@ -289,8 +299,9 @@ class PipelineBackend(ShardedBackend):
         """The norm of every stage's gradients, the tied head's copy counted once (clipped by, as
         ShardedBackend.optimizer_step does)."""
         head = getattr(self.model, "lm_head", None) if self.cfg.model.tie_embeddings else None
-        counted = [p for p in self.params if head is None or p is not head.weight]
-        square = grad_norm(counted) ** 2
+        experts = set(map(id, self.experts.params)) if self.experts else set()
+        counted = [p for p in self.params if (head is None or p is not head.weight) and id(p) not in experts]
+        square = grad_norm(counted) ** 2 + (self.experts.square() if self.experts else 0)
         dist.all_reduce(square, group=self.pp_group)
         return square.sqrt()
 
@@ -337,6 +348,8 @@ class PipelineBackend(ShardedBackend):
 
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))  # collective in dp, tp
         sd = from_tp_layout({k: v.detach().cpu() for k, v in sd.items() if k in self._untie(sd)}, self.cfg.model, self.tp)
+        if self.experts:  # every expert of the stage, on its ep group's first rank
+            sd = self.experts.gather(sd)
         parts = self._gather(sd)
         return None if parts is None or not self.env.is_main else {k: v for part in parts for k, v in part.items()}
 
@@ -349,13 +362,19 @@ class PipelineBackend(ShardedBackend):
         osd = {"state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in s.items()}
                          for k, s in osd["state"].items() if k in keep},
                "param_groups": [{**g, "params": [p for p in g["params"] if p in keep]} for g in osd["param_groups"]]}
-        parts = self._gather(map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp)))
+        if self.experts:  # every expert's state, in the ordinary layout, on the ep group's first rank
+            state = self.experts.gather(osd["state"])
+            names = [self.experts.gather(dict.fromkeys(g["params"])) for g in osd["param_groups"]]
+            osd = state and {"state": state, "param_groups": [{**g, "params": list(n)}
+                                                              for g, n in zip(osd["param_groups"], names)]}
+        mapped = osd and map_optimizer_state(osd, lambda sd: from_tp_layout(sd, self.cfg.model, self.tp))
+        parts = self._gather(mapped)  # None but on each stage's first rank (with ep: its ep group's first)
         if parts is None or not self.env.is_main:
             return {}
         groups = [{**g, "params": [p for part in parts for p in part["param_groups"][i]["params"]]}
                   for i, g in enumerate(parts[0]["param_groups"])]
         return {"optimizer": {"state": {k: v for part in parts for k, v in part["state"].items()}, "param_groups": groups},
-                "pipeline_parallel": self.plan.pp}
+                "pipeline_parallel": self.plan.pp, "expert_parallel": self.plan.ep}
 
     def load_state(self, folder: Path, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -369,11 +388,14 @@ class PipelineBackend(ShardedBackend):
         weights = read_weights(folder)
         if tied:
             weights.setdefault("lm_head.weight", weights["wte.weight"])
+        if self.experts:  # this rank's experts, renumbered from 0
+            weights = self.experts.local(weights)
         weights = {k: v for k, v in weights.items() if k in mine}
         set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
         osd = state["optimizer"]
-        osd_state = dict(osd["state"])
-        groups = [dict(g, params=list(g["params"])) for g in osd["param_groups"]]
+        osd_state = dict(self.experts.local(osd["state"]) if self.experts else osd["state"])
+        groups = [dict(g, params=self.experts.local_names(g["params"]) if self.experts else list(g["params"]))
+                  for g in osd["param_groups"]]
         if tied and "lm_head.weight" in mine:
             osd_state["lm_head.weight"] = osd_state.get("wte.weight", {})
             next(g for g in groups if "wte.weight" in g["params"])["params"].append("lm_head.weight")
@@ -387,5 +409,6 @@ class PipelineBackend(ShardedBackend):
         if self.plan.dp > 1:
             dp = f", FSDP2 over {self.plan.dp} rank(s)" if self.fsdp else f", replicas over {self.plan.dp} rank(s) (gradients all-reduced)"
         tp = f", tensor parallel {self.tp}" + (" + sequence parallel" if self.plan.sp else "") if self.tp > 1 else ""
+        tp += f", {self.cfg.model.n_expert} experts over ep {self.plan.ep}" if self.experts else ""
         return (f"pipeline {self.plan.pp} ({self.plan.schedule}, {describe_split(self.cfg.model, self.plan)}, "
                 f"{self.micro_batches} micro-batches per step){dp}{tp}")

@@ -24,11 +24,12 @@ from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak
 from minigpt.data.chat import END
 from minigpt.infer.answers import accuracy
-from minigpt.nn.lora import adapters_off, apply_lora
+from minigpt.nn.lora import apply_lora
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.distributed import DistEnv, StopControl, all_reduce_mean, broadcast_object, heartbeat
 from minigpt.parallel.parallelize import parallelize
 from minigpt.parallel.registry import make_backend
+from minigpt.parallel.sharding import shards_parameters
 from minigpt.run.files import file_digest, pin_sources
 from minigpt.run.load import run_tokenizer
 from minigpt.train.checkpoint import Checkpointer, RunDir, clear_run_dir, remove_temporaries
@@ -121,7 +122,8 @@ def _build(cfg: Config, env: DistEnv, plan, data: PostData, say):
         apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
     needs_ref = tc.objective == "dpo" or (tc.objective == "grpo" and tc.kl_coef > 0)
     reference = None
-    if needs_ref and not tc.lora_rank:
+    # a sharded LoRA model is merged for rank 0's evaluation: switching its adapters off there would do nothing
+    if needs_ref and (not tc.lora_rank or shards_parameters(plan)):
         reference = initial_model(cfg)[0].to(env.device).eval().requires_grad_(False)
     backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
     backend.loss_hook = make_objective(tc, data.end_id, reference)
@@ -242,13 +244,7 @@ def _pair_accuracy(run: PostRun, model, pairs: list[dict]) -> float:
     if run.cfg.train.objective == "rm":
         score = end_rewards(model(x).logits, y, run.data.end_id)
     else:  # DPO's implicit reward: the log-ratio to the reference
-        ref = run.hook.reference
-        if ref is None:
-            with adapters_off(model):
-                base = token_logps(model(x).logits, y).sum(-1)
-        else:
-            base = token_logps(ref(x).logits, y).sum(-1)
-        score = token_logps(model(x).logits, y).sum(-1) - base
+        score = token_logps(model(x).logits, y).sum(-1) - run.hook.reference_logps(model, x, y).sum(-1)
     model.train(was)
     chosen, rejected = score.chunk(2)
     return float((chosen > rejected).float().mean())
