@@ -211,3 +211,16 @@ def test_bad_chat_data_is_one_line_before_work(good_run, task, tmp_path):
     assert r.returncode == 2 and "train.init_from = RUN and train.post_data = DIR" in r.stderr
     r = run_cli("task", "--out", str(task))
     assert r.returncode == 2 and "not an empty folder" in r.stderr
+
+
+def test_a_resume_refuses_a_starting_model_trained_further_since(sft_run, task, tmp_path):
+    """DPO's reference is train.init_from read again on resume: a base that changed since is refused, naming it."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(sft_run, base)
+    args = post_args("dpo", base, task, tmp_path / "dpo", **{"train.max_steps": 2})
+    assert run_cli("train", "--config", "sft-tiny", *args, "--stop-at", "1").returncode == 0
+    assert run_cli("train", "--resume", str(base), "--set", "train.max_steps=7").returncode == 0  # trained further
+    r = run_cli("train", "--resume", str(tmp_path / "dpo"))
+    assert r.returncode == 2 and "the starting model and reference" in r.stderr, r.stderr

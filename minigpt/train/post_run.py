@@ -30,7 +30,7 @@ from minigpt.parallel.distributed import DistEnv, StopControl, all_reduce_mean, 
 from minigpt.parallel.parallelize import parallelize
 from minigpt.parallel.registry import make_backend
 from minigpt.parallel.sharding import shards_parameters
-from minigpt.run.files import file_digest, pin_sources
+from minigpt.run.files import check_pinned, file_digest, pin_sources
 from minigpt.run.load import run_tokenizer
 from minigpt.train.checkpoint import Checkpointer, RunDir, clear_run_dir, remove_temporaries
 from minigpt.train.metrics import check_sinks
@@ -85,8 +85,9 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
     paths = RunDir(tc.out_dir)
     with claimed(paths, env) as lock:
         resume = resume_or_fresh(cfg, paths, resume, overwrite, say)
-        if resume:
+        if resume:  # the LoRA base, and the reference DPO and GRPO read again from train.init_from: unchanged
             check_sources(paths.root, tc)
+            check_pinned(paths.root, "init_from", tc.init_from, "train.init_from (the starting model and reference)")
         end_step = stop_at if stop_at is not None else tc.max_steps
         check_not_done(paths, resume, end_step, say)
         check_sinks(tc.log_to)
