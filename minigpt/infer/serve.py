@@ -8,7 +8,8 @@ its end before the next). Tokens reach each request as they are generated: strea
 (`"stream": true`) or gathered into one response. Bad requests get a 4xx with an OpenAI-style JSON error body
 before any work; the server keeps serving.
 
-Chat uses a plain template: one "role: content" line per message, then "assistant:".
+Chat uses a plain template (one "role: content" line per message, then "assistant:"), or for a post-trained run
+(its tokenizer has the chat tokens) the template it was trained with (data/chat.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
+from minigpt.data.chat import CHAT_TOKENS, END, ROLES
 from minigpt.infer.engine import Sampling, Sequence
 from minigpt.infer.evaluate import token_logprobs
 from minigpt.infer.detokenize import IncrementalText
@@ -106,8 +108,20 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code, self.headers, self.param = status, message, kind, code, headers, param
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+def chat_prompt(messages: list[ChatMessage], template: bool = False) -> str:
+    """The plain template, or for a run whose tokenizer has the chat tokens (a post-trained run) the one it was
+    trained with (data/chat.py): <|user|>...<|end|> per message, then <|assistant|>; generation stops at <|end|>,
+    the run's stop token. A message may not carry a chat token itself (it would open a turn of its own)."""
+    if not template:
+        return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role = {m.role!r}: this model was trained on {', '.join(ROLES)}",
+                           param="messages")
+        if any(t in m.content for t in CHAT_TOKENS):
+            raise ApiError(400, f"messages[{i}].content holds a chat token ({', '.join(CHAT_TOKENS)}): remove it",
+                           param="messages")
+    return "".join(f"{ROLES[m.role]}{m.content}{END}" for m in messages) + ROLES["assistant"]
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
@@ -158,9 +172,11 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
             return await scorer.score(prompts, body, generate)
         return await run(prompts, body, chat=False)
 
+    template = all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatRequest):
-        return await run([chat_prompt(body.messages)], body, chat=True)
+        return await run([chat_prompt(body.messages, template)], body, chat=True)
 
     return app
 
