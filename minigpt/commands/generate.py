@@ -143,8 +143,11 @@ def cmd_eval(args) -> None:
                         "in full precision: drop one of them")
     if args.tasks:
         return _eval_tasks(args)
+    if args.task:
+        return _eval_task(args)
     if not args.data:
-        raise UserError("minigpt eval needs --data SOURCE (text to score) or --tasks T1,T2 (lm-eval tasks)")
+        raise UserError("minigpt eval needs --data SOURCE (text to score), --tasks T1,T2 (lm-eval tasks) or --task DIR "
+                        "(a chat task's held-out accuracy)")
     device = resolve_device(args.device)
     model, tokenizer, cfg, step = load_run(args.run, device)
     quantize_loaded(model, args)
@@ -164,6 +167,29 @@ def cmd_eval(args) -> None:
           f"tokens of history)"))
     print(f"loss {r['loss_nats_per_token']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
           f"{r['bits_per_byte']:.4f} bits/byte (comparable across tokenizers)")
+
+
+def _eval_task(args) -> None:
+    """--task DIR: greedy answers to a chat task's held-out prompts (heldout.jsonl), exact-match accuracy."""
+    from pathlib import Path
+
+    from minigpt.core.device import resolve_device
+    from minigpt.data.chat import chat_ids, read_examples
+    from minigpt.infer.answers import accuracy
+    from minigpt.run.load import load_run
+
+    model, tokenizer, _, step = load_run(args.run, resolve_device(args.device))
+    try:
+        chat_ids(tokenizer)
+    except UserError:
+        raise UserError(f"{args.run} was not post-trained (its tokenizer has no chat tokens): --task scores a run "
+                        f"trained with train.objective = sft, dpo or grpo") from None
+    examples = read_examples(Path(args.task) / "heldout.jsonl", "prompts")[:args.limit]
+    acc = accuracy(model, tokenizer, examples, args.max_answer_tokens)
+    record = {"event": "eval_task", "run": str(args.run), "step": step, "task": args.task, "examples": len(examples),
+              "heldout_accuracy": acc, "convention": "greedy answers, exact match of the answer text"}
+    print(to_json(record) if args.json else f"eval {args.run} (step {step}) on {args.task}: held-out accuracy "
+          f"{acc:.4f} over {len(examples):,} problems (greedy answers, exact match)")
 
 
 def _eval_tasks(args) -> None:
@@ -226,6 +252,9 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks instead of --data (needs the eval "
                                                   "extra), e.g. hellaswag,arc_easy,lambada_openai")
+    p.add_argument("--task", metavar="DIR", help="a chat task folder (minigpt task): held-out accuracy of a "
+                                                 "post-trained run's greedy answers (heldout.jsonl)")
+    p.add_argument("--max-answer-tokens", type=number(int, 1, 4096), default=16, help="with --task: answer length cap")
     p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     p.add_argument("--limit", type=number(int, 1), help="at most this many examples per task")
     p.add_argument("--output", metavar="DIR", help="write lm-eval's results (and samples) there, as lm-eval does")
