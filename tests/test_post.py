@@ -255,3 +255,18 @@ def test_eval_scores_a_tasks_held_out_accuracy(sft_run, good_run, task):
     assert r.returncode == 0 and d["examples"] == 5 and 0 <= d["heldout_accuracy"] <= 1
     r = run_cli("eval", "--run", str(good_run), "--task", str(task))
     assert r.returncode == 2 and "was not post-trained" in r.stderr
+
+
+def test_grpo_can_be_rewarded_by_a_reward_model(sft_run, good_run, task, tmp_path):
+    """train.reward_from: the reward model's score is GRPO's reward (DeepSpeed-Chat's step 3 reading step 2's model);
+    the exact answers are still counted; a reward model with another tokenizer is refused before work."""
+    train_post(*post_args("rm", sft_run, task, tmp_path / "rm", **{"train.max_steps": 1}))
+    rm = f'"{tmp_path / "rm"}"'
+    train_post(*post_args("grpo", sft_run, task, tmp_path / "g", **{"train.max_steps": 1, "train.reward_from": rm}))
+    post = step_records(tmp_path / "g")[0]["post"]
+    assert {"reward", "answers_right"} <= set(post) and post["reward"] != post["answers_right"]
+    r = run_cli("train", "--config", "sft-tiny", *post_args("grpo", sft_run, task, tmp_path / "bad", **{
+        "train.reward_from": f'"{good_run}"'}))
+    assert r.returncode == 2 and "another tokenizer" in r.stderr and not (tmp_path / "bad").exists()
+    r = run_cli("train", "--config", "sft-tiny", *post_args("dpo", sft_run, task, tmp_path / "bad", **{"train.reward_from": rm}))
+    assert r.returncode == 2 and "scores GRPO's answers" in r.stderr

@@ -255,6 +255,9 @@ class TrainConfig:
     grpo_group: int = 8  # answers sampled per prompt (G)
     grpo_clip: float = 0.2  # the ratio's clip range (PPO's epsilon)
     kl_coef: float = 0.04  # GRPO's KL penalty to the reference (DeepSeekMath's 0.04); 0: no reference held
+    # a reward model's run (train.objective = "rm"): GRPO's reward is its score of each answer (DeepSpeed-Chat's
+    # step 3 reads step 2's model) instead of the exact-answer check; "": the check
+    reward_from: str = ""
     rollout_temperature: float = 1.0  # sampling temperature of GRPO's answers
     rollout_max_tokens: int = 16  # the longest answer sampled (and generated in held-out evaluation)
     task_eval_examples: int = 200  # held-out examples in each post-training evaluation (accuracy)
@@ -330,12 +333,16 @@ class TrainConfig:
             if not (lo <= value <= hi if closed else lo < value <= hi):
                 raise UserError(f"train.{key} = {value} must be in {'[' if closed else '('}{lo:g}, {hi:g}]")
         if self.objective == "lm":
+            if self.reward_from:
+                raise UserError("train.reward_from scores GRPO's answers: set train.objective = 'grpo' or drop it")
             return
         if not self.init_from or not self.post_data:
             raise UserError(f"train.objective = '{self.objective}' fine-tunes a trained model on chat data: set "
                             f"train.init_from = RUN and train.post_data = DIR (minigpt task --out DIR writes one)")
         if self.distill_from:
             raise UserError(f"train.objective = '{self.objective}' does not combine with train.distill_from: drop one")
+        if self.reward_from and self.objective != "grpo":
+            raise UserError(f"train.reward_from scores GRPO's answers; train.objective is '{self.objective}': drop it")
 
     def validate(self) -> None:
         _check_choices("train", self, self.CHOICES)

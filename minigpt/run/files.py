@@ -244,7 +244,7 @@ def load_latest(run_dir: Path, load, attempts: int = 5):
 # what a run depends on, pinned: a LoRA run's base, a distillation's teacher
 
 DEPENDS = "depends.json"
-PINNED_SOURCES = ("init_from", "distill_from")
+PINNED_SOURCES = ("init_from", "distill_from", "reward_from")
 
 
 def source_pin(source: str) -> dict:

@@ -133,20 +133,34 @@ class PostData:
         return np.random.default_rng((self.tc.seed, 3, step)).integers(0, len(self.examples), size=count).tolist()
 
 
-def rollouts(model: GPT, data: PostData, step: int, picks: list[int], per_batch: int) -> tuple[list, dict]:
-    """G answers to each picked prompt from `model` (the engine), rewarded 1 for the exact answer, with group
-    advantages; returned as micro-batches of `per_batch` prompts ((x, Targets) each, in order) and the step's
-    figures (mean reward, answer length, generation FLOPs)."""
+@torch.no_grad()
+def reward_scores(reward_model: GPT, items: list[Rendered], end_id: int) -> torch.Tensor:
+    """A reward model's score of each answer (train/post.end_rewards: the <|end|> logit after it)."""
+    from minigpt.train.post import end_rewards
+
+    x, y = pad_rows(items)
+    device = reward_model.wte.weight.device
+    return end_rewards(reward_model(x.to(device)).logits, y.to(device), end_id).cpu()
+
+
+def rollouts(model: GPT, data: PostData, step: int, picks: list[int], per_batch: int,
+             reward_model: GPT | None = None) -> tuple[list, dict]:
+    """G answers to each picked prompt from `model` (the engine), rewarded 1 for the exact answer (or scored by
+    `reward_model`), with group advantages; returned as micro-batches of `per_batch` prompts ((x, Targets) each, in
+    order) and the step's figures (mean reward, exact answers, answer length, generation FLOPs)."""
     tc, G = data.tc, data.tc.grpo_group
     prompts = [data.examples[i]["prompt"] for i in picks]
     got = answer(model, data.tokenizer, prompts, tc.rollout_max_tokens, tc.rollout_temperature, samples=G,
                  seed=(tc.seed * 1_000_003 + step) * len(picks) * G)
-    items, advantages, rewards, lengths, flops = [], [], [], [], 0.0
+    items, advantages, rewards, right, lengths, flops = [], [], [], [], [], 0.0
     for i, group in zip(picks, got):
-        r = torch.tensor([float(a.text == data.examples[i]["answer"].strip()) for a in group])
+        exact = torch.tensor([float(a.text == data.examples[i]["answer"].strip()) for a in group])
+        mine = [Rendered(a.prompt_ids + a.tokens, [0] * len(a.prompt_ids) + [1] * len(a.tokens)) for a in group]
+        r = exact if reward_model is None else reward_scores(reward_model, mine, data.end_id)
         advantages.append((r - r.mean()) / (r.std() + 1e-4))  # unbiased std over the group, as TRL
-        items += [Rendered(a.prompt_ids + a.tokens, [0] * len(a.prompt_ids) + [1] * len(a.tokens)) for a in group]
+        items += mine
         rewards.append(r.mean())
+        right.append(exact.mean())
         lengths += [len(a.tokens) for a in group]
         P = len(group[0].prompt_ids)  # prefilled once per group, then each answer decoded
         flops += prefill_flops(data.model_cfg, P) + sum(decode_flops(data.model_cfg, P + t) for a in group
@@ -155,8 +169,8 @@ def rollouts(model: GPT, data: PostData, step: int, picks: list[int], per_batch:
     for k in range(0, len(picks), per_batch):
         x, y = pad_rows(items[k * G:(k + per_batch) * G])
         batches.append((x, Targets(y, advantages=torch.cat(advantages[k:k + per_batch]))))
-    return batches, {"reward": float(torch.stack(rewards).mean()), "answer_tokens": float(np.mean(lengths)),
-                     "rollout_flops": flops}
+    return batches, {"reward": float(torch.stack(rewards).mean()), "answers_right": float(torch.stack(right).mean()),
+                     "answer_tokens": float(np.mean(lengths)), "rollout_flops": flops}
 
 
 def forward_flops(c: ModelConfig, x: torch.Tensor) -> float:

@@ -54,6 +54,7 @@ from minigpt.train.state import Run
 class PostRun(Run):
     data: PostData | None = None
     hook: object = None  # the objective (the backend's loss hook)
+    reward_model: object = None  # train.reward_from, frozen (GRPO scored by a reward model)
     flops: dict = field(default_factory=dict)  # FLOPs executed by stage, this session's steps
     figures: dict = field(default_factory=dict)  # the last evaluation's
 
@@ -94,6 +95,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         tokenizer, cfg.model = _tokenizer_and_model(cfg, paths, resume)
         cfg.sample.stop_token = END
         data = PostData(cfg, tokenizer)
+        reward_model = _reward_model(cfg, tokenizer, env, say)
         configure_device(tc, env.device)
         peak = choose_peak(device_name(env.device), tc.precision, tc.peak_tflops, tc.peak_from,
                            threads=torch.get_num_threads())
@@ -104,7 +106,7 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         _write_files(paths, cfg, tokenizer, resume and state.step, env)
     metrics = make_metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = PostRun(cfg, env, say, paths, None, plan, layout, backend, checkpointer, metrics, state, state.step,
-                  end_step, lock, data=data, hook=hook)
+                  end_step, lock, data=data, hook=hook, reward_model=reward_model)
     say(f"post     {tc.objective} on {tc.post_data}: {len(data.examples):,} examples, {len(data.heldout):,} held out; "
         f"{plan.describe()}; the step line's tok/s and TFLOP/s count every row as a full block (an upper bound), "
         f"FLOPs by stage are counted as they run (summary.json)")
@@ -129,6 +131,22 @@ def _build(cfg: Config, env: DistEnv, plan, data: PostData, say):
     backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
     backend.loss_hook = make_objective(tc, data.end_id, reference)
     return backend, backend.loss_hook
+
+
+def _reward_model(cfg: Config, tokenizer, env: DistEnv, say):
+    """train.reward_from's model, frozen (read on every rank, so a bad one stops every rank alike; rank 0 scores the
+    answers it draws); it must read the policy's tokens: the same chat tokenizer."""
+    if not cfg.train.reward_from:
+        return None
+    from minigpt.run.load import load_run
+
+    model, tok, rm_cfg, step = load_run(cfg.train.reward_from, env.device)
+    if tok.to_str() != tokenizer.to_str():
+        raise UserError(f"train.reward_from = {cfg.train.reward_from!r} has another tokenizer than the policy's: train "
+                        f"the reward model from the same SFT run (minigpt train --config rm-tiny)")
+    say(f"reward   {cfg.train.reward_from} (step {step}, objective {rm_cfg.train.objective!r}): its score of each answer "
+        f"is GRPO's reward; answers_right still counts exact answers")
+    return model.requires_grad_(False)
 
 
 def _write_files(paths: RunDir, cfg: Config, tokenizer, resumed_at, env: DistEnv) -> None:
@@ -179,7 +197,7 @@ def _batches(run: PostRun, step: int) -> tuple[list, dict]:
         return run.data.micro_batches(step, rank, accum, micro), {}
     picks = run.data.step_prompts(step, run.plan.dp * accum * micro)
     model = run.backend.inference_model()
-    made = rollouts(model, run.data, step, picks, micro) if model is not None else None
+    made = rollouts(model, run.data, step, picks, micro, run.reward_model) if model is not None else None
     batches, figures = broadcast_object(made, env)
     return batches[rank * accum:(rank + 1) * accum], figures
 
