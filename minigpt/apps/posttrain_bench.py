@@ -22,7 +22,7 @@ STAGES = {  # name: (preset, starts from, extra settings)
     "dpo (plain)": ("dpo-tiny", "sft", ["train.dpo_nll_coef=0"]),
     "dpo + nll (rpo)": ("dpo-tiny", "sft", []),
     "grpo": ("grpo-tiny", "sft", []),
-    "sft continued (control)": ("sft-tiny", "sft", ["train.max_steps=300", "train.lr=5e-5", "train.min_lr=5e-6",
+    "sft continued (control)": ("sft-tiny", "sft", ["train.max_steps=600", "train.lr=5e-5", "train.min_lr=5e-6",
                                                     "train.warmup_steps=10"]),
 }
 

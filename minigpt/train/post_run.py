@@ -89,6 +89,8 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         if resume:  # the LoRA base, and the reference DPO and GRPO read again from train.init_from: unchanged
             check_sources(paths.root, tc)
             check_pinned(paths.root, "init_from", tc.init_from, "train.init_from (the starting model and reference)")
+            if tc.reward_from:
+                check_pinned(paths.root, "reward_from", tc.reward_from, "train.reward_from (the reward model)")
         end_step = stop_at if stop_at is not None else tc.max_steps
         check_not_done(paths, resume, end_step, say)
         check_sinks(tc.log_to)
