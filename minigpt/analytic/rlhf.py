@@ -108,9 +108,10 @@ def generation_seconds(job: RLHFJob, gpu: GPUSpec, n_gpus: int, mfu: float, bw_u
     link = (gpu.nvlink_gbs if n_gpus <= GPUS_PER_NODE else gpu.internode_gbs) * 1e9
     gather = weights * (n_gpus - 1) / n_gpus / link if gathered else 0.0
     P, A, total = job.prompt_tokens, job.answer_tokens, 0.0
+    dense = forward_matmul_flops_per_token(c, 0)  # + 4 t H D L of attention at context t (flops.py's formula)
     for t in range(P, P + A):  # one decode step at context t
         read = (weights + batch * t * kv_per_token) / (gpu.bandwidth_tbs * 1e12 * bw_util)
-        compute = batch * forward_matmul_flops_per_token(c, t) / tp / (peak * mfu)
+        compute = batch * (dense + 4 * t * c.n_head * c.head_dim * c.n_layer) / tp / (peak * mfu)
         total += max(read + gather, compute)
     prefill = batch * _fwd(c, P) / tp / (peak * mfu) + gather
     return {"generation_s": rounds * (total + prefill), "generation_tp": tp, "weights_gathered_per_step": gathered,
