@@ -30,6 +30,7 @@ COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_ever
 
 MUON = {"train.optimizer": '"muon"'}
 MOE = {"model.n_expert": 4}
+ROUTED = {"model.moe_capacity_factor": 1.0, "model.moe_bias_update_rate": 0.01}  # tokens dropped; biases moving
 
 
 def readme_cmd(line: str, extra: list[str]) -> list[str]:
@@ -50,7 +51,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
     assert "--plan dp=2,zero=3 " in fsdp_line and "--plan tp=2 " in tp_line and "--plan ep=2 " in ep_line
     jobs = {
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
-        "ep": readme_cmd(ep_line, sets("ep") + ["--stop-at", "3"]),
+        "ep": readme_cmd(ep_line, sets("ep", **ROUTED) + ["--stop-at", "3"]),
         "tp": readme_cmd(tp_line, sets("tp")),
         "fsdp_muon": torchrun_cmd(2, sets("fsdp_muon", **MUON) + ["--plan", "dp=2,zero=3", "--stop-at", "3"]),
         "tp_moe": torchrun_cmd(2, sets("tp_moe", **MOE) + ["--plan", "tp=2"]),
@@ -61,7 +62,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
     out["fsdp_resumed"], out["fsdp_muon_resumed"], out["ep_resumed"] = resumed["fsdp"], resumed["fsdp_muon"], resumed["ep"]
     for name, r in out.items():
         assert r.returncode == 0, f"{name}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
-    for name, extra in (("one", {}), ("one_muon", MUON), ("one_moe", MOE)):
+    for name, extra in (("one", {}), ("one_muon", MUON), ("one_moe", MOE), ("one_moe_routed", {**MOE, **ROUTED})):
         cfg = load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, root / name,
                                                                           **{**COMMON, **extra}))
         train(cfg, log=lambda *a: None)
@@ -91,11 +92,15 @@ def test_a_mixture_of_experts_under_tensor_parallelism_matches_one_process(runs)
 @pytest.mark.slow
 def test_expert_parallelism_matches_one_process_across_a_resume(runs):
     """--plan ep=2 (the docs' line): each rank holds 2 of the 4 experts, tokens go to them and back by all-to-all,
-    the experts' gradients reduced by the expert backend, DDP the rest: one process's losses, gradient norms and
-    (gathered into the ordinary layout) weights, stopped at step 3 and resumed; generate reads the run."""
+    the experts' gradients reduced by the expert backend, DDP the rest; with a capacity factor (past-capacity slots
+    dropped on the sending rank) and the auxiliary-loss-free bias (moved by every micro-batch's load): one
+    process's losses, gradient norms and (gathered into the ordinary layout) weights, stopped at step 3 and
+    resumed; generate reads the run."""
     root = runs["root"]
     assert "4 experts over ep 2" in runs["ep"].stdout and "expert_load" in (root / "ep" / "metrics.jsonl").read_text()
-    assert_same_training(root / "ep", root / "one_moe", rel=1e-4)
+    assert_same_training(root / "ep", root / "one_moe_routed", rel=1e-4)
+    assert any(r["moe"]["dropped"] > 0 for r in records(root / "ep"))
+    assert weights(root / "ep")["blocks.0.mlp.router_bias"].abs().sum() > 0  # the biases moved, and equal one process's
     for moe in (r["moe"] for r in records(root / "ep")):  # the bytes that left the rank, beside balanced routing's
         assert 0.5 < moe["all_to_all_bytes"] / moe["all_to_all_bytes_formula"] < 1.5
     r = run_cli("generate", "--run", str(root / "ep"), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0")

@@ -251,6 +251,7 @@ class MoE(nn.Module):
         if self.training and not symbolic and not torch.compiler.is_compiling():
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
             self.stats = {"load": routed.detach(), "dropped": 1 - kept.float() / (N * k), "entropy": entropy.detach()}
+            count_step_load(self, routed)
         return out.view(B, T, C), aux
 
     def _grouped(self, flat, chosen, weights, capacity, out) -> torch.Tensor:
@@ -361,15 +362,25 @@ class GroupedLinear(torch.autograd.Function):
         return (gx, None, *[g.to(wt.dtype) for g, wt in zip(gw.unbind(0), weights)])
 
 
+def count_step_load(moe: nn.Module, routed: torch.Tensor) -> None:
+    """Add a training forward's expert load to the step's (the bias update reads every micro-batch of the step,
+    so 1 process accumulating 2 micro-batches moves the biases as 2 ranks of 1 do)."""
+    if moe.bias_rate:
+        total, n = getattr(moe, "step_load", (0, 0))
+        moe.step_load = (total + routed.detach(), n + 1)
+
+
 @torch.no_grad()
 def update_router_bias(model: nn.Module, average=None) -> None:
     """After a step: each MoE layer's bias moves by its rate toward an even load, down for an expert above the mean
-    load and up below (DeepSeek-V3). `average`: averages a tensor over data-parallel ranks, so every replica moves
-    its biases alike."""
-    for m in model.modules():
-        if isinstance(m, MoE) and m.bias_rate and m.stats:
-            load = m.stats["load"] if average is None else average(m.stats["load"].clone())
+    load and up below (DeepSeek-V3), the load the mean over the step's micro-batches. `average`: averages a tensor
+    over data-parallel ranks, so every replica moves its biases alike."""
+    for m in model.modules():  # the dense MoE, or its expert-parallel form (the same attributes)
+        if getattr(m, "bias_rate", 0) and getattr(m, "step_load", (0, 0))[1]:
+            total, n = m.step_load
+            load = total / n if average is None else average(total / n)
             m.router_bias += m.bias_rate * torch.sign(load.mean() - load)
+            m.step_load = (0, 0)
 
 
 def routing_stats(model: nn.Module) -> dict | None:

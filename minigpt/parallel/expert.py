@@ -14,6 +14,7 @@ as the dense MoE assumes, and the count exchange (E integers) is not run.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
-from minigpt.nn.model import MoE, has_no_data
+from minigpt.nn.model import MoE, count_step_load, has_no_data
 from minigpt.nn.ops import activation_dtype
 from minigpt.nn.optim import StepResult
 from minigpt.nn.torch_private import all_to_all_autograd, ddp_ignore
@@ -34,15 +35,19 @@ from minigpt.parallel.ddp import TorchBackend
 
 
 class ExpertParallelMoE(nn.Module):
-    """A MoE whose experts are split over ep_mesh; the same outputs and load-balancing loss."""
+    """A MoE whose experts are split over ep_mesh; the same outputs, load-balancing loss and routing options (the
+    capacity factor, dropping past-capacity slots on the sending rank; the auxiliary-loss-free bias)."""
 
     def __init__(self, moe: MoE, ep_mesh) -> None:
         super().__init__()
         self.n_expert, self.k, self.ep = moe.n_expert, moe.k, ep_mesh.size()
+        self.capacity_factor, self.bias_rate = moe.capacity_factor, moe.bias_rate
         self.local = moe.n_expert // self.ep
         first = ep_mesh.get_local_rank() * self.local
         self.router = moe.router
         self.experts = nn.ModuleList(moe.experts[first:first + self.local])
+        if self.bias_rate:  # replicated, as the router: every rank moves it alike (nn/model.update_router_bias)
+            self.register_buffer("router_bias", moe.router_bias.clone())
         self.group = ep_mesh.get_group()
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -50,12 +55,10 @@ class ExpertParallelMoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)
         N = flat.size(0)
-        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
-        weights, chosen = probs.topk(self.k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, chosen = self._route(flat)
         slot_expert = chosen.reshape(-1)  # (N*k,)
-        order = slot_expert.argsort(stable=True)  # slots grouped by expert, so by the rank that holds it
-        counts, received = self._counts(slot_expert, N)
+        order, kept = self._kept(slot_expert, N)  # slots grouped by expert, so by the rank that holds it
+        counts, received = self._counts(kept, N)
         send = [sum(counts[r * self.local:(r + 1) * self.local]) for r in range(self.ep)]
         recv = [sum(c) for c in received]
         arrived = all_to_all_autograd(flat[order // self.k], recv, send, self.group)
@@ -67,9 +70,35 @@ class ExpertParallelMoE(nn.Module):
         aux = self.n_expert * (routed * probs.mean(dim=0)).sum()
         if self.training and not has_no_data(flat):  # this rank's tokens, as the dense MoE's (nn/model.routing_stats)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            self.stats = {"load": routed.detach(), "dropped": torch.zeros(()), "entropy": entropy.detach(),
-                          **self._traffic(send, recv, N, C * flat.element_size())}
+            self.stats = {"load": routed.detach(), "dropped": torch.tensor(1 - sum(counts) / (N * self.k)),
+                          "entropy": entropy.detach(), **self._traffic(send, recv, N, C * flat.element_size())}
+            count_step_load(self, routed)
         return out.view(B, T, C), aux
+
+    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router probabilities, each token's k normalised weights, its k experts), as the dense MoE routes."""
+        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
+        if self.bias_rate:  # the bias picks the experts; the weights stay the router's (DeepSeek-V3)
+            chosen = (probs + self.router_bias).topk(self.k, dim=-1).indices
+            weights = probs.gather(1, chosen)
+        else:
+            weights, chosen = probs.topk(self.k, dim=-1)
+        return probs, weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def _kept(self, slot_expert: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slots sorted by expert (stable: token order within one) with past-capacity ones dropped (each expert
+        keeps its first ceil(factor N k / E) slots of this rank's tokens, as the dense MoE does per forward), and the
+        slots kept per expert (None on fake tensors: simulate's balanced shares)."""
+        order = slot_expert.argsort(stable=True)
+        if has_no_data(slot_expert):
+            return order, None
+        counts = torch.bincount(slot_expert, minlength=self.n_expert)
+        if self.capacity_factor:
+            capacity = math.ceil(self.capacity_factor * N * self.k / self.n_expert)
+            first = torch.cumsum(counts, 0) - counts  # each expert's first position in `order`
+            rank = torch.arange(order.numel(), device=order.device) - first[slot_expert[order]]
+            order, counts = order[rank < capacity], counts.clamp(max=capacity)
+        return order, counts
 
     def _traffic(self, send: list[int], recv: list[int], N: int, row: int) -> dict[str, torch.Tensor]:
         """Bytes this rank's all-to-alls sent to other ranks in this forward and its backward (the rows that left
@@ -80,15 +109,14 @@ class ExpertParallelMoE(nn.Module):
         formula = 4 * N * self.k * row * (self.ep - 1) / self.ep
         return {"all_to_all_bytes": torch.tensor(float(sent)), "all_to_all_bytes_formula": torch.tensor(formula)}
 
-    def _counts(self, slot_expert: torch.Tensor, N: int) -> tuple[list[int], list[list[int]]]:
+    def _counts(self, counts_t: torch.Tensor | None, N: int) -> tuple[list[int], list[list[int]]]:
         """This rank's slots per expert (E ints), and the slots each source rank sends this rank's experts
-        (ep lists of E/ep ints): exchanged with an all-to-all, or balanced shares on fake tensors."""
+        (ep lists of E/ep ints): exchanged with an all-to-all, or balanced shares on fake tensors (None)."""
         E, L = self.n_expert, self.local
-        if has_no_data(slot_expert):
+        if counts_t is None:
             counts = [N * self.k // E + (1 if e < N * self.k % E else 0) for e in range(E)]
             mine = dist.get_rank(self.group) * L
             return counts, [counts[mine:mine + L] for _ in range(self.ep)]
-        counts_t = torch.bincount(slot_expert, minlength=E)
         received = torch.empty_like(counts_t)
         dist.all_to_all_single(received, counts_t, group=self.group)
         return counts_t.tolist(), received.view(self.ep, L).tolist()
@@ -130,10 +158,9 @@ def expert_mesh(plan, device_type: str):
 def check_expert_settings(cfg) -> None:
     """What expert parallelism runs here, said before anything is built."""
     c, tc = cfg.model, cfg.train
-    if c.moe_capacity_factor or c.moe_bias_update_rate or c.moe_grouped_mm or tc.precision == "fp16":
-        raise UserError("expert parallelism runs dropless top-k routing with the auxiliary loss in fp32/bf16 here: "
-                        "set model.moe_capacity_factor = 0, model.moe_bias_update_rate = 0, model.moe_grouped_mm = "
-                        "false and a precision other than fp16")
+    if c.moe_grouped_mm or tc.precision == "fp16":
+        raise UserError("expert parallelism runs each rank's experts as a loop over them, in fp32/bf16 here: set "
+                        "model.moe_grouped_mm = false and a precision other than fp16")
     if tc.objective != "lm" or tc.distill_from or tc.lora_rank or tc.optimizer != "adamw":
         raise UserError("expert parallelism pre-trains with AdamW (train.objective = 'lm', no distillation, LoRA or "
                         "Muon) here")
