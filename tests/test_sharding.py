@@ -30,7 +30,8 @@ COMMON = {"train.max_steps": 6, "train.batch_size_tokens": 256, "train.eval_ever
 
 MUON = {"train.optimizer": '"muon"'}
 MOE = {"model.n_expert": 4}
-ROUTED = {"model.moe_capacity_factor": 1.0, "model.moe_bias_update_rate": 0.01}  # tokens dropped; biases moving
+# tokens dropped, biases moving, the local experts as grouped matrix multiplies
+ROUTED = {"model.moe_capacity_factor": 1.0, "model.moe_bias_update_rate": 0.01, "model.moe_grouped_mm": "true"}
 
 
 def readme_cmd(line: str, extra: list[str]) -> list[str]:
@@ -93,7 +94,8 @@ def test_a_mixture_of_experts_under_tensor_parallelism_matches_one_process(runs)
 def test_expert_parallelism_matches_one_process_across_a_resume(runs):
     """--plan ep=2 (the docs' line): each rank holds 2 of the 4 experts, tokens go to them and back by all-to-all,
     the experts' gradients reduced by the expert backend, DDP the rest; with a capacity factor (past-capacity slots
-    dropped on the sending rank) and the auxiliary-loss-free bias (moved by every micro-batch's load): one
+    dropped on the sending rank), the auxiliary-loss-free bias (moved by every micro-batch's load) and grouped
+    experts: one
     process's losses, gradient norms and (gathered into the ordinary layout) weights, stopped at step 3 and
     resumed; generate reads the run."""
     root = runs["root"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
-from minigpt.nn.model import MoE, count_step_load, has_no_data
+from minigpt.nn.model import MoE, count_step_load, grouped_experts_ok, grouped_mlp, has_no_data
 from minigpt.nn.ops import activation_dtype
 from minigpt.nn.optim import StepResult
 from minigpt.nn.torch_private import all_to_all_autograd, ddp_ignore
@@ -36,12 +36,13 @@ from minigpt.parallel.ddp import TorchBackend
 
 class ExpertParallelMoE(nn.Module):
     """A MoE whose experts are split over ep_mesh; the same outputs, load-balancing loss and routing options (the
-    capacity factor, dropping past-capacity slots on the sending rank; the auxiliary-loss-free bias)."""
+    capacity factor, dropping past-capacity slots on the sending rank; the auxiliary-loss-free bias; grouped
+    matrix multiplies for the local experts)."""
 
     def __init__(self, moe: MoE, ep_mesh) -> None:
         super().__init__()
         self.n_expert, self.k, self.ep = moe.n_expert, moe.k, ep_mesh.size()
-        self.capacity_factor, self.bias_rate = moe.capacity_factor, moe.bias_rate
+        self.capacity_factor, self.bias_rate, self.grouped = moe.capacity_factor, moe.bias_rate, moe.grouped
         self.local = moe.n_expert // self.ep
         first = ep_mesh.get_local_rank() * self.local
         self.router = moe.router
@@ -123,12 +124,19 @@ class ExpertParallelMoE(nn.Module):
 
     def _run_experts(self, arrived: torch.Tensor, received: list[list[int]]) -> torch.Tensor:
         """The local experts on the rows that arrived (source by source, expert by expert within each),
-        their outputs put back in the order the rows came."""
+        their outputs put back in the order the rows came: one expert at a time, or (model.moe_grouped_mm, where
+        torch can) every local expert in two grouped matrix multiplies over the rows regrouped by expert."""
         pieces = list(arrived.split([c for source in received for c in source]))
         L = self.local
-        for j, expert in enumerate(self.experts):
-            rows = [pieces[s * L + j] for s in range(self.ep)]
-            y = expert(torch.cat(rows))
+        by_expert = [[pieces[s * L + j] for s in range(self.ep)] for j in range(L)]
+        if self.grouped and grouped_experts_ok(self.experts) and (
+                arrived.device.type != "cuda" or activation_dtype(arrived) == torch.bfloat16):
+            counts = torch.tensor([sum(r.size(0) for r in rows) for rows in by_expert], device=arrived.device)
+            ys = grouped_mlp(self.experts, torch.cat([r for rows in by_expert for r in rows]), counts)
+            ys = list(ys.split(counts.tolist()))
+        else:
+            ys = [expert(torch.cat(rows)) for expert, rows in zip(self.experts, by_expert)]
+        for j, (y, rows) in enumerate(zip(ys, by_expert)):
             for s, part in enumerate(y.split([r.size(0) for r in rows])):
                 pieces[s * L + j] = part
         return torch.cat(pieces)
@@ -158,9 +166,8 @@ def expert_mesh(plan, device_type: str):
 def check_expert_settings(cfg) -> None:
     """What expert parallelism runs here, said before anything is built."""
     c, tc = cfg.model, cfg.train
-    if c.moe_grouped_mm or tc.precision == "fp16":
-        raise UserError("expert parallelism runs each rank's experts as a loop over them, in fp32/bf16 here: set "
-                        "model.moe_grouped_mm = false and a precision other than fp16")
+    if tc.precision == "fp16":
+        raise UserError("expert parallelism runs in fp32 or bf16 here: set train.precision to one of them")
     if tc.objective != "lm" or tc.distill_from or tc.lora_rank or tc.optimizer != "adamw":
         raise UserError("expert parallelism pre-trains with AdamW (train.objective = 'lm', no distillation, LoRA or "
                         "Muon) here")
