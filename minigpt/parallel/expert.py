@@ -165,7 +165,7 @@ def expert_mesh(plan, device_type: str):
 
 def check_expert_settings(cfg) -> None:
     """What expert parallelism runs here, said before anything is built."""
-    c, tc = cfg.model, cfg.train
+    tc = cfg.train
     if tc.precision == "fp16":
         raise UserError("expert parallelism runs in fp32 or bf16 here: set train.precision to one of them")
     if tc.objective != "lm" or tc.distill_from or tc.lora_rank or tc.optimizer != "adamw":
