@@ -87,6 +87,8 @@ class PostData:
         self.heldout_pairs = read_examples(pairs, "pairs") if tc.objective in ("rm", "dpo") and pairs.is_file() else []
         self.rendered = [self._render(e) for e in self.examples]
         self._check_lengths()
+        if tc.objective == "sft":  # how many conversations a row can hold at most: the draws per packed micro-batch
+            self.per_row = max(1, self.block // (min(len(r.ids) for r in self.rendered) - 1))
 
     def _render(self, e: dict):
         if "messages" in e:
@@ -123,8 +125,7 @@ class PostData:
     def _sft(self, key: tuple, rows: int):
         """Rows of block_size packed with conversations drawn by the key, until a draw no longer fits."""
         rng = np.random.default_rng(key)
-        shortest = min(len(r.ids) for r in self.rendered) - 1
-        picks = rng.integers(0, len(self.rendered), size=rows * max(1, self.block // shortest))
+        picks = rng.integers(0, len(self.rendered), size=rows * self.per_row)
         x, y, pos, mask = pack_rows([self.rendered[i] for i in picks], rows, self.block)
         return x, Targets(y, pos, mask)
 
