@@ -69,6 +69,12 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> 
     return Rendered(ids, mask)
 
 
+def prompt_text(messages: list[dict]) -> str:
+    """A generation prompt as text, laid out as `render(..., generation_prompt=True)` lays out ids: tokenized by the
+    run's tokenizer it gives those ids (when no message's text holds a chat token: callers refuse those)."""
+    return "".join(f"{ROLES[m['role']]}{m['content']}{END}" for m in messages) + ROLES["assistant"]
+
+
 def completion(tokenizer, prompt: list[dict], answer: str) -> Rendered:
     """A prompt (ending in <|assistant|>) and an answer closed by <|end|>, trained on the answer only."""
     p = render(tokenizer, prompt, generation_prompt=True)

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
-from minigpt.data.chat import CHAT_TOKENS, END, ROLES
+from minigpt.data.chat import CHAT_TOKENS, ROLES, prompt_text
 from minigpt.infer.engine import Sampling, Sequence
 from minigpt.infer.evaluate import token_logprobs
 from minigpt.infer.detokenize import IncrementalText
@@ -121,7 +121,7 @@ def chat_prompt(messages: list[ChatMessage], template: bool = False) -> str:
         if any(t in m.content for t in CHAT_TOKENS):
             raise ApiError(400, f"messages[{i}].content holds a chat token ({', '.join(CHAT_TOKENS)}): remove it",
                            param="messages")
-    return "".join(f"{ROLES[m.role]}{m.content}{END}" for m in messages) + ROLES["assistant"]
+    return prompt_text([{"role": m.role, "content": m.content} for m in messages])  # tokenized off the event loop
 
 
 def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: int = 8,
