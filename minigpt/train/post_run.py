@@ -10,7 +10,6 @@ serve, eval and convert read it as they read any run.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -30,9 +29,9 @@ from minigpt.parallel.distributed import DistEnv, StopControl, all_reduce_mean, 
 from minigpt.parallel.parallelize import parallelize
 from minigpt.parallel.registry import make_backend
 from minigpt.parallel.sharding import shards_parameters
-from minigpt.run.files import check_pinned, file_digest, pin_sources
+from minigpt.run.files import check_pinned
 from minigpt.run.load import run_tokenizer
-from minigpt.train.checkpoint import Checkpointer, RunDir, clear_run_dir, remove_temporaries
+from minigpt.train.checkpoint import Checkpointer, RunDir
 from minigpt.train.metrics import check_sinks
 from minigpt.train.post import DPO, end_rewards, make_objective, token_logps
 from minigpt.train.post_data import PostData, base_tokenizer, forward_flops, grown_config, initial_model, rollouts
@@ -40,12 +39,12 @@ from minigpt.train.run_dir import (
     check_not_done,
     check_sources,
     claimed,
-    keep_records_until,
     make_metrics,
     plan_run,
     restore_state,
     resume_checked,
     resume_or_fresh,
+    write_files,
 )
 from minigpt.train.state import Run
 
@@ -105,7 +104,9 @@ def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrit
         saved = resume_checked(checkpointer, plan, paths, tc) if resume else None
         backend, hook = _build(cfg, env, plan, data, say)
         state = restore_state(checkpointer, backend, plan, saved, env)
-        _write_files(paths, cfg, tokenizer, resume and state.step, env)
+        write_files(paths, cfg, backend, state.step if resume else None, env,
+                    lambda to: atomic_write_text(to, tokenizer.to_str()),
+                    {"source": cfg.train.post_data, "objective": cfg.train.objective})
     metrics = make_metrics(cfg, env, say, paths, layout, peak, state.step if resume else None, end_step)
     run = PostRun(cfg, env, say, paths, None, plan, layout, backend, checkpointer, metrics, state, state.step,
                   end_step, lock, data=data, hook=hook, reward_model=reward_model)
@@ -149,22 +150,6 @@ def _reward_model(cfg: Config, tokenizer, env: DistEnv, say):
     say(f"reward   {cfg.train.reward_from} (step {step}, objective {rm_cfg.train.objective!r}): its score of each answer "
         f"is GRPO's reward; answers_right still counts exact answers")
     return model.requires_grad_(False)
-
-
-def _write_files(paths: RunDir, cfg: Config, tokenizer, resumed_at, env: DistEnv) -> None:
-    if not env.is_main:
-        return
-    if not resumed_at:
-        clear_run_dir(paths.root)
-        atomic_write_text(paths.tokenizer, tokenizer.to_str())
-        pin_sources(paths.root, cfg.train)
-    else:
-        remove_temporaries(paths.root)
-        keep_records_until(paths, resumed_at)
-    atomic_write_text(paths.config, cfg.to_json())
-    pinned = {"source": cfg.train.post_data, "objective": cfg.train.objective,
-              "tokenizer_sha256": file_digest(paths.tokenizer)["sha256"]}
-    atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
 
 
 # the steps ---------------------------------------------------------------------------------------------------

@@ -185,25 +185,33 @@ def keep_records_until(paths: RunDir, step: int) -> None:
 
 
 def write_run_files(paths: RunDir, cfg: Config, prepared, backend: Backend, resumed_at: int | None,
-                     env: DistEnv) -> None:
+                    env: DistEnv) -> None:
+    """A pre-training run's files (write_files): its tokenizer copied from the token cache, data.json the corpus it
+    is pinned to."""
+    m = prepared.manifest
+    pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
+    write_files(paths, cfg, backend, resumed_at, env, lambda to: shutil.copyfile(prepared.tokenizer_path, to), pinned)
+
+
+def write_files(paths: RunDir, cfg: Config, backend: Backend, resumed_at: int | None, env: DistEnv, put_tokenizer,
+                pinned: dict) -> None:
     """A fresh run clears what an earlier attempt left (no checkpoint, or --overwrite) and writes
-    config.json (resolved), tokenizer.json, data.json (the corpus it is pinned to) and the
-    backend's own config. A resumed run removes temporaries a kill left, keeps its tokenizer,
-    and drops the metrics records past its checkpoint (those steps are about to be redone)."""
+    config.json (resolved), tokenizer.json (put_tokenizer(path)), data.json (`pinned`, what the run is pinned to,
+    with the tokenizer's SHA-256) and the backend's own config. A resumed run removes temporaries a kill left, keeps
+    its tokenizer, and drops the metrics records past its checkpoint (those steps are about to be redone). Rank 0
+    writes; the others wait for it."""
     if not env.is_main:
         barrier(env)
         return
     if resumed_at is None:
         clear_run_dir(paths.root, keep=type(backend).scratch)
-        shutil.copyfile(prepared.tokenizer_path, paths.tokenizer)
+        put_tokenizer(paths.tokenizer)
         pin_sources(paths.root, cfg.train)
     else:
         remove_temporaries(paths.root)
         keep_records_until(paths, resumed_at)
     atomic_write_text(paths.config, cfg.to_json())
-    m = prepared.manifest
-    pinned = {k: m[k] for k in (*data.PINNED, "unigram_entropy_nats")}
-    pinned["tokenizer_sha256"] = file_digest(paths.tokenizer)["sha256"]  # checked again by every reader
+    pinned = {**pinned, "tokenizer_sha256": file_digest(paths.tokenizer)["sha256"]}  # checked again by every reader
     atomic_write_text(paths.root / "data.json", json.dumps(pinned, indent=2))
     for name, text in backend.run_files().items():
         atomic_write_text(paths.root / name, text)
