@@ -2,7 +2,8 @@
 each setting at each width is a real `minigpt train` process; its peak resident memory, median step time and the
 bytes it wrote are measured, and beside them the bytes ZeRO-Infinity's model says a step moves to the swap
 (Rajbhandari et al. 2021, Sec. 4: with the optimizer state on NVMe, the fp32 gradients written and read and the
-fp32 master, momentum and variance read and written each step) and the I/O time it predicts at the disk's measured
+fp32 master, momentum and variance read and written each step; with the parameters there too, each read in the
+forward and the backward and written back after the step) and the I/O time it predicts at the disk's measured
 write rate. The largest model each setting holds in this machine's memory is extrapolated from the measured bytes per
 parameter (a line through the widths timed) and said as such.
 
@@ -26,10 +27,15 @@ from pathlib import Path
 from minigpt.core.progress import note
 
 MODES = {"none": "zero=3,backend=deepspeed", "cpu": "zero=3,backend=deepspeed,offload=all",
-         "nvme": "zero=3,backend=deepspeed,offload=optimizer,offload_to=nvme"}
-WRITTEN_PER_PARAM = 4 + 12  # bytes a step writes to the swap per parameter: its fp32 gradient, fp32 master + m + v
-READ_PER_PARAM = 4 + 12  # and reads back: the gradient and the optimizer's three (parameters stay in memory: the
-# NVMe parameter swapper fails here, see parallel/zero.py)
+         "nvme": "zero=3,backend=deepspeed,offload=optimizer,offload_to=nvme",
+         "nvme_all": "zero=3,backend=deepspeed,offload=all,offload_to=nvme"}
+# bytes a step writes to the swap per parameter: its fp32 gradient, fp32 master + m + v; with the parameters on
+# NVMe too, their fp32 copy written back after the step (4)
+WRITTEN_PER_PARAM = {"nvme": 4 + 12, "nvme_all": 4 + 12 + 4}
+# and reads back: the gradient and the optimizer's three; with the parameters on NVMe, each read in the forward and
+# again in the backward (2 x 4)
+READ_PER_PARAM = {"nvme": 4 + 12, "nvme_all": 4 + 12 + 8}
+FIRST_SWAP_OUT = {"nvme": 12, "nvme_all": 12 + 4}  # written once when the run starts: the optimizer's state (+ weights)
 
 
 def disk_write_gbs(folder: Path, size: int = 512 << 20) -> float:
@@ -49,37 +55,60 @@ def disk_write_gbs(folder: Path, size: int = 512 << 20) -> float:
 
 # each run under a fresh parent of its own, so that its children's peak is this run's alone
 WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); u = resource.getrusage("
-        "resource.RUSAGE_CHILDREN); sys.stderr.write(f'\\nrusage {u.ru_maxrss} {u.ru_oublock}\\n'); sys.exit(r.returncode)")
+        "resource.RUSAGE_CHILDREN); sys.stderr.write(f'\\nrusage {u.ru_maxrss} {u.ru_oublock} {u.ru_inblock}\\n'); "
+        "sys.exit(r.returncode)")
 
 
 def one_run(mode: str, width: int, layers: int, steps: int, root: Path) -> dict:
     """One `minigpt train` process (one rank, no torchrun): peak RSS, bytes written, median step."""
-    out = root / f"{mode}-{width}"
+    out = root / f"{mode}-{width}-{steps}"
     sets = {"model.n_layer": layers, "model.n_embd": width, "model.n_head": max(1, width // 64), "model.block_size": 128,
             "train.max_steps": steps, "train.micro_batch_size": 1, "train.batch_size_tokens": 0, "train.log_every": 1,
-            "train.eval_every": 0, "train.sample_every": 0, "train.checkpoint_every": 0, "train.report": "false",
-            "train.precision": '"fp32"', "train.out_dir": f'"{out}"'}
+            "train.eval_every": 0, "train.eval_iters": 1, "train.sample_every": 0, "train.checkpoint_every": 0,
+            "train.report": "false", "train.precision": '"fp32"', "train.out_dir": f'"{out}"'}
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + width % 97), "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-c", WRAP, sys.executable, "-m", "minigpt", "train", "--config", "tiny", "--plan", MODES[mode],
            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode:
-        return {"mode": mode, "width": width, "error": r.stderr.strip().splitlines()[-2][:300]}
-    maxrss_kib, out_blocks = (int(x) for x in r.stderr.strip().splitlines()[-1].split()[1:])
+        return {"mode": mode, "width": width, "error": [line for line in r.stderr.splitlines() if line.strip()][-2][:300]}
+    maxrss_kib, out_blocks, in_blocks = (int(x) for x in r.stderr.strip().splitlines()[-1].split()[1:])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     final = json.loads([line for line in r.stdout.splitlines() if '"event": "final"' in line][-1])
+    files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "nvme-swap" not in f.parts)
     return {"mode": mode, "width": width, "layers": layers, "params": final["params"],
-            "peak_rss_bytes": maxrss_kib * 1024, "written_bytes": out_blocks * 512,
-            "median_step_s": statistics.median(rec["ms_per_step"] for rec in records[1:]) / 1e3,
+            "peak_rss_bytes": maxrss_kib * 1024, "step_rss_bytes": max(rec["memory_gib"] for rec in records) * 2**30,
+            "written_bytes": out_blocks * 512, "read_bytes": in_blocks * 512, "run_files_bytes": files,
+            "swap_written_bytes": out_blocks * 512 - files if mode.startswith("nvme") else 0,
+            "median_step_s": statistics.median(rec["ms_per_step"] for rec in records[1:] or records) / 1e3,
             "losses": [rec["loss"] for rec in records]}
 
 
-def fit(rows: list[dict], memory: float) -> dict:
-    """Per mode: bytes per parameter (the slope through its widths) and the largest model that fits `memory`."""
+def predicted_io(mode: str, params: int, steps: int, disk_gbs: float) -> dict:
+    """ZeRO-Infinity's swap traffic for `mode` (0 without NVMe): bytes a step, the whole run's writes (the first
+    swap-out included) and the seconds a step's writes take at the disk's measured rate."""
+    step = WRITTEN_PER_PARAM.get(mode, 0) * params
+    return {"predicted_written_bytes_per_step": step,
+            "predicted_written_bytes_run": step * steps + FIRST_SWAP_OUT.get(mode, 0) * params,
+            "predicted_read_bytes_per_step": READ_PER_PARAM.get(mode, 0) * params,
+            "predicted_io_s_per_step": step / (disk_gbs * 1e9)}
+
+
+def per_step_io(row: dict, one_step: dict, steps: int) -> dict:
+    """Bytes a step reads and writes, measured: the run's less a one-step run's of the same model, over the steps
+    between (what starting, the final evaluation and the checkpoint move cancels)."""
+    if "error" in one_step:
+        return {"one_step_error": one_step["error"]}
+    return {f"measured_{k}_per_step": (row[k] - one_step[k]) / (steps - 1) for k in ("read_bytes", "written_bytes")}
+
+
+def fit(rows: list[dict], memory: float, key: str = "peak_rss_bytes") -> dict:
+    """Per mode: bytes per parameter (the slope through its widths' `key`) and the largest model that fits
+    `memory`."""
     out = {}
     for mode in MODES:
-        pts = [(r["params"], r["peak_rss_bytes"]) for r in rows if r["mode"] == mode and "error" not in r]
+        pts = [(r["params"], r[key]) for r in rows if r["mode"] == mode and "error" not in r]
         if len(pts) < 2:
             continue
         (p0, m0), (p1, m1) = pts[0], pts[-1]
@@ -95,7 +124,7 @@ def main() -> None:
     ap.add_argument("--widths", default="512,1024,1536")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--modes", default="none,cpu,nvme")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out")
     args = ap.parse_args()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -108,18 +137,23 @@ def main() -> None:
                 note(f"offload bench: {mode} at width {width} x {args.layers} layers")
                 row = one_run(mode, width, args.layers, args.steps, root)
                 if "params" in row:
-                    written = WRITTEN_PER_PARAM * row["params"]
-                    row["predicted_written_bytes_per_step"] = written if mode == "nvme" else 0
-                    row["predicted_io_s_per_step"] = written / (disk * 1e9) if mode == "nvme" else 0.0
+                    row.update(predicted_io(mode, row["params"], args.steps, disk))
+                if "params" in row and mode.startswith("nvme") and args.steps > 1:
+                    row.update(per_step_io(row, one_run(mode, width, args.layers, 1, root), args.steps))
                 rows.append(row)
     result = {"bench": "offload", "machine": {"memory_bytes": memory, "cpus": os.cpu_count(), "disk_write_gbs": disk,
                                               "load_1min": os.getloadavg()[0]},
-              "rows": rows, "fit": fit(rows, memory),
-              "convention": ("measured: peak RSS of the training process (ru_maxrss), bytes it wrote (ru_oublock x 512: "
-                             "page-cache writes included), median step after the first; predicted: ZeRO-Infinity's "
-                             f"movement, {WRITTEN_PER_PARAM} bytes written and {READ_PER_PARAM} read per parameter a "
-                             "step, at the measured disk write rate; largest_params: extrapolated from the two widths' "
-                             "bytes per parameter to 90% of memory (not trained)")}
+              "rows": rows, "fit": fit(rows, memory), "fit_steps": fit(rows, memory, "step_rss_bytes"),
+              "convention": ("measured: peak RSS of the training process (ru_maxrss: building the model and the final "
+                             "checkpoint included), the largest RSS a step logged (step_rss_bytes), bytes it wrote "
+                             "(ru_oublock x 512: page-cache writes included) and read from the disk (ru_inblock x 512: "
+                             "reads the page cache served not counted), the swap's writes (written less the run "
+                             "folder's files), bytes a step reads and writes (NVMe: the run's less a one-step run's, over "
+                             "the steps between), median step after the first; predicted: ZeRO-Infinity's movement, bytes "
+                             f"written per parameter a step {WRITTEN_PER_PARAM} and read {READ_PER_PARAM} by mode, plus "
+                             f"{FIRST_SWAP_OUT} once, at the measured disk write rate; largest_params (fit: peak RSS; "
+                             "fit_steps: step RSS): extrapolated from the first and last widths' bytes per parameter to "
+                             "90% of memory (not trained)")}
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")

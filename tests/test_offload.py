@@ -1,5 +1,6 @@
 """ZeRO-Infinity's NVMe offload through DeepSpeed (issue 45): set from the plan like the CPU offload, it trains the
-same steps as no offload, swaps into files, and refuses what it cannot do (resume exactly; other engines)."""
+same steps as no offload (the optimizer state, the parameters or both on NVMe), swaps into files, and refuses what it
+cannot do (resume exactly; other engines)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, set_args, step_records, tiny_overrides, torchrun
+import torch
+from conftest import REPO, final_weights, run_cli, set_args, step_records, tiny_overrides, torchrun
 
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
@@ -43,34 +45,69 @@ def test_nvme_needs_zero_3_an_offload_and_deepspeed():
     assert "offload_to=nvme" in plan.spelling() and "to nvme" in plan.describe()
     r = run_cli("train", "--config", "tiny", "--plan", "zero=3,offload=params,offload_to=nvme,backend=fsdp")
     assert r.returncode == 2 and "use backend=deepspeed" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", "--config", "tiny", "--plan", "zero=3,offload=all,offload_to=nvme,backend=deepspeed")
-    assert r.returncode == 2 and "parameter swapper fails here" in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_aio
 def test_nvme_offload_trains_the_steps_of_no_offload_and_swaps_to_files(corpus_dir, data_cache, tmp_path):
-    """ZeRO-3 with the optimizer state swapped to files equals ZeRO-3 with nothing offloaded, loss for loss (fp32,
-    one rank, within 1e-6); the swap folder holds the master weights, momentum and variance; resuming is refused
-    with the way forward."""
+    """ZeRO-3 on two ranks with the parameters and the optimizer state swapped to files (offload=all, as
+    ZeRO-Infinity does) equals ZeRO-3 with nothing offloaded, loss for loss (fp32, within 1e-6), through an
+    evaluation and a checkpoint (its weights gathered one parameter at a time); each rank swaps its own partitions
+    of both; resuming is refused with the way forward."""
     runs = {}
-    for name, plan in (("plain", "zero=3,backend=deepspeed"),
-                       ("nvme", "zero=3,backend=deepspeed,offload=optimizer,offload_to=nvme")):
+    for name, plan in (("plain", "zero=3,backend=deepspeed"), ("all", "zero=3,backend=deepspeed,offload=all,offload_to=nvme")):
         out = tmp_path / name
-        # wide enough that DeepSpeed swaps them (it keeps tensors under 1 MiB in memory)
-        sets = tiny_overrides(corpus_dir, data_cache, out, **{"train.max_steps": 4, "train.precision": '"fp32"',
-                                                               "model.n_embd": 256, "model.n_head": 4})
-        r = torchrun(1, ["--config", "tiny", "--plan", plan, *set_args(sets)], timeout=600)
+        # 512 wide: the MLP's weights are 1M elements, half of it a rank, at DeepSpeed's 1 MiB swap threshold
+        sets = tiny_overrides(corpus_dir, data_cache, out, **{"train.max_steps": 3, "train.precision": '"fp32"',
+                                                               "train.eval_every": 2, "train.checkpoint_every": 2,
+                                                               "model.n_embd": 512, "model.n_head": 8})
+        r = torchrun(2, ["--config", "tiny", "--plan", plan, *set_args(sets)], timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = out
-    nvme, plain = ([s["loss"] for s in step_records(runs[k])] for k in ("nvme", "plain"))
-    assert nvme == pytest.approx(plain, rel=1e-6) and len(nvme) == 4
-    ds = json.loads((runs["nvme"] / "deepspeed_config.json").read_text())["zero_optimization"]
-    assert ds["offload_optimizer"]["device"] == "nvme" and "offload_param" not in ds
-    names = {p.name.split("-")[0] for p in (runs["nvme"] / "nvme-swap" / "zero_stage_3" / "optimizer").rglob("*.swp")}
-    assert {"exp_avg", "exp_avg_sq"} <= names
-    r = torchrun(1, ["--resume", str(runs["nvme"]), "--set", "train.max_steps=6"], timeout=300)
+    got, want = ([s["loss"] for s in step_records(runs[k])] for k in ("all", "plain"))
+    assert got == pytest.approx(want, rel=1e-6) and len(got) == 3
+    a, b = final_weights(runs["all"]), final_weights(runs["plain"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    ds = json.loads((runs["all"] / "deepspeed_config.json").read_text())["zero_optimization"]
+    assert ds["offload_optimizer"]["device"] == "nvme" and ds["offload_param"]["device"] == "nvme"
+    swap = runs["all"] / "nvme-swap" / "zero_stage_3"
+    for rank in (0, 1):
+        names = {p.name.split("-")[0] for p in (swap / "optimizer" / f"rank{rank}").glob("*.swp")}
+        assert {"exp_avg", "exp_avg_sq"} <= names
+        assert len(list((swap / "float32params" / f"rank{rank}").glob("*_param.tensor.swp"))) >= 4  # c_fc, c_proj x 2
+    r = torchrun(2, ["--resume", str(runs["all"]), "--set", "train.max_steps=6"], timeout=300)
     assert r.returncode != 0 and "error: " in r.stderr and "does not resume exactly" in r.stderr  # torchrun exits 1
     assert "train.init_from" in r.stderr
+
+
+def test_parameters_on_nvme_are_set_to_swap_one_use_at_a_time_and_leave_the_memory_floor():
+    """The generated offload_param: every parameter swappable (max_in_cpu 0), buffers the size of the largest
+    weight's partition on a rank, released after each use, no prefetch; the memory a run is checked against
+    drops by what goes to files (parameters, optimizer state), and only with nvme."""
+    from minigpt.core.config import load_config
+    from minigpt.core.plan import batch_layout
+    from minigpt.parallel import zero
+
+    sets = ["model.n_embd=512", "model.n_head=8", 'train.precision="fp32"']
+    need = {}
+    for spelling in ("zero=3,backend=deepspeed", "zero=3,backend=deepspeed,offload=all",
+                     "zero=3,backend=deepspeed,offload=optimizer,offload_to=nvme",
+                     "zero=3,backend=deepspeed,offload=all,offload_to=nvme"):
+        plan = ParallelPlan.parse(spelling, world=4)
+        cfg = load_config(REPO / "configs" / "tiny.toml", sets + plan.train_overrides())
+        need[spelling.split(",", 2)[-1]] = zero.DeepSpeedBackend.memory_need(cfg, plan, batch_layout(cfg.train, 128, 4))
+        if "nvme" in spelling:
+            ds = zero.build_config(cfg, batch_layout(cfg.train, 128, 4))
+            assert ("offload_param" in ds["zero_optimization"]) == spelling.endswith("all,offload_to=nvme")
+            assert ds["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
+    param = ds["zero_optimization"]["offload_param"]
+    assert param["device"] == "nvme" and param["max_in_cpu"] == 0 and param["buffer_count"] >= 1
+    assert param["buffer_size"] == 2048 * 512 // 4  # the vocabulary's and the MLP's 2048 x 512, over 4 ranks
+    assert ds["zero_optimization"]["stage3_max_reuse_distance"] == 0
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
+    n = 4 * 12 * 512 * 512  # the 4 blocks' weights; a rank's ZeRO-3 partition is a quarter of every state
+    assert need["offload=all"] == need["backend=deepspeed"]  # CPU offload on a CPU: nothing leaves the memory
+    assert need["backend=deepspeed"] - need["offload=optimizer,offload_to=nvme"] > 12 * n / 4  # fp32 master, m, v
+    assert need["offload=optimizer,offload_to=nvme"] - need["offload=all,offload_to=nvme"] > 4 * n / 4  # fp32 weights
 
 
 def test_a_stopped_nvme_run_is_not_told_to_resume():

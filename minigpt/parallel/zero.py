@@ -21,6 +21,7 @@ import torch
 
 from minigpt.analytic import memory as M
 from minigpt.analytic.flops import param_counts
+from minigpt.core.blocks import inventory, numel
 from minigpt.core.config import Config, TrainConfig, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
@@ -85,23 +86,42 @@ AIO = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submi
 # measured on deepspeed 0.19.8 (tests/test_offload.py): its NVMe checkpoint restores the swapped optimizer state
 # stale (the first step after a resume differs from the uninterrupted run's) and fails outright with parameters
 NVME_NO_RESUME = "a run with offload_to=nvme does not resume exactly (DeepSpeed restores NVMe-swapped states stale)"
+NVME_PARAM_BUFFERS = 5  # DeepSpeed's default count (a module fetches its weight and bias together; 1 sufficed here)
 NVME_SUB_GROUP = 10_000_000  # fp32 elements the optimizer swaps in at once (DeepSpeed's default 1e9 would hold
 # 4 buffers of 4 GB in memory: ZeRO-Infinity's docs lower sub_group_size for NVMe so the swap buffers stay small)
 
 
-def _offload(cfg: Config) -> dict:
-    """zero_optimization's offload entries: to CPU memory, or the optimizer state swapped to files in the NVMe folder
-    (in sub-groups of NVME_SUB_GROUP elements, so its swap buffers stay small)."""
+def _offload(cfg: Config, world_size: int) -> dict:
+    """zero_optimization's offload entries: to CPU memory, or the optimizer state (and with offload=params or all,
+    the parameters) swapped to files in the NVMe folder (see _nvme_params)."""
     tc, out = cfg.train, {}
     if tc.offload_device == "nvme":
-        out["offload_optimizer"] = {"device": "nvme", "nvme_path": str(nvme_folder(tc).resolve()), "pin_memory": False}
-        out["sub_group_size"] = NVME_SUB_GROUP
+        if tc.offload_optimizer:
+            out["offload_optimizer"] = {"device": "nvme", "nvme_path": str(nvme_folder(tc).resolve()), "pin_memory": False}
+            out["sub_group_size"] = NVME_SUB_GROUP
+        if tc.offload_params:
+            out.update(_nvme_params(cfg, world_size))
         return out
     if tc.offload_optimizer:
         out["offload_optimizer"] = {"device": "cpu"}
     if tc.offload_params:
         out["offload_param"] = {"device": "cpu"}
     return out
+
+
+def _nvme_params(cfg: Config, world_size: int) -> dict:
+    """Parameters swapped to NVMe as ZeRO-Infinity does: every one DeepSpeed can swap (max_in_cpu 0; it keeps those
+    under its 1 MiB I/O block in memory), swapped in through NVME_PARAM_BUFFERS buffers each the size of the largest
+    parameter's partition (DeepSpeed's default 1e8 elements would hold 2 GB), and released after each use
+    (stage3_max_reuse_distance 0: DeepSpeed's default 1e9 keeps every parameter swapped in from forward to backward
+    and runs out of buffers on the second step) and fetched when needed, not prefetched (its NVMe prefetch fills every
+    free buffer in the order the last training step met the parameters, and an evaluation, meeting them in another
+    order, then finds none free); both measured with deepspeed 0.19.8."""
+    largest = max(numel(p.shape) for p in inventory(cfg.model).parts() if p.shape)
+    return {"offload_param": {"device": "nvme", "nvme_path": str(nvme_folder(cfg.train).resolve()), "pin_memory": False,
+                              "max_in_cpu": 0, "buffer_count": NVME_PARAM_BUFFERS,
+                              "buffer_size": -(-largest // world_size)},
+            "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
 
 
 def check_nvme(tc: TrainConfig) -> None:
@@ -123,7 +143,7 @@ def build_config(cfg: Config, layout: BatchLayout) -> dict:
     """DeepSpeed's JSON config from minigpt's, merged with the user's override file if any."""
     tc = cfg.train
     micro, accum = layout.micro_batch_size, layout.accum
-    zero: dict = {"stage": tc.zero_stage, **_offload(cfg)}
+    zero: dict = {"stage": tc.zero_stage, **_offload(cfg, layout.world_size)}
     ds = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -171,12 +191,27 @@ def _single_process_env() -> None:
                        "MASTER_PORT": str(port)})
 
 
+def _partition_for_nvme(deepspeed, model: torch.nn.Module, ds_config: dict) -> None:
+    """Partition the model before deepspeed.initialize, in the config's dtype (its parameters cast first, as the
+    engine casts them for bf16; buffers stay fp32). Left to deepspeed.initialize, 0.19.8's parameter swapper takes
+    an fp32 model's dtype as bf16 on the CPU accelerator (`dtype or fp16 if ... else bf16` in Init._set_dtype) and
+    swaps fp32 weights back in as bf16."""
+    dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"]
+             else torch.float32)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    # without train_batch_size: Init checks it against a world of one when deepspeed.comm is not yet set up
+    deepspeed.zero.Init(module=model, config_dict_or_path={k: v for k, v in ds_config.items() if k != "train_batch_size"})
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
     deepspeed = require_deepspeed()
     from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
     try:
         _single_process_env()
+        if ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
+            _partition_for_nvme(deepspeed, model, ds_config)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     except (ValueError, AssertionError, ZeRORuntimeException) as e:
         raise UserError(f"DeepSpeed rejected the config: {str(e).splitlines()[0]}") from None
@@ -205,12 +240,6 @@ class DeepSpeedBackend(Backend):
             raise UserError("offload=params needs zero=3 (only stage 3 partitions parameters)")
         if plan.offload_optimizer and plan.zero == 0:
             raise UserError("offload=optimizer needs zero >= 1 (stage 0 keeps the optimizer whole)")
-        if plan.offload_to == "nvme" and plan.offload_params:
-            # measured with deepspeed 0.19.8 on the CPU accelerator: its parameter swapper fails once a weight is
-            # large enough to swap (fp32: swapped back as bf16; bf16: "Not enough buffers 0 for swapping 1")
-            raise UserError("offload_to=nvme swaps the optimizer state (offload=optimizer: 12 of the 16 bytes a "
-                            "parameter); DeepSpeed's NVMe parameter swapper fails here, so offload=params and all are "
-                            "refused with nvme")
         return dataclasses.replace(plan, backend=cls.name)
 
     @classmethod
@@ -247,13 +276,17 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def memory_need(cls, cfg: Config, plan: ParallelPlan, layout: BatchLayout) -> float:
-        """minigpt's floor with the model states DeepSpeed holds under the plan's ZeRO stage."""
+        """minigpt's floor with the model states DeepSpeed holds under the plan's ZeRO stage; those swapped to NVMe
+        (the optimizer state, the parameters) are not held."""
         n, precision = param_counts(cfg.model).total, cfg.train.precision
         need = super().memory_need(cfg, plan, layout)
         if not plan.zero:
             return need
-        return (need - M.model_state_bytes(n, precision, 0, 1, "amp").total
-                + M.model_state_bytes(n, precision, plan.zero, plan.dp, "zero_fp32_grads").total)
+        held = M.model_state_bytes(n, precision, plan.zero, plan.dp, "zero_fp32_grads")
+        nvme = plan.offload_to == "nvme"
+        return (need - M.model_state_bytes(n, precision, 0, 1, "amp").total + held.gradients
+                + (0 if nvme and plan.offload_params else held.parameters)
+                + (0 if nvme and plan.offload_optimizer else held.optimizer_state))
 
     def __init__(self, model: torch.nn.Module, cfg: Config, env: DistEnv, plan: ParallelPlan) -> None:
         self.tc, self.env, self.cfg, self.plan = cfg.train, env, cfg, plan
@@ -286,7 +319,11 @@ class DeepSpeedBackend(Backend):
         return StepResult(norm if norm is not None else torch.tensor(float("nan")), torch.tensor(skipped))
 
     def save_state(self, folder: Path) -> dict:
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
+        """DeepSpeed's checkpoint of the engine, except with NVMe offload: such a run cannot resume exactly
+        (NVME_NO_RESUME; a new run starts from its weights, which the checkpoint holds), and DeepSpeed's save would
+        swap every optimizer state back into memory and copy the swap files."""
+        if self.plan.offload_to != "nvme":
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="deepspeed")
         return {"zero_stage": self.tc.zero_stage, "offload_to": self.plan.offload_to}
 
     def load_state(self, folder: Path, state: dict) -> None:
@@ -321,21 +358,21 @@ class DeepSpeedBackend(Backend):
 def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
     """Every parameter whole (ZeRO-3 partitions gathered), as fp32 CPU tensors; collective.
 
-    Returns the dict on global rank 0 and None elsewhere. Tied weights appear once.
+    Returns the dict on global rank 0 and None elsewhere. Tied weights appear once. Gathered one parameter at a
+    time (every rank in the same order), so a run with parameters on NVMe needs one swap buffer, not one for each.
     """
     deepspeed = require_deepspeed()
-    params = list(model.parameters())
-    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-              if any(hasattr(p, "ds_id") for p in params) else contextlib.nullcontext())
-    out = None
-    with gather:
-        if engine.global_rank == 0:
-            seen, out = set(), {}
-            for name, p in model.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out[name] = p.detach().float().cpu().clone()
-    return out
+    seen, out = set(), {}
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        gather = (deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id")
+                  else contextlib.nullcontext())
+        with gather:
+            if engine.global_rank == 0:
+                out[name] = p.detach().float().cpu().clone()
+    return out if engine.global_rank == 0 else None
 
 
 # ----------------------------------------------------------------------------------------------
