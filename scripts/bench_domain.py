@@ -33,7 +33,9 @@ def main() -> None:
           "cost": cost_summary(rows),
           "convention": "measured here: bits per byte by minigpt eval on each held-out split (the domain's validation "
                         "files, the general run's); cost per token = decode time per token at batch 16 relative to the "
-                        "general run (a price per hour cancels)"}, args.out)
+                        "general run (a price per hour cancels); predicted: extrapolate --serve's rooflines, compute-bound "
+                        "(decode FLOPs per token at a full context, analytic/flops.decode_flops) and bandwidth-bound "
+                        "(weight bytes read per decode step), each relative to the general run"}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def one_run(mode: str, width: int, layers: int, steps: int, root: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     final = json.loads([line for line in r.stdout.splitlines() if '"event": "final"' in line][-1])
     files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "nvme-swap" not in f.parts)
+    shutil.rmtree(out / "nvme-swap", ignore_errors=True)  # 24 bytes a parameter: the next runs need the disk
     return {"mode": mode, "width": width, "layers": layers, "params": final["params"],
             "peak_rss_bytes": maxrss_kib * 1024, "step_rss_bytes": max(rec["memory_gib"] for rec in records) * 2**30,
             "written_bytes": out_blocks * 512, "read_bytes": in_blocks * 512, "run_files_bytes": files,
@@ -103,12 +105,12 @@ def per_step_io(row: dict, one_step: dict, steps: int) -> dict:
     return {f"measured_{k}_per_step": (row[k] - one_step[k]) / (steps - 1) for k in ("read_bytes", "written_bytes")}
 
 
-def fit(rows: list[dict], memory: float, key: str = "peak_rss_bytes") -> dict:
-    """Per mode: bytes per parameter (the slope through its widths' `key`) and the largest model that fits
+def fit(rows: list[dict], memory: float) -> dict:
+    """Per mode: bytes per parameter (the slope of the peak through its widths) and the largest model that fits
     `memory`."""
     out = {}
     for mode in MODES:
-        pts = [(r["params"], r[key]) for r in rows if r["mode"] == mode and "error" not in r]
+        pts = [(r["params"], r["peak_rss_bytes"]) for r in rows if r["mode"] == mode and "error" not in r]
         if len(pts) < 2:
             continue
         (p0, m0), (p1, m1) = pts[0], pts[-1]
@@ -143,17 +145,17 @@ def main() -> None:
                 rows.append(row)
     result = {"bench": "offload", "machine": {"memory_bytes": memory, "cpus": os.cpu_count(), "disk_write_gbs": disk,
                                               "load_1min": os.getloadavg()[0]},
-              "rows": rows, "fit": fit(rows, memory), "fit_steps": fit(rows, memory, "step_rss_bytes"),
+              "rows": rows, "fit": fit(rows, memory),
               "convention": ("measured: peak RSS of the training process (ru_maxrss: building the model and the final "
-                             "checkpoint included), the largest RSS a step logged (step_rss_bytes), bytes it wrote "
-                             "(ru_oublock x 512: page-cache writes included) and read from the disk (ru_inblock x 512: "
+                             "checkpoint included), the largest RSS when a step was logged (step_rss_bytes: between "
+                             "steps; a step's transient peak is higher), bytes it wrote (ru_oublock x 512: page-cache "
+                             "writes included) and read from the disk (ru_inblock x 512: "
                              "reads the page cache served not counted), the swap's writes (written less the run "
                              "folder's files), bytes a step reads and writes (NVMe: the run's less a one-step run's, over "
                              "the steps between), median step after the first; predicted: ZeRO-Infinity's movement, bytes "
                              f"written per parameter a step {WRITTEN_PER_PARAM} and read {READ_PER_PARAM} by mode, plus "
-                             f"{FIRST_SWAP_OUT} once, at the measured disk write rate; largest_params (fit: peak RSS; "
-                             "fit_steps: step RSS): extrapolated from the first and last widths' bytes per parameter to "
-                             "90% of memory (not trained)")}
+                             f"{FIRST_SWAP_OUT} once, at the measured disk write rate; largest_params: extrapolated from "
+                             "the first and last widths' bytes per parameter to 90% of memory (not trained)")}
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")

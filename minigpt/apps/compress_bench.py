@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.analytic.flops import param_counts
+from minigpt.analytic.flops import decode_flops, param_counts
 from minigpt.apps.pruned_run import save_pruned_run
 from minigpt.apps.quantized_run import save_quantized_run
 from minigpt.core.progress import note
@@ -52,6 +52,8 @@ def measure(run: Path, held_out: dict[str, object]) -> dict:
     torch.manual_seed(0)
     row = {"run": run.name, "params": param_counts(model.config).total,  # quantized matrices count as their shapes
            "weight_bytes": weight_bytes(model)["total_bytes"],
+           # extrapolate --serve's compute-bound cost: forward FLOPs of one decoded token at a full context
+           "decode_flops_per_token": decode_flops(model.config, model.config.block_size),
            "decode_tokens_per_s_batch1": decode_tokens_per_s(model, 1),
            "decode_tokens_per_s_batch16": decode_tokens_per_s(model, 16)}
     for name, tokens in held_out.items():
@@ -97,11 +99,16 @@ def domain_rows(root: Path, teacher: Path, domain: str, steps: int, data_sets: d
 
 
 def cost_summary(rows: list[dict]) -> dict:
-    """Each student's cost per token (decode time, batch 16) as a share of the teacher's, and its quality loss."""
+    """Each student's cost per token (decode time, batch 16) as a share of the teacher's, measured and as
+    extrapolate --serve predicts it, and its quality loss."""
     base = rows[0]
     out = {}
     for r in rows[1:]:
         out[r["run"]] = {"cost_per_token_vs_teacher": base["decode_tokens_per_s_batch16"] / r["decode_tokens_per_s_batch16"],
+                         # predicted as extrapolate --serve prices a token: compute-bound (FLOPs) and bandwidth-bound
+                         # (weights read per decode step) rooflines
+                         "predicted_compute_bound_vs_teacher": r["decode_flops_per_token"] / base["decode_flops_per_token"],
+                         "predicted_bandwidth_bound_vs_teacher": r["weight_bytes"] / base["weight_bytes"],
                          "bpb_domain_change": r["bpb_domain"] / base["bpb_domain"] - 1,
                          "bpb_general_change": r["bpb_general"] / base["bpb_general"] - 1,
                          "weight_bytes_vs_teacher": r["weight_bytes"] / base["weight_bytes"]}
