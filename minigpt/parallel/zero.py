@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -129,7 +130,11 @@ def check_nvme(tc: TrainConfig) -> None:
     require_deepspeed()
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    if not AsyncIOBuilder().is_compatible(verbose=False):
+    # DeepSpeed's probe compiles a test against libaio with the process's stderr file descriptor: with sys.stderr
+    # redirected to something without one (a notebook, minigpt called in-process) it says "incompatible"
+    with contextlib.redirect_stderr(sys.__stderr__ or sys.stderr):
+        compatible = AsyncIOBuilder().is_compatible(verbose=False)
+    if not compatible:
         raise UserError("offload_to=nvme needs DeepSpeed's async I/O op, which builds against libaio: install it "
                         "(Debian/Ubuntu: apt-get install libaio-dev; `ds_report` then shows async_io [OKAY]), or "
                         "offload to cpu")
@@ -259,7 +264,10 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def check_resumable(cls, state: dict, run_dir: Path, plan: ParallelPlan, tc: TrainConfig) -> None:
-        """Also: DeepSpeed's partitions are of one ZeRO stage over one number of ranks."""
+        """Also: an NVMe run does not resume at all (said first: no other setting would make it); DeepSpeed's
+        partitions are of one ZeRO stage over one number of ranks."""
+        if state.get("offload_to") == "nvme" or plan.offload_to == "nvme":
+            raise UserError(f"{run_dir}: {NVME_NO_RESUME}; start a new run from its weights: --set train.init_from={run_dir}")
         super().check_resumable(state, run_dir, plan, tc)
         if state.get("zero_stage") != tc.zero_stage:
             raise UserError(f"{run_dir} holds ZeRO-{state.get('zero_stage')} partitions; resume with "
@@ -267,8 +275,6 @@ class DeepSpeedBackend(Backend):
         if state.get("world_size") != plan.world:
             raise UserError(f"{run_dir} holds DeepSpeed partitions of {state.get('world_size')} ranks, "
                             f"not {plan.world}: resume with the same number of processes")
-        if state.get("offload_to") == "nvme" or plan.offload_to == "nvme":
-            raise UserError(f"{run_dir}: {NVME_NO_RESUME}; start a new run from its weights: --set train.init_from={run_dir}")
 
     @classmethod
     def cannot_resume(cls, plan: ParallelPlan) -> str | None:
