@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -77,6 +78,17 @@ def _merge(base: dict, extra: dict) -> dict:
 def nvme_folder(tc: TrainConfig) -> Path:
     """Where NVMe offload swaps: train.nvme_path, or <out_dir>/nvme-swap (scratch, not part of a checkpoint)."""
     return Path(tc.nvme_path) if tc.nvme_path else Path(tc.out_dir) / "nvme-swap"
+
+
+def remove_swap(tc: TrainConfig, rank: int) -> None:
+    """This rank's swap files (DeepSpeed writes them in zero_stage_3/<state>/rank<r> of the NVMe folder), then the
+    folders left empty: another rank's files, or the user's in a train.nvme_path of theirs, stay."""
+    folder = nvme_folder(tc)
+    for files in folder.glob(f"zero_stage_3/*/rank{rank}"):
+        shutil.rmtree(files, ignore_errors=True)
+    for empty in (*folder.glob("zero_stage_3/*"), folder / "zero_stage_3", *([] if tc.nvme_path else [folder])):
+        with contextlib.suppress(OSError):
+            empty.rmdir()
 
 
 # DeepSpeed's async I/O settings for NVMe offload (its docs' defaults; one thread: this is a CPU's disk, not 8 NVMe
@@ -359,6 +371,8 @@ class DeepSpeedBackend(Backend):
 
     def close(self) -> None:
         self.engine.destroy()  # release the engine's hooks and buffers before the process group goes
+        if self.plan.offload_to == "nvme":  # the run cannot resume from them (NVME_NO_RESUME)
+            remove_swap(self.tc, self.env.rank)
 
 
 def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
