@@ -27,7 +27,7 @@ from minigpt.core.blocks import inventory, numel
 from minigpt.core.config import Config, TrainConfig, read_json
 from minigpt.core.errors import UserError
 from minigpt.core.plan import BatchLayout, ParallelPlan
-from minigpt.nn.optim import StepResult, make_optimizer, objective
+from minigpt.nn.optim import DTYPES, StepResult, make_optimizer, objective
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.distributed import DistEnv, all_gather_objects
 
@@ -208,27 +208,25 @@ def _single_process_env() -> None:
                        "MASTER_PORT": str(port)})
 
 
-def _partition_for_nvme(deepspeed, model: torch.nn.Module, ds_config: dict) -> None:
-    """Partition the model before deepspeed.initialize, in the config's dtype (its parameters cast first, as the
+def _partition_for_nvme(deepspeed, model: torch.nn.Module, ds_config: dict, dtype: torch.dtype) -> None:
+    """Partition the model before deepspeed.initialize, in the run's dtype (its parameters cast first, as the
     engine casts them for bf16; buffers stay fp32). Left to deepspeed.initialize, 0.19.8's parameter swapper takes
     an fp32 model's dtype as bf16 on the CPU accelerator (`dtype or fp16 if ... else bf16` in Init._set_dtype) and
     swaps fp32 weights back in as bf16."""
-    dtype = (torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"]
-             else torch.float32)
     for p in model.parameters():
         p.data = p.data.to(dtype)
     # without train_batch_size: Init checks it against a world of one when deepspeed.comm is not yet set up
     deepspeed.zero.Init(module=model, config_dict_or_path={k: v for k, v in ds_config.items() if k != "train_batch_size"})
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, precision: str):
     deepspeed = require_deepspeed()
     from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
     try:
         _single_process_env()
         if ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
-            _partition_for_nvme(deepspeed, model, ds_config)
+            _partition_for_nvme(deepspeed, model, ds_config, DTYPES[precision])
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     except (ValueError, AssertionError, ZeRORuntimeException) as e:
         raise UserError(f"DeepSpeed rejected the config: {str(e).splitlines()[0]}") from None
@@ -312,7 +310,7 @@ class DeepSpeedBackend(Backend):
         if plan.offload_to == "nvme":  # DeepSpeed's swapper writes into it; its first use builds the async I/O op
             nvme_folder(self.tc).mkdir(parents=True, exist_ok=True)
         self.model = model
-        self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config)
+        self.engine, self.optimizer = initialize(model, make_optimizer(model, self.tc), self.ds_config, self.tc.precision)
         self.held: dict = {}
         self._skipped = 0
 
@@ -382,11 +380,8 @@ def full_state_dict(engine, model: torch.nn.Module) -> dict | None:
     time (every rank in the same order), so a run with parameters on NVMe needs one swap buffer, not one for each.
     """
     deepspeed = require_deepspeed()
-    seen, out = set(), {}
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    out = {}
+    for name, p in model.named_parameters():  # a tied weight once (named_parameters leaves out repeats)
         gather = (deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id")
                   else contextlib.nullcontext())
         with gather:
