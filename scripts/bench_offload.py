@@ -72,13 +72,13 @@ def one_run(mode: str, width: int, layers: int, steps: int, root: Path) -> dict:
     cmd = [sys.executable, "-c", WRAP, sys.executable, "-m", "minigpt", "train", "--config", "tiny", "--plan", MODES[mode],
            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    shutil.rmtree(out / "nvme-swap", ignore_errors=True)  # a failed run's swap (a finished run deletes its own)
     if r.returncode:
         return {"mode": mode, "width": width, "error": [line for line in r.stderr.splitlines() if line.strip()][-2][:300]}
     maxrss_kib, out_blocks, in_blocks = (int(x) for x in r.stderr.strip().splitlines()[-1].split()[1:])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     final = json.loads([line for line in r.stdout.splitlines() if '"event": "final"' in line][-1])
     files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "nvme-swap" not in f.parts)
-    shutil.rmtree(out / "nvme-swap", ignore_errors=True)  # the swapped fp32 states: the next runs need the disk
     return {"mode": mode, "width": width, "layers": layers, "params": final["params"],
             "peak_rss_bytes": maxrss_kib * 1024, "step_rss_bytes": max(rec["memory_gib"] for rec in records) * 2**30,
             "written_bytes": out_blocks * 512, "read_bytes": in_blocks * 512, "run_files_bytes": files,
