@@ -57,7 +57,7 @@ def test_nvme_offload_trains_the_steps_of_no_offload_and_swaps_to_files(corpus_d
     runs = {}
     for name, plan in (("plain", "zero=3,backend=deepspeed"), ("all", "zero=3,backend=deepspeed,offload=all,offload_to=nvme")):
         out = tmp_path / name
-        # 512 wide: the MLP's weights are 1M elements, half of it a rank, at DeepSpeed's 1 MiB swap threshold
+        # 512 wide: the MLP's weights are 1M elements, 2 MiB of fp32 a rank, above DeepSpeed's 1 MiB swap threshold
         sets = tiny_overrides(corpus_dir, data_cache, out, **{"train.max_steps": 3, "train.precision": '"fp32"',
                                                                "train.eval_every": 2, "train.checkpoint_every": 2,
                                                                "model.n_embd": 512, "model.n_head": 8})
