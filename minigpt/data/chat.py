@@ -31,6 +31,11 @@ MAX_DATA_BYTES = 1 << 30  # the largest post-training JSONL file read
 MAX_CONTENT_CHARS = 1 << 20  # one message's text
 
 
+def holds_chat_token(text: str) -> bool:
+    """Whether a message's text spells a chat token (it would open a turn of its own): refused in data and requests."""
+    return any(t in text for t in CHAT_TOKENS)
+
+
 def chat_tokenizer(tokenizer) -> tuple[object, list[str]]:
     """The tokenizer with the chat tokens added (as special tokens) where missing; the ones added."""
     vocab = tokenizer.get_vocab()
@@ -92,7 +97,7 @@ def _messages(value, where: str, final_assistant: bool) -> list[dict]:
         if (not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ROLES
                 or not isinstance(m["content"], str) or len(m["content"]) > MAX_CONTENT_CHARS):
             raise UserError(f"{where}: each message is {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
-        if any(t in m["content"] for t in CHAT_TOKENS):
+        if holds_chat_token(m["content"]):
             raise UserError(f"{where}: a message's text holds a chat token ({', '.join(CHAT_TOKENS)}); remove it")
     if final_assistant and value[-1]["role"] != "assistant":
         raise UserError(f"{where}: a training conversation ends with an assistant message")
@@ -102,7 +107,7 @@ def _messages(value, where: str, final_assistant: bool) -> list[dict]:
 
 
 def _text(value, where: str, key: str) -> str:
-    if not isinstance(value, str) or len(value) > MAX_CONTENT_CHARS or any(t in value for t in CHAT_TOKENS):
+    if not isinstance(value, str) or len(value) > MAX_CONTENT_CHARS or holds_chat_token(value):
         raise UserError(f"{where}: \"{key}\" must be text without chat tokens")
     return value
 

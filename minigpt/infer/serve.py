@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.core.device import device_name
 from minigpt.core.errors import UserError
-from minigpt.data.chat import CHAT_TOKENS, ROLES, prompt_text
+from minigpt.data.chat import CHAT_TOKENS, ROLES, holds_chat_token, prompt_text
 from minigpt.infer.engine import Sampling, Sequence
 from minigpt.infer.evaluate import token_logprobs
 from minigpt.infer.detokenize import IncrementalText
@@ -118,7 +118,7 @@ def chat_prompt(messages: list[ChatMessage], template: bool = False) -> str:
         if m.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role = {m.role!r}: this model was trained on {', '.join(ROLES)}",
                            param="messages")
-        if any(t in m.content for t in CHAT_TOKENS):
+        if holds_chat_token(m.content):
             raise ApiError(400, f"messages[{i}].content holds a chat token ({', '.join(CHAT_TOKENS)}): remove it",
                            param="messages")
     return prompt_text([{"role": m.role, "content": m.content} for m in messages])  # tokenized off the event loop
