@@ -78,7 +78,7 @@ def one_run(mode: str, width: int, layers: int, steps: int, root: Path) -> dict:
     maxrss_kib, out_blocks, in_blocks = (int(x) for x in r.stderr.strip().splitlines()[-1].split()[1:])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
     final = json.loads([line for line in r.stdout.splitlines() if '"event": "final"' in line][-1])
-    files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "nvme-swap" not in f.parts)
+    files = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())  # the swap is deleted above
     return {"mode": mode, "width": width, "layers": layers, "params": final["params"],
             "peak_rss_bytes": maxrss_kib * 1024, "step_rss_bytes": max(rec["memory_gib"] for rec in records) * 2**30,
             "written_bytes": out_blocks * 512, "read_bytes": in_blocks * 512, "run_files_bytes": files,
