@@ -5,7 +5,7 @@ few steps on each layout given, through the package's own parallelize() and back
     python tests/pipeline_worker.py N OUT SPEC.json
 
 SPEC.json: {"model": {...ModelConfig keys}, "train": {...TrainConfig keys}, "layouts": {name: plan spelling},
-"steps": S, "experts": bool}. The batches are seeded random tokens, the same on every layout: step s,
+"steps": S, "experts": bool, "resume": [layout names saved and resumed halfway]}. The batches are seeded random tokens, the same on every layout: step s,
 global micro-batch g. With "experts", the expert-parallel dispatch is checked too (expert_check).
 """
 
@@ -28,6 +28,7 @@ from minigpt.parallel.distributed import all_reduce_mean, init_distributed
 from minigpt.parallel.expert import ExpertParallelMoE
 from minigpt.parallel.parallelize import parallelize
 from minigpt.parallel.registry import make_backend, resolve_plan
+from minigpt.train.checkpoint import Checkpointer, RunDir
 
 
 def global_batches(c: ModelConfig, tc: TrainConfig, step: int, count: int) -> list:
@@ -40,7 +41,20 @@ def global_batches(c: ModelConfig, tc: TrainConfig, step: int, count: int) -> li
     return out
 
 
-def run_layout(cfg, spelling: str, env, steps: int) -> dict:
+def resumed(backend, cfg, plan, env, root: Path, step: int):
+    """The backend saved by the package's checkpointer after `step` steps and restored into a fresh model and
+    backend (initialised from another seed, so only the checkpoint can make it equal)."""
+    ckpt = Checkpointer(RunDir(root), env, every=1)
+    root.mkdir(exist_ok=True)
+    ckpt.save(step, backend, {"step": step})
+    torch.manual_seed(cfg.train.seed + 1)
+    fresh = make_backend(parallelize(GPT(cfg.model), plan, cfg.train, env.device), cfg, env, plan)
+    ckpt.load(fresh, ckpt.latest_state())
+    return fresh
+
+
+def run_layout(cfg, spelling: str, env, steps: int, resume_dir: Path | None = None) -> dict:
+    """Train `steps` steps on the layout (with resume_dir: saved and resumed into a fresh backend halfway)."""
     plan = resolve_plan(ParallelPlan.parse(spelling, env.world_size))
     count = cfg.train.batch_size_tokens // (cfg.train.micro_batch_size * cfg.model.block_size)
     torch.manual_seed(cfg.train.seed)
@@ -49,6 +63,8 @@ def run_layout(cfg, spelling: str, env, steps: int) -> dict:
     mine = slice(plan.dp_rank(env.rank) * per_dp, (plan.dp_rank(env.rank) + 1) * per_dp)
     losses, norms = [], []
     for step in range(steps):
+        if resume_dir is not None and step == steps // 2:
+            backend = resumed(backend, cfg, plan, env, resume_dir, step)
         backend.set_lr(cfg.train.lr)
         loss, result = backend.step(global_batches(cfg.model, cfg.train, step, count)[mine])
         losses.append(all_reduce_mean(loss, env).item())  # as the metrics log it: the mean over data-parallel ranks
@@ -103,7 +119,8 @@ def rank_main(rank: int, world: int, port: int, out: Path, spec: dict) -> None:
     env = init_distributed("cpu")
     cfg = config(spec)
     for name, spelling in spec["layouts"].items():
-        result = run_layout(cfg, spelling, env, spec["steps"])
+        resume = out / f"{name}-checkpoints" if name in spec.get("resume", ()) else None
+        result = run_layout(cfg, spelling, env, spec["steps"], resume)
         if env.is_main:
             torch.save(result, out / f"{name}.pt")
     if spec.get("experts"):

@@ -77,7 +77,7 @@ def test_a_modern_recipe_trains_resumes_exactly_and_says_its_optimizer(corpus_di
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"train.optimizer": '"muon"', "train.backend": '"deepspeed"'}, "train.optimizer = 'muon' runs on one process, DDP or FSDP2"),
+    ({"train.optimizer": '"muon"', "train.backend": '"deepspeed"'}, "train.optimizer = 'muon' runs on one process, DDP, FSDP2"),
     ({"train.optimizer": '"sgd"'}, "train.optimizer"),
     ({"train.schedule": '"wsd"', "train.decay_fraction": 0}, "train.decay_fraction = 0.0 must be in (0, 1]"),
     ({"model.mlp": '"relu3"'}, "model.mlp"),

@@ -48,11 +48,13 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
     def sets(name, **extra):
         return set_args(tiny_overrides(corpus_dir, data_cache, root / name, **{**COMMON, **extra}))
 
-    fsdp_line, tp_line, ep_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
+    fsdp_line, tp_line, ep_line, ep_tp_line = readme_torchrun_lines(sharded=True)  # the README's commands, made small
     assert "--plan dp=2,zero=3 " in fsdp_line and "--plan tp=2 " in tp_line and "--plan ep=2 " in ep_line
+    assert "--nproc_per_node 4 " in ep_tp_line and "--plan dp=2,tp=2,ep=2 " in ep_tp_line
     jobs = {
         "fsdp": readme_cmd(fsdp_line, sets("fsdp") + ["--stop-at", "3"]),  # resumed below, to step 6
         "ep": readme_cmd(ep_line, sets("ep", **ROUTED) + ["--stop-at", "3"]),
+        "ep_tp": readme_cmd(ep_tp_line, sets("ep_tp", **ROUTED)),
         "tp": readme_cmd(tp_line, sets("tp")),
         "fsdp_muon": torchrun_cmd(2, sets("fsdp_muon", **MUON) + ["--plan", "dp=2,zero=3", "--stop-at", "3"]),
         "tp_moe": torchrun_cmd(2, sets("tp_moe", **MOE) + ["--plan", "tp=2"]),
@@ -107,6 +109,17 @@ def test_expert_parallelism_matches_one_process_across_a_resume(runs):
         assert 0.5 < moe["all_to_all_bytes"] / moe["all_to_all_bytes_formula"] < 1.5
     r = run_cli("generate", "--run", str(root / "ep"), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_expert_parallelism_with_tensor_parallelism_matches_one_process(runs):
+    """The docs' 4-rank line (--plan dp=2,tp=2,ep=2): experts over the ep ranks of each tp index, each expert's MLP
+    split over the tensor-parallel pair, the dense part's replicas averaged by the backend; with the routing options
+    (capacity, moving biases): one process's losses, gradient norms and weights. (Its resume: tests/test_pipeline.)"""
+    root = runs["root"]
+    assert "tensor parallel 2 x 2 replicas, 4 experts over ep 2" in runs["ep_tp"].stdout
+    assert_same_training(root / "ep_tp", root / "one_moe_routed", rel=1e-4)
+    assert any(r["moe"]["dropped"] > 0 for r in records(root / "ep_tp"))
 
 
 def test_a_run_resumes_only_under_the_expert_parallelism_it_was_trained_with(tmp_path):

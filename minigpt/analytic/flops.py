@@ -168,11 +168,12 @@ def decode_flops(c: ModelConfig, cache_len: int) -> float:
     return 2 * p.active_matmul + 4 * c.n_layer * (cache_len + 1) * c.n_head * c.head_dim
 
 
-def muon_flops_per_step(c: ModelConfig, ns_steps: int = 5) -> float:
-    """FLOPs of Muon's Newton-Schulz orthogonalisation per optimizer step (torch.optim.Muon, ns_steps
+def muon_flops_per_step(c: ModelConfig, ns_steps: int = 5, ep: int = 1) -> float:
+    """FLOPs of Muon's Newton-Schulz orthogonalisation per optimizer step on one rank (torch.optim.Muon, ns_steps
     quintic iterations per matrix): for an m x n matrix with a = min(m, n), b = max(m, n), each iteration
     forms A = X X^T (2 a^2 b), B = beta A + gamma A A (2 a^3) and alpha X + B X (2 a^2 b). Every matrix of
-    every block (all experts, the router); not part of the model FLOPs that MFU counts."""
-    shapes = [p.shape for p in inventory(c).layer if p.is_matmul for _ in range(p.copies)]
+    every block (the router, every expert; with expert parallelism a rank's n_expert / ep); a sharded matrix is
+    gathered and orthogonalised whole on every rank. Not part of the model FLOPs that MFU counts."""
+    shapes = [p.shape for p in inventory(c).layer if p.is_matmul for _ in range(p.copies // ep if p.ep else p.copies)]
     per_layer = sum(ns_steps * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
     return float(c.n_layer * per_layer)

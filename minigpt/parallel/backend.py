@@ -75,11 +75,11 @@ class Backend:
         """The optimizer and the techniques applied from outside (LoRA, distillation, experts) this backend
         and plan refuse; every backend's check calls it."""
         tc = cfg.train
-        if tc.optimizer == "muon" and (not cls.runs_muon or tc.precision == "fp16" or plan.tp > 1):
-            raise UserError("train.optimizer = 'muon' runs on one process, DDP or FSDP2 (zero=3) in fp32/bf16: its "
-                            "Newton-Schulz step gathers each sharded matrix whole, which tensor and pipeline parallelism "
-                            "and DeepSpeed do not offer here, and fp16's grad scaler wants one torch optimizer; use "
-                            "train.optimizer = 'adamw' there")
+        if tc.optimizer == "muon" and (not cls.runs_muon or tc.precision == "fp16"):
+            raise UserError("train.optimizer = 'muon' runs on one process, DDP, FSDP2 (zero=3), tensor and expert "
+                            "parallelism in fp32/bf16: its Newton-Schulz step gathers each sharded matrix whole, which "
+                            "pipeline parallelism and DeepSpeed do not offer here, and fp16's grad scaler wants one torch "
+                            "optimizer; use train.optimizer = 'adamw' there")
         if tc.lora_rank and (not cls.runs_lora or plan.tp > 1 or plan.pp > 1):
             raise UserError(f"train.lora_rank > 0 runs on one process, DDP or FSDP (no tensor or pipeline parallelism, "
                             f"not DeepSpeed) here; this plan is {plan.describe()} on the {cls.name} backend")

@@ -39,13 +39,18 @@ class TorchBackend(Backend):
         self.cfg, self.tc, self.env, self.plan = cfg, cfg.train, env, plan
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type in ("cpu", "cuda"))
+        # fused: one kernel a group; it refuses a group mixing DTensor shards and plain tensors (the expert backend's tp)
+        self.optimizer = make_optimizer(model, self.tc, fused=env.device.type in ("cpu", "cuda") and plan.tp == 1)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.tc.precision == "fp16")
-        self.net = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-            if env.distributed else model
+        self.net = self.wrap(model)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the step runs: DDP under torchrun (it all-reduces the gradients), the model itself alone."""
+        return DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None) \
+            if self.env.distributed else model
 
     def forward_backward(self, x, y, accum: int, last: bool) -> torch.Tensor:
-        sync = contextlib.nullcontext() if last or not self.env.distributed else self.net.no_sync()
+        sync = self.net.no_sync() if isinstance(self.net, DDP) and not last else contextlib.nullcontext()
         with sync:
             with autocast_context(self.env.device, self.tc.precision):
                 out, loss = self.forward_objective(self.net, x, y)

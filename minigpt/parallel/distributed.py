@@ -97,6 +97,21 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def all_reduce_mean_flat(grads: list[torch.Tensor], group, count: int) -> None:
+    """The mean of `grads` over a group of `count` replicas, in place, as one flat bucket (one collective
+    instead of one per tensor; a DTensor contributes its local shard, which the replicas hold alike)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if not local:
+        return
+    flat = torch.cat([g.reshape(-1) for g in local])
+    dist.all_reduce(flat, group=group)
+    flat /= count
+    for g, part in zip(local, flat.split([g.numel() for g in local])):
+        g.copy_(part.view_as(g))
+
+
 def all_gather_objects(obj, env: DistEnv) -> list:
     """Every rank's `obj`, in rank order, on every rank (a world of one: [obj])."""
     if not env.distributed:

@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.core.errors import UserError
-from minigpt.core.plan import ParallelPlan
+from minigpt.core.plan import ParallelPlan, check_tensor_parallel
 from minigpt.nn.model import MoE, count_step_load, grouped_experts_ok, grouped_mlp, has_no_data
 from minigpt.nn.ops import activation_dtype
-from minigpt.nn.optim import StepResult
+from minigpt.nn.optim import Optimizers, StepResult
 from minigpt.nn.torch_private import all_to_all_autograd, ddp_ignore
 from minigpt.nn.weights import assign_weights, read_weights, weights_of
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
+from minigpt.parallel.distributed import all_reduce_mean_flat
+from minigpt.parallel.sharding import from_tp_layout, grad_norm, to_tp_layout
 
 
 class ExpertParallelMoE(nn.Module):
@@ -156,11 +158,14 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> nn.Module:
 
 
 def expert_mesh(plan, device_type: str):
-    """(pipeline stages, ranks holding the same experts, the ep ranks splitting them): ep innermost, consecutive
-    ranks (a node's neighbours) exchanging tokens, as Megatron-Core and torchtitan place them."""
+    """(pipeline stages, ranks holding the same experts, the ep ranks splitting them, a tensor-parallel group):
+    ep innermost after tp (the plan's rank order: rank = (pp_i * dp + dp_i) * tp + tp_i with dp_i = edp_i * ep +
+    ep_i), so ranks a tp group apart (a node's neighbours) exchange tokens, as Megatron-Core and torchtitan place
+    them; each tp index has its own ep groups."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (plan.pp, plan.dp // plan.ep, plan.ep), mesh_dim_names=("stage", "edp", "ep"))
+    return init_device_mesh(device_type, (plan.pp, plan.dp // plan.ep, plan.ep, plan.tp),
+                            mesh_dim_names=("stage", "edp", "ep", "tp"))
 
 
 def check_expert_settings(cfg) -> None:
@@ -168,9 +173,8 @@ def check_expert_settings(cfg) -> None:
     tc = cfg.train
     if tc.precision == "fp16":
         raise UserError("expert parallelism runs in fp32 or bf16 here: set train.precision to one of them")
-    if tc.objective != "lm" or tc.distill_from or tc.lora_rank or tc.optimizer != "adamw":
-        raise UserError("expert parallelism pre-trains with AdamW (train.objective = 'lm', no distillation, LoRA or "
-                        "Muon) here")
+    if tc.objective != "lm" or tc.distill_from or tc.lora_rank:
+        raise UserError("expert parallelism pre-trains (train.objective = 'lm', no distillation or LoRA) here")
 
 
 EXPERT = re.compile(r"^(blocks\.\d+\.mlp\.experts\.)(\d+)(\..*)$")
@@ -211,16 +215,19 @@ class ExpertGroups:
         self.params = [p for n, p in model.named_parameters() if n in self.names]
 
     def reduce_grads(self) -> None:
+        from torch.distributed.tensor import DTensor
+
         edp = self.mesh["edp"]
         for p in self.params:
             if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # a tensor-parallel slice
                 if edp.size() > 1:
-                    dist.all_reduce(p.grad, group=edp.get_group())
-                p.grad.div_(self.dp)
+                    dist.all_reduce(g, group=edp.get_group())
+                g.div_(self.dp)
 
     def square(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        mine = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        """The square of this ep group's expert gradient norm (tensor-parallel slices counted whole)."""
+        mine = grad_norm(self.params).float().pow(2)
         dist.all_reduce(mine, group=self.mesh["ep"].get_group())
         return mine
 
@@ -241,49 +248,65 @@ class ExpertGroups:
 
 
 class ExpertBackend(TorchBackend):
-    """DDP for the dense parameters, a mixture's experts split over ep ranks (train.expert_parallel, --plan ep=E).
+    """A mixture's experts split over ep ranks (train.expert_parallel, --plan ep=E), the dense part replicated
+    over the dp ranks: DDP for it, or with tensor parallelism (tp > 1) its shards' gradients averaged over the
+    replicas in one flat bucket after the step's backwards (DDP does not take DTensor parameters).
 
     Each rank holds n_expert / ep experts and trains on its own micro-batches; tokens reach the experts and come
-    back by all-to-all (ExpertParallelMoE). DDP all-reduces the dense gradients (mean over the dp ranks) and
-    leaves the experts to ExpertGroups' rules: the gradient of the mean loss over all dp micro-batches, as one
-    process accumulating them computes. Checkpoints hold the ordinary layout (every expert, gathered on rank 0)
-    and each rank's optimizer state; a run resumes under the same ep and world."""
+    back by all-to-all (ExpertParallelMoE). The dense gradients are the mean over the dp ranks; the experts follow
+    ExpertGroups' rules: the gradient of the mean loss over all dp micro-batches, as one process accumulating
+    them computes. With tp > 1 each expert's MLP is also split over the tensor-parallel group as the dense MLP is
+    (expert tensor parallelism = tp, Megatron-Core's default): the group's ranks hold the same tokens (no sequence
+    parallelism with experts here), send them to the ep ranks of their own tp index, and each computes its slice.
+    Checkpoints hold the ordinary layout (every expert, gathered on rank 0) and each rank's optimizer state; a run
+    resumes under the same ep, tp and world."""
 
-    runs_muon = False
+    runs_muon = True  # each rank's experts are whole matrices (with tp, DTensor slices ShardedMuon gathers)
     runs_lora = False
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:
-        if plan.zero or plan.tp > 1 or plan.offload_optimizer or plan.offload_params:
-            raise UserError(f"expert parallelism trains with DDP for the dense part here (ep over dp, zero=0, no tp, no "
-                            f"offload; with pp, the pipeline's replicas); this plan is {plan.describe()}")
+        if plan.zero or plan.offload_optimizer or plan.offload_params:
+            raise UserError(f"expert parallelism trains with the dense part replicated over dp here (zero=0, no "
+                            f"offload; with tp, tensor parallel; with pp, the pipeline's replicas); this plan is "
+                            f"{plan.describe()}")
         return super().resolve(plan)
 
     @classmethod
     def check(cls, cfg, plan: ParallelPlan, device) -> None:
         super().check(cfg, plan, device)
         check_expert_settings(cfg)
+        check_tensor_parallel(cfg.model, plan.tp)
 
     def __init__(self, model: torch.nn.Module, cfg, env, plan: ParallelPlan) -> None:
         self.groups = ExpertGroups(model, plan)
-        if env.distributed:
+        if env.distributed and plan.tp == 1:
             ddp_ignore(model, sorted(self.groups.names))
         super().__init__(model, cfg, env, plan)
         self.dense = [p for n, p in model.named_parameters() if n not in self.groups.names]
+        self.dp_group = model.mesh["dp_replicate"].get_group() if plan.tp > 1 else None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model if self.plan.tp > 1 else super().wrap(model)
 
     def optimizer_step(self) -> StepResult:
+        from torch.distributed.tensor.experimental import implicit_replication
+
         self.groups.reduce_grads()
-        dense = torch.nn.utils.get_total_norm([p.grad for p in self.dense if p.grad is not None], foreach=True)
-        norm = (dense.float().pow(2) + self.groups.square()).sqrt()
-        if self.tc.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=True)
+        if self.dp_group is not None:
+            all_reduce_mean_flat([p.grad for p in self.dense if p.grad is not None], self.dp_group, self.plan.dp)
+        norm = (grad_norm(self.dense).float().pow(2) + self.groups.square()).sqrt()
+        if self.tc.grad_clip > 0:  # the plain norm scales DTensor gradients as a replicated scalar
+            with implicit_replication():
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.tc.grad_clip, norm, foreach=self.plan.tp == 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, torch.zeros((), dtype=torch.int32))
 
     def full_state_dict(self) -> dict | None:
-        """Collective: every expert, gathered on rank 0 under its index in the model."""
-        merged = self.groups.gather(weights_of(self.model))
+        """Collective: every expert, gathered on rank 0 under its index in the model, tensor-parallel shards whole."""
+        named = {k: whole(v) for k, v in weights_of(self.model).items()}
+        merged = self.groups.gather(from_tp_layout(named, self.cfg.model, self.plan.tp))
         return merged if self.env.is_main else None
 
     def inference_model(self) -> torch.nn.Module | None:
@@ -291,14 +314,65 @@ class ExpertBackend(TorchBackend):
 
     def save_state(self, folder: Path) -> dict:
         states = [None] * self.env.world_size if self.env.is_main else None
-        dist.gather_object(self.optimizer.state_dict(), states, dst=0)
+        dist.gather_object(local_state(self.optimizer.state_dict()), states, dst=0)
         return {"optimizer_by_rank": states, "expert_parallel": self.plan.ep} if self.env.is_main else {}
 
     def load_state(self, folder: Path, state: dict) -> None:
         if state.get("world_size") != self.env.world_size:
             raise UserError(f"{folder} was written by {state.get('world_size')} expert-parallel ranks; resume on as many")
-        assign_weights(self.model, self.groups.local(read_weights(folder)), str(folder))
+        weights = self.groups.local(read_weights(folder))
+        if self.plan.tp == 1:
+            assign_weights(self.model, weights, str(folder))
+        else:
+            load_sharded_weights(self.model, to_tp_layout(weights, self.cfg.model, self.plan.tp))
         self.optimizer.load_state_dict(state["optimizer_by_rank"][self.env.rank])
+        reshard_state(self.optimizer)
 
     def describe(self) -> str:
-        return f"DDP over {self.env.world_size} ranks, {self.cfg.model.n_expert} experts over ep {self.plan.ep}"
+        experts = f"{self.cfg.model.n_expert} experts over ep {self.plan.ep}"
+        if self.plan.tp == 1:
+            return f"DDP over {self.env.world_size} ranks, {experts}"
+        return f"tensor parallel {self.plan.tp} x {self.plan.dp} replicas, {experts}"
+
+
+# tensor-parallel shards in the expert backend's files --------------------------------------------------------
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (collective over its mesh); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_state(osd: dict) -> dict:
+    """An optimizer state dict (or nn/optim.Optimizers' dict of them) with each DTensor replaced by this rank's
+    shard (picklable, as each rank's file)."""
+    from torch.distributed.tensor import DTensor
+
+    if "state" not in osd:
+        return {name: local_state(o) for name, o in osd.items()}
+    state = {k: {n: v.to_local() if isinstance(v, DTensor) else v for n, v in s.items()} for k, s in osd["state"].items()}
+    return {**osd, "state": state}
+
+
+def reshard_state(optimizer) -> None:
+    """After load_state_dict of local_state's shards: each state tensor of a DTensor parameter made a DTensor
+    again, laid out as the parameter is."""
+    from torch.distributed.tensor import DTensor
+
+    for p, s in (kv for o in (optimizer if isinstance(optimizer, Optimizers) else [optimizer]) for kv in o.state.items()):
+        if isinstance(p, DTensor):
+            for n, v in s.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
+                    s[n] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                              stride=p.stride())
+
+
+def load_sharded_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Whole weights (tensor-parallel row order) into a model whose blocks hold DTensor shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if model.config.tie_embeddings:
+        weights.setdefault("lm_head.weight", weights["wte.weight"])
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

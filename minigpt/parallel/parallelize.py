@@ -55,6 +55,8 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
         apply_expert_parallel(model, model.expert_mesh["ep"])
     mesh = make_mesh(plan, device.type) if plan.tp > 1 or plan.pp > 1 or shards_parameters(plan) else None
     if plan.pp == 1:
+        if plan.ep > 1:
+            model.mesh = mesh  # with tp, the expert backend averages the dense replicas over its "dp_replicate" groups
         return _apply(model, plan, tc, mesh)
     ranked = split_model(model, plan, mesh["pp"].get_local_rank(), tc.precision, device, tc.moe_aux_loss_coef)
     for stage in ranked.stages:

@@ -37,7 +37,7 @@ from minigpt.nn.model import GPT, AuxLossCarrier, embed_tokens, rope_rows
 from minigpt.nn.optim import DTYPES, StepResult, autocast_context
 from minigpt.nn.weights import read_weights
 from minigpt.parallel.backend import Backend, states_saved_by_sharding
-from minigpt.parallel.distributed import DistEnv
+from minigpt.parallel.distributed import DistEnv, all_reduce_mean_flat
 from minigpt.parallel.expert import ExpertGroups, check_expert_settings
 from minigpt.parallel.sharding import (
     ShardedBackend,
@@ -240,11 +240,7 @@ class PipelineBackend(ShardedBackend):
         grads = [p.grad for n, p in self.model.named_parameters() if p.grad is not None and n not in experts]
         if self.experts:
             self.experts.reduce_grads()
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.plan.dp
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+        all_reduce_mean_flat(grads, self.dp_group, self.plan.dp)
 
     def _tied_group(self):
         """The group of the first and the last stage's ranks of this rank's (dp, tp) column; every rank

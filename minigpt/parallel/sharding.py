@@ -154,7 +154,7 @@ def _block_plan(block, c: ModelConfig, sequence_parallel: bool) -> dict:
     attn = {k: v for k, v in plan.items() if k.startswith("attn")}
     styles = {"column": ColwiseParallel, "row": RowwiseParallel}
     experts = {p.name.replace("*", str(e)): styles[p.tp]() for p in inventory(c).layer if p.ep
-               for e in range(p.copies)}
+               for e in range(len(block.mlp.experts))}  # under expert parallelism, this rank's experts
     return {**attn, **experts}
 
 
@@ -228,7 +228,9 @@ class ShardedBackend(Backend):
 
     name = "fsdp"
     runs_lora = True  # with FSDP2 alone: tensor and pipeline parallelism refuse it (Backend.check)
-    runs_muon = True  # with FSDP2 alone (nn/optim.ShardedMuon gathers each matrix whole); tensor parallelism refuses it
+    # nn/optim.ShardedMuon gathers each matrix whole; under tp the fused q/k/v (gate/up) rows are in the tensor-parallel
+    # order, which Newton-Schulz commutes with (X -> PX gives (PX)(PX)^T PX = P XX^T X): the same update, reordered
+    runs_muon = True
 
     @classmethod
     def resolve(cls, plan: ParallelPlan) -> ParallelPlan:

@@ -59,7 +59,7 @@ def optimizer_lines(cfg: Config, device_flops: float) -> list[str]:
                 if tc.schedule == "wsd" else f"cosine (warmup {tc.warmup_steps})")
     if tc.optimizer != "muon":
         return [f"optim    AdamW, lr {tc.lr:g} -> {tc.min_lr:g}, {schedule}"]
-    extra = muon_flops_per_step(cfg.model)
+    extra = muon_flops_per_step(cfg.model, ep=tc.expert_parallel)
     return [f"optim    Muon (5 Newton-Schulz steps) on the blocks' matrices + AdamW on the rest, lr {tc.lr:g} -> "
             f"{tc.min_lr:g}, {schedule}; Newton-Schulz adds {extra:,.0f} FLOPs per step on every rank ({extra / device_flops:.1%} "
             f"of the step's model FLOPs per device, not in MFU)"]
