@@ -178,6 +178,35 @@ def test_lora_dpo_uses_the_adapters_off_as_its_reference(sft_run, task, tmp_path
     assert not torch.allclose(base(x).logits, want)
 
 
+def test_lora_sft_from_a_base_without_chat_tokens_trains_and_saves_the_grown_embedding(good_run, task, tmp_path):
+    """The base lacks the chat tokens: the vocabulary grows and, beside the adapters, the token embedding trains whole
+    and is saved with them (nothing else); a stop and resume equals a straight run; every reader grows the base
+    the same way and puts the saved embedding and adapters on it."""
+    from minigpt.run.load import load_run
+
+    lora = {"train.lora_rank": 4, "train.checkpoint_every": 1}
+    whole = train_post(*post_args("sft", good_run, task, tmp_path / "whole", **lora))
+    train_post(*post_args("sft", good_run, task, tmp_path / "split", **lora), "--stop-at", "2")
+    r = run_cli("train", "--resume", str(tmp_path / "split"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == whole["step"] == 4
+    assert [x["loss"] for x in step_records(tmp_path / "whole")] == [x["loss"] for x in step_records(tmp_path / "split")]
+    saved = final_weights(tmp_path / "whole")
+    assert {n for n in saved if "lora_" not in n} == {"wte.weight"}  # tied head: saved once, with the embedding
+    assert torch.equal(saved["wte.weight"], final_weights(tmp_path / "split")["wte.weight"])
+    base, tok, _, _ = load_run(good_run)
+    model, chat_tok, _, _ = load_run(tmp_path / "whole")
+    rows = base.config.vocab_size
+    assert model.config.vocab_size == chat_tok.get_vocab_size() > rows
+    torch.testing.assert_close(model.wte.weight, saved["wte.weight"])
+    assert not torch.equal(saved["wte.weight"][:rows], base.wte.weight)  # the old rows trained too (whole)
+    c_attn = "blocks.0.attn.c_attn"
+    delta = (saved[f"{c_attn}.lora_B"] @ saved[f"{c_attn}.lora_A"]) * 16.0 / 4  # alpha 16 / rank 4
+    torch.testing.assert_close(model.get_submodule(c_attn).weight, base.get_submodule(c_attn).weight + delta)
+    r = run_cli("generate", "--run", str(tmp_path / "whole"), "--prompt", "1+2=", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("objective,plan", [("grpo", "dp=2,zero=3")])
 def test_post_training_under_torchrun_equals_one_process(sft_run, task, tmp_path, objective, plan):
     """FSDP2 (GRPO: answers drawn on rank 0 from the gathered weights, sent to every rank; the loss hook is the one

@@ -8,7 +8,10 @@ zeros: training starts from the base model exactly).
 
 A run with train.lora_rank > 0 trains only the adapters (everything else frozen, `requires_grad` off)
 and saves only them; its base is train.init_from, read again whenever the run is read, and the
-adapters are merged into the base for generate, eval, serve and convert (`merge_lora`).
+adapters are merged into the base for generate, eval, serve and convert (`merge_lora`). A post-training
+run whose base lacks its chat tokens grows the vocabulary: its token embedding (and an untied head) then train
+whole beside the adapters and are saved with them (peft's advice for added tokens, `modules_to_save`; only
+the new rows would do, but AdamW's weight decay and a second parameter would have to leave the old ones be).
 """
 
 from __future__ import annotations
@@ -100,18 +103,35 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+EMBEDDINGS = ("wte.weight", "lm_head.weight")  # trained whole beside the adapters when the vocabulary grew
+
+
 def is_adapter(name: str) -> bool:
     return "lora_A" in name or "lora_B" in name
 
 
-def adapter_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapters of a full state dict: what a LoRA run saves."""
-    return {k: v for k, v in weights.items() if is_adapter(k)}
+def train_embeddings(model: nn.Module) -> None:
+    """The token embedding (and an untied head) trained whole beside the adapters: a LoRA run that grew the
+    vocabulary for new tokens, whose rows the base never learned."""
+    for name, p in model.named_parameters():
+        if name in EMBEDDINGS:
+            p.requires_grad_(True)
+
+
+def lora_saved(model: nn.Module) -> set[str]:
+    """The names a LoRA run saves: what it trains (the adapters; the embeddings when train_embeddings)."""
+    return {n for n, p in model.named_parameters() if is_adapter(n) or (n in EMBEDDINGS and p.requires_grad)}
+
+
+def adapter_state(weights: dict[str, torch.Tensor], saved: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """What a LoRA run saves of a full state dict: the adapters, or the names lora_saved gave."""
+    return {k: v for k, v in weights.items() if (is_adapter(k) if saved is None else k in saved)}
 
 
 def load_adapters(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Copy saved adapters into a model that has them (apply_lora first); every adapter must be there."""
-    expected = {n for n, _ in model.named_parameters() if is_adapter(n)}
+    """Copy saved adapters (and embeddings, when the run trained them: train_embeddings first) into a model that
+    has them (apply_lora first); every one must be there."""
+    expected = lora_saved(model)
     got = set(weights)
     if expected != got:
         raise UserError(f"the adapters in {where} do not fit this model (missing {sorted(expected - got)[:3]}, unexpected "

@@ -58,3 +58,19 @@ def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ori
             f"shapes {wrong[:3]}): the checkpoint was written for another model config"
         )
     model.load_state_dict(tensors, strict=False)
+
+
+@torch.no_grad()
+def grow_vocabulary(base: torch.nn.Module, model: torch.nn.Module) -> int:
+    """`base`'s weights into `model`, a copy of its shape with a larger vocabulary: the embedding's (and head's) old
+    rows copied, each new one the mean of the old ones (a common choice that starts a new token as an average
+    one); returns how many rows were added."""
+    old, rows = base.state_dict(), base.config.vocab_size
+    for name, t in model.state_dict().items():
+        src = old[name]
+        if name in ("wte.weight", "lm_head.weight"):
+            t.copy_(src.mean(0, keepdim=True).expand_as(t))
+            t[:rows] = src[:rows]
+        else:
+            t.copy_(src)
+    return model.config.vocab_size - rows

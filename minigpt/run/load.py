@@ -16,10 +16,10 @@ from minigpt.core.device import check_fits
 from minigpt.core.errors import UserError
 from minigpt.core.files import digest, read_regular
 from minigpt.data.tokenizer import MAX_TOKENIZER_BYTES, read_tokenizer
-from minigpt.nn.lora import apply_lora, load_adapters, merge_lora
+from minigpt.nn.lora import apply_lora, load_adapters, merge_lora, train_embeddings
 from minigpt.nn.model import GPT
 from minigpt.nn.quantize import quantize_model
-from minigpt.nn.weights import load_weights, read_weights
+from minigpt.nn.weights import grow_vocabulary, load_weights, read_weights
 from minigpt.run.files import check_pinned, kept_checkpoint, latest_checkpoint, load_latest
 
 
@@ -66,8 +66,14 @@ def load_run_weights(model: GPT, folder: Path, cfg: Config, depth: int = 0) -> N
                         f"{MAX_LORA_CHAIN} deep): a LoRA run's base is another run; fix its config.json")
     check_pinned(run_dir, "init_from", tc.init_from, "LoRA base")
     base_cfg = config_from_json(base / "config.json")
-    load_latest(base, lambda f: load_run_weights(model, f, base_cfg, depth + 1))
+    grown = base_cfg.model.vocab_size != cfg.model.vocab_size  # chat tokens added: the run saved its embeddings
+    target = GPT(base_cfg.model) if grown else model
+    load_latest(base, lambda f: load_run_weights(target, f, base_cfg, depth + 1))
+    if grown:
+        grow_vocabulary(target, model)
     apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+    if grown:
+        train_embeddings(model)
     load_adapters(model, read_weights(folder), str(folder))
     merge_lora(model)
     model.requires_grad_(True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minigpt.core.errors import UserError, write_error
-from minigpt.nn.lora import adapter_state
+from minigpt.nn.lora import adapter_state, lora_saved
 from minigpt.nn.weights import WEIGHTS, save_weights
 from minigpt.parallel.distributed import DistEnv, all_gather_objects, barrier
 from minigpt.parallel.registry import run_file_names
@@ -76,7 +76,7 @@ class Checkpointer:
             state = {**train_state, **backend.save_state(tmp), **self._rng_states(), "world_size": env.world_size}
             weights = backend.full_state_dict()
             if env.is_main and backend.tc.lora_rank:  # a LoRA run keeps its adapters; the base is train.init_from
-                weights = adapter_state(weights)
+                weights = adapter_state(weights, lora_saved(backend.model))
             if env.is_main:
                 self._write(weights, state, tmp)
             barrier(env)

@@ -29,6 +29,7 @@ from minigpt.data.tokenizer import read_tokenizer
 from minigpt.infer.answers import answer
 from minigpt.interop.hf import load_init_weights
 from minigpt.nn.model import GPT
+from minigpt.nn.weights import grow_vocabulary
 from minigpt.train.post import Targets
 
 FILES = {"sft": ("sft.jsonl", "sft"), "rm": ("pairs.jsonl", "pairs"), "dpo": ("pairs.jsonl", "pairs"),
@@ -57,16 +58,14 @@ def initial_model(cfg: Config) -> tuple[GPT, str]:
     what = load_init_weights(base, cfg.train.init_from)
     if base_cfg.vocab_size == cfg.model.vocab_size:
         return base, what
-    model, old = GPT(cfg.model), base.state_dict()
-    for name, t in model.state_dict().items():
-        src = old[name]
-        if name in ("wte.weight", "lm_head.weight"):
-            t.copy_(src.mean(0, keepdim=True).expand_as(t))
-            t[: base_cfg.vocab_size] = src[: base_cfg.vocab_size]
-        else:
-            t.copy_(src)
-    grown = cfg.model.vocab_size - base_cfg.vocab_size
+    model = GPT(cfg.model)
+    grown = grow_vocabulary(base, model)
     return model, f"{what}; vocabulary grown by {grown} chat tokens (new rows: the mean embedding)"
+
+
+def grows_vocabulary(cfg: Config) -> bool:
+    """Whether the run's [model] has more tokens than train.init_from's (its chat tokens added)."""
+    return init_source(cfg.train.init_from)[1].vocab_size != cfg.model.vocab_size
 
 
 class PostData:

@@ -23,7 +23,7 @@ from minigpt.core.fmt import to_json
 from minigpt.core.hardware import choose_peak
 from minigpt.data.chat import END
 from minigpt.infer.answers import accuracy
-from minigpt.nn.lora import apply_lora
+from minigpt.nn.lora import apply_lora, train_embeddings
 from minigpt.nn.optim import lr_at
 from minigpt.parallel.distributed import DistEnv, StopControl, all_reduce_mean, broadcast_object, heartbeat
 from minigpt.parallel.parallelize import parallelize
@@ -34,7 +34,15 @@ from minigpt.run.load import run_tokenizer
 from minigpt.train.checkpoint import Checkpointer, RunDir
 from minigpt.train.metrics import check_sinks
 from minigpt.train.post import DPO, end_rewards, make_objective, token_logps
-from minigpt.train.post_data import PostData, base_tokenizer, forward_flops, grown_config, initial_model, rollouts
+from minigpt.train.post_data import (
+    PostData,
+    base_tokenizer,
+    forward_flops,
+    grown_config,
+    grows_vocabulary,
+    initial_model,
+    rollouts,
+)
 from minigpt.train.run_dir import (
     check_not_done,
     check_sources,
@@ -69,11 +77,7 @@ def _tokenizer_and_model(cfg: Config, paths: RunDir, resume: bool):
     if resume:
         return run_tokenizer(paths.root), config_from_json(paths.config).model
     tokenizer, _ = base_tokenizer(cfg.train.init_from)
-    model_cfg = grown_config(cfg.model, tokenizer)
-    if cfg.train.lora_rank and model_cfg.vocab_size != cfg.model.vocab_size:
-        raise UserError("train.lora_rank > 0 keeps its base's shape, and train.init_from lacks the chat tokens: "
-                        "fine-tune it fully first (train.objective = 'sft'), then adapt that run")
-    return tokenizer, model_cfg
+    return tokenizer, grown_config(cfg.model, tokenizer)
 
 
 def start(cfg: Config, env: DistEnv, resume: bool, stop_at: int | None, overwrite: bool, log) -> PostRun:
@@ -123,13 +127,19 @@ def _build(cfg: Config, env: DistEnv, plan, data: PostData, say):
     torch.manual_seed(tc.seed)
     model, what = initial_model(cfg)
     say(f"init     {what}")
+    grown = grows_vocabulary(cfg)
     if tc.lora_rank:
         torch.manual_seed(tc.seed)
         apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+        if grown:  # the new tokens' rows are learned: the embedding (and an untied head) train whole, saved beside
+            train_embeddings(model)
+            say("lora     the vocabulary grew: the token embedding (and an untied head) train whole beside the adapters "
+                "and are saved with them")
     needs_ref = tc.objective == "dpo" or (tc.objective == "grpo" and tc.kl_coef > 0)
     reference = None
-    # a sharded LoRA model is merged for rank 0's evaluation: switching its adapters off there would do nothing
-    if needs_ref and (not tc.lora_rank or shards_parameters(plan)):
+    # a sharded LoRA model is merged for rank 0's evaluation: switching its adapters off there would do nothing; with
+    # trained embeddings the adapters off are not the start either
+    if needs_ref and (not tc.lora_rank or shards_parameters(plan) or grown):
         reference = initial_model(cfg)[0].to(env.device).eval().requires_grad_(False)
     backend = make_backend(parallelize(model, plan, tc, env.device), cfg, env, plan)
     backend.loss_hook = make_objective(tc, data.end_id, reference)
