@@ -2,7 +2,7 @@
 model (pair accuracy), DPO, GRPO and an SFT-continued control; one JSON line (minigpt/apps/posttrain_bench.py says
 how), also appended to OUT.jsonl with the table in OUT.md.
 
-    python scripts/bench_posttrain.py --base runs/tiny [--task tasks/add] [--seeds 1337,1338] [--out benchmarks/bench_posttrain_cpu]
+    python scripts/bench_posttrain.py --base runs/tiny [--task tasks/add] [--seeds 1337,1338] [--sft-steps N] [--out benchmarks/bench_posttrain_cpu]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--task", help="a task folder (default: minigpt task's, seed 0, written to a temporary folder)")
     p.add_argument("--seeds", default="1337,1338")
     p.add_argument("--heldout", type=int, default=990, help="held-out problems scored (default 990: all of them)")
+    p.add_argument("--sft-steps", type=int, help="SFT's train.max_steps (default: the sft-tiny preset's)")
     p.add_argument("--out", help="append the JSON line to OUT.jsonl and write the table to OUT.md")
     args = p.parse_args()
     busy, how = busy_cores()
@@ -36,12 +37,13 @@ def main() -> None:
             task = args.task or str(Path(tmp) / "task")
             if not args.task:
                 write_task(task)
-            rows = [r for s in args.seeds.split(",") for r in pipeline(Path(tmp), args.base, task, int(s), args.heldout)]
+            rows = [r for s in args.seeds.split(",")
+                    for r in pipeline(Path(tmp), args.base, task, int(s), args.heldout, args.sft_steps)]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     result = {"bench": "posttrain", "base": args.base, "task": args.task or "minigpt task (seed 0, 2 digits)",
-              "heldout_problems": args.heldout, "device_name": device_name(torch.device("cpu")),
+              "heldout_problems": args.heldout, "sft_steps": args.sft_steps, "device_name": device_name(torch.device("cpu")),
               "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "busy_cores_before": busy,
               "load_source": how, "torch": torch.__version__, "rows": rows, "table": table(rows)}
     if args.out:

@@ -36,9 +36,12 @@ def _train(preset: str, out: Path, sets: list[str]) -> dict:
         return train(cfg, log=lambda *a, **k: None)
 
 
-def pipeline(root: Path, base: str, task: str, seed: int, heldout: int) -> list[dict]:
+def pipeline(root: Path, base: str, task: str, seed: int, heldout: int, sft_steps: int | None = None) -> list[dict]:
+    """Every stage for one seed; sft_steps: SFT's train.max_steps (None: the preset's)."""
     runs, rows = {"base": base}, []
     for i, (name, (preset, start, extra)) in enumerate(STAGES.items()):
+        if name == "sft" and sft_steps is not None:
+            extra = [*extra, f"train.max_steps={sft_steps}"]
         note(f"post-training bench: seed {seed}, stage {i + 1}/{len(STAGES)}: {name} ({preset}) from {start}")
         out = root / f"{name.split()[0]}-{i}-{seed}"
         sets = [f'train.init_from="{runs[start]}"', f'train.post_data="{task}"', f"train.seed={seed}",
