@@ -2,7 +2,8 @@
 model (pair accuracy), DPO, GRPO and an SFT-continued control; one JSON line (minigpt/apps/posttrain_bench.py says
 how), also appended to OUT.jsonl with the table in OUT.md.
 
-    python scripts/bench_posttrain.py --base runs/tiny [--task tasks/add] [--seeds 1337,1338] [--sft-steps N] [--out benchmarks/bench_posttrain_cpu]
+    python scripts/bench_posttrain.py --base runs/tiny [--task tasks/add] [--seeds 1337,1338] [--sft-steps N]
+        [--demonstrations N] [--out benchmarks/bench_posttrain_cpu]
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--seeds", default="1337,1338")
     p.add_argument("--heldout", type=int, default=990, help="held-out problems scored (default 990: all of them)")
     p.add_argument("--sft-steps", type=int, help="SFT's train.max_steps (default: the sft-tiny preset's)")
+    p.add_argument("--demonstrations", type=int, help="without --task: train problems with a worked answer for SFT "
+                   "(minigpt task --demonstrations; default all); RL prompts and pairs keep every train problem")
     p.add_argument("--out", help="append the JSON line to OUT.jsonl and write the table to OUT.md")
     args = p.parse_args()
     busy, how = busy_cores()
@@ -36,14 +39,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             task = args.task or str(Path(tmp) / "task")
             if not args.task:
-                write_task(task)
+                write_task(task, demonstrations=args.demonstrations)
             rows = [r for s in args.seeds.split(",")
                     for r in pipeline(Path(tmp), args.base, task, int(s), args.heldout, args.sft_steps)]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    result = {"bench": "posttrain", "base": args.base, "task": args.task or "minigpt task (seed 0, 2 digits)",
-              "heldout_problems": args.heldout, "sft_steps": args.sft_steps, "device_name": device_name(torch.device("cpu")),
+    default_task = "minigpt task (seed 0, 2 digits" + (f", {args.demonstrations} demonstrations)" if args.demonstrations else ")")
+    result = {"bench": "posttrain", "base": args.base, "task": args.task or default_task,
+              "heldout_problems": args.heldout, "sft_steps": args.sft_steps,
+              "demonstrations": args.demonstrations, "device_name": device_name(torch.device("cpu")),
               "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "busy_cores_before": busy,
               "load_source": how, "torch": torch.__version__, "rows": rows, "table": table(rows)}
     if args.out:

@@ -55,6 +55,17 @@ def test_task_splits_never_share_a_problem_and_pairs_reject_a_slip(task):
     assert no_carry_sum(58, 67) == 15 and no_carry_sum(12, 34) == 46
 
 
+def test_a_task_can_keep_demonstrations_scarce_and_every_prompt(tmp_path):
+    """--demonstrations N: N train problems get a worked answer (SFT); RL's prompts and the pairs keep them all."""
+    made = write_task(tmp_path / "t", seed=0, digits=1, heldout_fraction=0.2, demonstrations=10)
+    sft = read_examples(tmp_path / "t" / "sft.jsonl", "sft")
+    prompts = read_examples(tmp_path / "t" / "prompts.jsonl", "prompts")
+    assert made["demonstrations"] == len(sft) == 10 and len(prompts) == made["train_problems"] > 10
+    assert {json.dumps(e["messages"][:1]) for e in sft} <= {json.dumps(e["prompt"]) for e in prompts}
+    r = run_cli("task", "--out", str(tmp_path / "u"), "--demonstrations", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and not (tmp_path / "u").exists()
+
+
 def test_chat_template_trains_the_assistant_turn_only(good_run):
     from minigpt.run.load import run_tokenizer
 

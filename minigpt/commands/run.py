@@ -26,12 +26,13 @@ def cmd_prepare(args) -> None:
 def cmd_task(args) -> None:
     from minigpt.data.task import write_task
 
-    made = write_task(args.out, args.seed, args.digits, args.heldout)
+    made = write_task(args.out, args.seed, args.digits, args.heldout, args.demonstrations)
     if args.json:
         print(to_json({"event": "task", **made}))
         return
-    print(f"task     addition of {made['digits']}-digit numbers as chat data: {made['train_problems']:,} train and "
-          f"{made['heldout_problems']:,} held-out problems (seed {made['seed']}) in {made['out']}: {', '.join(made['files'])}")
+    print(f"task     addition of {made['digits']}-digit numbers as chat data: {made['train_problems']:,} train "
+          f"({made['demonstrations']:,} with a worked answer for SFT) and {made['heldout_problems']:,} held-out problems "
+          f"(seed {made['seed']}) in {made['out']}: {', '.join(made['files'])}")
     print(f"next     minigpt train --config sft-tiny --set train.init_from=RUN --set train.post_data={made['out']}")
 
 
@@ -122,6 +123,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=number(int, 0, 2**31), default=0, help="which problems are held out (default 0)")
     p.add_argument("--digits", type=number(int, 1, 3), default=2, help="digits per number (default 2: 10,000 problems)")
     p.add_argument("--heldout", type=number(float, 0.01, 0.49), default=0.1, help="fraction held out (default 0.1)")
+    p.add_argument("--demonstrations", type=number(int, 1), help="train problems with a worked answer in sft.jsonl "
+                   "(default: all); prompts and pairs keep every train problem")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     p.set_defaults(func=cmd_task)
 

@@ -80,8 +80,13 @@ def task_rows(train: list[tuple[int, int]], held: list[tuple[int, int]], seed: i
     }
 
 
-def write_task(out: str | Path, seed: int = 0, digits: int = 2, heldout_fraction: float = 0.1) -> dict:
-    """Write the task's files into `out` (new, or empty); returns what was written."""
+def write_task(out: str | Path, seed: int = 0, digits: int = 2, heldout_fraction: float = 0.1,
+               demonstrations: int | None = None) -> dict:
+    """Write the task's files into `out` (new, or empty); returns what was written. demonstrations: how many train
+    problems get a worked answer in sft.jsonl (None: all); the prompts (RL) and pairs (DPO, reward model) keep every
+    train problem, as demonstrations are the scarce data in practice (InstructGPT: 13k demonstrations, 31k RL prompts)."""
+    if demonstrations is not None and demonstrations < 1:
+        raise UserError(f"--demonstrations {demonstrations}: give 1 or more (or leave it out: every train problem)")
     if not 1 <= digits <= 3:
         raise UserError(f"--digits {digits}: give 1 to 3 (10^digits squared problems)")
     if not 0 < heldout_fraction < 0.5:
@@ -93,8 +98,10 @@ def write_task(out: str | Path, seed: int = 0, digits: int = 2, heldout_fraction
     if not held:
         raise UserError(f"--digits {digits} with --heldout {heldout_fraction} holds out no problem: raise either")
     rows = task_rows(train, held, seed)
+    rows["sft.jsonl"] = rows["sft.jsonl"][:demonstrations]  # train is shuffled: a random subset
     out.mkdir(parents=True, exist_ok=True)
     for name, items in rows.items():
         atomic_write_text(out / name, "".join(json.dumps(r) + "\n" for r in items))
     return {"task": "addition", "digits": digits, "seed": seed, "out": str(out),
-            "train_problems": len(train), "heldout_problems": len(held), "files": list(rows)}
+            "train_problems": len(train), "demonstrations": len(rows["sft.jsonl"]), "heldout_problems": len(held),
+            "files": list(rows)}
