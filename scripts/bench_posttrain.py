@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=990, help="held-out problems scored (default 990: all of them)")
     p.add_argument("--sft-steps", type=int, help="SFT's train.max_steps (default: the sft-tiny preset's)")
     p.add_argument("--demonstrations", type=int, help="without --task: train problems with a worked answer for SFT "
-                   "(minigpt task --demonstrations; default all); RL prompts and pairs keep every train problem")
+                   "(minigpt task --demonstrations; default all); RL prompts and pairs keep every train problem, and "
+                   "the later stages take posttrain_bench.SCARCE's settings")
     p.add_argument("--out", help="append the JSON line to OUT.jsonl and write the table to OUT.md")
     args = p.parse_args()
     busy, how = busy_cores()
@@ -41,7 +42,8 @@ def main() -> None:
             if not args.task:
                 write_task(task, demonstrations=args.demonstrations)
             rows = [r for s in args.seeds.split(",")
-                    for r in pipeline(Path(tmp), args.base, task, int(s), args.heldout, args.sft_steps)]
+                    for r in pipeline(Path(tmp), args.base, task, int(s), args.heldout, args.sft_steps,
+                                      scarce=bool(args.demonstrations))]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -123,9 +123,9 @@ def lora_saved(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if is_adapter(n) or (n in EMBEDDINGS and p.requires_grad)}
 
 
-def adapter_state(weights: dict[str, torch.Tensor], saved: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """What a LoRA run saves of a full state dict: the adapters, or the names lora_saved gave."""
-    return {k: v for k, v in weights.items() if (is_adapter(k) if saved is None else k in saved)}
+def adapter_state(weights: dict[str, torch.Tensor], saved: set[str]) -> dict[str, torch.Tensor]:
+    """What a LoRA run saves of a full state dict: the names lora_saved gave (the adapters; the grown embeddings)."""
+    return {k: v for k, v in weights.items() if k in saved}
 
 
 def load_adapters(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
