@@ -205,7 +205,7 @@ def test_lora_sft_from_a_base_without_chat_tokens_trains_and_saves_the_grown_emb
     saved = final_weights(tmp_path / "whole")
     assert {n for n in saved if "lora_" not in n} == {"wte.weight"}  # tied head: saved once, with the embedding
     assert torch.equal(saved["wte.weight"], final_weights(tmp_path / "split")["wte.weight"])
-    base, tok, _, _ = load_run(good_run)
+    base, _, _, _ = load_run(good_run)
     model, chat_tok, _, _ = load_run(tmp_path / "whole")
     rows = base.config.vocab_size
     assert model.config.vocab_size == chat_tok.get_vocab_size() > rows
