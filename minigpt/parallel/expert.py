@@ -33,7 +33,7 @@ from minigpt.nn.weights import assign_weights, read_weights, weights_of
 from minigpt.parallel.backend import Backend
 from minigpt.parallel.ddp import TorchBackend
 from minigpt.parallel.distributed import all_reduce_mean_flat
-from minigpt.parallel.sharding import from_tp_layout, grad_norm, to_tp_layout
+from minigpt.parallel.sharding import from_tp_layout, grad_norm, load_whole_weights
 
 
 class ExpertParallelMoE(nn.Module):
@@ -324,7 +324,7 @@ class ExpertBackend(TorchBackend):
         if self.plan.tp == 1:
             assign_weights(self.model, weights, str(folder))
         else:
-            load_sharded_weights(self.model, to_tp_layout(weights, self.cfg.model, self.plan.tp))
+            load_whole_weights(self.model, weights, self.cfg.model, self.plan.tp)
         self.optimizer.load_state_dict(state["optimizer_by_rank"][self.env.rank])
         reshard_state(self.optimizer)
 
@@ -367,12 +367,3 @@ def reshard_state(optimizer) -> None:
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
                     s[n] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                               stride=p.stride())
-
-
-def load_sharded_weights(model: torch.nn.Module, weights: dict) -> None:
-    """Whole weights (tensor-parallel row order) into a model whose blocks hold DTensor shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    if model.config.tie_embeddings:
-        weights.setdefault("lm_head.weight", weights["wte.weight"])
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

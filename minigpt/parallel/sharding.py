@@ -106,6 +106,16 @@ def from_tp_layout(sd: dict, c: ModelConfig, tp: int) -> dict:
     return to_tp_layout(sd, c, tp, inverse=True)
 
 
+def load_whole_weights(model: torch.nn.Module, weights: dict, c: ModelConfig, tp: int) -> None:
+    """Whole weights in the ordinary layout into a model whose blocks hold DTensor shards (tensor parallelism,
+    FSDP2): put in the tensor-parallel row order, a tied head given its embedding, each rank keeping its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if c.tie_embeddings:
+        weights.setdefault("lm_head.weight", weights["wte.weight"])
+    set_model_state_dict(model, to_tp_layout(weights, c, tp), options=StateDictOptions(full_state_dict=True))
+
+
 def map_optimizer_state(osd: dict, fn) -> dict:
     """Apply a name -> tensor layout change to every per-parameter tensor of a full optimizer state."""
     state = {}
@@ -321,9 +331,7 @@ class ShardedBackend(Backend):
         if self.tc.lora_rank:  # the checkpoint holds the adapters; the base came from train.init_from
             set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         else:
-            if c.tie_embeddings:
-                weights.setdefault("lm_head.weight", weights["wte.weight"])
-            set_model_state_dict(self.model, to_tp_layout(weights, c, self.tp), options=StateDictOptions(full_state_dict=True))
+            load_whole_weights(self.model, weights, c, self.tp)
         osd = map_optimizer_state(state["optimizer"], lambda sd: to_tp_layout(sd, c, self.tp))
         set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
