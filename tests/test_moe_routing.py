@@ -141,3 +141,34 @@ def test_the_flop_counter_counts_grouped_experts_as_it_counts_the_loop():
             (y.square().sum() + aux).backward()
         counts.append(fc.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def test_expert_parallel_layers_run_eager_inside_a_compiled_model():
+    """torch.compile of a model whose MoE layers are expert-parallel (a one-rank ep group here): the exchanged slot
+    counts size the all-to-alls, which dynamo cannot trace (a data-dependent error, on every --plan ep run with
+    train.compile on, before), so the layer runs eager inside the compiled model: the eager model's loss. Dynamo with
+    the "eager" backend: the tracing alone, which is where it failed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from minigpt.nn.model import GPT
+    from minigpt.nn.torch_private import capture_data_dependent_shapes
+    from minigpt.parallel.expert import apply_expert_parallel
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        c = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_expert=4, n_expert_active=2)
+        model = apply_expert_parallel(GPT(c), init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))["ep"])
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        want = model(x, x).loss
+        capture_data_dependent_shapes()  # as parallelize() sets it for a mixture
+        got = torch.compile(model, backend="eager")(x, x).loss
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert model.blocks[0].mlp.experts[0].c_fc.weight.grad is not None
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -54,6 +54,9 @@ class ExpertParallelMoE(nn.Module):
         self.group = ep_mesh.get_group()
         self.stats: dict[str, torch.Tensor] = {}
 
+    # eager under torch.compile (a graph break at each MoE layer; the rest of the block compiles): the exchanged slot
+    # counts become Python ints that size the all-to-alls, which dynamo cannot trace (a data-dependent error)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         flat = x.reshape(-1, C)
