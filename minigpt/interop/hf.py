@@ -35,7 +35,7 @@ from minigpt.core.errors import UserError
 from minigpt.core.files import check_regular, digest, read_regular
 from minigpt.core.hf_config import hf_family, hf_from_model, hf_stop_token, is_hf_config, model_from_hf, read_json
 from minigpt.data.tokenizer import MAX_TOKENIZER_BYTES, read_tokenizer
-from minigpt.nn.weights import WEIGHTS, read_weights, save_weights
+from minigpt.nn.weights import VOCAB_ROWS, WEIGHTS, read_weights, save_weights
 from minigpt.run.files import commit_checkpoint, latest_checkpoint, load_latest, new_checkpoint_folder
 from minigpt.run.load import check_tokenizer, load_run_weights
 
@@ -158,7 +158,7 @@ def minigpt_to_hf(c: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str,
         w = weights.get(ours)
         if w is None:
             w = torch.zeros(parts[0][1])  # a GPT-2 bias the model does not have
-        if ours in ("wte.weight", "lm_head.weight"):
+        if ours in VOCAB_ROWS:
             w = w[: c.vocab_size]
         if how == "T":
             w = w.t()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from minigpt.core.blocks import inventory
 from minigpt.core.config import LORA_TARGETS
 from minigpt.core.errors import UserError
+from minigpt.nn.weights import VOCAB_ROWS
 
 TARGETS = LORA_TARGETS  # the model's inventory names them (core/blocks.py)
 
@@ -103,7 +104,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-EMBEDDINGS = ("wte.weight", "lm_head.weight")  # trained whole beside the adapters when the vocabulary grew
+EMBEDDINGS = VOCAB_ROWS  # trained whole beside the adapters when the vocabulary grew
 
 
 def is_adapter(name: str) -> bool:

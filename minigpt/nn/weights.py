@@ -11,6 +11,7 @@ from minigpt.core.errors import UserError
 from minigpt.core.files import read_verified
 
 WEIGHTS = "model.safetensors"
+VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # the matrices with a row per token (a tied head: the embedding)
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def grow_vocabulary(base: torch.nn.Module, model: torch.nn.Module) -> int:
     old, rows = base.state_dict(), base.config.vocab_size
     for name, t in model.state_dict().items():
         src = old[name]
-        if name in ("wte.weight", "lm_head.weight"):
+        if name in VOCAB_ROWS:
             t.copy_(src.mean(0, keepdim=True).expand_as(t))
             t[:rows] = src[:rows]
         else:
