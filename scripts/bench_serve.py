@@ -7,6 +7,7 @@ a per-user speed. Writes the line to --out (appended), the continuous sweep as a
 (for `minigpt extrapolate --serve --from-serve-bench`) and a plot of both curves.
 
     python scripts/bench_serve.py --run runs/quickstart [--rates 2,4,8,16,32,0] [--requests 48]
+        [--output-tokens 8:96] [--output-dist uniform|exponential] [--output-mean N]
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from minigpt.analytic.serving import best_at_user_speed
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
 from minigpt.core.plots import plot_serve_sweep
-from minigpt.measure.serve_bench import Load, check_load, compare_batching
+from minigpt.measure.bench import predict_batching
+from minigpt.measure.serve_bench import Load, check_load, compare_batching, load_plan
 
 READER = 30.0  # tokens/s per user: a reader's speed
 
@@ -37,12 +39,14 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prompt-tokens", default="8:32")
     p.add_argument("--output-tokens", default="8:96")
+    p.add_argument("--output-dist", default="uniform", help="uniform or exponential (LO + an exponential draw, capped at HI)")
+    p.add_argument("--output-mean", type=float, default=None, help="the exponential's mean (default: the middle of LO:HI)")
     p.add_argument("--out", default="benchmarks/bench_serve_cpu.jsonl")
     args = p.parse_args()
     try:
         span = lambda t: tuple(int(x) for x in t.split(":"))  # noqa: E731
         load = Load(requests=args.requests, concurrency=args.concurrency, prompt_tokens=span(args.prompt_tokens),
-                    output_tokens=span(args.output_tokens))
+                    output_tokens=span(args.output_tokens), output_dist=args.output_dist, output_mean=args.output_mean)
         rates = [float(r) for r in args.rates.split(",")]
         check_load(load)
         if not Path(args.run, "latest.json").is_file():
@@ -68,11 +72,22 @@ def main() -> None:
     for row in compare.values():
         row["continuous_over_static"] = (round(row["continuous"] / row["static"], 3)
                                          if row["continuous"] and row["static"] else None)
+    # all at once, measured beside the model's prediction from this machine's step costs (and the same lengths)
+    plan, _ = load_plan(load, sweeps["continuous"]["vocab_size"])
+    lengths = [n for _, n in plan]
+    predicted = predict_batching(args.run, lengths, sum(len(p) for p, _ in plan) / len(plan), args.max_batch)
+    at_once = {b: next((q["output_throughput_tokens_per_s"] for q in s["points"] if not q["rate_requests_per_s"]), None)
+               for b, s in sweeps.items()}
+    if at_once["static"] and at_once["continuous"]:
+        at_once["continuous_over_static"] = round(at_once["continuous"] / at_once["static"], 3)
+        at_once["measured_over_predicted"] = round(at_once["continuous_over_static"] / predicted["continuous_over_static"], 3)
     out = Path(args.out)
     line = {"bench": "serve_batching", "run": args.run, "device_name": device_name(torch.device("cpu")),
             "cpu_cores": os.cpu_count(), "server_threads": 1, "busy_cores_before": busy, "load_source": how,
             "max_batch": args.max_batch, "load": sweeps["continuous"]["load"], "rates": rates,
-            "output_tokens_per_s_at_per_user_speed": compare, "sweeps": sweeps,
+            "output_tokens_per_s_at_per_user_speed": compare, "all_at_once_measured": at_once,
+            "all_at_once_predicted": predicted, "output_tokens_mean": round(sum(lengths) / len(lengths), 1),
+            "sweeps": sweeps,
             "convention": "output tokens/s (measured) at the highest arrival rate whose median request decoded at >= "
                           "the per-user speed and lost no request; " + sweeps["continuous"]["convention"]}
     print(json.dumps(line))

@@ -210,7 +210,10 @@ def test_a_server_model_with_packed_linears_gives_the_greedy_tokens_of_the_dense
 
     packed = copy.deepcopy(model)
     assert prepack_linears(packed) > 0  # the pinned torch's CPU build has oneDNN
-    assert not any(type(m) is torch.nn.Linear for m in packed.blocks.modules())
+    assert not any(type(m) is torch.nn.Linear for m in packed.blocks.modules()) and packed.lm_head.packed is not None
+    ids = torch.tensor([PROMPTS[0] * 2])
+    with torch.no_grad():  # 2+ rows take the packed kernels, the head's too: the dense model's logits to rounding
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     alone = [generate_ids(model, [p], 12, temperature=0).new_tokens[0] for p in PROMPTS]
     seqs = generate_all(Engine(packed, 3), [Sequence(p, 12, Sampling(0)) for p in PROMPTS])
     assert [s.tokens for s in seqs] == alone

@@ -389,10 +389,43 @@ def test_bench_serve_measures_the_server_and_its_result_sizes_a_fleet(server, tm
     assert other.returncode == 2 and "another model" in other.stderr
 
 
+def test_output_lengths_drawn_uniform_or_with_an_exponential_tail_stay_in_the_range():
+    """The load's max_tokens: uniform over LO:HI, or LO + an exponential draw capped at HI, whose mean is near the
+    one asked and whose tail is long (a tenth beyond 2.3 means: e^-2.3 ~ 0.1), unlike the uniform's."""
+    import random
+    import statistics
+
+    from minigpt.measure.serve_bench import Load, output_length
+
+    uniform, tailed = Load(output_tokens=(8, 96)), Load(output_tokens=(8, 480), output_dist="exponential", output_mean=64)
+    u = [output_length(uniform, random.Random(i)) for i in range(4000)]
+    e = [output_length(tailed, random.Random(i)) for i in range(4000)]
+    assert min(u) == 8 and max(u) == 96 and abs(statistics.fmean(u) - 52) < 2
+    assert min(e) == 8 and max(e) <= 480 and abs(statistics.fmean(e) - 64) < 3
+    assert sum(x > 8 + 2.3 * 56 for x in e) / len(e) == pytest.approx(0.1, abs=0.02)
+
+
+def test_the_batching_model_counts_a_static_batch_to_its_longest_answer():
+    """analytic/serving.batching_tokens_per_s: lengths 1, 4, 4, 1 two rows at a time take static batching 8 steps
+    (4 + 4) and continuous 5 (the short rows' places taken at once); a step's fixed cost is what continuous saves,
+    so where a step costs per row only both come out equal; one batch of identical lengths is the same either way."""
+    from minigpt.analytic.serving import batching_tokens_per_s as rate
+
+    assert rate([1, 4, 4, 1], 2, 1.0, 0.0, "static") == pytest.approx(10 / 8)
+    assert rate([1, 4, 4, 1], 2, 1.0, 0.0, "continuous") == pytest.approx(10 / 5)
+    lengths = [3, 9, 1, 30, 7, 7, 2, 12, 5]
+    assert rate(lengths, 4, 0.0, 1.0, "static") == pytest.approx(rate(lengths, 4, 0.0, 1.0, "continuous"))
+    assert rate([6] * 4, 4, 1.0, 0.5, "static") == pytest.approx(rate([6] * 4, 4, 1.0, 0.5, "continuous"))
+    with pytest.raises(ValueError, match="continuous or static"):
+        rate(lengths, 4, 1.0, 0.0, "dynamic")
+
+
 @pytest.mark.parametrize("args, words", [
     (["--url", "http://192.0.2.1:8000/v1"], "this machine only"),
     (["--prompt-tokens", "9:3"], "LO <= HI"),
     (["--prompt-tokens", "40:40", "--output-tokens", "30:30"], "exceed the served model's context of 64"),
+    (["--output-tokens", "8:40", "--output-dist", "exponential", "--output-mean", "50"], "at most 40"),
+    (["--output-tokens", "8:40", "--output-mean", "20"], "with --output-dist exponential"),
 ])
 def test_bench_serve_refuses_bad_input_before_any_request(server, args, words):
     from conftest import run_cli

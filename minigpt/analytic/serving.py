@@ -240,3 +240,29 @@ def speculate_factor(value: str) -> tuple[float, str]:
     except (OSError, ValueError, KeyError, IndexError):
         raise UserError(f"--speculate {value}: neither a number nor a scripts/bench_speculative.py result") from None
     return best["speedup"], f"measured: {value} (K={best['k']}, on {data.get('device', '?')})"
+
+
+def batching_tokens_per_s(lengths: list[int], max_batch: int, fixed_s: float, per_row_s: float, policy: str) -> float:
+    """Predicted output tokens/s of one server given every request at once (its saturated throughput), a decode step
+    costing fixed_s + per_row_s x its rows (what a step reads whatever its batch, and each row's own work; prompts and
+    the server's own time left out). continuous: a free row takes the next request at the next step (Yu et al. 2022,
+    Orca); static: a batch of max_batch requests runs until its longest ends, a finished row computing no more (the
+    static server minigpt compares against). So a static batch pays fixed_s for as many steps as its longest answer,
+    and the gain of continuous batching is at most E[longest] / E[length] in a batch, reached where fixed_s dominates
+    (a GPU's memory-bound decode), and less where per-row work does (a CPU)."""
+    if policy not in ("continuous", "static") or max_batch < 1 or not lengths or min(lengths) < 1:
+        raise ValueError(f"policy {policy!r}, max_batch {max_batch}, lengths {len(lengths)}: give continuous or static, "
+                         "a batch of 1 or more and positive lengths")
+    seconds = 0.0
+    if policy == "static":
+        for i in range(0, len(lengths), max_batch):
+            batch = lengths[i:i + max_batch]  # rows alive at step t: those longer than t
+            seconds += max(batch) * fixed_s + sum(batch) * per_row_s
+        return sum(lengths) / seconds
+    waiting, left = list(lengths), []  # left: tokens each running row still has to make
+    while waiting or left:
+        while waiting and len(left) < max_batch:
+            left.append(waiting.pop(0))
+        seconds += fixed_s + per_row_s * len(left)
+        left = [n - 1 for n in left if n > 1]
+    return sum(lengths) / seconds

@@ -288,6 +288,10 @@ def _add_bench_command(sub) -> None:
     q.add_argument("--concurrency", type=number(int, 1, 1024), default=16, help="most requests in flight (default 16)")
     q.add_argument("--prompt-tokens", type=span_arg, default=(16, 64), help="prompt length range LO:HI (default 16:64)")
     q.add_argument("--output-tokens", type=span_arg, default=(32, 64), help="max_tokens range LO:HI (default 32:64)")
+    q.add_argument("--output-dist", choices=("uniform", "exponential"), default="uniform",
+                   help="max_tokens drawn uniformly from LO:HI, or LO + an exponential draw capped at HI (real answers' "
+                        "long tail)")
+    q.add_argument("--output-mean", type=number(float, 1, 1e6), help="the exponential's mean (default: the middle of LO:HI)")
     q.add_argument("--seed", type=number(int, 0), default=0, help="seed of the lengths, prompts and gaps")
     q.add_argument("--api-key", help="the server's key (default: $MINIGPT_API_KEY)")
     q.add_argument("--ttft-slo-ms", type=number(float, 0, 1e7, lo_open=True), default=1000.0,

@@ -44,7 +44,8 @@ def cmd_bench_serve(args) -> None:
 
     key = args.api_key if args.api_key is not None else os.environ.get("MINIGPT_API_KEY", "")
     load = Load(args.url, 0.0, args.arrivals, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens,
-                args.seed, key, ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=args.tpot_slo_ms / 1e3)
+                args.output_dist, args.output_mean, args.seed, key, ttft_slo_s=args.ttft_slo_ms / 1e3,
+                tpot_slo_s=args.tpot_slo_ms / 1e3)
     if args.out:
         check_image_path(str(Path(args.out).with_suffix(".png")), "--out", make_parents=True)
     result = bench_serve(load, args.rate or [2.0], progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -211,3 +211,55 @@ def decode_curve(model, batches: list[int], contexts: list[int], new_tokens: int
                          "fraction_of_bandwidth_bound": round(b / step_s / bound["bound_tokens_per_s"], 4),
                          "fraction_of_roofline": round(b / step_s / roof, 4)})
     return rows
+
+
+def engine_step_cost(model, max_batch: int, context: int, steps: int = 40) -> tuple[float, float]:
+    """A serving engine's decode step as fixed seconds + seconds per row (measured: the median step at 1 row and at
+    max_batch rows, each row at `context` tokens, fitted through both). Greedy, this process's threads."""
+    from minigpt.infer.engine import Engine, Sampling, Sequence
+
+    def median_step(rows: int) -> float:
+        engine = Engine(model, rows, prefix_rows=0)
+        engine.add([Sequence([1 + i % 50 for i in range(context)], steps + 8, Sampling(0)) for _ in range(rows)])
+        while engine._filling:  # the prompt prefilled (and copied to the other rows) first
+            engine.step()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    one, full = median_step(1), median_step(max_batch)
+    per_row = max(0.0, (full - one) / (max_batch - 1)) if max_batch > 1 else 0.0
+    return one - per_row, per_row
+
+
+def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_batch: int) -> dict:
+    """Continuous against static batching, predicted for these output lengths all sent at once
+    (analytic/serving.batching_tokens_per_s) from this machine's measured engine steps on one thread, the run's
+    Linears packed as the server packs them."""
+    from minigpt.analytic.serving import batching_tokens_per_s
+    from minigpt.nn.torch_private import prepack_linears
+    from minigpt.run.load import load_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_run(run, "cpu")[0]
+        prepack_linears(model)
+        mean_context = round(prompt_tokens + sum(lengths) / len(lengths) / 2)
+        fixed, per_row = engine_step_cost(model, max_batch, mean_context)
+    finally:
+        torch.set_num_threads(threads)
+    out = {b: round(batching_tokens_per_s(lengths, max_batch, fixed, per_row, b), 2) for b in ("static", "continuous")}
+    free = [batching_tokens_per_s(lengths, max_batch, 1.0, 0.0, b) for b in ("static", "continuous")]
+    return {"output_tokens_per_s": out, "continuous_over_static": round(out["continuous"] / out["static"], 3),
+            # the same lengths where a step costs the same whatever its rows (a memory-bound GPU decode): the most
+            # continuous batching can gain on this load
+            "continuous_over_static_rows_free": round(free[1] / free[0], 3),
+            "step_fixed_ms": round(fixed * 1e3, 3), "step_per_row_ms": round(per_row * 1e3, 4),
+            "context_tokens": mean_context,
+            "convention": "predicted: every request at once, a decode step = fixed + per row x rows (measured here, "
+                          "median engine steps at 1 and max_batch rows at the mean context), prompts and the "
+                          "server's HTTP work left out"}

@@ -2,8 +2,10 @@
 
 Requests arrive at a rate (Poisson: exponential gaps; or fixed gaps), at most `concurrency` in flight (a
 later arrival waits for a free client), each a streamed /v1/completions of a random token-id prompt with
-a length drawn uniformly from a range and `max_tokens` drawn likewise (`ignore_eos`, so the lengths are
-the ones asked). Per request it times the first streamed text (TTFT) and the end (end-to-end latency);
+a length drawn uniformly from a range and `max_tokens` drawn uniformly too, or from an exponential distribution
+capped at the range's top (`output_dist`: the long tail of real answers; Daniel et al. 2023, "How continuous
+batching enables 23x throughput in LLM inference", drew their output lengths so) (`ignore_eos`, so the lengths
+are the ones asked). Per request it times the first streamed text (TTFT) and the end (end-to-end latency);
 time per output token TPOT = (end-to-end - TTFT) / (output tokens - 1), output tokens from the usage the
 server streams last, and the request's own speed 1 / TPOT tokens/s: what a reader of that answer sees.
 Throughput is all output tokens over the wall time from the first arrival to the last answer. The same
@@ -40,6 +42,8 @@ class Load:
     concurrency: int = 16
     prompt_tokens: tuple[int, int] = (16, 64)
     output_tokens: tuple[int, int] = (32, 64)
+    output_dist: str = "uniform"  # or "exponential": LO + Exp(mean output_mean - LO), capped at HI
+    output_mean: float | None = None  # exponential only; None: the middle of output_tokens
     seed: int = 0
     api_key: str = ""
     timeout_s: float = 300.0
@@ -55,6 +59,13 @@ def check_load(load: Load) -> None:
         raise UserError(f"--url {load.url}: give the server's http URL, e.g. http://127.0.0.1:8000/v1")
     if not _loopback(parts.hostname):
         raise UserError(f"--url {load.url}: bench serve loads a server on this machine only (127.0.0.1, ::1, localhost)")
+    if load.output_dist not in ("uniform", "exponential"):
+        raise UserError(f"--output-dist {load.output_dist}: choose uniform or exponential")
+    lo, hi = load.output_tokens
+    if load.output_mean is not None and load.output_dist != "exponential":
+        raise UserError("--output-mean sets the exponential's mean: give it with --output-dist exponential")
+    if load.output_mean is not None and not lo < load.output_mean <= hi:
+        raise UserError(f"--output-mean {load.output_mean:g}: give a mean above {lo} and at most {hi} (--output-tokens)")
     if load.arrivals not in ("poisson", "fixed"):
         raise UserError(f"--arrivals {load.arrivals}: choose poisson or fixed")
     if not 1 <= load.requests <= MAX_REQUESTS or load.concurrency < 1 or load.rate < 0:
@@ -117,12 +128,29 @@ def _one(load: Load, model: str, prompt: list[int] | str, max_tokens: int, t_arr
     return out
 
 
+def output_length(load: Load, rng: random.Random) -> int:
+    """One request's max_tokens: uniform over output_tokens, or LO + an exponential draw of mean output_mean - LO,
+    capped at HI (the cap holds the few draws beyond it: the mean drawn is a little below output_mean)."""
+    lo, hi = load.output_tokens
+    if load.output_dist == "uniform" or lo == hi:
+        return rng.randint(lo, hi)
+    mean = load.output_mean if load.output_mean is not None else (lo + hi) / 2
+    return min(hi, lo + round(rng.expovariate(1 / (mean - lo))))
+
+
+def load_plan(load: Load, vocab: int = 256) -> tuple[list[tuple[list[int] | str, int]], random.Random]:
+    """The requests a load sends, (prompt, max_tokens) each, and the generator that goes on to draw the gaps."""
+    rng, plan = random.Random(load.seed), []
+    for i in range(load.requests):  # the prompt then its length, request by request (a seed's plan stays the same)
+        prompt = load.texts[i % len(load.texts)] if load.texts else \
+            [rng.randrange(1, vocab) for _ in range(rng.randint(*load.prompt_tokens))]
+        plan.append((prompt, output_length(load, rng)))
+    return plan, rng
+
+
 def run_load(load: Load, model: str, vocab: int = 256) -> dict:
     """Send the load; the figures of its requests (see the module doc)."""
-    rng = random.Random(load.seed)
-    plan = [(load.texts[i % len(load.texts)] if load.texts else
-             [rng.randrange(1, vocab) for _ in range(rng.randint(*load.prompt_tokens))], rng.randint(*load.output_tokens))
-            for i in range(load.requests)]
+    plan, rng = load_plan(load, vocab)
     gaps = [0.0 if load.rate == 0 else rng.expovariate(load.rate) if load.arrivals == "poisson" else 1 / load.rate
             for _ in plan]
     slots, results, threads = threading.Semaphore(load.concurrency), [], []

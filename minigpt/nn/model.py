@@ -447,12 +447,18 @@ class LMHead(nn.Linear):
     (tokens x vocabulary) logits: the same matmuls, a fraction of the memory traffic.
     """
 
+    packed = None  # a oneDNN-packed copy of the weight for inference on a CPU (nn/torch_private.prepack_linears)
+
     def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int) -> None:
         super().__init__(n_embd, padded_vocab, bias=False)
         self.vocab_size = vocab_size
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
+            if self.packed is not None:
+                from minigpt.nn.torch_private import linear
+
+                return linear(x, self.weight, None, self.packed)[..., : self.vocab_size]
             return F.linear(x, self.weight)[..., : self.vocab_size]  # padding rows dropped
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1), self.vocab_size)
 
