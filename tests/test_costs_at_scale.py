@@ -110,6 +110,21 @@ def test_backtest_band_coverage_is_counted_and_variants_move_the_prediction():
     assert {v.get("micro_batch") for v in B.run_variants(run)} >= {2, 4, 8}
 
 
+def test_a_peak_given_as_a_range_predicts_at_its_middle_and_the_band_tries_both_ends():
+    """torchtitan's H100s run below the datasheet's peak, 'between SXM and NVL' (their footnote): the prediction is
+    at the middle, slower than at the SXM's peak and faster than at the NVL's, and the band holds both ends."""
+    run = next(r for r in P.load_runs() if r["name"] == "torchtitan Llama 3.1 8B FSDP+compile 8 GPUs")
+    lo, hi = run["peak_tflops_between"]
+    middle = P.predict(run)["predicted"]
+    at = {x: P.predict({**run, "peak_tflops": x})["predicted"] for x in (lo, hi)}
+    assert at[lo] < middle < at[hi]
+    datasheet = {**{k: v for k, v in run.items() if k != "peak_tflops_between"}, "unknown": []}
+    assert P.predict(datasheet)["predicted"] == pytest.approx(at[hi], rel=1e-9)  # 989: the SXM datasheet's
+    assert {v.get("peak_tflops") for v in B.run_variants(run)} >= {lo, hi}
+    rates = T.gpu_rates(gpu_by_name("H100"), "bf16", peak_tflops=lo)
+    assert rates.matmul_flops == pytest.approx(H100.matmul_flops * lo / 989) and "given for this part" in rates.sources["peak"]
+
+
 def test_the_fitted_share_is_said_where_the_prediction_is():
     assert "fitted" in H100.sources["sustained"] and H100.sustained == T.SUSTAINED[0]
     assert "one fitted constant" in P.backtest()["model"]

@@ -155,6 +155,10 @@ def test_backtest_cli_json_and_errors(tmp_path):
     ("global_batch = 512", 'global_batch = 512\nkernels = "jit"', "kernels = 'jit' is not one of fused, eager"),
     ("global_batch = 512", 'global_batch = 512\nkernal = "eager"', "unknown key 'kernal'; known: seq_len"),
     ('plan = "tp=1,pp=1,dp=32"', 'plan = "tp=1,pp=1,dp=16,cp=2"', "context parallelism (cp=2) runs with a flash"),
+    ("global_batch = 512", "global_batch = 512\npeak_tflops_between = [312, 100]", "must be [low, high] TFLOP/s"),
+    ("global_batch = 512", "global_batch = 512\npeak_tflops_between = [312]", "must be [low, high] TFLOP/s"),
+    ('unknown = ["micro_batch", "stages_per_rank", "grad_bytes"]', 'unknown = ["clock"]', "is not a setting the band can"),
+    ('unknown = ["micro_batch", "stages_per_rank", "grad_bytes"]', 'unknown = ["peak_tflops"]', "choose from micro_batch"),
 ])
 def test_a_crafted_published_run_is_refused_by_name_and_fix(tmp_path, old, new, says):
     table = tmp_path / "runs.toml"

@@ -58,12 +58,14 @@ RUN_ALTERNATIVES = {"micro_batch": (1, 2, 4, 8), "recompute": ("none", "selectiv
 
 
 def run_variants(run: dict) -> list[dict]:
-    """A published run at each other value of each setting its source does not state (one at a time)."""
+    """A published run at each other value of each setting its source does not state (one at a time); a peak the
+    source puts between two figures (`peak_tflops_between`) at each of them."""
     out = []
     for key in run.get("unknown", []):
         if key == "flash_kernel" and not has_kernel_choice(run["gpu"]):
             continue
-        for alt in RUN_ALTERNATIVES[key]:
+        alternatives = run["peak_tflops_between"] if key == "peak_tflops" else RUN_ALTERNATIVES[key]
+        for alt in alternatives:
             if run.get(key) == alt or (key == "stages_per_rank" and "pp=1" in run["plan"].replace(" ", "")):
                 continue
             if key == "micro_batch" and run["global_batch"] % alt:

@@ -30,7 +30,7 @@ SETS = ("development", "held-out")
 
 # how a code base ran (a family's keys, or a run's own): the Setup's keys and the plan's and rates' settings
 SETTINGS = (*SETUP_KEYS, "model", "schedule", "stages_per_rank", "sequence_parallel", "flash_kernel", "hbm_tbs",
-            "internode_gbs")
+            "internode_gbs", "peak_tflops_between")
 KEYS = {"family": (*SETTINGS, "assumed", "unknown"),
         "run": (*SETTINGS, "name", "family", "set", "source", "gpu", "dtype", "plan", "global_batch", "published",
                 "assumed_run"),
@@ -88,11 +88,21 @@ def run_inputs(run: dict, hardware: tuple[dict, str] | None = None) -> tuple[Mod
         raise UserError(f"published run {run['name']!r:.60}: {e}") from None
     gpu = gpu_by_name(run["gpu"])
     check_run(run, c, plan, setup, gpu)
-    rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"), run.get("internode_gbs"))
+    rates = T.gpu_rates(gpu, run["dtype"], run.get("flash_kernel", "fast"), run.get("hbm_tbs"), run.get("internode_gbs"),
+                        peak_tflops(run))
     how = T.stands_for(hardware[0], gpu.name) if hardware else None
     if how:
         rates = T.measured_rates(hardware[0], rates, hardware[1], gemms_only=how == "gemms")
     return c, plan, setup, rates
+
+
+def peak_tflops(run: dict) -> float | None:
+    """The dense peak of a run's parts when its source says they are not the datasheet's but lie between two
+    (`peak_tflops_between`): the middle, unless a band variant tries an end (`peak_tflops`)."""
+    between = run.get("peak_tflops_between")
+    if between is None:
+        return None
+    return run.get("peak_tflops", sum(between) / 2)
 
 
 def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu) -> None:
@@ -113,6 +123,14 @@ def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu
     for key in ("hbm_tbs", "internode_gbs"):
         if key in run and not _positive(run[key]):
             raise UserError(f"{where}: {key} = {run[key]!r:.30} must be a positive number")
+    between = run.get("peak_tflops_between")
+    if between is not None and not (isinstance(between, list) and len(between) == 2 and all(map(_positive, between))
+                                    and between[0] < between[1]):
+        raise UserError(f"{where}: peak_tflops_between = {between!r:.40} must be [low, high] TFLOP/s, 0 < low < high")
+    known = (*B.RUN_ALTERNATIVES, *(("peak_tflops",) if between is not None else ()))
+    bad = [k for k in run.get("unknown", []) if k not in known]
+    if bad:
+        raise UserError(f"{where}: unknown = [{bad[0]!r:.30}] is not a setting the band can try; choose from {', '.join(known)}")
     if run["dtype"] not in gpu.tflops:
         raise UserError(f"{where}: dtype {run['dtype']!r:.20} has no {gpu.name} peak; choose from {', '.join(gpu.tflops)}")
     figures = [v for k, v in run["published"].items() if k in METRICS]

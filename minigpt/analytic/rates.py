@@ -72,13 +72,16 @@ class Rates:
 
 
 def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: float | None = None,
-              internode_gbs: float | None = None) -> Rates:
+              internode_gbs: float | None = None, peak_tflops: float | None = None) -> Rates:
     """A GPU's achievable rates from cited microbenchmarks. `flash`: "fast" (cuDNN / FlashAttention-3
     class kernels) or "fa2" (FlashAttention-2, e.g. PyTorch's SDPA flash backend in 2024). `internode_gbs`:
-    the GB/s per GPU per direction between nodes when not the GPU's DGX default (one NIC per GPU)."""
+    the GB/s per GPU per direction between nodes when not the GPU's DGX default (one NIC per GPU).
+    `peak_tflops`: the dense peak in `dtype` of a part that does not run at the datasheet's (a lower power
+    limit): the matmul and attention rates scale with it."""
     if internode_gbs is not None:
         gpu = dataclasses.replace(gpu, internode_gbs=float(internode_gbs))
-    peak = gpu.tflops[dtype] * 1e12
+    scale = 1.0 if peak_tflops is None else peak_tflops / gpu.tflops[dtype]
+    peak = gpu.tflops[dtype] * 1e12 * scale
     mamf, mamf_what = MAMF.get(gpu.name, (0.0, ""))
     matmul = (mamf / gpu.tflops["bf16"]) * peak if mamf else 0.8 * peak
     att_frac, att_src = FLASH2_H100 if flash == "fa2" and gpu.name in ("H100", "H200") else FLASH.get(
@@ -89,7 +92,8 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
         nvlink_bytes_per_s=gpu.nvlink_gbs * 1e9 * LINK_EFFICIENCY[0],
         internode_bytes_per_s=gpu.internode_gbs * 1e9 * LINK_EFFICIENCY[0], sms=SMS.get(gpu.name, 0),
         sustained=SUSTAINED[0],
-        sources={"sustained": f"{SUSTAINED[0]:g} of the matmul and attention rates, {SUSTAINED[1]}","peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s",
+        sources={"sustained": f"{SUSTAINED[0]:g} of the matmul and attention rates, {SUSTAINED[1]}","peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s" if scale == 1.0 else
+                 f"{gpu.name} at {peak / 1e12:g} dense {dtype} TFLOP/s (given for this part; the datasheet's {gpu.tflops[dtype]:g})",
                  "matmul": (f"{MAMF_SOURCE}: {mamf_what}, {mamf:g} TFLOP/s bf16" if mamf else "assumption: 80% of peak (no mamf-finder figure)"),
                  "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",
                  "links": f"{LINK_EFFICIENCY[1]}; NVLink {gpu.nvlink_gbs:g} GB/s per direction, inter-node "
