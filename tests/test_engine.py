@@ -169,6 +169,26 @@ def test_the_flat_batch_of_decodes_and_chunks_gives_each_rows_own_logits(model):
         torch.testing.assert_close(flat[i], ref, atol=1e-5, rtol=1e-4)
 
 
+def test_a_decode_row_far_longer_than_the_rest_is_attended_alone_with_the_same_logits(model):
+    """Continuous batching puts a new row beside one far on: the long row is attended alone over its own slots and
+    the short ones share a call cut to their own longest (nn/ragged.split_decodes), each row's logits its own."""
+    from minigpt.nn.ragged import CALL_SLOTS, make_ragged, split_decodes
+
+    assert split_decodes([8, 11]) == (11, [])  # alike: one call
+    assert split_decodes([300, 5, 6, 7, 9, 4]) == (9, [0])  # one far longer: alone
+    assert split_decodes([5, 300, 7, 290]) == (7, [1, 3]) and 4 * 290 > 4 * 7 + 290 + CALL_SLOTS
+    prompts = [[(3 * i) % 90 + 1 for i in range(44)], [5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16], [20, 21, 22, 23]]
+    cache = model.make_cache(4, 48)
+    for r, p in enumerate(prompts):  # each row holds its prompt but the last token
+        model(torch.tensor([p[:-1]]), input_pos=torch.arange(len(p) - 1), cache=cache.rows(r, r + 1))
+    batch = make_ragged([(r, len(p) - 1) for r, p in enumerate(prompts)], [], [0, 1, 2, 3], "cpu")
+    assert [i for i, _ in batch.alone] == [0] and batch.decode_mask.size(-1) == 6
+    flat = model(torch.tensor([[p[-1] for p in prompts]]), input_pos=batch, positions=batch.slots.unsqueeze(0),
+                 cache=cache).logits[0]
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(flat[i], model(torch.tensor([p])).logits[0, -1], atol=1e-5, rtol=1e-4)
+
+
 def test_the_prefix_cache_copies_shared_blocks_instead_of_computing_them(model):
     """Prompts sharing 32 tokens: the later ones find two 16-token blocks (the hit counted), compute only the rest,
     and still give the greedy tokens of decoding alone; an unrelated prompt finds nothing."""
