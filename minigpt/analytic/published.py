@@ -23,7 +23,7 @@ from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
 
 TABLE = Path(__file__).with_name("published_runs.toml")
 SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes", "kernels",
-              "first_stage_layers", "last_stage_layers")
+              "first_stage_layers", "last_stage_layers", "capacity_factor")
 METRICS = ("tflops_per_gpu", "mfu", "step_s", "tokens_per_s_per_gpu")  # what a source may publish
 SETS = ("development", "held-out")
 
@@ -111,7 +111,7 @@ def check_run(run: dict, c: ModelConfig, plan: ParallelPlan, setup: T.Setup, gpu
     where = f"published run {run['name']!r:.60}"
     try:
         c.validate()
-        plan.check_model(c)
+        plan.check_model(c, runs_here=False)
         if setup.kernels == "eager":
             eager.check_covered(c, 'kernels = "fused"')
         T.check_context_parallel(plan, setup)

@@ -230,11 +230,13 @@ class ParallelPlan:
                 f"train.pipeline_stages_per_rank={self.stages_per_rank}"] + \
                [f"train.expert_parallel={self.ep}"] + ([f'train.backend="{self.backend}"'] if self.backend else [])
 
-    def check_model(self, c: ModelConfig, world_known: bool = True) -> None:
+    def check_model(self, c: ModelConfig, world_known: bool = True, runs_here: bool = True) -> None:
         """Every dimension tensor parallelism splits divides by tp (a mixture's experts split as the dense MLP);
-        the layers divide into pp stages; ep divides dp (checked again by with_world when dp is not known yet)."""
+        the layers divide into pp stages; ep divides dp (checked again by with_world when dp is not known yet).
+        runs_here=False: a layout only predicted (the step-time model's published runs), not trained or simulated
+        here, so what minigpt's own backends lack (sequence parallelism with experts) is no reason to refuse it."""
         check_tensor_parallel(c, self.tp)
-        if self.sp and c.is_moe:
+        if self.sp and c.is_moe and runs_here:
             raise UserError("sequence parallelism (sp=1) does not run with a mixture of experts here; use sp=0")
         if world_known and self.dp % self.ep:
             raise UserError(f"plan ep={self.ep} splits the experts over data-parallel ranks: it must divide dp = {self.dp}")
