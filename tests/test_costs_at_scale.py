@@ -125,6 +125,17 @@ def test_a_peak_given_as_a_range_predicts_at_its_middle_and_the_band_tries_both_
     assert rates.matmul_flops == pytest.approx(H100.matmul_flops * lo / 989) and "given for this part" in rates.sources["peak"]
 
 
+def test_a_published_mixture_is_predicted_with_its_all_to_alls_but_minigpt_still_refuses_to_run_it():
+    """Grok 1 on 2,048 GPUs (tp 4 with sequence parallelism, ep 8): predicted with its expert all-to-alls timed; the
+    same layout is still refused where minigpt would run it (its backends have no sequence parallelism with experts)."""
+    run = next(r for r in P.load_runs() if r["name"] == "DGXC Grok 1 314B 2048 GPUs")
+    c, plan, setup, rates = P.run_inputs(run)
+    st = T.step_time(c, plan, setup, rates)
+    assert plan.sp and plan.ep == 8 and st["traffic_s"]["ep"] > 0 and st["parts_s"]["ep_comm"] > 0
+    with pytest.raises(UserError, match="sequence parallelism"):
+        plan.check_model(c)
+
+
 def test_the_fitted_share_is_said_where_the_prediction_is():
     assert "fitted" in H100.sources["sustained"] and H100.sustained == T.SUSTAINED[0]
     assert "one fitted constant" in P.backtest()["model"]
