@@ -221,7 +221,7 @@ def engine_step_cost(model, max_batch: int, context: int, steps: int = 40) -> tu
     def median_step(rows: int) -> float:
         engine = Engine(model, rows, prefix_rows=0)
         engine.add([Sequence([1 + i % 50 for i in range(context)], steps + 8, Sampling(0)) for _ in range(rows)])
-        while engine._filling:  # the prompt prefilled (and copied to the other rows) first
+        while not all(s.tokens for s in engine.running):  # the prompt prefilled (and copied to the other rows) first
             engine.step()
         times = []
         for _ in range(steps):
