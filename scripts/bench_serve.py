@@ -24,8 +24,8 @@ from minigpt.analytic.serving import best_at_user_speed
 from minigpt.core.device import busy_cores, device_name
 from minigpt.core.errors import UserError
 from minigpt.core.plots import plot_serve_sweep
-from minigpt.measure.bench import predict_batching
-from minigpt.measure.serve_bench import Load, check_load, compare_batching, load_plan
+from minigpt.measure.bench import all_at_once
+from minigpt.measure.serve_bench import Load, check_load, compare_batching
 
 READER = 30.0  # tokens/s per user: a reader's speed
 
@@ -72,22 +72,12 @@ def main() -> None:
     for row in compare.values():
         row["continuous_over_static"] = (round(row["continuous"] / row["static"], 3)
                                          if row["continuous"] and row["static"] else None)
-    # all at once, measured beside the model's prediction from this machine's step costs (and the same lengths)
-    plan, _ = load_plan(load, sweeps["continuous"]["vocab_size"])
-    lengths = [n for _, n in plan]
-    predicted = predict_batching(args.run, lengths, sum(len(p) for p, _ in plan) / len(plan), args.max_batch)
-    at_once = {b: next((q["output_throughput_tokens_per_s"] for q in s["points"] if not q["rate_requests_per_s"]), None)
-               for b, s in sweeps.items()}
-    if at_once["static"] and at_once["continuous"]:
-        at_once["continuous_over_static"] = round(at_once["continuous"] / at_once["static"], 3)
-        at_once["measured_over_predicted"] = round(at_once["continuous_over_static"] / predicted["continuous_over_static"], 3)
+    at_once = all_at_once(args.run, load, sweeps, args.max_batch)
     out = Path(args.out)
     line = {"bench": "serve_batching", "run": args.run, "device_name": device_name(torch.device("cpu")),
             "cpu_cores": os.cpu_count(), "server_threads": 1, "busy_cores_before": busy, "load_source": how,
             "max_batch": args.max_batch, "load": sweeps["continuous"]["load"], "rates": rates,
-            "output_tokens_per_s_at_per_user_speed": compare, "all_at_once_measured": at_once,
-            "all_at_once_predicted": predicted, "output_tokens_mean": round(sum(lengths) / len(lengths), 1),
-            "sweeps": sweeps,
+            "output_tokens_per_s_at_per_user_speed": compare, **at_once, "sweeps": sweeps,
             "convention": "output tokens/s (measured) at the highest arrival rate whose median request decoded at >= "
                           "the per-user speed and lost no request; " + sweeps["continuous"]["convention"]}
     print(json.dumps(line))

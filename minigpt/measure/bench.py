@@ -263,3 +263,20 @@ def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_bat
             "convention": "predicted: every request at once, a decode step = fixed + per row x rows (measured here, "
                           "median engine steps at 1 and max_batch rows at the mean context), prompts and the "
                           "server's HTTP work left out"}
+
+
+def all_at_once(run: str, load, sweeps: dict, max_batch: int) -> dict:
+    """Continuous against static batching with every request sent at once: the two sweeps' measured points beside
+    `predict_batching` for the same lengths (the load's own plan)."""
+    from minigpt.measure.serve_bench import load_plan
+
+    plan, _ = load_plan(load, sweeps["continuous"]["vocab_size"])
+    lengths = [n for _, n in plan]
+    predicted = predict_batching(run, lengths, sum(len(p) for p, _ in plan) / len(plan), max_batch)
+    measured = {b: next((q["output_throughput_tokens_per_s"] for q in s["points"] if not q["rate_requests_per_s"]), None)
+                for b, s in sweeps.items()}
+    if measured["static"] and measured["continuous"]:
+        measured["continuous_over_static"] = round(measured["continuous"] / measured["static"], 3)
+        measured["measured_over_predicted"] = round(measured["continuous_over_static"] / predicted["continuous_over_static"], 3)
+    return {"all_at_once_measured": measured, "all_at_once_predicted": predicted,
+            "output_tokens_mean": round(sum(lengths) / len(lengths), 1)}
