@@ -280,3 +280,25 @@ def all_at_once(run: str, load, sweeps: dict, max_batch: int) -> dict:
         measured["measured_over_predicted"] = round(measured["continuous_over_static"] / predicted["continuous_over_static"], 3)
     return {"all_at_once_measured": measured, "all_at_once_predicted": predicted,
             "output_tokens_mean": round(sum(lengths) / len(lengths), 1)}
+
+
+def linear_kernels(shapes: list[tuple[int, int]], rows: list[int], repeats: int = 200) -> list[dict]:
+    """Seconds per fp32 Linear on this CPU, torch's dense kernel (F.linear) against the weight packed once by oneDNN
+    (nn/torch_private.linear, what `minigpt serve` runs), at each (in, out) shape and batch of rows, this process's
+    threads, inference (no autograd); best of 3 medians of `repeats` calls."""
+    from minigpt.nn.torch_private import linear, pack_linear_weight
+
+    device, out = torch.device("cpu"), []
+    with torch.no_grad():
+        for n_in, n_out in shapes:
+            w = torch.randn(n_out, n_in) / n_in ** 0.5
+            packed = pack_linear_weight(w)
+            for m in rows:
+                x = torch.randn(m, n_in)
+                dense_s = min(_median_time(lambda: torch.nn.functional.linear(x, w), device, repeats) for _ in range(3))
+                packed_s = min(_median_time(lambda: linear(x, w, None, packed), device, repeats) for _ in range(3))
+                err = (linear(x, w, None, packed) - torch.nn.functional.linear(x, w)).abs().max().item()
+                out.append({"in": n_in, "out": n_out, "rows": m, "dense_us": round(dense_s * 1e6, 2),
+                            "packed_us": round(packed_s * 1e6, 2), "packed_speedup": round(dense_s / packed_s, 3),
+                            "max_abs_difference": err})
+    return out
