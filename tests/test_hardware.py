@@ -89,7 +89,7 @@ def test_unknown_peak_shows_no_mfu(tiny_cfg):
 
 
 def test_flops_sweep_writes_table_and_plot(tmp_path):
-    rows = run_sweep(str(tmp_path), steps=1, long=512, include_gpt3=False, log=lambda *a: None)  # 512: a faster count
+    rows = run_sweep(str(tmp_path), steps=1, batch=1, long=512, include_gpt3=False, log=lambda *a: None)  # a faster count
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and (tmp_path / "sweep.md").is_file()
     ratios = [r["counted_over_6n_T128"] for r in rows]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] > 5  # 6N is far off at small width
