@@ -1,13 +1,15 @@
 """Continuous against static batching under the same load, one JSON line (minigpt/measure/serve_bench.py says how).
 
-Starts `minigpt serve --batching static` and `--batching continuous` on one run (same build, two processes, one
-torch thread each so the load generator keeps a core), sweeps Poisson arrival rates (interleaved: static then
-continuous at each rate), and compares the output throughput each reaches while its median user still decodes at
-a per-user speed. Writes the line to --out (appended), the continuous sweep as a `minigpt bench serve` result
+Starts three `minigpt serve` processes on one run (one torch thread each so the load generator keeps a core):
+`--batching static` with --max-batch rows (each row a whole context), `--batching continuous` with the same rows,
+and continuous batching in the static server's KV memory as a paged cache of up to --paged-rows sequences
+(`continuous_same_memory`: vLLM's comparison, where a row holds only the blocks its tokens fill); sweeps Poisson
+arrival rates (interleaved: each server at each rate in turn), and compares the output throughput each reaches
+while its median user still decodes at a per-user speed. Writes the line to --out (appended), the continuous sweep as a `minigpt bench serve` result
 (for `minigpt extrapolate --serve --from-serve-bench`) and a plot of both curves.
 
-    python scripts/bench_serve.py --run runs/quickstart [--rates 2,4,8,16,32,0] [--requests 48]
-        [--output-tokens 8:96] [--output-dist uniform|exponential] [--output-mean N]
+    python scripts/bench_serve.py --run runs/quickstart [--rates 8,16,32,64,0] [--requests 128] [--concurrency 64]
+        [--output-tokens 8:96] [--output-dist uniform|exponential] [--output-mean N] [--paged-rows 64]
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ READER = 30.0  # tokens/s per user: a reader's speed
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/quickstart")
-    p.add_argument("--rates", default="2,4,8,16,32,0", help="arrivals per second (0: all at once)")
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--rates", default="8,16,32,64,0", help="arrivals per second (0: all at once)")
+    # enough in flight to fill the same-memory server's rows: a load that offers fewer cannot show what it holds
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=8, help="rows of the static and continuous servers")
+    p.add_argument("--paged-rows", type=int, default=64, help="rows of the same-memory paged server (at most)")
     p.add_argument("--prompt-tokens", default="8:32")
     p.add_argument("--output-tokens", default="8:96")
     p.add_argument("--output-dist", default="uniform", help="uniform or exponential (LO + an exponential draw, capped at HI)")
@@ -49,6 +53,8 @@ def main() -> None:
                     output_tokens=span(args.output_tokens), output_dist=args.output_dist, output_mean=args.output_mean)
         rates = [float(r) for r in args.rates.split(",")]
         check_load(load)
+        if min(args.max_batch, args.paged_rows) < 1:
+            raise UserError(f"--max-batch {args.max_batch} and --paged-rows {args.paged_rows}: give 1 or more rows")
         if not Path(args.run, "latest.json").is_file():
             raise UserError(f"--run {args.run} is not a run directory: train one, e.g. 'minigpt quickstart'")
     except (ValueError, UserError) as e:
@@ -57,10 +63,10 @@ def main() -> None:
         sys.exit(2)
     busy, how = busy_cores()
     try:
-        print(f"bench serve: {args.run}, static then continuous batching at each of {len(rates)} rates, "
+        print(f"bench serve: {args.run}, static, continuous and same-memory paged batching at each of {len(rates)} rates, "
               f"{args.requests} requests each (progress on stderr; the result is one JSON line on stdout)",
               file=sys.stderr, flush=True)
-        sweeps = compare_batching(args.run, load, rates, args.max_batch,
+        sweeps = compare_batching(args.run, load, rates, args.max_batch, paged_rows=args.paged_rows,
                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -70,13 +76,14 @@ def main() -> None:
     compare = {f"{v:g}": {b: (best_at_user_speed(s["points"], v) or {}).get("output_throughput_tokens_per_s")
                          for b, s in sweeps.items()} for v in speeds}
     for row in compare.values():
-        row["continuous_over_static"] = (round(row["continuous"] / row["static"], 3)
-                                         if row["continuous"] and row["static"] else None)
+        for b in ("continuous", "continuous_same_memory"):
+            row[f"{b}_over_static"] = round(row[b] / row["static"], 3) if row[b] and row["static"] else None
     at_once = all_at_once(args.run, load, sweeps, args.max_batch)
     out = Path(args.out)
     line = {"bench": "serve_batching", "run": args.run, "device_name": device_name(torch.device("cpu")),
             "cpu_cores": os.cpu_count(), "server_threads": 1, "busy_cores_before": busy, "load_source": how,
-            "max_batch": args.max_batch, "load": sweeps["continuous"]["load"], "rates": rates,
+            "max_batch": args.max_batch, "paged_rows": args.paged_rows,
+            "kv_cache_tokens": sweeps["static"]["server"]["kv_cache_tokens"], "load": sweeps["continuous"]["load"], "rates": rates,
             "output_tokens_per_s_at_per_user_speed": compare, **at_once, "sweeps": sweeps,
             "convention": "output tokens/s (measured) at the highest arrival rate whose median request decoded at >= "
                           "the per-user speed and lost no request; " + sweeps["continuous"]["convention"]}

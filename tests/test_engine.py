@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minigpt.core.config import ModelConfig
-from minigpt.infer.engine import Engine, Sampling, Sequence, generate_all
+from minigpt.core.errors import UserError
+from minigpt.infer.engine import Engine, Sampling, Sequence, SpeculativeEngine, generate_all
 from minigpt.infer.generate import generate_ids
 from minigpt.nn.model import GPT
 
@@ -114,18 +115,18 @@ def test_speculative_rows_of_a_batch_give_the_targets_greedy_tokens_and_seeded_d
     target, draft = sharp(0, 2, model.config.pos_emb), sharp(1, 1, model.config.pos_emb)
     prompts = [[t % 32 for t in p] for p in PROMPTS]
     alone = [generate_ids(target, [p], 14, temperature=0).new_tokens[0] for p in prompts]
-    engine = Engine(target, max_batch=3, draft=draft, k=3)
+    engine = SpeculativeEngine(target, 3, draft, k=3)
     seqs = generate_all(engine, [Sequence(p, 14, Sampling(0)) for p in prompts])
     assert [s.tokens for s in seqs] == alone
     assert engine.accepted < engine.drafted and engine.steps < 14 * len(prompts)  # rejections, repaired; shared steps
-    self_draft = Engine(target, max_batch=3, draft=target, k=3)  # a draft equal to the target is always right
+    self_draft = SpeculativeEngine(target, 3, target, k=3)  # a draft equal to the target is always right
     assert [s.tokens for s in generate_all(self_draft, [Sequence(p, 14, Sampling(0)) for p in prompts])] == alone
     assert self_draft.accepted == self_draft.drafted
     sampling = Sampling(0.9, top_p=0.9)
-    one = generate_all(Engine(target, 1, draft=draft, k=3), [Sequence([1, 2, 3], 10, sampling, seed=3)])[0]
+    one = generate_all(SpeculativeEngine(target, 1, draft, k=3), [Sequence([1, 2, 3], 10, sampling, seed=3)])[0]
     crowd = [Sequence(p, 10, sampling, seed=i) for i, p in enumerate(prompts)]
     crowd[1] = Sequence([1, 2, 3], 10, sampling, seed=3)
-    generate_all(Engine(target, 4, draft=draft, k=3), crowd)
+    generate_all(SpeculativeEngine(target, 4, draft, k=3), crowd)
     assert crowd[1].tokens == one.tokens
 
 
@@ -151,19 +152,27 @@ def test_a_long_prompt_prefills_in_chunks_beside_the_decodes_and_gives_the_token
     assert first.tokens == alone[tuple(PROMPTS[1])] and second.tokens == alone[tuple(long_prompt)]
 
 
-def test_the_flat_batch_of_decodes_and_chunks_gives_each_rows_own_logits(model):
-    """One ragged forward (two decoding rows, one prompt chunk starting mid-prompt) equals running each row alone."""
+def _fill(model, cache, table: list[int], ids: list[int], first: int = 0) -> None:
+    """Prefill ids into a row of a paged cache whose blocks are table, from slot first on."""
     from minigpt.nn.ragged import make_ragged
 
-    torch.manual_seed(0)
-    prompts = [list(range(1, 9)), list(range(20, 31)), list(range(50, 62))]
-    cache = model.make_cache(3, 48)
-    for r, p in enumerate(prompts[:2]):  # rows 0 and 1 hold their prompts but the last token
-        model(torch.tensor([p[:-1]]), input_pos=torch.arange(len(p) - 1), cache=cache.rows(r, r + 1))
-    model(torch.tensor([prompts[2][:5]]), input_pos=torch.arange(5), cache=cache.rows(2, 3))  # row 2: 5 of 12
-    batch = make_ragged([(0, 7), (1, 10)], [(2, 5, 7)], [0, 1, 8], "cpu")
-    ids = torch.tensor([[prompts[0][-1], prompts[1][-1]] + prompts[2][5:]])
-    flat = model(ids, input_pos=batch, positions=batch.slots.unsqueeze(0), cache=cache).logits[0]
+    batch = make_ragged([], [(table, first, len(ids))], [len(ids) - 1], "cpu")
+    model(torch.tensor([ids]), input_pos=batch, positions=batch.positions.unsqueeze(0), cache=cache)
+
+
+def test_the_flat_batch_of_decodes_and_chunks_gives_each_rows_own_logits(model):
+    """One ragged forward over a paged cache (two decoding rows, one prompt chunk starting mid-prompt; each row's blocks
+    scattered through the pool, out of order) equals running each row alone."""
+    from minigpt.nn.ragged import make_ragged
+
+    prompts = [list(range(1, 21)), list(range(20, 50)), list(range(50, 90))]
+    cache, tables = model.make_paged_cache(12), [[5, 0], [3, 9], [11, 1, 7]]
+    for table, p in zip(tables[:2], prompts[:2]):  # rows 0 and 1 hold their prompts but the last token
+        _fill(model, cache, table, p[:-1])
+    _fill(model, cache, tables[2], prompts[2][:18])  # row 2: 18 of 40
+    batch = make_ragged([(tables[0], 19), (tables[1], 29)], [(tables[2], 18, 22)], [0, 1, 23], "cpu")
+    ids = torch.tensor([[prompts[0][-1], prompts[1][-1]] + prompts[2][18:]])
+    flat = model(ids, input_pos=batch, positions=batch.positions.unsqueeze(0), cache=cache).logits[0]
     for i, p in enumerate(prompts):
         ref = model(torch.tensor([p])).logits[0, -1]
         torch.testing.assert_close(flat[i], ref, atol=1e-5, rtol=1e-4)
@@ -178,12 +187,12 @@ def test_a_decode_row_far_longer_than_the_rest_is_attended_alone_with_the_same_l
     assert split_decodes([300, 5, 6, 7, 9, 4]) == (9, [0])  # one far longer: alone
     assert split_decodes([5, 300, 7, 290]) == (7, [1, 3]) and 4 * 290 > 4 * 7 + 290 + CALL_SLOTS
     prompts = [[(3 * i) % 90 + 1 for i in range(44)], [5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16], [20, 21, 22, 23]]
-    cache = model.make_cache(4, 48)
-    for r, p in enumerate(prompts):  # each row holds its prompt but the last token
-        model(torch.tensor([p[:-1]]), input_pos=torch.arange(len(p) - 1), cache=cache.rows(r, r + 1))
-    batch = make_ragged([(r, len(p) - 1) for r, p in enumerate(prompts)], [], [0, 1, 2, 3], "cpu")
-    assert [i for i, _ in batch.alone] == [0] and batch.decode_mask.size(-1) == 6
-    flat = model(torch.tensor([[p[-1] for p in prompts]]), input_pos=batch, positions=batch.slots.unsqueeze(0),
+    cache, tables = model.make_paged_cache(8), [[2, 6, 4], [0], [7], [3]]
+    for table, p in zip(tables, prompts):  # each row holds its prompt but the last token
+        _fill(model, cache, table, p[:-1])
+    batch = make_ragged([(t, len(p) - 1) for t, p in zip(tables, prompts)], [], [0, 1, 2, 3], "cpu")
+    assert [i for i, _, _ in batch.alone] == [0] and batch.together_mask.size(-1) == 16  # the short rows: one block
+    flat = model(torch.tensor([[p[-1] for p in prompts]]), input_pos=batch, positions=batch.positions.unsqueeze(0),
                  cache=cache).logits[0]
     for i, p in enumerate(prompts):
         torch.testing.assert_close(flat[i], model(torch.tensor([p])).logits[0, -1], atol=1e-5, rtol=1e-4)
@@ -195,7 +204,7 @@ def test_the_prefix_cache_copies_shared_blocks_instead_of_computing_them(model):
     shared = [(7 * i) % 90 + 1 for i in range(32)]
     prompts = [shared + [3, 4], shared + [5], shared[:20] + [9, 9], [60, 61, 62]]
     alone = [generate_ids(model, [p], 6, temperature=0).new_tokens[0] for p in prompts]
-    engine = Engine(model, max_batch=1, prefix_rows=2, prefill_chunk=8)
+    engine = Engine(model, max_batch=1, prefill_chunk=8)
     steps = []
     for p in prompts:
         before = engine.steps
@@ -246,7 +255,7 @@ def test_prompts_admitted_together_share_the_prefix_the_first_of_them_prefills(m
     shared = [(5 * i) % 90 + 1 for i in range(40)]
     prompts = [shared + [3, 4], shared + [6], shared + [7, 8, 9]]
     alone = [generate_ids(model, [p], 5, temperature=0).new_tokens[0] for p in prompts]
-    engine = Engine(model, max_batch=3, prefix_rows=4, prefill_chunk=16)
+    engine = Engine(model, max_batch=3, prefill_chunk=16)
     seqs = [Sequence(p, 5, Sampling(0)) for p in prompts]
     for s in seqs:
         engine.add([s])
@@ -263,7 +272,7 @@ def test_edge_cases_of_chunks_and_the_prefix_cache_give_the_tokens_of_decoding_a
     every other sequence still gets the tokens it gets alone."""
     edge = list(range(1, 48))  # 47 tokens: the context is 48
     again = [(3 * i) % 90 + 1 for i in range(32)]  # exactly two blocks
-    engine = Engine(model, max_batch=6, prefix_rows=3, prefill_chunk=5)
+    engine = Engine(model, max_batch=6, prefill_chunk=5)
     first = generate_all(engine, [Sequence(again, 4, Sampling(0))])[0]
     seqs = [Sequence(edge, 5, Sampling(0)), Sequence(again, 4, Sampling(0))]
     group = [Sequence(again + [7], 6, Sampling(1.0), seed=11) for _ in range(3)]
@@ -281,6 +290,51 @@ def test_edge_cases_of_chunks_and_the_prefix_cache_give_the_tokens_of_decoding_a
     for i, s in enumerate(group):
         assert s.tokens == generate_all(Engine(model, 1), [Sequence(again + [7], 6, Sampling(1.0), seed=11 + i)])[0].tokens
     assert lone.finish_reason == "cancelled" and not engine._unlooked and not engine._filling
-    # `again` again: its 32 tokens found, all but the last copied (its logits give the first token: 31); the group: two
-    # blocks, one lookup for its three samples
-    assert engine.prefix.stats()["hit_tokens"] == 31 + 32
+    # `again` again: its two blocks found, the first shared and the last computed again (its last token's logits give
+    # the first new token, and a row never writes into a shared block): 16; the group: two blocks, one lookup for its
+    # three samples
+    assert engine.prefix.stats()["hit_tokens"] == 16 + 32
+
+
+def test_the_paged_cache_runs_more_sequences_than_whole_contexts_and_preempts_when_full(model):
+    """A cache of two contexts' tokens (96) holds six short sequences at once; one of 48 (a context) holds three rows
+    only while they fit: the newest is preempted (its blocks released) and started again later, and every sequence
+    still gets the tokens it gets alone, greedy or seeded. Every block is released at the end."""
+    short = [Sequence(p, 6, Sampling(0)) for p in PROMPTS + [[40, 41]]]
+    engine = Engine(model, max_batch=6, kv_tokens=96)
+    for s in short:
+        assert engine.fits(1, len(s.prompt))
+        engine.add([s])
+    engine.step()
+    assert len(engine.running) == 6 and engine.kv_tokens == 96
+    while engine.running:
+        engine.step()
+    assert engine.preemptions == 0 and [s.tokens for s in short] == [
+        generate_ids(model, [s.prompt], 6, temperature=0).new_tokens[0] for s in short]
+    long = [list(range(1 + i, 15 + i)) for i in range(3)]  # 14 + 20 tokens each: three need 9 blocks, the pool has 3
+    seqs = [Sequence(p, 20, Sampling(0)) for p in long] + [Sequence(long[0], 20, Sampling(0.9, top_k=20), seed=5)]
+    engine = Engine(model, max_batch=3, kv_tokens=48, prefill_chunk=8)
+    generate_all(engine, seqs)
+    assert engine.preemptions > 0 and engine.blocks.available == engine.blocks.n_blocks == 3
+    assert [s.tokens for s in seqs[:3]] == [generate_ids(model, [p], 20, temperature=0).new_tokens[0] for p in long]
+    assert seqs[3].tokens == generate_all(Engine(model, 1), [Sequence(long[0], 20, Sampling(0.9, top_k=20), seed=5)])[0].tokens
+    with pytest.raises(UserError, match="less than one context"):
+        Engine(model, 2, kv_tokens=30)  # two blocks: 32 slots
+
+
+def test_the_block_pool_shares_counts_and_evicts_cached_prefixes_least_recently_released_first():
+    from minigpt.infer.blocks import BlockPool
+    from minigpt.nn.ragged import BLOCK
+
+    pool = BlockPool(3)
+    a, b = pool.take(), pool.take()
+    pool.name(list(range(2 * BLOCK)), [a, b])  # a prompt's two full blocks, named
+    pool.share(a)  # a second row shares the first
+    pool.release([a, b])  # the first row leaves: a still used, b cached
+    assert pool.refs[a] == 1 and pool.available == 2
+    assert pool.lookup(list(range(2 * BLOCK)) + [7]) == ([a, b], 2 * BLOCK)  # both found (the caller shares them)
+    c = pool.take()  # the free one first
+    assert c not in (a, b) and pool.take() == b  # then the cached one, its name forgotten
+    assert pool.lookup(list(range(2 * BLOCK)) + [7]) == ([a], BLOCK)
+    assert pool.take() is None
+    assert BlockPool(2, prefix_cache=False).lookup(list(range(40))) == ([], 0)

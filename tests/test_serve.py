@@ -57,9 +57,11 @@ def server(tmp_path_factory, corpus_dir, data_cache):
     train(load_config(REPO / "configs" / "tiny.toml", tiny_overrides(corpus_dir, data_cache, out, **{
         "train.max_steps": 2, "model.block_size": 64})), log=lambda *a: None)
     model, tok, cfg, _ = load_run(out)
-    # prompts prefilled 16 tokens a step (long ones in chunks) and a prefix cache, as `minigpt serve` runs by default
+    # prompts prefilled 16 tokens a step (long ones in chunks) and a prefix cache, as `minigpt serve` runs by default;
+    # a paged cache of two contexts (128 tokens) for 8 rows: concurrent requests run while their tokens fit and the
+    # newest are preempted when they do not, so every test here also checks outputs through preemption
     app = create_app(model, tok, "minigpt-test", tok.token_to_id(cfg.sample.stop_token), max_batch=8,
-                     engine={"prefill_chunk": 16, "prefix_rows": 8})
+                     engine={"prefill_chunk": 16, "kv_tokens": 128})
     with serving(app) as port:
         yield {"url": f"http://127.0.0.1:{port}/v1", "app": app, "parts": (model, tok, cfg), "run": str(out)}
 
@@ -273,6 +275,32 @@ def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(server,
     assert 2 in engine.batches[before:]
     assert joined.choices[0].text == alone.choices[0].text
     assert sum(len(ch.choices[0].text) for ch in it if ch.choices) >= 0  # the long one goes on to its end
+
+
+def test_requests_beyond_the_paged_cache_are_preempted_and_answer_what_they_answer_alone(server, client):
+    """Eight concurrent requests of up to ~45 tokens each in the test server's cache of 128 tokens (8 blocks): they
+    start while their prompts fit, the newest are preempted as the others grow, and each answers the text it answers
+    alone; /metrics counts the preemptions. n samples the cache could never hold at once are a 400 before any work."""
+    import re
+    import urllib.request
+
+    engine = server["app"].state.engine.engine
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="minigpt-test", prompt=prompt, max_tokens=40, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    prompts = [f"value_{i} = " for i in range(8)]
+    alone = [ask(p) for p in prompts]
+    before = engine.preemptions
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, prompts)) == alone
+    assert engine.preemptions > before
+    with urllib.request.urlopen(server["url"].removesuffix("/v1") + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    assert float(re.search(r"^minigpt_preemptions ([0-9.e+]+)$", text, re.MULTILINE).group(1)) >= engine.preemptions - 1
+    assert 0 <= float(re.search(r"^minigpt_kv_cache_usage ([0-9.e+]+)$", text, re.MULTILINE).group(1)) <= 1
+    with pytest.raises(openai.BadRequestError, match="KV cache"):  # 4 blocks of prompt + 7 more samples' last: 11 > 8
+        client.completions.create(model="minigpt-test", prompt=list(range(1, 61)), max_tokens=2, n=8)
 
 
 def test_the_server_answers_correctly_after_a_burst_of_bad_and_oversized_requests(server, client):

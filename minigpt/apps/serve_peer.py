@@ -49,7 +49,7 @@ def peer_benchmark(args, progress=print) -> dict:
                                                 args.shared_prefix_tokens))
     flags = {"minigpt serve": []}
     if shared in loads:
-        flags["minigpt serve, prefix cache off"] = ["--prefix-cache-rows", "0"]
+        flags["minigpt serve, prefix cache off"] = ["--no-prefix-cache"]
     commands = servers(str(run), str(export), args.port, args.concurrency, flags, args.device)
     which = {name: [k for k in loads if name != "minigpt serve, prefix cache off" or k == shared] for name in commands}
     cpus = set(range(os.cpu_count() or 1)) - {args.server_cpu}

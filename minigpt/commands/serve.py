@@ -25,8 +25,7 @@ def cmd_serve(args) -> None:
           Limits(api_key=key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                  max_queue=args.max_queue, max_n=args.max_n, max_prompt_tokens=args.max_prompt_tokens),
           args.batching, args.drain_seconds, args.draft or "", args.speculate,
-          {"prefill_chunk": args.prefill_chunk,
-           "prefix_rows": args.max_batch if args.prefix_cache_rows is None else args.prefix_cache_rows})
+          {"prefill_chunk": args.prefill_chunk, "kv_tokens": args.kv_cache_tokens, "prefix_cache": not args.no_prefix_cache})
 
 
 def check_api_key(key: str) -> None:
@@ -77,7 +76,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--run", required=True, help="run directory written by 'minigpt train'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="requests decoded together (more wait in a queue)")
+    p.add_argument("--max-batch", type=number(int, 1, 1024), default=8,
+                   help="sequences decoded together (more wait in a queue; default 8)")
+    p.add_argument("--kv-cache-tokens", type=number(int, 1, 1 << 26), default=None,
+                   help="the paged KV cache's size in tokens (default: --max-batch whole contexts, so none is ever "
+                        "preempted; less holds --max-batch sequences only while their tokens fit, preempting the "
+                        "newest when they do not)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
                                      "$MINIGPT_API_KEY; none when unset)")
     p.add_argument("--max-body-bytes", type=number(int, 1, 1 << 30), default=1 << 20,
@@ -101,8 +105,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--prefill-chunk", type=number(int, 1, 1 << 20), default=256,
                    help="prompt tokens prefilled a step, in the same forward pass as the running decodes (default 256: "
                         "a long prompt delays the others by one chunk a step)")
-    p.add_argument("--prefix-cache-rows", type=number(int, 0, 1024), default=None,
-                   help="contexts the prefix cache keeps (default: --max-batch; 0: off): a prompt that starts with "
-                        "16-token blocks another prompt prefilled copies them instead of computing them")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn the prefix cache off (on by default: a prompt that starts with 16-token blocks another "
+                        "prompt prefilled shares them instead of computing them; they stay cached until their memory "
+                        "is wanted)")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda, auto")
     p.set_defaults(func=cmd_serve)

@@ -35,8 +35,8 @@ def answer(model: GPT, tokenizer, prompts: list[list[dict]], max_tokens: int, te
     groups = [[Sequence(ids, max_tokens, Sampling(temperature), seed=seed + i * samples, stop_ids=frozenset({end}))
                for _ in range(samples)] for i, ids in enumerate(rendered)]
     waiting = list(groups)
-    while waiting or engine.running:
-        while waiting and engine.free >= samples:
+    while waiting or engine.running or engine.preempted:
+        while waiting and engine.fits(samples, len(waiting[0][0].prompt)):
             engine.add(waiting.pop(0))
         engine.step()
     model.train(was_training)

@@ -29,6 +29,12 @@ class ServeMetrics:
                                  ("minigpt_prefix_cache_hit_rate", "hits / queries, in prompt tokens (0 before any)",
                                   lambda: (prefix.hit_tokens / prefix.prompt_tokens) if prefix and prefix.prompt_tokens else 0)):
             Gauge(name, what, registry=r).set_function(read)
+        eng = engine.engine  # the paged cache's state (vLLM's kv_cache_usage_perc and num_preemptions)
+        Gauge("minigpt_kv_cache_usage", "fraction of the KV cache's blocks held by running sequences (0 with a draft: "
+              "its rows are whole contexts)", registry=r).set_function(
+            lambda: 1 - eng.blocks.available / eng.blocks.n_blocks if eng.blocks is not None else 0)
+        Gauge("minigpt_preemptions", "sequences preempted for cache blocks so far (started again later)",
+              registry=r).set_function(lambda: eng.preemptions)
         self.ttft = Histogram("minigpt_time_to_first_token_seconds", "submission to first token", registry=r,
                               buckets=LATENCY_BUCKETS)
         self.tpot = Histogram("minigpt_time_per_output_token_seconds", "mean time between tokens after the first",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from minigpt.core.errors import UserError
 from minigpt.infer.detokenize import IncrementalText
-from minigpt.infer.engine import Engine, Sequence
+from minigpt.infer.engine import Engine, Sequence, SpeculativeEngine
 
 
 @dataclass(eq=False)
@@ -50,10 +50,11 @@ class Scheduler:
     row stops computing but its slot stays empty until then."""
 
     def __init__(self, model, max_batch: int, policy: str = "continuous", draft=None, k: int = 4, **engine) -> None:
-        """engine: the Engine's prefill_chunk and prefix_rows."""
+        """engine: the Engine's prefill_chunk, kv_tokens and prefix_cache (not with a draft: its rows are whole)."""
         if policy not in ("continuous", "static"):
             raise UserError(f"--batching {policy!r}: choose continuous or static")
-        self.engine, self.max_batch, self.policy = Engine(model, max_batch, draft=draft, k=k, **engine), max_batch, policy
+        self.engine = SpeculativeEngine(model, max_batch, draft, k) if draft is not None else Engine(model, max_batch, **engine)
+        self.max_batch, self.policy = max_batch, policy
         self.pending: queue.Queue[list[Job]] = queue.Queue()  # groups: the n choices of one prompt
         self.batches: list[int] = []  # rows running after each admission (tests and logs)
         self.cancelled = 0  # requests whose client went away before they finished
@@ -72,7 +73,7 @@ class Scheduler:
         self._stopping = True
         self.pending.put([])  # wakes an idle decode thread
         self._thread.join(timeout)
-        left = [s.tag for s in list(self.engine.running)] + (self._held or [])
+        left = [s.tag for s in self.engine.sequences()] + (self._held or [])
         while True:
             try:
                 left += self.pending.get_nowait()
@@ -101,26 +102,25 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stopping:
             try:
-                self._admit(wait=not self.engine.running)
-                for seq in [s for s in self.engine.running if s.tag.cancelled]:
+                self._admit(wait=not self.engine.sequences())
+                for seq in [s for s in self.engine.sequences() if s.tag.cancelled]:
                     self.cancelled += 1
                     self._end(seq.tag, "cancelled")
                 self._deliver(self.engine.step())
             except Exception as e:  # a bug: end the requests with it rather than leave them waiting
-                for seq in list(self.engine.running):
+                for seq in self.engine.sequences():
                     self._end(seq.tag, f"error: {type(e).__name__}")
             self._flush()
 
     def _admit(self, wait: bool) -> None:
-        """Start the waiting groups that fit in the free rows, first come first served (a group waits for rows and no
-        later one passes it). static: only into an empty engine, after gathering for up to 20 ms (concurrent requests
-        form one batch), and none until it is empty again."""
-        if self.policy == "static" and self.engine.running:
+        """Start the waiting groups that fit (rows free, and cache blocks for their prompts), first come first served
+        (a group waits and no later one passes it). static: only into an empty engine, after gathering for up to
+        20 ms (concurrent requests form one batch), and none until it is empty again."""
+        if self.policy == "static" and self.engine.sequences():
             return
-        taken, rows = [], self.engine.free
         gather = 0.02 if self.policy == "static" else 0.0
         deadline = time.perf_counter() + gather
-        while rows:
+        while self.engine.free:
             if self._held is None:
                 try:
                     self._held = self.pending.get(timeout=None if wait else max(0.0, deadline - time.perf_counter()))
@@ -129,11 +129,9 @@ class Scheduler:
                 if wait:  # the first arrival into an idle engine: the gathering starts now
                     wait, deadline = False, time.perf_counter() + gather
             group = [j for j in self._held if not j.cancelled]
-            if len(group) > rows:
+            if group and not self.engine.fits(len(group), len(group[0].seq.prompt)):
                 break
-            self._held, rows = None, rows - len(group)
-            taken.append(group)
-        for group in taken:
+            self._held = None
             try:
                 self._deliver(self.engine.add([j.seq for j in group]) if group else [])
             except Exception as e:  # validated before the queue: a bug; end the group with it

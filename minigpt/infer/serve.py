@@ -1,9 +1,9 @@
 """An OpenAI-compatible HTTP server for a run: /v1/models, /v1/completions, /v1/chat/completions.
 
 FastAPI + uvicorn (the `serve` extra). Requests wait in a queue; one decode thread runs the engine
-(minigpt.infer.engine): a request joins the running batch at the next decode step when a row of the KV cache is
-free, so concurrent requests share each forward pass, and each row stops on its own (end-of-text, a stop string,
-max_tokens, the context, its client gone) and frees its row at once (`--batching static` instead runs a batch to
+(minigpt.infer.engine): a request joins the running batch at the next decode step when a row is free and the paged
+KV cache has blocks for its prompt, so concurrent requests share each forward pass, and each row stops on its own
+(end-of-text, a stop string, max_tokens, the context, its client gone) and frees its row and blocks at once (`--batching static` instead runs a batch to
 its end before the next). Tokens reach each request as they are generated: streamed as server-sent events
 (`"stream": true`) or gathered into one response. Bad requests get a 4xx with an OpenAI-style JSON error body
 before any work; the server keeps serving.
@@ -128,7 +128,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
                limits: Limits = Limits(), batching: str = "continuous", draft=None, k: int = 4,
                engine: dict | None = None) -> FastAPI:
     """The app over one engine; with a draft model every decode step is a speculative round of k draft tokens.
-    engine: the Engine's prefill_chunk and prefix_rows (infer/engine.py)."""
+    engine: the Engine's prefill_chunk, kv_tokens and prefix_cache (infer/engine.py)."""
     app = FastAPI(title="minigpt", description=f"OpenAI-compatible API for {model_name}")
     scheduler = Scheduler(model, max_batch, batching, draft, k, **(engine or {}))
     app.state.engine = scheduler
@@ -145,6 +145,7 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
     prepare = functools.partial(_prepare, model_name, tokenizer, model.config.block_size, limits)
     scorer = Scorer(model, tokenizer, model_name, limits)
     about = {"config": dataclasses.asdict(model.config), "batching": batching, "max_batch": max_batch,
+             "kv_cache_tokens": scheduler.engine.kv_tokens,
              "speculative": None if draft is None else {"k": k, "draft_config": dataclasses.asdict(draft.config)},
              "device": device_name(model.wte.weight.device), "torch_threads": torch.get_num_threads()}
 
@@ -183,7 +184,13 @@ def create_app(model, tokenizer, model_name: str, eot: int | None, max_batch: in
 
 def _submit(scheduler: Scheduler, tokenizer, eot: int | None, ids: list[list[int]], body,
             stops: tuple[str, ...]) -> list[Job]:
-    """The request's choices (n per prompt) onto the engine's queue; each job streams its text as it comes."""
+    """The request's choices (n per prompt) onto the engine's queue; each job streams its text as it comes. A prompt
+    whose n samples this engine's cache could never hold at once is a 400 before any is queued."""
+    for p in ids:
+        if not scheduler.engine.holds(body.n, len(p)):
+            raise ApiError(400, f"n = {body.n} samples of a {len(p)}-token prompt need more than this server's KV cache "
+                                f"of {scheduler.engine.kv_tokens} tokens holds (serve --kv-cache-tokens): send a "
+                                f"smaller n or a shorter prompt", param="n")
     out, loop = asyncio.Queue(), asyncio.get_running_loop()
     sampling = Sampling(body.temperature, body.top_k, body.top_p)
     stop_ids = frozenset() if body.ignore_eos or eot is None else frozenset([eot])
@@ -591,8 +598,9 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
                      draft, k, engine)
     spec = f", speculative with {draft_run} drafting {k} tokens a round" if draft_run else ""
     eng = app.state.engine.engine
-    spec += (f"; prompts prefilled {eng.prefill_chunk} tokens a step beside the decodes, prefix cache "
-             + (f"{eng.prefix.cache.k[0].size(0)} contexts" if eng.prefix is not None else "off"))
+    if not draft_run:
+        spec += (f"; a paged KV cache of {eng.kv_tokens} tokens, prompts prefilled {eng.prefill_chunk} tokens a step "
+                 f"beside the decodes, prefix cache {'on' if eng.prefix is not None else 'off'}")
     print(f"serving {run_dir} (step {step}{', weights ' + quantize if quantize else ''}) as model {name!r} on "
           f"http://{host}:{port}/v1 ({batching} batching, up to {max_batch} sequences at once{spec})", flush=True)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a quiet one here, so a

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.core.errors import UserError
-from minigpt.infer.engine import Engine, Sampling, Sequence, generate_all
+from minigpt.infer.engine import Sampling, Sequence, SpeculativeEngine, generate_all
 from minigpt.nn.model import GPT
 
 
@@ -69,7 +69,7 @@ def speculative_generate(target: GPT, draft: GPT, prompt: list[int], max_new_tok
     block = min(target.config.block_size, draft.config.block_size)
     if not prompt or len(prompt) >= block:
         raise UserError(f"the prompt must be 1 to {block - 1} tokens (block_size {block}); it has {len(prompt)}")
-    engine = Engine(target, 1, draft=draft, k=k)
+    engine = SpeculativeEngine(target, 1, draft, k)
     seq = Sequence(prompt, max_new_tokens, Sampling(temperature, top_k, top_p), seed,
                    frozenset() if eot_id is None else frozenset([eot_id]))
     start = time.perf_counter()

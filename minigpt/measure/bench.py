@@ -215,11 +215,12 @@ def decode_curve(model, batches: list[int], contexts: list[int], new_tokens: int
 
 def engine_step_cost(model, max_batch: int, context: int, steps: int = 40) -> tuple[float, float]:
     """A serving engine's decode step as fixed seconds + seconds per row (measured: the median step at 1 row and at
-    max_batch rows, each row at `context` tokens, fitted through both). Greedy, this process's threads."""
+    max_batch rows, each row at `context` tokens, the least of 3 tries each, fitted through both). Greedy, this
+    process's threads."""
     from minigpt.infer.engine import Engine, Sampling, Sequence
 
     def median_step(rows: int) -> float:
-        engine = Engine(model, rows, prefix_rows=0)
+        engine = Engine(model, rows, prefix_cache=False)
         engine.add([Sequence([1 + i % 50 for i in range(context)], steps + 8, Sampling(0)) for _ in range(rows)])
         while not all(s.tokens for s in engine.running):  # the prompt prefilled (and copied to the other rows) first
             engine.step()
@@ -230,15 +231,16 @@ def engine_step_cost(model, max_batch: int, context: int, steps: int = 40) -> tu
             times.append(time.perf_counter() - t)
         return sorted(times)[len(times) // 2]
 
-    one, full = median_step(1), median_step(max_batch)
+    one, full = min(median_step(1) for _ in range(3)), min(median_step(max_batch) for _ in range(3))
     per_row = max(0.0, (full - one) / (max_batch - 1)) if max_batch > 1 else 0.0
     return one - per_row, per_row
 
 
-def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_batch: int) -> dict:
+def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_batch: int, paged_rows: int) -> dict:
     """Continuous against static batching, predicted for these output lengths all sent at once
     (analytic/serving.batching_tokens_per_s) from this machine's measured engine steps on one thread, the run's
-    Linears packed as the server packs them."""
+    Linears packed as the server packs them: static and continuous at max_batch rows, and continuous at paged_rows
+    (the rows a paged cache of the same memory runs on this load; its memory assumed to hold them)."""
     from minigpt.analytic.serving import batching_tokens_per_s
     from minigpt.nn.torch_private import prepack_linears
     from minigpt.run.load import load_run
@@ -249,35 +251,42 @@ def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_bat
         model = load_run(run, "cpu")[0]
         prepack_linears(model)
         mean_context = round(prompt_tokens + sum(lengths) / len(lengths) / 2)
-        fixed, per_row = engine_step_cost(model, max_batch, mean_context)
+        fixed, per_row = engine_step_cost(model, max(max_batch, paged_rows), mean_context)
     finally:
         torch.set_num_threads(threads)
     out = {b: round(batching_tokens_per_s(lengths, max_batch, fixed, per_row, b), 2) for b in ("static", "continuous")}
+    out["continuous_same_memory"] = round(batching_tokens_per_s(lengths, paged_rows, fixed, per_row, "continuous"), 2)
     free = [batching_tokens_per_s(lengths, max_batch, 1.0, 0.0, b) for b in ("static", "continuous")]
     return {"output_tokens_per_s": out, "continuous_over_static": round(out["continuous"] / out["static"], 3),
-            # the same lengths where a step costs the same whatever its rows (a memory-bound GPU decode): the most
-            # continuous batching can gain on this load
+            "continuous_same_memory_over_static": round(out["continuous_same_memory"] / out["static"], 3),
+            "continuous_same_memory_rows": paged_rows,
+            # the same lengths and rows where a step costs the same whatever its rows (a memory-bound GPU decode): the
+            # most continuous batching can gain on this load by scheduling alone
             "continuous_over_static_rows_free": round(free[1] / free[0], 3),
             "step_fixed_ms": round(fixed * 1e3, 3), "step_per_row_ms": round(per_row * 1e3, 4),
             "context_tokens": mean_context,
             "convention": "predicted: every request at once, a decode step = fixed + per row x rows (measured here, "
-                          "median engine steps at 1 and max_batch rows at the mean context), prompts and the "
-                          "server's HTTP work left out"}
+                          "median engine steps at 1 and at the most rows at the mean context), prompts, preemptions "
+                          "and the server's HTTP work left out"}
 
 
 def all_at_once(run: str, load, sweeps: dict, max_batch: int) -> dict:
-    """Continuous against static batching with every request sent at once: the two sweeps' measured points beside
-    `predict_batching` for the same lengths (the load's own plan)."""
+    """Each continuous server against static batching with every request sent at once: the sweeps' measured points
+    beside `predict_batching` for the same lengths (the load's own plan; the paged server's rows: the requests in
+    flight, at most its max_batch)."""
     from minigpt.measure.serve_bench import load_plan
 
     plan, _ = load_plan(load, sweeps["continuous"]["vocab_size"])
     lengths = [n for _, n in plan]
-    predicted = predict_batching(run, lengths, sum(len(p) for p, _ in plan) / len(plan), max_batch)
+    paged_rows = min(load.concurrency, len(plan), sweeps["continuous_same_memory"]["server"]["max_batch"])
+    predicted = predict_batching(run, lengths, sum(len(p) for p, _ in plan) / len(plan), max_batch, paged_rows)
     measured = {b: next((q["output_throughput_tokens_per_s"] for q in s["points"] if not q["rate_requests_per_s"]), None)
                 for b, s in sweeps.items()}
-    if measured["static"] and measured["continuous"]:
-        measured["continuous_over_static"] = round(measured["continuous"] / measured["static"], 3)
-        measured["measured_over_predicted"] = round(measured["continuous_over_static"] / predicted["continuous_over_static"], 3)
+    for b in ("continuous", "continuous_same_memory"):
+        if measured["static"] and measured[b]:
+            measured[f"{b}_over_static"] = round(measured[b] / measured["static"], 3)
+            measured[f"{b}_measured_over_predicted"] = round(measured[f"{b}_over_static"]
+                                                             / predicted[f"{b}_over_static"], 3)
     return {"all_at_once_measured": measured, "all_at_once_predicted": predicted,
             "output_tokens_mean": round(sum(lengths) / len(lengths), 1)}
 

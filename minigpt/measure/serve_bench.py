@@ -92,6 +92,19 @@ def server_model(load: Load) -> dict:
                         f"'minigpt serve --run RUN'") from None
 
 
+def server_gauge(load: Load, name: str) -> float | None:
+    """A value the server exposes at /metrics beside its /v1 (Prometheus text; None when it has none)."""
+    root = load.url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(_request(Load(**{**asdict(load), "url": root}), "/metrics"), timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _request(load: Load, path: str, body: dict | None = None) -> urllib.request.Request:
     headers = {"content-type": "application/json"}
     if load.api_key:
@@ -243,13 +256,13 @@ def bench_serve(load: Load, rates: list[float], progress=None) -> dict:
             "points": points, "measured_at": time.time(), "convention": CONVENTION}
 
 
-def start_server(run: str, batching: str, max_batch: int, threads: int) -> tuple:
-    """`minigpt serve` on a free port of 127.0.0.1 in its own process; (process, Load URL) once it answers."""
+def start_server(run: str, max_batch: int, threads: int, *flags: str) -> tuple:
+    """`minigpt serve` (with flags) on a free port of 127.0.0.1 in its own process; (process, Load URL) once it answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    cmd = serve_command(run, port, max_batch, threads, "--batching", batching)
+    cmd = serve_command(run, port, max_batch, threads, *flags)
     return launch(cmd, url, f"minigpt serve --run {run}", None, threads, 60.0), url
 
 
@@ -293,17 +306,29 @@ def _said(progress, label: str, rate: float, point: dict, done: int, total: int)
 
 
 def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 8, threads: int = 1,
-                     progress=None) -> dict:
-    """The same load against `serve --batching static` and `--batching continuous` (one build, two processes), the
-    rates interleaved (static then continuous at each) so a change in the machine's load falls on both."""
-    servers = {b: start_server(run, b, max_batch, threads) for b in ("static", "continuous")}
+                     progress=None, paged_rows: int = 64) -> dict:
+    """The same load against three servers of one build: `serve --batching static` (max_batch rows, each a whole
+    context), `--batching continuous` with the same rows, and continuous batching in the static server's KV memory
+    (max_batch contexts' tokens) as a paged cache of up to paged_rows sequences (`continuous_same_memory`: as many
+    as their tokens fit, vLLM's comparison). The rates are interleaved (each server at each rate in turn) so a change
+    in the machine's load falls on all three."""
+    servers = {}
     try:
-        heads = {b: bench_serve(Load(**{**asdict(load), "url": url}), []) for b, (_, url) in servers.items()}
+        servers["static"] = start_server(run, max_batch, threads, "--batching", "static")
+        heads = {"static": bench_serve(Load(**{**asdict(load), "url": servers["static"][1]}), [])}
+        kv = str(max_batch * heads["static"]["max_model_len"])
+        servers["continuous"] = start_server(run, max_batch, threads, "--batching", "continuous")
+        servers["continuous_same_memory"] = start_server(run, paged_rows, threads, "--kv-cache-tokens", kv)
+        for b in ("continuous", "continuous_same_memory"):
+            heads[b] = bench_serve(Load(**{**asdict(load), "url": servers[b][1]}), [])
         for i, r in enumerate(rates):
             for b, (_, url) in servers.items():
+                before = server_gauge(Load(url), "minigpt_preemptions")
                 heads[b]["points"].append(run_load(Load(**{**asdict(load), "url": url, "rate": r}), heads[b]["model"],
                                                    heads[b]["vocab_size"]))
-                _said(progress, f"{b} batching, ", r, heads[b]["points"][-1], i + 1, len(rates))
+                after = server_gauge(Load(url), "minigpt_preemptions")
+                heads[b]["points"][-1]["preemptions"] = after - before if None not in (before, after) else None
+                _said(progress, f"{b}, ", r, heads[b]["points"][-1], i + 1, len(rates))
     finally:
         for proc, _ in servers.values():
             proc.terminate()

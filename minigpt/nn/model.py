@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from minigpt.core.blocks import Part, inventory
 from minigpt.core.config import ModelConfig
 from minigpt.nn.ops import activation_dtype, linear_cross_entropy
-from minigpt.nn.ragged import Ragged, ragged_attention
+from minigpt.nn.ragged import PagedKVCache, Ragged, ragged_attention
 
 
 class ModelOutput(NamedTuple):
@@ -521,14 +521,14 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, *, input_pos=None, positions=None, cache: KVCache | None = None,
+    def forward(self, idx, targets=None, *, input_pos=None, positions=None, cache: KVCache | PagedKVCache | None = None,
                 attn_mask=None, last_only: bool = False) -> ModelOutput:
         """idx (B, T) token ids -> ModelOutput(logits, loss, aux_loss).
 
         targets (B, T): next-token ids, -1 where ignored: returns the mean cross-entropy (nats)
         and no logits. input_pos (T,): the cache slots of these tokens, also their positions
         (default 0..T-1), or (B, T) each row's own slots (then give positions and attn_mask), or a Ragged
-        flat batch (B = 1) over the cache's rows (nn/ragged.py; give positions; logits of its `out` tokens);
+        flat batch (B = 1) over a PagedKVCache (nn/ragged.py; give positions; logits of its `out` tokens);
         positions (B, T): per-row positions when they differ from input_pos (left-padded batches); cache: a KVCache read and written at input_pos; attn_mask
         (B|1, 1, T, S) bool, True = may attend (default: causal, or every cache slot up to the
         query's own); last_only: logits of the last position only.
@@ -563,3 +563,8 @@ class GPT(nn.Module):
     def make_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         w = self.wte.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, w.device, dtype or w.dtype)
+
+    def make_paged_cache(self, n_blocks: int, dtype=None) -> PagedKVCache:
+        """A pool of n_blocks blocks of keys and values (nn/ragged.py) for the serving engine's flat batches."""
+        w = self.wte.weight
+        return PagedKVCache(self.config, n_blocks, w.device, dtype or w.dtype)
