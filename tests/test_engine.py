@@ -178,20 +178,23 @@ def test_the_flat_batch_of_decodes_and_chunks_gives_each_rows_own_logits(model):
         torch.testing.assert_close(flat[i], ref, atol=1e-5, rtol=1e-4)
 
 
-def test_a_decode_row_far_longer_than_the_rest_is_attended_alone_with_the_same_logits(model):
-    """Continuous batching puts a new row beside one far on: the long row is attended alone over its own slots and
-    the short ones share a call cut to their own longest (nn/ragged.split_decodes), each row's logits its own."""
-    from minigpt.nn.ragged import CALL_SLOTS, make_ragged, split_decodes
+def test_decode_rows_of_like_length_share_a_call_and_each_gets_its_own_logits(model):
+    """Continuous batching puts new rows beside rows far on: the decodes are split into calls of rows of like length
+    (nn/ragged.group_decodes: the split that reads the fewest row-slots, a call counted as CALL_SLOTS), each call
+    gathering its rows' blocks to its longest row's, each row's logits its own."""
+    from minigpt.nn.ragged import BLOCK, CALL_SLOTS, group_decodes, make_ragged
 
-    assert split_decodes([8, 11]) == (11, [])  # alike: one call
-    assert split_decodes([300, 5, 6, 7, 9, 4]) == (9, [0])  # one far longer: alone
-    assert split_decodes([5, 300, 7, 290]) == (7, [1, 3]) and 4 * 290 > 4 * 7 + 290 + CALL_SLOTS
+    assert group_decodes([2, 3]) == [[0, 1]]  # alike: one call
+    assert group_decodes([19, 1, 1, 2, 1, 1]) == [[1, 2, 4, 5, 3], [0]]  # one far longer: alone
+    assert group_decodes([1, 19, 2, 18]) == [[0, 2], [3, 1]] and 4 * 19 * BLOCK > 2 * 2 * BLOCK + 2 * 19 * BLOCK + CALL_SLOTS
+    many = [1] * 30 + [8] * 30  # two kinds: two calls
+    assert sorted(map(len, group_decodes(many))) == [30, 30]
     prompts = [[(3 * i) % 90 + 1 for i in range(44)], [5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16], [20, 21, 22, 23]]
     cache, tables = model.make_paged_cache(8), [[2, 6, 4], [0], [7], [3]]
     for table, p in zip(tables, prompts):  # each row holds its prompt but the last token
         _fill(model, cache, table, p[:-1])
     batch = make_ragged([(t, len(p) - 1) for t, p in zip(tables, prompts)], [], [0, 1, 2, 3], "cpu")
-    assert [i for i, _, _ in batch.alone] == [0] and batch.together_mask.size(-1) == 16  # the short rows: one block
+    assert [g[0].tolist() for g in batch.groups] == [[1, 2, 3], [0]] and batch.groups[0][2].size(-1) == BLOCK
     flat = model(torch.tensor([[p[-1] for p in prompts]]), input_pos=batch, positions=batch.positions.unsqueeze(0),
                  cache=cache).logits[0]
     for i, p in enumerate(prompts):

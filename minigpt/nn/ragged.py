@@ -13,14 +13,13 @@ slots are the blocks its table lists, so a row holds only the blocks its tokens 
 prompt's prefix). Attention gathers a call's blocks into one (rows, G, slots, D) tensor and attends over it with
 torch's SDPA: a copy of what it reads (on this 2-core CPU, 32 rows x 80 slots, 390 against 220 us a layer for rows
 held whole), where a GPU server would use a kernel that reads the blocks in place (vLLM's paged attention; torch has
-none for CPUs outside flex attention's compiled path). Each decode call reads its rows' own slots only, not the cache's
-whole length: the decodes in one call over every decoding row up to a common length, each masked to its own, and
-the few rows much longer than the rest alone (`split_decodes`), so the many short rows do not pay for the longest.
+none for CPUs outside flex attention's compiled path). A decode call reads its rows' own blocks only, not the cache's
+whole length, each row masked to its own slots; rows of like length share a call (`group_decodes`), so the many
+short rows do not pay for the longest.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -65,36 +64,58 @@ class PagedKVCache:
 class Ragged:
     where: torch.Tensor  # (N,) the pool slot each token's keys and values are written at
     positions: torch.Tensor  # (N,) each token's position in its row (= its slot there)
-    together: torch.Tensor | None  # (d',) the decodes attended in one call (token indexes)
-    together_tables: torch.Tensor | None  # (d', nb) their block tables, cut (or padded) to the call's slots
-    together_mask: torch.Tensor | None  # (d', 1, 1, nb * BLOCK): each sees its slots up to its own token's
-    alone: list[tuple[int, torch.Tensor, int]]  # (token index, its table (1, nb), visible slots): the longest decodes
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the decodes' attention calls: (token indexes (r,),
+    # block tables (r, nb) cut or padded to the call's longest row, mask (r, 1, 1, nb * BLOCK): each sees its own slots)
     chunks: list[tuple[torch.Tensor, int, int]]  # (table (1, nb), first slot, length) of each prefill chunk, in order
     decodes: int
     out: torch.Tensor  # (M,) the tokens whose logits are wanted (each decode; each chunk that ends a prompt)
 
 
-CALL_SLOTS = 64  # a call's own cost, in row-slots read: what peeling one more row alone must save to be worth it
-# (2-core AMD EPYC, one thread: an SDPA call ~15 us, a row-slot of the 6 x 384 model's keys and values ~0.2 us)
-MOST_ALONE = 8
+CALL_SLOTS = 64  # a call's own cost, in row-slots read: what splitting the decodes into one more call must save
+# (2-core AMD EPYC, one thread: an SDPA call ~15 us, a row-slot of the 6 x 384 model's keys and values gathered and
+# read ~0.15-0.2 us)
 
 
-def split_decodes(lengths: list[int]) -> tuple[int, list[int]]:
-    """(S, the indexes attended alone) for decoding rows that see lengths[i] slots each: the rows not alone share one
-    call over S slots (the longest of them), each longer row gets a call of its own; the split reads the fewest
-    row-slots, counting CALL_SLOTS for each call (at most MOST_ALONE rows alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best, best_cost = 0, len(lengths) * lengths[order[0]]
-    for k in range(1, min(MOST_ALONE, len(lengths) - 1) + 1):
-        cost = len(lengths) * lengths[order[k]] + sum(lengths[i] for i in order[:k]) + k * CALL_SLOTS
-        if cost < best_cost:
-            best, best_cost = k, cost
-    return lengths[order[best]], sorted(order[:best])
+def _blocks(slots: int) -> int:
+    return -(-slots // BLOCK)
+
+
+def group_decodes(blocks: list[int]) -> list[list[int]]:
+    """The decoding rows (row i needs blocks[i] blocks) split into attention calls: a call gathers and reads each of
+    its rows to its longest row's blocks, so rows of like length go together; the split reads the fewest row-slots,
+    counting CALL_SLOTS for each call (calls are runs of the rows sorted by length; dynamic programming over the
+    distinct lengths)."""
+    order = sorted(range(len(blocks)), key=blocks.__getitem__)
+    sizes = sorted(set(blocks))
+    upto = [0]  # rows with at most sizes[j - 1] blocks
+    for size in sizes:
+        upto.append(upto[-1] + blocks.count(size))
+    cost, cut = [0.0] + [float("inf")] * len(sizes), [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            c = cost[i] + (upto[j] - upto[i]) * sizes[j - 1] * BLOCK + CALL_SLOTS
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    groups, j = [], len(sizes)
+    while j:
+        groups.append(order[upto[cut[j]]:upto[j]])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _table(blocks: list[int], slots: int, device) -> torch.Tensor:
     """(1, nb): the blocks holding slots 0..slots-1."""
-    return torch.tensor([blocks[:math.ceil(slots / BLOCK)]], dtype=torch.long, device=device)
+    return torch.tensor([blocks[:_blocks(slots)]], dtype=torch.long, device=device)
+
+
+def _decode_call(decodes: list[tuple[list[int], int]], rows: list[int], device) -> tuple:
+    """One attention call over these decoding rows: their token indexes, block tables and masks."""
+    nb = max(_blocks(decodes[i][1] + 1) for i in rows)
+    tables = [decodes[i][0][:nb] + [decodes[i][0][0]] * (nb - len(decodes[i][0][:nb])) for i in rows]  # padding masked
+    last = torch.tensor([decodes[i][1] for i in rows], device=device)
+    mask = (torch.arange(nb * BLOCK, device=device).view(1, -1) <= last.view(-1, 1)).view(len(rows), 1, 1, -1)
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(tables, dtype=torch.long, device=device),
+            mask)
 
 
 def make_ragged(decodes: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]], wanted: list[int],
@@ -104,41 +125,27 @@ def make_ragged(decodes: list[tuple[list[int], int]], chunks: list[tuple[list[in
     where = [t[s // BLOCK] * BLOCK + s % BLOCK for t, s in decodes]
     where += [t[s // BLOCK] * BLOCK + s % BLOCK for t, s0, n in chunks for s in range(s0, s0 + n)]
     positions = [s for _, s in decodes] + [s for _, s0, n in chunks for s in range(s0, s0 + n)]
-    together = tables = mask = None
-    alone = []
-    if decodes:
-        S, peeled = split_decodes([s + 1 for _, s in decodes])
-        alone = [(i, _table(decodes[i][0], decodes[i][1] + 1, device), decodes[i][1] + 1) for i in peeled]
-        rest = [i for i in range(len(decodes)) if i not in set(peeled)]
-        nb = math.ceil(S / BLOCK)
-        pad = [t[:nb] + [t[0]] * (nb - len(t[:nb])) for t, _ in (decodes[i] for i in rest)]  # masked past each row's end
-        tables = torch.tensor(pad, dtype=torch.long, device=device)
-        last = torch.tensor([decodes[i][1] for i in rest], device=device)
-        mask = (torch.arange(nb * BLOCK, device=device).view(1, -1) <= last.view(-1, 1)).view(len(rest), 1, 1, -1)
-        together = torch.tensor(rest, dtype=torch.long, device=device)
+    groups = [_decode_call(decodes, rows, device) for rows in group_decodes([_blocks(s + 1) for _, s in decodes])] \
+        if decodes else []
     def as_tensor(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
-    return Ragged(as_tensor(where), as_tensor(positions), together, tables, mask, alone,
+    return Ragged(as_tensor(where), as_tensor(positions), groups,
                   [(_table(t, s0 + n, device), s0, n) for t, s0, n in chunks], len(decodes), as_tensor(wanted))
 
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int,
                      batch: Ragged, gqa: bool) -> torch.Tensor:
     """q (1, H, N, D), k and v (1, G, N, D) of a flat batch -> (1, H, N, D). Writes every token's keys and values at
-    its pool slot first, then attends: the decodes in one call (the longest alone, each over its own slots), each
-    chunk in one call."""
+    its pool slot first, then attends: the decodes in a few calls of rows of like length, each chunk in one call."""
     cache.write(layer, batch.where, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, G, D)
     out, d = [], batch.decodes
     if d:
         y = q.new_empty(1, q.size(1), d, q.size(-1))
-        if batch.together is not None and batch.together.numel():
-            K, V = cache.gather(layer, batch.together_tables, q.dtype)
-            qd = q[0, :, batch.together].transpose(0, 1).unsqueeze(2)  # (d', H, 1, D)
-            yd = F.scaled_dot_product_attention(qd, K, V, attn_mask=batch.together_mask, enable_gqa=gqa)
-            y[0, :, batch.together] = yd[:, :, 0].transpose(0, 1)
-        for i, table, n in batch.alone:
-            K, V = cache.gather(layer, table, q.dtype)
-            y[:, :, i:i + 1] = F.scaled_dot_product_attention(q[:, :, i:i + 1], K[:, :, :n], V[:, :, :n], enable_gqa=gqa)
+        for index, tables, mask in batch.groups:
+            K, V = cache.gather(layer, tables, q.dtype)
+            qd = q[0, :, index].transpose(0, 1).unsqueeze(2)  # (r, H, 1, D)
+            yd = F.scaled_dot_product_attention(qd, K, V, attn_mask=mask, enable_gqa=gqa)
+            y[0, :, index] = yd[:, :, 0].transpose(0, 1)
         out.append(y)
     at = d
     for table, first, n in batch.chunks:
