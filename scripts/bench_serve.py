@@ -90,7 +90,7 @@ def main() -> None:
     print(json.dumps(line))
     with out.open("a") as f:
         f.write(json.dumps(line) + "\n")
-    Path(out.with_name("serve_bench_quickstart_cpu.json")).write_text(json.dumps(sweeps["continuous"]) + "\n")
+    Path(out.with_name(f"serve_bench_{Path(args.run).name}_cpu.json")).write_text(json.dumps(sweeps["continuous"]) + "\n")
     plot_serve_sweep({f"{b} batching": s["points"] for b, s in sweeps.items()}, str(out.with_suffix(".png")),
                      f"minigpt serve on {line['device_name']} ({args.run}, batch {args.max_batch}, 1 thread)\n"
                      f"Poisson arrivals, {args.requests} requests a rate")
