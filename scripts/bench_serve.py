@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minigpt.analytic.serving import best_at_user_speed
-from minigpt.core.device import busy_cores, device_name
+from minigpt.core.device import busy_cores, device_name, host_speed_us
 from minigpt.core.errors import UserError
 from minigpt.core.plots import plot_serve_sweep
 from minigpt.measure.bench import all_at_once
@@ -62,6 +62,7 @@ def main() -> None:
               f"--output-tokens LO:HI", file=sys.stderr)
         sys.exit(2)
     busy, how = busy_cores()
+    speed_before = host_speed_us()
     try:
         print(f"bench serve: {args.run}, static, continuous and same-memory paged batching at each of {len(rates)} rates, "
               f"{args.requests} requests each (progress on stderr; the result is one JSON line on stdout)",
@@ -78,10 +79,13 @@ def main() -> None:
     for row in compare.values():
         for b in ("continuous", "continuous_same_memory"):
             row[f"{b}_over_static"] = round(row[b] / row["static"], 3) if row[b] and row["static"] else None
+    speed_after = host_speed_us()
     at_once = all_at_once(args.run, load, sweeps, args.max_batch)
     out = Path(args.out)
     line = {"bench": "serve_batching", "run": args.run, "device_name": device_name(torch.device("cpu")),
             "cpu_cores": os.cpu_count(), "server_threads": 1, "busy_cores_before": busy, "load_source": how,
+            # one core's matmul (core/device.host_speed_us) before and after the sweeps: a slowed host shows here
+            "host_matmul_us": {"before": speed_before, "after": speed_after},
             "max_batch": args.max_batch, "paged_rows": args.paged_rows,
             "kv_cache_tokens": sweeps["static"]["server"]["kv_cache_tokens"], "load": sweeps["continuous"]["load"], "rates": rates,
             "output_tokens_per_s_at_per_user_speed": compare, **at_once, "sweeps": sweeps,
