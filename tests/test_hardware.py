@@ -177,3 +177,17 @@ def test_a_collective_sweep_sets_the_nvlink_rate_only_within_one_node():
     assert T.measured_rates({"collectives": {**coll, "world_size": 16}}, cited, "c") == cited  # across nodes
     with pytest.raises(UserError):
         T.measured_rates({"collectives": {"world_size": 8, "results": [{"op": "all_reduce"}]}}, cited, "c")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_a_serving_process_keeps_freed_memory_and_a_host_speed_probe_times_a_matmul():
+    """serve sets glibc's malloc to keep freed blocks (a threaded process otherwise page-faults each step's tensors
+    back in); the probe bench_serve.py writes beside its figures times a real matmul."""
+    import platform
+
+    from minigpt.core.device import host_speed_us, keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: keep_freed_memory changes nothing and says so")
+    assert keep_freed_memory() is True
+    assert 10 < host_speed_us(repeats=30) < 1e6

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minigpt.core.device import device_name
+from minigpt.core.device import device_name, keep_freed_memory
 from minigpt.core.errors import UserError
 from minigpt.data.chat import CHAT_TOKENS, ROLES, holds_chat_token, prompt_text
 from minigpt.infer.engine import Sampling, Sequence
@@ -578,6 +578,7 @@ def serve(run_dir: str, host: str, port: int, max_batch: int, device: str = "cpu
     import uvicorn
 
     check_address(host, port)
+    keep_freed_memory()  # the decode thread's tensors reuse freed memory instead of page-faulting it back each step
     model, tokenizer, cfg, step = load_run(run_dir, device)
     if quantize:
         from minigpt.nn.quantize import quantize_model
