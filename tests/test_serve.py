@@ -444,6 +444,8 @@ def test_the_batching_model_counts_a_static_batch_to_its_longest_answer():
     lengths = [3, 9, 1, 30, 7, 7, 2, 12, 5]
     assert rate(lengths, 4, 0.0, 1.0, "static") == pytest.approx(rate(lengths, 4, 0.0, 1.0, "continuous"))
     assert rate([6] * 4, 4, 1.0, 0.5, "static") == pytest.approx(rate([6] * 4, 4, 1.0, 0.5, "continuous"))
+    # prompts: each token one more row of some step (a row costs 0.5 here): 8 + 6 x 0.5 seconds for 10 tokens
+    assert rate([1, 4, 4, 1], 2, 1.0, 0.5, "static", prompt_tokens=6) == pytest.approx(10 / (8 + 10 * 0.5 + 6 * 0.5))
     with pytest.raises(ValueError, match="continuous or static"):
         rate(lengths, 4, 1.0, 0.0, "dynamic")
 

@@ -242,10 +242,12 @@ def speculate_factor(value: str) -> tuple[float, str]:
     return best["speedup"], f"measured: {value} (K={best['k']}, on {data.get('device', '?')})"
 
 
-def batching_tokens_per_s(lengths: list[int], max_batch: int, fixed_s: float, per_row_s: float, policy: str) -> float:
+def batching_tokens_per_s(lengths: list[int], max_batch: int, fixed_s: float, per_row_s: float, policy: str,
+                          prompt_tokens: int = 0) -> float:
     """Predicted output tokens/s of one server given every request at once (its saturated throughput), a decode step
-    costing fixed_s + per_row_s x its rows (what a step reads whatever its batch, and each row's own work; prompts and
-    the server's own time left out). continuous: a free row takes the next request at the next step (Yu et al. 2022,
+    costing fixed_s + per_row_s x its rows (what a step reads whatever its batch, and each row's own work), and each
+    of the prompt_tokens (all requests' together) one more row of some step (a flat batch prefills beside the decodes);
+    the server's own time left out. continuous: a free row takes the next request at the next step (Yu et al. 2022,
     Orca); static: a batch of max_batch requests runs until its longest ends, a finished row computing no more (the
     static server minigpt compares against). So a static batch pays fixed_s for as many steps as its longest answer,
     and the gain of continuous batching is at most E[longest] / E[length] in a batch, reached where fixed_s dominates
@@ -258,11 +260,11 @@ def batching_tokens_per_s(lengths: list[int], max_batch: int, fixed_s: float, pe
         for i in range(0, len(lengths), max_batch):
             batch = lengths[i:i + max_batch]  # rows alive at step t: those longer than t
             seconds += max(batch) * fixed_s + sum(batch) * per_row_s
-        return sum(lengths) / seconds
+        return sum(lengths) / (seconds + prompt_tokens * per_row_s)
     waiting, left = list(lengths), []  # left: tokens each running row still has to make
     while waiting or left:
         while waiting and len(left) < max_batch:
             left.append(waiting.pop(0))
         seconds += fixed_s + per_row_s * len(left)
         left = [n - 1 for n in left if n > 1]
-    return sum(lengths) / seconds
+    return sum(lengths) / (seconds + prompt_tokens * per_row_s)

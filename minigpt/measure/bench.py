@@ -237,7 +237,7 @@ def engine_step_cost(model, max_batch: int, context: int, steps: int = 40) -> tu
     return one - per_row, per_row
 
 
-def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_batch: int, paged_rows: int) -> dict:
+def predict_batching(run: str, lengths: list[int], prompts: list[int], max_batch: int, paged_rows: int) -> dict:
     """Continuous against static batching, predicted for these output lengths all sent at once
     (analytic/serving.batching_tokens_per_s) from this machine's measured engine steps on one thread, the run's
     Linears packed as the server packs them: static and continuous at max_batch rows, and continuous at paged_rows
@@ -251,12 +251,14 @@ def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_bat
     try:
         model = load_run(run, "cpu")[0]
         prepack_linears(model)
-        mean_context = round(prompt_tokens + sum(lengths) / len(lengths) / 2)
+        mean_context = round(sum(prompts) / len(prompts) + sum(lengths) / len(lengths) / 2)
         fixed, per_row = engine_step_cost(model, max(max_batch, paged_rows), mean_context)
     finally:
         torch.set_num_threads(threads)
-    out = {b: round(batching_tokens_per_s(lengths, max_batch, fixed, per_row, b), 2) for b in ("static", "continuous")}
-    out["continuous_same_memory"] = round(batching_tokens_per_s(lengths, paged_rows, fixed, per_row, "continuous"), 2)
+    out = {b: round(batching_tokens_per_s(lengths, max_batch, fixed, per_row, b, sum(prompts)), 2)
+           for b in ("static", "continuous")}
+    out["continuous_same_memory"] = round(batching_tokens_per_s(lengths, paged_rows, fixed, per_row, "continuous",
+                                                                sum(prompts)), 2)
     free = [batching_tokens_per_s(lengths, max_batch, 1.0, 0.0, b) for b in ("static", "continuous")]
     return {"output_tokens_per_s": out, "continuous_over_static": round(out["continuous"] / out["static"], 3),
             "continuous_same_memory_over_static": round(out["continuous_same_memory"] / out["static"], 3),
@@ -267,8 +269,8 @@ def predict_batching(run: str, lengths: list[int], prompt_tokens: float, max_bat
             "step_fixed_ms": round(fixed * 1e3, 3), "step_per_row_ms": round(per_row * 1e3, 4),
             "context_tokens": mean_context,
             "convention": "predicted: every request at once, a decode step = fixed + per row x rows (measured here, "
-                          "median engine steps at 1 and at the most rows at the mean context), prompts, preemptions "
-                          "and the server's HTTP work left out"}
+                          "median engine steps at 1 and at the most rows at the mean context), each prompt token a row "
+                          "of a step; preemptions and the server's HTTP work left out"}
 
 
 def all_at_once(run: str, load, sweeps: dict, max_batch: int) -> dict:
@@ -280,7 +282,7 @@ def all_at_once(run: str, load, sweeps: dict, max_batch: int) -> dict:
     plan, _ = load_plan(load, sweeps["continuous"]["vocab_size"])
     lengths = [n for _, n in plan]
     paged_rows = min(load.concurrency, len(plan), sweeps["continuous_same_memory"]["server"]["max_batch"])
-    predicted = predict_batching(run, lengths, sum(len(p) for p, _ in plan) / len(plan), max_batch, paged_rows)
+    predicted = predict_batching(run, lengths, [len(p) for p, _ in plan], max_batch, paged_rows)
     measured = {b: next((q["output_throughput_tokens_per_s"] for q in s["points"] if not q["rate_requests_per_s"]), None)
                 for b, s in sweeps.items()}
     for b in ("continuous", "continuous_same_memory"):
