@@ -137,17 +137,22 @@ class Engine:
         """Start sequences that share one prompt (the n samples of a request): each takes a row now; the prompt is
         prefilled once, into the first one's row, over the next steps, then shared with the others. Returns the
         tokens emitted (none here), as `step` does."""
+        gens = self._generators(seqs)
+        for s in seqs:
+            self._ticket[id(s)], self._tickets = self._tickets, self._tickets + 1
+        self._start(list(seqs), gens)
+        self.prefills += 1
+        return []
+
+    def _generators(self, seqs: list[Sequence]) -> list[torch.Generator]:
+        """A group's samplers, once it is checked (one prompt the context holds, rows for all): sample i uses the
+        group's seed + i, so alone with that seed it would draw the same."""
         prompt = seqs[0].prompt
         if any(s.prompt != prompt for s in seqs) or len(seqs) > self.free:
             raise ValueError(f"add takes 1 to {self.free} sequences of one prompt")
         self.check(prompt)
         seed = seqs[0].seed if seqs[0].seed is not None else random.getrandbits(62)
-        for s in seqs:
-            self._ticket[id(s)], self._tickets = self._tickets, self._tickets + 1
-        # sample i uses seed + i: alone with that seed it would draw the same
-        self._start(list(seqs), [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(len(seqs))])
-        self.prefills += 1
-        return []
+        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(len(seqs))]
 
     def _start(self, group: list[Sequence], gens: list[torch.Generator]) -> None:
         for s, g in zip(group, gens):
@@ -408,17 +413,14 @@ class SpeculativeEngine(Engine):
     def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, int | None]]:
         """Start the n samples of one prompt: prefilled whole now into the first one's row of both caches, copied to
         the others' rows; returns their first tokens."""
-        prompt = seqs[0].prompt
-        if any(s.prompt != prompt for s in seqs) or len(seqs) > self.free:
-            raise ValueError(f"add takes 1 to {self.free} sequences of one prompt")
-        self.check(prompt)
-        row, T = len(self.running), len(prompt)
-        seed = seqs[0].seed if seqs[0].seed is not None else random.getrandbits(62)
-        for i, s in enumerate(seqs):
+        gens = self._generators(seqs)
+        row, prompt = len(self.running), seqs[0].prompt
+        T = len(prompt)
+        for s, g in zip(seqs, gens):
             self.running.append(s)
             self._len.append(T)
             self._table.append([])  # unused: the rows are the caches' own
-            self._gen.append(torch.Generator(device=self.device).manual_seed(seed + i))
+            self._gen.append(g)
         ids, pos = torch.tensor([prompt], device=self.device), torch.arange(T, device=self.device)
         logits = self.model(ids, input_pos=pos, cache=self.cache.rows(row, row + 1), last_only=True).logits[0, -1]
         self.draft(ids, input_pos=pos, cache=self.draft_cache.rows(row, row + 1), last_only=True)
