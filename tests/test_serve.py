@@ -402,6 +402,7 @@ def test_bench_serve_measures_the_server_and_its_result_sizes_a_fleet(server, tm
         # only requests inside both targets, so never more than the completed requests' rate
         assert 0 <= p["itl_ms"]["p50"] <= p["e2e_ms"]["p99"] and p["itl_ms"]["p99"] >= p["itl_ms"]["p50"]
         assert 0 <= p["goodput_requests_per_s"] <= p["request_throughput_per_s"] and p["goodput_slo"]["tpot_ms"] > 0
+        assert p["preemptions"] is not None and p["preemptions"] >= 0  # read from the minigpt server's /metrics
         # the median of 1 / TPOT per request: at least 1 / the 90th percentile TPOT, the slowest tenth below it
         speed = p["per_user_tokens_per_s"]
         assert 1e3 / p["tpot_ms"]["p90"] <= speed["p50"] * 1.001 and speed["p10"] <= speed["p50"]

@@ -63,7 +63,7 @@ def cmd_bench_serve(args) -> None:
               f"(median), {u.get('p10', 0):.1f} (slowest tenth); TTFT p50 {t.get('p50', 0):.0f} ms, p99 {t.get('p99', 0):.0f} "
               f"ms; ITL p50 {(p['itl_ms'] or {}).get('p50', 0):.1f} ms; goodput {p['goodput_requests_per_s']:g} "
               f"requests/s within TTFT {p['goodput_slo']['ttft_ms']:g} ms and TPOT {p['goodput_slo']['tpot_ms']:.1f} ms "
-              f"(measured)")
+              f"(measured)" + (f"; {p['preemptions']:g} sequences preempted" if p.get("preemptions") else ""))
     print(fit(f"convention: {result['convention']}"))
     if args.out:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")

@@ -162,7 +162,9 @@ def load_plan(load: Load, vocab: int = 256) -> tuple[list[tuple[list[int] | str,
 
 
 def run_load(load: Load, model: str, vocab: int = 256) -> dict:
-    """Send the load; the figures of its requests (see the module doc)."""
+    """Send the load; the figures of its requests (see the module doc), and the sequences a minigpt server preempted
+    meanwhile (its /metrics; None from another server)."""
+    preempted = server_gauge(load, "minigpt_preemptions")
     plan, rng = load_plan(load, vocab)
     gaps = [0.0 if load.rate == 0 else rng.expovariate(load.rate) if load.arrivals == "poisson" else 1 / load.rate
             for _ in plan]
@@ -183,7 +185,9 @@ def run_load(load: Load, model: str, vocab: int = 256) -> dict:
         threads[-1].start()
     for t in threads:
         t.join()
-    return summarize(results, time.perf_counter() - start, load)
+    wall = time.perf_counter() - start
+    after = server_gauge(load, "minigpt_preemptions")
+    return {**summarize(results, wall, load), "preemptions": after - preempted if None not in (preempted, after) else None}
 
 
 def _percentiles(values: list[float], scale: float = 1.0) -> dict | None:
@@ -323,11 +327,8 @@ def compare_batching(run: str, load: Load, rates: list[float], max_batch: int = 
             heads[b] = bench_serve(Load(**{**asdict(load), "url": servers[b][1]}), [])
         for i, r in enumerate(rates):
             for b, (_, url) in servers.items():
-                before = server_gauge(Load(url), "minigpt_preemptions")
                 heads[b]["points"].append(run_load(Load(**{**asdict(load), "url": url, "rate": r}), heads[b]["model"],
                                                    heads[b]["vocab_size"]))
-                after = server_gauge(Load(url), "minigpt_preemptions")
-                heads[b]["points"][-1]["preemptions"] = after - before if None not in (before, after) else None
                 _said(progress, f"{b}, ", r, heads[b]["points"][-1], i + 1, len(rates))
     finally:
         for proc, _ in servers.values():
