@@ -37,6 +37,10 @@ def cmd_generate(args) -> None:
     prompts = _prompts(args, sc.prompt)
     if args.draft:
         return _generate_speculative(args, model, tokenizer, cfg, step, device, prompts)
+    if device.type == "cpu" and not args.compile:  # inference only: the Linears packed for oneDNN once, as serve does
+        from minigpt.nn.torch_private import prepack_linears
+
+        prepack_linears(model)
     rows = [p for p in prompts for _ in range(args.num_samples)]
     if len(rows) > MAX_ROWS:
         raise UserError(f"{len(prompts)} prompt(s) x --num-samples {args.num_samples} is a batch of {len(rows):,} rows; "
