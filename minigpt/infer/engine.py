@@ -36,7 +36,7 @@ from minigpt.core.errors import UserError
 from minigpt.infer.blocks import BlockPool
 from minigpt.infer.sampler import Sampling, accept, draw, row_probs
 from minigpt.nn.model import GPT
-from minigpt.nn.ragged import BLOCK, make_ragged
+from minigpt.nn.ragged import BLOCK, blocks_for, make_ragged
 
 __all__ = ["Engine", "Sampling", "Sequence", "SpeculativeEngine", "generate_all"]
 
@@ -63,8 +63,10 @@ class Sequence:
         return self.prompt + self.tokens
 
 
-def _blocks(tokens: int) -> int:
-    return -(-tokens // BLOCK)
+def _group_blocks(n: int, tokens: int) -> int:
+    """Blocks n samples of one prompt of `tokens` tokens hold once prefilled: the prompt's, shared, and a copy of its
+    last, partly filled one for each sample but the first."""
+    return blocks_for(tokens) + n - 1
 
 
 class Engine:
@@ -92,7 +94,7 @@ class Engine:
         self._make_cache(kv_tokens, prefix_cache)
 
     def _make_cache(self, kv_tokens: int | None, prefix_cache: bool) -> None:
-        n_blocks = _blocks(kv_tokens or self.max_batch * self.max_len)
+        n_blocks = blocks_for(kv_tokens or self.max_batch * self.max_len)
         if n_blocks * BLOCK < self.max_len:
             raise UserError(f"--kv-cache-tokens {kv_tokens} holds less than one context ({self.max_len} tokens): give "
                             f"at least {self.max_len}")
@@ -119,7 +121,7 @@ class Engine:
 
     def holds(self, n: int, tokens: int) -> bool:
         """Whether n samples of one prompt of `tokens` tokens could ever start: rows, and blocks when nothing else runs."""
-        return n <= self.max_batch and _blocks(tokens) + n - 1 <= self.blocks.n_blocks
+        return n <= self.max_batch and _group_blocks(n, tokens) <= self.blocks.n_blocks
 
     def fits(self, n: int, tokens: int) -> bool:
         """Whether n samples of one prompt of `tokens` tokens can start now: none preempted waits, n rows are free,
@@ -128,9 +130,9 @@ class Engine:
         return not self.preempted and self._could_start(n, tokens)
 
     def _could_start(self, n: int, tokens: int) -> bool:
-        owed = sum(_blocks(len(g[0].context)) + len(g) - 1 - len(self._table[self.running.index(g[0])])
+        owed = sum(_group_blocks(len(g), len(g[0].context)) - len(self._table[self.running.index(g[0])])
                    for g in self._filling)
-        return n <= self.free and self.blocks.available - owed >= _blocks(tokens) + n - 1
+        return n <= self.free and self.blocks.available - owed >= _group_blocks(n, tokens)
 
     @torch.no_grad()
     def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, int | None]]:
@@ -172,7 +174,7 @@ class Engine:
         self._resume()
         self._grow_decodes()
         planned = self._plan_chunks()  # (group, first slot, tokens) each; rows are read after every preemption
-        filling = {id(s) for g in self._filling for s in g}
+        filling = self._filling_ids()
         decodes = [(i, self._len[i]) for i, s in enumerate(self.running) if id(s) not in filling]
         chunks = [(self.running.index(g[0]), start, n) for g, start, n in planned]
         ending = [(g, j) for j, (g, start, n) in enumerate(planned) if start + n == len(g[0].context)]
@@ -198,10 +200,14 @@ class Engine:
     def _grow_decodes(self) -> None:
         """Each decoding row gets the block its next slot needs, oldest sequence first; when the pool has none, the
         newest sequences are preempted, the one asking last of all."""
-        filling = {id(s) for g in self._filling for s in g}
+        filling = self._filling_ids()
         for s in sorted((s for s in self.running if id(s) not in filling), key=self._order):
             if s in self.running and not self._room(s, self._len[self.running.index(s)] + 1):
                 self._preempt(s)
+
+    def _filling_ids(self) -> set[int]:
+        """The sequences whose prompt is still being prefilled (the first of each group, and the samples waiting on it)."""
+        return {id(s) for g in self._filling for s in g}
 
     def _plan_chunks(self) -> list[tuple[list[Sequence], int, int]]:
         """This step's prompt chunks, oldest prompt first, within prefill_chunk tokens and the blocks the pool can

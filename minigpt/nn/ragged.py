@@ -76,7 +76,8 @@ CALL_SLOTS = 64  # a call's own cost, in row-slots read: what splitting the deco
 # read ~0.15-0.2 us)
 
 
-def _blocks(slots: int) -> int:
+def blocks_for(slots: int) -> int:
+    """Blocks that hold `slots` slots (a row's table length, a prompt's share of the pool)."""
     return -(-slots // BLOCK)
 
 
@@ -105,12 +106,12 @@ def group_decodes(blocks: list[int]) -> list[list[int]]:
 
 def _table(blocks: list[int], slots: int, device) -> torch.Tensor:
     """(1, nb): the blocks holding slots 0..slots-1."""
-    return torch.tensor([blocks[:_blocks(slots)]], dtype=torch.long, device=device)
+    return torch.tensor([blocks[:blocks_for(slots)]], dtype=torch.long, device=device)
 
 
 def _decode_call(decodes: list[tuple[list[int], int]], rows: list[int], device) -> tuple:
     """One attention call over these decoding rows: their token indexes, block tables and masks."""
-    nb = max(_blocks(decodes[i][1] + 1) for i in rows)
+    nb = max(blocks_for(decodes[i][1] + 1) for i in rows)
     tables = [decodes[i][0][:nb] + [decodes[i][0][0]] * (nb - len(decodes[i][0][:nb])) for i in rows]  # padding masked
     last = torch.tensor([decodes[i][1] for i in rows], device=device)
     mask = (torch.arange(nb * BLOCK, device=device).view(1, -1) <= last.view(-1, 1)).view(len(rows), 1, 1, -1)
@@ -125,7 +126,7 @@ def make_ragged(decodes: list[tuple[list[int], int]], chunks: list[tuple[list[in
     where = [t[s // BLOCK] * BLOCK + s % BLOCK for t, s in decodes]
     where += [t[s // BLOCK] * BLOCK + s % BLOCK for t, s0, n in chunks for s in range(s0, s0 + n)]
     positions = [s for _, s in decodes] + [s for _, s0, n in chunks for s in range(s0, s0 + n)]
-    groups = [_decode_call(decodes, rows, device) for rows in group_decodes([_blocks(s + 1) for _, s in decodes])] \
+    groups = [_decode_call(decodes, rows, device) for rows in group_decodes([blocks_for(s + 1) for _, s in decodes])] \
         if decodes else []
     def as_tensor(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
