@@ -199,6 +199,30 @@ def test_a_causal_flash_kernel_computes_half_the_square():
     assert mb["parts"]["attention"] == pytest.approx(40 * 3 * square / 2 / (A100.attention_flops * A100.sustained))
 
 
+def test_the_flash_backward_runs_at_its_cited_rate_where_one_is_cited():
+    h100 = T.gpu_rates(gpu_by_name("H100"), "bf16")
+    assert A100.attention_bwd_flops == 0 and h100.attention_bwd_flops < h100.attention_flops  # Shah et al. 2024, Fig. 7
+    fa2 = T.gpu_rates(gpu_by_name("H100"), "bf16", flash="fa2")
+    assert fa2.attention_bwd_flops < fa2.attention_flops < h100.attention_flops
+    per = T.flash_attention_flops(GPT_13B, ParallelPlan(), 1, 2048) / h100.sustained
+    for recompute, forwards in (("none", 1), ("full", 2)):  # a recomputed forward at the forward's rate
+        mb = T.micro_batch_seconds(GPT_13B, ParallelPlan(), T.Setup(seq_len=2048, recompute=recompute), h100)
+        expect = 40 * per * (forwards / h100.attention_flops + 2 / h100.attention_bwd_flops)
+        assert mb["parts"]["attention"] == pytest.approx(expect)
+
+
+def test_the_loss_moves_the_bytes_its_code_moves_over_the_logits():
+    c = ModelConfig(n_layer=2, n_head=16, n_embd=2048, block_size=4096, vocab_size=131072)
+    h100, plan = T.gpu_rates(gpu_by_name("H100"), "bf16"), ParallelPlan(tp=2)
+    logits = 4096 * 131072 / 2  # T x V / t elements on a rank
+    parts = {loss: T.micro_batch_seconds(c, plan, T.Setup(seq_len=4096, loss=loss), h100)["parts"]["memory"]
+             for loss in T.LOSS_BYTES}
+    for loss, moved in (("megatron", 52), ("torch", 48)):
+        assert parts[loss] - parts["fused"] == pytest.approx(logits * (moved - 16) / h100.hbm_bytes_per_s)
+    with pytest.raises(UserError, match="loss = 'chunked' is not one of fused, megatron, torch"):
+        T.Setup(seq_len=8, loss="chunked")
+
+
 def test_recompute_policies_run_again_what_they_say():
     llama = ModelConfig(n_layer=2, n_head=32, n_kv_head=8, n_embd=4096, ffn_hidden=14336, mlp="swiglu",
                         norm="rmsnorm", pos_emb="rope", bias=False, block_size=8192, vocab_size=128256)
@@ -446,7 +470,7 @@ def test_context_parallelism_splits_the_tokens_and_passes_keys_and_values_round_
     across = T.micro_batch_seconds(c, ParallelPlan(dp=1, tp=8, cp=2), setup, h100)  # tp x cp > 8: the ring leaves the node
     assert across["cp_traffic_s"] == pytest.approx(8 * 3 * (kv / 4) / h100.internode_bytes_per_s)
     assert mb2["parts"]["cp_comm"] == pytest.approx(max(0.0, mb2["cp_traffic_s"] - mb2["parts"]["attention"]))
-    slow = dataclasses.replace(h100, attention_flops=1e30)  # nothing to hide under: all of it exposed
+    slow = dataclasses.replace(h100, attention_flops=1e30, attention_bwd_flops=1e30)  # nothing to hide under: all exposed
     assert T.micro_batch_seconds(c, two, setup, slow)["parts"]["cp_comm"] == pytest.approx(mb2["cp_traffic_s"])
     # the gradients are reduced over dp x cp ranks: as dp = 8 without cp
     st2, st8 = T.step_time(c, two, setup, h100), T.step_time(c, ParallelPlan(dp=8, tp=2, zero=1), setup, h100)

@@ -54,7 +54,7 @@ def variants(s, plan, is_moe: bool) -> list[tuple[str, dict]]:
 # what each unknown setting of a published run is tried at (published_runs.toml, `unknown`)
 RUN_ALTERNATIVES = {"micro_batch": (1, 2, 4, 8), "recompute": ("none", "selective", "full"), "stages_per_rank": (1, 2, 4),
                     "grad_bytes": (2, 4), "flash_kernel": ("fast", "fa2"), "overlap": ("none", "full"),
-                    "attention": ("flash", "materialized")}
+                    "attention": ("flash", "materialized"), "loss": ("fused", "megatron")}
 
 
 def run_variants(run: dict) -> list[dict]:

@@ -144,7 +144,7 @@ def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float, 
                    ) -> tuple[ParallelPlan, T.Setup]:
     """How extrapolate assumes a layout trains: the settings the user gave (--recompute, --overlap, ...), the rest
     at their defaults (scenario.SETTINGS: full recompute, as the memory search assumes, flash attention,
-    Megatron-Core-style overlap, an fp32 reduce), fused memory-bound kernels (or eager ones: --kernels), sequence
+    Megatron-Core-style overlap, an fp32 reduce, Megatron's unfused cross-entropy), fused memory-bound kernels (or eager ones: --kernels), sequence
     parallelism with tp, ZeRO as planned. `vary`: settings (and micro_batch) the band tries instead."""
     vary = vary or {}
     get = lambda key: vary.get(key, setting(s, key))  # noqa: E731
@@ -154,7 +154,7 @@ def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float, 
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
     return plan, T.Setup(seq_len=seq, micro_batch=micro, global_batch=batch, recompute=get("recompute"),
                          attention=get("attention"), overlap=get("overlap"), act_bytes=width, param_bytes=width,
-                         grad_bytes=4 if get("reduce_dtype") == "fp32" else 2, kernels=s.kernels,
+                         grad_bytes=4 if get("reduce_dtype") == "fp32" else 2, kernels=s.kernels, loss=get("loss"),
                          first_stage_layers=get("first_stage_layers"), last_stage_layers=get("last_stage_layers"),
                          capacity_factor=get("capacity_factor"), expert_imbalance=get("expert_imbalance"))
 
@@ -183,7 +183,7 @@ def settings_said(s: Scenario) -> str:
     from minigpt.analytic.scenario import SETTINGS
 
     return ", ".join(f"{k} {setting(s, k)}" + ("" if k in s.settings else " (default)") for k in SETTINGS
-                     if k in s.settings or k in ("recompute", "attention", "overlap", "reduce_dtype"))
+                     if k in s.settings or k in ("recompute", "attention", "overlap", "reduce_dtype", "loss"))
 
 
 def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:

@@ -39,6 +39,11 @@ FLASH = {"A100-40GB": (0.62, "FlashAttention-2 on A100: 50-73% of peak (Dao 2023
          "H200": (0.62, "as H100 (same compute die)"),
          "B200": (0.62, "assumption: the H100 fraction (no cited B200 kernel figure)")}
 FLASH2_H100 = (0.37, "FlashAttention-2 forward on H100, head dim 128, 2k-8k tokens: ~365 of 989 TFLOP/s (Shah et al. 2024)")
+# The backward pass where it is cited (Shah et al. 2024, Fig. 7, H100 SXM5, head dim 128, 4k tokens): cuDNN 499 and
+# FlashAttention-3 542 TFLOP/s (the middle, 520, for the "fast" class), FlashAttention-2 310. Elsewhere the forward's
+# rate stands for both (optimistic: every cited backward is slower than its forward).
+FLASH_BWD_H100 = {"fast": (520 / 989, "cuDNN / FlashAttention-3 backward on H100, head dim 128, 4k tokens: 499-542 of 989 TFLOP/s (Shah et al. 2024, Fig. 7)"),
+                  "fa2": (310 / 989, "FlashAttention-2 backward on H100, head dim 128, 4k tokens: 310 of 989 TFLOP/s (Shah et al. 2024, Fig. 7)")}
 HBM_EFFICIENCY = (0.9, "assumption: 90% of the datasheet HBM bandwidth for streaming kernels")
 LINK_EFFICIENCY = (0.8, "assumption: NCCL ring bus bandwidth at 80% of the one-way link (nccl-tests on DGX systems: 75-90%)")
 # The one constant of the model chosen by looking at training runs (a fit, said as such): the share of the
@@ -59,12 +64,13 @@ class Rates:
     name: str
     peak_flops: float  # datasheet dense figure MFU divides by
     matmul_flops: float  # large-GEMM ceiling
-    attention_flops: float  # flash kernel, forward+backward
+    attention_flops: float  # flash kernel, forward (and backward where attention_bwd_flops is 0)
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float  # per GPU per direction, achievable
     internode_bytes_per_s: float
     sms: int = 0  # 0: no wave quantization (a CPU)
     sustained: float = 1.0  # share of the matmul and attention rates a training step sustains (SUSTAINED on a GPU)
+    attention_bwd_flops: float = 0.0  # flash kernel, backward, where cited (0: the forward's rate)
     gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
     pass_time: object = None  # optional callable (kind, rows, width) -> seconds of a norm or activation pass,
     # forward + backward, measured at that shape: where the device computes it slower than HBM moves it (a CPU)
@@ -87,12 +93,14 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
     att_frac, att_src = FLASH2_H100 if flash == "fa2" and gpu.name in ("H100", "H200") else FLASH.get(
         gpu.name, (0.5, "assumption: half of peak (no cited kernel figure)"))
     hbm = (hbm_tbs or gpu.bandwidth_tbs) * 1e12 * HBM_EFFICIENCY[0]
+    bwd_frac, bwd_src = FLASH_BWD_H100[flash if flash == "fa2" else "fast"] if gpu.name in ("H100", "H200") else (
+        0.0, "the forward's rate (no cited backward figure for this GPU)")
     return Rates(
         name=gpu.name, peak_flops=peak, matmul_flops=matmul, attention_flops=att_frac * peak, hbm_bytes_per_s=hbm,
         nvlink_bytes_per_s=gpu.nvlink_gbs * 1e9 * LINK_EFFICIENCY[0],
         internode_bytes_per_s=gpu.internode_gbs * 1e9 * LINK_EFFICIENCY[0], sms=SMS.get(gpu.name, 0),
-        sustained=SUSTAINED[0],
-        sources={"sustained": f"{SUSTAINED[0]:g} of the matmul and attention rates, {SUSTAINED[1]}","peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s" if scale == 1.0 else
+        sustained=SUSTAINED[0], attention_bwd_flops=bwd_frac * peak,
+        sources={"attention_backward": bwd_src, "sustained": f"{SUSTAINED[0]:g} of the matmul and attention rates, {SUSTAINED[1]}","peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s" if scale == 1.0 else
                  f"{gpu.name} at {peak / 1e12:g} dense {dtype} TFLOP/s (given for this part; the datasheet's {gpu.tflops[dtype]:g})",
                  "matmul": (f"{MAMF_SOURCE}: {mamf_what}, {mamf:g} TFLOP/s bf16" if mamf else "assumption: 80% of peak (no mamf-finder figure)"),
                  "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",

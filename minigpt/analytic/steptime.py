@@ -13,9 +13,11 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
   attention    materialized (scores written to HBM: two batched GEMMs over the full square plus the softmax
                and dropout passes over b x a x s x s elements) or flash: a causal flash kernel skips the
                blocks above the diagonal, so it computes half the square, at a cited kernel rate (kernel
-               benchmarks quote causal rates per computed FLOP, i.e. the square halved).
-  memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits,
-               embedding: counted bytes over the achievable HBM rate; the backward moves twice the
+               benchmarks quote causal rates per computed FLOP, i.e. the square halved); its backward (two
+               forwards of FLOPs) at the kernel's cited backward rate where there is one (H100: Shah et al.
+               2024, Fig. 7), else at the forward's.
+  memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits (the
+               bytes its implementation moves, counted from its code: LOSS_BYTES), embedding: counted bytes over the achievable HBM rate; the backward moves twice the
                forward's bytes. Where the rates time the norm and activation passes at their shape
                (a CPU, whose GELU is bound by its arithmetic, not its memory), each at the larger of the two.
   tp_comm      tensor-parallel all-reduces (all-gather + reduce-scatter with sequence parallelism, the
@@ -93,6 +95,17 @@ OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (s
 RECOMPUTE = ("none", "selective", "op", "full")
 ATTENTION = ("flash", "materialized")
 KERNELS = ("fused", "eager")  # how the memory-bound passes run: see layer_memory_passes
+# Bytes the cross-entropy moves per logit element (vocabulary-parallel: T x V / t elements per rank), forward and
+# backward, beyond the LM head GEMM's own, counted from each implementation's code:
+#   fused     one kernel each way over fp32 logits: read, write the softmax; backward read, write (16)
+#   megatron  Megatron's vocab_parallel_cross_entropy (megatron/core/tensor_parallel/cross_entropy.py, unfused, the
+#             default: cross_entropy_loss_fusion off): .float() (read 2, write 4), max (4), subtract in place (8),
+#             exp in place (8), sum (4), divide in place (8); backward: multiply by the output gradient in place (8),
+#             the gradient cast back to 16 bits (read 4, write 2): 52
+#   torch     F.cross_entropy(logits.float()) in eager PyTorch: the cast (6), log_softmax over a row too long for
+#             shared memory (three reads, one write: 16); backward: nll_loss's zeroed gradient (4), log_softmax's
+#             backward (two reads of the gradient, one of the output, one write: 16), the cast back (6): 48
+LOSS_BYTES = {"fused": 16, "megatron": 52, "torch": 48}
 
 @dataclass(frozen=True)
 class Setup:
@@ -104,6 +117,7 @@ class Setup:
     attention: str = "flash"  # flash | materialized
     overlap: str = "none"  # none (Megatron-LM 2021) | backward (DDP buckets) | prefetch (FSDP) | full (Megatron-Core)
     kernels: str = "fused"  # fused (torch.compile, Megatron's fused kernels) | eager (one kernel per PyTorch op)
+    loss: str = "fused"  # how the cross-entropy runs: fused | megatron | torch (LOSS_BYTES)
     act_bytes: int = 2  # bytes per activation element (16-bit)
     grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
@@ -113,7 +127,8 @@ class Setup:
     expert_imbalance: float = 1.0  # dropless: the busiest expert-parallel rank's tokens over the mean
 
     def __post_init__(self):
-        choices = (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS))
+        choices = (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS),
+                   ("loss", tuple(LOSS_BYTES)))
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key} = {getattr(self, key)!r:.40} is not one of {', '.join(allowed)}: use one of them")
@@ -257,11 +272,11 @@ def score_pass_elements(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> f
     return b * c.n_head / plan.tp * s * s * (2 + drop)
 
 
-def head_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
-    """Cross-entropy over the vocabulary-parallel logits (fp32: read, softmax write; backward read and
-    write), forward and backward together; the embedding gather and its gradient scatter-add."""
+def head_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, loss: str = "fused") -> float:
+    """The cross-entropy over the vocabulary-parallel logits as `loss` runs it (LOSS_BYTES), forward and backward
+    together; the embedding gather and its gradient scatter-add."""
     T = b * s
-    return 4 * T * c.padded_vocab_size / plan.tp * 4 + 3 * T * c.n_embd * 2
+    return T * c.padded_vocab_size / plan.tp * LOSS_BYTES[loss] + 3 * T * c.n_embd * 2
 
 
 def attention_flops(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> float:
@@ -374,7 +389,7 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
     layer = _layer_seconds(c, plan, setup, r)
     head_gemm = Gemm("lm_head", b * s, c.padded_vocab_size // plan.tp, c.n_embd)
     head = {"matmul": gemm_seconds(head_gemm, r, el),
-            "memory": head_memory_bytes(c, plan, b, s) / r.hbm_bytes_per_s + norm_pass_extra(c, plan, b, s, setup, r)}
+            "memory": head_memory_bytes(c, plan, b, s, setup.loss) / r.hbm_bytes_per_s + norm_pass_extra(c, plan, b, s, setup, r)}
     per_layer = sum(layer["parts"].values())
     counts = stage_layers(c.n_layer, plan.pp, setup.first_stage_layers, setup.last_stage_layers)
     last = len(counts) - 1
@@ -393,9 +408,10 @@ def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -
     again = recomputed_gemms(c, plan, b, s, setup)
     matmul = sum(gemm_seconds(g, r, el) for g in gemms) + sum(forward_seconds(g, r, el) for g in again)
     attn = 0.0
-    if setup.attention == "flash":
-        passes = 3 + (1 if setup.recompute == "full" else 0)  # backward = 2 forwards of FLOPs
-        attn = passes * flash_attention_flops(c, plan, b, setup.seq_len) / plan.cp / (r.attention_flops * r.sustained)
+    if setup.attention == "flash":  # the backward: 2 forwards of FLOPs, at the kernel's backward rate
+        forwards = 1 + (1 if setup.recompute == "full" else 0)
+        per = flash_attention_flops(c, plan, b, setup.seq_len) / plan.cp / r.sustained
+        attn = per * (forwards / r.attention_flops + 2 / (r.attention_bwd_flops or r.attention_flops))
     moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
     memory = moved / r.hbm_bytes_per_s + measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
