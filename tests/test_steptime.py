@@ -199,6 +199,15 @@ def test_a_causal_flash_kernel_computes_half_the_square():
     assert mb["parts"]["attention"] == pytest.approx(40 * 3 * square / 2 / (A100.attention_flops * A100.sustained))
 
 
+def test_fsdp_shard_grad_op_gathers_once_a_micro_batch_and_full_shard_twice():
+    # m = 2 micro-batches; an fp32 reduce-scatter moves 2 G, each gather of bf16 parameters G
+    kw = {"seq_len": 2048, "global_batch": 256, "micro_batch": 2, "grad_bytes": 4}
+    dp = {(z, overlap): step(plan=ParallelPlan(dp=64, zero=z), overlap=overlap, **kw)["traffic_s"]["dp"]
+          for z, overlap in ((2, "prefetch"), (3, "prefetch"), (2, "backward"))}
+    assert dp[(3, "prefetch")] / dp[(2, "prefetch")] == pytest.approx(6 / 4)  # 2 G + 2 m G against 2 G + m G
+    assert dp[(2, "backward")] / dp[(2, "prefetch")] == pytest.approx(3 / 4)  # ZeRO-2 elsewhere: one gather a step
+
+
 def test_the_flash_backward_runs_at_its_cited_rate_where_one_is_cited():
     h100 = T.gpu_rates(gpu_by_name("H100"), "bf16")
     assert A100.attention_bwd_flops == 0 and h100.attention_bwd_flops < h100.attention_flops  # Shah et al. 2024, Fig. 7

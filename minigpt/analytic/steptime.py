@@ -493,9 +493,11 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
 
     ZeRO 0: an all-reduce of the gradients. ZeRO 1/2: a reduce-scatter of the gradients and an all-gather
     of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
-    forward and again for the backward of every micro-batch, gradients reduce-scattered. A mixture's
-    experts reduce over their own (smaller) group (_grad_groups)."""
+    forward and again for the backward of every micro-batch, gradients reduce-scattered; FSDP's
+    SHARD_GRAD_OP (zero=2 with overlap "prefetch") gathers once a micro-batch and keeps them through its
+    backward (PyTorch's FSDP docs). A mixture's experts reduce over their own (smaller) group (_grad_groups)."""
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
+    gathers = (m if plan.zero == 2 else 2 * m) if sharded else (1 if plan.zero >= 1 else 0)
     reduce = gather = total = 0.0
     for local, n, stride in _grad_groups(c, plan):
         if n == 1:
@@ -503,7 +505,7 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
         ring = (n - 1) / n
         link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(stride, n))
         red = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2) / link
-        gat = ring * local * setup.param_bytes * (2 * m if sharded else (1 if plan.zero >= 1 else 0)) / link
+        gat = ring * local * setup.param_bytes * gathers / link
         reduce, gather, total = reduce + red, gather + gat, total + red + gat
     if total == 0.0 or setup.overlap == "none":
         return total, total
