@@ -12,6 +12,7 @@ from conftest import run_cli
 
 from minigpt.analytic import memory as M
 from minigpt.core.config import ModelConfig
+from minigpt.core.errors import UserError
 from minigpt.core.hardware import gpu_by_name
 from minigpt.core.plan import ParallelPlan
 from minigpt.measure.simulate import SimSpec, simulate
@@ -160,12 +161,30 @@ def test_layouts_whose_simulated_memory_does_not_fit_are_rejected():
     assert (plain["tp"], plain["pp"]) == (1, 1) and "simulated" not in plain
 
 
-def test_a_layout_that_cannot_be_simulated_falls_back_to_the_formula_and_says_so():
+def test_gpt4s_published_layout_with_experts_over_ep_and_tp_is_simulated_beside_the_prediction():
+    """tp 8 x pp 15 x ep 16 (the brief's GPT-4 layout): simulate runs the experts split over tp and ep on one mesh;
+    its all-to-all count equals the step's once the tp ranks' replicated tokens are said (x tp), to the byte."""
     r = run_cli("extrapolate", "--target", "gpt4", "--gpu", "H100", "--num-gpus", "7680", "--plan", "tp=8,pp=15,ep=16",
-                "--comm", "counted")
+                "--comm", "counted", "--json")
     assert r.returncode == 0, r.stderr
-    text = " ".join(r.stdout.split())  # the lines are wrapped at 120 columns
-    assert "expert parallelism is simulated with tp=1" in text and "communication source: formula" in text
+    e = json.loads(r.stdout)["experts"]
+    assert e["counted_over_predicted"] == pytest.approx(1.0, rel=1e-6)
+    assert e["counted_all_to_all_bytes_per_gpu_per_step"] == pytest.approx(8 * e["all_to_all_bytes_per_gpu_per_step"])
+    assert "each of the 8 tensor-parallel ranks" in e["counted_dispatch"]
+
+
+def test_experts_over_tp_and_ep_count_every_collective_on_its_formula():
+    c = ModelConfig(n_layer=2, n_head=8, n_embd=256, block_size=256, vocab_size=512, n_expert=4, n_expert_active=2)
+    r = simulate(c, SimSpec(ParallelPlan(dp=4, tp=2, ep=2, zero=1), micro_batch=2), gpu_by_name("H100"))
+    counted, formula = r["comm_bytes_per_rank_by_group"], r["predicted_comm_bytes_per_rank_by_group"]
+    for group in ("dp", "tp", "ep"):  # experts reduced over dp / ep ranks, their MLPs split over tp, tokens over ep
+        assert counted[group] > 0 and counted[group] == pytest.approx(formula[group], rel=1e-6), group
+    for key in ("params", "grads", "optimizer"):
+        assert r["memory_ratio"][key] == pytest.approx(1.0, rel=1e-3), key
+    for plan, says in ((ParallelPlan(dp=4, tp=2, ep=2, zero=1, sp=True), "does not run with a mixture of experts"),
+                       (ParallelPlan(dp=4, tp=2, ep=2, zero=0), "replicated dp")):
+        with pytest.raises(UserError, match=says):
+            SimSpec(plan).validate(c)
 
 
 @pytest.mark.parametrize("n_expert", [16, 0])

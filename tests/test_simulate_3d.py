@@ -106,7 +106,7 @@ def test_extrapolate_counts_the_pipeline_traffic_it_simulates():
 @pytest.mark.parametrize("args, message", [
     (["--config", "tiny", "--plan", "dp=4,ep=2"], "splits a mixture's experts"),
     (["--config", "gpt4", "--plan", "dp=6,ep=4", "--set", "model.n_layer=2"], "it must divide dp = 6"),
-    (["--config", "gpt4", "--plan", "dp=16,tp=2,ep=16", "--set", "model.n_layer=2"], "simulated with tp=1"),
+    (["--config", "gpt4", "--plan", "dp=16,tp=2,ep=16,zero=0", "--set", "model.n_layer=2"], "use zero=1 or more"),
     (["--config", "gpt4", "--plan", "dp=2,sp=1,tp=8", "--set", "model.n_layer=2"], "does not run with a mixture of experts"),
 ])
 def test_bad_3d_simulations_are_one_line(args, message):

@@ -45,7 +45,7 @@ from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, g
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
-from minigpt.nn.torch_private import collective_counter, fake_mode, fake_process_group, fsdp_memory_tracker
+from minigpt.nn.torch_private import collective_counter, fake_mode, fake_process_group, flatten_mesh, fsdp_memory_tracker
 from minigpt.parallel.expert import apply_expert_parallel
 from minigpt.parallel.parallelize import apply_activation_checkpointing
 from minigpt.parallel.pipeline import Stage, rank_stages, stage_layers
@@ -79,9 +79,9 @@ class SimSpec:
         if self.plan.cp > 1:
             raise UserError(f"--plan cp={self.plan.cp}: context parallelism is predicted by the step-time model "
                             f"(minigpt extrapolate, backtest), not simulated yet; use cp=1")
-        if self.plan.ep > 1 and self.plan.tp > 1:
-            raise UserError(f"--plan ep={self.plan.ep} with tp={self.plan.tp}: expert parallelism is simulated with tp=1 "
-                            f"(experts split over tp and ep together are not built here)")
+        if self.plan.ep > 1 and self.plan.tp > 1 and self.plan.dp_replicate > 1:
+            raise UserError(f"--plan ep={self.plan.ep} with tp={self.plan.tp} and zero=0 (replicated dp): experts split over "
+                            f"tp and ep are simulated with sharded data parallelism; use zero=1 or more")
         if self.stage_world > MAX_SIM_RANKS:
             raise UserError(f"--plan {self.plan.spelling()} puts {self.stage_world:,} ranks in one pipeline stage; "
                             f"simulate at most {MAX_SIM_RANKS:,} (tp x dp)")
@@ -113,7 +113,7 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
     """Build, parallelise and train one step on fake tensors: (memory by category, collectives)."""
     plan = spec.plan
     with fake_process_group(spec.stage_world):
-        mesh = init_device_mesh("cpu", plan.mesh_shape[1:], mesh_dim_names=plan.mesh_names[1:])
+        tp_mesh, dp_mesh, ep_mesh, experts = _meshes(plan)
         fake = fake_mode()
         with fake:
             model = GPT(c)
@@ -123,13 +123,10 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
         if spec.recompute:
             apply_activation_checkpointing(model)
         if plan.tp > 1:
-            apply_tensor_parallel(model, mesh["tp"], reorder=False, sequence_parallel=plan.sp)
-        experts = None
+            apply_tensor_parallel(model, tp_mesh, reorder=False, sequence_parallel=plan.sp)
         if plan.ep > 1:
-            ep_mesh = init_device_mesh("cpu", plan.expert_mesh_shape, mesh_dim_names=("dp_replicate", "dp_shard", "ep"))
-            apply_expert_parallel(model, ep_mesh["ep"])
-            experts = ep_mesh["dp_replicate", "dp_shard"]
-        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], spec.precision, reshard_after_forward=plan.zero == 3,
+            apply_expert_parallel(model, ep_mesh)
+        apply_fsdp(model, dp_mesh, spec.precision, reshard_after_forward=plan.zero == 3,
                    reduce_precision=spec.reduce_precision or spec.precision, expert_mesh=experts)
         with fake:
             optimizer = make_optimizer(model, TrainConfig())
@@ -154,6 +151,22 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
         "total": peak.get("total", 0),
     }
     return memory, counter.records + boundary
+
+
+def _meshes(plan: ParallelPlan) -> tuple:
+    """(the tensor-parallel mesh, the dense part's data-parallel mesh, the expert-parallel mesh, the experts' own
+    data-parallel mesh); None where the plan has no such split. Experts split over tp and ep come from one root
+    mesh (dp_shard / ep, ep, tp: ep innermost after tp, as training's expert_mesh places them), the dense part's dp
+    flattened from its dp_shard / ep and ep dimensions: FSDP2 over tensor-parallel weights needs that one root."""
+    if plan.ep > 1 and plan.tp > 1:
+        root = init_device_mesh("cpu", (*plan.expert_mesh_shape, plan.tp),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "ep", "tp"))
+        return root["tp"], flatten_mesh(root, ("dp_shard", "ep"), "dp_shard_ep"), root["ep"], root["dp_replicate", "dp_shard"]
+    mesh = init_device_mesh("cpu", plan.mesh_shape[1:], mesh_dim_names=plan.mesh_names[1:])
+    if plan.ep == 1:
+        return mesh["tp"], mesh["dp_replicate", "dp_shard"], None, None
+    ep_mesh = init_device_mesh("cpu", plan.expert_mesh_shape, mesh_dim_names=("dp_replicate", "dp_shard", "ep"))
+    return mesh["tp"], mesh["dp_replicate", "dp_shard"], ep_mesh["ep"], ep_mesh["dp_replicate", "dp_shard"]
 
 
 def _one_step(model, optimizer, x, precision: str, tracker) -> tuple[dict, dict, dict, list]:
@@ -486,9 +499,9 @@ def _notes(plan: ParallelPlan) -> list[str]:
 
 
 def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
-    """A function (model, plan) -> the simulated step of the plan's first pipeline stage, with full
-    recompute and (tensor parallel, dense) sequence parallelism as the extrapolation assumes; None (and a note) when the plan cannot be simulated (e.g.
-    a mixture of experts with tensor parallelism)."""
+    """A function (model, plan) -> the simulated step of the plan's first pipeline stage, with full recompute and
+    (tensor parallel, dense) sequence parallelism as the extrapolation assumes (a mixture's tp ranks hold the same
+    tokens: no sequence parallelism with experts here); None (and a note) when the plan cannot be simulated."""
 
     def simulate_layout(c: ModelConfig, plan: ParallelPlan) -> dict | None:
         if plan.tp > 1 and not c.is_moe:  # the extrapolation's activations assume sequence parallelism
@@ -502,7 +515,7 @@ def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
                 "dp_bytes": r["comm_bytes_per_rank_by_group"]["dp"], "tp_bytes": r["comm_bytes_per_rank_by_group"]["tp"],
                 "ep_bytes": r["comm_bytes_per_rank_by_group"]["ep"],
                 "pp_bytes_per_micro_batch": (r["pipeline"] or {}).get("p2p_activation_bytes_per_boundary_per_micro_batch", 0),
-                "stages_per_rank": plan.stages_per_rank,
+                "stages_per_rank": plan.stages_per_rank, "sequence_parallel": plan.sp,
                 "plan": plan.spelling(), "elapsed_s": r["elapsed_s"],
                 "method": f"minigpt simulate --plan {plan.spelling()} --recompute (one pipeline stage, {r['stage_layers']} "
                           f"layers), {r['method']}"}

@@ -123,6 +123,13 @@ def attempt_store(rank: int, world_size: int, timeout) -> object | None:
     return dist.PrefixStore(f"minigpt/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
+def flatten_mesh(mesh, dims: tuple[str, ...], name: str):
+    """One mesh dimension made of several of `mesh`'s (DeviceMesh._flatten), the flattened mesh itself kept (not
+    sliced from the root again): a group that spans them, on the same root as the others (FSDP2 with tensor
+    parallelism needs one root)."""
+    return mesh[dims]._flatten(name)
+
+
 def fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
