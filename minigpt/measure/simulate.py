@@ -45,7 +45,13 @@ from minigpt.core.hardware import GPUS_PER_NODE, GPUSpec, collective_link_gbs, g
 from minigpt.core.plan import ParallelPlan
 from minigpt.nn.model import GPT
 from minigpt.nn.optim import autocast_context, make_optimizer
-from minigpt.nn.torch_private import collective_counter, fake_mode, fake_process_group, flatten_mesh, fsdp_memory_tracker
+from minigpt.nn.torch_private import (
+    collective_counter,
+    fake_mode,
+    fake_process_group,
+    flatten_mesh,
+    fsdp_memory_tracker,
+)
 from minigpt.parallel.expert import apply_expert_parallel
 from minigpt.parallel.parallelize import apply_activation_checkpointing
 from minigpt.parallel.pipeline import Stage, rank_stages, stage_layers
