@@ -323,9 +323,9 @@ def serving(app):
 
 # The slowest files first (longest-processing-time first): with pytest-xdist's loadfile scheduling each file
 # runs whole on one worker, so a slow file collected last would leave the other worker idle at the end.
-SLOW_FIRST = ("test_distributed.py", "test_pipeline.py", "test_reliability.py", "test_simulate_3d.py",
-              "test_sharding.py", "test_hardware.py", "test_offload.py", "test_cli.py", "test_simulate.py",
-              "test_harness.py")
+SLOW_FIRST = ("test_distributed.py", "test_pipeline.py", "test_sharding.py", "test_reliability.py", "test_hardware.py",
+              "test_simulate.py", "test_simulate_3d.py", "test_post.py", "test_offload.py", "test_layering.py",
+              "test_cli.py", "test_extrapolate.py", "test_harness.py", "test_memory.py")  # by a --durations=0 run
 
 
 def pytest_collection_modifyitems(config, items):
