@@ -136,8 +136,9 @@ def _experts(c: ModelConfig, r: dict) -> dict:
     predicted = st.get("ep_bytes_per_step")
     counted = comm.get("counted_ep_bytes_per_gpu_per_step")
     # the prediction dispatches each tp rank's sequence-parallel share (Megatron-Core); minigpt's code, counted, sends
-    # every token from each of the tp ranks (they hold the same tokens): tp x the bytes, compared as such
-    replicated = counted is not None and plan.tp > 1 and not comm.get("counted_sequence_parallel", True)
+    # every token from each of the tp ranks (a mixture runs without sequence parallelism: plan.check_model), tp x the
+    # bytes, compared as such
+    replicated = counted is not None and plan.tp > 1
     same_code = predicted * (plan.tp if replicated else 1) if predicted else None
     return {"ep": plan.ep, "n_expert": c.n_expert, "experts_per_gpu": c.n_expert // plan.ep,
             "expert_states_bytes_per_gpu": lay["per_gpu_bytes"]["expert_states"],
@@ -322,7 +323,6 @@ def _counted(sim: dict | None, s: Scenario, link: float, micro_batches: int, for
         "counted_dp_s_per_step": sim["dp_bytes"] / link,
         "counted_tp_s_per_step": tp_bytes / nvlink,
         "counted_ep_bytes_per_gpu_per_step": ep_bytes,
-        "counted_sequence_parallel": sim.get("sequence_parallel", False),
         "counted_over_formula_dp": sim["dp_bytes"] / formula if formula else None,
         "simulated_memory_per_gpu_bytes": sim["memory_per_gpu_bytes"],
     }

@@ -90,10 +90,11 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
     peak = gpu.tflops[dtype] * 1e12 * scale
     mamf, mamf_what = MAMF.get(gpu.name, (0.0, ""))
     matmul = (mamf / gpu.tflops["bf16"]) * peak if mamf else 0.8 * peak
-    att_frac, att_src = FLASH2_H100 if flash == "fa2" and gpu.name in ("H100", "H200") else FLASH.get(
+    hopper = gpu.name in ("H100", "H200")  # the GPUs with cited FlashAttention-2 and backward figures
+    att_frac, att_src = FLASH2_H100 if flash == "fa2" and hopper else FLASH.get(
         gpu.name, (0.5, "assumption: half of peak (no cited kernel figure)"))
     hbm = (hbm_tbs or gpu.bandwidth_tbs) * 1e12 * HBM_EFFICIENCY[0]
-    bwd_frac, bwd_src = FLASH_BWD_H100[flash if flash == "fa2" else "fast"] if gpu.name in ("H100", "H200") else (
+    bwd_frac, bwd_src = FLASH_BWD_H100[flash if flash == "fa2" else "fast"] if hopper else (
         0.0, "the forward's rate (no cited backward figure for this GPU)")
     return Rates(
         name=gpu.name, peak_flops=peak, matmul_flops=matmul, attention_flops=att_frac * peak, hbm_bytes_per_s=hbm,

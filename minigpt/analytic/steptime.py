@@ -17,8 +17,8 @@ Torch-free. A training step is the sum of parts, each from counted work over an 
                forwards of FLOPs) at the kernel's cited backward rate where there is one (H100: Shah et al.
                2024, Fig. 7), else at the forward's.
   memory       norms, activation, dropout and residual passes, RoPE, cross-entropy over the logits (the
-               bytes its implementation moves, counted from its code: LOSS_BYTES), embedding: counted bytes over the achievable HBM rate; the backward moves twice the
-               forward's bytes. Where the rates time the norm and activation passes at their shape
+               bytes its implementation moves, counted from its code: LOSS_BYTES), embedding: counted bytes
+               over the achievable HBM rate; the backward moves twice the forward's bytes. Where the rates time the norm and activation passes at their shape
                (a CPU, whose GELU is bound by its arithmetic, not its memory), each at the larger of the two.
   tp_comm      tensor-parallel all-reduces (all-gather + reduce-scatter with sequence parallelism, the
                same bytes) of b s h 16-bit values, 2 per layer forward, 2 backward, 2 in a recomputed

@@ -521,7 +521,7 @@ def layout_simulator(gpu: GPUSpec, micro_batch: int, notes: list[str]):
                 "dp_bytes": r["comm_bytes_per_rank_by_group"]["dp"], "tp_bytes": r["comm_bytes_per_rank_by_group"]["tp"],
                 "ep_bytes": r["comm_bytes_per_rank_by_group"]["ep"],
                 "pp_bytes_per_micro_batch": (r["pipeline"] or {}).get("p2p_activation_bytes_per_boundary_per_micro_batch", 0),
-                "stages_per_rank": plan.stages_per_rank, "sequence_parallel": plan.sp,
+                "stages_per_rank": plan.stages_per_rank,
                 "plan": plan.spelling(), "elapsed_s": r["elapsed_s"],
                 "method": f"minigpt simulate --plan {plan.spelling()} --recompute (one pipeline stage, {r['stage_layers']} "
                           f"layers), {r['method']}"}
