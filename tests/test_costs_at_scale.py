@@ -153,3 +153,35 @@ def test_a_slower_network_is_one_setting_every_figure_reads():
     assert slow["mfu"] < base["mfu"]
     assert slow["memory"]["communication"]["link_bytes_per_s"] < base["memory"]["communication"]["link_bytes_per_s"]
     assert slow["step_time"]["traffic_s"]["dp"] > base["step_time"]["traffic_s"]["dp"]
+
+
+def test_nccl_latency_follows_nccls_own_model():
+    """Ring / Simple hops of NCCL's tuning model (src/graph/tuning.cc, 2.18-2.21), worked by hand: 8.4 us base, 3.4 a
+    hop in a node, 14 a hop between nodes, a hop in a node at least 3x the host's network overhead once the ring
+    leaves it; all-reduce at the tree's 2 ((ranks a node - 1) x 28 + floor(log2 nodes) x 28) us where that is less."""
+    lat = T.collective_latency_s
+    assert lat("all_gather", 512, 8, "intel") == pytest.approx((8.4 + 448 * 3.4 + 63 * 14) * 1e-6)
+    assert lat("reduce_scatter", 128, 8, "amd") == pytest.approx((8.4 + 112 * 6.0 + 15 * 14) * 1e-6)
+    assert lat("all_reduce", 8, 8, "intel") == pytest.approx((8.4 + 14 * 3.4) * 1e-6)  # one node: the ring
+    assert lat("all_reduce", 1024, 8, "intel") == pytest.approx(2 * (7 * 28 + 7 * 28) * 1e-6)  # 128 nodes: the tree
+    assert lat("all_gather", 512, 8, "") == 0.0 == lat("all_gather", 1, 1, "intel")
+
+
+def test_latency_is_a_setting_off_by_default_that_grows_with_the_fsdp_group():
+    """FSDP at the same work per GPU: with bandwidth terms only its transfers barely move from 64 to 1,024
+    ranks; NCCL's latency, one gather a layer, grows with the ring and comes out from under the compute."""
+    c = ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50304)
+
+    def dp_comm(dp: int, latency: str) -> float:
+        setup = T.Setup(seq_len=2048, micro_batch=4, global_batch=4 * dp, overlap="prefetch", latency=latency)
+        return T.step_time(c, ParallelPlan(dp=dp, zero=3), setup, H100)["traffic_s"]["dp"]
+
+    assert dp_comm(1024, "none") < 1.02 * dp_comm(64, "none")  # the ring share (n - 1) / n alone
+    assert dp_comm(64, "nccl") > dp_comm(64, "none") and dp_comm(1024, "nccl") > 5 * dp_comm(64, "nccl") / 2
+    with pytest.raises(UserError, match="latency"):
+        T.Setup(seq_len=2048, latency="sometimes")
+    base = _extrapolate("--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=1024,zero=3", "--overlap", "prefetch")
+    slow = _extrapolate("--target", "gpt3-13b", "--gpu", "A100", "--plan", "dp=1024,zero=3", "--overlap", "prefetch",
+                        "--latency", "nccl")
+    assert slow["mfu"] < 0.9 * base["mfu"] and "latency nccl" in slow["mfu_source"]
+    assert "latency none (default)" in base["mfu_source"]

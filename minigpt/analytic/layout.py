@@ -154,7 +154,7 @@ def _predict_setup(c: ModelConfig, s: Scenario, plan: ParallelPlan, gbt: float, 
     width = 4 if s.dtype == "fp32" else 2  # activations and parameters in the compute dtype (fp8 runs keep bf16 ones)
     return plan, T.Setup(seq_len=seq, micro_batch=micro, global_batch=batch, recompute=get("recompute"),
                          attention=get("attention"), overlap=get("overlap"), act_bytes=width, param_bytes=width,
-                         grad_bytes=4 if get("reduce_dtype") == "fp32" else 2, kernels=s.kernels, loss=get("loss"),
+                         grad_bytes=4 if get("reduce_dtype") == "fp32" else 2, kernels=s.kernels, loss=get("loss"), latency=get("latency"),
                          first_stage_layers=get("first_stage_layers"), last_stage_layers=get("last_stage_layers"),
                          capacity_factor=get("capacity_factor"), expert_imbalance=get("expert_imbalance"))
 
@@ -183,7 +183,7 @@ def settings_said(s: Scenario) -> str:
     from minigpt.analytic.scenario import SETTINGS
 
     return ", ".join(f"{k} {setting(s, k)}" + ("" if k in s.settings else " (default)") for k in SETTINGS
-                     if k in s.settings or k in ("recompute", "attention", "overlap", "reduce_dtype", "loss"))
+                     if k in s.settings or k in ("recompute", "attention", "overlap", "reduce_dtype", "loss", "latency"))
 
 
 def predict_step(c: ModelConfig, s: Scenario, num_gpus: int, rank) -> dict:

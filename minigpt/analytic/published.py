@@ -23,7 +23,7 @@ from minigpt.core.plan import LOOPED, ParallelPlan, parse_keys
 
 TABLE = Path(__file__).with_name("published_runs.toml")
 SETUP_KEYS = ("seq_len", "micro_batch", "recompute", "attention", "overlap", "grad_bytes", "kernels", "loss",
-              "first_stage_layers", "last_stage_layers", "capacity_factor")
+              "latency", "first_stage_layers", "last_stage_layers", "capacity_factor")
 METRICS = ("tflops_per_gpu", "mfu", "step_s", "tokens_per_s_per_gpu")  # what a source may publish
 SETS = ("development", "held-out")
 

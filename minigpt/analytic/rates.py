@@ -54,6 +54,39 @@ LINK_EFFICIENCY = (0.8, "assumption: NCCL ring bus bandwidth at 80% of the one-w
 # the best one, power and thermal clock limits under a whole node's load, kernel launch gaps, and stragglers at
 # scale (Bekman's MAMF/MSMF gap; Phantora and estimate-train-time profile kernels instead: 3-9% error).
 SUSTAINED = (0.85, "fitted on the development runs of `minigpt backtest` (analytic/rates.py SUSTAINED)")
+# NCCL's own latency model (src/graph/tuning.cc, the same Ring / Simple figures in releases 2.18.3 to 2.21.5, the
+# NCCL of PyTorch 2.1-2.5 and NGC 23.10-24.x), which NCCL uses to pick an algorithm, in microseconds: a ring
+# collective costs a base latency plus one hop latency per ring step (all-gather and reduce-scatter: ranks - 1 steps,
+# nodes - 1 of them across the network; all-reduce twice), an intra-node hop at least 3x the host's network post
+# overhead once the ring leaves its node (1 us on Intel hosts, 2 us on AMD: getNetOverhead). Large transfers (the
+# Simple protocol, the one training's collectives use). NCCL's tree (all-reduce only) where it is quicker:
+# 2 ((ranks per node - 1) x 28 + floor(log2(nodes)) x 28) us in releases 2.19-2.21.
+NCCL_RING_US = {"base": 8.4, "nvlink": 3.4, "net": 14.0}
+NCCL_TREE_US = 28.0
+NCCL_NET_OVERHEAD_US = {"intel": 1.0, "amd": 2.0}
+# the host CPU of each GPU's 8-GPU DGX system (datasheets): DGX-1 V100 Intel Xeon E5-2698 v4, DGX A100 AMD EPYC 7742,
+# DGX H100 / H200 Intel Xeon Platinum 8480C, DGX B200 Intel Xeon Platinum 8570
+DGX_HOST = {"A100-40GB": "amd", "A100-80GB": "amd"}
+NCCL_SOURCE = "NCCL 2.18-2.21 latency model (src/graph/tuning.cc): Ring / Simple hops, the tree for all-reduce"
+
+
+def collective_latency_s(kind: str, ranks: int, per_node: int, host: str) -> float:
+    """Seconds of latency NCCL's model gives one collective (`kind`: all_gather, reduce_scatter, all_reduce) over
+    `ranks` ranks, `per_node` of them in each node, on a host of `host` ("intel", "amd"; "" : no NCCL, 0)."""
+    if not host or ranks <= 1:
+        return 0.0
+    nodes = math.ceil(ranks / max(1, per_node))
+    steps, inter = ranks - 1, nodes - 1
+    if kind == "all_reduce":
+        steps, inter = 2 * (ranks - 1), (2 * nodes if nodes > 1 else 0)
+    hop = NCCL_RING_US["nvlink"] if nodes == 1 else max(NCCL_RING_US["nvlink"], 3 * NCCL_NET_OVERHEAD_US[host])
+    ring = NCCL_RING_US["base"] + (steps - inter) * hop + inter * NCCL_RING_US["net"]
+    if kind == "all_reduce":
+        tree = 2 * ((min(ranks, per_node) - 1) * NCCL_TREE_US + (nodes.bit_length() - 1) * NCCL_TREE_US)
+        ring = min(ring, tree)
+    return ring * 1e-6
+
+
 TILE = (256, 128)  # the output tile of a large cuBLAS BF16 GEMM (NVIDIA's GEMM performance guide)
 SMS = {"V100": 80, "A100-40GB": 108, "A100-80GB": 108, "H100": 132, "H200": 132, "B200": 148}
 
@@ -74,6 +107,7 @@ class Rates:
     gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
     pass_time: object = None  # optional callable (kind, rows, width) -> seconds of a norm or activation pass,
     # forward + backward, measured at that shape: where the device computes it slower than HBM moves it (a CPU)
+    nccl_host: str = ""  # the host CPU NCCL's latency model reads ("intel", "amd"); "": no NCCL latency (a CPU)
     sources: dict = field(default_factory=dict)
 
 
@@ -100,13 +134,14 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
         name=gpu.name, peak_flops=peak, matmul_flops=matmul, attention_flops=att_frac * peak, hbm_bytes_per_s=hbm,
         nvlink_bytes_per_s=gpu.nvlink_gbs * 1e9 * LINK_EFFICIENCY[0],
         internode_bytes_per_s=gpu.internode_gbs * 1e9 * LINK_EFFICIENCY[0], sms=SMS.get(gpu.name, 0),
-        sustained=SUSTAINED[0], attention_bwd_flops=bwd_frac * peak,
+        sustained=SUSTAINED[0], attention_bwd_flops=bwd_frac * peak, nccl_host=DGX_HOST.get(gpu.name, "intel"),
         sources={"attention_backward": bwd_src, "sustained": f"{SUSTAINED[0]:g} of the matmul and attention rates, {SUSTAINED[1]}","peak": f"{gpu.name} datasheet dense {dtype} {gpu.tflops[dtype]:g} TFLOP/s" if scale == 1.0 else
                  f"{gpu.name} at {peak / 1e12:g} dense {dtype} TFLOP/s (given for this part; the datasheet's {gpu.tflops[dtype]:g})",
                  "matmul": (f"{MAMF_SOURCE}: {mamf_what}, {mamf:g} TFLOP/s bf16" if mamf else "assumption: 80% of peak (no mamf-finder figure)"),
                  "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",
                  "links": f"{LINK_EFFICIENCY[1]}; NVLink {gpu.nvlink_gbs:g} GB/s per direction, inter-node "
-                          f"{gpu.internode_gbs:g} GB/s per GPU"})
+                          f"{gpu.internode_gbs:g} GB/s per GPU",
+                 "latency": f"{NCCL_SOURCE}; the DGX host ({DGX_HOST.get(gpu.name, 'intel')})"})
 
 
 def _is_number(x) -> bool:

@@ -45,6 +45,7 @@ SETTINGS = {
     "reduce_dtype": ("fp32", "fp32 gradient reduction", ("bf16", "fp32")),
     "flash_kernel": ("fast", "cuDNN / FlashAttention-3-class attention", ("fast", "fa2")),
     "loss": ("megatron", "Megatron-Core's unfused cross-entropy over fp32 logits", ("fused", "megatron")),
+    "latency": ("none", "bandwidth terms only (NCCL's latency model: --latency nccl)", ()),
     "first_stage_layers": (0, "an even split of the layers over the pipeline stages", ()),
     "last_stage_layers": (0, "an even split of the layers over the pipeline stages", ()),
     "internode_gbs": (None, "the GPU's DGX network: one NIC per GPU", ()),

@@ -53,8 +53,13 @@ development runs alone and reported on held-out runs committed before it (analyt
   ep_comm      a mixture's expert-parallel all-to-alls: dispatch and combine per MoE layer, forward and backward,
                each rank's tokens x k x h, (ep-1)/ep of them to other ranks, on NVLink within a node and the
                rank's own NIC beyond (all_to_all_bytes), exposed; capacity factor and imbalance scale them.
+  latency      (Setup.latency = "nccl"; off by default) each NCCL collective's latency as NCCL's own model sizes it
+               (rates.collective_latency_s): the tensor-parallel ones, and the data-parallel ones a layer (FSDP) or a
+               bucket (DDP_BUCKET_PARAMS), added to their transfers before any overlap. Off by default because the
+               development runs say so: counted, their median |error| is 5.5% at the best share (3.1% without).
 Not modelled term by term (the fitted share stands for them): kernel launch and host overhead, data loading,
-stragglers, power capping, NCCL latency terms (bandwidth terms only).
+stragglers, power capping, collective latency (bandwidth terms only, unless latency = "nccl"), the latency of
+pipeline, context-parallel and expert-parallel transfers.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from minigpt.analytic.rates import (  # noqa: F401  (re-exported: the rates are 
     TILE,
     GemmTable,
     Rates,
+    collective_latency_s,
     gpu_rates,
     hardware_gpu,
     measured_on,
@@ -91,9 +97,11 @@ from minigpt.core.plan import ParallelPlan
 
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam: read+write fp32 master, m, v (24), read fp32 grad (4), write 16-bit param (2)
 GRAD_ACCUM_BYTES_PER_PARAM = 8  # per micro-batch: read and write an fp32 gradient buffer (Megatron's main_grad, .grad)
+DDP_BUCKET_PARAMS = 40_000_000  # Megatron-Core's DDP bucket: max(40M, 1M x dp) parameters (distributed_data_parallel.py)
 OVERLAPS = ("none", "backward", "prefetch", "full")  # what the backend hides (see dp_seconds)
 RECOMPUTE = ("none", "selective", "op", "full")
 ATTENTION = ("flash", "materialized")
+LATENCY = ("none", "nccl")  # collective latency: bandwidth terms only, or NCCL's latency model added (rates.py)
 KERNELS = ("fused", "eager")  # how the memory-bound passes run: see layer_memory_passes
 # Bytes the cross-entropy moves per logit element (vocabulary-parallel: T x V / t elements per rank), forward and
 # backward, beyond the LM head GEMM's own, counted from each implementation's code:
@@ -118,6 +126,7 @@ class Setup:
     overlap: str = "none"  # none (Megatron-LM 2021) | backward (DDP buckets) | prefetch (FSDP) | full (Megatron-Core)
     kernels: str = "fused"  # fused (torch.compile, Megatron's fused kernels) | eager (one kernel per PyTorch op)
     loss: str = "fused"  # how the cross-entropy runs: fused | megatron | torch (LOSS_BYTES)
+    latency: str = "none"  # none | nccl: each NCCL collective's latency as NCCL's own model sizes it (rates.py)
     act_bytes: int = 2  # bytes per activation element (16-bit)
     grad_bytes: int = 2  # bytes per gradient element in the data-parallel reduction (4: fp32 reduce)
     param_bytes: int = 2  # bytes per parameter element FSDP / ZeRO-3 gathers
@@ -128,7 +137,7 @@ class Setup:
 
     def __post_init__(self):
         choices = (("recompute", RECOMPUTE), ("attention", ATTENTION), ("overlap", OVERLAPS), ("kernels", KERNELS),
-                   ("loss", tuple(LOSS_BYTES)))
+                   ("loss", tuple(LOSS_BYTES)), ("latency", LATENCY))
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key} = {getattr(self, key)!r:.40} is not one of {', '.join(allowed)}: use one of them")
@@ -303,6 +312,21 @@ def tp_bytes_per_layer(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup
     return passes * 2 * (plan.tp - 1) / plan.tp * b * s * c.n_embd * setup.act_bytes
 
 
+def tp_latency_per_layer(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> float:
+    """NCCL's latency (rates.collective_latency_s) of one layer's tensor-parallel collectives, counted as
+    tp_bytes_per_layer counts them: an all-reduce each, or with sequence parallelism an all-gather and a
+    reduce-scatter each, and the backward's re-gathers."""
+    if plan.tp == 1 or setup.latency == "none":
+        return 0.0
+    per_pass = inventory(c).row_parallel_outputs()
+    reduces = per_pass * (3 if setup.recompute == "full" else 2)
+    per_node = min(plan.tp, GPUS_PER_NODE)
+    if not plan.sp:
+        return reduces * collective_latency_s("all_reduce", plan.tp, per_node, r.nccl_host)
+    gather = collective_latency_s("all_gather", plan.tp, per_node, r.nccl_host)
+    return (2 * reduces + per_pass / 2) * gather
+
+
 def unfused_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> list[Gemm]:
     """One layer's projections one by one, in the order a PyTorch Llama/GPT block calls them (wq, wk, wv,
     wo, then w1, w3, w2 for SwiGLU or up, down for GELU): the inventory's Linears with each fused weight cut
@@ -415,7 +439,7 @@ def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -
     moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
     memory = moved / r.hbm_bytes_per_s + measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s
-    tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link
+    tp = tp_bytes_per_layer(c, plan, b, s, setup) / tp_link + tp_latency_per_layer(c, plan, setup, r)
     tp_exposed = max(0.0, tp - matmul) if setup.overlap == "full" else tp
     # a cp ring's neighbours are tp ranks apart: NVLink within a node, else each rank's own NIC
     cp_link = r.nvlink_bytes_per_s if plan.tp * plan.cp <= GPUS_PER_NODE else r.internode_bytes_per_s
@@ -502,10 +526,16 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
     for local, n, stride in _grad_groups(c, plan):
         if n == 1:
             continue
-        ring = (n - 1) / n
-        link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, group_ranks_per_node(stride, n))
+        ring, per_node = (n - 1) / n, group_ranks_per_node(stride, n)
+        link = ring_link_rate(r.nvlink_bytes_per_s, r.internode_bytes_per_s, n, per_node)
         red = ring * local * setup.grad_bytes * (1 if plan.zero >= 1 or sharded else 2) / link
         gat = ring * local * setup.param_bytes * gathers / link
+        # NCCL's latency per collective: one a layer (FSDP units, plus the root's), else one a bucket
+        units = max(stage_layers(c.n_layer, plan.pp)) + 1 if sharded else math.ceil(local / max(DDP_BUCKET_PARAMS, 1e6 * n))
+        host = r.nccl_host if setup.latency == "nccl" else ""
+        lat = collective_latency_s("all_gather", n, per_node, host)
+        red += units * (lat if plan.zero >= 1 or sharded else collective_latency_s("all_reduce", n, per_node, host))
+        gat += units * gathers * lat
         reduce, gather, total = reduce + red, gather + gat, total + red + gat
     if total == 0.0 or setup.overlap == "none":
         return total, total

@@ -257,6 +257,8 @@ def _add_step_settings(p) -> None:
     g.add_argument("--reduce-dtype", choices=("bf16", "fp32"), help="gradient reduction dtype (default fp32)")
     g.add_argument("--loss", choices=("fused", "megatron", "torch"), help="how the cross-entropy runs: one fused kernel, "
                    "Megatron's unfused one over fp32 logits (default), or F.cross_entropy over fp32 logits")
+    g.add_argument("--latency", choices=("none", "nccl"), help="collective latency: none (bandwidth terms only; "
+                   "default) or nccl (each NCCL collective's latency as NCCL's own tuning model sizes it)")
     g.add_argument("--stage-layers", type=_stage_layers, metavar="FIRST,LAST",
                    help="layers on the first and last pipeline stages (Megatron's; default an even split)")
     g.add_argument("--internode-gbs", type=number(float, 0, 1e4, lo_open=True),
@@ -284,7 +286,7 @@ def _stage_layers(text: str) -> tuple[int, int]:
 def step_settings(args) -> dict:
     """The step settings given on the command line, by SETTINGS name."""
     given = {key: getattr(args, key) for key in ("recompute", "attention", "flash_kernel", "overlap", "reduce_dtype",
-                                                  "loss", "internode_gbs", "capacity_factor", "expert_imbalance")}
+                                                  "loss", "latency", "internode_gbs", "capacity_factor", "expert_imbalance")}
     if args.stage_layers:
         given["first_stage_layers"], given["last_stage_layers"] = args.stage_layers
     return {k: v for k, v in given.items() if v is not None}
