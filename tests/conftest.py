@@ -189,6 +189,36 @@ def final_weights(run_dir) -> dict:
     return load_file(str(folder / WEIGHTS))
 
 
+# Muon (Newton-Schulz sets every singular value of an update near 1) turns float rounding in a near-null direction of a
+# gradient (summation order under FSDP's reduce-scatter, tp's split GEMMs, the all-to-all) into a visible part of
+# the update, more so for an expert given few tokens (a gradient of low rank), and by how much depends on the CPU's
+# kernels. So a Muon run is compared with one process by each matrix's update, final minus initial weights: the
+# difference within MUON_UPDATE_RTOL of one process's update in Frobenius norm. Seen: 2.1% (FSDP, dense) and 7.1%
+# (experts under tp x ep) on an Intel Xeon, where an AMD EPYC's differences were 4x smaller. What it must catch:
+# each shard orthogonalised on its own instead of the whole matrix differs by 55-68% (random 64-256 x 64 gradients
+# in two shards); a misplaced expert by ~100%. A missing or doubled reduction Muon normalises away: the losses and
+# gradient norms, compared to 1e-4, catch it.
+MUON_UPDATE_RTOL = 0.25
+
+
+def assert_updates_close(got: dict, want: dict, initial: dict, names, what: str, rtol: float = MUON_UPDATE_RTOL) -> None:
+    """For each of `names`: (got - initial) equals (want - initial) within rtol of the latter's Frobenius norm."""
+    for k in names:
+        update = want[k] - initial[k]
+        gap = float((got[k] - want[k]).norm() / update.norm())
+        assert gap <= rtol, f"{what}: {k}: its update differs from one process's by {gap:.1%} (bound {rtol:.0%})"
+
+
+def initial_weights(model_config, seed: int) -> dict:
+    """A model's weights as training starts them (train.seed set as train's _build sets it), by name."""
+    import torch
+
+    from minigpt.nn.model import GPT
+
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in GPT(model_config).state_dict().items()}
+
+
 DOC_PAGES = ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
 
 

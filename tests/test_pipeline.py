@@ -15,8 +15,10 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    assert_updates_close,
     final_weights as weights,
     free_port,
+    initial_weights,
     readme_torchrun_lines,
     run_cli,
     run_concurrently,
@@ -105,6 +107,7 @@ def one_process(model: dict, train: dict = TRAIN) -> dict:
     cfg = config({"model": model, "train": train})
     plan = ParallelPlan(backend="ddp")
     count = TRAIN["batch_size_tokens"] // (TRAIN["micro_batch_size"] * model["block_size"])
+    initial = initial_weights(cfg.model, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     backend = make_backend(GPT(cfg.model), cfg, DistEnv(0, 0, 1, torch.device("cpu")), plan)
     losses, norms = [], []
@@ -115,7 +118,7 @@ def one_process(model: dict, train: dict = TRAIN) -> dict:
     backend.model.eval()
     with torch.no_grad():
         evals = backend.eval_losses(global_batches(cfg.model, cfg.train, 99, 3)).tolist()
-    return {"loss": losses, "grad_norm": norms, "eval": evals, "weights": backend.full_state_dict()}
+    return {"loss": losses, "grad_norm": norms, "eval": evals, "weights": backend.full_state_dict(), "initial": initial}
 
 
 # after 3 AdamW steps at lr 3e-3: Adam divides by sqrt(v), so a weight whose gradient is near zero turns float
@@ -127,11 +130,12 @@ WEIGHT_ATOL = 5e-5
 # noise: 5.6e-5 seen with pp, 9.6e-5 with tp (a bound set after seeing them, a fit); a missing or doubled expert
 # reduction or a misplaced expert still moves weights by ~lr, 10x this
 EP_WEIGHT_ATOL = 3e-4
-# Muon: Newton-Schulz sets every singular value near 1, so rounding in a near-null direction of an update becomes a
-# visible difference (test_sharding's Muon test says the same): 1.3e-4 seen (a fit, as there). A router's gradient
-# has an exact null direction: its rows sum to zero (softmax is shift-invariant), so Muon fills that direction
-# with rounding; routers are compared centred (rows minus their mean), which is every routing they can make
-MUON_WEIGHT_ATOL = 5e-4
+# Muon: every parameter is compared by its update (conftest.MUON_UPDATE_RTOL);
+# the first step's loss and gradient norm (the same weights: nothing amplified yet) to 1e-5, the later ones and the
+# evaluations to 1e-3 (1.6e-5 and 2.1e-4 seen under tp x ep on an Intel Xeon; a doubled gradient is 1.0). A
+# router's gradient has an exact null direction: its rows sum to zero (softmax is shift-invariant), so Muon fills
+# that direction with rounding; routers are compared centred (rows minus their mean), which is every routing they can make
+MUON_RTOL = 1e-3
 
 
 def centred(t: torch.Tensor) -> torch.Tensor:
@@ -139,14 +143,20 @@ def centred(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(got: dict, want: dict, name: str, atol: float = WEIGHT_ATOL, muon: bool = False) -> None:
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), name
-    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), name
+    rel = MUON_RTOL if muon else 1e-5
+    assert got["loss"][0] == pytest.approx(want["loss"][0], rel=1e-5), name
+    assert got["grad_norm"][0] == pytest.approx(want["grad_norm"][0], rel=1e-5), name
+    assert got["loss"] == pytest.approx(want["loss"], rel=rel), name
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel), name
     assert want["grad_norm"][0] > TRAIN["grad_clip"]  # clipping acts
-    assert got["eval"] == pytest.approx(want["eval"], rel=1e-5), name
+    assert got["eval"] == pytest.approx(want["eval"], rel=rel), name
     assert sorted(got["weights"]) == sorted(want["weights"]), name  # the ordinary layout: a tied head once
+    if muon:  # every parameter by its update: AdamW's too inherit the rounding Muon's updates amplify (0.3-1.5% seen)
+        fix = lambda d: {k: centred(v) if ".router." in k else v for k, v in d.items()}
+        assert_updates_close(fix(got["weights"]), fix(want["weights"]), fix(want["initial"]), want["weights"], name)
+        return
     for k, w in want["weights"].items():
-        g, w = (centred(got["weights"][k]), centred(w)) if muon and ".router." in k else (got["weights"][k], w)
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
 
 
 @pytest.mark.slow
@@ -156,7 +166,7 @@ def test_pipelined_layouts_match_one_process(pipeline_runs, spec):
     want = one_process(model, train_settings(spec))
     for name in layouts:
         got = torch.load(pipeline_runs["root"] / spec / f"{name}.pt", weights_only=False)
-        atol = MUON_WEIGHT_ATOL if spec in MUON_SPECS else EP_WEIGHT_ATOL if spec == "moe_ep" else WEIGHT_ATOL
+        atol = EP_WEIGHT_ATOL if spec == "moe_ep" else WEIGHT_ATOL
         assert_same(got, want, name, atol, muon=spec in MUON_SPECS)
         assert got["describe"].startswith("pipeline 2 (") or name.startswith("dp2_tp2")
 
