@@ -185,3 +185,11 @@ def test_latency_is_a_setting_off_by_default_that_grows_with_the_fsdp_group():
                         "--latency", "nccl")
     assert slow["mfu"] < 0.9 * base["mfu"] and "latency nccl" in slow["mfu_source"]
     assert "latency none (default)" in base["mfu_source"]
+
+
+def test_backtest_can_count_latency_in_every_run_and_it_worsens_the_development_fit():
+    """`backtest --latency nccl`: the figure docs/extrapolate.md gives for not counting latency by default."""
+    base, nccl = P.backtest(), P.backtest(latency="nccl")
+    dev = lambda b: b["summary"]["development"]["median_abs_error"]
+    assert dev(nccl) > dev(base) and "collective latency: nccl" in nccl["model"]
+    assert all("band" in r for r in base["runs"]) and not any("band" in r for r in nccl["runs"])

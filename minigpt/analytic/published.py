@@ -242,16 +242,17 @@ def _errors(rows: list[dict]) -> dict:
     return out
 
 
-def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> dict:
+def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None, latency: str | None = None) -> dict:
     """Every run predicted, the errors summarised per set and per family. `hardware`: a GEMM sweep and its file
-    name, used for the runs on the GPU it was measured on (refused when no run is)."""
+    name, used for the runs on the GPU it was measured on (refused when no run is). `latency`: every run's
+    Setup.latency instead of its table entry's (bands then not drawn: they are the default model's)."""
     try:
-        runs = load_runs(path)
+        runs = [{**run, "latency": latency} if latency else run for run in load_runs(path)]
         if hardware:
             _check_hardware(runs, hardware)
         inputs = [run_inputs(run, hardware) for run in runs]  # every run checked before any is predicted
         rows = [predict(run, hardware, i) for run, i in zip(runs, inputs)]
-        if not hardware and path == TABLE:  # the band's development errors are the shipped table's, on cited rates
+        if not hardware and not latency and path == TABLE:  # the band's development errors: the shipped table's, cited rates
             for run, row in zip(runs, rows):
                 row["band"] = run_band(run, row["error"])
     except UserError:
@@ -267,7 +268,8 @@ def backtest(path: Path = TABLE, hardware: tuple[dict, str] | None = None) -> di
                       **_errors([r for r in rows if r["family"] == fam])} for fam in dict.fromkeys(r["family"] for r in rows)}
     return {"runs": rows, "summary": summary, "by_family": families,
             "model": (f"analytic/steptime.py, rates from cited microbenchmarks and one fitted constant (the sustained share "
-                      f"{T.SUSTAINED[0]:g} of the matmul and attention rates, chosen on the development runs alone)"),
+                      f"{T.SUSTAINED[0]:g} of the matmul and attention rates, chosen on the development runs alone)"
+                      + (f"; collective latency: {latency} in every run" if latency else "")),
             "rates": "per run, as that run used them (its GPU, dtype, attention kernel and HBM)"
                      + (f"; GEMMs and HBM measured ({hardware[1]}) for the runs on {T.measured_on(hardware[0])}"
                         + "".join(f", GEMMs alone for those on {b} (the same compute)" for a, b in sorted(T.SAME_COMPUTE)

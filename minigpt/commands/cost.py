@@ -170,7 +170,7 @@ def cmd_backtest(args) -> None:
         from minigpt.core.plots import check_image_path
 
         check_image_path(args.plot, "--plot")
-    b = backtest(Path(args.table) if args.table else TABLE, _hardware_file(args))
+    b = backtest(Path(args.table) if args.table else TABLE, _hardware_file(args), args.latency)
     if args.plot:
         from minigpt.core.plots import plot_step_parts
 
@@ -360,6 +360,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", metavar="PNG", help="also draw each run's predicted step by part (stacked bars)")
     p.add_argument("--hardware", metavar="FILE", help="GEMM rates and HBM bandwidth measured on a GPU (`minigpt bench "
                                                       "hardware --sweep --out FILE`) for the runs on that GPU")
+    p.add_argument("--latency", choices=("none", "nccl"), help="count each NCCL collective's latency in every run (nccl) "
+                   "or not (none); default: as each run's table entry says (none: the model's default)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     out.add_argument("--markdown", action="store_true", help="a Markdown table")
