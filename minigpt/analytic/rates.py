@@ -141,7 +141,8 @@ def gpu_rates(gpu: GPUSpec, dtype: str = "bf16", flash: str = "fast", hbm_tbs: f
                  "attention": att_src, "hbm": f"{HBM_EFFICIENCY[1]} ({hbm / 1e12:.2f} TB/s)",
                  "links": f"{LINK_EFFICIENCY[1]}; NVLink {gpu.nvlink_gbs:g} GB/s per direction, inter-node "
                           f"{gpu.internode_gbs:g} GB/s per GPU",
-                 "latency": f"{NCCL_SOURCE}; the DGX host ({DGX_HOST.get(gpu.name, 'intel')})"})
+                 "latency": f"counted only with latency = nccl (--latency nccl): {NCCL_SOURCE}; the DGX host "
+                            f"({DGX_HOST.get(gpu.name, 'intel')})"})
 
 
 def _is_number(x) -> bool:
