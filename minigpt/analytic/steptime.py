@@ -316,15 +316,20 @@ def tp_latency_per_layer(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Ra
     """NCCL's latency (rates.collective_latency_s) of one layer's tensor-parallel collectives, counted as
     tp_bytes_per_layer counts them: an all-reduce each, or with sequence parallelism an all-gather and a
     reduce-scatter each, and the backward's re-gathers."""
-    if plan.tp == 1 or setup.latency == "none":
+    host = nccl_host(setup, r)
+    if plan.tp == 1 or not host:
         return 0.0
     per_pass = inventory(c).row_parallel_outputs()
     reduces = per_pass * (3 if setup.recompute == "full" else 2)
     per_node = min(plan.tp, GPUS_PER_NODE)
     if not plan.sp:
-        return reduces * collective_latency_s("all_reduce", plan.tp, per_node, r.nccl_host)
-    gather = collective_latency_s("all_gather", plan.tp, per_node, r.nccl_host)
-    return (2 * reduces + per_pass / 2) * gather
+        return reduces * collective_latency_s("all_reduce", plan.tp, per_node, host)
+    return (2 * reduces + per_pass / 2) * collective_latency_s("all_gather", plan.tp, per_node, host)
+
+
+def nccl_host(setup: Setup, r: Rates) -> str:
+    """The host NCCL's latency model reads when the setup counts latency, else "" (no latency)."""
+    return r.nccl_host if setup.latency == "nccl" else ""
 
 
 def unfused_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int) -> list[Gemm]:
@@ -519,10 +524,11 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
     of the updated parameters (at the parameters' width). ZeRO-3 / FSDP: parameters gathered for the
     forward and again for the backward of every micro-batch, gradients reduce-scattered; FSDP's
     SHARD_GRAD_OP (zero=2 with overlap "prefetch") gathers once a micro-batch and keeps them through its
-    backward (PyTorch's FSDP docs). A mixture's experts reduce over their own (smaller) group (_grad_groups)."""
+    backward (PyTorch's FSDP docs). A mixture's experts reduce over their own (smaller) group (_grad_groups). With
+    Setup.latency = "nccl", each collective's latency too: one a layer under FSDP, one a DDP_BUCKET_PARAMS bucket else."""
     sharded = plan.zero == 3 or setup.overlap == "prefetch"
     gathers = (m if plan.zero == 2 else 2 * m) if sharded else (1 if plan.zero >= 1 else 0)
-    reduce = gather = total = 0.0
+    host, reduce, gather, total = nccl_host(setup, r), 0.0, 0.0, 0.0
     for local, n, stride in _grad_groups(c, plan):
         if n == 1:
             continue
@@ -532,7 +538,6 @@ def dp_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates, mb: d
         gat = ring * local * setup.param_bytes * gathers / link
         # NCCL's latency per collective: one a layer (FSDP units, plus the root's), else one a bucket
         units = max(stage_layers(c.n_layer, plan.pp)) + 1 if sharded else math.ceil(local / max(DDP_BUCKET_PARAMS, 1e6 * n))
-        host = r.nccl_host if setup.latency == "nccl" else ""
         lat = collective_latency_s("all_gather", n, per_node, host)
         red += units * (lat if plan.zero >= 1 or sharded else collective_latency_s("all_reduce", n, per_node, host))
         gat += units * gathers * lat
