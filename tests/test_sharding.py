@@ -117,10 +117,14 @@ def test_expert_parallelism_matches_one_process_across_a_resume(runs):
 def test_expert_parallelism_with_tensor_parallelism_matches_one_process(runs):
     """The docs' 4-rank line (--plan dp=2,tp=2,ep=2): experts over the ep ranks of each tp index, each expert's MLP
     split over the tensor-parallel pair, the dense part's replicas averaged by the backend; with the routing options
-    (capacity, moving biases): one process's losses, gradient norms and weights. (Its resume: tests/test_pipeline.)"""
+    (capacity, moving biases): one process's losses, gradient norms and weights. Each tp rank dispatches its share of
+    the slots: the all-to-all bytes are balanced routing's over tp (each slot sent once, not once per tp rank: 2x
+    this formula). (Its resume: tests/test_pipeline.)"""
     root = runs["root"]
     assert "tensor parallel 2 x 2 replicas, 4 experts over ep 2" in runs["ep_tp"].stdout
     assert_same_training(root / "ep_tp", root / "one_moe_routed", rel=1e-4)
+    for moe in (r["moe"] for r in records(root / "ep_tp")):
+        assert 0.5 < moe["all_to_all_bytes"] / moe["all_to_all_bytes_formula"] < 1.5
     assert any(r["moe"]["dropped"] > 0 for r in records(root / "ep_tp"))
 
 

@@ -135,20 +135,14 @@ def _experts(c: ModelConfig, r: dict) -> dict:
     comm = r["memory"]["communication"]
     predicted = st.get("ep_bytes_per_step")
     counted = comm.get("counted_ep_bytes_per_gpu_per_step")
-    # the prediction dispatches each tp rank's sequence-parallel share (Megatron-Core); minigpt's code, counted, sends
-    # every token from each of the tp ranks (a mixture runs without sequence parallelism: plan.check_model), tp x the
-    # bytes, compared as such
-    replicated = counted is not None and plan.tp > 1
-    same_code = predicted * (plan.tp if replicated else 1) if predicted else None
+    # the prediction dispatches each tp rank's sequence-parallel share (Megatron-Core); minigpt's code, counted, each
+    # tp rank's share of the slots (parallel/expert.py): the same bytes
     return {"ep": plan.ep, "n_expert": c.n_expert, "experts_per_gpu": c.n_expert // plan.ep,
             "expert_states_bytes_per_gpu": lay["per_gpu_bytes"]["expert_states"],
             "all_to_all_bytes_per_gpu_per_step": predicted, "all_to_all_s_per_step": st.get("traffic_s", {}).get("ep"),
             "all_to_all_exposed_s_per_step": st.get("parts_s", {}).get("ep_comm"),
             "counted_all_to_all_bytes_per_gpu_per_step": counted,
-            "counted_over_predicted": counted / same_code if counted is not None and same_code else None,
-            "counted_dispatch": (f"minigpt's expert parallelism sends every token from each of the {plan.tp} tensor-"
-                                 f"parallel ranks (no sequence parallelism with experts): compared with {plan.tp} x the "
-                                 f"prediction, whose step sends each token once (Megatron-Core)") if replicated else None,
+            "counted_over_predicted": counted / predicted if counted is not None and predicted else None,
             "convention": "predicted: the step-time model's all-to-alls (4 per MoE layer, 6 with full recompute; each "
                           "rank's tokens x k x h, (ep-1)/ep leaving it) on the busiest stage; expert states 16 bytes a "
                           "parameter over tp x pp x ep, ZeRO over dp / ep; counted: minigpt simulate's fake process group"}

@@ -263,7 +263,7 @@ def expert_lines(e: dict | None) -> list[str]:
     if e["counted_over_predicted"] is not None:
         line += (f"; simulate counted {fmt_bytes(e['counted_all_to_all_bytes_per_gpu_per_step'])}, counted/predicted "
                  f"{e['counted_over_predicted']:.4f}")
-    return [line] + ([f"  ({e['counted_dispatch']})"] if e.get("counted_dispatch") else [])
+    return [line]
 
 
 def band_lines(b: dict | None) -> list[str]:

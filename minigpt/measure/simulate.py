@@ -131,7 +131,7 @@ def _step(c: ModelConfig, spec: SimSpec) -> tuple[dict, list]:
         if plan.tp > 1:
             apply_tensor_parallel(model, tp_mesh, reorder=False, sequence_parallel=plan.sp)
         if plan.ep > 1:
-            apply_expert_parallel(model, ep_mesh)
+            apply_expert_parallel(model, ep_mesh, tp_mesh if plan.tp > 1 else None)
         apply_fsdp(model, dp_mesh, spec.precision, reshard_after_forward=plan.zero == 3,
                    reduce_precision=spec.reduce_precision or spec.precision, expert_mesh=experts)
         with fake:
@@ -207,13 +207,15 @@ def _categories(snapshot: dict) -> dict[str, int]:
 
 
 def _collectives(records: list, spec: SimSpec) -> list[dict]:
-    """Collectives grouped by (op, group size): count, whole bytes, ring bytes sent per rank."""
+    """Collectives grouped by (op, group, group size): count, whole bytes, ring bytes sent per rank (groups of one
+    size told apart by name: the experts' dp / ep group and tp can both have 2 ranks)."""
     groups: dict = {}
     for kind, n, desc, whole in records:
         if n == 1:
             continue  # a group of one moves nothing
-        row = groups.setdefault((kind, n), {"op": kind, "group": _group_name(n, desc, spec, kind), "group_size": n,
-                                            "count": 0, "bytes": 0, "bytes_per_rank": 0.0})
+        name = _group_name(n, desc, spec, kind)
+        row = groups.setdefault((kind, name, n), {"op": kind, "group": name, "group_size": n,
+                                                  "count": 0, "bytes": 0, "bytes_per_rank": 0.0})
         row["count"] += 1
         row["bytes"] += whole
         ring = 1.0 if kind.startswith("p2p") else (2 if kind == "all_reduce" else 1) * (n - 1) / n  # p2p: all of it
@@ -254,10 +256,10 @@ def measure(c: ModelConfig, spec: SimSpec) -> tuple[dict, list[dict], str]:
         g1, g2 = m1["gathered_params"], m2["gathered_params"]
         memory["gathered_params"] = g2
         memory["total"] = m2["total"] + (L - 2) * (m2["total"] - m1["total"] - (g2 - g1))
-    one = {(r["op"], r["group_size"]): r for r in _collectives(r1, spec)}
+    one = {(r["op"], r["group"], r["group_size"]): r for r in _collectives(r1, spec)}
     rows = []
     for r in _collectives(r2, spec):
-        a = one.get((r["op"], r["group_size"]), {"count": 0, "bytes": 0, "bytes_per_rank": 0.0})
+        a = one.get((r["op"], r["group"], r["group_size"]), {"count": 0, "bytes": 0, "bytes_per_rank": 0.0})
         rows.append({**r, **{k: a[k] + (L - 1) * (r[k] - a[k]) for k in ("count", "bytes", "bytes_per_rank")}})
     return memory, rows, f"measured with 1 and 2 layers, extended linearly to {L} (identical layers)"
 
@@ -321,7 +323,8 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bo
     expert (k b s h); with sequence parallelism each becomes an all-gather and a reduce-scatter, the same
     bytes, plus one all-gather of b s h at each end of the sequence-parallel region (the embedding's
     backward, the head's forward, when the stage has them). Expert parallelism: 4 all-to-alls of the k b s routed slots (h values each) per MoE layer (2
-    forward, 2 backward), (ep-1)/ep of them leaving the rank under balanced routing."""
+    forward, 2 backward), (ep-1)/ep of them leaving the rank under balanced routing; with tp each tp rank
+    dispatches 1/tp of the slots, and the shares are all-gathered over tp, 4 times a layer ((tp-1)/tp of k b s h)."""
     p_b = PRECISION_BYTES[spec.precision]
     g_b = PRECISION_BYTES[spec.reduce_precision or spec.precision]
     plan = spec.plan
@@ -333,7 +336,10 @@ def predicted_comm(c: ModelConfig, spec: SimSpec, per_rank: RankParams, head: bo
     all_reduces = 2 * inventory(c).row_parallel_outputs()  # forward and backward: dense 4, a mixture 2 + 2k
     per_layer = (1.5 if spec.recompute else 1) * all_reduces * 2 * (t - 1) / t * b * s * c.n_embd * p_b
     ends = (1 + head) * (t - 1) / t * b * s * c.n_embd * p_b if plan.sp else 0.0
-    a2a = (6 if spec.recompute else 4) * (ep - 1) / ep * k * b * s * c.n_embd * p_b
+    routed = (6 if spec.recompute else 4) * k * b * s * c.n_embd * p_b  # dispatch and combine, forward and backward
+    a2a = (ep - 1) / ep * routed / t  # each tp rank dispatches its share of the slots
+    if ep > 1 and c.is_moe:  # the shares gathered over tp around the experts and back (and in the backward)
+        per_layer += (t - 1) / t * routed
     return {"dp": dp_bytes, "tp": c.n_layer * per_layer + ends if t > 1 else 0.0, "ep": c.n_layer * a2a if ep > 1 else 0.0}
 
 

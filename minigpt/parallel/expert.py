@@ -6,7 +6,9 @@ own tokens (the router is replicated), sorts its N*k routed slots by expert, and
 slots of that rank's experts (one all-to-all of the slot counts, one of the hidden states); the experts
 run on what arrived, and a second all-to-all returns the outputs, which are weighted and summed as the
 dense MoE does. Backward reverses both all-to-alls. Per MoE layer a rank sends N*k*C values (ep-1)/ep of
-them leave the rank under balanced routing: 4 such transfers per step (2 forward, 2 backward).
+them leave the rank under balanced routing: 4 such transfers per step (2 forward, 2 backward). With tensor
+parallelism the tp ranks route the same tokens and each sends 1/tp of the slots (_dispatch_tp_share), as
+Megatron-Core's dispatch sends each tp rank's sequence-parallel share.
 
 On fake tensors (minigpt simulate) routing has no data: every expert gets an equal share of the slots,
 as the dense MoE assumes, and the count exchange (E integers) is not run.
@@ -41,7 +43,7 @@ class ExpertParallelMoE(nn.Module):
     capacity factor, dropping past-capacity slots on the sending rank; the auxiliary-loss-free bias; grouped
     matrix multiplies for the local experts)."""
 
-    def __init__(self, moe: MoE, ep_mesh) -> None:
+    def __init__(self, moe: MoE, ep_mesh, tp_mesh=None) -> None:
         super().__init__()
         self.n_expert, self.k, self.ep = moe.n_expert, moe.k, ep_mesh.size()
         self.capacity_factor, self.bias_rate, self.grouped = moe.capacity_factor, moe.bias_rate, moe.grouped
@@ -52,6 +54,9 @@ class ExpertParallelMoE(nn.Module):
         if self.bias_rate:  # replicated, as the router: every rank moves it alike (nn/model.update_router_bias)
             self.register_buffer("router_bias", moe.router_bias.clone())
         self.group = ep_mesh.get_group()
+        # with tp > 1 each tp rank dispatches a share of the (replicated) routed slots: see _tp_share
+        self.tp = tp_mesh.size() if tp_mesh is not None else 1
+        self.tp_group, self.tp_rank = (tp_mesh.get_group(), tp_mesh.get_local_rank()) if self.tp > 1 else (None, 0)
         self.stats: dict[str, torch.Tensor] = {}
 
     # eager under torch.compile (a graph break at each MoE layer; the rest of the block compiles): the exchanged slot
@@ -65,10 +70,14 @@ class ExpertParallelMoE(nn.Module):
         slot_expert = chosen.reshape(-1)  # (N*k,)
         order, kept = self._kept(slot_expert, N)  # slots grouped by expert, so by the rank that holds it
         counts, received = self._counts(kept, N)
-        send = [sum(counts[r * self.local:(r + 1) * self.local]) for r in range(self.ep)]
-        recv = [sum(c) for c in received]
-        arrived = all_to_all_autograd(flat[order // self.k], recv, send, self.group)
-        done = all_to_all_autograd(self._run_experts(arrived, received), send, recv, self.group)
+        rows = flat[order // self.k]
+        if self.tp > 1:
+            done, send, recv = self._dispatch_tp_share(rows, counts, received)
+        else:
+            send = [sum(counts[r * self.local:(r + 1) * self.local]) for r in range(self.ep)]
+            recv = [sum(c) for c in received]
+            arrived = all_to_all_autograd(rows, recv, send, self.group)
+            done = all_to_all_autograd(self._run_experts(arrived, received), send, recv, self.group)
         out = torch.zeros(N, C, device=flat.device, dtype=activation_dtype(flat))
         w = weights.reshape(-1)[order].unsqueeze(-1)
         out.index_add_(0, order // self.k, (done * w.to(done.dtype)).to(out.dtype))
@@ -109,10 +118,10 @@ class ExpertParallelMoE(nn.Module):
     def _traffic(self, send: list[int], recv: list[int], N: int, row: int) -> dict[str, torch.Tensor]:
         """Bytes this rank's all-to-alls sent to other ranks in this forward and its backward (the rows that left
         for other ranks' experts and the outputs returned to theirs, both again transposed in the backward),
-        beside the formula for balanced routing: 4 N k C (ep - 1) / ep (N tokens, C wide)."""
+        beside the formula for balanced routing: 4 N k C (ep - 1) / ep (N tokens, C wide), over tp (_tp_share)."""
         me = dist.get_rank(self.group)
         sent = (sum(send) - send[me] + sum(recv) - recv[me]) * row * 2
-        formula = 4 * N * self.k * row * (self.ep - 1) / self.ep
+        formula = 4 * N * self.k * row * (self.ep - 1) / self.ep / self.tp
         return {"all_to_all_bytes": torch.tensor(float(sent)), "all_to_all_bytes_formula": torch.tensor(formula)}
 
     def _counts(self, counts_t: torch.Tensor | None, N: int) -> tuple[list[int], list[list[int]]]:
@@ -127,13 +136,35 @@ class ExpertParallelMoE(nn.Module):
         dist.all_to_all_single(received, counts_t, group=self.group)
         return counts_t.tolist(), received.view(self.ep, L).tolist()
 
+    def _dispatch_tp_share(self, rows: torch.Tensor, counts: list[int], received: list[list[int]]):
+        """Expert parallelism with tensor parallelism: the tp ranks route the same tokens (replicated, so routing,
+        capacity, the auxiliary loss and the router's gradient are one process's), and each dispatches only its
+        share of every expert's slots (_tp_share), so the all-to-alls carry each slot once, not tp times. The
+        shares that arrive are gathered over tp for the tensor-parallel experts, each tp rank returns its share of
+        their outputs, and the returned shares are gathered back: Megatron's gather / scatter over the tensor-
+        parallel region, whose backward is the other (_GatherRows, _SplitRows). -> (outputs in `rows`' order,
+        rows sent to each ep rank, rows received from each)."""
+        t, me = self.tp, self.tp_rank
+        perm, shares = _tp_share(counts, t)
+        perm = perm.to(rows.device)
+        mine = _SplitRows.apply(rows[perm], shares, me, self.tp_group)  # this rank's share, in expert order
+        counts_me = [_share(c, t, me) for c in counts]
+        send = [sum(counts_me[r * self.local:(r + 1) * self.local]) for r in range(self.ep)]
+        recv = [sum(_share(c, t, me) for c in source) for source in received]
+        arrived = all_to_all_autograd(mine, recv, send, self.group)
+        sources = [[_share(c, t, r) for c in source] for r in range(t) for source in received]
+        sizes = [sum(_share(c, t, r) for source in received for c in source) for r in range(t)]
+        ys = self._run_experts(_GatherRows.apply(arrived, sizes, me, self.tp_group), sources)
+        done = all_to_all_autograd(_SplitRows.apply(ys, sizes, me, self.tp_group), send, recv, self.group)
+        return _GatherRows.apply(done, shares, me, self.tp_group)[perm.argsort()], send, recv
+
     def _run_experts(self, arrived: torch.Tensor, received: list[list[int]]) -> torch.Tensor:
         """The local experts on the rows that arrived (source by source, expert by expert within each),
         their outputs put back in the order the rows came: one expert at a time, or (model.moe_grouped_mm, where
         torch can) every local expert in two grouped matrix multiplies over the rows regrouped by expert."""
         pieces = list(arrived.split([c for source in received for c in source]))
         L = self.local
-        by_expert = [[pieces[s * L + j] for s in range(self.ep)] for j in range(L)]
+        by_expert = [[pieces[s * L + j] for s in range(len(received))] for j in range(L)]
         if self.grouped and grouped_experts_ok(self.experts) and (
                 arrived.device.type != "cuda" or activation_dtype(arrived) == torch.bfloat16):
             counts = torch.tensor([sum(r.size(0) for r in rows) for rows in by_expert], device=arrived.device)
@@ -147,13 +178,67 @@ class ExpertParallelMoE(nn.Module):
         return torch.cat(pieces)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> nn.Module:
-    """Replace every block's MoE with its expert-parallel form over ep_mesh (in place)."""
+def _share(count: int, t: int, r: int) -> int:
+    """Tensor-parallel rank r's share of `count` slots: the first count % t ranks take one more."""
+    return count // t + (1 if r < count % t else 0)
+
+
+def _tp_share(counts: list[int], t: int) -> tuple[torch.Tensor, list[int]]:
+    """The slots sorted by expert (counts[e] of expert e, contiguous), cut per expert into t consecutive shares:
+    (the permutation putting tp rank 0's shares first, then rank 1's, ...; the number of slots of each rank)."""
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    first = lambda c, r: r * (c // t) + min(r, c % t)  # (rank r's first slot of an expert's c)
+    index = [torch.arange(s + first(c, r), s + first(c, r) + _share(c, t, r)) for r in range(t) for s, c in zip(starts, counts)]
+    return torch.cat(index), [sum(_share(c, t, r) for c in counts) for r in range(t)]
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's rows (sizes[r] of them on rank r) in rank order, on every rank: padded to the largest share,
+    as an all-gather needs, and cut back."""
+    most = max(sizes)
+    padded = torch.cat([x, x.new_zeros((most - x.size(0), *x.shape[1:]))]) if x.size(0) < most else x.contiguous()
+    parts = [x.new_empty((most, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: each tp rank's rows gathered on every rank; backward: this rank's rows of the gradient (every tp
+    rank computes the same loss from the gathered rows)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.span = (sum(sizes[:rank]), sizes[rank])
+        return _all_gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, n = ctx.span
+        return grad[start:start + n], None, None, None
+
+
+class _SplitRows(torch.autograd.Function):
+    """Forward: this tp rank's block of rows every rank holds alike; backward: every block's gradient gathered."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.group = sizes, group
+        start = sum(sizes[:rank])
+        return x[start:start + sizes[rank]].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad.contiguous(), ctx.sizes, ctx.group), None, None, None
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh, tp_mesh=None) -> nn.Module:
+    """Replace every block's MoE with its expert-parallel form over ep_mesh (in place); with a tp_mesh of more than
+    one rank, each tp rank dispatches its share of the slots (ExpertParallelMoE._dispatch_tp_share)."""
     from minigpt.parallel.sharding import layers
 
     for block in layers(model):
         if isinstance(block.mlp, MoE):
-            block.mlp = ExpertParallelMoE(block.mlp, ep_mesh)
+            block.mlp = ExpertParallelMoE(block.mlp, ep_mesh, tp_mesh)
     return model
 
 
@@ -260,7 +345,8 @@ class ExpertBackend(TorchBackend):
     ExpertGroups' rules: the gradient of the mean loss over all dp micro-batches, as one process accumulating
     them computes. With tp > 1 each expert's MLP is also split over the tensor-parallel group as the dense MLP is
     (expert tensor parallelism = tp, Megatron-Core's default): the group's ranks hold the same tokens (no sequence
-    parallelism with experts here), send them to the ep ranks of their own tp index, and each computes its slice.
+    parallelism with experts here) and route them alike; each sends its share of the slots to the ep ranks of its
+    own tp index, the shares are gathered over tp so that each computes its slice of every expert on all of them.
     Checkpoints hold the ordinary layout (every expert, gathered on rank 0) and each rank's optimizer state; a run
     resumes under the same ep, tp and world."""
 

@@ -52,7 +52,7 @@ def parallelize(model: GPT, plan: ParallelPlan, tc: TrainConfig, device: torch.d
         from minigpt.parallel.expert import apply_expert_parallel, expert_mesh
 
         model.expert_mesh = expert_mesh(plan, device.type)
-        apply_expert_parallel(model, model.expert_mesh["ep"])
+        apply_expert_parallel(model, model.expert_mesh["ep"], model.expert_mesh["tp"] if plan.tp > 1 else None)
     mesh = make_mesh(plan, device.type) if plan.tp > 1 or plan.pp > 1 or shards_parameters(plan) else None
     if plan.pp == 1:
         if plan.ep > 1:
