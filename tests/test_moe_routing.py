@@ -172,3 +172,19 @@ def test_expert_parallel_layers_run_eager_inside_a_compiled_model():
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def test_each_tensor_parallel_rank_dispatches_a_consecutive_share_of_every_experts_slots():
+    """parallel/expert._tp_share: tp rank r's slots of each expert are the r-th of t consecutive, near-equal pieces
+    (uneven counts included), rank 0's first; together a permutation of all the slots."""
+    from minigpt.parallel.expert import _tp_share
+
+    for counts, t in (([5, 0, 3, 7], 2), ([4, 4], 4), ([1, 2, 3], 3)):
+        perm, sizes = _tp_share(counts, t)
+        assert sorted(perm.tolist()) == list(range(sum(counts))) and sum(sizes) == sum(counts)
+        blocks = perm.split(sizes)
+        starts = [sum(counts[:e]) for e in range(len(counts))]
+        for e, (start, c) in enumerate(zip(starts, counts)):
+            pieces = [[i for i in b.tolist() if start <= i < start + c] for b in blocks]
+            assert [i for p in pieces for i in p] == list(range(start, start + c)), e  # rank order, consecutive
+            assert max(map(len, pieces)) - min(map(len, pieces)) <= 1

@@ -183,12 +183,17 @@ def _share(count: int, t: int, r: int) -> int:
     return count // t + (1 if r < count % t else 0)
 
 
+def _share_start(count: int, t: int, r: int) -> int:
+    """Where rank r's share of `count` consecutive slots starts (the shares of ranks 0..r-1 before it)."""
+    return r * (count // t) + min(r, count % t)
+
+
 def _tp_share(counts: list[int], t: int) -> tuple[torch.Tensor, list[int]]:
     """The slots sorted by expert (counts[e] of expert e, contiguous), cut per expert into t consecutive shares:
     (the permutation putting tp rank 0's shares first, then rank 1's, ...; the number of slots of each rank)."""
     starts = [sum(counts[:e]) for e in range(len(counts))]
-    first = lambda c, r: r * (c // t) + min(r, c % t)  # (rank r's first slot of an expert's c)
-    index = [torch.arange(s + first(c, r), s + first(c, r) + _share(c, t, r)) for r in range(t) for s, c in zip(starts, counts)]
+    index = [torch.arange(s + _share_start(c, t, r), s + _share_start(c, t, r) + _share(c, t, r))
+             for r in range(t) for s, c in zip(starts, counts)]
     return torch.cat(index), [sum(_share(c, t, r) for c in counts) for r in range(t)]
 
 
