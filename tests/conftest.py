@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import forked_ranks
 import pytest
 
 from minigpt.core.config import load_config
@@ -165,12 +166,19 @@ def run_cli_process(*args: str, cwd: Path | None = None, env: dict | None = None
 
 
 def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int = 300, module: str = "minigpt"):
-    """`torchrun --standalone --nproc_per_node N -m minigpt train ARGS` on CPU (gloo)."""
+    """`torchrun --standalone --nproc_per_node N -m minigpt train ARGS` on CPU (gloo): minigpt's ranks forked
+    (tests/forked_ranks.py) unless MINIGPT_TEST_TORCHRUN=1."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
            *(["train"] if module == "minigpt" else []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
-    return _run(cmd, f"torchrun x{nproc} {' '.join(args[:3])}", timeout, capture_output=True, text=True, cwd=REPO,
-                env=full_env)
+    what = f"torchrun x{nproc} {' '.join(args[:3])}"
+    if module == "minigpt" and not os.environ.get("MINIGPT_TEST_TORCHRUN"):
+        bound = liveness(timeout)
+        try:
+            return forked_ranks.launch(cmd, full_env, REPO, bound)
+        except subprocess.TimeoutExpired:
+            busy_timeout(what, bound)
+    return _run(cmd, what, timeout, capture_output=True, text=True, cwd=REPO, env=full_env)
 
 
 def step_records(run_dir) -> list[dict]:
@@ -247,10 +255,13 @@ def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
             "train", *args]
 
 
-def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int = 300) -> dict:
+def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int = 300,
+                     torchrun: tuple[str, ...] = ()) -> dict:
     """Run commands (name -> argv) a few at a time, the next started as soon as any running one ends (each in a
     thread that drains its pipes); name -> CompletedProcess, in the jobs' order. Launch-bound jobs (imports,
-    process groups) overlap well on two cores."""
+    process groups) overlap well on two cores. A one-node torchrun launch of minigpt runs as forked ranks
+    (tests/forked_ranks.py: torchrun's workers without its start-up), unless its name is in `torchrun` or
+    MINIGPT_TEST_TORCHRUN=1 is set (every launch through torchrun)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     procs, stopping = {}, threading.Event()
     bound = liveness(timeout)
@@ -258,6 +269,12 @@ def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int
     def run(name: str, cmd: list[str]) -> subprocess.CompletedProcess:
         if stopping.is_set():
             return subprocess.CompletedProcess(cmd, -1, "", "not started: another job outlived its bound")
+        if name not in torchrun and not os.environ.get("MINIGPT_TEST_TORCHRUN") and forked_ranks.torchrun_args(cmd):
+            try:
+                return forked_ranks.launch(cmd, env, REPO, bound)
+            except subprocess.TimeoutExpired:
+                stopping.set()
+                raise
         procs[name] = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                               env=env)
         try:
@@ -321,13 +338,7 @@ class Proc:
         return self.p.returncode, "".join(self.out), "".join(self.err)
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = forked_ranks.free_port  # a TCP port of 127.0.0.1 that nothing listens on now
 
 
 @contextlib.contextmanager

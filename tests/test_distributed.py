@@ -59,7 +59,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
         small = tiny_overrides(corpus_dir, data_cache, root / f"readme{i}", **{"train.max_steps": 2})
         keep = [s for s in small if s.startswith(("data.", "train.out_dir", "train.max_steps", "train.eval", "train.report"))]
         jobs[line] = [sys.executable, "-m", "torch.distributed.run", "--standalone", *line.split()[1:], *set_args(keep)]
-    out = run_concurrently(jobs)
+    out = run_concurrently(jobs, torchrun=tuple(readme_torchrun_lines()[:1]))  # the README's first line through torchrun itself
     for name, r in out.items():
         assert r.returncode == 0, f"{name}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
     for name, clip in (("one", {}), ("one_noclip", {"train.grad_clip": 0})):  # 1 rank accumulating 2 micro-batches

@@ -86,7 +86,7 @@ def pipeline_runs(corpus_dir, data_cache, tmp_path_factory):
     sets = set_args(tiny_overrides(corpus_dir, data_cache, root / "cli", **CLI))
     jobs["cli"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", *pp_line.split()[1:], *sets,
                    "--stop-at", "2"]
-    out = run_concurrently(jobs)
+    out = run_concurrently(jobs, torchrun=("cli",))  # the README's pipelined line through torchrun itself
     nodes = two_node_cmds(nodes_line, set_args(tiny_overrides(corpus_dir, data_cache, root / "nodes", **CLI)))
     out.update(run_concurrently({"resume": torchrun_cmd(2, ["--resume", str(root / "cli")]), "node0": nodes[0],
                                  "node1": nodes[1]}, parallel=3))

@@ -61,7 +61,7 @@ def runs(corpus_dir, data_cache, tmp_path_factory):
         "fsdp_muon": torchrun_cmd(2, sets("fsdp_muon", **MUON) + ["--plan", "dp=2,zero=3", "--stop-at", "3"]),
         "tp_moe": torchrun_cmd(2, sets("tp_moe", **MOE) + ["--plan", "tp=2"]),
     }
-    out = run_concurrently(jobs)
+    out = run_concurrently(jobs, torchrun=("ep_tp",))  # the README's 4-rank line through torchrun itself
     shutil.copytree(root / "fsdp", root / "fsdp_stopped")  # for the refused-backend check
     resumed = run_concurrently({n: torchrun_cmd(2, ["--resume", str(root / n)]) for n in ("fsdp", "fsdp_muon", "ep")})
     out["fsdp_resumed"], out["fsdp_muon_resumed"], out["ep_resumed"] = resumed["fsdp"], resumed["fsdp_muon"], resumed["ep"]
