@@ -193,3 +193,19 @@ def test_backtest_can_count_latency_in_every_run_and_it_worsens_the_development_
     dev = lambda b: b["summary"]["development"]["median_abs_error"]
     assert dev(nccl) > dev(base) and "collective latency: nccl" in nccl["model"]
     assert all("band" in r for r in base["runs"]) and not any("band" in r for r in nccl["runs"])
+
+
+def test_the_pending_held_out_set_builds_every_run_with_its_published_parameter_count():
+    """Held-out set 5 (benchmarks/llm_foundry_a100_2023.toml) waits, unevaluated, for the next revision: each run's
+    model, plan and rates build, and its parameter count equals the table's NumParams (its shapes are MPT's). Built
+    only: predicting it would spend it."""
+    import re
+
+    from minigpt.analytic.flops import param_counts
+
+    runs = P.load_runs(REPO / "benchmarks" / "llm_foundry_a100_2023.toml")
+    assert len(runs) == 50 and {r["set"] for r in runs} == {"held-out"}
+    for run in runs:
+        c, plan, setup, rates = P.run_inputs(run)
+        assert param_counts(c).total == int(re.search(r"NumParams (\d+)", run["source"]).group(1)), run["name"]
+        assert plan.dp * plan.tp * plan.pp == int(run["name"].split()[1]) and setup.seq_len == 2048
