@@ -172,7 +172,7 @@ def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: int 
            *(["train"] if module == "minigpt" else []), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
     what = f"torchrun x{nproc} {' '.join(args[:3])}"
-    if module == "minigpt" and not os.environ.get("MINIGPT_TEST_TORCHRUN"):
+    if forked_ranks.takes(cmd):
         bound = liveness(timeout)
         try:
             return forked_ranks.launch(cmd, full_env, REPO, bound)
@@ -269,7 +269,7 @@ def run_concurrently(jobs: dict[str, list[str]], parallel: int = 3, timeout: int
     def run(name: str, cmd: list[str]) -> subprocess.CompletedProcess:
         if stopping.is_set():
             return subprocess.CompletedProcess(cmd, -1, "", "not started: another job outlived its bound")
-        if name not in torchrun and not os.environ.get("MINIGPT_TEST_TORCHRUN") and forked_ranks.torchrun_args(cmd):
+        if name not in torchrun and forked_ranks.takes(cmd):
             try:
                 return forked_ranks.launch(cmd, env, REPO, bound)
             except subprocess.TimeoutExpired:

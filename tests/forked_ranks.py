@@ -49,6 +49,12 @@ def torchrun_args(cmd: list[str]) -> tuple[int, list[str]] | None:
     return (nproc, cmd[end + 2:]) if nproc and "--standalone" in launcher else None
 
 
+def takes(cmd: list[str]) -> bool:
+    """Whether the suite forks this launch's ranks: a launch torchrun_args reads, unless MINIGPT_TEST_TORCHRUN=1
+    sends every launch through torchrun."""
+    return not os.environ.get("MINIGPT_TEST_TORCHRUN") and torchrun_args(cmd) is not None
+
+
 def _context():
     with _LOCK:
         if not _CONTEXT:

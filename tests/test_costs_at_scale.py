@@ -206,6 +206,6 @@ def test_the_pending_held_out_set_builds_every_run_with_its_published_parameter_
     runs = P.load_runs(REPO / "benchmarks" / "llm_foundry_a100_2023.toml")
     assert len(runs) == 50 and {r["set"] for r in runs} == {"held-out"}
     for run in runs:
-        c, plan, setup, rates = P.run_inputs(run)
+        c, plan, setup, _ = P.run_inputs(run)
         assert param_counts(c).total == int(re.search(r"NumParams (\d+)", run["source"]).group(1)), run["name"]
         assert plan.dp * plan.tp * plan.pp == int(run["name"].split()[1]) and setup.seq_len == 2048
