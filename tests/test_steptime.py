@@ -39,13 +39,13 @@ def test_a_timed_norm_or_activation_pass_counts_where_it_is_slower_than_its_byte
                   nvlink_bytes_per_s=1.0, internode_bytes_per_s=1.0)
     base = T.step_time(c, plan, setup, cpu)["parts_s"]["memory"]
     slow = {"norm": 1e-3, "activation": 5e-3}  # seconds forward + backward, slower than their bytes here
-    timed = T.step_time(c, plan, setup, dataclasses.replace(cpu, pass_time=lambda kind, rows, width: slow[kind]))
+    timed = T.step_time(c, plan, setup, dataclasses.replace(cpu, pass_time=lambda kind, rows, width, name: slow[kind]))
     rows, h, f = 32 * 128, c.n_embd, c.ffn_hidden
     norm_bytes_s, act_bytes_s = 3 * 2 * rows * h * 4 / 5e10, 3 * 2 * rows * f * 4 / 5e10
     extra = c.n_layer * (2 * (1e-3 - norm_bytes_s) + (5e-3 - act_bytes_s)) + (1e-3 - norm_bytes_s)  # + the final norm
     assert timed["parts_s"]["memory"] == pytest.approx(base + extra)
     assert timed["step_s"] == pytest.approx(sum(timed["parts_s"].values()))
-    fast = dataclasses.replace(cpu, pass_time=lambda kind, rows, width: 1e-9)  # faster than its bytes: the bytes count
+    fast = dataclasses.replace(cpu, pass_time=lambda kind, rows, width, name: 1e-9)  # faster than its bytes: the bytes count
     assert T.step_time(c, plan, setup, fast)["parts_s"]["memory"] == pytest.approx(base)
 
 
@@ -344,6 +344,36 @@ def test_bench_hardware_sweeps_a_grid_of_gemms_on_this_cpu(tmp_path):
     T.GemmTable(sweep["shapes"], "cpu sweep")  # a table the step-time model accepts
 
 
+def test_a_pass_sweep_times_the_norms_and_activations_the_step_counts_by_bytes_otherwise(tmp_path):
+    """bench hardware --sweep times each norm and activation type forward + backward; measured_rates times a model's
+    passes from the nearest measured width, scaled by the elements, and only where slower than their bytes."""
+    import torch
+
+    from minigpt.measure.bench import pass_sweep
+    sweep = pass_sweep(torch.device("cpu"), "fp32", 3, {"rows": (64,), "width": (32, 128)})
+    assert {(k, n) for k, n, *_ in sweep["passes"]} == {("norm", "layernorm"), ("norm", "rmsnorm"),
+                                                        ("activation", "gelu"), ("activation", "swiglu")}
+    assert all(r[2:4] in ([64, 32], [64, 128]) and r[4] > 0 for r in sweep["passes"])
+    table = T.PassTable([["norm", "layernorm", 1024, 4096, 2e-3], ["norm", "layernorm", 1024, 1024, 1e-3]], "t")
+    assert table("norm", 1024, 4096, "layernorm") == pytest.approx(2e-3)
+    assert table("norm", 4096, 4096, "layernorm") == pytest.approx(8e-3)  # 4x the elements at the same width
+    assert table("norm", 1024, 2000, "layernorm") == pytest.approx(1e-3 * 2000 / 1024)  # nearest width in log: 1024
+    assert table("norm", 1024, 4096, "rmsnorm") == 0.0  # not timed: its bytes alone
+    _, hw = _sweep_file(tmp_path)
+    cited = T.gpu_rates(gpu_by_name("H100"))
+    plain = T.measured_rates(hw, cited, "sweep.json")
+    slow = [[k, n, 8192, w, 1.0] for k, n in (("norm", "layernorm"), ("activation", "gelu")) for w in (5120, 20480)]
+    timed = T.measured_rates({**hw, "pass_sweep": {"passes": slow}}, cited, "sweep.json")
+    assert "layernorm" in timed.sources["passes"] and timed.gemm_time is not None
+    assert step(GPT_13B, rates=timed)["parts_s"]["memory"] > step(GPT_13B, rates=plain)["parts_s"]["memory"] + 1.0
+    fast = [[k, n, 8192, w, 1e-9] for k, n, _, w, _ in slow]  # faster than their bytes: the bytes count
+    assert step(GPT_13B, rates=T.measured_rates({**hw, "pass_sweep": {"passes": fast}}, cited, "s"))["step_s"] == \
+        pytest.approx(step(GPT_13B, rates=plain)["step_s"])
+    for bad in ({"passes": []}, {"passes": [["norm", "layernorm", 8, 8, "x"]]}, {"passes": [["norm", "rmsnorm", 8, 8, -1]]}):
+        with pytest.raises(UserError, match="pass_sweep"):
+            T.measured_rates({**hw, "pass_sweep": bad}, cited, "sweep.json")
+
+
 def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(tmp_path):
     from minigpt.apps.steptime_check import _dp_setup, all_reduce_at
     from minigpt.core.config import load_config, resolve_preset
@@ -364,9 +394,9 @@ def test_the_cpu_check_times_the_models_own_norm_and_activation(mlp):
 
     c = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64, mlp=mlp, norm="rmsnorm")
     timer = pass_timer(c)
-    first = timer("norm", 64, 32)
-    assert first > 0 and timer("activation", 64, c.ffn_hidden) > 0
-    assert timer("norm", 64, 32) == first and timer.cache_info().hits == 1  # each shape measured once
+    first = timer("norm", 64, 32, "rmsnorm")
+    assert first > 0 and timer("activation", 64, c.ffn_hidden, mlp) > 0
+    assert timer("norm", 64, 32, "rmsnorm") == first and timer.cache_info().hits == 1  # each shape measured once
 
 
 def test_a_predicted_efficiency_carries_the_backtest_of_its_gpu():

@@ -105,8 +105,8 @@ class Rates:
     sustained: float = 1.0  # share of the matmul and attention rates a training step sustains (SUSTAINED on a GPU)
     attention_bwd_flops: float = 0.0  # flash kernel, backward, where cited (0: the forward's rate)
     gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
-    pass_time: object = None  # optional callable (kind, rows, width) -> seconds of a norm or activation pass,
-    # forward + backward, measured at that shape: where the device computes it slower than HBM moves it (a CPU)
+    pass_time: object = None  # optional callable (kind, rows, width, type) -> seconds of a norm or activation pass
+    # (type: the norm's or the MLP's), forward + backward, measured at that shape (a CPU; a GPU's pass sweep)
     nccl_host: str = ""  # the host CPU NCCL's latency model reads ("intel", "amd"); "": no NCCL latency (a CPU)
     sources: dict = field(default_factory=dict)
 
@@ -237,7 +237,45 @@ def measured_rates(hw: dict, base: Rates, what: str, gemms_only: bool = False) -
         raise UserError(f"{what} has no GEMM sweep or collective sweep: measure with `minigpt bench hardware --sweep "
                         f"--out FILE` (or `--collectives` under torchrun) on the GPU")
     rates = _measured_gemms(hw, sweep, base, what, gemms_only) if sweep else base
+    passes = hw.get("pass_sweep") if not gemms_only else None
+    rates = _measured_passes(passes, rates, what, hw.get("device_name", "?")) if passes else rates
     return _measured_links(coll, rates, what) if coll else rates
+
+
+class PassTable:
+    """Seconds of a norm or activation pass (forward + backward) from a pass sweep: the measured shape of the same
+    kind and type nearest in log width, scaled by the elements (a memory-bound pass takes time in proportion to
+    them); 0 for a type the sweep did not time (then the pass counts by its bytes alone)."""
+
+    def __init__(self, rows: list, what: str):
+        self.table: dict[tuple[str, str], list[tuple[int, int, float]]] = {}
+        for row in rows:
+            try:
+                kind, name, n, width, seconds = row
+                n, width, seconds = int(n), int(width), float(seconds)
+            except (TypeError, ValueError):
+                raise UserError(f"{what}: pass_sweep rows must be [kind, type, rows, width, seconds]; re-measure with "
+                                f"`minigpt bench hardware --sweep --out FILE`") from None
+            if not (n > 0 and width > 0 and math.isfinite(seconds) and seconds > 0):
+                raise UserError(f"{what}: pass_sweep row {row!r:.60} is not positive; re-measure")
+            self.table.setdefault((str(kind), str(name)), []).append((n, width, seconds))
+
+    def __call__(self, kind: str, rows: int, width: int, name: str) -> float:
+        shapes = self.table.get((kind, name))
+        if not shapes:
+            return 0.0
+        near = min(shapes, key=lambda r: (abs(math.log(r[1] / width)), abs(math.log(r[0] * r[1] / (rows * width)))))
+        return near[2] * rows * width / (near[0] * near[1])
+
+
+def _measured_passes(sweep, base: Rates, what: str, device: str) -> Rates:
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("passes"), list) or not sweep["passes"]:
+        raise UserError(f"{what}: pass_sweep has no passes; re-measure with `minigpt bench hardware --sweep --out FILE`")
+    table = PassTable(sweep["passes"], what)
+    kinds = ", ".join(sorted(f"{k} {n}" for k, n in table.table))
+    return dataclasses.replace(base, pass_time=table, sources={
+        **base.sources, "passes": f"measured: {kinds} forward + backward on {device!s:.60} ({what}), where slower than "
+                                  f"their bytes over the copy rate"})
 
 
 def _measured_gemms(hw: dict, sweep, base: Rates, what: str, gemms_only: bool = False) -> Rates:

@@ -81,6 +81,7 @@ from minigpt.analytic.rates import (  # noqa: F401  (re-exported: the rates are 
     SUSTAINED,
     TILE,
     GemmTable,
+    PassTable,
     Rates,
     collective_latency_s,
     gpu_rates,
@@ -361,18 +362,18 @@ def recomputed_gemms(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: 
     return []
 
 
-def _timed_pass_extra(r: Rates, kind: str, rows: int, width: int, moved: int, el: int) -> float:
-    """A norm or activation pass's measured forward + backward beyond its bytes over HBM (`moved` elements
-    read and written per output element in the forward, twice that in the backward); 0 when the rates do
+def _timed_pass_extra(r: Rates, kind: str, name: str, rows: int, width: int, moved: int, el: int) -> float:
+    """A norm or activation pass's (`name`: its type) measured forward + backward beyond its bytes over HBM (`moved`
+    elements read and written per output element in the forward, twice that in the backward); 0 when the rates do
     not time it (`Rates.pass_time`): the pass counts at max(bytes / HBM, measured), as a roofline."""
     if r.pass_time is None:
         return 0.0
-    return max(0.0, r.pass_time(kind, rows, width) - 3 * rows * width * moved * el / r.hbm_bytes_per_s)
+    return max(0.0, r.pass_time(kind, rows, width, name) - 3 * rows * width * moved * el / r.hbm_bytes_per_s)
 
 
 def measured_pass_seconds(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
     """Seconds a layer's two norms and its activation take beyond their bytes over HBM, forward + backward."""
-    act = _timed_pass_extra(r, "activation", b * s, c.ffn_hidden // plan.tp, 3 if c.mlp == "swiglu" else 2,
+    act = _timed_pass_extra(r, "activation", c.mlp, b * s, c.ffn_hidden // plan.tp, 3 if c.mlp == "swiglu" else 2,
                             setup.act_bytes)  # read (gate, up), write
     return 2 * norm_pass_extra(c, plan, b, s, setup, r) + act
 
@@ -380,7 +381,7 @@ def measured_pass_seconds(c: ModelConfig, plan: ParallelPlan, b: int, s: int, se
 def norm_pass_extra(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup, r: Rates) -> float:
     """One norm's measured forward + backward beyond its bytes over HBM: read x, write y."""
     rows = b * s // (plan.tp if plan.sp else 1)
-    return _timed_pass_extra(r, "norm", rows, c.n_embd, 2, setup.act_bytes)
+    return _timed_pass_extra(r, "norm", c.norm, rows, c.n_embd, 2, setup.act_bytes)
 
 
 def recomputed_memory_bytes(c: ModelConfig, plan: ParallelPlan, b: int, s: int, setup: Setup) -> float:

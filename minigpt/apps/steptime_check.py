@@ -59,15 +59,15 @@ def attention_flops_per_s(b: int, heads: int, s: int, d: int) -> float:
 
 
 def pass_timer(c):
-    """(kind, rows, width) -> median seconds of the model's own norm ("norm") or MLP activation ("activation",
-    `width` its output) forward + backward over rows x width fp32 on this CPU."""
+    """(kind, rows, width, type) -> median seconds of the model's own norm ("norm") or MLP activation ("activation",
+    `width` its output) forward + backward over rows x width fp32 on this CPU (the type is the model's)."""
     from minigpt.nn.model import MLP, make_norm
 
     norm, mlp = make_norm(c), MLP(c)
     wide = 2 if c.mlp == "swiglu" else 1  # SwiGLU reads gate and up
 
     @lru_cache(maxsize=64)
-    def seconds(kind: str, rows: int, width: int) -> float:
+    def seconds(kind: str, rows: int, width: int, name: str = "") -> float:
         x = torch.randn(rows, width * (wide if kind == "activation" else 1), requires_grad=True)
         fn = norm if kind == "norm" else mlp.activate
         return _median_time(lambda: fn(x).sum().backward())

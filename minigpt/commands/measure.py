@@ -187,6 +187,18 @@ def cmd_bench_hardware(args) -> None:
         rates = sorted(t for *_, t in hw["gemm_sweep"]["shapes"])
         print(f"GEMM sweep ({hw['gemm_sweep']['dtype']}, {len(rates)} shapes, measured): {rates[0]:.4g} to {rates[-1]:.4g} "
               f"TFLOP/s, median {rates[len(rates) // 2]:.4g} ({hw['gemm_sweep']['convention']})")
+    if "pass_sweep" in hw:
+        print(_pass_summary(hw["pass_sweep"]))
+
+
+def _pass_summary(sweep: dict) -> str:
+    """One line: each pass type's measured nanoseconds per output element, forward + backward, over the sweep."""
+    per: dict[str, list[float]] = {}
+    for _, name, rows, width, seconds in sweep["passes"]:
+        per.setdefault(name, []).append(seconds / (rows * width) * 1e9)
+    types = "; ".join(f"{name} {min(v):.3g}-{max(v):.3g}" for name, v in per.items())
+    return (f"pass sweep ({sweep['dtype']}, {len(sweep['passes'])} shapes, measured): ns per output element, forward + "
+            f"backward: {types} ({sweep['convention']})")
 
 
 def add_parsers(sub) -> None:

@@ -98,6 +98,40 @@ def gemm_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = 
                           f"timed runs (a sustained rate, not the best burst), one device alone"}
 
 
+# The norm and MLP-activation passes swept beside them (rows x width, width the pass's output): an eager block's
+# memory-bound passes at the shapes a step runs them, which analytic/steptime.py otherwise counts by bytes alone
+PASS_GRID = {"cuda": {"rows": (4096, 16384, 65536), "width": (1024, 2048, 4096, 8192, 16384)},
+             "cpu": {"rows": (256, 1024), "width": (128, 512)}}
+PASS_KINDS = (("norm", "layernorm"), ("norm", "rmsnorm"), ("activation", "gelu"), ("activation", "swiglu"))
+
+
+def pass_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
+    """Seconds of the model's own norms and MLP activations, forward + backward, at each rows x width of the grid
+    (`measured_rates` reads them: a pass counts at the larger of its bytes over the copy rate and this)."""
+    from minigpt.core.config import ModelConfig
+    from minigpt.nn.model import MLP, make_norm
+
+    grid = grid or PASS_GRID["cuda" if dev.type == "cuda" else "cpu"]
+    passes = []
+    with Progress(len(PASS_KINDS) * len(grid["width"]) * len(grid["rows"]), "pass sweep", "shapes") as progress:
+        for kind, name in PASS_KINDS:
+            for width in grid["width"]:
+                c = ModelConfig(n_layer=1, n_head=1, n_embd=width if kind == "norm" else 64, ffn_hidden=width,
+                                norm=name if kind == "norm" else "layernorm", mlp=name if kind == "activation" else "gelu")
+                fn = make_norm(c) if kind == "norm" else MLP(c).activate
+                if kind == "norm":
+                    fn = fn.to(dev, DTYPES[dtype])
+                for rows in grid["rows"]:
+                    wide = 2 if name == "swiglu" else 1  # SwiGLU reads gate and up
+                    x = torch.randn(rows, width * wide, device=dev, dtype=DTYPES[dtype], requires_grad=True)
+                    t = _median_time(lambda fn=fn, x=x: fn(x).sum().backward(), dev, repeats)
+                    passes.append([kind, name, rows, width, significant(t)])
+                    progress.update()
+    return {"dtype": dtype, "passes": passes,
+            "convention": f"[kind, type, rows, width, seconds]: the pass forward + backward (with the sum it feeds and "
+                          f"its gradient) over rows x width outputs, the median of {repeats} timed runs, one device alone"}
+
+
 def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None,
                    sweep: bool = False) -> dict:
     dev = resolve_device(device)
@@ -132,6 +166,7 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
         progress.update()
     if sweep:  # the compute dtype of training there: bf16 on a GPU, fp32 on a CPU
         result["gemm_sweep"] = gemm_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
+        result["pass_sweep"] = pass_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
     if spec:
         result["fraction_of_datasheet"] = {
             d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops
