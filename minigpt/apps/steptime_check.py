@@ -23,6 +23,7 @@ from minigpt.analytic import steptime as T
 from minigpt.core.config import Config
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
+from minigpt.measure.bench import pass_seconds
 
 
 def _median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
@@ -68,9 +69,8 @@ def pass_timer(c):
 
     @lru_cache(maxsize=64)
     def seconds(kind: str, rows: int, width: int, name: str = "") -> float:
-        x = torch.randn(rows, width * (wide if kind == "activation" else 1), requires_grad=True)
-        fn = norm if kind == "norm" else mlp.activate
-        return _median_time(lambda: fn(x).sum().backward())
+        fn, cols = (norm, width) if kind == "norm" else (mlp.activate, width * wide)
+        return pass_seconds(fn, rows, cols, torch.device("cpu"), "fp32", 7)
 
     return seconds
 

@@ -105,6 +105,13 @@ PASS_GRID = {"cuda": {"rows": (4096, 16384, 65536), "width": (1024, 2048, 4096, 
 PASS_KINDS = (("norm", "layernorm"), ("norm", "rmsnorm"), ("activation", "gelu"), ("activation", "swiglu"))
 
 
+def pass_seconds(fn, rows: int, width: int, dev: torch.device, dtype: str, repeats: int) -> float:
+    """Median seconds of a norm or activation pass `fn` forward + backward (with the sum it feeds) over rows x width
+    inputs (for SwiGLU: gate and up side by side)."""
+    x = torch.randn(rows, width, device=dev, dtype=DTYPES[dtype], requires_grad=True)
+    return _median_time(lambda: fn(x).sum().backward(), dev, repeats)
+
+
 def pass_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
     """Seconds of the model's own norms and MLP activations, forward + backward, at each rows x width of the grid
     (`measured_rates` reads them: a pass counts at the larger of its bytes over the copy rate and this)."""
@@ -123,9 +130,8 @@ def pass_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = 
                     fn = fn.to(dev, DTYPES[dtype])
                 for rows in grid["rows"]:
                     wide = 2 if name == "swiglu" else 1  # SwiGLU reads gate and up
-                    x = torch.randn(rows, width * wide, device=dev, dtype=DTYPES[dtype], requires_grad=True)
-                    t = _median_time(lambda fn=fn, x=x: fn(x).sum().backward(), dev, repeats)
-                    passes.append([kind, name, rows, width, significant(t)])
+                    passes.append([kind, name, rows, width, significant(pass_seconds(fn, rows, width * wide, dev,
+                                                                                      dtype, repeats))])
                     progress.update()
     return {"dtype": dtype, "passes": passes,
             "convention": f"[kind, type, rows, width, seconds]: the pass forward + backward (with the sum it feeds and "
