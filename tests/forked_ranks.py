@@ -110,25 +110,39 @@ def launch(cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.C
                 p.start()
             procs.append(p)
         code = _wait(procs, time.monotonic() + timeout, cmd, timeout)
-        read = lambda kind: "".join(Path(f"{tmp}/{r}.{kind}").read_text(errors="replace") for r in range(nproc))
-        return subprocess.CompletedProcess(cmd, code, read("out"), read("err"))
+        return subprocess.CompletedProcess(cmd, code, _output(tmp, nproc, "out"), _output(tmp, nproc, "err"))
+
+
+def _output(tmp: str, nproc: int, kind: str) -> str:
+    """The ranks' stdout or stderr in rank order (a rank that died before redirecting wrote none)."""
+    files = [Path(tmp) / f"{rank}.{kind}" for rank in range(nproc)]
+    return "".join(f.read_text(errors="replace") for f in files if f.exists())
 
 
 def _wait(procs, deadline: float, cmd, timeout: float) -> int:
+    """Wait for every rank; once one fails, SIGTERM the rest and SIGKILL any still there 30 s later (torchrun's
+    order); past the deadline kill them all and raise subprocess.TimeoutExpired."""
     while any(p.exitcode is None for p in procs):
         if any(p.exitcode not in (None, 0) for p in procs):  # one failed: the rest would wait on it
             time.sleep(1.0)
             for p in procs:
                 if p.exitcode is None:
                     p.terminate()
+            deadline = min(deadline, time.monotonic() + 30)
             break
         if time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            for p in procs:
-                p.join()
+            _kill(procs)
             raise subprocess.TimeoutExpired(cmd, timeout)
         multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.5)
     for p in procs:
-        p.join()
+        p.join(max(0.0, deadline - time.monotonic()))
+    _kill(procs)
     return next((p.exitcode for p in procs if p.exitcode), 0)
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    for p in procs:
+        p.join()
