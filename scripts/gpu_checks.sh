@@ -4,9 +4,9 @@
 #     bash scripts/gpu_checks.sh [OUT_DIR]      (default: benchmarks)
 #
 # 1. `minigpt bench hardware --sweep`: this GPU's measured bf16/fp32 matmul peaks, copy bandwidth and the
-#    bf16 GEMM curve over 180 shapes and the norm / activation passes, then `minigpt backtest --hardware` on
-#    it (the step-time model with measured GEMM rates and passes for the runs on this GPU; an H200's curve also
-#    for the H100 runs' GEMMs, the same die) beside the cited rates;
+#    bf16 GEMM curve over 180 shapes, the norm / activation passes and attention, then `minigpt backtest
+#    --hardware` on it (the step-time model with measured GEMMs, passes and attention for the runs on this
+#    GPU; an H200's curve also for the H100 runs' GEMMs, the same die) beside the cited rates;
 # 2. scripts/bench_train.py on GPT-2 small (124M, bf16, T = 1024, micro-batch 16): minigpt compiled
 #    and eager beside the SDPA baseline, tokens/s and MFU against the datasheet's dense bf16 peak
 #    and the measured one (the target: >= 45% MFU compiled);

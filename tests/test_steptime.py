@@ -374,6 +374,30 @@ def test_a_pass_sweep_times_the_norms_and_activations_the_step_counts_by_bytes_o
             T.measured_rates({**hw, "pass_sweep": bad}, cited, "sweep.json")
 
 
+def test_an_attention_sweep_times_the_flash_kernel_per_shape_in_the_models_count(tmp_path):
+    """bench hardware --sweep times causal SDPA forward and backward per (sequence, head dim); measured_rates times a
+    run's attention at the nearest swept shape, the backward at its own rate."""
+    import torch
+
+    from minigpt.measure.bench import attention_sweep
+    sweep = attention_sweep(torch.device("cpu"), "fp32", 3, {"seq": (32, 64), "head_dim": (16,)})
+    assert [r[:2] for r in sweep["shapes"]] == [[32, 16], [64, 16]] and all(r[2] > 0 and r[3] > 0 for r in sweep["shapes"])
+    table = T.AttentionTable([[2048, 128, 400.0, 300.0], [8192, 128, 500.0, 350.0], [2048, 64, 200.0, 150.0]], "t")
+    assert table(3000, 128) == (400e12, 300e12) and table(6000, 128) == (500e12, 350e12)  # nearest in log seq
+    assert table(2048, 80) == (200e12, 150e12)  # nearest head dim first
+    _, hw = _sweep_file(tmp_path)
+    cited = T.gpu_rates(gpu_by_name("H100"))
+    plain = T.measured_rates(hw, cited, "sweep.json")
+    half = [[s, 128, cited.attention_flops / 2e12, cited.attention_bwd_flops / 2e12] for s in (1024, 4096)]
+    timed = T.measured_rates({**hw, "attention_sweep": {"shapes": half}}, cited, "sweep.json")
+    assert "measured: causal SDPA" in timed.sources["attention"]
+    assert step(GPT_13B, rates=timed)["parts_s"]["attention"] == \
+        pytest.approx(2 * step(GPT_13B, rates=plain)["parts_s"]["attention"])  # half the rates: twice the time
+    for bad in ({"shapes": []}, {"shapes": [[2048, 128, "x", 1.0]]}, {"shapes": [[2048, 128, 0.0, 1.0]]}):
+        with pytest.raises(UserError, match="attention_sweep"):
+            T.measured_rates({**hw, "attention_sweep": bad}, cited, "sweep.json")
+
+
 def test_the_cpu_data_parallel_check_reads_the_all_reduce_at_the_gradients_size(tmp_path):
     from minigpt.apps.steptime_check import _dp_setup, all_reduce_at
     from minigpt.core.config import load_config, resolve_preset

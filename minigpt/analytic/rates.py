@@ -107,6 +107,8 @@ class Rates:
     gemm_time: object = None  # optional callable (m, n, k, batch) -> seconds, measured per shape (CPU)
     pass_time: object = None  # optional callable (kind, rows, width, type) -> seconds of a norm or activation pass
     # (type: the norm's or the MLP's), forward + backward, measured at that shape (a CPU; a GPU's pass sweep)
+    attention_time: object = None  # optional callable (seq, head_dim) -> (forward, backward) FLOP/s of the flash
+    # kernel, measured per shape (a GPU's attention sweep)
     nccl_host: str = ""  # the host CPU NCCL's latency model reads ("intel", "amd"); "": no NCCL latency (a CPU)
     sources: dict = field(default_factory=dict)
 
@@ -239,6 +241,8 @@ def measured_rates(hw: dict, base: Rates, what: str, gemms_only: bool = False) -
     rates = _measured_gemms(hw, sweep, base, what, gemms_only) if sweep else base
     passes = hw.get("pass_sweep") if not gemms_only else None
     rates = _measured_passes(passes, rates, what, hw.get("device_name", "?")) if passes else rates
+    attention = hw.get("attention_sweep") if not gemms_only else None
+    rates = _measured_attention(attention, rates, what, hw.get("device_name", "?")) if attention else rates
     return _measured_links(coll, rates, what) if coll else rates
 
 
@@ -266,6 +270,36 @@ class PassTable:
             return 0.0
         near = min(shapes, key=lambda r: (abs(math.log(r[1] / width)), abs(math.log(r[0] * r[1] / (rows * width)))))
         return near[2] * rows * width / (near[0] * near[1])
+
+
+class AttentionTable:
+    """(forward, backward) FLOP/s of the flash kernel from an attention sweep: the measured shape of the same head
+    dim nearest in log sequence length (or the nearest head dim where that one was not swept)."""
+
+    def __init__(self, rows: list, what: str):
+        try:
+            self.rows = [(int(s), int(d), float(f) * 1e12, float(b) * 1e12) for s, d, f, b in rows]
+        except (TypeError, ValueError):
+            raise UserError(f"{what}: attention_sweep rows must be [seq, head_dim, forward TFLOP/s, backward TFLOP/s]; "
+                            f"re-measure with `minigpt bench hardware --sweep --out FILE`") from None
+        if not self.rows or not all(s > 0 and d > 0 and math.isfinite(f) and f > 0 and math.isfinite(b) and b > 0
+                                    for s, d, f, b in self.rows):
+            raise UserError(f"{what}: attention_sweep needs positive rows; re-measure")
+
+    def __call__(self, seq: int, head_dim: int) -> tuple[float, float]:
+        near = min(self.rows, key=lambda r: (abs(math.log(r[1] / head_dim)), abs(math.log(r[0] / seq))))
+        return near[2], near[3]
+
+
+def _measured_attention(sweep, base: Rates, what: str, device: str) -> Rates:
+    rows = sweep.get("shapes") if isinstance(sweep, dict) else None
+    if not isinstance(rows, list):
+        raise UserError(f"{what}: attention_sweep has no shapes; re-measure with `minigpt bench hardware --sweep --out FILE`")
+    table = AttentionTable(rows, what)
+    fwd, bwd = (sorted(r[i] / 1e12 for r in table.rows) for i in (2, 3))
+    return dataclasses.replace(base, attention_time=table, sources={
+        **base.sources, "attention": f"measured: causal SDPA on {device!s:.60} ({what}), forward {fwd[0]:.4g}-{fwd[-1]:.4g}, "
+                                     f"backward {bwd[0]:.4g}-{bwd[-1]:.4g} TFLOP/s over {len(rows)} shapes, nearest shape"})
 
 
 def _measured_passes(sweep, base: Rates, what: str, device: str) -> Rates:

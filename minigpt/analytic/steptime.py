@@ -80,6 +80,7 @@ from minigpt.analytic.rates import (  # noqa: F401  (re-exported: the rates are 
     SMS,
     SUSTAINED,
     TILE,
+    AttentionTable,
     GemmTable,
     PassTable,
     Rates,
@@ -431,6 +432,15 @@ def micro_batch_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rat
             "backward_share": 2 / (3 + (1 if setup.recompute == "full" else 0))}
 
 
+def attention_rates(r: Rates, s: int, head_dim: int) -> tuple[float, float]:
+    """(forward, backward) FLOP/s of the flash kernel over `s` tokens a sequence (a rank's share under cp): measured
+    at the nearest swept shape where the rates have an attention sweep, else cited (the backward at the forward's
+    rate where no backward rate is cited)."""
+    if r.attention_time is not None:
+        return r.attention_time(s, head_dim)
+    return r.attention_flops, r.attention_bwd_flops or r.attention_flops
+
+
 def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -> dict:
     """One layer's forward + backward on one rank, by part, with its transfers before any overlap."""
     b, s, el = setup.micro_batch, setup.seq_len // plan.cp, setup.act_bytes
@@ -441,7 +451,8 @@ def _layer_seconds(c: ModelConfig, plan: ParallelPlan, setup: Setup, r: Rates) -
     if setup.attention == "flash":  # the backward: 2 forwards of FLOPs, at the kernel's backward rate
         forwards = 1 + (1 if setup.recompute == "full" else 0)
         per = flash_attention_flops(c, plan, b, setup.seq_len) / plan.cp / r.sustained
-        attn = per * (forwards / r.attention_flops + 2 / (r.attention_bwd_flops or r.attention_flops))
+        fwd, bwd = attention_rates(r, s, c.head_dim)
+        attn = per * (forwards / fwd + 2 / bwd)
     moved = sum(layer_memory_passes(c, plan, b, s, setup)) + recomputed_memory_bytes(c, plan, b, s, setup)
     memory = moved / r.hbm_bytes_per_s + measured_pass_seconds(c, plan, b, s, setup, r)
     tp_link = r.nvlink_bytes_per_s if plan.tp <= GPUS_PER_NODE else r.internode_bytes_per_s

@@ -189,6 +189,10 @@ def cmd_bench_hardware(args) -> None:
               f"TFLOP/s, median {rates[len(rates) // 2]:.4g} ({hw['gemm_sweep']['convention']})")
     if "pass_sweep" in hw:
         print(_pass_summary(hw["pass_sweep"]))
+    if "attention_sweep" in hw:
+        fwd, bwd = (sorted(r[i] for r in hw["attention_sweep"]["shapes"]) for i in (2, 3))
+        print(f"attention sweep ({hw['attention_sweep']['dtype']}, {len(fwd)} shapes, measured): forward {fwd[0]:.4g} to "
+              f"{fwd[-1]:.4g}, backward {bwd[0]:.4g} to {bwd[-1]:.4g} TFLOP/s ({hw['attention_sweep']['convention']})")
 
 
 def _pass_summary(sweep: dict) -> str:

@@ -138,6 +138,39 @@ def pass_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = 
                           f"its gradient) over rows x width outputs, the median of {repeats} timed runs, one device alone"}
 
 
+# Causal attention swept beside them: sequence lengths x head dims (a GPU runs SDPA's flash kernel)
+ATTENTION_GRID = {"cuda": {"seq": (1024, 2048, 4096, 8192), "head_dim": (64, 128)},
+                  "cpu": {"seq": (64, 256), "head_dim": (32, 64)}}
+
+
+def attention_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
+    """Causal scaled_dot_product_attention forward and backward at each sequence length and head dim of the grid,
+    as FLOP/s of what a causal flash kernel computes (the step-time model's count: half the square, 2 b s^2 heads d
+    forward, twice that backward), about 64K tokens (a GPU) or 256 (a CPU) a call."""
+    import torch.nn.functional as Fn
+
+    grid = grid or ATTENTION_GRID["cuda" if dev.type == "cuda" else "cpu"]
+    shapes, tokens = [], 65536 if dev.type == "cuda" else 256
+    with Progress(len(grid["seq"]) * len(grid["head_dim"]), "attention sweep", "shapes") as progress:
+        for d in grid["head_dim"]:
+            for s in grid["seq"]:
+                heads, b = max(1, 2048 // d), max(1, tokens // s)
+                q, k, v = (torch.randn(b, heads, s, d, device=dev, dtype=DTYPES[dtype], requires_grad=True)
+                           for _ in range(3))
+                with torch.no_grad():
+                    fwd = _median_time(lambda q=q, k=k, v=v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                       dev, repeats)
+                both = _median_time(lambda q=q, k=k, v=v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+                                    .sum().backward(), dev, repeats)
+                flops = 2.0 * b * s * s * heads * d
+                shapes.append([s, d, significant(flops / fwd / 1e12), significant(2 * flops / max(both - fwd, 1e-9) / 1e12)])
+                progress.update()
+    return {"dtype": dtype, "shapes": shapes,
+            "convention": f"[seq, head_dim, forward TFLOP/s, backward TFLOP/s]: causal SDPA, half the square counted "
+                          f"(2 b s^2 heads d forward, twice that backward; backward = forward + backward less the "
+                          f"forward), the median of {repeats} timed runs, one device alone"}
+
+
 def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes: list[str] | None = None,
                    sweep: bool = False) -> dict:
     dev = resolve_device(device)
@@ -173,6 +206,7 @@ def bench_hardware(device: str = "auto", size: int = 0, repeats: int = 0, dtypes
     if sweep:  # the compute dtype of training there: bf16 on a GPU, fp32 on a CPU
         result["gemm_sweep"] = gemm_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
         result["pass_sweep"] = pass_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
+        result["attention_sweep"] = attention_sweep(dev, "bf16" if gpu else "fp32", max(5, reps // 2))
     if spec:
         result["fraction_of_datasheet"] = {
             d: round(v / spec.tflops[d], 3) for d, v in result["matmul_tflops"].items() if d in spec.tflops
