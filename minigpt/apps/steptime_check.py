@@ -17,13 +17,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as Fn
 
 from minigpt.analytic import steptime as T
 from minigpt.core.config import Config
 from minigpt.core.errors import UserError
 from minigpt.core.plan import ParallelPlan
-from minigpt.measure.bench import pass_seconds
+from minigpt.measure.bench import attention_seconds, pass_seconds
 
 
 def _median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
@@ -50,13 +49,8 @@ def gemm_seconds(m: int, n: int, k: int, batch: int = 1) -> float:
 def attention_flops_per_s(b: int, heads: int, s: int, d: int) -> float:
     """Causal SDPA forward + backward at the model's shape, as FLOP/s of what a causal flash kernel computes
     (the step-time model's count: half the square, 2 b s^2 heads d forward, twice that backward)."""
-    q, k, v = (torch.randn(b, heads, s, d, requires_grad=True) for _ in range(3))
-
-    def step():
-        out = Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out.sum().backward()
-
-    return 3 * 2.0 * b * s * s * heads * d / _median_time(step)
+    _, both = attention_seconds(b, heads, s, d, torch.device("cpu"), "fp32", 7, forward=False)
+    return 3 * 2.0 * b * s * s * heads * d / both
 
 
 def pass_timer(c):

@@ -143,25 +143,32 @@ ATTENTION_GRID = {"cuda": {"seq": (1024, 2048, 4096, 8192), "head_dim": (64, 128
                   "cpu": {"seq": (64, 256), "head_dim": (32, 64)}}
 
 
+def attention_seconds(b: int, heads: int, s: int, d: int, dev: torch.device, dtype: str, repeats: int,
+                      forward: bool = True) -> tuple[float, float]:
+    """Median seconds of causal scaled_dot_product_attention over (b, heads, s, d): (the forward alone, 0.0 unless
+    `forward`; the forward and backward with the sum it feeds)."""
+    import torch.nn.functional as Fn
+
+    q, k, v = (torch.randn(b, heads, s, d, device=dev, dtype=DTYPES[dtype], requires_grad=True) for _ in range(3))
+    fwd = 0.0
+    with torch.no_grad():
+        if forward:
+            fwd = _median_time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True), dev, repeats)
+    both = _median_time(lambda: Fn.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), dev, repeats)
+    return fwd, both
+
+
 def attention_sweep(dev: torch.device, dtype: str, repeats: int, grid: dict | None = None) -> dict:
     """Causal scaled_dot_product_attention forward and backward at each sequence length and head dim of the grid,
     as FLOP/s of what a causal flash kernel computes (the step-time model's count: half the square, 2 b s^2 heads d
     forward, twice that backward), about 64K tokens (a GPU) or 256 (a CPU) a call."""
-    import torch.nn.functional as Fn
-
     grid = grid or ATTENTION_GRID["cuda" if dev.type == "cuda" else "cpu"]
     shapes, tokens = [], 65536 if dev.type == "cuda" else 256
     with Progress(len(grid["seq"]) * len(grid["head_dim"]), "attention sweep", "shapes") as progress:
         for d in grid["head_dim"]:
             for s in grid["seq"]:
                 heads, b = max(1, 2048 // d), max(1, tokens // s)
-                q, k, v = (torch.randn(b, heads, s, d, device=dev, dtype=DTYPES[dtype], requires_grad=True)
-                           for _ in range(3))
-                with torch.no_grad():
-                    fwd = _median_time(lambda q=q, k=k, v=v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                       dev, repeats)
-                both = _median_time(lambda q=q, k=k, v=v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
-                                    .sum().backward(), dev, repeats)
+                fwd, both = attention_seconds(b, heads, s, d, dev, dtype, repeats)
                 flops = 2.0 * b * s * s * heads * d
                 shapes.append([s, d, significant(flops / fwd / 1e12), significant(2 * flops / max(both - fwd, 1e-9) / 1e12)])
                 progress.update()
